@@ -1,0 +1,202 @@
+"""The `rpfs` command: argument parsing and one small function per subcommand.
+
+User mistakes raise RpfsError and end as one line on stderr with a non-zero exit status; only bugs
+print a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from .backup import backup, parse_disk_specs
+from .errors import RpfsError
+from .progress import ProgressBar, human_bytes
+from .store import DEFAULT_BLOCK_SIZE, Store
+
+
+def _print_json(data) -> None:
+    json.dump(data, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def _store(args, readonly: bool = False) -> Store:
+    return Store.open(args.store, readonly=readonly)
+
+
+# -- subcommands -------------------------------------------------------------------------------------
+def cmd_init(args) -> int:
+    if not args.store:
+        raise RpfsError("no store given: use --store DIR or set RPFS_STORE")
+    block_size = _parse_size(args.block_size)
+    with Store.init(Path(args.store), block_size) as store:
+        if args.json:
+            _print_json({"store": str(store.path), "block_size": store.block_size, "format_version": 1})
+        else:
+            print(f"initialised store {store.path} (block size {human_bytes(store.block_size)})")
+    return 0
+
+
+def cmd_backup(args) -> int:
+    disks = parse_disk_specs(args.disk)
+    with _store(args) as store:
+        bar = ProgressBar(f"backup {args.vm}", enabled=None if not args.json else False)
+        try:
+            point, summary = backup(store, args.vm, disks, progress=bar)
+        finally:
+            bar.close()
+    if args.json:
+        _print_json({**asdict(summary), "mb_per_second": round(summary.mb_per_second, 1),
+                     "recovery_point": asdict(point)})
+        return 0
+    s = summary
+    print(f"recovery point {s.vm}/{s.point_id}: {s.disks} disk(s), {human_bytes(s.bytes_read)} read in "
+          f"{s.seconds:.1f} s ({s.mb_per_second:.0f} MB/s)")
+    print(f"  new {human_bytes(s.new_bytes)}, deduplicated {human_bytes(s.deduplicated_bytes)}, "
+          f"zero {human_bytes(s.zero_bytes)}; stored {human_bytes(s.stored_bytes)} after compression")
+    return 0
+
+
+def cmd_list(args) -> int:
+    with _store(args, readonly=True) as store:
+        points = [store.point(args.vm, p.id) for p in store.points(args.vm)] if args.vm else store.points()
+        if args.vm and not points:
+            store.point(args.vm)  # raises: unknown VM
+    if args.json:
+        _print_json([{**asdict(p), "size": p.size, "stored_bytes": p.stored_bytes} for p in points])
+        return 0
+    if not points:
+        print("no recovery points yet (rpfs backup VM --disk NAME=PATH)")
+        return 0
+    current_vm = None
+    for p in points:
+        if p.vm != current_vm:
+            current_vm = p.vm
+            print(f"{p.vm}")
+        print(f"  {p.id}  {p.consistency:<12} size {human_bytes(p.size):>10}  stored {human_bytes(p.stored_bytes):>10}"
+              f"  new {human_bytes(p.new_stored_bytes):>10}")
+        for d in p.disks:
+            print(f"      {d.name + '.img':<16} size {human_bytes(d.size):>10}  stored {human_bytes(d.stored_bytes):>10}"
+                  f"  {d.blocks} blocks, {d.zero_blocks} holes")
+    return 0
+
+
+def cmd_mount(args) -> int:
+    from . import mount
+    cache_bytes = args.cache_mb << 20
+    if args.foreground:
+        mountpoint = mount.check_mountpoint(Path(args.mountpoint))
+        ready_fd = args.ready_fd
+        mount.serve(Path(args.store or ""), mountpoint, cache_bytes, ready_fd=ready_fd, debug=args.debug)
+        return 0
+    pid = mount.start_daemon(Path(args.store or ""), Path(args.mountpoint), cache_bytes)
+    if args.json:
+        _print_json({"mountpoint": str(Path(args.mountpoint).resolve()), "pid": pid})
+    else:
+        print(f"mounted {args.store} at {args.mountpoint} (daemon pid {pid}); unmount with: rpfs umount {args.mountpoint}")
+    return 0
+
+
+def cmd_umount(args) -> int:
+    from . import mount
+    mount.unmount(Path(args.mountpoint))
+    if args.json:
+        _print_json({"unmounted": str(Path(args.mountpoint).absolute())})
+    return 0
+
+
+def cmd_attach(args) -> int:
+    from . import attach as attach_mod
+    found = attach_mod.attach(Path(args.image), Path(args.dest))
+    if args.json:
+        _print_json([asdict(f) for f in found])
+        return 0
+    for f in found:
+        where = f.mountpoint if f.status == "mounted" else f.status
+        print(f"{f.name:<6} {f.fstype or '-':<10} {human_bytes(f.size):>10}  {where}")
+    return 0
+
+
+def cmd_detach(args) -> int:
+    from . import attach as attach_mod
+    undone = attach_mod.detach(Path(args.dest))
+    if args.json:
+        _print_json({"unmounted": [str(u) for u in undone]})
+    return 0
+
+
+# -- parsing -----------------------------------------------------------------------------------------
+def _parse_size(text: str) -> int:
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    suffix = t[-1:] if t[-1:].isalpha() else ""
+    try:
+        return int(t[:len(t) - len(suffix)]) * units[suffix]
+    except (ValueError, KeyError):
+        raise RpfsError(f"cannot read size {text!r} (examples: 1M, 256K, 1048576)") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"rpfs: {message} (see rpfs --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rpfs", description="Recovery-point filesystem: back up disk images, mount and restore them.")
+    parser.add_argument("--store", default=os.environ.get("RPFS_STORE"),
+                        help="store directory (default: $RPFS_STORE)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    json_flag = _Parser(add_help=False)
+    json_flag.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    p = sub.add_parser("init", parents=[json_flag], help="create a store")
+    p.add_argument("--block-size", default=str(DEFAULT_BLOCK_SIZE), help="block size (default 1M)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("backup", parents=[json_flag], help="back up the disks of a VM into a new recovery point")
+    p.add_argument("vm")
+    p.add_argument("--disk", action="append", default=[], metavar="NAME=PATH",
+                   help="a disk of the VM: an image file or a block device (repeat for each disk)")
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("list", parents=[json_flag], help="list VMs, recovery points and disks")
+    p.add_argument("vm", nargs="?")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("mount", parents=[json_flag], help="mount the store read-only (FUSE)")
+    p.add_argument("mountpoint")
+    p.add_argument("--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("--cache-mb", type=int, default=256, help="decoded-block cache size in MiB (default 256)")
+    p.add_argument("--debug", action="store_true", help="log every error in detail")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", parents=[json_flag], help="unmount a store mount (also one whose daemon died)")
+    p.add_argument("mountpoint")
+    p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("attach", parents=[json_flag], help="mount every filesystem of a disk image read-only")
+    p.add_argument("image")
+    p.add_argument("dest")
+    p.set_defaults(func=cmd_attach)
+
+    p = sub.add_parser("detach", parents=[json_flag], help="undo rpfs attach")
+    p.add_argument("dest")
+    p.set_defaults(func=cmd_detach)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RpfsError as e:
+        print(f"rpfs: {e.message}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"rpfs: interrupted; {'no recovery point was created' if args.command == 'backup' else 'stopped'}",
+              file=sys.stderr)
+        return 130

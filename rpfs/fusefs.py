@@ -1,0 +1,227 @@
+"""The read-only FUSE filesystem: MOUNT/<vm>/<recovery point>/<disk>.img and MOUNT/<vm>/latest.
+
+Handlers only translate paths and calls into catalog lookups and ImageReader reads. Only FUSEError
+leaves a handler (any other exception would end the mount): the `_fuse_errors` decorator turns the rest
+into EIO after logging them.
+
+Concurrency: pyfuse3 runs handlers as trio tasks. Reads whose blocks are all cached (or holes) are
+answered inline; the rest go to worker threads (decompression and hashing release the GIL), bounded
+by a CapacityLimiter. Inode numbers are handed out on first lookup and never reused; the table grows
+with the number of recovery points seen, not with disk size.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from datetime import datetime
+
+import pyfuse3
+import trio
+
+from .errors import CorruptBlockError, RpfsError
+from .image import BlockCache, ImageReader
+from .recovery_point import RecoveryPoint
+from .store import Store
+
+log = logging.getLogger("rpfs.mount")
+
+IMAGE_SUFFIX = ".img"
+LATEST = "latest"
+STABLE_TIMEOUT = 300.0   # recovery points never change: the kernel may cache their entries
+LIVE_TIMEOUT = 1.0       # VM folders and `latest` change as backups land
+
+
+@dataclass(frozen=True)
+class Node:
+    """What an inode stands for: the root, a VM folder, a recovery point folder, an image, or `latest`."""
+    kind: str                 # "root" | "vm" | "point" | "image" | "latest"
+    vm: str = ""
+    point_id: str = ""
+    disk: str = ""
+
+
+def _fuse_errors(handler):
+    @functools.wraps(handler)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except CorruptBlockError as e:
+            log.error("%s: %s", handler.__name__, e.message)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except RpfsError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except Exception:
+            log.exception("%s failed", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+def _ns(iso_time: str) -> int:
+    return int(datetime.fromisoformat(iso_time).timestamp() * 1e9)
+
+
+class RecoveryPointFS(pyfuse3.Operations):
+    enable_writeback_cache = False
+
+    def __init__(self, store: Store, cache: BlockCache, read_threads: int = 4):
+        super().__init__()
+        self.store, self.cache = store, cache
+        self._inodes: dict[Node, int] = {Node("root"): pyfuse3.ROOT_INODE}
+        self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: Node("root")}
+        self._points: dict[tuple[str, str], RecoveryPoint] = {}   # immutable once created
+        self._readers: dict[int, ImageReader] = {}
+        self._limiter = trio.CapacityLimiter(read_threads)
+        self._mounted_ns = int(datetime.now().timestamp() * 1e9)
+
+    # -- the tree ---------------------------------------------------------------------------------
+    def _inode(self, node: Node) -> int:
+        inode = self._inodes.get(node)
+        if inode is None:
+            inode = self._inodes[node] = len(self._nodes) + pyfuse3.ROOT_INODE
+            self._nodes[inode] = node
+        return inode
+
+    def _node(self, inode: int) -> Node:
+        try:
+            return self._nodes[inode]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def _point(self, vm: str, point_id: str) -> RecoveryPoint:
+        point = self._points.get((vm, point_id))
+        if point is None:
+            point = self._points[(vm, point_id)] = self.store.point(vm, point_id)
+        return point
+
+    def _latest_id(self, vm: str) -> str:
+        return self.store.point(vm).id
+
+    def _children(self, node: Node) -> list[tuple[str, Node]]:
+        if node.kind == "root":
+            return [(vm, Node("vm", vm)) for vm in self.store.vms()]
+        if node.kind == "vm":
+            points = self.store.points(node.vm)
+            children = [(p.id, Node("point", node.vm, p.id)) for p in points]
+            return children + ([(LATEST, Node("latest", node.vm))] if points else [])
+        if node.kind == "point":
+            point = self._point(node.vm, node.point_id)
+            return [(d.name + IMAGE_SUFFIX, Node("image", node.vm, node.point_id, d.name)) for d in point.disks]
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    def _child(self, node: Node, name: str) -> Node:
+        if node.kind == "root":
+            if not self.store.points(name):
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return Node("vm", name)
+        if node.kind == "vm":
+            if name == LATEST:
+                self._latest_id(node.vm)
+                return Node("latest", node.vm)
+            return Node("point", node.vm, self._point(node.vm, name).id)
+        if node.kind == "point":
+            if name.endswith(IMAGE_SUFFIX):
+                disk = self._point(node.vm, node.point_id).disk(name[:-len(IMAGE_SUFFIX)])
+                return Node("image", node.vm, node.point_id, disk.name)
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = self._inode(node)
+        attrs.st_uid, attrs.st_gid = 0, 0
+        attrs.st_blksize = 1 << 20
+        mtime = self._mounted_ns
+        timeout = LIVE_TIMEOUT
+        if node.kind == "image":
+            point = self._point(node.vm, node.point_id)
+            size = point.disk(node.disk).size
+            attrs.st_mode, attrs.st_nlink, attrs.st_size = stat.S_IFREG | 0o444, 1, size
+            attrs.st_blocks = -(-size // 512)
+            mtime, timeout = _ns(point.time), STABLE_TIMEOUT
+        elif node.kind == "latest":
+            attrs.st_mode, attrs.st_nlink = stat.S_IFLNK | 0o777, 1
+            attrs.st_size = len(self._latest_id(node.vm))
+            timeout = 0.0
+        else:
+            attrs.st_mode, attrs.st_nlink = stat.S_IFDIR | 0o555, 2
+            if node.kind == "point":
+                mtime, timeout = _ns(self._point(node.vm, node.point_id).time), STABLE_TIMEOUT
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime
+        attrs.entry_timeout = attrs.attr_timeout = timeout
+        return attrs
+
+    # -- handlers ---------------------------------------------------------------------------------
+    @_fuse_errors
+    async def getattr(self, inode, ctx=None):
+        return self._attrs(self._node(inode))
+
+    @_fuse_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        name = os.fsdecode(name)
+        node = self._node(parent_inode)
+        if name == ".":
+            return self._attrs(node)
+        return self._attrs(self._child(node, name))
+
+    @_fuse_errors
+    async def opendir(self, inode, ctx):
+        if self._node(inode).kind in ("image", "latest"):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_fuse_errors
+    async def readdir(self, fh, start_id, token):
+        children = self._children(self._node(fh))
+        for i in range(start_id, len(children)):
+            name, child = children[i]
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(child), i + 1):
+                break
+
+    @_fuse_errors
+    async def readlink(self, inode, ctx):
+        node = self._node(inode)
+        if node.kind != "latest":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(self._latest_id(node.vm))
+
+    @_fuse_errors
+    async def open(self, inode, flags, ctx):
+        node = self._node(inode)
+        if node.kind != "image":
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if inode not in self._readers:
+            point = self._point(node.vm, node.point_id)
+            self._readers[inode] = ImageReader(self.store, self.cache, node.vm, node.point_id,
+                                               point.disk(node.disk))
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    @_fuse_errors
+    async def read(self, fh, off, size):
+        reader = self._readers[fh]
+        data = reader.read_cached(off, size)
+        if data is None:
+            data = await trio.to_thread.run_sync(reader.read, off, size, limiter=self._limiter)
+        return data
+
+    async def release(self, fh):
+        pass
+
+    async def releasedir(self, fh):
+        pass
+
+    @_fuse_errors
+    async def statfs(self, ctx):
+        stats = pyfuse3.StatvfsData()
+        stats.f_bsize = stats.f_frsize = 4096
+        stats.f_blocks = self.store.stored_bytes() // 4096
+        stats.f_bfree = stats.f_bavail = 0
+        stats.f_namemax = 255
+        return stats

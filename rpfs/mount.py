@@ -1,0 +1,180 @@
+"""Running the FUSE filesystem: in the foreground, or as a background daemon that `rpfs mount` starts.
+
+`rpfs mount` starts a fresh Python process (not a fork: LMDB environments and trio must not cross a
+fork) with --foreground and a pipe; it returns once the daemon writes "ready" (mounted) or an error
+line. A pid file per mountpoint under /run/rpfs lets `rpfs umount` wait for the daemon to end.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .errors import RpfsError
+from .fusefs import RecoveryPointFS
+from .image import BlockCache
+from .store import Store
+
+RUN_DIR = Path(os.environ.get("RPFS_RUN_DIR", "/run/rpfs"))
+FSTYPE = "fuse.rpfs"
+READY = b"ready\n"
+
+
+def mount_table() -> dict[str, str]:
+    """Mountpoint -> filesystem type, from /proc/self/mountinfo (paths unescaped)."""
+    table = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            mountpoint = left.split()[4]
+            table[_unescape(mountpoint)] = right.split()[0]
+    return table
+
+
+def _unescape(path: str) -> str:
+    return path.encode().decode("unicode_escape").encode("latin-1").decode() if "\\" in path else path
+
+
+def _pid_file(mountpoint: Path) -> Path:
+    return RUN_DIR / f"mount-{hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]}.pid"
+
+
+def check_mountpoint(mountpoint: Path) -> Path:
+    mountpoint = mountpoint.resolve() if mountpoint.exists() else mountpoint.absolute()
+    if not mountpoint.exists():
+        raise RpfsError(f"mountpoint {mountpoint} does not exist (create it with mkdir)")
+    if not mountpoint.is_dir():
+        raise RpfsError(f"mountpoint {mountpoint} is not a directory")
+    if str(mountpoint) in mount_table():
+        raise RpfsError(f"mountpoint {mountpoint} is busy: something is already mounted there")
+    return mountpoint
+
+
+def serve(store_path: Path, mountpoint: Path, cache_bytes: int, ready_fd: int | None = None,
+          debug: bool = False) -> None:
+    """Mount and serve until unmounted or signalled; writes READY (or the error) to ready_fd."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log = logging.getLogger("rpfs.mount")
+    pid_file = _pid_file(mountpoint)
+    try:
+        store = Store.open(store_path, readonly=True)
+        ops = RecoveryPointFS(store, BlockCache(cache_bytes))
+        options = set(pyfuse3.default_options) | {"ro", "fsname=rpfs", "subtype=rpfs"}
+        if os.geteuid() == 0:
+            options.add("allow_other")
+        try:
+            pyfuse3.init(ops, str(mountpoint), options)
+        except RuntimeError as e:
+            raise RpfsError(f"cannot mount at {mountpoint}: {e}") from None
+    except RpfsError as e:
+        if ready_fd is not None:
+            os.write(ready_fd, e.message.encode() + b"\n")
+        raise
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text(f"{os.getpid()}\n")
+    log.info("mounted store %s at %s", store_path, mountpoint)
+    if ready_fd is not None:
+        os.write(ready_fd, READY)
+        os.close(ready_fd)
+    try:
+        trio.run(_main_loop)
+    finally:
+        pyfuse3.close(unmount=True)
+        store.close()
+        pid_file.unlink(missing_ok=True)
+        log.info("unmounted %s", mountpoint)
+
+
+async def _main_loop() -> None:
+    """Serve FUSE requests; SIGTERM/SIGINT end the loop so the finally clause unmounts."""
+    async with trio.open_nursery() as nursery:
+        async def stop_on_signal():
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for _ in signals:
+                    pyfuse3.terminate()
+                    return
+        nursery.start_soon(stop_on_signal)
+        await pyfuse3.main(min_tasks=4, max_tasks=64)
+        nursery.cancel_scope.cancel()
+
+
+def start_daemon(store_path: Path, mountpoint: Path, cache_bytes: int, log_file: Path | None = None) -> int:
+    """Start the mount daemon in the background; return its pid once the filesystem is mounted."""
+    mountpoint = check_mountpoint(mountpoint)
+    Store.open(store_path, readonly=True).close()   # fail here, with the clear message, not in the daemon
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    log_file = log_file or RUN_DIR / (_pid_file(mountpoint).stem + ".log")
+    read_end, write_end = os.pipe()
+    cmd = [sys.executable, "-m", "rpfs", "--store", str(store_path), "mount", str(mountpoint),
+           "--foreground", "--cache-mb", str(cache_bytes >> 20), "--ready-fd", str(write_end)]
+    with open(log_file, "ab") as log:
+        daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                  pass_fds=(write_end,), start_new_session=True)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as ready:
+        answer = ready.readline()
+    if answer == READY:
+        return daemon.pid
+    daemon.wait(timeout=10)
+    reason = answer.decode(errors="replace").strip() or f"the mount daemon exited (see {log_file})"
+    raise RpfsError(reason)
+
+
+def unmount(mountpoint: Path, timeout: float = 10.0) -> None:
+    """Unmount an rpfs mount, also one whose daemon died, and wait for the daemon to end."""
+    mountpoint = mountpoint.absolute()
+    fstype = mount_table().get(str(mountpoint)) or mount_table().get(os.path.realpath(mountpoint))
+    if fstype is None:
+        raise RpfsError(f"{mountpoint} is not mounted")
+    if fstype != FSTYPE:
+        raise RpfsError(f"{mountpoint} is not an rpfs mount (it is {fstype})")
+    done = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    if done.returncode != 0:
+        message = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "fusermount3 failed"
+        if "busy" in message.lower():
+            raise RpfsError(f"{mountpoint} is busy: a process or a loop device still uses it"
+                            " (rpfs detach what you attached from it, then retry)")
+        # A dead daemon leaves an unreachable mount that fusermount may refuse: detach it lazily.
+        forced = subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, text=True)
+        if forced.returncode != 0:
+            raise RpfsError(f"cannot unmount {mountpoint}: {message}")
+    _wait_for_daemon(_pid_file(mountpoint), timeout)
+
+
+def _wait_for_daemon(pid_file: Path, timeout: float) -> None:
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return
+    deadline = time.monotonic() + timeout
+    sent_term = False
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            if sent_term:
+                os.kill(pid, signal.SIGKILL)
+                break
+            os.kill(pid, signal.SIGTERM)
+            sent_term, deadline = True, time.monotonic() + timeout
+        time.sleep(0.05)
+    pid_file.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie of ours counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"
+    except OSError:
+        return False

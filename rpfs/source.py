@@ -1,0 +1,106 @@
+"""Reading a disk (image file or block device) as fixed-size blocks: digest, or HOLE for zeros.
+
+Sparse files are asked where their data is (SEEK_DATA/SEEK_HOLE), so blocks that lie wholly in a hole
+are recorded as holes without being read.
+"""
+from __future__ import annotations
+
+import bisect
+import errno
+import functools
+import hashlib
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import RpfsError
+from .recovery_point import HOLE, check_name
+
+
+@dataclass
+class DiskSource:
+    name: str
+    path: Path
+    size: int
+    fd: int
+    _data_starts: list[int] = field(default_factory=list)
+    _data_ends: list[int] = field(default_factory=list)
+    _sparse_known: bool = False
+
+    @classmethod
+    def open(cls, name: str, path: str | Path) -> "DiskSource":
+        check_name("disk", name)
+        path = Path(path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise RpfsError(f"disk {name}: {path} does not exist") from None
+        except OSError as e:
+            raise RpfsError(f"disk {name}: cannot open {path}: {e.strerror}") from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise RpfsError(f"disk {name}: {path} is not an image file or a block device")
+            size = os.lseek(fd, 0, os.SEEK_END)
+            os.pread(fd, 1, 0)  # fail now, not mid-backup, on an unreadable device
+        except OSError as e:
+            os.close(fd)
+            raise RpfsError(f"disk {name}: cannot read {path}: {e.strerror}") from None
+        except RpfsError:
+            os.close(fd)
+            raise
+        source = cls(name, path, size, fd)
+        if stat.S_ISREG(mode):
+            source._map_data_extents()
+        return source
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _map_data_extents(self) -> None:
+        offset = 0
+        try:
+            while offset < self.size:
+                start = os.lseek(self.fd, offset, os.SEEK_DATA)
+                end = os.lseek(self.fd, start, os.SEEK_HOLE)
+                self._data_starts.append(start)
+                self._data_ends.append(end)
+                offset = end
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no data past offset
+                return  # filesystem without SEEK_DATA: read everything
+        self._sparse_known = True
+
+    def _in_hole(self, start: int, end: int) -> bool:
+        if not self._sparse_known:
+            return False
+        i = bisect.bisect_right(self._data_starts, end - 1) - 1  # last extent starting before end
+        return i < 0 or self._data_ends[i] <= start
+
+    def block_count(self, block_size: int) -> int:
+        return -(-self.size // block_size)
+
+    def read_block(self, index: int, block_size: int) -> tuple[bytes, bytes | None]:
+        """(digest, data) of one block; (HOLE, None) for a block that is all zeros."""
+        start = index * block_size
+        length = min(block_size, self.size - start)
+        if self._in_hole(start, start + length):
+            return HOLE, None
+        try:
+            data = os.pread(self.fd, length, start)
+        except OSError as e:
+            raise RpfsError(f"disk {self.name}: read error at offset {start} of {self.path}: {e.strerror}") from None
+        if len(data) != length:
+            raise RpfsError(f"disk {self.name}: {self.path} shrank during the backup")
+        if data == _zeros(length):
+            return HOLE, None
+        return hashlib.sha256(data).digest(), data
+
+
+@functools.lru_cache(maxsize=8)
+def _zeros(size: int) -> bytes:
+    """A zero block to compare against: bytes equality is a memcmp, far faster than counting."""
+    return bytes(size)

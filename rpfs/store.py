@@ -1,0 +1,255 @@
+"""The store: one directory holding an LMDB environment with blocks by digest and the recovery-point catalog.
+
+Layout (format version 1), one LMDB environment `STORE/data.mdb` with named databases:
+  meta     b"format_version" -> b"1", b"block_size" -> decimal bytes, b"created" -> ISO time
+  blocks   sha256(raw block) (32 bytes) -> framed blob (see blob.py)
+  points   b"<vm>\\0<rp id>" -> recovery point JSON (see recovery_point.py)
+  maps     b"<vm>\\0<rp id>\\0<disk>" -> block map: 32 bytes per block, 32 zero bytes for a hole
+
+Every transaction is short: readers hold one for one lookup, so LMDB can reuse freed pages.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import threading
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import lmdb
+
+from .errors import RpfsError
+from .recovery_point import DIGEST_SIZE, RecoveryPoint
+
+FORMAT_VERSION = 1
+DEFAULT_BLOCK_SIZE = 1 << 20
+INITIAL_MAP_SIZE = 1 << 30
+DB_NAMES = (b"meta", b"blocks", b"points", b"maps")
+
+
+def _is_disk_full(e: lmdb.Error) -> bool:
+    return isinstance(e, lmdb.DiskError) or "No space left" in str(e) or getattr(e, "errno", None) == errno.ENOSPC
+
+
+class Store:
+    """A handle on one store directory. Thread-safe: any thread may read; one writer (see writer_lock)."""
+
+    def __init__(self, path: Path, env: lmdb.Environment, readonly: bool):
+        self.path = path
+        self.readonly = readonly
+        self._env = env
+        # Every transaction is taken under this lock's shared side, resizing the map under its exclusive
+        # side: LMDB refuses set_mapsize while any transaction of this process is open.
+        self._resize_lock = threading.Lock()
+        self._txn_count = 0
+        self._txn_idle = threading.Condition(self._resize_lock)
+        self._dbs = {name.decode(): env.open_db(name, create=False) for name in DB_NAMES}
+        with self.read() as txn:
+            meta = {bytes(k): bytes(v) for k, v in txn.cursor(db=self._dbs["meta"])}
+        version = int(meta.get(b"format_version", b"0"))
+        if version != FORMAT_VERSION:
+            raise RpfsError(
+                f"store {path} has format version {version}; this rpfs reads version {FORMAT_VERSION}"
+                " (use a matching rpfs release)")
+        self.block_size = int(meta[b"block_size"])
+        self.created = meta.get(b"created", b"").decode()
+
+    # -- opening -----------------------------------------------------------------------------------
+    @classmethod
+    def init(cls, path: Path, block_size: int = DEFAULT_BLOCK_SIZE) -> "Store":
+        if block_size < 4096 or block_size > (64 << 20) or block_size & (block_size - 1):
+            raise RpfsError("--block-size must be a power of two between 4 KiB and 64 MiB")
+        if (path / "data.mdb").exists():
+            raise RpfsError(f"{path} already holds a store")
+        if path.exists() and not path.is_dir():
+            raise RpfsError(f"{path} exists and is not a directory")
+        path.mkdir(parents=True, exist_ok=True)
+        env = lmdb.open(str(path), map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES), subdir=True)
+        with env.begin(write=True) as txn:
+            dbs = {name: env.open_db(name, txn=txn, create=True) for name in DB_NAMES}
+            meta = dbs[b"meta"]
+            txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=meta)
+            txn.put(b"block_size", str(block_size).encode(), db=meta)
+            txn.put(b"created", datetime.now(timezone.utc).isoformat(timespec="seconds").encode(), db=meta)
+        return cls(path, env, readonly=False)
+
+    @classmethod
+    def open(cls, path: Path | str | None, readonly: bool = False) -> "Store":
+        if not path:
+            raise RpfsError("no store given: use --store DIR or set RPFS_STORE")
+        path = Path(path)
+        if not path.is_dir():
+            raise RpfsError(f"store {path} does not exist (create it with: rpfs --store {path} init)")
+        if not (path / "data.mdb").exists():
+            raise RpfsError(f"{path} is not an rpfs store (create one with: rpfs --store {path} init)")
+        try:
+            env = lmdb.open(str(path), max_dbs=len(DB_NAMES), subdir=True, readonly=readonly,
+                            create=False, map_size=INITIAL_MAP_SIZE)
+            return cls(path, env, readonly)
+        except lmdb.Error as e:
+            raise RpfsError(f"cannot open store {path}: {e}") from None
+        except KeyError:
+            raise RpfsError(f"{path} is not an rpfs store (its metadata is missing)") from None
+
+    def close(self) -> None:
+        self._env.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- transactions ------------------------------------------------------------------------------
+    @contextmanager
+    def _txn(self, write: bool) -> Iterator[lmdb.Transaction]:
+        with self._resize_lock:
+            self._txn_count += 1
+        try:
+            while True:
+                try:
+                    txn = self._env.begin(write=write, buffers=True)
+                    break
+                except lmdb.MapResizedError:
+                    self._adopt_new_map_size()
+            with txn:
+                yield txn
+        finally:
+            with self._resize_lock:
+                self._txn_count -= 1
+                self._txn_idle.notify_all()
+
+    def _adopt_new_map_size(self) -> None:
+        """Another process grew the map: adopt its size once no transaction of ours is open."""
+        with self._resize_lock:
+            self._txn_count -= 1
+            self._txn_idle.wait_for(lambda: self._txn_count == 0)
+            self._env.set_mapsize(0)
+            self._txn_count += 1
+
+    def read(self):
+        """A short read transaction; values are buffers valid only inside it."""
+        return self._txn(write=False)
+
+    def grow_map(self) -> None:
+        """Double the map size; called by the writer after a MapFullError aborted its transaction."""
+        with self._resize_lock:
+            self._txn_idle.wait_for(lambda: self._txn_count == 0)
+            self._env.set_mapsize(self._env.info()["map_size"] * 2)
+
+    def write(self, fill) -> None:
+        """Run fill(txn) in one write transaction, growing the map and retrying when it is full.
+
+        fill must be repeatable: on MapFullError the whole transaction is aborted and run again.
+        A full disk aborts the transaction, so the store stays as it was.
+        """
+        while True:
+            try:
+                with self._txn(write=True) as txn:
+                    fill(txn)
+                return
+            except lmdb.MapFullError:
+                self.grow_map()
+            except lmdb.Error as e:
+                if _is_disk_full(e):
+                    raise RpfsError(f"the disk holding store {self.path} is full; nothing was committed"
+                                    " by the failed step, the store is unchanged") from None
+                raise
+
+    def db(self, name: str):
+        return self._dbs[name]
+
+    def map_size(self) -> int:
+        return self._env.info()["map_size"]
+
+    def stored_bytes(self) -> int:
+        """Bytes of the LMDB file in use (pages in use times page size)."""
+        info, stat = self._env.info(), self._env.stat()
+        return (info["last_pgno"] + 1) * stat["psize"]
+
+    # -- blocks ------------------------------------------------------------------------------------
+    def get_blob(self, digest: bytes) -> bytes | None:
+        with self.read() as txn:
+            value = txn.get(digest, db=self._dbs["blocks"])
+            return None if value is None else bytes(value)
+
+    def blob_length(self, txn, digest: bytes) -> int | None:
+        value = txn.get(digest, db=self._dbs["blocks"])
+        return None if value is None else len(value)
+
+    # -- writer lock -------------------------------------------------------------------------------
+    @contextmanager
+    def writer_lock(self, what: str) -> Iterator[None]:
+        """One writer at a time: a second backup fails at once with a clear message instead of waiting."""
+        lock_path = self.path / "writer.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                raise RpfsError(f"store {self.path} is busy: {holder} is writing to it") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{what} (pid {os.getpid()})\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- catalog -----------------------------------------------------------------------------------
+    @staticmethod
+    def point_key(vm: str, point_id: str) -> bytes:
+        return f"{vm}\0{point_id}".encode()
+
+    @staticmethod
+    def map_key(vm: str, point_id: str, disk: str) -> bytes:
+        return f"{vm}\0{point_id}\0{disk}".encode()
+
+    def put_point(self, txn, point: RecoveryPoint, block_maps: dict[str, bytes]) -> None:
+        """Record a recovery point; called in the transaction that commits its last blocks."""
+        for disk, block_map in block_maps.items():
+            txn.put(self.map_key(point.vm, point.id, disk), block_map, db=self._dbs["maps"])
+        txn.put(self.point_key(point.vm, point.id), point.to_json(), db=self._dbs["points"])
+
+    def points(self, vm: str | None = None) -> list[RecoveryPoint]:
+        """All recovery points (of one VM), oldest first."""
+        prefix = f"{vm}\0".encode() if vm is not None else b""
+        found = []
+        with self.read() as txn:
+            cursor = txn.cursor(db=self._dbs["points"])
+            if cursor.set_range(prefix):
+                for key, value in cursor:
+                    if not bytes(key).startswith(prefix):
+                        break
+                    found.append(RecoveryPoint.from_json(value))
+        return found
+
+    def vms(self) -> list[str]:
+        return sorted({p.vm for p in self.points()})
+
+    def point(self, vm: str, point_id: str | None = None) -> RecoveryPoint:
+        """One recovery point by id, or the VM's latest when point_id is None or 'latest'."""
+        points = self.points(vm)
+        if not points:
+            known = ", ".join(self.vms()) or "none"
+            raise RpfsError(f"unknown VM {vm!r} in store {self.path} (VMs: {known})")
+        if point_id in (None, "latest"):
+            return points[-1]
+        for p in points:
+            if p.id == point_id:
+                return p
+        raise RpfsError(f"VM {vm!r} has no recovery point {point_id!r} (latest: {points[-1].id})")
+
+    def block_digest(self, map_key: bytes, index: int) -> bytes:
+        """The digest of one block of a disk, read in place from the block map (never loaded whole)."""
+        with self.read() as txn:
+            block_map = txn.get(map_key, db=self._dbs["maps"])
+            if block_map is None:
+                raise RpfsError("block map missing for " + map_key.decode().replace("\0", "/"))
+            return bytes(block_map[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE])
+
+    def has_block(self, digest: bytes) -> bool:
+        with self.read() as txn:
+            return txn.get(digest, db=self._dbs["blocks"]) is not None

@@ -1,0 +1,226 @@
+"""Kernel-free tests of the store, the backup pipeline and the image read path."""
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import lmdb
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from rpfs import blob
+from rpfs.backup import backup, parse_disk_specs
+from rpfs.errors import CorruptBlockError, RpfsError
+from rpfs.image import BlockCache, ImageReader
+from rpfs.store import Store
+
+MiB = 1 << 20
+
+
+def write_image(path: Path, seed: int, size: int) -> Path:
+    """Random, compressible, duplicated and zero regions, in 256 KiB pieces."""
+    rnd = random.Random(seed)
+    piece = 256 << 10
+    with open(path, "wb") as f:
+        left = size
+        while left > 0:
+            n = min(piece, left)
+            kind = rnd.choice(["random", "text", "zero", "repeat"])
+            if kind == "random":
+                f.write(rnd.randbytes(n))
+            elif kind == "text":
+                f.write((b"log line %d ok\n" % rnd.randrange(10**6) * (n // 10 + 1))[:n])
+            elif kind == "zero":
+                f.seek(n, os.SEEK_CUR)
+            else:
+                f.write((b"ABCD" * (n // 4 + 1))[:n])
+            left -= n
+        f.truncate(size)
+    return path
+
+
+def read_all(store: Store, point, disk: str) -> bytes:
+    reader = ImageReader(store, BlockCache(8 * MiB), point.vm, point.id, point.disk(disk))
+    return reader.read(0, reader.size + 1)
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store.init(tmp_path / "store") as s:
+        yield s
+
+
+def test_backup_reads_back_identical(store, tmp_path):
+    a = write_image(tmp_path / "a.img", 1, 9 * MiB + 12345)
+    b = write_image(tmp_path / "b.img", 2, 4 * MiB)
+    empty = tmp_path / "empty.img"
+    empty.touch()
+    point, summary = backup(store, "vm1", [("a", str(a)), ("b", str(b)), ("empty", str(empty))])
+    assert point.consistency == "crash"
+    assert summary.bytes_read == a.stat().st_size + b.stat().st_size
+    for name, path in (("a", a), ("b", b), ("empty", empty)):
+        assert read_all(store, point, name) == path.read_bytes()
+    assert [p.id for p in store.points("vm1")] == [point.id]
+
+
+def test_sparse_image_stores_only_data(store, tmp_path):
+    sparse = tmp_path / "sparse.img"
+    with open(sparse, "wb") as f:
+        f.truncate(1 << 30)
+        f.seek(300 * MiB)
+        f.write(b"x" * 5000)
+    point, summary = backup(store, "vm", [("d", str(sparse))])
+    disk = point.disk("d")
+    assert disk.blocks == 1024 and disk.zero_blocks == 1023 and disk.new_blocks == 1
+    assert summary.zero_bytes == (1 << 30) - MiB
+    reader = ImageReader(store, BlockCache(), "vm", point.id, disk)
+    assert reader.read(300 * MiB - 10, 5020) == bytes(10) + b"x" * 5000 + bytes(10)
+
+
+def test_second_backup_stores_only_changed_blocks(store, tmp_path):
+    img = write_image(tmp_path / "d.img", 3, 32 * MiB)
+    backup(store, "vm", [("d", str(img))])
+    before = store.stored_bytes()
+    with open(img, "r+b") as f:
+        for offset in (1 * MiB + 7, 20 * MiB + 4096):
+            f.seek(offset)
+            f.write(os.urandom(1000))
+    point, summary = backup(store, "vm", [("d", str(img))])
+    assert summary.new_bytes == 2 * MiB
+    assert point.disk("d").new_blocks == 2
+    assert store.stored_bytes() - before < 3 * MiB
+    assert read_all(store, point, "d") == img.read_bytes()
+
+
+def test_two_vms_dedup_against_each_other(store, tmp_path):
+    img = write_image(tmp_path / "base.img", 4, 16 * MiB)
+    backup(store, "web01", [("os", str(img))])
+    _, summary = backup(store, "web02", [("os", str(img))])
+    assert summary.new_bytes == 0 and summary.stored_bytes == 0
+    assert summary.deduplicated_bytes + summary.zero_bytes == img.stat().st_size
+
+
+@settings(max_examples=200, deadline=None)
+@given(offset=st.integers(0, 9 * MiB + 20000), length=st.integers(0, 3 * MiB))
+def test_random_reads_match_source(offset, length, tmp_path_factory, _random_read_setup):
+    store, point, data = _random_read_setup
+    reader = ImageReader(store, BlockCache(4 * MiB), point.vm, point.id, point.disk("a"))
+    assert reader.read(offset, length) == data[offset:offset + length]
+
+
+@pytest.fixture(scope="module")
+def _random_read_setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rr")
+    img = write_image(tmp / "a.img", 5, 9 * MiB + 777)
+    with Store.init(tmp / "store", block_size=256 << 10) as store:
+        point, _ = backup(store, "vm", [("a", str(img))])
+        yield store, point, img.read_bytes()
+
+
+def corrupt_one_block(store: Store, point, disk: str) -> bytes:
+    """Flip a byte in the payload of the first stored block of a disk; return its digest."""
+    digest = next(store.block_digest(store.map_key(point.vm, point.id, disk), i)
+                  for i in range(point.disk(disk).blocks)
+                  if any(store.block_digest(store.map_key(point.vm, point.id, disk), i)))
+    stored = bytearray(store.get_blob(digest))
+    stored[-1] ^= 0xFF
+    store.write(lambda txn: txn.put(digest, bytes(stored), db=store.db("blocks")))
+    return digest
+
+
+def test_corrupt_block_is_an_error_not_wrong_data(store, tmp_path):
+    img = write_image(tmp_path / "d.img", 6, 4 * MiB)
+    point, _ = backup(store, "vm", [("d", str(img))])
+    digest = corrupt_one_block(store, point, "d")
+    with pytest.raises(CorruptBlockError):
+        read_all(store, point, "d")
+    with pytest.raises(CorruptBlockError):
+        blob.check_crc(store.get_blob(digest))
+
+
+def test_interrupted_backup_leaves_no_recovery_point(store, tmp_path, monkeypatch):
+    img = write_image(tmp_path / "d.img", 7, 8 * MiB)
+    import rpfs.source as source
+    real_read = source.DiskSource.read_block
+    calls = {"n": 0}
+
+    def failing_read(self, index, block_size):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_read(self, index, block_size)
+
+    monkeypatch.setattr(source.DiskSource, "read_block", failing_read)
+    with pytest.raises(KeyboardInterrupt):
+        backup(store, "vm", [("d", str(img))])
+    assert store.points() == []
+    monkeypatch.setattr(source.DiskSource, "read_block", real_read)
+    point, _ = backup(store, "vm", [("d", str(img))])
+    assert read_all(store, point, "d") == img.read_bytes()
+
+
+def test_map_grows_by_itself(tmp_path, monkeypatch):
+    import rpfs.store as store_mod
+    monkeypatch.setattr(store_mod, "INITIAL_MAP_SIZE", 2 * MiB)
+    img = tmp_path / "rand.img"
+    img.write_bytes(os.urandom(12 * MiB))
+    with Store.init(tmp_path / "s") as store:
+        point, _ = backup(store, "vm", [("d", str(img))])
+        assert store.map_size() > 2 * MiB
+        assert read_all(store, point, "d") == img.read_bytes()
+
+
+def test_store_of_another_format_version_is_refused(tmp_path):
+    with Store.init(tmp_path / "s"):
+        pass
+    env = lmdb.open(str(tmp_path / "s"), max_dbs=4)
+    with env.begin(write=True) as txn:
+        txn.put(b"format_version", b"99", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    with pytest.raises(RpfsError, match="format version 99"):
+        Store.open(tmp_path / "s")
+
+
+def test_second_writer_is_refused(store):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from rpfs.store import Store\n"
+         "with Store.open(sys.argv[1]) as s, s.writer_lock('backup of vm1'):\n"
+         "    print('locked', flush=True); sys.stdin.read()", str(store.path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(RpfsError, match="busy.*backup of vm1"):
+            with store.writer_lock("backup of vm2"):
+                pass
+    finally:
+        holder.communicate("", timeout=30)
+
+
+@pytest.mark.parametrize("specs, message", [
+    ([], "at least one --disk"),
+    (["os"], "NAME=PATH"),
+    (["os=/a", "os=/b"], "given twice"),
+    (["bad/name=/a"], "invalid disk name"),
+])
+def test_bad_disk_specs(specs, message):
+    with pytest.raises(RpfsError, match=message):
+        parse_disk_specs(specs)
+
+
+def test_unreadable_or_missing_disk(store, tmp_path):
+    with pytest.raises(RpfsError, match="does not exist"):
+        backup(store, "vm", [("d", str(tmp_path / "nope.img"))])
+    with pytest.raises(RpfsError, match="not an image file"):
+        backup(store, "vm", [("d", str(tmp_path))])
+    assert store.points() == []
+
+
+def test_unknown_vm_and_point(store, tmp_path):
+    img = write_image(tmp_path / "d.img", 8, MiB)
+    point, _ = backup(store, "vm", [("d", str(img))])
+    with pytest.raises(RpfsError, match="unknown VM"):
+        store.point("nope")
+    with pytest.raises(RpfsError, match="no recovery point"):
+        store.point("vm", "2000-01-01T000000Z")
+    assert store.point("vm", "latest").id == point.id
