@@ -109,8 +109,8 @@ async def _main_loop() -> None:
 
 def start_daemon(store_path: Path, mountpoint: Path, cache_bytes: int, log_file: Path | None = None) -> int:
     """Start the mount daemon in the background; return its pid once the filesystem is mounted."""
-    mountpoint = check_mountpoint(mountpoint)
     Store.open(store_path, readonly=True).close()   # fail here, with the clear message, not in the daemon
+    mountpoint = check_mountpoint(mountpoint)
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     log_file = log_file or RUN_DIR / (_pid_file(mountpoint).stem + ".log")
     read_end, write_end = os.pipe()

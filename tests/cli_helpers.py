@@ -1,0 +1,51 @@
+"""Running the real `rpfs` CLI from tests, and cleaning up its mounts whatever happens."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def rpfs(*args: str, store: Path | None = None, check: bool = True, timeout: float = 300,
+         **kwargs) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "rpfs"]
+    if store is not None:
+        cmd += ["--store", str(store)]
+    env = {k: v for k, v in os.environ.items() if k != "RPFS_STORE"}
+    done = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=REPO, **kwargs)
+    if check and done.returncode != 0:
+        raise AssertionError(f"rpfs {' '.join(args)} failed ({done.returncode}): {done.stderr}")
+    return done
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+def force_unmount(path: Path) -> None:
+    """Last-resort cleanup for a test that failed half-way."""
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True)
+    if is_mounted(path):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@contextmanager
+def mounted(store: Path, mountpoint: Path, *extra: str):
+    """`rpfs mount` for the duration of a with-block; always unmounted afterwards."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    rpfs("mount", str(mountpoint), *extra, store=store)
+    try:
+        yield mountpoint
+    finally:
+        if is_mounted(mountpoint):
+            done = rpfs("umount", str(mountpoint), check=False)
+            if done.returncode != 0:
+                force_unmount(mountpoint)
