@@ -21,26 +21,12 @@ import trio
 from .errors import RpfsError
 from .fusefs import RecoveryPointFS
 from .image import BlockCache
+from .mountinfo import fstype_at
 from .store import Store
 
 RUN_DIR = Path(os.environ.get("RPFS_RUN_DIR", "/run/rpfs"))
 FSTYPE = "fuse.rpfs"
 READY = b"ready\n"
-
-
-def mount_table() -> dict[str, str]:
-    """Mountpoint -> filesystem type, from /proc/self/mountinfo (paths unescaped)."""
-    table = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            mountpoint = left.split()[4]
-            table[_unescape(mountpoint)] = right.split()[0]
-    return table
-
-
-def _unescape(path: str) -> str:
-    return path.encode().decode("unicode_escape").encode("latin-1").decode() if "\\" in path else path
 
 
 def _pid_file(mountpoint: Path) -> Path:
@@ -53,7 +39,7 @@ def check_mountpoint(mountpoint: Path) -> Path:
         raise RpfsError(f"mountpoint {mountpoint} does not exist (create it with mkdir)")
     if not mountpoint.is_dir():
         raise RpfsError(f"mountpoint {mountpoint} is not a directory")
-    if str(mountpoint) in mount_table():
+    if fstype_at(str(mountpoint)) is not None:
         raise RpfsError(f"mountpoint {mountpoint} is busy: something is already mounted there")
     return mountpoint
 
@@ -132,7 +118,7 @@ def start_daemon(store_path: Path, mountpoint: Path, cache_bytes: int, log_file:
 def unmount(mountpoint: Path, timeout: float = 10.0) -> None:
     """Unmount an rpfs mount, also one whose daemon died, and wait for the daemon to end."""
     mountpoint = mountpoint.absolute()
-    fstype = mount_table().get(str(mountpoint)) or mount_table().get(os.path.realpath(mountpoint))
+    fstype = fstype_at(os.path.realpath(mountpoint))
     if fstype is None:
         raise RpfsError(f"{mountpoint} is not mounted")
     if fstype != FSTYPE:

@@ -27,6 +27,7 @@ from .recovery_point import DIGEST_SIZE, RecoveryPoint
 FORMAT_VERSION = 1
 DEFAULT_BLOCK_SIZE = 1 << 20
 INITIAL_MAP_SIZE = 1 << 30
+LOW_SPACE = 128 << 20      # below this much free space, a failed write is taken for a full disk
 DB_NAMES = (b"meta", b"blocks", b"points", b"maps")
 
 
@@ -154,10 +155,16 @@ class Store:
             except lmdb.MapFullError:
                 self.grow_map()
             except lmdb.Error as e:
-                if _is_disk_full(e):
-                    raise RpfsError(f"the disk holding store {self.path} is full; nothing was committed"
-                                    " by the failed step, the store is unchanged") from None
-                raise
+                # LMDB reports a failed page write on a full disk as EIO, so ask the filesystem too.
+                if _is_disk_full(e) or self._free_bytes() < LOW_SPACE:
+                    raise RpfsError(f"the disk holding store {self.path} is full; the failed transaction"
+                                    " was rolled back and the store is as it was before it") from None
+                raise RpfsError(f"cannot write to store {self.path}: {e}; the failed transaction was"
+                                " rolled back") from None
+
+    def _free_bytes(self) -> int:
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
 
     def db(self, name: str):
         return self._dbs[name]

@@ -18,14 +18,23 @@ def _kernel_problem() -> str | None:
     return None
 
 
-def require_kernel() -> None:
-    """Skip a kernel test where root/FUSE/loop are missing; in CI (CI=true) fail instead of skipping."""
-    problem = _kernel_problem()
-    if problem is None:
-        return
+def skip_or_fail_in_ci(problem: str) -> None:
+    """Skip locally; in CI (CI=true) a missing capability is a failure, never a silent skip."""
     if os.environ.get("CI") == "true":
-        pytest.fail(f"kernel test cannot run in CI: {problem}")
+        pytest.fail(f"test cannot run in CI: {problem}")
     pytest.skip(problem)
+
+
+def require_kernel() -> None:
+    """For tests that need root, FUSE and loop devices."""
+    problem = _kernel_problem()
+    if problem is not None:
+        skip_or_fail_in_ci(problem)
+
+
+def require_tool(tool: str) -> None:
+    if shutil.which(tool) is None:
+        skip_or_fail_in_ci(f"needs {tool} (run tools/setup)")
 
 
 @pytest.fixture

@@ -1,0 +1,163 @@
+"""The CLI as users run it: one clear line per mistake, nothing changed, and safe interruption."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import REPO, rpfs
+from test_backup import write_image
+
+MiB = 1 << 20
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, message: str) -> None:
+    assert done.returncode != 0, done
+    assert done.stderr.startswith("rpfs: ") and done.stderr.count("\n") == 1, done.stderr
+    assert message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.fixture
+def store(tmp_path):
+    rpfs("init", store=tmp_path / "store")
+    return tmp_path / "store"
+
+
+def test_store_from_environment(tmp_path):
+    env = {**os.environ, "RPFS_STORE": str(tmp_path / "envstore")}
+    cmd = [sys.executable, "-m", "rpfs"]
+    subprocess.run(cmd + ["init"], env=env, check=True, cwd=REPO, capture_output=True)
+    done = subprocess.run(cmd + ["list", "--json"], env=env, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and json.loads(done.stdout) == []
+
+
+def test_backup_and_list_json(store, tmp_path):
+    img = write_image(tmp_path / "d.img", 21, 3 * MiB + 5)
+    summary = json.loads(rpfs("backup", "web01", f"--disk=os={img}", "--json", store=store).stdout)
+    assert summary["bytes_read"] == 3 * MiB + 5 and summary["recovery_point"]["consistency"] == "crash"
+    listed = json.loads(rpfs("list", "web01", "--json", store=store).stdout)
+    assert [p["id"] for p in listed] == [summary["point_id"]]
+    assert listed[0]["disks"][0]["size"] == 3 * MiB + 5
+    assert "web01" in rpfs("list", store=store).stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["list"], "does not exist"),
+    (["backup", "vm", "--disk", "d=/etc/hostname"], "does not exist"),
+])
+def test_missing_store(tmp_path, args, message):
+    assert_one_line_error(rpfs(*args, store=tmp_path / "nope", check=False), message)
+
+
+def test_no_store_given():
+    assert_one_line_error(rpfs("list", check=False), "no store given")
+
+
+def test_uninitialised_store(tmp_path):
+    assert_one_line_error(rpfs("list", store=tmp_path, check=False), "not an rpfs store")
+
+
+def test_init_twice(store):
+    assert_one_line_error(rpfs("init", store=store, check=False), "already holds a store")
+
+
+def test_bad_block_size(tmp_path):
+    assert_one_line_error(rpfs("init", "--block-size", "3000", store=tmp_path / "s", check=False),
+                          "power of two")
+    assert not (tmp_path / "s").exists()
+
+
+def test_bad_disks_change_nothing(store, tmp_path):
+    unreadable = tmp_path / "dir"
+    unreadable.mkdir()
+    for args, message in [
+        (["backup", "vm", "--disk", f"d={tmp_path}/missing.img"], "does not exist"),
+        (["backup", "vm", "--disk", f"d={unreadable}"], "not an image file"),
+        (["backup", "vm", "--disk", "nonsense"], "NAME=PATH"),
+        (["backup", "vm"], "at least one --disk"),
+        (["backup", "../vm", "--disk", "d=/etc/hostname"], "invalid VM name"),
+        (["list", "nosuchvm"], "unknown VM"),
+    ]:
+        assert_one_line_error(rpfs(*args, store=store, check=False), message)
+    assert json.loads(rpfs("list", "--json", store=store).stdout) == []
+
+
+def test_second_writer_is_refused(store, tmp_path):
+    img = write_image(tmp_path / "d.img", 22, MiB)
+    lock = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from rpfs.store import Store\n"
+         "with Store.open(sys.argv[1]) as s, s.writer_lock('backup of vm9'):\n"
+         "    print('locked', flush=True); sys.stdin.read()", str(store)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert lock.stdout.readline() == "locked\n"
+        assert_one_line_error(rpfs("backup", "vm", f"--disk=d={img}", store=store, check=False),
+                              "busy: backup of vm9")
+    finally:
+        lock.communicate("", timeout=30)
+
+
+def _start_backup(store: Path, img: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "rpfs", "--store", str(store), "backup", "vm",
+                             f"--disk=d={img}"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_committed_blocks(store: Path, proc: subprocess.Popen, min_bytes: int) -> None:
+    """Wait until the backup has committed some blocks (the store file grew), bounded in time."""
+    deadline = time.monotonic() + 60
+    while (store / "data.mdb").stat().st_size < min_bytes:
+        assert proc.poll() is None, "backup finished before it could be interrupted"
+        assert time.monotonic() < deadline, "backup made no progress"
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
+def test_interrupted_backup_leaves_no_recovery_point(store, tmp_path, how):
+    img = tmp_path / "big.img"
+    with open(img, "wb") as f:
+        for _ in range(600):
+            f.write(os.urandom(MiB))
+    proc = _start_backup(store, img)
+    try:
+        _wait_for_committed_blocks(store, proc, 70 * MiB)
+        proc.send_signal(how)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    if how == signal.SIGINT:
+        assert "interrupted; no recovery point was created" in err and "Traceback" not in err
+    assert json.loads(rpfs("list", "--json", store=store).stdout) == []
+    summary = json.loads(rpfs("backup", "vm", f"--disk=d={img}", "--json", store=store).stdout)
+    assert summary["deduplicated_bytes"] >= 64 * MiB  # the blocks committed before the interruption are reused
+    assert len(json.loads(rpfs("list", "--json", store=store).stdout)) == 1
+
+
+@pytest.mark.timeout(120)
+def test_full_disk_is_a_clear_error_and_changes_nothing(tmp_path, kernel):
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(small)], check=True)
+    try:
+        store = small / "store"
+        rpfs("init", store=store)
+        little = tmp_path / "little.img"
+        little.write_bytes(os.urandom(3 * MiB))
+        big = tmp_path / "big.img"
+        big.write_bytes(os.urandom(40 * MiB))
+        rpfs("backup", "vm", f"--disk=d={little}", store=store)
+        before = rpfs("list", "--json", store=store).stdout
+        assert_one_line_error(rpfs("backup", "vm", f"--disk=d={big}", store=store, check=False), "is full")
+        assert rpfs("list", "--json", store=store).stdout == before
+        rpfs("backup", "vm2", f"--disk=d={little}", store=store)  # the store still works
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
