@@ -1,0 +1,106 @@
+"""The whole path users take, on real kernel parts: disk images -> backup -> FUSE mount -> attach -> files."""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import mounted, rpfs
+from diskimages import (
+    leftover_kernel_state, make_empty_image, make_gpt_image, make_mbr_image, make_odd_size_image,
+    make_sparse_image, make_whole_disk_ext4, mounted_rw, random_files,
+)
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("kernel")]
+MiB = 1 << 20
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every regular file below root (lost+found and xfs internals aside)."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != "lost+found"]
+        for name in files:
+            path = Path(folder) / name
+            found[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def expected_digests(files: dict[str, bytes]) -> dict[str, str]:
+    return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+
+@pytest.fixture
+def vm_disks(tmp_path):
+    files = {name: random_files(seed, count=12) for seed, name in enumerate(["os-p1", "os-p2", "data", "whole"])}
+    disks = {
+        "os": make_gpt_image(tmp_path / "os.img", files["os-p1"], files["os-p2"]),
+        "data": make_mbr_image(tmp_path / "data.img", files["data"]),
+        "whole": make_whole_disk_ext4(tmp_path / "whole.img", files["whole"]),
+        "odd": make_odd_size_image(tmp_path / "odd.img"),
+        "sparse": make_sparse_image(tmp_path / "sparse.img"),
+        "empty": make_empty_image(tmp_path / "empty.img"),
+    }
+    return disks, files
+
+
+@pytest.fixture
+def no_leaks(tmp_path):
+    yield
+    loops, mounts = leftover_kernel_state(under=tmp_path)
+    assert (loops, mounts) == ([], []), "the test left loop devices or mounts behind"
+
+
+def test_backup_mount_attach_restore_files(tmp_path, vm_disks, no_leaks):
+    disks, files = vm_disks
+    store = tmp_path / "store"
+    rpfs("init", store=store)
+    rpfs("backup", "web01", *[f"--disk={name}={path}" for name, path in disks.items()], store=store)
+    with mounted(store, tmp_path / "rp") as rp:
+        latest = rp / "web01" / "latest"
+        for name, source in disks.items():
+            assert (latest / f"{name}.img").read_bytes() == source.read_bytes(), name
+
+        expected = {"os": {"p1": files["os-p1"], "p2": files["os-p2"]},
+                    "data": {"p1": files["data"]}, "whole": {"disk": files["whole"]}}
+        for disk, parts in expected.items():
+            dest = tmp_path / "restore" / disk
+            attached = json.loads(rpfs("attach", str(latest / f"{disk}.img"), str(dest), "--json").stdout)
+            try:
+                mounted_parts = {a["name"] for a in attached if a["status"] == "mounted"}
+                assert set(parts) <= mounted_parts, attached
+                for part, part_files in parts.items():
+                    assert tree_digests(dest / part) == expected_digests(part_files), (disk, part)
+                    assert not os.access(dest / part, os.W_OK) or _is_read_only(dest / part)
+            finally:
+                rpfs("detach", str(dest))
+            assert not any(dest.iterdir())
+
+        done = rpfs("attach", str(latest / "odd.img"), str(tmp_path / "nofs"), check=False)
+        assert done.returncode != 0 and "no filesystem found" in done.stderr and done.stderr.count("\n") == 1
+        assert not (tmp_path / "nofs").exists()
+
+
+def _is_read_only(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
+def test_changed_files_store_about_the_changed_blocks(tmp_path, no_leaks):
+    files = random_files(40, count=30, max_size=512 * 1024)
+    image = make_whole_disk_ext4(tmp_path / "disk.img", files, size=64 * MiB)
+    store = tmp_path / "store"
+    rpfs("init", store=store)
+    first = json.loads(rpfs("backup", "vm", f"--disk=d={image}", "--json", store=store).stdout)
+    size_before = (store / "data.mdb").stat().st_size
+    with mounted_rw(image, tmp_path / "rw") as mnt:
+        (mnt / "file000.bin").write_bytes(os.urandom(300 * 1024))
+        (mnt / "new.txt").write_bytes(b"a new file\n" * 100)
+    second = json.loads(rpfs("backup", "vm", f"--disk=d={image}", "--json", store=store).stdout)
+    # Two files changed: their data blocks plus the metadata blocks (inode table, bitmaps, journal).
+    assert second["new_bytes"] <= 8 * MiB, second
+    assert second["new_bytes"] < first["new_bytes"] / 2
+    growth = (store / "data.mdb").stat().st_size - size_before
+    assert growth <= 8 * MiB, growth
+    with mounted(store, tmp_path / "rp") as rp:
+        assert (rp / "vm" / "latest" / "d.img").read_bytes() == image.read_bytes()
