@@ -105,6 +105,8 @@ def cmd_umount(args) -> int:
     mount.unmount(Path(args.mountpoint))
     if args.json:
         _print_json({"unmounted": str(Path(args.mountpoint).absolute())})
+    else:
+        print(f"unmounted {args.mountpoint}")
     return 0
 
 
@@ -125,6 +127,8 @@ def cmd_detach(args) -> int:
     undone = attach_mod.detach(Path(args.dest))
     if args.json:
         _print_json({"unmounted": [str(u) for u in undone]})
+    else:
+        print(f"detached {len(undone)} filesystem(s) from {args.dest}")
     return 0
 
 
