@@ -224,3 +224,41 @@ def test_unknown_vm_and_point(store, tmp_path):
     with pytest.raises(RpfsError, match="no recovery point"):
         store.point("vm", "2000-01-01T000000Z")
     assert store.point("vm", "latest").id == point.id
+
+
+READER = """
+import sys
+import rpfs.store as store_mod
+store_mod.INITIAL_MAP_SIZE = 2 << 20
+from rpfs.image import BlockCache, ImageReader
+from rpfs.store import Store
+store = Store.open(sys.argv[1], readonly=True)
+print(store.map_size(), flush=True)
+sys.stdin.readline()                      # the writer grows the map meanwhile
+point = store.point("vm")
+data = ImageReader(store, BlockCache(), "vm", point.id, point.disk("d")).read(0, 1 << 30)
+sys.stdout.buffer.write(data)
+"""
+
+
+def test_reader_in_another_process_adopts_a_grown_map(tmp_path, monkeypatch):
+    """The mount daemon keeps its environment open while backups grow the map."""
+    import rpfs.store as store_mod
+    monkeypatch.setattr(store_mod, "INITIAL_MAP_SIZE", 2 * MiB)
+    with Store.init(tmp_path / "s"):
+        pass
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(tmp_path / "s")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert int(reader.stdout.readline()) == 2 * MiB
+        img = tmp_path / "rand.img"
+        img.write_bytes(os.urandom(12 * MiB))
+        with Store.open(tmp_path / "s") as store:
+            backup(store, "vm", [("d", str(img))])
+            assert store.map_size() > 2 * MiB
+        out, _ = reader.communicate(b"go\n", timeout=60)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+    assert reader.returncode == 0
+    assert out == img.read_bytes()
