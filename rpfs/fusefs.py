@@ -33,6 +33,7 @@ IMAGE_SUFFIX = ".img"
 LATEST = "latest"
 STABLE_TIMEOUT = 300.0   # recovery points never change: the kernel may cache their entries
 LIVE_TIMEOUT = 1.0       # VM folders and `latest` change as backups land
+READ_AHEAD_BLOCKS = 2    # blocks decoded ahead of a sequential reader, on the other core
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,14 @@ class RecoveryPointFS(pyfuse3.Operations):
         self._points: dict[tuple[str, str], RecoveryPoint] = {}   # immutable once created
         self._readers: dict[int, ImageReader] = {}
         self._limiter = trio.CapacityLimiter(read_threads)
+        self._loading: dict[tuple[int, int], trio.Event] = {}    # blocks being decoded right now
+        self._last_block: dict[int, int] = {}                    # per open image: last block read
+        self._nursery: trio.Nursery | None = None                # set by the mount loop, for read-ahead
         self._mounted_ns = int(datetime.now().timestamp() * 1e9)
+
+    def start_read_ahead(self, nursery: trio.Nursery) -> None:
+        """Read-ahead tasks run in the mount loop's nursery; without one, reads simply don't read ahead."""
+        self._nursery = nursery
 
     # -- the tree ---------------------------------------------------------------------------------
     def _inode(self, node: Node) -> int:
@@ -206,10 +214,44 @@ class RecoveryPointFS(pyfuse3.Operations):
     @_fuse_errors
     async def read(self, fh, off, size):
         reader = self._readers[fh]
+        blocks = reader.blocks(off, size)
+        if blocks and self._nursery is not None and blocks[0] == self._last_block.get(fh, -2) + 1:
+            for ahead in range(blocks[-1] + 1, min(blocks[-1] + 1 + READ_AHEAD_BLOCKS, reader.block_count)):
+                self._nursery.start_soon(self._load_quietly, fh, ahead)
+        if blocks:
+            self._last_block[fh] = blocks[-1]
         data = reader.read_cached(off, size)
-        if data is None:
-            data = await trio.to_thread.run_sync(reader.read, off, size, limiter=self._limiter)
+        while data is None:
+            for index in blocks:
+                await self._load(fh, index)
+            data = reader.read_cached(off, size)  # None only if a tiny cache evicted a block meanwhile
+            if data is None:
+                data = await trio.to_thread.run_sync(reader.read, off, size, limiter=self._limiter)
         return data
+
+    async def _load(self, fh: int, index: int) -> None:
+        """Bring one block into the cache, on a worker thread, once even if several reads want it."""
+        reader = self._readers[fh]
+        if reader.peek(index) is not None:
+            return
+        key = (fh, index)
+        loading = self._loading.get(key)
+        if loading is not None:
+            await loading.wait()
+            return
+        self._loading[key] = done = trio.Event()
+        try:
+            await trio.to_thread.run_sync(reader.load, index, limiter=self._limiter)
+        finally:
+            del self._loading[key]
+            done.set()
+
+    async def _load_quietly(self, fh: int, index: int) -> None:
+        """Read-ahead for sequential readers: a failure here is reported by the real read later."""
+        try:
+            await self._load(fh, index)
+        except Exception:
+            pass
 
     async def release(self, fh):
         pass

@@ -66,6 +66,7 @@ class ImageReader:
     def __init__(self, store: Store, cache: BlockCache, vm: str, point_id: str, disk: DiskRecord):
         self.store, self.cache, self.disk = store, cache, disk
         self.size = disk.size
+        self.block_count = disk.blocks
         self.block_size = disk.block_size
         self._map_key = store.map_key(vm, point_id, disk.name)
 
@@ -80,16 +81,31 @@ class ImageReader:
             yield index, start, stop
             pos += stop - start
 
-    def _block(self, index: int, cached_only: bool) -> bytes | None:
-        """A block's decoded data, HOLE for a hole, or None when cached_only and not in the cache."""
-        digest = self.store.block_digest(self._map_key, index)
+    def blocks(self, offset: int, size: int) -> range:
+        """Indexes of the blocks that a read of [offset, offset+size) touches."""
+        end = min(offset + size, self.size)
+        if end <= offset:
+            return range(0)
+        return range(offset // self.block_size, (end - 1) // self.block_size + 1)
+
+    def digest(self, index: int) -> bytes:
+        return self.store.block_digest(self._map_key, index)
+
+    def load(self, index: int) -> bytes:
+        """Decode, verify and cache one block (HOLE for a hole); the slow part of a read, for a thread."""
+        digest = self.digest(index)
         if digest == HOLE:
             return HOLE
         data = self.cache.get(digest)
-        if data is None and not cached_only:
+        if data is None:
             data = load_block(self.store, digest)
             self.cache.put(digest, data)
         return data
+
+    def peek(self, index: int) -> bytes | None:
+        """A block's data if it costs nothing (HOLE for a hole, or cached), else None."""
+        digest = self.digest(index)
+        return HOLE if digest == HOLE else self.cache.get(digest)
 
     def read(self, offset: int, size: int) -> bytes:
         """Bytes at [offset, offset+size), short at the end of the disk. Raises CorruptBlockError."""
@@ -102,7 +118,7 @@ class ImageReader:
     def _read(self, offset: int, size: int, cached_only: bool) -> bytes | None:
         parts = []
         for index, start, stop in self._ranges(offset, size):
-            data = self._block(index, cached_only)
+            data = self.peek(index) if cached_only else self.load(index)
             if data is None:
                 return None
             parts.append(bytes(stop - start) if data is HOLE else data[start:stop])

@@ -72,7 +72,7 @@ def serve(store_path: Path, mountpoint: Path, cache_bytes: int, ready_fd: int | 
         os.write(ready_fd, READY)
         os.close(ready_fd)
     try:
-        trio.run(_main_loop)
+        trio.run(_main_loop, ops)
     finally:
         pyfuse3.close(unmount=True)
         store.close()
@@ -80,9 +80,10 @@ def serve(store_path: Path, mountpoint: Path, cache_bytes: int, ready_fd: int | 
         log.info("unmounted %s", mountpoint)
 
 
-async def _main_loop() -> None:
+async def _main_loop(ops: RecoveryPointFS) -> None:
     """Serve FUSE requests; SIGTERM/SIGINT end the loop so the finally clause unmounts."""
     async with trio.open_nursery() as nursery:
+        ops.start_read_ahead(nursery)
         async def stop_on_signal():
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for _ in signals:
