@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,23 @@ def test_changed_files_store_about_the_changed_blocks(tmp_path, no_leaks):
     assert growth <= 8 * MiB, growth
     with mounted(store, tmp_path / "rp") as rp:
         assert (rp / "vm" / "latest" / "d.img").read_bytes() == image.read_bytes()
+
+
+def test_block_device_disk(tmp_path, no_leaks):
+    """A disk that is a block device (here a loop device over an odd-sized image) backs up exactly."""
+    image = make_odd_size_image(tmp_path / "dev.img")
+    loop = subprocess.run(["losetup", "--find", "--show", "--read-only", str(image)],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        store = tmp_path / "store"
+        rpfs("init", store=store)
+        summary = json.loads(rpfs("backup", "vm", f"--disk=d={loop}", "--json", store=store).stdout)
+        device_size = int(subprocess.run(["blockdev", "--getsize64", loop], capture_output=True,
+                                         text=True, check=True).stdout)
+        assert summary["bytes_read"] == device_size
+        with open(loop, "rb") as device:
+            expected = device.read()
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+    with mounted(store, tmp_path / "rp") as rp:
+        assert (rp / "vm" / "latest" / "d.img").read_bytes() == expected
