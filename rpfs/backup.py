@@ -4,13 +4,17 @@ Pipeline (one main thread, a pool of worker threads; hashlib, zstd and pread rel
   workers:  read block -> zero check -> SHA-256                      (stage 1, all blocks)
   main:     dedup against the store and the blocks in flight
   workers:  compress + frame the new blocks                          (stage 2, new blocks only)
-  main:     batch blobs into LMDB write transactions; the last one also records the recovery point.
+  writer:   commits full batches of blobs in LMDB write transactions, on a thread of its own so that
+            reading and compressing go on during the fsync
+  main:     the last transaction commits the remaining blobs and records the recovery point.
 Blocks of all disks are interleaved, so disks are backed up in parallel. Blocks committed by a backup
 that is then interrupted are harmless: no recovery point refers to them yet.
 """
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,7 +25,7 @@ from typing import Callable
 from . import blob
 from .errors import RpfsError
 from .recovery_point import DIGEST_SIZE, HOLE, DiskRecord, RecoveryPoint, check_name, new_point_id
-from .source import DiskSource
+from .source import BufferPool, DiskSource
 from .store import Store
 
 BATCH_BYTES = 64 << 20          # commit stored blocks in transactions of about this size
@@ -75,6 +79,62 @@ def backup(store: Store, vm: str, disk_specs: list[tuple[str, str]],
             s.close()
 
 
+class _BatchWriter:
+    """Commits batches of blobs on its own thread; one batch is written while at most one waits."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._uncommitted: list[dict[bytes, bytes]] = []
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[dict[bytes, bytes] | None] = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="rpfs-writer", daemon=True)
+        self._thread.start()
+
+    def holds(self, digest: bytes) -> bool:
+        """True while a batch holding digest is handed over but not yet committed."""
+        with self._lock:
+            return any(digest in batch for batch in self._uncommitted)
+
+    def submit(self, batch: dict[bytes, bytes]) -> None:
+        if self._error is not None:
+            raise self._error
+        with self._lock:
+            self._uncommitted.append(batch)
+        self._queue.put(batch)
+
+    def finish(self) -> None:
+        """Wait until every batch is committed; raise the error of a failed commit."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _loop(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            try:
+                if self._error is None:
+                    write_blobs(self.store, batch)
+            except BaseException as e:  # handed to the main thread, which stops the backup
+                self._error = e
+            finally:
+                with self._lock:
+                    self._uncommitted.remove(batch)
+
+
+def write_blobs(store: Store, blobs: dict[bytes, bytes], point: RecoveryPoint | None = None,
+                block_maps: dict[str, bytes] | None = None) -> None:
+    """One write transaction: the blobs, and the recovery point that needs them if given."""
+    blocks = store.db("blocks")
+
+    def fill(txn):
+        for digest, data in blobs.items():
+            txn.put(digest, data, db=blocks, overwrite=False)
+        if point is not None:
+            store.put_point(txn, point, block_maps)
+    store.write(fill)
+
+
 class _BackupRun:
     """The state of one backup while it runs: block maps, counters, and the blocks in flight."""
 
@@ -88,7 +148,10 @@ class _BackupRun:
                                    source=str(s.path)) for s in sources]
         self.batch: dict[bytes, bytes] = {}          # framed blobs awaiting their write transaction
         self.batch_bytes = 0
-        self.compressing: dict[bytes, tuple[int, Future]] = {}  # digest -> (disk, compression), in order
+        self.compressing: dict[bytes, tuple[int, Future, memoryview]] = {}  # digest -> (disk, compression,
+                                                                             # source buffer), in order
+        self.buffers = BufferPool(self.bs)
+        self.writer = _BatchWriter(store)
         self.window = 4 * workers                    # blocks in flight per stage: bounds memory
 
     def blocks_in_parallel(self):
@@ -103,7 +166,7 @@ class _BackupRun:
         total = sum(s.size for s in self.sources)
         hashing: deque[tuple[int, int, Future]] = deque()
         for d, index in self.blocks_in_parallel():
-            hashing.append((d, index, pool.submit(self.sources[d].read_block, index, self.bs)))
+            hashing.append((d, index, pool.submit(self.sources[d].read_block, index, self.bs, self.buffers)))
             if len(hashing) >= self.window:
                 self.take_hashed(*hashing.popleft(), pool)
                 if progress:
@@ -125,44 +188,40 @@ class _BackupRun:
             self.records[d].zero_blocks += 1
             return
         self.referenced[d].add(digest)
-        if digest in self.compressing or digest in self.batch or self.store.has_block(digest):
+        # The writer before the store: a batch leaves the writer only once it is in the store.
+        if (digest in self.compressing or digest in self.batch or self.writer.holds(digest)
+                or self.store.has_block(digest)):
             self.counts["dedup"] += length
+            self.buffers.give(data)
             return
         self.counts["new"] += length
         self.records[d].new_blocks += 1
-        self.compressing[digest] = (d, pool.submit(blob.encode, data))
+        self.compressing[digest] = (d, pool.submit(blob.encode, data), data)
         self.take_compressed(until_below=self.window)
 
     def take_compressed(self, until_below: int) -> None:
         """Move finished compressions into the batch, oldest first, waiting while too many are in flight."""
         while self.compressing:
-            digest, (d, fut) = next(iter(self.compressing.items()))
+            digest, (d, fut, source_buffer) = next(iter(self.compressing.items()))
             if len(self.compressing) < until_below and not fut.done():
                 return
             del self.compressing[digest]
             data = fut.result()
+            self.buffers.give(source_buffer)
             self.records[d].new_stored_bytes += len(data)
             self.batch[digest] = data
             self.batch_bytes += len(data)
             self.counts["stored"] += len(data)
             if self.batch_bytes >= BATCH_BYTES:
-                self.commit()
+                self.writer.submit(self.batch)
+                self.batch, self.batch_bytes = {}, 0
 
-    def commit(self, point: RecoveryPoint | None = None) -> None:
-        """Write the batch in one transaction; the final one also records the recovery point."""
-        blocks = self.store.db("blocks")
-
-        def fill(txn):
-            for digest, data in self.batch.items():
-                txn.put(digest, data, db=blocks, overwrite=False)
-            if point is not None:
-                self.store.put_point(txn, point, {s.name: bytes(m) for s, m in zip(self.sources, self.maps)})
-        self.store.write(fill)
-        self.batch.clear()
-        self.batch_bytes = 0
+    def commit(self, point: RecoveryPoint) -> None:
+        """The last transaction: the remaining blobs and the recovery point, visible from now on."""
+        write_blobs(self.store, self.batch, point, {s.name: bytes(m) for s, m in zip(self.sources, self.maps)})
 
     def stored_bytes_of(self, digests: set[bytes]) -> int:
-        """Compressed bytes of distinct blocks: from the pending batch or the store."""
+        """Compressed bytes of distinct blocks: from the last batch or the store (the writer is done)."""
         total = 0
         with self.store.read() as txn:
             for digest in digests:
@@ -181,7 +240,9 @@ def _run(store: Store, vm: str, sources: list[DiskSource], progress: ProgressFn 
             run.run(pool, progress)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
+            run.writer.finish()
             raise
+    run.writer.finish()
     for record, refs in zip(run.records, run.referenced):
         record.stored_bytes = run.stored_bytes_of(refs)
     taken = {p.id for p in store.points(vm)}

@@ -1,7 +1,9 @@
 """Reading a disk (image file or block device) as fixed-size blocks: digest, or HOLE for zeros.
 
 Sparse files are asked where their data is (SEEK_DATA/SEEK_HOLE), so blocks that lie wholly in a hole
-are recorded as holes without being read.
+are recorded as holes without being read. Blocks are read with O_DIRECT where the filesystem allows it,
+into reused page-aligned buffers: a backup then costs a fraction of the kernel time of buffered reads
+and does not push the running workload's data out of the page cache.
 """
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ import bisect
 import errno
 import functools
 import hashlib
+import mmap
 import os
 import stat
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +28,7 @@ class DiskSource:
     path: Path
     size: int
     fd: int
+    direct_fd: int = -1              # the same disk opened with O_DIRECT, or -1 where that is refused
     _data_starts: list[int] = field(default_factory=list)
     _data_ends: list[int] = field(default_factory=list)
     _sparse_known: bool = False
@@ -51,14 +56,19 @@ class DiskSource:
             os.close(fd)
             raise
         source = cls(name, path, size, fd)
+        try:
+            source.direct_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+        except OSError:
+            pass  # tmpfs and some others refuse O_DIRECT: read through the page cache
         if stat.S_ISREG(mode):
             source._map_data_extents()
         return source
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in (self.fd, self.direct_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.direct_fd = -1
 
     def _map_data_extents(self) -> None:
         offset = 0
@@ -83,21 +93,58 @@ class DiskSource:
     def block_count(self, block_size: int) -> int:
         return -(-self.size // block_size)
 
-    def read_block(self, index: int, block_size: int) -> tuple[bytes, bytes | None]:
-        """(digest, data) of one block; (HOLE, None) for a block that is all zeros."""
+    def read_block(self, index: int, block_size: int, buffers: "BufferPool") -> tuple[bytes, memoryview | None]:
+        """(digest, data) of one block; (HOLE, None) for a block that is all zeros.
+
+        data is a view of a pooled buffer: hand it back with buffers.give(data) once done with it.
+        """
         start = index * block_size
         length = min(block_size, self.size - start)
         if self._in_hole(start, start + length):
             return HOLE, None
-        try:
-            data = os.pread(self.fd, length, start)
-        except OSError as e:
-            raise RpfsError(f"disk {self.name}: read error at offset {start} of {self.path}: {e.strerror}") from None
-        if len(data) != length:
-            raise RpfsError(f"disk {self.name}: {self.path} shrank during the backup")
-        if data == _zeros(length):
+        buffer = buffers.take()
+        got = self._read_into(buffer, start)
+        if got != length:
+            buffers.give(memoryview(buffer))
+            raise RpfsError(f"disk {self.name}: {self.path} changed size during the backup")
+        if buffer[:length] == _zeros(length):   # slicing an mmap copies, then compares with memcmp
+            buffers.give(memoryview(buffer))
             return HOLE, None
+        data = memoryview(buffer)[:length]
         return hashlib.sha256(data).digest(), data
+
+    def _read_into(self, buffer: mmap.mmap, start: int) -> int:
+        while True:
+            fd = self.direct_fd if self.direct_fd >= 0 else self.fd
+            try:
+                return os.preadv(fd, [buffer], start)
+            except OSError as e:
+                if e.errno == errno.EINVAL and fd == self.direct_fd:
+                    self.direct_fd = -1   # the filesystem opened but will not serve O_DIRECT reads
+                    continue
+                raise RpfsError(f"disk {self.name}: read error at offset {start} of {self.path}:"
+                                f" {e.strerror}") from None
+
+
+class BufferPool:
+    """Page-aligned block buffers (as O_DIRECT needs), reused: no allocation or page faults per block."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._free: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> mmap.mmap:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return mmap.mmap(-1, self.size)
+
+    def give(self, view: memoryview) -> None:
+        buffer = view.obj
+        view.release()
+        with self._lock:
+            self._free.append(buffer)
 
 
 @functools.lru_cache(maxsize=8)

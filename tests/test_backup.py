@@ -145,11 +145,11 @@ def test_interrupted_backup_leaves_no_recovery_point(store, tmp_path, monkeypatc
     real_read = source.DiskSource.read_block
     calls = {"n": 0}
 
-    def failing_read(self, index, block_size):
+    def failing_read(self, index, block_size, buffers):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return real_read(self, index, block_size)
+        return real_read(self, index, block_size, buffers)
 
     monkeypatch.setattr(source.DiskSource, "read_block", failing_read)
     with pytest.raises(KeyboardInterrupt):
