@@ -73,7 +73,7 @@ def backup(store: Store, vm: str, disk_specs: list[tuple[str, str]],
         for name, path in disk_specs:
             sources.append(DiskSource.open(name, path))
         with store.writer_lock(f"backup of {vm}"):
-            return _run(store, vm, sources, progress, workers or max(2, os.cpu_count() or 2))
+            return _run(store, vm, sources, progress, workers or (os.cpu_count() or 2) + 1)
     finally:
         for s in sources:
             s.close()
@@ -196,7 +196,7 @@ class _BackupRun:
             return
         self.counts["new"] += length
         self.records[d].new_blocks += 1
-        self.compressing[digest] = (d, pool.submit(blob.encode, data), data)
+        self.compressing[digest] = (d, pool.submit(blob.encode, data, self.store.zstd_level), data)
         self.take_compressed(until_below=self.window)
 
     def take_compressed(self, until_below: int) -> None:

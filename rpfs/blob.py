@@ -18,16 +18,17 @@ MAGIC = b"RPB1"
 HEADER = struct.Struct("<4sBBHI I")  # magic, codec, flags, reserved, raw length, crc32(payload)
 CODEC_RAW = 0
 CODEC_ZSTD = 1
-ZSTD_LEVEL = 3
+DEFAULT_ZSTD_LEVEL = 1   # measured: ~15% faster backups than level 3 for ~2.5% more stored (README)
 
 _local = threading.local()
 
 
-def _compressor() -> zstandard.ZstdCompressor:
-    """One compressor per thread: zstd contexts must never be shared between threads."""
-    c = getattr(_local, "compressor", None)
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """One compressor per thread and level: zstd contexts must never be shared between threads."""
+    compressors = _local.__dict__.setdefault("compressors", {})
+    c = compressors.get(level)
     if c is None:
-        c = _local.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        c = compressors[level] = zstandard.ZstdCompressor(level=level)
     return c
 
 
@@ -46,9 +47,9 @@ class BlobHeader:
     crc32: int
 
 
-def encode(raw: bytes) -> bytes:
+def encode(raw: bytes | memoryview, level: int = DEFAULT_ZSTD_LEVEL) -> bytes:
     """Frame a block, zstd-compressed when that makes it smaller, raw otherwise."""
-    packed = _compressor().compress(raw)
+    packed = _compressor(level).compress(raw)
     if len(packed) < len(raw):
         codec, payload = CODEC_ZSTD, packed
     else:

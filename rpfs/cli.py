@@ -15,7 +15,8 @@ from pathlib import Path
 from .backup import backup, parse_disk_specs
 from .errors import RpfsError
 from .progress import ProgressBar, human_bytes
-from .store import DEFAULT_BLOCK_SIZE, Store
+from .blob import DEFAULT_ZSTD_LEVEL
+from .store import DEFAULT_BLOCK_SIZE, FORMAT_VERSION, Store
 
 
 def _print_json(data) -> None:
@@ -32,11 +33,13 @@ def cmd_init(args) -> int:
     if not args.store:
         raise RpfsError("no store given: use --store DIR or set RPFS_STORE")
     block_size = _parse_size(args.block_size)
-    with Store.init(Path(args.store), block_size) as store:
+    with Store.init(Path(args.store), block_size, args.zstd_level) as store:
         if args.json:
-            _print_json({"store": str(store.path), "block_size": store.block_size, "format_version": 1})
+            _print_json({"store": str(store.path), "block_size": store.block_size,
+                         "zstd_level": store.zstd_level, "format_version": FORMAT_VERSION})
         else:
-            print(f"initialised store {store.path} (block size {human_bytes(store.block_size)})")
+            print(f"initialised store {store.path} (block size {human_bytes(store.block_size)},"
+                  f" zstd level {store.zstd_level})")
     return 0
 
 
@@ -62,7 +65,7 @@ def cmd_backup(args) -> int:
 
 def cmd_list(args) -> int:
     with _store(args, readonly=True) as store:
-        points = [store.point(args.vm, p.id) for p in store.points(args.vm)] if args.vm else store.points()
+        points = store.points(args.vm)
         if args.vm and not points:
             store.point(args.vm)  # raises: unknown VM
     if args.json:
@@ -90,7 +93,8 @@ def cmd_mount(args) -> int:
     if args.foreground:
         mountpoint = mount.check_mountpoint(Path(args.mountpoint))
         ready_fd = args.ready_fd
-        mount.serve(Path(args.store or ""), mountpoint, cache_bytes, ready_fd=ready_fd, debug=args.debug)
+        mount.serve(Path(args.store or ""), mountpoint, cache_bytes, ready_fd=ready_fd, debug=args.debug,
+                    log_file=Path(args.log_file) if args.log_file else None)
         return 0
     pid = mount.start_daemon(Path(args.store or ""), Path(args.mountpoint), cache_bytes)
     if args.json:
@@ -158,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", parents=[json_flag], help="create a store")
     p.add_argument("--block-size", default=str(DEFAULT_BLOCK_SIZE), help="block size (default 1M)")
+    p.add_argument("--zstd-level", type=int, default=DEFAULT_ZSTD_LEVEL,
+                   help=f"compression level for new blocks, 1-19 (default {DEFAULT_ZSTD_LEVEL}: fastest)")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("backup", parents=[json_flag], help="back up the disks of a VM into a new recovery point")
@@ -176,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-mb", type=int, default=256, help="decoded-block cache size in MiB (default 256)")
     p.add_argument("--debug", action="store_true", help="log every error in detail")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--log-file", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("umount", parents=[json_flag], help="unmount a store mount (also one whose daemon died)")

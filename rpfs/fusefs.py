@@ -215,10 +215,12 @@ class RecoveryPointFS(pyfuse3.Operations):
     async def read(self, fh, off, size):
         reader = self._readers[fh]
         blocks = reader.blocks(off, size)
-        if blocks and self._nursery is not None and blocks[0] == self._last_block.get(fh, -2) + 1:
-            for ahead in range(blocks[-1] + 1, min(blocks[-1] + 1 + READ_AHEAD_BLOCKS, reader.block_count)):
-                self._nursery.start_soon(self._load_quietly, fh, ahead)
         if blocks:
+            last = self._last_block.get(fh, -2)
+            if blocks[0] in (last, last + 1) and blocks[-1] > last and self._nursery is not None:
+                # A sequential reader entered a new block: decode the next ones on the other core.
+                for ahead in range(blocks[-1] + 1, min(blocks[-1] + 1 + READ_AHEAD_BLOCKS, reader.block_count)):
+                    self._nursery.start_soon(self._load_quietly, fh, ahead)
             self._last_block[fh] = blocks[-1]
         data = reader.read_cached(off, size)
         while data is None:

@@ -51,10 +51,9 @@ class BlockCache:
 
 def load_block(store: Store, digest: bytes) -> bytes:
     """Fetch, decode and verify one block: wrong data never leaves this function."""
-    stored = store.get_blob(digest)
-    if stored is None:
+    data = store.get_blob(digest, blob.decode)
+    if data is None:
         raise CorruptBlockError(f"block {digest.hex()} is missing from the store")
-    data = blob.decode(stored)
     if hashlib.sha256(data).digest() != digest:
         raise CorruptBlockError(f"block {digest.hex()} does not match its digest")
     return data
@@ -69,6 +68,7 @@ class ImageReader:
         self.block_count = disk.blocks
         self.block_size = disk.block_size
         self._map_key = store.map_key(vm, point_id, disk.name)
+        self._last_digest: tuple[int, bytes] = (-1, b"")   # replaced whole, so safe across threads
 
     def _ranges(self, offset: int, size: int):
         """(block index, start within block, end within block) for each block the range touches."""
@@ -89,7 +89,13 @@ class ImageReader:
         return range(offset // self.block_size, (end - 1) // self.block_size + 1)
 
     def digest(self, index: int) -> bytes:
-        return self.store.block_digest(self._map_key, index)
+        """The digest of block index; the last one looked up is remembered (sequential reads ask again)."""
+        last_index, last_digest = self._last_digest
+        if last_index == index:
+            return last_digest
+        digest = self.store.block_digest(self._map_key, index)
+        self._last_digest = (index, digest)
+        return digest
 
     def load(self, index: int) -> bytes:
         """Decode, verify and cache one block (HOLE for a hole); the slow part of a read, for a thread."""

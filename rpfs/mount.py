@@ -21,7 +21,7 @@ import trio
 from .errors import RpfsError
 from .fusefs import RecoveryPointFS
 from .image import BlockCache
-from .mountinfo import fstype_at
+from .mountinfo import fstype_at, read_mountinfo
 from .store import Store
 
 RUN_DIR = Path(os.environ.get("RPFS_RUN_DIR", "/run/rpfs"))
@@ -45,9 +45,9 @@ def check_mountpoint(mountpoint: Path) -> Path:
 
 
 def serve(store_path: Path, mountpoint: Path, cache_bytes: int, ready_fd: int | None = None,
-          debug: bool = False) -> None:
+          debug: bool = False, log_file: Path | None = None) -> None:
     """Mount and serve until unmounted or signalled; writes READY (or the error) to ready_fd."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, filename=log_file,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log = logging.getLogger("rpfs.mount")
     pid_file = _pid_file(mountpoint)
@@ -78,6 +78,20 @@ def serve(store_path: Path, mountpoint: Path, cache_bytes: int, ready_fd: int | 
         store.close()
         pid_file.unlink(missing_ok=True)
         log.info("unmounted %s", mountpoint)
+        _remove_log_unless_it_has_news(log_file)
+
+
+def _raise_read_ahead(mountpoint: Path, block_size: int) -> None:
+    """The kernel reads ahead only 128 KiB on a FUSE mount; a whole block at a time means fewer, larger
+    requests for sequential readers. Best effort (needs root). Call it once the daemon has answered a
+    request: the kernel sets the read-ahead when the daemon answers FUSE's INIT."""
+    devices = [m.device for m in read_mountinfo() if m.mountpoint == str(mountpoint)]
+    if not devices:
+        return
+    try:
+        Path(f"/sys/class/bdi/{devices[-1]}/read_ahead_kb").write_text(str(max(block_size >> 10, 128)))
+    except OSError:
+        pass
 
 
 async def _main_loop(ops: RecoveryPointFS) -> None:
@@ -96,13 +110,15 @@ async def _main_loop(ops: RecoveryPointFS) -> None:
 
 def start_daemon(store_path: Path, mountpoint: Path, cache_bytes: int, log_file: Path | None = None) -> int:
     """Start the mount daemon in the background; return its pid once the filesystem is mounted."""
-    Store.open(store_path, readonly=True).close()   # fail here, with the clear message, not in the daemon
+    with Store.open(store_path, readonly=True) as store:   # fail here, with the clear message
+        block_size = store.block_size
     mountpoint = check_mountpoint(mountpoint)
     RUN_DIR.mkdir(parents=True, exist_ok=True)
-    log_file = log_file or RUN_DIR / (_pid_file(mountpoint).stem + ".log")
+    log_file = log_file or _pid_file(mountpoint).with_suffix(".log")
     read_end, write_end = os.pipe()
     cmd = [sys.executable, "-m", "rpfs", "--store", str(store_path), "mount", str(mountpoint),
-           "--foreground", "--cache-mb", str(cache_bytes >> 20), "--ready-fd", str(write_end)]
+           "--foreground", "--cache-mb", str(cache_bytes >> 20), "--ready-fd", str(write_end),
+           "--log-file", str(log_file)]
     with open(log_file, "ab") as log:
         daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                   pass_fds=(write_end,), start_new_session=True)
@@ -110,10 +126,24 @@ def start_daemon(store_path: Path, mountpoint: Path, cache_bytes: int, log_file:
     with os.fdopen(read_end, "rb") as ready:
         answer = ready.readline()
     if answer == READY:
+        os.stat(mountpoint)   # answered only after FUSE's INIT handshake
+        _raise_read_ahead(mountpoint, block_size)
         return daemon.pid
     daemon.wait(timeout=10)
     reason = answer.decode(errors="replace").strip() or f"the mount daemon exited (see {log_file})"
     raise RpfsError(reason)
+
+
+def _remove_log_unless_it_has_news(log_file: Path | None) -> None:
+    """A daemon's log is kept only if something went wrong: /run/rpfs does not fill up with logs."""
+    if log_file is None:
+        return
+    try:
+        text = log_file.read_text(errors="replace")
+    except OSError:
+        return
+    if not any(word in text for word in ("WARNING", "ERROR", "Traceback")):
+        log_file.unlink(missing_ok=True)
 
 
 def unmount(mountpoint: Path, timeout: float = 10.0) -> None:

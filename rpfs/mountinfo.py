@@ -10,6 +10,7 @@ class Mount:
     mountpoint: str
     fstype: str
     source: str
+    device: str = ""     # "major:minor"
 
 
 def read_mountinfo() -> list[Mount]:
@@ -18,7 +19,8 @@ def read_mountinfo() -> list[Mount]:
         for line in f:
             fields = line.split()
             sep = fields.index("-")
-            mounts.append(Mount(_unescape(fields[4]), _unescape(fields[sep + 1]), _unescape(fields[sep + 2])))
+            mounts.append(Mount(_unescape(fields[4]), _unescape(fields[sep + 1]), _unescape(fields[sep + 2]),
+                                fields[2]))
     return mounts
 
 

@@ -107,11 +107,12 @@ class DiskSource:
         if got != length:
             buffers.give(memoryview(buffer))
             raise RpfsError(f"disk {self.name}: {self.path} changed size during the backup")
-        if buffer[:length] == _zeros(length):   # slicing an mmap copies, then compares with memcmp
-            buffers.give(memoryview(buffer))
-            return HOLE, None
         data = memoryview(buffer)[:length]
-        return hashlib.sha256(data).digest(), data
+        digest = hashlib.sha256(data).digest()
+        if digest == _zero_digest(length):  # cheaper than comparing: hashing releases the GIL, no copy
+            buffers.give(data)
+            return HOLE, None
+        return digest, data
 
     def _read_into(self, buffer: mmap.mmap, start: int) -> int:
         while True:
@@ -148,6 +149,5 @@ class BufferPool:
 
 
 @functools.lru_cache(maxsize=8)
-def _zeros(size: int) -> bytes:
-    """A zero block to compare against: bytes equality is a memcmp, far faster than counting."""
-    return bytes(size)
+def _zero_digest(size: int) -> bytes:
+    return hashlib.sha256(bytes(size)).digest()

@@ -1,7 +1,8 @@
 """The store: one directory holding an LMDB environment with blocks by digest and the recovery-point catalog.
 
 Layout (format version 1), one LMDB environment `STORE/data.mdb` with named databases:
-  meta     b"format_version" -> b"1", b"block_size" -> decimal bytes, b"created" -> ISO time
+  meta     b"format_version" -> b"1", b"block_size" -> decimal bytes, b"created" -> ISO time,
+           b"zstd_level" -> decimal (used by writers only; any level decodes the same way)
   blocks   sha256(raw block) (32 bytes) -> framed blob (see blob.py)
   points   b"<vm>\\0<rp id>" -> recovery point JSON (see recovery_point.py)
   maps     b"<vm>\\0<rp id>\\0<disk>" -> block map: 32 bytes per block, 32 zero bytes for a hole
@@ -17,10 +18,11 @@ import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import lmdb
 
+from .blob import DEFAULT_ZSTD_LEVEL
 from .errors import RpfsError
 from .recovery_point import DIGEST_SIZE, RecoveryPoint
 
@@ -29,6 +31,7 @@ DEFAULT_BLOCK_SIZE = 1 << 20
 INITIAL_MAP_SIZE = 1 << 30
 LOW_SPACE = 128 << 20      # below this much free space, a failed write is taken for a full disk
 DB_NAMES = (b"meta", b"blocks", b"points", b"maps")
+T = TypeVar("T")
 
 
 def _is_disk_full(e: lmdb.Error) -> bool:
@@ -56,13 +59,16 @@ class Store:
                 f"store {path} has format version {version}; this rpfs reads version {FORMAT_VERSION}"
                 " (use a matching rpfs release)")
         self.block_size = int(meta[b"block_size"])
+        self.zstd_level = int(meta.get(b"zstd_level", DEFAULT_ZSTD_LEVEL))
         self.created = meta.get(b"created", b"").decode()
 
     # -- opening -----------------------------------------------------------------------------------
     @classmethod
-    def init(cls, path: Path, block_size: int = DEFAULT_BLOCK_SIZE) -> "Store":
+    def init(cls, path: Path, block_size: int = DEFAULT_BLOCK_SIZE, zstd_level: int = DEFAULT_ZSTD_LEVEL) -> "Store":
         if block_size < 4096 or block_size > (64 << 20) or block_size & (block_size - 1):
             raise RpfsError("--block-size must be a power of two between 4 KiB and 64 MiB")
+        if not 1 <= zstd_level <= 19:
+            raise RpfsError("--zstd-level must be between 1 and 19")
         if (path / "data.mdb").exists():
             raise RpfsError(f"{path} already holds a store")
         if path.exists() and not path.is_dir():
@@ -74,6 +80,7 @@ class Store:
             meta = dbs[b"meta"]
             txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=meta)
             txn.put(b"block_size", str(block_size).encode(), db=meta)
+            txn.put(b"zstd_level", str(zstd_level).encode(), db=meta)
             txn.put(b"created", datetime.now(timezone.utc).isoformat(timespec="seconds").encode(), db=meta)
         return cls(path, env, readonly=False)
 
@@ -178,10 +185,12 @@ class Store:
         return (info["last_pgno"] + 1) * stat["psize"]
 
     # -- blocks ------------------------------------------------------------------------------------
-    def get_blob(self, digest: bytes) -> bytes | None:
+    def get_blob(self, digest: bytes, decode: Callable[[memoryview], T] = bytes) -> T | None:
+        """A stored blob passed through decode while still in the map: decoding straight from LMDB's
+        pages saves copying it out first (one decode is short enough to hold the transaction)."""
         with self.read() as txn:
             value = txn.get(digest, db=self._dbs["blocks"])
-            return None if value is None else bytes(value)
+            return None if value is None else decode(value)
 
     def blob_length(self, txn, digest: bytes) -> int | None:
         value = txn.get(digest, db=self._dbs["blocks"])
