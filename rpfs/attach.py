@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RpfsError
 from .mountinfo import Mount, read_mountinfo
 from .partitions import read_partitions
+from .tools import error_line, run_tool, run_tool_raw
 
 # Per filesystem: options that keep the mount read-only and stop any journal/log replay.
 # nodev,nosuid: a backup's device nodes and setuid binaries must not become usable.
@@ -29,7 +29,6 @@ MOUNT_OPTIONS: dict[str, str] = {
     "erofs": "ro,nodev,nosuid",
 }
 MOUNTED = "mounted"
-TOOL_TIMEOUT = 120
 ATTACH_NAME = re.compile(r"^(disk|p\d+)$")
 
 
@@ -73,12 +72,15 @@ def attach(image: Path, dest: Path) -> list[AttachedFilesystem]:
 
 
 def detach(dest: Path) -> list[str]:
-    """Unmount everything at or below `dest` (deepest first) and remove the mountpoints attach made."""
+    """Unmount the filesystems attach mounted below `dest` and remove the mountpoints it made."""
     dest = Path(dest)
     root = os.path.realpath(dest)
     if root == "/":
         raise RpfsError("refusing to detach everything below /")
-    mounts = _mounts_under(root)
+    # Only what attach makes: read-only loop mounts named p<N> or disk. Other mounts below dest
+    # (an rpfs store mount, a network share) are not ours to undo.
+    mounts = [m for m in _mounts_under(root)
+              if ATTACH_NAME.match(os.path.basename(m.mountpoint)) and m.source.startswith("/dev/loop")]
     if not mounts:
         raise RpfsError(f"nothing attached at {dest}")
     unmounted: list[str] = []
@@ -127,7 +129,7 @@ def _attach_target(image: Path, target: _Target, dest: Path) -> AttachedFilesyst
     mountpoint.mkdir()
     try:
         options = f"{MOUNT_OPTIONS[fstype]},loop,offset={target.offset},sizelimit={target.size}"
-        _run(["mount", "-t", fstype, "-o", options, str(image), str(mountpoint)])
+        run_tool(["mount", "-t", fstype, "-o", options, str(image), str(mountpoint)])
     except RpfsError as e:
         if os.path.ismount(mountpoint):  # mount timed out after mounting: undo it
             _rollback_mount(mountpoint)
@@ -148,13 +150,13 @@ def _probe(image: Path, offset: int, size: int) -> tuple[str | None, str | None]
     if size <= 0:
         return None, "empty (0 bytes)"
     cmd = ["blkid", "-p", "-o", "export", "-O", str(offset), "-S", str(size), str(image)]
-    proc = _run_raw(cmd)
+    proc = run_tool_raw(cmd)
     if proc.returncode == 2:
         return None, "no filesystem detected"
     if proc.returncode == 8:
         return None, "ambiguous: several filesystem signatures found"
     if proc.returncode != 0:
-        return None, f"probe failed: {_error_line(proc.stderr) or f'blkid exit code {proc.returncode}'}"
+        return None, f"probe failed: {error_line(proc.stderr) or f'blkid exit code {proc.returncode}'}"
     tags = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
     fstype = tags.get("TYPE")
     if not fstype:
@@ -219,7 +221,7 @@ def _remove_created(dest: Path, topmost: Path | None) -> None:
 def _rollback_mount(mountpoint: Path) -> None:
     """Best-effort undo of one of our mounts while another error is already on its way out."""
     try:
-        _run(["umount", str(mountpoint)])
+        run_tool(["umount", str(mountpoint)])
     except RpfsError:
         pass
     try:
@@ -230,7 +232,7 @@ def _rollback_mount(mountpoint: Path) -> None:
 
 def _unmount(mount: Mount) -> None:
     """Unmount one mount; free its loop device if the kernel will not auto-clear it."""
-    _run(["umount", mount.mountpoint])
+    run_tool(["umount", mount.mountpoint])
     loop = re.fullmatch(r"/dev/(loop\d+)", mount.source)
     if loop is None:
         return
@@ -241,7 +243,7 @@ def _unmount(mount: Mount) -> None:
         return  # already gone: auto-cleared
     still_used = any(m.source == mount.source for m in read_mountinfo())
     if not autoclear and not still_used:
-        _run(["losetup", "-d", mount.source])
+        run_tool(["losetup", "-d", mount.source])
 
 
 def _remove_mountpoint(mountpoint: Path, root: Path) -> None:
@@ -264,26 +266,3 @@ def _mounts_under(root: str) -> list[Mount]:
              if m.mountpoint == root or m.mountpoint.startswith(prefix)]
     found.sort(key=lambda im: (im[1].mountpoint.count("/"), im[0]), reverse=True)
     return [m for _, m in found]
-
-
-def _run(cmd: list[str]) -> str:
-    """Run a tool; its failure becomes an RpfsError carrying the tool's own error line."""
-    proc = _run_raw(cmd)
-    if proc.returncode != 0:
-        raise RpfsError(_error_line(proc.stderr) or f"{cmd[0]} failed with exit code {proc.returncode}")
-    return proc.stdout
-
-
-def _run_raw(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=TOOL_TIMEOUT,
-                              stdin=subprocess.DEVNULL, errors="replace")
-    except FileNotFoundError:
-        raise RpfsError(f"{cmd[0]} not found; install util-linux (run tools/setup)") from None
-    except subprocess.TimeoutExpired:
-        raise RpfsError(f"{cmd[0]} did not finish within {TOOL_TIMEOUT}s") from None
-
-
-def _error_line(text: str) -> str:
-    """The message line of a tool's stderr (mount adds a 'dmesg(1) may have more' hint after it)."""
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")

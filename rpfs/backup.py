@@ -29,6 +29,7 @@ from .source import BufferPool, DiskSource
 from .store import Store
 
 BATCH_BYTES = 64 << 20          # commit stored blocks in transactions of about this size
+WINDOW_BYTES = 64 << 20         # at most about this much block data waits in each pipeline stage
 ProgressFn = Callable[[int, int], None]
 
 
@@ -114,7 +115,7 @@ class _BatchWriter:
         while (batch := self._queue.get()) is not None:
             try:
                 if self._error is None:
-                    write_blobs(self.store, batch)
+                    self.store.put_blobs(batch)
             except BaseException as e:  # handed to the main thread, which stops the backup
                 self._error = e
             finally:
@@ -122,24 +123,11 @@ class _BatchWriter:
                     self._uncommitted.remove(batch)
 
 
-def write_blobs(store: Store, blobs: dict[bytes, bytes], point: RecoveryPoint | None = None,
-                block_maps: dict[str, bytes] | None = None) -> None:
-    """One write transaction: the blobs, and the recovery point that needs them if given."""
-    blocks = store.db("blocks")
-
-    def fill(txn):
-        for digest, data in blobs.items():
-            txn.put(digest, data, db=blocks, overwrite=False)
-        if point is not None:
-            store.put_point(txn, point, block_maps)
-    store.write(fill)
-
-
 class _BackupRun:
     """The state of one backup while it runs: block maps, counters, and the blocks in flight."""
 
-    def __init__(self, store: Store, vm: str, sources: list[DiskSource], workers: int):
-        self.store, self.vm, self.sources, self.workers = store, vm, sources, workers
+    def __init__(self, store: Store, sources: list[DiskSource], workers: int):
+        self.store, self.sources, self.workers = store, sources, workers
         self.bs = store.block_size
         self.maps = [bytearray(s.block_count(self.bs) * DIGEST_SIZE) for s in sources]
         self.referenced: list[set[bytes]] = [set() for _ in sources]
@@ -152,7 +140,8 @@ class _BackupRun:
                                                                              # source buffer), in order
         self.buffers = BufferPool(self.bs)
         self.writer = _BatchWriter(store)
-        self.window = 4 * workers                    # blocks in flight per stage: bounds memory
+        # Blocks in flight per stage: enough to keep every worker busy, bounded in bytes for large blocks.
+        self.window = max(2, min(4 * workers, WINDOW_BYTES // self.bs))
 
     def blocks_in_parallel(self):
         """(disk, block index) round-robin over disks, so that all disks are read in parallel."""
@@ -218,23 +207,19 @@ class _BackupRun:
 
     def commit(self, point: RecoveryPoint) -> None:
         """The last transaction: the remaining blobs and the recovery point, visible from now on."""
-        write_blobs(self.store, self.batch, point, {s.name: bytes(m) for s, m in zip(self.sources, self.maps)})
+        self.store.put_blobs(self.batch, point, {s.name: bytes(m) for s, m in zip(self.sources, self.maps)})
 
     def stored_bytes_of(self, digests: set[bytes]) -> int:
         """Compressed bytes of distinct blocks: from the last batch or the store (the writer is done)."""
-        total = 0
-        with self.store.read() as txn:
-            for digest in digests:
-                pending = self.batch.get(digest)
-                total += len(pending) if pending is not None else (self.store.blob_length(txn, digest) or 0)
-        return total
+        in_batch = [len(self.batch[d]) for d in digests if d in self.batch]
+        return sum(in_batch) + self.store.blob_lengths(d for d in digests if d not in self.batch)
 
 
 def _run(store: Store, vm: str, sources: list[DiskSource], progress: ProgressFn | None,
          workers: int) -> tuple[RecoveryPoint, BackupSummary]:
     started = time.monotonic()
     when = datetime.now(timezone.utc)
-    run = _BackupRun(store, vm, sources, workers)
+    run = _BackupRun(store, sources, workers)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpfs-backup") as pool:
         try:
             run.run(pool, progress)

@@ -12,6 +12,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import lmdb
+
 from .backup import backup, parse_disk_specs
 from .errors import RpfsError
 from .progress import ProgressBar, human_bytes
@@ -207,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     except RpfsError as e:
         print(f"rpfs: {e.message}", file=sys.stderr)
         return e.exit_code
+    except (OSError, lmdb.Error) as e:  # the system said no (permissions, a read-only disk...): one line
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"rpfs: {getattr(e, 'strerror', None) or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"rpfs: interrupted; {'no recovery point was created' if args.command == 'backup' else 'stopped'}",
               file=sys.stderr)

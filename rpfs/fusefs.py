@@ -55,8 +55,9 @@ def _fuse_errors(handler):
         except CorruptBlockError as e:
             log.error("%s: %s", handler.__name__, e.message)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        except RpfsError:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except RpfsError as e:
+            log.error("%s: %s", handler.__name__, e.message)
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
             log.exception("%s failed", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -115,6 +116,8 @@ class RecoveryPointFS(pyfuse3.Operations):
             return [(vm, Node("vm", vm)) for vm in self.store.vms()]
         if node.kind == "vm":
             points = self.store.points(node.vm)
+            for p in points:   # recovery points are immutable: remember them for getattr and lookup
+                self._points.setdefault((p.vm, p.id), p)
             children = [(p.id, Node("point", node.vm, p.id)) for p in points]
             return children + ([(LATEST, Node("latest", node.vm))] if points else [])
         if node.kind == "point":
@@ -123,6 +126,12 @@ class RecoveryPointFS(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOTDIR)
 
     def _child(self, node: Node, name: str) -> Node:
+        try:
+            return self._lookup_child(node, name)
+        except RpfsError:  # an unknown VM, recovery point or disk: a plain "no such file"
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def _lookup_child(self, node: Node, name: str) -> Node:
         if node.kind == "root":
             if not self.store.points(name):
                 raise pyfuse3.FUSEError(errno.ENOENT)
@@ -223,12 +232,12 @@ class RecoveryPointFS(pyfuse3.Operations):
                     self._nursery.start_soon(self._load_quietly, fh, ahead)
             self._last_block[fh] = blocks[-1]
         data = reader.read_cached(off, size)
-        while data is None:
+        if data is None:
             for index in blocks:
                 await self._load(fh, index)
             data = reader.read_cached(off, size)  # None only if a tiny cache evicted a block meanwhile
-            if data is None:
-                data = await trio.to_thread.run_sync(reader.read, off, size, limiter=self._limiter)
+        if data is None:
+            data = await trio.to_thread.run_sync(reader.read, off, size, limiter=self._limiter)
         return data
 
     async def _load(self, fh: int, index: int) -> None:

@@ -22,6 +22,7 @@ from .errors import RpfsError
 from .fusefs import RecoveryPointFS
 from .image import BlockCache
 from .mountinfo import fstype_at, read_mountinfo
+from .tools import error_line, run_tool_raw
 from .store import Store
 
 RUN_DIR = Path(os.environ.get("RPFS_RUN_DIR", "/run/rpfs"))
@@ -33,8 +34,13 @@ def _pid_file(mountpoint: Path) -> Path:
     return RUN_DIR / f"mount-{hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]}.pid"
 
 
+def _canonical(mountpoint: Path) -> Path:
+    """One spelling of a mountpoint for pid files and the mount table (realpath never stats a dead mount)."""
+    return Path(os.path.realpath(mountpoint))
+
+
 def check_mountpoint(mountpoint: Path) -> Path:
-    mountpoint = mountpoint.resolve() if mountpoint.exists() else mountpoint.absolute()
+    mountpoint = _canonical(mountpoint)
     if not mountpoint.exists():
         raise RpfsError(f"mountpoint {mountpoint} does not exist (create it with mkdir)")
     if not mountpoint.is_dir():
@@ -52,6 +58,11 @@ def serve(store_path: Path, mountpoint: Path, cache_bytes: int, ready_fd: int | 
     log = logging.getLogger("rpfs.mount")
     pid_file = _pid_file(mountpoint)
     try:
+        try:
+            RUN_DIR.mkdir(parents=True, exist_ok=True)
+            pid_file.write_text(f"{os.getpid()}\n")
+        except OSError as e:
+            raise RpfsError(f"cannot write the pid file {pid_file}: {e.strerror}") from None
         store = Store.open(store_path, readonly=True)
         ops = RecoveryPointFS(store, BlockCache(cache_bytes))
         options = set(pyfuse3.default_options) | {"ro", "fsname=rpfs", "subtype=rpfs"}
@@ -62,11 +73,10 @@ def serve(store_path: Path, mountpoint: Path, cache_bytes: int, ready_fd: int | 
         except RuntimeError as e:
             raise RpfsError(f"cannot mount at {mountpoint}: {e}") from None
     except RpfsError as e:
+        pid_file.unlink(missing_ok=True)
         if ready_fd is not None:
             os.write(ready_fd, e.message.encode() + b"\n")
         raise
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    pid_file.write_text(f"{os.getpid()}\n")
     log.info("mounted store %s at %s", store_path, mountpoint)
     if ready_fd is not None:
         os.write(ready_fd, READY)
@@ -123,12 +133,17 @@ def start_daemon(store_path: Path, mountpoint: Path, cache_bytes: int, log_file:
         daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                   pass_fds=(write_end,), start_new_session=True)
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as ready:
-        answer = ready.readline()
-    if answer == READY:
-        os.stat(mountpoint)   # answered only after FUSE's INIT handshake
-        _raise_read_ahead(mountpoint, block_size)
-        return daemon.pid
+    try:
+        with os.fdopen(read_end, "rb") as ready:
+            answer = ready.readline()
+        if answer == READY:
+            os.stat(mountpoint)   # answered only after FUSE's INIT handshake
+            _raise_read_ahead(mountpoint, block_size)
+            return daemon.pid
+    except BaseException:  # Ctrl-C while waiting: the daemon must not mount behind the user's back
+        daemon.terminate()
+        daemon.wait(timeout=10)
+        raise
     daemon.wait(timeout=10)
     reason = answer.decode(errors="replace").strip() or f"the mount daemon exited (see {log_file})"
     raise RpfsError(reason)
@@ -148,29 +163,34 @@ def _remove_log_unless_it_has_news(log_file: Path | None) -> None:
 
 def unmount(mountpoint: Path, timeout: float = 10.0) -> None:
     """Unmount an rpfs mount, also one whose daemon died, and wait for the daemon to end."""
-    mountpoint = mountpoint.absolute()
-    fstype = fstype_at(os.path.realpath(mountpoint))
+    mountpoint = _canonical(mountpoint)
+    fstype = fstype_at(str(mountpoint))
     if fstype is None:
         raise RpfsError(f"{mountpoint} is not mounted")
     if fstype != FSTYPE:
         raise RpfsError(f"{mountpoint} is not an rpfs mount (it is {fstype})")
-    done = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    done = run_tool_raw(["fusermount3", "-u", str(mountpoint)])
     if done.returncode != 0:
-        message = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "fusermount3 failed"
+        message = error_line(done.stderr) or "fusermount3 failed"
         if "busy" in message.lower():
             raise RpfsError(f"{mountpoint} is busy: a process or a loop device still uses it"
                             " (rpfs detach what you attached from it, then retry)")
         # A dead daemon leaves an unreachable mount that fusermount may refuse: detach it lazily.
-        forced = subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, text=True)
-        if forced.returncode != 0:
+        if run_tool_raw(["umount", "-l", str(mountpoint)]).returncode != 0:
             raise RpfsError(f"cannot unmount {mountpoint}: {message}")
-    _wait_for_daemon(_pid_file(mountpoint), timeout)
+    _wait_for_daemon(_pid_file(mountpoint), mountpoint, timeout)
 
 
-def _wait_for_daemon(pid_file: Path, timeout: float) -> None:
+def _wait_for_daemon(pid_file: Path, mountpoint: Path, timeout: float) -> None:
+    """Wait for the daemon to end, and end it if it hangs; a pid reused by another process is left alone."""
     try:
         pid = int(pid_file.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
+        pid_file.unlink(missing_ok=True)
+        return
+    if b"rpfs" not in cmdline or os.fsencode(mountpoint) not in cmdline:
+        pid_file.unlink(missing_ok=True)
         return
     deadline = time.monotonic() + timeout
     sent_term = False

@@ -16,7 +16,6 @@ from .errors import RpfsError
 DIGEST_SIZE = 32
 HOLE = bytes(DIGEST_SIZE)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-CONSISTENCY_LEVELS = ("application", "file-system", "crash", "inconsistent")
 
 
 def check_name(kind: str, name: str) -> str:

@@ -1,13 +1,12 @@
 """Reading a disk (image file or block device) as fixed-size blocks: digest, or HOLE for zeros.
 
-Sparse files are asked where their data is (SEEK_DATA/SEEK_HOLE), so blocks that lie wholly in a hole
-are recorded as holes without being read. Blocks are read with O_DIRECT where the filesystem allows it,
+Sparse files are asked where their data is (SEEK_DATA), so blocks that lie wholly in a hole are
+recorded as holes without being read. Blocks are read with O_DIRECT where the filesystem allows it,
 into reused page-aligned buffers: a backup then costs a fraction of the kernel time of buffered reads
 and does not push the running workload's data out of the page cache.
 """
 from __future__ import annotations
 
-import bisect
 import errno
 import functools
 import hashlib
@@ -29,9 +28,8 @@ class DiskSource:
     size: int
     fd: int
     direct_fd: int = -1              # the same disk opened with O_DIRECT, or -1 where that is refused
-    _data_starts: list[int] = field(default_factory=list)
-    _data_ends: list[int] = field(default_factory=list)
-    _sparse_known: bool = False
+    is_file: bool = False            # a regular file can say where its holes are
+    _refused_direct_fds: set[int] = field(default_factory=set)
 
     @classmethod
     def open(cls, name: str, path: str | Path) -> "DiskSource":
@@ -55,40 +53,28 @@ class DiskSource:
         except RpfsError:
             os.close(fd)
             raise
-        source = cls(name, path, size, fd)
+        source = cls(name, path, size, fd, is_file=stat.S_ISREG(mode))
         try:
             source.direct_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
         except OSError:
             pass  # tmpfs and some others refuse O_DIRECT: read through the page cache
-        if stat.S_ISREG(mode):
-            source._map_data_extents()
         return source
 
     def close(self) -> None:
-        for fd in (self.fd, self.direct_fd):
+        for fd in (self.fd, self.direct_fd, *self._refused_direct_fds):
             if fd >= 0:
                 os.close(fd)
         self.fd = self.direct_fd = -1
-
-    def _map_data_extents(self) -> None:
-        offset = 0
-        try:
-            while offset < self.size:
-                start = os.lseek(self.fd, offset, os.SEEK_DATA)
-                end = os.lseek(self.fd, start, os.SEEK_HOLE)
-                self._data_starts.append(start)
-                self._data_ends.append(end)
-                offset = end
-        except OSError as e:
-            if e.errno != errno.ENXIO:  # ENXIO: no data past offset
-                return  # filesystem without SEEK_DATA: read everything
-        self._sparse_known = True
+        self._refused_direct_fds.clear()
 
     def _in_hole(self, start: int, end: int) -> bool:
-        if not self._sparse_known:
+        """Asked at read time, not once at open: a live image may fill a hole during the backup."""
+        if not self.is_file:
             return False
-        i = bisect.bisect_right(self._data_starts, end - 1) - 1  # last extent starting before end
-        return i < 0 or self._data_ends[i] <= start
+        try:
+            return os.lseek(self.fd, start, os.SEEK_DATA) >= end   # pread ignores the file offset
+        except OSError as e:
+            return e.errno == errno.ENXIO   # no data from start to the end of the file
 
     def block_count(self, block_size: int) -> int:
         return -(-self.size // block_size)
@@ -120,8 +106,11 @@ class DiskSource:
             try:
                 return os.preadv(fd, [buffer], start)
             except OSError as e:
-                if e.errno == errno.EINVAL and fd == self.direct_fd:
-                    self.direct_fd = -1   # the filesystem opened but will not serve O_DIRECT reads
+                if e.errno == errno.EINVAL and fd != self.fd:
+                    # The filesystem opened it but will not serve O_DIRECT reads. Closed only at the
+                    # end: another worker may be reading from it right now.
+                    self._refused_direct_fds.add(fd)
+                    self.direct_fd = -1
                     continue
                 raise RpfsError(f"disk {self.name}: read error at offset {start} of {self.path}:"
                                 f" {e.strerror}") from None

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import os
 import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import lmdb
 
@@ -192,9 +193,27 @@ class Store:
             value = txn.get(digest, db=self._dbs["blocks"])
             return None if value is None else decode(value)
 
-    def blob_length(self, txn, digest: bytes) -> int | None:
-        value = txn.get(digest, db=self._dbs["blocks"])
-        return None if value is None else len(value)
+    def blob_lengths(self, digests: Iterable[bytes], per_transaction: int = 4096) -> int:
+        """Total stored bytes of the given blocks, in short read transactions."""
+        total, digests = 0, iter(digests)
+        while chunk := list(itertools.islice(digests, per_transaction)):
+            with self.read() as txn:
+                for digest in chunk:
+                    value = txn.get(digest, db=self._dbs["blocks"])
+                    total += 0 if value is None else len(value)
+        return total
+
+    def put_blobs(self, blobs: dict[bytes, bytes], point: RecoveryPoint | None = None,
+                  block_maps: dict[str, bytes] | None = None) -> None:
+        """One write transaction: the blobs, and the recovery point that needs them if given."""
+        blocks = self._dbs["blocks"]
+
+        def fill(txn):
+            for digest, data in blobs.items():
+                txn.put(digest, data, db=blocks, overwrite=False)
+            if point is not None:
+                self.put_point(txn, point, block_maps or {})
+        self.write(fill)
 
     # -- writer lock -------------------------------------------------------------------------------
     @contextmanager

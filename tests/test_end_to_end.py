@@ -125,3 +125,18 @@ def test_block_device_disk(tmp_path, no_leaks):
         subprocess.run(["losetup", "-d", loop], check=True)
     with mounted(store, tmp_path / "rp") as rp:
         assert (rp / "vm" / "latest" / "d.img").read_bytes() == expected
+
+
+def test_detach_leaves_other_mounts_alone(tmp_path, no_leaks):
+    """detach undoes only what attach made, even when other mounts sit below the same folder."""
+    files = random_files(50, count=4)
+    image = make_whole_disk_ext4(tmp_path / "disk.img", files)
+    store = tmp_path / "store"
+    rpfs("init", store=store)
+    rpfs("backup", "vm", f"--disk=d={image}", store=store)
+    work = tmp_path / "work"
+    with mounted(store, work / "rp") as rp:
+        rpfs("attach", str(rp / "vm" / "latest" / "d.img"), str(work / "restore"))
+        done = json.loads(rpfs("detach", str(work), "--json").stdout)
+        assert done["unmounted"] == [str(work / "restore" / "disk")]
+        assert os.listdir(rp) == ["vm"]   # the store mount below `work` is untouched
