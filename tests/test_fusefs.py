@@ -1,0 +1,86 @@
+"""The FUSE handlers called directly, without the kernel: names, attributes, reads and error mapping."""
+import errno
+import os
+import stat
+
+import pyfuse3
+import pytest
+import trio
+
+from rpfs.backup import backup
+from rpfs.fusefs import RecoveryPointFS
+from rpfs.image import BlockCache
+from rpfs.store import Store
+from test_backup import corrupt_one_block, write_image
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def fs(tmp_path):
+    img = write_image(tmp_path / "d.img", 31, 3 * MiB + 100)
+    with Store.init(tmp_path / "store") as store:
+        point, _ = backup(store, "vm", [("d", str(img))])
+        yield RecoveryPointFS(store, BlockCache(4 * MiB)), store, point, img.read_bytes()
+
+
+def call(handler, *args):
+    return trio.run(lambda: handler(*args))
+
+
+def lookup_path(ops, *names):
+    inode = pyfuse3.ROOT_INODE
+    for name in names:
+        inode = call(ops.lookup, inode, os.fsencode(name), None).st_ino
+    return inode
+
+
+def errno_of(handler, *args) -> int:
+    with pytest.raises(pyfuse3.FUSEError) as err:
+        call(handler, *args)
+    return err.value.errno
+
+
+def test_tree_and_attributes(fs):
+    ops, _, point, data = fs
+    image = lookup_path(ops, "vm", point.id, "d.img")
+    attrs = call(ops.getattr, image, None)
+    assert stat.S_ISREG(attrs.st_mode) and attrs.st_mode & 0o777 == 0o444
+    assert attrs.st_size == len(data)
+    latest = lookup_path(ops, "vm", "latest")
+    assert stat.S_ISLNK(call(ops.getattr, latest, None).st_mode)
+    assert call(ops.readlink, latest, None) == point.id.encode()
+    assert stat.S_ISDIR(call(ops.getattr, lookup_path(ops, "vm", point.id), None).st_mode)
+    assert [name for name, _ in ops._children(ops._node(lookup_path(ops, "vm")))] == [point.id, "latest"]
+
+
+def test_unknown_names_are_enoent(fs):
+    ops, _, point, _ = fs
+    vm = lookup_path(ops, "vm")
+    assert errno_of(ops.lookup, pyfuse3.ROOT_INODE, b"nosuchvm", None) == errno.ENOENT
+    assert errno_of(ops.lookup, vm, b"2000-01-01T000000Z", None) == errno.ENOENT
+    assert errno_of(ops.lookup, lookup_path(ops, "vm", point.id), b"other.img", None) == errno.ENOENT
+
+
+def test_reads_across_blocks_and_past_the_end(fs):
+    ops, _, point, data = fs
+    image = lookup_path(ops, "vm", point.id, "d.img")
+    fh = call(ops.open, image, os.O_RDONLY, None).fh
+    for offset, size in [(0, 4096), (MiB - 10, 20), (MiB - 1, 2 * MiB + 2), (len(data) - 5, 100),
+                         (len(data), 10), (len(data) + 5, 10)]:
+        assert call(ops.read, fh, offset, size) == data[offset:offset + size]
+
+
+def test_open_for_writing_is_refused(fs):
+    ops, _, point, _ = fs
+    image = lookup_path(ops, "vm", point.id, "d.img")
+    assert errno_of(ops.open, image, os.O_RDWR, None) == errno.EROFS
+
+
+def test_corrupt_block_is_eio(fs):
+    ops, store, point, _ = fs
+    digest = corrupt_one_block(store, point, "d")
+    key = store.map_key("vm", point.id, "d")
+    bad = next(i for i in range(point.disk("d").blocks) if store.block_digest(key, i) == digest)
+    fh = call(ops.open, lookup_path(ops, "vm", point.id, "d.img"), os.O_RDONLY, None).fh
+    assert errno_of(ops.read, fh, bad * MiB, 4096) == errno.EIO
