@@ -51,7 +51,10 @@ class BlockCache:
 
 def load_block(store: Store, digest: bytes) -> bytes:
     """Fetch, decode and verify one block: wrong data never leaves this function."""
-    data = store.get_blob(digest, blob.decode)
+    try:
+        data = store.get_blob(digest, blob.decode)
+    except CorruptBlockError as e:
+        raise CorruptBlockError(f"block {digest.hex()}: {e.message}") from None
     if data is None:
         raise CorruptBlockError(f"block {digest.hex()} is missing from the store")
     if hashlib.sha256(data).digest() != digest:

@@ -1,8 +1,13 @@
 """Shared test plumbing: kernel capability checks that fail (not skip) in CI."""
 import os
 import shutil
+import tempfile
 
 import pytest
+
+
+# Mount daemons started by the tests keep their pid files and logs here, not in /run/rpfs.
+os.environ.setdefault("RPFS_RUN_DIR", tempfile.mkdtemp(prefix="rpfs-test-run-"))
 
 
 def _kernel_problem() -> str | None:
