@@ -89,6 +89,38 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_restore(args) -> int:
+    from .restore import check_target, restore_disk
+    with _store(args, readonly=True) as store:
+        point = store.point(args.vm, args.recovery_point)
+        if args.disk:
+            jobs = [(point.disk(args.disk).name, Path(args.to))]
+        else:
+            folder = Path(args.to)
+            if folder.exists() and not folder.is_dir():
+                raise RpfsError(f"{folder} is not a folder (to restore one disk to a file, add --disk NAME)")
+            jobs = [(d.name, folder / f"{d.name}.img") for d in point.disks]
+            for name, target in jobs:   # refuse before writing anything
+                folder.mkdir(parents=True, exist_ok=True)
+                check_target(target, point.disk(name).size, args.force)
+        summaries = []
+        for name, target in jobs:
+            bar = ProgressBar(f"restore {name}", enabled=None if not args.json else False)
+            try:
+                summaries.append(restore_disk(store, point, name, target, force=args.force,
+                                              discard=args.discard, progress=bar))
+            finally:
+                bar.close()
+    if args.json:
+        _print_json({"vm": point.vm, "recovery_point": point.id,
+                     "disks": [{**asdict(s), "mb_per_second": round(s.mb_per_second, 1)} for s in summaries]})
+        return 0
+    for s in summaries:
+        print(f"restored {s.vm}/{s.point_id}/{s.disk} to {s.target}: {human_bytes(s.size)} in {s.seconds:.1f} s"
+              f" ({s.mb_per_second:.0f} MB/s; {human_bytes(s.written_bytes)} data, {human_bytes(s.hole_bytes)} holes)")
+    return 0
+
+
 def cmd_mount(args) -> int:
     from . import mount
     cache_bytes = args.cache_mb << 20
@@ -177,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", parents=[json_flag], help="list VMs, recovery points and disks")
     p.add_argument("vm", nargs="?")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("restore", parents=[json_flag], help="write a recovery point's disks back (full restore)")
+    p.add_argument("vm")
+    p.add_argument("recovery_point", nargs="?", help="recovery point id (default: the latest)")
+    p.add_argument("--to", required=True, metavar="PATH",
+                   help="folder for DISK.img files; with --disk, the file or block device to write")
+    p.add_argument("--disk", help="restore only this disk")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.add_argument("--discard", action="store_true", help="discard holes on a block device instead of writing zeros")
+    p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("mount", parents=[json_flag], help="mount the store read-only (FUSE)")
     p.add_argument("mountpoint")

@@ -1,0 +1,143 @@
+"""Full restore: exact bytes, sparse files, block devices, and targets that must be refused untouched."""
+import json
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import rpfs
+from diskimages import make_empty_image, make_gpt_image, make_odd_size_image, make_sparse_image, random_files
+from rpfs.errors import RpfsError
+from rpfs.restore import restore_disk
+from rpfs.store import Store
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def vm(tmp_path):
+    disks = {
+        "os": make_gpt_image(tmp_path / "os.img", random_files(1), random_files(2)),
+        "odd": make_odd_size_image(tmp_path / "odd.img"),
+        "sparse": make_sparse_image(tmp_path / "sparse.img"),
+        "empty": make_empty_image(tmp_path / "empty.img"),
+    }
+    store = tmp_path / "store"
+    rpfs("init", store=store)
+    rpfs("backup", "vm", *[f"--disk={n}={p}" for n, p in disks.items()], store=store)
+    return store, disks
+
+
+def same_file(a: Path, b: Path) -> bool:
+    return subprocess.run(["cmp", "-s", str(a), str(b)]).returncode == 0
+
+
+def test_restore_every_disk_to_a_folder(vm, tmp_path):
+    store, disks = vm
+    out = json.loads(rpfs("restore", "vm", "--to", str(tmp_path / "out"), "--json", store=store).stdout)
+    assert sorted(d["disk"] for d in out["disks"]) == sorted(disks)
+    for name, source in disks.items():
+        restored = tmp_path / "out" / f"{name}.img"
+        assert restored.stat().st_size == source.stat().st_size
+        assert same_file(restored, source), name
+    assert not list((tmp_path / "out").glob("*.rpfs-partial"))
+
+
+def test_holes_stay_holes(vm, tmp_path):
+    store, disks = vm
+    restored = tmp_path / "restored-sparse.img"
+    rpfs("restore", "vm", "--disk", "sparse", "--to", str(restored), store=store)
+    allocated = restored.stat().st_blocks * 512
+    with Store.open(store) as s:
+        disk = s.point("vm").disk("sparse")
+    data_bytes = (disk.blocks - disk.zero_blocks) * disk.block_size
+    assert restored.stat().st_size == 1 << 30
+    assert allocated <= data_bytes + MiB, (allocated, data_bytes)
+
+
+def test_existing_target_is_refused_untouched_unless_forced(vm, tmp_path):
+    store, disks = vm
+    target = tmp_path / "restored-odd.img"
+    target.write_bytes(b"precious")
+    done = rpfs("restore", "vm", "--disk", "odd", "--to", str(target), store=store, check=False)
+    assert done.returncode != 0 and "already exists" in done.stderr and done.stderr.count("\n") == 1
+    assert target.read_bytes() == b"precious"
+    rpfs("restore", "vm", "--disk", "odd", "--to", str(target), "--force", store=store)
+    assert same_file(target, disks["odd"])
+
+
+def test_interrupted_restore_leaves_no_file(vm, tmp_path, monkeypatch):
+    store, _ = vm
+    import rpfs.restore as restore_mod
+    calls = {"n": 0}
+
+    def failing_write(fd, bs, size, index, fut, holes):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(fd, bs, size, index, fut, holes)
+
+    real = restore_mod._write_block
+    monkeypatch.setattr(restore_mod, "_write_block", failing_write)
+    target = tmp_path / "restored-os.img"
+    with Store.open(store) as s, pytest.raises(KeyboardInterrupt):
+        restore_disk(s, s.point("vm"), "os", target)
+    assert not target.exists() and not list(tmp_path.glob("*.rpfs-partial"))
+
+
+def test_unknown_disk_and_point(vm, tmp_path):
+    store, _ = vm
+    done = rpfs("restore", "vm", "--disk", "nope", "--to", str(tmp_path / "x.img"), store=store, check=False)
+    assert done.returncode != 0 and "no disk 'nope'" in done.stderr
+    done = rpfs("restore", "vm", "1999-01-01T000000Z", "--to", str(tmp_path / "x"), store=store, check=False)
+    assert done.returncode != 0 and "no recovery point" in done.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.img").exists()
+
+
+@contextmanager
+def loop_device(backing: Path):
+    loop = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    try:
+        yield Path(loop)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("discard", [False, True])
+def test_restore_onto_a_block_device(vm, tmp_path, kernel, discard):
+    store, disks = vm
+    backing = tmp_path / "device.img"
+    backing.write_bytes(b"\xff" * (8 * MiB))   # old contents where the disk has holes must not survive
+    with loop_device(backing) as device:
+        args = ["restore", "vm", "--disk", "odd", "--to", str(device)] + (["--discard"] if discard else [])
+        rpfs(*args, store=store)
+        size = disks["odd"].stat().st_size
+        with open(device, "rb") as f:
+            assert f.read(size) == disks["odd"].read_bytes()
+
+
+@pytest.mark.timeout(120)
+def test_too_small_or_mounted_device_is_refused(vm, tmp_path, kernel):
+    store, _ = vm
+    small = tmp_path / "small.img"
+    small.write_bytes(bytes(MiB))
+    with loop_device(small) as device:
+        done = rpfs("restore", "vm", "--disk", "odd", "--to", str(device), store=store, check=False)
+        assert done.returncode != 0 and "too small" in done.stderr
+    big = tmp_path / "big.img"
+    with open(big, "wb") as f:
+        f.truncate(64 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", str(big)], check=True)
+    with loop_device(big) as device:
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        subprocess.run(["mount", str(device), str(mnt)], check=True)
+        try:
+            done = rpfs("restore", "vm", "--disk", "odd", "--to", str(device), store=store, check=False)
+            assert done.returncode != 0 and "in use" in done.stderr
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
