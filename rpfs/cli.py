@@ -121,16 +121,89 @@ def cmd_restore(args) -> int:
     return 0
 
 
+def cmd_instant_restore(args) -> int:
+    from . import instant
+    with _store(args, readonly=True) as store:
+        point = store.point(args.vm, args.recovery_point)
+        job = instant.start(store, point, args.disk, Path(args.to))
+    if not args.json:
+        print(job.image)
+        print(f"writable image of {job.vm}/{job.point_id}/{job.disk} ready; copying into {job.target} in the"
+              f" background ({job.copied_blocks}/{job.blocks} blocks so far). Attach it read-write, e.g."
+              f" losetup --find --show {job.image}", file=sys.stderr)
+    if args.wait:
+        bar = ProgressBar(f"copy {job.disk}", enabled=None if not args.json else False)
+        try:
+            job = instant.wait(Path(job.target), progress=bar)
+        finally:
+            bar.close()
+    if args.json:
+        _print_json(asdict(job))
+    elif args.wait:
+        print(f"copy complete: {job.target} is a standalone image", file=sys.stderr)
+    return 0
+
+
+def cmd_instant_daemon(args) -> int:
+    from . import instant, mount
+    target = Path(args.target)
+    mount.serve(lambda: instant.instant_filesystem(target), Path(args.mountpoint), ready_fd=args.ready_fd,
+                log_file=Path(args.log_file) if args.log_file else None)
+    return 0
+
+
+def cmd_instant_wait(args) -> int:
+    from . import instant
+    bar = ProgressBar("copy", enabled=None if not args.json else False)
+    try:
+        job = instant.wait(Path(args.target), progress=bar)
+    finally:
+        bar.close()
+    if args.json:
+        _print_json(asdict(job))
+    else:
+        print(f"copy complete: {job.target} is a standalone image (stop serving it: rpfs instant-stop {job.target})")
+    return 0
+
+
+def cmd_instant_stop(args) -> int:
+    from . import instant
+    job = instant.stop(Path(args.target))
+    if args.json:
+        _print_json(asdict(job))
+    elif job.state == "complete":
+        print(f"stopped; {job.target} is a standalone image")
+    else:
+        print(f"stopped at {job.copied_blocks}/{job.blocks} blocks; resume with: rpfs instant-restore {job.vm}"
+              f" {job.point_id} --disk {job.disk} --to {job.target}")
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    from . import instant
+    found = instant.jobs()
+    if args.json:
+        _print_json([asdict(j) for j in found])
+        return 0
+    if not found:
+        print("no instant restores")
+    for j in found:
+        percent = 100.0 * j.copied_blocks / j.blocks if j.blocks else 100.0
+        print(f"instant-restore {j.vm}/{j.point_id}/{j.disk} -> {j.target}: {j.state} {percent:.1f}%"
+              f" ({j.copied_blocks}/{j.blocks} blocks){'  image ' + j.image if j.state != 'stopped' else ''}")
+    return 0
+
+
 def cmd_mount(args) -> int:
     from . import mount
     cache_bytes = args.cache_mb << 20
     if args.foreground:
         mountpoint = mount.check_mountpoint(Path(args.mountpoint))
         ready_fd = args.ready_fd
-        mount.serve(Path(args.store or ""), mountpoint, cache_bytes, ready_fd=ready_fd, debug=args.debug,
-                    log_file=Path(args.log_file) if args.log_file else None)
+        mount.serve(lambda: mount.store_filesystem(Path(args.store or ""), cache_bytes), mountpoint,
+                    ready_fd=ready_fd, debug=args.debug, log_file=Path(args.log_file) if args.log_file else None)
         return 0
-    pid = mount.start_daemon(Path(args.store or ""), Path(args.mountpoint), cache_bytes)
+    pid = mount.start_store_daemon(Path(args.store or ""), Path(args.mountpoint), cache_bytes)
     if args.json:
         _print_json({"mountpoint": str(Path(args.mountpoint).resolve()), "pid": pid})
     else:
@@ -219,6 +292,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.add_argument("--discard", action="store_true", help="discard holes on a block device instead of writing zeros")
     p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("instant-restore", parents=[json_flag],
+                       help="a writable disk image at once, copied out of the store in the background")
+    p.add_argument("vm")
+    p.add_argument("recovery_point", nargs="?", help="recovery point id (default: the latest)")
+    p.add_argument("--disk", required=True, help="the disk to restore")
+    p.add_argument("--to", required=True, metavar="PATH", help="the image file the copy ends up in")
+    p.add_argument("--wait", action="store_true", help="return only when the copy is complete")
+    p.set_defaults(func=cmd_instant_restore)
+
+    p = sub.add_parser("instant-wait", parents=[json_flag], help="wait until an instant restore's copy is complete")
+    p.add_argument("target")
+    p.set_defaults(func=cmd_instant_wait)
+
+    p = sub.add_parser("instant-stop", parents=[json_flag],
+                       help="stop serving an instant restore's image (an unfinished copy stays resumable)")
+    p.add_argument("target")
+    p.set_defaults(func=cmd_instant_stop)
+
+    p = sub.add_parser("jobs", parents=[json_flag], help="instant restores and their copy progress")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("instant-daemon")   # started by instant-restore; not for users
+    p.add_argument("target")
+    p.add_argument("mountpoint")
+    p.add_argument("--ready-fd", type=int)
+    p.add_argument("--log-file")
+    p.set_defaults(func=cmd_instant_daemon)
 
     p = sub.add_parser("mount", parents=[json_flag], help="mount the store read-only (FUSE)")
     p.add_argument("mountpoint")

@@ -24,6 +24,7 @@ import trio
 
 from .errors import CorruptBlockError, RpfsError
 from .image import BlockCache, ImageReader
+from .overlay import WritableImage
 from .recovery_point import RecoveryPoint
 from .store import Store
 
@@ -278,3 +279,89 @@ class RecoveryPointFS(pyfuse3.Operations):
         stats.f_bfree = stats.f_bavail = 0
         stats.f_namemax = 255
         return stats
+
+
+class InstantImageFS(pyfuse3.Operations):
+    """One writable file, MOUNT/<disk>.img, backed by a WritableImage (instant restore).
+
+    Reads and writes go to worker threads: they may decode a block or wait for fdatasync."""
+
+    IMAGE_INODE = pyfuse3.ROOT_INODE + 1
+
+    def __init__(self, image: WritableImage, name: str):
+        super().__init__()
+        self.image, self.name = image, os.fsencode(name)
+        self._limiter = trio.CapacityLimiter(4)
+        self._started_ns = int(datetime.now().timestamp() * 1e9)
+
+    def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = inode
+        if inode == pyfuse3.ROOT_INODE:
+            attrs.st_mode, attrs.st_nlink = stat.S_IFDIR | 0o755, 2
+        elif inode == self.IMAGE_INODE:
+            attrs.st_mode, attrs.st_nlink, attrs.st_size = stat.S_IFREG | 0o644, 1, self.image.size
+            attrs.st_blocks = -(-self.image.size // 512)
+        else:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        attrs.st_blksize = 1 << 20
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._started_ns
+        attrs.entry_timeout = attrs.attr_timeout = STABLE_TIMEOUT
+        return attrs
+
+    @_fuse_errors
+    async def getattr(self, inode, ctx=None):
+        return self._attrs(inode)
+
+    @_fuse_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode != pyfuse3.ROOT_INODE or name != self.name:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(self.IMAGE_INODE)
+
+    @_fuse_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        if fields.update_size and attr.st_size != self.image.size:
+            raise pyfuse3.FUSEError(errno.EPERM)   # a disk keeps its size
+        return self._attrs(inode)
+
+    @_fuse_errors
+    async def opendir(self, inode, ctx):
+        if inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_fuse_errors
+    async def readdir(self, fh, start_id, token):
+        if start_id == 0:
+            pyfuse3.readdir_reply(token, self.name, self._attrs(self.IMAGE_INODE), 1)
+
+    @_fuse_errors
+    async def open(self, inode, flags, ctx):
+        if inode != self.IMAGE_INODE:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    @_fuse_errors
+    async def read(self, fh, off, size):
+        return await trio.to_thread.run_sync(self.image.read, off, size, limiter=self._limiter)
+
+    @_fuse_errors
+    async def write(self, fh, off, buf):
+        if off + len(buf) > self.image.size:
+            raise pyfuse3.FUSEError(errno.ENOSPC)
+        return await trio.to_thread.run_sync(self.image.write, off, buf, limiter=self._limiter)
+
+    @_fuse_errors
+    async def fsync(self, fh, datasync):
+        await trio.to_thread.run_sync(self.image.fsync, limiter=self._limiter)
+
+    @_fuse_errors
+    async def flush(self, fh):
+        pass
+
+    async def release(self, fh):
+        pass
+
+    async def releasedir(self, fh):
+        pass

@@ -12,8 +12,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pyfuse3
 import trio
@@ -30,7 +33,7 @@ FSTYPE = "fuse.rpfs"
 READY = b"ready\n"
 
 
-def _pid_file(mountpoint: Path) -> Path:
+def pid_file(mountpoint: Path) -> Path:
     return RUN_DIR / f"mount-{hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]}.pid"
 
 
@@ -50,45 +53,79 @@ def check_mountpoint(mountpoint: Path) -> Path:
     return mountpoint
 
 
-def serve(store_path: Path, mountpoint: Path, cache_bytes: int, ready_fd: int | None = None,
+@dataclass
+class Filesystem:
+    """What a daemon serves: FUSE operations, mount options, and what to close and run beside them."""
+    ops: pyfuse3.Operations
+    options: set[str]
+    close: Callable[[], None]
+    background: Callable[[threading.Event], None] | None = None   # runs on a thread until the event
+
+
+def store_filesystem(store_path: Path, cache_bytes: int) -> Filesystem:
+    """The read-only recovery-point tree of a store."""
+    store = Store.open(store_path, readonly=True)
+    return Filesystem(RecoveryPointFS(store, BlockCache(cache_bytes)), {"ro"}, store.close)
+
+
+def serve(open_filesystem: Callable[[], Filesystem], mountpoint: Path, ready_fd: int | None = None,
           debug: bool = False, log_file: Path | None = None) -> None:
     """Mount and serve until unmounted or signalled; writes READY (or the error) to ready_fd."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, filename=log_file,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log = logging.getLogger("rpfs.mount")
-    pid_file = _pid_file(mountpoint)
+    pid_path = pid_file(mountpoint)
+    fs = None
     try:
         try:
             RUN_DIR.mkdir(parents=True, exist_ok=True)
-            pid_file.write_text(f"{os.getpid()}\n")
+            pid_path.write_text(f"{os.getpid()}\n")
         except OSError as e:
-            raise RpfsError(f"cannot write the pid file {pid_file}: {e.strerror}") from None
-        store = Store.open(store_path, readonly=True)
-        ops = RecoveryPointFS(store, BlockCache(cache_bytes))
-        options = set(pyfuse3.default_options) | {"ro", "fsname=rpfs", "subtype=rpfs"}
+            raise RpfsError(f"cannot write the pid file {pid_path}: {e.strerror}") from None
+        fs = open_filesystem()
+        options = set(pyfuse3.default_options) | fs.options | {"fsname=rpfs", "subtype=rpfs"}
         if os.geteuid() == 0:
             options.add("allow_other")
         try:
-            pyfuse3.init(ops, str(mountpoint), options)
+            pyfuse3.init(fs.ops, str(mountpoint), options)
         except RuntimeError as e:
             raise RpfsError(f"cannot mount at {mountpoint}: {e}") from None
     except RpfsError as e:
-        pid_file.unlink(missing_ok=True)
+        pid_path.unlink(missing_ok=True)
+        if fs is not None:
+            fs.close()
         if ready_fd is not None:
             os.write(ready_fd, e.message.encode() + b"\n")
         raise
-    log.info("mounted store %s at %s", store_path, mountpoint)
+    log.info("mounted at %s", mountpoint)
     if ready_fd is not None:
         os.write(ready_fd, READY)
         os.close(ready_fd)
+    stop = threading.Event()
+    worker = None
+    if fs.background is not None:
+        worker = threading.Thread(target=_log_failure(fs.background, log), args=(stop,), name="rpfs-background")
+        worker.start()
     try:
-        trio.run(_main_loop, ops)
+        trio.run(_main_loop, fs.ops)
     finally:
+        stop.set()
+        if worker is not None:
+            worker.join()
         pyfuse3.close(unmount=True)
-        store.close()
-        pid_file.unlink(missing_ok=True)
+        fs.close()
+        pid_path.unlink(missing_ok=True)
         log.info("unmounted %s", mountpoint)
         _remove_log_unless_it_has_news(log_file)
+
+
+def _log_failure(work: Callable[[threading.Event], None], log: logging.Logger) -> Callable[[threading.Event], None]:
+    def run(stop: threading.Event) -> None:
+        try:
+            work(stop)
+        except Exception:
+            log.exception("background work failed")
+    return run
 
 
 def _raise_read_ahead(mountpoint: Path, block_size: int) -> None:
@@ -104,10 +141,11 @@ def _raise_read_ahead(mountpoint: Path, block_size: int) -> None:
         pass
 
 
-async def _main_loop(ops: RecoveryPointFS) -> None:
+async def _main_loop(ops: pyfuse3.Operations) -> None:
     """Serve FUSE requests; SIGTERM/SIGINT end the loop so the finally clause unmounts."""
     async with trio.open_nursery() as nursery:
-        ops.start_read_ahead(nursery)
+        if isinstance(ops, RecoveryPointFS):
+            ops.start_read_ahead(nursery)
         async def stop_on_signal():
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for _ in signals:
@@ -118,17 +156,21 @@ async def _main_loop(ops: RecoveryPointFS) -> None:
         nursery.cancel_scope.cancel()
 
 
-def start_daemon(store_path: Path, mountpoint: Path, cache_bytes: int, log_file: Path | None = None) -> int:
-    """Start the mount daemon in the background; return its pid once the filesystem is mounted."""
+def start_store_daemon(store_path: Path, mountpoint: Path, cache_bytes: int) -> int:
+    """Start `rpfs mount --foreground` in the background; return its pid once mounted."""
     with Store.open(store_path, readonly=True) as store:   # fail here, with the clear message
         block_size = store.block_size
     mountpoint = check_mountpoint(mountpoint)
+    argv = ["--store", str(store_path), "mount", str(mountpoint), "--foreground", "--cache-mb", str(cache_bytes >> 20)]
+    return start_daemon(argv, mountpoint, block_size)
+
+
+def start_daemon(argv: list[str], mountpoint: Path, block_size: int) -> int:
+    """Run `rpfs ARGV --ready-fd N --log-file F` in the background; return its pid once it has mounted."""
     RUN_DIR.mkdir(parents=True, exist_ok=True)
-    log_file = log_file or _pid_file(mountpoint).with_suffix(".log")
+    log_file = pid_file(mountpoint).with_suffix(".log")
     read_end, write_end = os.pipe()
-    cmd = [sys.executable, "-m", "rpfs", "--store", str(store_path), "mount", str(mountpoint),
-           "--foreground", "--cache-mb", str(cache_bytes >> 20), "--ready-fd", str(write_end),
-           "--log-file", str(log_file)]
+    cmd = [sys.executable, "-m", "rpfs", *argv, "--ready-fd", str(write_end), "--log-file", str(log_file)]
     with open(log_file, "ab") as log:
         daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                   pass_fds=(write_end,), start_new_session=True)
@@ -178,19 +220,19 @@ def unmount(mountpoint: Path, timeout: float = 10.0) -> None:
         # A dead daemon leaves an unreachable mount that fusermount may refuse: detach it lazily.
         if run_tool_raw(["umount", "-l", str(mountpoint)]).returncode != 0:
             raise RpfsError(f"cannot unmount {mountpoint}: {message}")
-    _wait_for_daemon(_pid_file(mountpoint), mountpoint, timeout)
+    _wait_for_daemon(pid_file(mountpoint), mountpoint, timeout)
 
 
-def _wait_for_daemon(pid_file: Path, mountpoint: Path, timeout: float) -> None:
+def _wait_for_daemon(pid_path: Path, mountpoint: Path, timeout: float) -> None:
     """Wait for the daemon to end, and end it if it hangs; a pid reused by another process is left alone."""
     try:
-        pid = int(pid_file.read_text())
+        pid = int(pid_path.read_text())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
-        pid_file.unlink(missing_ok=True)
+        pid_path.unlink(missing_ok=True)
         return
     if b"rpfs" not in cmdline or os.fsencode(mountpoint) not in cmdline:
-        pid_file.unlink(missing_ok=True)
+        pid_path.unlink(missing_ok=True)
         return
     deadline = time.monotonic() + timeout
     sent_term = False
@@ -202,7 +244,7 @@ def _wait_for_daemon(pid_file: Path, mountpoint: Path, timeout: float) -> None:
             os.kill(pid, signal.SIGTERM)
             sent_term, deadline = True, time.monotonic() + timeout
         time.sleep(0.05)
-    pid_file.unlink(missing_ok=True)
+    pid_path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

@@ -194,5 +194,5 @@ def test_daemon_memory_stays_bounded(tmp_path):
 
 
 def _daemon_pid(mountpoint: Path) -> int:
-    from rpfs.mount import _pid_file
-    return int(_pid_file(Path(os.path.realpath(mountpoint))).read_text())
+    from rpfs.mount import pid_file
+    return int(pid_file(Path(os.path.realpath(mountpoint))).read_text())
