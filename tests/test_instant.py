@@ -1,0 +1,147 @@
+"""Instant restore and the VM way (qcow2 over the mount), on real loop devices, FUSE and ext4."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import mounted, rpfs
+from conftest import require_tool
+from diskimages import leftover_kernel_state, make_whole_disk_ext4, random_files
+from rpfs.overlay import state_path
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("kernel")]
+MiB = 1 << 20
+
+
+def run(*cmd: str) -> str:
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture
+def cleanup(tmp_path):
+    """Whatever a test leaves (loop devices over the image, instant restores), undone afterwards."""
+    targets: list[Path] = []
+    yield targets
+    for target in targets:
+        rpfs("instant-stop", str(target), check=False)
+    loops, mounts = leftover_kernel_state(under=tmp_path)
+    assert (loops, mounts) == ([], [])
+
+
+def start_instant(store: Path, target: Path, cleanup: list, *extra: str) -> dict:
+    cleanup.append(target)
+    return json.loads(rpfs("instant-restore", "vm", "--disk", "d", "--to", str(target), "--json", *extra,
+                          store=store).stdout)
+
+
+def test_write_to_the_instant_image_then_copy_completes(tmp_path, cleanup):
+    files = random_files(60, count=40, max_size=2 * MiB)
+    image = make_whole_disk_ext4(tmp_path / "disk.img", files, size=160 * MiB)
+    store = tmp_path / "store"
+    rpfs("init", store=store)
+    rpfs("backup", "vm", f"--disk=d={image}", store=store)
+    target = tmp_path / "restored.img"
+    job = start_instant(store, target, cleanup)
+    assert Path(job["image"]).stat().st_size == image.stat().st_size
+
+    loop = run("losetup", "--find", "--show", job["image"]).strip()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    written = {"new/hello.txt": b"written during the instant restore\n", "file000.bin": os.urandom(300000)}
+    try:
+        run("mount", loop, str(mnt))
+        try:
+            for name, data in written.items():
+                (mnt / name).parent.mkdir(exist_ok=True)
+                (mnt / name).write_bytes(data)
+        finally:
+            run("umount", str(mnt))
+    finally:
+        run("losetup", "-d", loop)
+
+    done = json.loads(rpfs("instant-wait", str(target), "--json").stdout)
+    assert done["state"] == "complete" and not state_path(target).exists()
+    rpfs("instant-stop", str(target))
+    run("fsck.ext4", "-fn", str(target))
+    expected = {**files, **written}
+    with mounted_image(target, tmp_path / "check") as check:
+        for name, data in expected.items():
+            assert (check / name).read_bytes() == data, name
+
+
+class mounted_image:
+    def __init__(self, image: Path, mountpoint: Path):
+        self.image, self.mountpoint = image, mountpoint
+
+    def __enter__(self) -> Path:
+        self.mountpoint.mkdir()
+        run("mount", "-o", "ro,loop", str(self.image), str(self.mountpoint))
+        return self.mountpoint
+
+    def __exit__(self, *exc) -> None:
+        run("umount", str(self.mountpoint))
+
+
+def test_killed_daemon_resumes_without_losing_writes(tmp_path, cleanup):
+    source = tmp_path / "big.img"
+    with open(source, "wb") as f:
+        for _ in range(1024):
+            f.write(os.urandom(MiB))
+    store = tmp_path / "store"
+    rpfs("init", store=store)
+    rpfs("backup", "vm", f"--disk=d={source}", store=store)
+    target = tmp_path / "restored.img"
+    job = start_instant(store, target, cleanup)
+    patches = {5 * MiB + 100: b"A" * 5000, 700 * MiB: b"B" * MiB, 1023 * MiB + 4000: b"C" * 999}
+    fd = os.open(job["image"], os.O_RDWR)
+    try:
+        for offset, data in patches.items():
+            os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.kill(job["pid"], signal.SIGKILL)
+    assert state_path(target).exists(), "the copy finished before the daemon could be killed"
+    listed = json.loads(rpfs("jobs", "--json").stdout)
+    assert [j["state"] for j in listed if j["target"] == str(target)] == ["stopped"]
+
+    start_instant(store, target, cleanup, "--wait")
+    expected = bytearray(source.read_bytes())
+    for offset, data in patches.items():
+        expected[offset:offset + len(data)] = data
+    assert hashlib.sha256(target.read_bytes()).digest() == hashlib.sha256(expected).digest()
+
+
+def test_new_target_must_not_exist(tmp_path, cleanup):
+    image = make_whole_disk_ext4(tmp_path / "disk.img", random_files(61, count=2))
+    store = tmp_path / "store"
+    rpfs("init", store=store)
+    rpfs("backup", "vm", f"--disk=d={image}", store=store)
+    done = rpfs("instant-restore", "vm", "--disk", "d", "--to", str(image), store=store, check=False)
+    assert done.returncode != 0 and "already exists" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_qcow2_overlay_on_the_mount(tmp_path, cleanup):
+    """The VM way: qemu's qcow2 overlay with an image under the mount as its read-only backing file."""
+    require_tool("qemu-img")
+    require_tool("qemu-io")
+    source = tmp_path / "disk.img"
+    source.write_bytes(os.urandom(6 * MiB) + bytes(2 * MiB))
+    store = tmp_path / "store"
+    rpfs("init", store=store)
+    rpfs("backup", "vm", f"--disk=d={source}", store=store)
+    with mounted(store, tmp_path / "rp") as rp:
+        backing = rp / "vm" / "latest" / "d.img"
+        overlay = tmp_path / "overlay.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(backing), str(overlay))
+        run("qemu-io", "-c", "write -P 0xab 1M 64k", str(overlay))
+        run("qemu-io", "-c", "read -P 0xab 1M 64k", str(overlay))
+        flat = tmp_path / "flat.raw"
+        run("qemu-img", "convert", "-O", "raw", str(overlay), str(flat))
+    expected = bytearray(source.read_bytes())
+    expected[MiB:MiB + 65536] = b"\xab" * 65536
+    assert flat.read_bytes() == bytes(expected)
