@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import rpfs
-from diskimages import make_empty_image, make_gpt_image, make_odd_size_image, make_sparse_image, random_files
+from diskimages import (
+    make_empty_image, make_gpt_image, make_mbr_image, make_odd_size_image, make_sparse_image, make_whole_disk_ext4,
+    random_files,
+)
 from rpfs.errors import RpfsError
 from rpfs.restore import restore_disk
 from rpfs.store import Store
@@ -20,6 +23,8 @@ MiB = 1 << 20
 def vm(tmp_path):
     disks = {
         "os": make_gpt_image(tmp_path / "os.img", random_files(1), random_files(2)),
+        "mbr": make_mbr_image(tmp_path / "mbr.img", random_files(3)),
+        "whole": make_whole_disk_ext4(tmp_path / "whole.img", random_files(4)),
         "odd": make_odd_size_image(tmp_path / "odd.img"),
         "sparse": make_sparse_image(tmp_path / "sparse.img"),
         "empty": make_empty_image(tmp_path / "empty.img"),
