@@ -5,6 +5,8 @@ own CPU where one serves the reads):
   backup     rpfs backup into a fresh store  vs  sha256sum, openssl dgst -sha256, zstd -3 (-T1, -T0)
   read       cat of the image through a fresh rpfs mount  vs  cat of the source image
   copy-out   cp -a of all files through rpfs attach  vs  cp -a from the source image loop-mounted
+  restore    rpfs restore of the disk to a sparse file  vs  cp --sparse=always of the source image + sync
+             (rpfs restore fsyncs its file, so the cp baseline is synced too); both written beside the store
 Page cache is dropped before every timed step, then (unless --no-warm) a few GiB of memory are touched
 and freed just before the command starts: this VM hands freed memory back to its host, and a step that
 must fault it back in pays for it in system time (cold `cat` of the 1.5 GiB image: 0.9-1.0 s right
@@ -479,6 +481,37 @@ def step_copy(ctx: Context, store: Path) -> None:
     compare_trees(ctx, out_rpfs, out_source)
 
 
+def step_restore(ctx: Context, store: Path) -> None:
+    """rpfs restore to a sparse file vs cp --sparse=always of the source, both on the store's disk."""
+    print("bench: restore", flush=True)
+    out_rpfs, out_cp = ctx.work / "restored.img", ctx.work / "cp.img"
+
+    def rpfs_once() -> Timing:
+        out_rpfs.unlink(missing_ok=True)
+        timing, out = ctx.timed("rpfs restore", [str(RPFS), "--store", str(store), "restore", VM, "--disk", DISK,
+                                                 "--to", str(out_rpfs), "--json"], capture=True)
+        timing.extra.update(summary=json.loads(out)["disks"][0], disk_bytes=out_rpfs.stat().st_blocks * 512)
+        return timing
+
+    def cp_once() -> Timing:
+        out_cp.unlink(missing_ok=True)
+        timing, _ = ctx.timed("cp --sparse=always + sync", ["sh", "-c", 'cp --sparse=always "$0" "$1" && sync "$1"',
+                                                           str(ctx.image), str(out_cp)])
+        timing.extra["disk_bytes"] = out_cp.stat().st_blocks * 512
+        return timing
+
+    try:
+        ctx.results["restore"] = {"rpfs": best_of(ctx.repeat, rpfs_once), "cp": best_of(ctx.repeat, cp_once)}
+        same = subprocess.run(["cmp", str(ctx.image), str(out_rpfs)], capture_output=True, text=True)
+        ctx.results["restore_matches"] = same.returncode == 0
+        if same.returncode != 0:
+            ctx.problems.append(f"MISMATCH: the restored image differs from the source: "
+                                f"{(same.stdout + same.stderr).strip()[:300]}")
+    finally:
+        out_rpfs.unlink(missing_ok=True)
+        out_cp.unlink(missing_ok=True)
+
+
 def compare_trees(ctx: Context, a: Path, b: Path) -> None:
     """Contents (diff -r) and metadata (mode, owner, size, mtime) of both copies must match."""
     diff = subprocess.run(["diff", "-r", "-q", "--no-dereference", str(a), str(b)], capture_output=True, text=True)
@@ -533,7 +566,7 @@ def fresh_dir(path: Path) -> None:
 
 
 # -- reporting ---------------------------------------------------------------------------------------
-STEP_TITLES = {"backup": "backup", "read": "read image", "copy": "copy files out"}
+STEP_TITLES = {"backup": "backup", "read": "read image", "copy": "copy files out", "restore": "full restore"}
 
 
 def print_report(ctx: Context) -> None:
@@ -562,7 +595,8 @@ def print_report(ctx: Context) -> None:
     print_memory(r)
     print_references(r)
     print(f"checks: image through mount matches source: {yes_no(r.get('mount_image_matches'))}; "
-          f"attach copy identical to source copy: {yes_no(r.get('copies_identical'))}")
+          f"attach copy identical to source copy: {yes_no(r.get('copies_identical'))}; "
+          f"restored image equals source (cmp): {yes_no(r.get('restore_matches'))}")
     for problem in ctx.problems:
         print(f"!!! {problem}")
 
@@ -736,6 +770,7 @@ def run_steps(ctx: Context) -> None:
     store = step_backup(ctx)
     step_read(ctx, store)
     step_copy(ctx, store)
+    step_restore(ctx, store)
     check_daemon_logs(ctx, ctx.work / "run")
 
 
