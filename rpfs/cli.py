@@ -48,11 +48,8 @@ def cmd_init(args) -> int:
 def cmd_backup(args) -> int:
     disks = parse_disk_specs(args.disk)
     with _store(args) as store:
-        bar = ProgressBar(f"backup {args.vm}", enabled=None if not args.json else False)
-        try:
+        with ProgressBar(f"backup {args.vm}", quiet=args.json) as bar:
             point, summary = backup(store, args.vm, disks, progress=bar)
-        finally:
-            bar.close()
     if args.json:
         _print_json({**asdict(summary), "mb_per_second": round(summary.mb_per_second, 1),
                      "recovery_point": asdict(point)})
@@ -105,12 +102,9 @@ def cmd_restore(args) -> int:
                 check_target(target, point.disk(name).size, args.force)
         summaries = []
         for name, target in jobs:
-            bar = ProgressBar(f"restore {name}", enabled=None if not args.json else False)
-            try:
+            with ProgressBar(f"restore {name}", quiet=args.json) as bar:
                 summaries.append(restore_disk(store, point, name, target, force=args.force,
                                               discard=args.discard, progress=bar))
-            finally:
-                bar.close()
     if args.json:
         _print_json({"vm": point.vm, "recovery_point": point.id,
                      "disks": [{**asdict(s), "mb_per_second": round(s.mb_per_second, 1)} for s in summaries]})
@@ -132,11 +126,8 @@ def cmd_instant_restore(args) -> int:
               f" background ({job.copied_blocks}/{job.blocks} blocks so far). Attach it read-write, e.g."
               f" losetup --find --show {job.image}", file=sys.stderr)
     if args.wait:
-        bar = ProgressBar(f"copy {job.disk}", enabled=None if not args.json else False)
-        try:
+        with ProgressBar(f"copy {job.disk}", quiet=args.json) as bar:
             job = instant.wait(Path(job.target), progress=bar)
-        finally:
-            bar.close()
     if args.json:
         _print_json(asdict(job))
     elif args.wait:
@@ -154,11 +145,8 @@ def cmd_instant_daemon(args) -> int:
 
 def cmd_instant_wait(args) -> int:
     from . import instant
-    bar = ProgressBar("copy", enabled=None if not args.json else False)
-    try:
+    with ProgressBar("copy", quiet=args.json) as bar:
         job = instant.wait(Path(args.target), progress=bar)
-    finally:
-        bar.close()
     if args.json:
         _print_json(asdict(job))
     else:

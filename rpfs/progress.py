@@ -14,9 +14,11 @@ def human_bytes(n: float) -> str:
 
 
 class ProgressBar:
-    def __init__(self, label: str, enabled: bool | None = None, stream=sys.stderr):
+    """Use as `with ProgressBar(label, quiet=args.json) as bar:` and pass bar as a progress callback."""
+
+    def __init__(self, label: str, quiet: bool = False, stream=sys.stderr):
         self.label, self.stream = label, stream
-        self.enabled = stream.isatty() if enabled is None else enabled
+        self.enabled = stream.isatty() and not quiet
         self.started = time.monotonic()
         self._last_draw = 0.0
 
@@ -33,7 +35,10 @@ class ProgressBar:
                           f"{human_bytes(done)}/{human_bytes(total)} {human_bytes(rate)}/s ")
         self.stream.flush()
 
-    def close(self) -> None:
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
         if self.enabled:
             self.stream.write("\r\033[K")
             self.stream.flush()

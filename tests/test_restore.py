@@ -1,6 +1,5 @@
 """Full restore: exact bytes, sparse files, block devices, and targets that must be refused untouched."""
 import json
-import os
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +11,6 @@ from diskimages import (
     make_empty_image, make_gpt_image, make_mbr_image, make_odd_size_image, make_sparse_image, make_whole_disk_ext4,
     random_files,
 )
-from rpfs.errors import RpfsError
 from rpfs.restore import restore_disk
 from rpfs.store import Store
 
