@@ -1,4 +1,6 @@
-"""Attach a disk image read-only: mount each partition's filesystem through a read-only loop device.
+"""Attach disk images read-only: mount each partition's filesystem through a read-only loop device.
+
+One image attaches at DEST/p<N> (or DEST/disk); a whole VM, one image per disk, at DEST/<disk>/p<N>.
 
 All loop/mount plumbing (losetup, mount, umount, blkid) lives here. Mounts use
 `mount -o ro,loop,offset=..,sizelimit=..`: libmount creates a read-only loop device with autoclear,
@@ -15,6 +17,7 @@ from pathlib import Path
 from .errors import RpfsError
 from .mountinfo import Mount, read_mountinfo
 from .partitions import read_partitions
+from .recovery_point import check_name
 from .tools import error_line, run_tool, run_tool_raw
 
 # Per filesystem: options that keep the mount read-only and stop any journal/log replay.
@@ -71,16 +74,47 @@ def attach(image: Path, dest: Path) -> list[AttachedFilesystem]:
     return results
 
 
+def attach_disks(images: dict[str, Path], dest: Path) -> dict[str, list[AttachedFilesystem]]:
+    """Whole-VM attach: every filesystem of every disk read-only under dest/<disk> (p<N> or disk).
+
+    A disk with nothing mountable is reported in its list, not fatal, unless no disk mounts anything.
+    An interrupt or unexpected error undoes every mount and directory made so far.
+    """
+    if not images:
+        raise RpfsError("no disks to attach")
+    paths = {check_name("disk", name): Path(os.path.abspath(image)) for name, image in images.items()}
+    for image in paths.values():
+        _check_image_path(image)
+    dest = Path(os.path.abspath(dest))
+    created = _prepare_dest(dest)
+    results: dict[str, list[AttachedFilesystem]] = {}
+    try:
+        for name, image in paths.items():
+            results[name] = _attach_disk(image, dest / name)
+    except BaseException:
+        for name, found in results.items():
+            for r in found:
+                if r.status == MOUNTED and r.mountpoint:
+                    _rollback_mount(Path(r.mountpoint))
+            _rmdir_quietly(dest / name)
+        _remove_created(dest, created)
+        raise
+    if not any(r.status == MOUNTED for found in results.values() for r in found):
+        _remove_created(dest, created)
+        reasons = "; ".join(f"{name} {r.name}: {r.status}" for name, found in results.items() for r in found)
+        raise RpfsError(f"no filesystem found in any disk that can be mounted read-only ({reasons})")
+    return results
+
+
 def detach(dest: Path) -> list[str]:
-    """Unmount the filesystems attach mounted below `dest` and remove the mountpoints it made."""
+    """Unmount the filesystems attach or attach_disks mounted below `dest`; remove the directories they made."""
     dest = Path(dest)
     root = os.path.realpath(dest)
     if root == "/":
         raise RpfsError("refusing to detach everything below /")
-    # Only what attach makes: read-only loop mounts named p<N> or disk. Other mounts below dest
-    # (an rpfs store mount, a network share) are not ours to undo.
-    mounts = [m for m in _mounts_under(root)
-              if ATTACH_NAME.match(os.path.basename(m.mountpoint)) and m.source.startswith("/dev/loop")]
+    # Only what attach makes: mounts named p<N> or disk on read-only loop devices. Other mounts below
+    # dest (an rpfs store mount, a network share, a writable loop mount) are not ours to undo.
+    mounts = [m for m in _mounts_under(root) if _is_attach_mount(m)]
     if not mounts:
         raise RpfsError(f"nothing attached at {dest}")
     unmounted: list[str] = []
@@ -116,6 +150,27 @@ def _attach_image(image: Path, image_size: int, dest: Path) -> list[AttachedFile
                 _rollback_mount(Path(r.mountpoint))
         raise
     return results
+
+
+def _attach_disk(image: Path, disk_dir: Path) -> list[AttachedFilesystem]:
+    """One disk of a whole-VM attach: a disk that cannot be read is reported as its whole-disk status.
+
+    disk_dir stays only while something is mounted in it.
+    """
+    disk_dir.mkdir()
+    size = 0
+    try:
+        try:
+            size = _image_size(image)
+            found = _attach_image(image, size, disk_dir)
+        except RpfsError as e:
+            found = [AttachedFilesystem("disk", None, None, None, e.message, 0, size)]
+    except BaseException:
+        _rmdir_quietly(disk_dir)  # _attach_image has undone its own mounts
+        raise
+    if not any(r.status == MOUNTED for r in found):
+        disk_dir.rmdir()
+    return found
 
 
 def _attach_target(image: Path, target: _Target, dest: Path) -> AttachedFilesystem:
@@ -169,10 +224,18 @@ def _probe(image: Path, offset: int, size: int) -> tuple[str | None, str | None]
 
 def _check_image(image: Path) -> int:
     """Size of a readable image file or block device; RpfsError otherwise."""
+    _check_image_path(image)
+    return _image_size(image)
+
+
+def _check_image_path(image: Path) -> None:
     if not image.exists():
         raise RpfsError(f"image {image} does not exist")
     if image.is_dir():
         raise RpfsError(f"image {image} is a directory")
+
+
+def _image_size(image: Path) -> int:
     try:
         with open(image, "rb") as f:
             f.read(512)
@@ -224,10 +287,25 @@ def _rollback_mount(mountpoint: Path) -> None:
         run_tool(["umount", str(mountpoint)])
     except RpfsError:
         pass
+    _rmdir_quietly(mountpoint)
+
+
+def _rmdir_quietly(path: Path) -> None:
     try:
-        mountpoint.rmdir()
+        path.rmdir()
     except OSError:
         pass
+
+
+def _is_attach_mount(mount: Mount) -> bool:
+    """What attach makes: a mount named p<N> or disk whose source is a read-only loop device."""
+    loop = re.fullmatch(r"/dev/(loop\d+)", mount.source)
+    if loop is None or not ATTACH_NAME.match(os.path.basename(mount.mountpoint)):
+        return False
+    try:
+        return (Path("/sys/block") / loop.group(1) / "ro").read_text().strip() == "1"
+    except OSError:
+        return False
 
 
 def _unmount(mount: Mount) -> None:

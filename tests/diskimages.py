@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import subprocess
 import tempfile
@@ -134,17 +135,24 @@ def make_empty_image(path: Path) -> Path:
     return path
 
 
-def make_dirty_image(path: Path, files: dict[str, bytes], fstype: str = "ext4") -> Path:
+def make_dirty_image(path: Path, files: dict[str, bytes], fstype: str = "ext4",
+                     settled: dict[str, bytes] | None = None) -> Path:
     """Whole-disk ext4/xfs copied while mounted read-write, so its journal needs recovery.
 
+    `settled` files are written and the filesystem unmounted cleanly first, so they are checkpointed
+    and read back even when the journal is not replayed; `files` may live only in the journal.
     Needs root and loop devices (it is the one builder that mounts).
     """
     path = Path(path)
     live = path.with_name(path.name + ".live")
+    mountpoint = path.with_name(path.name + ".mnt")
     try:
-        _create_sparse(live, _fs_size(fstype, files))
+        _create_sparse(live, _fs_size(fstype, {**(settled or {}), **files}))
         _builder(fstype, {})(live)
-        with mounted_rw(live, path.with_name(path.name + ".mnt")) as mnt:
+        if settled:
+            with mounted_rw(live, mountpoint) as mnt:
+                _write_files(mnt, settled)
+        with mounted_rw(live, mountpoint) as mnt:
             _write_files(mnt, files)
             copy_live(live, mnt, path)
     finally:
@@ -252,6 +260,33 @@ def _builder(fstype: str | None, files: dict[str, bytes]) -> Callable[[Path], No
     build = {"ext4": mkfs_ext4, "xfs": mkfs_xfs, "btrfs": mkfs_btrfs, "squashfs": mkfs_squashfs,
              "erofs": mkfs_erofs}[fstype]
     return lambda target: build(target, files)
+
+
+def needs_log_recovery(image: Path, fstype: str) -> bool:
+    """Whether a whole-disk ext4/xfs image has a journal/log that mounting would replay."""
+    if fstype == "xfs":
+        out = subprocess.run(["xfs_logprint", "-t", str(image)], capture_output=True, text=True).stdout
+        return "<DIRTY>" in out
+    out = subprocess.run(["dumpe2fs", "-h", str(image)], capture_output=True, text=True).stdout
+    return "needs_recovery" in out
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    """Every file below root (lost+found left out), by relative path: compare with what was written."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*"))
+            if p.is_file() and "lost+found" not in p.parts}
+
+
+def release_kernel_state(under: Path) -> None:
+    """Last resort after a failed test: lazily unmount every mount below `under`, free its loop devices."""
+    prefix = os.path.realpath(under).rstrip("/") + "/"
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:  # paths escape space etc. as \ooo
+        points = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4]) for line in f]
+    for point in sorted((p for p in points if p.startswith(prefix)), key=lambda p: p.count("/"), reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+    loops, _ = leftover_kernel_state(under)
+    for line in loops:
+        subprocess.run(["losetup", "-d", line.split()[0]], capture_output=True)
 
 
 def leftover_kernel_state(under: Path | None = None) -> tuple[list[str], list[str]]:

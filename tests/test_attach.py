@@ -19,7 +19,8 @@ from rpfs import mountinfo
 from diskimages import (
     copy_live, have_mkfs, leftover_kernel_state, make_blank_partitioned_image, make_dirty_image,
     make_empty_image, make_gpt_image, make_mbr_image, make_mixed_image, make_odd_size_image,
-    make_partitioned_image, make_sparse_image, make_whole_disk_ext4, mkfs_xfs, mounted_rw, random_files,
+    make_partitioned_image, make_sparse_image, make_whole_disk_ext4, mkfs_xfs, mounted_rw, needs_log_recovery,
+    random_files, read_tree, release_kernel_state,
 )
 from rpfs.attach import AttachedFilesystem, attach, detach
 from rpfs.errors import RpfsError
@@ -174,11 +175,6 @@ def test_mountinfo_unescape():
 
 # ---------------------------------------------------------------- real kernel: loop devices and mounts
 
-def _read_tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and "lost+found" not in p.parts}
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -197,15 +193,6 @@ def _mount_entry(mountpoint: Path) -> tuple[str, str, str]:
     raise AssertionError(f"{mountpoint} not mounted")
 
 
-def _force_cleanup(area: Path) -> None:
-    """Last resort after a failed test: unmount and free everything that involves `area`."""
-    for mount in attach_mod._mounts_under(os.path.realpath(area)):
-        subprocess.run(["umount", "-l", mount.mountpoint], capture_output=True)
-    loops, _ = leftover_kernel_state(area)
-    for line in loops:
-        subprocess.run(["losetup", "-d", line.split()[0]], capture_output=True)
-
-
 @pytest.fixture
 def area(kernel, tmp_path):
     """tmp_path for a kernel test; afterwards nothing may remain mounted or looped from it."""
@@ -213,7 +200,7 @@ def area(kernel, tmp_path):
         yield tmp_path
         assert leftover_kernel_state(tmp_path) == ([], []), "attach/detach leaked kernel state"
     finally:
-        _force_cleanup(tmp_path)
+        release_kernel_state(tmp_path)
 
 
 def _assert_read_only_mount(fs: AttachedFilesystem) -> None:
@@ -243,8 +230,8 @@ def test_attach_gpt_ext4_and_xfs(area):
         json.dumps([dataclasses.asdict(a) for a in attached])
         for fs in attached:
             _assert_read_only_mount(fs)
-        assert _read_tree(dest / "p1") == files1
-        assert _read_tree(dest / "p2") == files2
+        assert read_tree(dest / "p1") == files1
+        assert read_tree(dest / "p2") == files2
         assert "norecovery" in _mount_entry(dest / "p1")[2]
         assert {"norecovery", "nouuid"} <= set(_mount_entry(dest / "p2")[2].split(","))
     finally:
@@ -260,7 +247,7 @@ def test_attach_mbr_with_logical_partition(area):
     attached = attach(image, dest)
     try:
         assert [(a.name, a.status) for a in attached] == [("p1", "mounted"), ("p5", "mounted")]
-        assert _read_tree(dest / "p1") == files
+        assert read_tree(dest / "p1") == files
         assert (dest / "p5" / "deep" / "logical.txt").read_bytes() == b"logical"
     finally:
         detach(dest)
@@ -274,7 +261,7 @@ def test_attach_whole_disk_filesystem(area):
     attached = attach(image, dest)
     try:
         assert [(a.name, a.partition, a.fstype, a.offset) for a in attached] == [("disk", None, "ext4", 0)]
-        assert _read_tree(dest / "disk") == files
+        assert read_tree(dest / "disk") == files
     finally:
         detach(dest)
 
@@ -292,7 +279,7 @@ def test_unsupported_partitions_are_reported_and_skipped(area):
         assert status["p3"] == ("unsupported filesystem vfat" if have_mkfs("vfat") else "no filesystem detected")
         assert status["p4"] == "no filesystem detected"
         assert sorted(os.listdir(dest)) == ["p2"]
-        assert _read_tree(dest / "p2") == files
+        assert read_tree(dest / "p2") == files
     finally:
         detach(dest)
 
@@ -332,8 +319,7 @@ def test_detach_undoes_everything(area):
 def test_dirty_ext4_journal_is_not_replayed(area):
     files = random_files(8, count=4)
     image = make_dirty_image(area / "dirty.img", files)
-    features = subprocess.run(["dumpe2fs", "-h", str(image)], capture_output=True, text=True).stdout
-    assert "needs_recovery" in features, "fixture should need journal recovery"
+    assert needs_log_recovery(image, "ext4"), "fixture should need journal recovery"
     before = _sha256(image)
     dest = area / "mnt"
     attached = attach(image, dest)
@@ -419,6 +405,6 @@ def test_optional_filesystems(area, fstype):
     attached = attach(image, dest)
     try:
         assert [(a.fstype, a.status) for a in attached] == [(fstype, "mounted")]
-        assert _read_tree(dest / "p1") == files
+        assert read_tree(dest / "p1") == files
     finally:
         detach(dest)

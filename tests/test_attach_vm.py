@@ -1,0 +1,233 @@
+"""Whole-VM attach: every filesystem of every disk of a recovery point, read-only, under DEST/<disk>/."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import rpfs.attach as attach_mod
+from cli_helpers import is_mounted, mounted, rpfs
+from diskimages import (
+    leftover_kernel_state, make_blank_partitioned_image, make_dirty_image, make_gpt_image, make_whole_disk_ext4,
+    mounted_rw, needs_log_recovery, random_files, read_tree, release_kernel_state,
+)
+from rpfs.attach import attach_disks, detach
+from rpfs.errors import RpfsError
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def area(kernel, tmp_path):
+    """tmp_path for a kernel test; afterwards nothing may remain mounted or looped from it."""
+    try:
+        yield tmp_path
+        assert leftover_kernel_state(tmp_path) == ([], []), "attach/detach leaked kernel state"
+    finally:
+        release_kernel_state(tmp_path)
+
+
+def backup_vm(area: Path, disks: dict[str, Path]) -> Path:
+    """A store holding one recovery point of VM "vm" with these disks."""
+    store = area / "store"
+    rpfs("init", store=store)
+    rpfs("backup", "vm", *[f"--disk={name}={path}" for name, path in disks.items()], store=store)
+    return store
+
+
+def latest_images(mnt: Path, disks: dict[str, Path]) -> dict[str, Path]:
+    return {name: mnt / "vm" / "latest" / f"{name}.img" for name in disks}
+
+
+def loop_mounts_under(area: Path) -> list[str]:
+    """Loop mounts and loop devices still involving area (the store's FUSE mount is left out)."""
+    loops, mounts = leftover_kernel_state(area)
+    return loops + [m for m in mounts if m.startswith("/dev/loop")]
+
+
+def loop_of(mountpoint: Path) -> Path:
+    """/sys/block/loopN of the loop device mounted at mountpoint."""
+    with open("/proc/self/mounts") as f:
+        source = next(line.split()[0] for line in f if line.split()[1] == str(mountpoint))
+    return Path("/sys/block") / Path(source).name
+
+
+# ---------------------------------------------------------------- argument checks, no kernel needed
+
+def test_attach_disks_checks_its_arguments(tmp_path):
+    dest = tmp_path / "dest"
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+    with pytest.raises(RpfsError, match="no disks to attach"):
+        attach_disks({}, dest)
+    for bad in ("", "a/b", "..", ".hidden", "latest"):
+        with pytest.raises(RpfsError, match="invalid disk name"):
+            attach_disks({"os": image, bad: image}, dest)
+    with pytest.raises(RpfsError, match="does not exist"):
+        attach_disks({"os": image, "data": tmp_path / "missing.img"}, dest)
+    with pytest.raises(RpfsError, match="is a directory"):
+        attach_disks({"os": tmp_path}, dest)
+    assert not dest.exists()
+
+
+# ---------------------------------------------------------------- through a mounted store
+
+@pytest.mark.timeout(180)
+def test_attach_every_disk_of_a_recovery_point(area):
+    os_p1, os_p2, data = random_files(21), random_files(22), random_files(23)
+    disks = {"os": make_gpt_image(area / "os.img", os_p1, os_p2),
+             "data": make_whole_disk_ext4(area / "data.img", data)}
+    store = backup_vm(area, disks)
+    dest = area / "dest"
+    with mounted(store, area / "store-mnt") as mnt:
+        attached = attach_disks(latest_images(mnt, disks), dest)
+        try:
+            assert list(attached) == ["os", "data"]
+            assert [(a.name, a.fstype, a.status, a.mountpoint) for a in attached["os"]] == [
+                ("p1", "ext4", "mounted", str(dest / "os" / "p1")),
+                ("p2", "xfs", "mounted", str(dest / "os" / "p2"))]
+            assert [(a.name, a.fstype, a.status, a.mountpoint) for a in attached["data"]] == [
+                ("disk", "ext4", "mounted", str(dest / "data" / "disk"))]
+            assert read_tree(dest / "os" / "p1") == os_p1
+            assert read_tree(dest / "os" / "p2") == os_p2
+            assert read_tree(dest / "data" / "disk") == data
+            for mountpoint in (dest / "os" / "p1", dest / "os" / "p2", dest / "data" / "disk"):
+                loop = loop_of(mountpoint)
+                assert (loop / "ro").read_text().strip() == "1"
+                assert (loop / "loop" / "backing_file").read_text().startswith(str(mnt / "vm")), \
+                    "should read through the store mount"
+            with pytest.raises(OSError):
+                (dest / "data" / "disk" / "new-file").write_bytes(b"x")
+        finally:
+            unmounted = detach(dest)
+        assert sorted(unmounted) == sorted(str(dest / p) for p in ("os/p1", "os/p2", "data/disk"))
+        assert loop_mounts_under(area) == []
+        assert dest.is_dir() and os.listdir(dest) == []
+        with pytest.raises(RpfsError, match="nothing attached at"):
+            detach(dest)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("fstype", ["ext4", "xfs"])
+def test_crash_consistent_image_attaches_through_the_store(area, fstype):
+    """A copy of a live filesystem: its journal/log is not replayed, yet it mounts and reads.
+
+    Files written before a clean unmount are checkpointed and must read back exactly; files
+    written afterwards may exist only in the unreplayed journal, so they may be missing.
+    """
+    settled = random_files(31, count=6)
+    recent = {f"recent/{name}": data for name, data in random_files(32, count=4, subdirs=False).items()}
+    image = make_dirty_image(area / f"{fstype}.img", recent, fstype, settled=settled)
+    assert needs_log_recovery(image, fstype), "fixture should need journal/log recovery"
+    disks = {"crashed": image}
+    store = backup_vm(area, disks)
+    dest = area / "dest"
+    with mounted(store, area / "store-mnt") as mnt:
+        attached = attach_disks(latest_images(mnt, disks), dest)
+        try:
+            assert [(a.name, a.fstype, a.status) for a in attached["crashed"]] == [("disk", fstype, "mounted")]
+            root = dest / "crashed" / "disk"
+            assert {name: (root / name).read_bytes() for name in settled} == settled
+            assert set(os.listdir(root)) <= {"lost+found", "recent", *(n.split("/")[0] for n in settled)}
+        finally:
+            detach(dest)
+        assert loop_mounts_under(area) == []
+        assert os.listdir(dest) == []
+
+
+@pytest.mark.timeout(180)
+def test_disk_without_a_filesystem_is_reported_and_the_others_mounted(area):
+    data = random_files(41, count=3)
+    disks = {"scratch": make_blank_partitioned_image(area / "scratch.img"),
+             "data": make_whole_disk_ext4(area / "data.img", data)}
+    store = backup_vm(area, disks)
+    dest = area / "dest"
+    with mounted(store, area / "store-mnt") as mnt:
+        attached = attach_disks(latest_images(mnt, disks), dest)
+        try:
+            assert [(a.name, a.status, a.mountpoint) for a in attached["scratch"]] == [
+                ("p1", "no filesystem detected", None), ("p2", "no filesystem detected", None)]
+            assert [a.status for a in attached["data"]] == ["mounted"]
+            assert os.listdir(dest) == ["data"]
+            assert read_tree(dest / "data" / "disk") == data
+        finally:
+            detach(dest)
+        assert loop_mounts_under(area) == []
+
+
+# ---------------------------------------------------------------- plain image files
+
+@pytest.mark.timeout(120)
+def test_unreadable_disk_is_reported_as_a_whole(area):
+    broken = make_blank_partitioned_image(area / "broken.img")
+    size = broken.stat().st_size
+    with open(broken, "r+b") as f:  # protective MBR left, both GPT headers gone
+        f.seek(512)
+        f.write(bytes(512))
+        f.seek(size - 512)
+        f.write(bytes(512))
+    good = make_whole_disk_ext4(area / "good.img", {"a.txt": b"a"})
+    dest = area / "dest"
+    attached = attach_disks({"broken": broken, "good": good}, dest)
+    try:
+        [whole] = attached["broken"]
+        assert (whole.name, whole.mountpoint, whole.size) == ("disk", None, size)
+        assert "no valid GPT header" in whole.status
+        assert os.listdir(dest) == ["good"]
+        assert (dest / "good" / "disk" / "a.txt").read_bytes() == b"a"
+    finally:
+        detach(dest)
+
+
+@pytest.mark.timeout(120)
+def test_no_disk_mountable_leaves_nothing_behind(area):
+    disks = {"a": make_blank_partitioned_image(area / "a.img"), "b": make_blank_partitioned_image(area / "b.img")}
+    with pytest.raises(RpfsError, match=r"no filesystem found in any disk .*\(a p1: no filesystem detected;"
+                                        r".* b p2: no filesystem detected\)"):
+        attach_disks(disks, area / "new" / "dest")
+    assert not (area / "new").exists()
+    existing = area / "existing"
+    existing.mkdir()
+    with pytest.raises(RpfsError, match="no filesystem found in any disk"):
+        attach_disks(disks, existing)
+    assert os.listdir(existing) == []
+
+
+@pytest.mark.timeout(120)
+def test_interrupted_vm_attach_undoes_every_disk(area, monkeypatch):
+    """Ctrl-C while the second disk's second partition is probed: the first disk and p1 are undone."""
+    disks = {"first": make_whole_disk_ext4(area / "first.img", {"a": b"a"}),
+             "second": make_gpt_image(area / "second.img", {"b": b"b"}, {"c": b"c"})}
+    real_probe = attach_mod._probe
+
+    def probe_then_interrupt(image, offset, size):
+        if image.name == "second.img" and offset > 2 * MiB:
+            raise KeyboardInterrupt
+        return real_probe(image, offset, size)
+
+    monkeypatch.setattr(attach_mod, "_probe", probe_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        attach_disks(disks, area / "dest")
+    assert not (area / "dest").exists()
+    assert loop_mounts_under(area) == []
+
+
+@pytest.mark.timeout(120)
+def test_detach_leaves_foreign_mounts_below_dest_alone(area):
+    """A writable loop mount named p1 below dest is not attach's: detach must not touch it."""
+    ours = make_whole_disk_ext4(area / "ours.img", {"a": b"a"})
+    theirs = make_whole_disk_ext4(area / "theirs.img", {"b": b"b"})
+    dest = area / "dest"
+    attach_disks({"ours": ours}, dest)
+    try:
+        (dest / "extra").mkdir()
+        with mounted_rw(theirs, dest / "extra" / "p1") as foreign:
+            assert detach(dest) == [str(dest / "ours" / "disk")]
+            assert is_mounted(foreign) and (foreign / "b").read_bytes() == b"b"
+            with pytest.raises(RpfsError, match="nothing attached at"):
+                detach(dest)
+        assert os.listdir(dest) == ["extra"]
+    finally:
+        if is_mounted(dest / "ours" / "disk"):
+            detach(dest)
