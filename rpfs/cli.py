@@ -210,20 +210,34 @@ def cmd_umount(args) -> int:
 
 
 def cmd_attach(args) -> int:
+    """An image file or device, or VM[/ID] of the store (every disk of that recovery point)."""
     from . import attach as attach_mod
-    found = attach_mod.attach(Path(args.image), Path(args.dest))
+    source = Path(args.source)
+    if source.exists() or not args.store:
+        found = {"": attach_mod.attach(source, Path(args.dest))}
+    else:
+        from .vm_attach import attach_point
+        vm, _, point_id = args.source.partition("/")
+        with _store(args, readonly=True) as store:
+            point = store.point(vm, point_id or None)
+        found = attach_point(store.path, point, Path(args.dest))
     if args.json:
-        _print_json([asdict(f) for f in found])
+        if "" in found:
+            _print_json([asdict(f) for f in found[""]])
+        else:
+            _print_json({"vm": point.vm, "recovery_point": point.id, "dest": str(Path(args.dest).absolute()),
+                         "disks": [{"disk": d, "filesystems": [asdict(f) for f in fs]} for d, fs in found.items()]})
         return 0
-    for f in found:
-        where = f.mountpoint if f.status == "mounted" else f.status
-        print(f"{f.name:<6} {f.fstype or '-':<10} {human_bytes(f.size):>10}  {where}")
+    for disk, filesystems in found.items():
+        for f in filesystems:
+            where = f.mountpoint if f.status == "mounted" else f.status
+            print(f"{disk + ' ' if disk else ''}{f.name:<6} {f.fstype or '-':<10} {human_bytes(f.size):>10}  {where}")
     return 0
 
 
 def cmd_detach(args) -> int:
-    from . import attach as attach_mod
-    undone = attach_mod.detach(Path(args.dest))
+    from .vm_attach import detach_point_or_image
+    undone = detach_point_or_image(Path(args.dest))
     if args.json:
         _print_json({"unmounted": [str(u) for u in undone]})
     else:
@@ -322,8 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.set_defaults(func=cmd_umount)
 
-    p = sub.add_parser("attach", parents=[json_flag], help="mount every filesystem of a disk image read-only")
-    p.add_argument("image")
+    p = sub.add_parser("attach", parents=[json_flag],
+                       help="mount every filesystem of a disk image, or of every disk of VM[/ID], read-only")
+    p.add_argument("source", metavar="IMAGE|VM[/ID]",
+                   help="an image file or block device; or a VM of the store, optionally /ID (default: latest)")
     p.add_argument("dest")
     p.set_defaults(func=cmd_attach)
 

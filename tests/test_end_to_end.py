@@ -140,3 +140,22 @@ def test_detach_leaves_other_mounts_alone(tmp_path, no_leaks):
         done = json.loads(rpfs("detach", str(work), "--json").stdout)
         assert done["unmounted"] == [str(work / "restore" / "disk")]
         assert os.listdir(rp) == ["vm"]   # the store mount below `work` is untouched
+
+
+def test_whole_vm_attach_from_the_cli(tmp_path, no_leaks):
+    files = {"p1": random_files(70, count=5), "p2": random_files(71, count=5), "data": random_files(72, count=5)}
+    os_image = make_gpt_image(tmp_path / "os.img", files["p1"], files["p2"])
+    data_image = make_whole_disk_ext4(tmp_path / "data.img", files["data"])
+    store = tmp_path / "store"
+    rpfs("init", store=store)
+    rpfs("backup", "vm", f"--disk=os={os_image}", f"--disk=data={data_image}", store=store)
+    dest = tmp_path / "vm-restore"
+    attached = json.loads(rpfs("attach", "vm", str(dest), "--json", store=store).stdout)
+    try:
+        assert [d["disk"] for d in attached["disks"]] == ["os", "data"]
+        assert tree_digests(dest / "os" / "p1") == expected_digests(files["p1"])
+        assert tree_digests(dest / "os" / "p2") == expected_digests(files["p2"])
+        assert tree_digests(dest / "data" / "disk") == expected_digests(files["data"])
+    finally:
+        rpfs("detach", str(dest))
+    assert list(dest.iterdir()) == []
