@@ -19,12 +19,14 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Callable
 
-from . import blob
+from . import blob, consistency, snapshot
 from .errors import RpfsError
 from .recovery_point import DIGEST_SIZE, HOLE, DiskRecord, RecoveryPoint, check_name, new_point_id
+from .quiesce import ConsistencyConfig
 from .source import BufferPool, DiskSource
 from .store import Store
 
@@ -66,18 +68,56 @@ def parse_disk_specs(specs: list[str]) -> list[tuple[str, str]]:
     return disks
 
 
-def backup(store: Store, vm: str, disk_specs: list[tuple[str, str]],
-           progress: ProgressFn | None = None, workers: int | None = None) -> tuple[RecoveryPoint, BackupSummary]:
+@dataclass
+class BackupOptions:
+    consistency: ConsistencyConfig | None = None   # pre/post scripts and filesystems to freeze
+    allow_live: bool = False          # read a disk in use that cannot be snapshotted (inconsistent)
+    keep_snapshot_days: float = 0.0   # keep the newest snapshot this long (the instant-restore tier)
+
+
+def backup(store: Store, vm: str, disk_specs: list[tuple[str, str]], progress: ProgressFn | None = None,
+           workers: int | None = None, options: BackupOptions | None = None) -> tuple[RecoveryPoint, BackupSummary]:
+    """Quiesce and snapshot, thaw, read the snapshots, commit the recovery point, then drop the snapshots."""
     check_name("VM", vm)
-    sources: list[DiskSource] = []
-    try:
-        for name, path in disk_specs:
-            sources.append(DiskSource.open(name, path))
-        with store.writer_lock(f"backup of {vm}"):
-            return _run(store, vm, sources, progress, workers or (os.cpu_count() or 2) + 1)
-    finally:
-        for s in sources:
-            s.close()
+    options = options or BackupOptions()
+    disks = {name: Path(os.path.abspath(path)) for name, path in disk_specs}
+    for name, path in disks.items():   # every disk readable before anything is quiesced
+        DiskSource.open(name, path).close()
+    with store.writer_lock(f"backup of {vm}"):
+        when = datetime.now(timezone.utc)
+        point_id = new_point_id(when, {p.id for p in store.points(vm)})
+        prepared = consistency.prepare(vm, disks, point_id, options.consistency, options.allow_live)
+        sources: list[DiskSource] = []
+        try:
+            for name, path in prepared.read_from.items():
+                sources.append(DiskSource.open(name, path, shown_as=disks[name]))
+            point, summary = _run(store, RecoveryPoint(vm=vm, id=point_id, time=when.isoformat(timespec="seconds"),
+                                                       consistency=prepared.consistency, quiesce=prepared.record),
+                                  sources, progress, workers or (os.cpu_count() or 2) + 1)
+        except BaseException:
+            snapshot.delete(prepared.snapshots.values())
+            raise
+        finally:
+            for s in sources:
+                s.close()
+        _keep_or_delete_snapshots(store, point, prepared.snapshots, options.keep_snapshot_days)
+    return point, summary
+
+
+def _keep_or_delete_snapshots(store: Store, point: RecoveryPoint, snapshots: dict[str, Path], days: float) -> None:
+    """Keep the newest snapshot for `days` (replacing the VM's older one), or delete it now."""
+    if not snapshots or days <= 0:
+        snapshot.delete(snapshots.values())
+        return
+    keep_until = datetime.now(timezone.utc) + timedelta(days=days)
+    point.snapshot = {"paths": {name: str(p) for name, p in snapshots.items()},
+                      "keep_until": keep_until.isoformat(timespec="seconds")}
+    store.update_point(point)
+    for older in store.points(point.vm):
+        if older.id != point.id and older.snapshot:
+            snapshot.delete(older.snapshot["paths"].values())
+            older.snapshot = {}
+            store.update_point(older)
 
 
 class _BatchWriter:
@@ -215,10 +255,10 @@ class _BackupRun:
         return sum(in_batch) + self.store.blob_lengths(d for d in digests if d not in self.batch)
 
 
-def _run(store: Store, vm: str, sources: list[DiskSource], progress: ProgressFn | None,
+def _run(store: Store, point: RecoveryPoint, sources: list[DiskSource], progress: ProgressFn | None,
          workers: int) -> tuple[RecoveryPoint, BackupSummary]:
+    """Transfer: read every source, store the new blocks, and commit `point` with its block maps."""
     started = time.monotonic()
-    when = datetime.now(timezone.utc)
     run = _BackupRun(store, sources, workers)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpfs-backup") as pool:
         try:
@@ -230,13 +270,11 @@ def _run(store: Store, vm: str, sources: list[DiskSource], progress: ProgressFn 
     run.writer.finish()
     for record, refs in zip(run.records, run.referenced):
         record.stored_bytes = run.stored_bytes_of(refs)
-    taken = {p.id for p in store.points(vm)}
     c = run.counts
-    point = RecoveryPoint(vm=vm, id=new_point_id(when, taken), time=when.isoformat(timespec="seconds"),
-                          consistency="crash", disks=run.records,
-                          duration_seconds=round(time.monotonic() - started, 3))
+    point.disks = run.records
+    point.duration_seconds = round(time.monotonic() - started, 3)
     run.commit(point)
-    summary = BackupSummary(vm=vm, point_id=point.id, disks=len(sources), bytes_read=c["read"],
+    summary = BackupSummary(vm=point.vm, point_id=point.id, disks=len(sources), bytes_read=c["read"],
                             new_bytes=c["new"], deduplicated_bytes=c["dedup"], zero_bytes=c["zero"],
                             stored_bytes=c["stored"], seconds=time.monotonic() - started)
     return point, summary

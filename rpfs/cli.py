@@ -14,7 +14,7 @@ from pathlib import Path
 
 import lmdb
 
-from .backup import backup, parse_disk_specs
+from .backup import BackupOptions, backup, parse_disk_specs
 from .errors import RpfsError
 from .progress import ProgressBar, human_bytes
 from .blob import DEFAULT_ZSTD_LEVEL
@@ -46,16 +46,21 @@ def cmd_init(args) -> int:
 
 
 def cmd_backup(args) -> int:
+    from .quiesce import load_config
     disks = parse_disk_specs(args.disk)
+    if args.keep_snapshot_days < 0:
+        raise RpfsError("--keep-snapshot-days cannot be negative")
+    options = BackupOptions(consistency=load_config(Path(args.consistency_config)) if args.consistency_config else None,
+                            allow_live=args.allow_live, keep_snapshot_days=args.keep_snapshot_days)
     with _store(args) as store:
         with ProgressBar(f"backup {args.vm}", quiet=args.json) as bar:
-            point, summary = backup(store, args.vm, disks, progress=bar)
+            point, summary = backup(store, args.vm, disks, progress=bar, options=options)
     if args.json:
         _print_json({**asdict(summary), "mb_per_second": round(summary.mb_per_second, 1),
                      "recovery_point": asdict(point)})
         return 0
     s = summary
-    print(f"recovery point {s.vm}/{s.point_id}: {s.disks} disk(s), {human_bytes(s.bytes_read)} read in "
+    print(f"recovery point {s.vm}/{s.point_id} ({point.consistency}): {s.disks} disk(s), {human_bytes(s.bytes_read)} read in "
           f"{s.seconds:.1f} s ({s.mb_per_second:.0f} MB/s)")
     print(f"  new {human_bytes(s.new_bytes)}, deduplicated {human_bytes(s.deduplicated_bytes)}, "
           f"zero {human_bytes(s.zero_bytes)}; stored {human_bytes(s.stored_bytes)} after compression")
@@ -79,10 +84,46 @@ def cmd_list(args) -> int:
             current_vm = p.vm
             print(f"{p.vm}")
         print(f"  {p.id}  {p.consistency:<12} size {human_bytes(p.size):>10}  stored {human_bytes(p.stored_bytes):>10}"
-              f"  new {human_bytes(p.new_stored_bytes):>10}")
+              f"  new {human_bytes(p.new_stored_bytes):>10}{_quiesce_note(p)}")
         for d in p.disks:
             print(f"      {d.name + '.img':<16} size {human_bytes(d.size):>10}  stored {human_bytes(d.stored_bytes):>10}"
                   f"  {d.blocks} blocks, {d.zero_blocks} holes")
+    return 0
+
+
+def _quiesce_note(point) -> str:
+    """pre/post script results, freeze time and kept snapshot, as a short suffix for `list`."""
+    q, notes = point.quiesce, []
+    for phase in ("pre", "post"):
+        if phase in q:
+            notes.append(f"{phase} {'ok' if q[phase]['ok'] else 'failed: ' + q[phase]['message']}")
+    if "freeze" in q:
+        notes.append(f"frozen {q['freeze']['seconds']:.2f} s" + (" (watchdog thawed)" if q["freeze"]["watchdog_stepped_in"] else ""))
+    if "read_live" in q:
+        notes.append("read live: " + ", ".join(q["read_live"]))
+    if point.snapshot:
+        notes.append(f"snapshot kept until {point.snapshot['keep_until']}")
+    return f"  ({'; '.join(notes)})" if notes else ""
+
+
+def cmd_snapshots(args) -> int:
+    from datetime import datetime, timezone
+    with _store(args, readonly=True) as store:
+        points = [p for p in store.points(args.vm) if p.snapshot]
+    now = datetime.now(timezone.utc)
+    found = [{"vm": p.vm, "recovery_point": p.id, "keep_until": p.snapshot["keep_until"],
+              "expired": datetime.fromisoformat(p.snapshot["keep_until"]) < now,
+              "disks": {d: {"path": path, "exists": Path(path).exists()} for d, path in p.snapshot["paths"].items()}}
+             for p in points]
+    if args.json:
+        _print_json(found)
+        return 0
+    if not found:
+        print("no kept snapshots (rpfs backup --keep-snapshot-days N keeps the newest)")
+    for f in found:
+        print(f"{f['vm']}/{f['recovery_point']}  kept until {f['keep_until']}{'  (expired)' if f['expired'] else ''}")
+        for disk, info in f["disks"].items():
+            print(f"    {disk}: {info['path']}{'' if info['exists'] else '  (missing)'}")
     return 0
 
 
@@ -279,11 +320,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vm")
     p.add_argument("--disk", action="append", default=[], metavar="NAME=PATH",
                    help="a disk of the VM: an image file or a block device (repeat for each disk)")
+    p.add_argument("--consistency-config", metavar="TOML",
+                   help="pre/post scripts and filesystems to freeze for the snapshot (see README)")
+    p.add_argument("--allow-live", action="store_true",
+                   help="back up a disk in use that cannot be snapshotted (recorded as inconsistent)")
+    p.add_argument("--keep-snapshot-days", type=float, default=0.0, metavar="DAYS",
+                   help="keep the newest reflink snapshot this many days (default 0: delete it after the backup)")
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("list", parents=[json_flag], help="list VMs, recovery points and disks")
     p.add_argument("vm", nargs="?")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("snapshots", parents=[json_flag], help="kept reflink snapshots (the instant-restore tier)")
+    p.add_argument("vm", nargs="?")
+    p.set_defaults(func=cmd_snapshots)
 
     p = sub.add_parser("restore", parents=[json_flag], help="write a recovery point's disks back (full restore)")
     p.add_argument("vm")

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 
 import pyfuse3
@@ -32,6 +33,7 @@ log = logging.getLogger("rpfs.mount")
 
 IMAGE_SUFFIX = ".img"
 LATEST = "latest"
+INFO = "info.json"       # beside the images: the recovery point's record (consistency, scripts, freeze)
 STABLE_TIMEOUT = 300.0   # recovery points never change: the kernel may cache their entries
 LIVE_TIMEOUT = 1.0       # VM folders and `latest` change as backups land
 READ_AHEAD_BLOCKS = 2    # blocks decoded ahead of a sequential reader, on the other core
@@ -40,7 +42,7 @@ READ_AHEAD_BLOCKS = 2    # blocks decoded ahead of a sequential reader, on the o
 @dataclass(frozen=True)
 class Node:
     """What an inode stands for: the root, a VM folder, a recovery point folder, an image, or `latest`."""
-    kind: str                 # "root" | "vm" | "point" | "image" | "latest"
+    kind: str                 # "root" | "vm" | "point" | "image" | "latest" | "info"
     vm: str = ""
     point_id: str = ""
     disk: str = ""
@@ -65,6 +67,10 @@ def _fuse_errors(handler):
     return wrapper
 
 
+def _info(point: RecoveryPoint) -> bytes:
+    return json.dumps(asdict(point), indent=2, sort_keys=True).encode() + b"\n"
+
+
 def _ns(iso_time: str) -> int:
     return int(datetime.fromisoformat(iso_time).timestamp() * 1e9)
 
@@ -79,6 +85,7 @@ class RecoveryPointFS(pyfuse3.Operations):
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: Node("root")}
         self._points: dict[tuple[str, str], RecoveryPoint] = {}   # immutable once created
         self._readers: dict[int, ImageReader] = {}
+        self._infos: dict[int, bytes] = {}
         self._limiter = trio.CapacityLimiter(read_threads)
         self._loading: dict[tuple[int, int], trio.Event] = {}    # blocks being decoded right now
         self._last_block: dict[int, int] = {}                    # per open image: last block read
@@ -123,7 +130,8 @@ class RecoveryPointFS(pyfuse3.Operations):
             return children + ([(LATEST, Node("latest", node.vm))] if points else [])
         if node.kind == "point":
             point = self._point(node.vm, node.point_id)
-            return [(d.name + IMAGE_SUFFIX, Node("image", node.vm, node.point_id, d.name)) for d in point.disks]
+            images = [(d.name + IMAGE_SUFFIX, Node("image", node.vm, node.point_id, d.name)) for d in point.disks]
+            return images + [(INFO, Node("info", node.vm, node.point_id))]
         raise pyfuse3.FUSEError(errno.ENOTDIR)
 
     def _child(self, node: Node, name: str) -> Node:
@@ -143,6 +151,8 @@ class RecoveryPointFS(pyfuse3.Operations):
                 return Node("latest", node.vm)
             return Node("point", node.vm, self._point(node.vm, name).id)
         if node.kind == "point":
+            if name == INFO:
+                return Node("info", node.vm, self._point(node.vm, node.point_id).id)
             if name.endswith(IMAGE_SUFFIX):
                 disk = self._point(node.vm, node.point_id).disk(name[:-len(IMAGE_SUFFIX)])
                 return Node("image", node.vm, node.point_id, disk.name)
@@ -161,6 +171,10 @@ class RecoveryPointFS(pyfuse3.Operations):
             size = point.disk(node.disk).size
             attrs.st_mode, attrs.st_nlink, attrs.st_size = stat.S_IFREG | 0o444, 1, size
             attrs.st_blocks = -(-size // 512)
+            mtime, timeout = _ns(point.time), STABLE_TIMEOUT
+        elif node.kind == "info":
+            point = self._point(node.vm, node.point_id)
+            attrs.st_mode, attrs.st_nlink, attrs.st_size = stat.S_IFREG | 0o444, 1, len(_info(point))
             mtime, timeout = _ns(point.time), STABLE_TIMEOUT
         elif node.kind == "latest":
             attrs.st_mode, attrs.st_nlink = stat.S_IFLNK | 0o777, 1
@@ -211,10 +225,13 @@ class RecoveryPointFS(pyfuse3.Operations):
     @_fuse_errors
     async def open(self, inode, flags, ctx):
         node = self._node(inode)
-        if node.kind != "image":
+        if node.kind not in ("image", "info"):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
+        if node.kind == "info":
+            self._infos[inode] = _info(self._point(node.vm, node.point_id))
+            return pyfuse3.FileInfo(fh=inode, keep_cache=True)
         if inode not in self._readers:
             point = self._point(node.vm, node.point_id)
             self._readers[inode] = ImageReader(self.store, self.cache, node.vm, node.point_id,
@@ -223,6 +240,8 @@ class RecoveryPointFS(pyfuse3.Operations):
 
     @_fuse_errors
     async def read(self, fh, off, size):
+        if fh in self._infos:
+            return self._infos[fh][off:off + size]
         reader = self._readers[fh]
         blocks = reader.blocks(off, size)
         if blocks:

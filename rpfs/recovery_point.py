@@ -44,9 +44,11 @@ class RecoveryPoint:
     vm: str
     id: str
     time: str                       # ISO 8601, UTC, when the backup started reading
-    consistency: str = "crash"
+    consistency: str = "crash"      # application | file-system | crash | inconsistent
     disks: list[DiskRecord] = field(default_factory=list)
     duration_seconds: float = 0.0
+    quiesce: dict = field(default_factory=dict)    # script results, freeze window, disks read live
+    snapshot: dict = field(default_factory=dict)   # kept reflink snapshot: {"paths": {disk: path}, "keep_until"}
 
     @property
     def size(self) -> int:

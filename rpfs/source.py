@@ -32,7 +32,8 @@ class DiskSource:
     _refused_direct_fds: set[int] = field(default_factory=set)
 
     @classmethod
-    def open(cls, name: str, path: str | Path) -> "DiskSource":
+    def open(cls, name: str, path: str | Path, shown_as: Path | None = None) -> "DiskSource":
+        """Open a disk to read; shown_as is the path recorded and named in errors (for a snapshot: the disk)."""
         check_name("disk", name)
         path = Path(path)
         try:
@@ -53,7 +54,7 @@ class DiskSource:
         except RpfsError:
             os.close(fd)
             raise
-        source = cls(name, path, size, fd, is_file=stat.S_ISREG(mode))
+        source = cls(name, shown_as or path, size, fd, is_file=stat.S_ISREG(mode))
         try:
             source.direct_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
         except OSError:

@@ -248,6 +248,10 @@ class Store:
             txn.put(self.map_key(point.vm, point.id, disk), block_map, db=self._dbs["maps"])
         txn.put(self.point_key(point.vm, point.id), point.to_json(), db=self._dbs["points"])
 
+    def update_point(self, point: RecoveryPoint) -> None:
+        """Rewrite a recovery point's record (its snapshot bookkeeping); block maps never change."""
+        self.write(lambda txn: txn.put(self.point_key(point.vm, point.id), point.to_json(), db=self._dbs["points"]))
+
     def points(self, vm: str | None = None) -> list[RecoveryPoint]:
         """All recovery points (of one VM), oldest first."""
         prefix = f"{vm}\0".encode() if vm is not None else b""

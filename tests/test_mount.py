@@ -1,5 +1,6 @@
 """The FUSE mount, on the real kernel: exact bytes, holes, corruption, live updates, daemon life."""
 import errno
+import json
 import os
 import random
 import signal
@@ -44,7 +45,8 @@ def test_images_read_back_identical(vm, tmp_path):
         assert entries[-1] == "latest" and len(entries) == 2
         point_dir = mnt / "vm1" / entries[0]
         assert os.readlink(mnt / "vm1" / "latest") == entries[0]
-        assert sorted(os.listdir(point_dir)) == ["empty.img", "odd.img", "sparse.img"]
+        assert sorted(os.listdir(point_dir)) == ["empty.img", "info.json", "odd.img", "sparse.img"]
+        assert json.loads((point_dir / "info.json").read_text())["consistency"] == "crash"
         for name, source in disks.items():
             image = point_dir / f"{name}.img"
             assert image.stat().st_size == source.stat().st_size
