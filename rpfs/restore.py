@@ -1,7 +1,8 @@
 """Full restore: write a disk of a recovery point back to a file or a block device.
 
 Blocks are decoded and verified on worker threads through the same ImageReader the mount uses, and
-written in order by one thread. A file target is written as `<target>.rpfs-partial` beside it and
+written in order by one thread. A recovery point whose reflink snapshot is still kept (the
+instant-restore tier) is restored to a file on the same filesystem by cloning the snapshot instead. A file target is written as `<target>.rpfs-partial` beside it and
 renamed into place only once complete and synced, so an interrupted restore never leaves a half image
 where the user expects a whole one; holes stay holes. A block device is written in place; its holes are
 written as zeros, or discarded (BLKDISCARD) with discard=True.
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import snapshot
 from .errors import RpfsError
 from .image import BlockCache, ImageReader
 from .mountinfo import read_mountinfo
@@ -83,8 +85,13 @@ def restore_disk(store: Store, point: RecoveryPoint, disk_name: str, target: Pat
     else:
         partial = target.with_name(target.name + PARTIAL_SUFFIX)
         try:
-            written = _restore_blocks(reader, partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, progress, workers,
-                                      holes=None)
+            if _clone_kept_snapshot(point, disk_name, disk.size, partial):
+                written = disk.size - disk.zero_blocks * disk.block_size   # about: the clone shares extents
+                if progress:
+                    progress(disk.size, disk.size)
+            else:
+                written = _restore_blocks(reader, partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, progress,
+                                          workers, holes=None)
             os.replace(partial, target)
         except BaseException:
             partial.unlink(missing_ok=True)
@@ -92,6 +99,18 @@ def restore_disk(store: Store, point: RecoveryPoint, disk_name: str, target: Pat
     return RestoreSummary(vm=point.vm, point_id=point.id, disk=disk.name, target=str(target), size=disk.size,
                           written_bytes=written, hole_bytes=disk.size - written,
                           seconds=time.monotonic() - started)
+
+
+def _clone_kept_snapshot(point: RecoveryPoint, disk_name: str, size: int, partial: Path) -> bool:
+    """The instant-restore tier: a kept reflink snapshot on the target's filesystem is cloned in seconds."""
+    kept = Path(point.snapshot.get("paths", {}).get(disk_name, "")) if point.snapshot else None
+    if kept is None or not kept.is_file() or kept.stat().st_size != size:
+        return False
+    try:
+        snapshot.clone(kept, partial)
+    except snapshot.CannotSnapshot:   # another filesystem: copy from the store instead
+        return False
+    return True
 
 
 def _restore_blocks(reader: ImageReader, path: Path, flags: int, progress: ProgressFn | None,

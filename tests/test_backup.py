@@ -262,3 +262,18 @@ def test_reader_in_another_process_adopts_a_grown_map(tmp_path, monkeypatch):
             reader.kill()
     assert reader.returncode == 0
     assert out == img.read_bytes()
+
+
+def test_disk_that_grows_and_shrinks(store, tmp_path):
+    img = write_image(tmp_path / "d.img", 9, 3 * MiB + 10)
+    sizes, points = [3 * MiB + 10, 5 * MiB + 77, 2 * MiB - 1], []
+    for size in sizes:
+        with open(img, "r+b") as f:
+            f.truncate(size)
+            f.seek(size - 1)
+            f.write(b"\x01")
+        point, _ = backup(store, "vm", [("d", str(img))])
+        points.append((point, img.read_bytes()))
+    for point, data in points:
+        assert point.disk("d").size == len(data)
+        assert read_all(store, point, "d") == data

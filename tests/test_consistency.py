@@ -304,3 +304,15 @@ def test_disk_added_between_backups(tmp_path):
     assert disks["data"]["new_blocks"] > 0                      # a full first copy
     points = json.loads(rpfs("list", "--json", store=store).stdout)
     assert [[d["name"] for d in p["disks"]] for p in points] == [["os"], ["os", "data"]]
+
+
+def test_restore_from_a_kept_snapshot_is_a_clone(vm_on_xfs, tmp_path):
+    store, disk, _ = vm_on_xfs
+    rpfs("backup", "web01", f"--disk=os={disk}", "--keep-snapshot-days", "1", store=store)
+    target = disk.parent / "restored-from-snapshot.img"     # same XFS: a reflink clone
+    out = json.loads(rpfs("restore", "web01", "--disk", "os", "--to", str(target), "--json", store=store).stdout)
+    assert out["disks"][0]["seconds"] < 5
+    from_store = tmp_path / "from-store.img"       # another filesystem: decoded from the store
+    rpfs("restore", "web01", "--disk", "os", "--to", str(from_store), store=store)
+    assert target.read_bytes() == from_store.read_bytes()
+    target.unlink()
