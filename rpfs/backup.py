@@ -32,6 +32,7 @@ from .store import Store
 
 BATCH_BYTES = 64 << 20          # commit stored blocks in transactions of about this size
 WINDOW_BYTES = 64 << 20         # at most about this much block data waits in each pipeline stage
+MAINTENANCE_WAIT_SECONDS = 600  # how long a backup waits for a running prune or gc
 ProgressFn = Callable[[int, int], None]
 
 
@@ -83,7 +84,7 @@ def backup(store: Store, vm: str, disk_specs: list[tuple[str, str]], progress: P
     disks = {name: Path(os.path.abspath(path)) for name, path in disk_specs}
     for name, path in disks.items():   # every disk readable before anything is quiesced
         DiskSource.open(name, path).close()
-    with store.writer_lock(f"backup of {vm}"):
+    with store.writer_lock(f"backup of {vm}", wait_seconds=MAINTENANCE_WAIT_SECONDS, refuse=_another_backup):
         when = datetime.now(timezone.utc)
         point_id = new_point_id(when, {p.id for p in store.points(vm)})
         prepared = consistency.prepare(vm, disks, point_id, options.consistency, options.allow_live)
@@ -102,6 +103,11 @@ def backup(store: Store, vm: str, disk_specs: list[tuple[str, str]], progress: P
                 s.close()
         _keep_or_delete_snapshots(store, point, prepared.snapshots, options.keep_snapshot_days)
     return point, summary
+
+
+def _another_backup(holder: str) -> str | None:
+    """Two backups never wait for each other (one is surely a mistake); prune or gc is waited for."""
+    return f"the store is busy: {holder} is writing to it" if holder.startswith("backup of ") else None
 
 
 def _keep_or_delete_snapshots(store: Store, point: RecoveryPoint, snapshots: dict[str, Path], days: float) -> None:

@@ -16,6 +16,7 @@ import lmdb
 
 from .backup import BackupOptions, backup, parse_disk_specs
 from .errors import RpfsError
+from .jobs import recorded
 from .progress import ProgressBar, human_bytes
 from .blob import DEFAULT_ZSTD_LEVEL
 from .store import DEFAULT_BLOCK_SIZE, FORMAT_VERSION, Store
@@ -52,9 +53,10 @@ def cmd_backup(args) -> int:
         raise RpfsError("--keep-snapshot-days cannot be negative")
     options = BackupOptions(consistency=load_config(Path(args.consistency_config)) if args.consistency_config else None,
                             allow_live=args.allow_live, keep_snapshot_days=args.keep_snapshot_days)
-    with _store(args) as store:
+    with _store(args) as store, recorded(store, "backup", args.vm) as job:
         with ProgressBar(f"backup {args.vm}", quiet=args.json) as bar:
             point, summary = backup(store, args.vm, disks, progress=bar, options=options)
+        job.bytes_read, job.bytes_written, job.recovery_point = summary.bytes_read, summary.stored_bytes, point.id
     if args.json:
         _print_json({**asdict(summary), "mb_per_second": round(summary.mb_per_second, 1),
                      "recovery_point": asdict(point)})
@@ -129,8 +131,9 @@ def cmd_snapshots(args) -> int:
 
 def cmd_restore(args) -> int:
     from .restore import check_target, restore_disk
-    with _store(args, readonly=True) as store:
+    with _store(args) as store, recorded(store, "restore", args.vm) as job:
         point = store.point(args.vm, args.recovery_point)
+        job.recovery_point = point.id
         if args.disk:
             jobs = [(point.disk(args.disk).name, Path(args.to))]
         else:
@@ -146,6 +149,7 @@ def cmd_restore(args) -> int:
             with ProgressBar(f"restore {name}", quiet=args.json) as bar:
                 summaries.append(restore_disk(store, point, name, target, force=args.force,
                                               discard=args.discard, progress=bar))
+            job.bytes_written += summaries[-1].written_bytes
     if args.json:
         _print_json({"vm": point.vm, "recovery_point": point.id,
                      "disks": [{**asdict(s), "mb_per_second": round(s.mb_per_second, 1)} for s in summaries]})
@@ -210,16 +214,262 @@ def cmd_instant_stop(args) -> int:
 
 def cmd_jobs(args) -> int:
     from . import instant
+    from .jobs import list_jobs
+    store_jobs = []
+    if args.store:
+        with _store(args, readonly=True) as store:
+            store_jobs = list_jobs(store, running_only=args.running)
     found = instant.jobs()
+    if args.running:
+        found = [j for j in found if j.state == "copying"]
     if args.json:
-        _print_json([asdict(j) for j in found])
+        _print_json({"jobs": [asdict(j) for j in store_jobs], "instant_restores": [asdict(j) for j in found]})
         return 0
-    if not found:
-        print("no instant restores")
+    if not store_jobs and not found:
+        print("no jobs" + ("" if args.store else " (give --store to see backups, restores, prune, gc, verify)"))
+    for j in store_jobs:
+        moved = f"read {human_bytes(j.bytes_read)}, wrote {human_bytes(j.bytes_written)}"
+        print(f"{j.id}  {j.kind:<8} {j.vm or '-':<12} {j.status:<10} {j.start} -> {j.end or '...'}  {moved}"
+              f"{'  ' + j.recovery_point if j.recovery_point else ''}{'  error: ' + j.error if j.error else ''}")
     for j in found:
         percent = 100.0 * j.copied_blocks / j.blocks if j.blocks else 100.0
         print(f"instant-restore {j.vm}/{j.point_id}/{j.disk} -> {j.target}: {j.state} {percent:.1f}%"
               f" ({j.copied_blocks}/{j.blocks} blocks){'  image ' + j.image if j.state != 'stopped' else ''}")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from .maintenance import gc
+    with _store(args) as store, recorded(store, "gc") as job:
+        result = gc(store)
+        job.bytes_written = result.freed_bytes
+    if args.json:
+        _print_json(asdict(result))
+    else:
+        print(f"removed {result.removed_blocks} unreferenced block(s), {human_bytes(result.freed_bytes)}"
+              " (LMDB reuses the space; rpfs compact shrinks the file)")
+    return 0
+
+
+def cmd_compact(args) -> int:
+    from .maintenance import compact
+    with _store(args) as store:
+        before, after = compact(store)
+    if args.json:
+        _print_json({"before_bytes": before, "after_bytes": after})
+    else:
+        print(f"compacted {args.store}: {human_bytes(before)} -> {human_bytes(after)}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .maintenance import verify
+    with _store(args) as store, recorded(store, "verify", args.vm) as job:
+        with ProgressBar("verify", quiet=args.json) as bar:
+            result = verify(store, args.vm, args.recovery_point, args.sample, progress=bar)
+        job.bytes_read = result.checked_bytes
+        if result.damaged:
+            job.error = f"{len(result.damaged)} damaged recovery point(s)"
+    if args.json:
+        _print_json(asdict(result))
+    else:
+        print(f"checked {result.checked_blocks} block(s), {human_bytes(result.checked_bytes)}"
+              f"{f' ({args.sample:g}% sample)' if args.sample < 100 else ''}")
+        for point, problems in result.damaged.items():
+            print(f"DAMAGED {point}: {len(problems)} bad block reference(s); first: {problems[0]}")
+    return 4 if result.damaged else 0
+
+
+def cmd_usage(args) -> int:
+    from .usage import usage
+    with _store(args, readonly=True) as store:
+        result = usage(store)
+    if args.json:
+        _print_json({**asdict(result), "deduplication_ratio": round(result.deduplication_ratio, 3),
+                     "compression_ratio": round(result.compression_ratio, 3)})
+        return 0
+    print(f"{'VM':<16} {'points':>6} {'protected instance':>19} {'backup storage':>15} {'snapshots':>10}")
+    for v in result.vms:
+        print(f"{v.vm:<16} {v.recovery_points:>6} {human_bytes(v.protected_instance_bytes):>19}"
+              f" {human_bytes(v.backup_storage_bytes):>15} {human_bytes(v.snapshot_bytes):>10}")
+    print(f"store: {human_bytes(result.stored_bytes)} stored ({human_bytes(result.file_bytes)} file), "
+          f"deduplication {result.deduplication_ratio:.2f}x, compression {result.compression_ratio:.2f}x; "
+          f"{result.unreferenced_blocks} unreferenced block(s) for gc. Shared blocks: {result.attribution}.")
+    return 0
+
+
+def cmd_pin(args) -> int:
+    with _store(args) as store:
+        point = store.point(args.vm, args.recovery_point)
+        point.pinned = args.pinned
+        store.update_point(point)
+    if args.json:
+        _print_json({"vm": point.vm, "recovery_point": point.id, "pinned": point.pinned})
+    else:
+        print(f"{point.vm}/{point.id} {'pinned: prune keeps it' if point.pinned else 'unpinned'}")
+    return 0
+
+
+def _policy_from_args(args, base: dict | None) -> dict:
+    """A policy dict from `rpfs policy create/update` flags, over base (update) or defaults (create)."""
+    d = base or {"name": args.name, "schedule": {"kind": "daily", "at": "02:00"},
+                 "retention": {"keep_last": 7}, "keep_snapshot_days": 0, "options": {}}
+    kinds = [k for k in ("daily", "weekdays", "every_hours") if getattr(args, k) is not None]
+    if len(kinds) > 1:
+        raise RpfsError("give one schedule: --daily HH:MM, --weekdays mon,thu [--at HH:MM], or --every-hours N")
+    if args.daily is not None:
+        d["schedule"] = {"kind": "daily", "at": args.daily}
+    elif args.weekdays is not None:
+        d["schedule"] = {"kind": "weekly", "at": args.at or "02:00", "weekdays": args.weekdays.split(",")}
+    elif args.every_hours is not None:
+        d["schedule"] = {"kind": "hourly", "every_hours": args.every_hours}
+    elif args.at is not None and d["schedule"]["kind"] != "hourly":
+        d["schedule"]["at"] = args.at
+    for key in ("keep_last", "daily", "weekly", "monthly", "yearly"):
+        value = getattr(args, f"keep_{key}" if key != "keep_last" else "keep_last")
+        if value is not None:
+            d["retention"][key] = value
+    if args.keep_snapshot_days is not None:
+        d["keep_snapshot_days"] = args.keep_snapshot_days
+    if args.consistency_config is not None:   # the timer runs in /, so keep it absolute
+        d["consistency_config"] = str(Path(args.consistency_config).absolute()) if args.consistency_config else None
+    if args.allow_live is not None:
+        d["options"]["allow_live"] = args.allow_live == "yes"
+    return d
+
+
+def cmd_policy(args) -> int:
+    from .policy import policy_from_dict, policy_from_toml, policy_to_dict
+    from .protection import delete_policy, get_policy, save_policy
+    with _store(args, readonly=args.action in ("list", "show")) as store:
+        if args.action == "import":
+            try:
+                text = Path(args.file).read_text()
+            except OSError as e:
+                raise RpfsError(f"cannot read {args.file}: {e.strerror}") from None
+            policy = policy_from_toml(text, args.file)
+            save_policy(store, policy, replace=args.replace)
+            shown = [policy]
+        elif args.action == "create":
+            policy = policy_from_dict(_policy_from_args(args, None))
+            save_policy(store, policy)
+            shown = [policy]
+        elif args.action == "update":
+            policy = policy_from_dict(_policy_from_args(args, policy_to_dict(get_policy(store, args.name))))
+            save_policy(store, policy, replace=True)
+            shown = [policy]
+        elif args.action == "delete":
+            delete_policy(store, args.name)
+            shown = []
+        elif args.action == "show":
+            shown = [get_policy(store, args.name)]
+        else:
+            shown = [policy_from_dict(d) for d in store.records("policies").values()]
+    if args.json:
+        _print_json([policy_to_dict(p) for p in shown])
+        return 0
+    if args.action == "delete":
+        print(f"deleted policy {args.name}")
+    for p in shown:
+        sch = p.schedule
+        when = {"daily": f"daily at {sch.at}", "weekly": f"{','.join(sch.weekdays)} at {sch.at}",
+                "hourly": f"every {sch.every_hours} h"}[sch.kind]
+        keep = ", ".join(f"{k.removeprefix('keep_')} {v}" for k, v in asdict(p.retention).items() if v)
+        print(f"{p.name}: {when} UTC; keep {keep}; snapshot kept {p.keep_snapshot_days:g} day(s)"
+              f"{'; consistency ' + p.consistency_config if p.consistency_config else ''}")
+    return 0
+
+
+def cmd_protect(args) -> int:
+    from .protection import protect
+    with _store(args) as store:
+        protection = protect(store, args.vm, args.policy, args.disk, args.temporary_disk)
+    if args.json:
+        _print_json(asdict(protection))
+    else:
+        print(f"{args.vm} protected by policy {args.policy}: disks {', '.join(protection.disks)}"
+              f"{'; temporary (not backed up): ' + ', '.join(protection.temporary) if protection.temporary else ''}")
+    return 0
+
+
+def cmd_unprotect(args) -> int:
+    from .protection import unprotect
+    if args.keep_data == args.delete_data:
+        raise RpfsError("say what happens to the recovery points: --keep-data or --delete-data")
+    with _store(args) as store:
+        deleted = unprotect(store, args.vm, delete_data=args.delete_data)
+    if args.json:
+        _print_json({"vm": args.vm, "deleted_recovery_points": deleted})
+    else:
+        print(f"{args.vm} is no longer protected; " + (f"{deleted} recovery point(s) deleted (rpfs gc frees the space)"
+                                                        if args.delete_data else "its recovery points stay restorable"))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .protection import run
+    with _store(args) as store:
+        result = run(store, stagger_seconds=args.stagger_seconds,
+                     progress_for=lambda vm: ProgressBar(f"backup {vm}", quiet=args.json))
+    if args.json:
+        _print_json(asdict(result))
+    else:
+        print(f"backed up: {', '.join(result.backed_up) or 'none'}; not due: {len(result.not_due)}")
+        for vm, ids in result.pruned.items():
+            print(f"pruned {vm}: {', '.join(ids)}")
+        for vm, error in result.failed.items():
+            print(f"FAILED {vm}: {error}")
+    return 1 if result.failed else 0
+
+
+def cmd_prune(args) -> int:
+    from .maintenance import prune
+    from .protection import get_policy, protections
+    with _store(args) as store:
+        policies = {vm: get_policy(store, p.policy).retention for vm, p in protections(store).items()}
+        if args.dry_run:
+            results = prune(store, policies, args.vm, dry_run=True)
+        else:
+            with recorded(store, "prune", args.vm) as job:
+                results = prune(store, policies, args.vm)
+                job.bytes_written = sum(len(r.pruned) for r in results)
+    if args.json:
+        _print_json([asdict(r) for r in results])
+        return 0
+    for r in results:
+        verb = "would prune" if args.dry_run else "pruned"
+        print(f"{r.vm}: {verb} {len(r.pruned)}, keeps {len(r.kept)}")
+        for point_id in r.pruned:
+            print(f"  {verb}  {point_id}")
+        if args.dry_run:
+            for point_id, why in sorted(r.kept.items()):
+                print(f"  keeps        {point_id}  ({why})")
+    return 0
+
+
+def cmd_schedule(args) -> int:
+    import shlex
+    import subprocess
+    from .schedule import systemd_units
+    if not args.store:
+        raise RpfsError("no store given: use --store DIR or set RPFS_STORE")
+    units = systemd_units(shlex.join([sys.executable, "-m", "rpfs"]), str(Path(args.store).absolute()), args.interval)
+    if args.print or not args.install:
+        for name, text in units.items():
+            print(f"# {name}\n{text}")
+        return 0
+    folder = Path(args.unit_dir)
+    for name, text in units.items():
+        (folder / name).write_text(text)
+    if args.unit_dir == "/etc/systemd/system":
+        for cmd in (["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", "rpfs.timer"]):
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True)
+            except FileNotFoundError:
+                raise RpfsError(f"wrote {', '.join(units)} to {folder}, but systemctl is not installed") from None
+            if done.returncode != 0:
+                raise RpfsError(f"wrote the units to {folder}, but {' '.join(cmd)} failed: {done.stderr.strip()}")
+    print(f"installed {', '.join(units)} in {folder}")
     return 0
 
 
@@ -364,8 +614,79 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target")
     p.set_defaults(func=cmd_instant_stop)
 
-    p = sub.add_parser("jobs", parents=[json_flag], help="instant restores and their copy progress")
+    p = sub.add_parser("jobs", parents=[json_flag],
+                       help="backups, restores, prune, gc and verify recorded in the store; instant restores")
+    p.add_argument("--running", action="store_true", help="only jobs still running")
     p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("policy", parents=[json_flag], help="protection policies: schedule, retention, snapshots")
+    p.add_argument("action", choices=["create", "update", "import", "list", "show", "delete"])
+    p.add_argument("name", nargs="?", help="policy name (for import: the TOML file)")
+    p.add_argument("--daily", metavar="HH:MM")
+    p.add_argument("--weekdays", metavar="mon,thu")
+    p.add_argument("--at", metavar="HH:MM")
+    p.add_argument("--every-hours", type=int, metavar="N")
+    p.add_argument("--keep-last", type=int)
+    for period in ("daily", "weekly", "monthly", "yearly"):
+        p.add_argument(f"--keep-{period}", type=int, metavar="N")
+    p.add_argument("--keep-snapshot-days", type=float)
+    p.add_argument("--consistency-config", metavar="TOML")
+    p.add_argument("--allow-live", choices=["yes", "no"])
+    p.add_argument("--replace", action="store_true", help="import over an existing policy")
+    p.set_defaults(func=_policy_dispatch)
+
+    p = sub.add_parser("protect", parents=[json_flag], help="protect a VM with a policy")
+    p.add_argument("vm")
+    p.add_argument("--policy", required=True)
+    p.add_argument("--disk", action="append", default=[], metavar="NAME=PATH")
+    p.add_argument("--temporary-disk", action="append", default=[], metavar="NAME=PATH",
+                   help="a disk that is never backed up nor counted (like a VM's temporary disk)")
+    p.set_defaults(func=cmd_protect)
+
+    p = sub.add_parser("unprotect", parents=[json_flag], help="stop protecting a VM")
+    p.add_argument("vm")
+    p.add_argument("--keep-data", action="store_true", help="its recovery points stay restorable")
+    p.add_argument("--delete-data", action="store_true", help="delete its recovery points")
+    p.set_defaults(func=cmd_unprotect)
+
+    p = sub.add_parser("run", parents=[json_flag], help="every backup that is due, then prune (for a timer)")
+    p.add_argument("--stagger-seconds", type=float, default=60.0,
+                   help="spread the starts of VMs due at once over this many seconds (default 60)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("prune", parents=[json_flag], help="delete recovery points the policies no longer keep")
+    p.add_argument("vm", nargs="?")
+    p.add_argument("--dry-run", action="store_true", help="list what would be pruned and why the rest is kept")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("schedule", parents=[json_flag], help="systemd service and timer that run `rpfs run`")
+    p.add_argument("--install", action="store_true", help="write and enable the units")
+    p.add_argument("--print", action="store_true", help="print the units")
+    p.add_argument("--interval", default="*:0/15", help="systemd OnCalendar of the checks (default every 15 min)")
+    p.add_argument("--unit-dir", default="/etc/systemd/system", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_schedule)
+
+    p = sub.add_parser("gc", parents=[json_flag], help="remove blocks no recovery point references")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("compact", parents=[json_flag], help="rewrite the store file compacted (no mounts may be open)")
+    p.set_defaults(func=cmd_compact)
+
+    p = sub.add_parser("verify", parents=[json_flag], help="read every referenced block and check its digest")
+    p.add_argument("vm", nargs="?")
+    p.add_argument("recovery_point", nargs="?")
+    p.add_argument("--sample", type=float, default=100.0, metavar="PERCENT", help="check a random sample")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("usage", parents=[json_flag], help="protected instance size and backup storage per VM")
+    p.set_defaults(func=cmd_usage)
+
+    for name, pinned in (("pin", True), ("unpin", False)):
+        p = sub.add_parser(name, parents=[json_flag],
+                           help=f"{'protect a recovery point against' if pinned else 'allow again'} pruning")
+        p.add_argument("vm")
+        p.add_argument("recovery_point")
+        p.set_defaults(func=cmd_pin, pinned=pinned)
 
     p = sub.add_parser("instant-daemon")   # started by instant-restore; not for users
     p.add_argument("target")
@@ -398,6 +719,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest")
     p.set_defaults(func=cmd_detach)
     return parser
+
+
+def _policy_dispatch(args) -> int:
+    if args.action in ("create", "update", "show", "delete", "import") and not args.name:
+        raise RpfsError(f"rpfs policy {args.action} needs a {'TOML file' if args.action == 'import' else 'policy name'}")
+    if args.action == "import":
+        args.file = args.name
+    return cmd_policy(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ import trio
 
 from .errors import CorruptBlockError, RpfsError
 from .image import BlockCache, ImageReader
+from .leases import Lease
 from .overlay import WritableImage
 from .recovery_point import RecoveryPoint
 from .store import Store
@@ -78,14 +79,15 @@ def _ns(iso_time: str) -> int:
 class RecoveryPointFS(pyfuse3.Operations):
     enable_writeback_cache = False
 
-    def __init__(self, store: Store, cache: BlockCache, read_threads: int = 4):
+    def __init__(self, store: Store, cache: BlockCache, read_threads: int = 4, lease: Lease | None = None):
         super().__init__()
-        self.store, self.cache = store, cache
+        self.store, self.cache, self.lease = store, cache, lease
         self._inodes: dict[Node, int] = {Node("root"): pyfuse3.ROOT_INODE}
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: Node("root")}
         self._points: dict[tuple[str, str], RecoveryPoint] = {}   # immutable once created
         self._readers: dict[int, ImageReader] = {}
         self._infos: dict[int, bytes] = {}
+        self._open_images: dict[tuple[str, str], int] = {}      # (vm, point) -> open handles
         self._limiter = trio.CapacityLimiter(read_threads)
         self._loading: dict[tuple[int, int], trio.Event] = {}    # blocks being decoded right now
         self._last_block: dict[int, int] = {}                    # per open image: last block read
@@ -236,6 +238,10 @@ class RecoveryPointFS(pyfuse3.Operations):
             point = self._point(node.vm, node.point_id)
             self._readers[inode] = ImageReader(self.store, self.cache, node.vm, node.point_id,
                                                point.disk(node.disk))
+        key = (node.vm, node.point_id)
+        self._open_images[key] = self._open_images.get(key, 0) + 1
+        if self.lease is not None:
+            self.lease.add(*key)   # prune must not delete a recovery point while it is open
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @_fuse_errors
@@ -284,8 +290,17 @@ class RecoveryPointFS(pyfuse3.Operations):
         except Exception:
             pass
 
+    @_fuse_errors
     async def release(self, fh):
-        pass
+        node = self._node(fh)
+        if node.kind != "image":
+            return
+        key = (node.vm, node.point_id)
+        self._open_images[key] -= 1
+        if self._open_images[key] == 0:
+            del self._open_images[key]
+            if self.lease is not None:
+                self.lease.remove(*key)
 
     async def releasedir(self, fh):
         pass

@@ -24,6 +24,7 @@ import trio
 from .errors import RpfsError
 from .fusefs import RecoveryPointFS
 from .image import BlockCache
+from .leases import Lease
 from .mountinfo import fstype_at, read_mountinfo
 from .tools import error_line, run_tool_raw
 from .store import Store
@@ -65,7 +66,17 @@ class Filesystem:
 def store_filesystem(store_path: Path, cache_bytes: int) -> Filesystem:
     """The read-only recovery-point tree of a store."""
     store = Store.open(store_path, readonly=True)
-    return Filesystem(RecoveryPointFS(store, BlockCache(cache_bytes)), {"ro"}, store.close)
+    try:
+        lease = Lease(store.path)
+    except OSError as e:   # a store on read-only media: nothing can prune it either
+        logging.getLogger("rpfs.mount").warning("no lease in %s: %s", store.path, e)
+        lease = None
+
+    def close() -> None:
+        store.close()
+        if lease is not None:
+            lease.close()
+    return Filesystem(RecoveryPointFS(store, BlockCache(cache_bytes), lease=lease), {"ro"}, close)
 
 
 def serve(open_filesystem: Callable[[], Filesystem], mountpoint: Path, ready_fd: int | None = None,

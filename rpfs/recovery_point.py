@@ -49,6 +49,7 @@ class RecoveryPoint:
     duration_seconds: float = 0.0
     quiesce: dict = field(default_factory=dict)    # script results, freeze window, disks read live
     snapshot: dict = field(default_factory=dict)   # kept reflink snapshot: {"paths": {disk: path}, "keep_until"}
+    pinned: bool = False                            # never pruned while pinned
 
     @property
     def size(self) -> int:

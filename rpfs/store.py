@@ -1,11 +1,15 @@
 """The store: one directory holding an LMDB environment with blocks by digest and the recovery-point catalog.
 
-Layout (format version 1), one LMDB environment `STORE/data.mdb` with named databases:
+Layout (format version 2), one LMDB environment `STORE/data.mdb` with named databases:
   meta     b"format_version" -> b"1", b"block_size" -> decimal bytes, b"created" -> ISO time,
            b"zstd_level" -> decimal (used by writers only; any level decodes the same way)
   blocks   sha256(raw block) (32 bytes) -> framed blob (see blob.py)
   points   b"<vm>\\0<rp id>" -> recovery point JSON (see recovery_point.py)
   maps     b"<vm>\\0<rp id>\\0<disk>" -> block map: 32 bytes per block, 32 zero bytes for a hole
+  refs     digest -> u32 little-endian: how many block maps reference the block (version 2)
+  policies b"<name>" -> policy JSON; protected b"<vm>" -> protection JSON; jobs b"<id>" -> job JSON
+Version 1 stores (no refs, policies, protected, jobs) are upgraded in place, in one transaction, the
+first time a writing command opens them; read-only commands read them as they are.
 
 Every transaction is short: readers hold one for one lookup, so LMDB can reuse freed pages.
 """
@@ -14,8 +18,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import itertools
+import json
+import struct
 import os
 import threading
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,13 +32,15 @@ import lmdb
 
 from .blob import DEFAULT_ZSTD_LEVEL
 from .errors import RpfsError
-from .recovery_point import DIGEST_SIZE, RecoveryPoint
+from .recovery_point import DIGEST_SIZE, HOLE, RecoveryPoint
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_BLOCK_SIZE = 1 << 20
 INITIAL_MAP_SIZE = 1 << 30
 LOW_SPACE = 128 << 20      # below this much free space, a failed write is taken for a full disk
-DB_NAMES = (b"meta", b"blocks", b"points", b"maps")
+V1_DB_NAMES = (b"meta", b"blocks", b"points", b"maps")
+DB_NAMES = V1_DB_NAMES + (b"refs", b"policies", b"protected", b"jobs")
+REF = struct.Struct("<I")
 T = TypeVar("T")
 
 
@@ -51,14 +60,21 @@ class Store:
         self._resize_lock = threading.Lock()
         self._txn_count = 0
         self._txn_idle = threading.Condition(self._resize_lock)
-        self._dbs = {name.decode(): env.open_db(name, create=False) for name in DB_NAMES}
+        self._dbs = {name.decode(): env.open_db(name, create=False) for name in V1_DB_NAMES}
         with self.read() as txn:
             meta = {bytes(k): bytes(v) for k, v in txn.cursor(db=self._dbs["meta"])}
         version = int(meta.get(b"format_version", b"0"))
-        if version != FORMAT_VERSION:
+        if version == 1 and not readonly:
+            self._upgrade_from_v1()
+        elif version == 1:
+            pass   # read as it is: the version 1 databases hold everything a reader needs
+        elif version != FORMAT_VERSION:
             raise RpfsError(
-                f"store {path} has format version {version}; this rpfs reads version {FORMAT_VERSION}"
+                f"store {path} has format version {version}; this rpfs reads versions 1 and {FORMAT_VERSION}"
                 " (use a matching rpfs release)")
+        else:
+            self._dbs.update({name.decode(): env.open_db(name, create=False) for name in DB_NAMES[len(V1_DB_NAMES):]})
+        self.format_version = version if readonly else FORMAT_VERSION
         self.block_size = int(meta[b"block_size"])
         self.zstd_level = int(meta.get(b"zstd_level", DEFAULT_ZSTD_LEVEL))
         self.created = meta.get(b"created", b"").decode()
@@ -79,7 +95,7 @@ class Store:
         with env.begin(write=True) as txn:
             dbs = {name: env.open_db(name, txn=txn, create=True) for name in DB_NAMES}
             meta = dbs[b"meta"]
-            txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=meta)
+            txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=meta)  # all databases exist
             txn.put(b"block_size", str(block_size).encode(), db=meta)
             txn.put(b"zstd_level", str(zstd_level).encode(), db=meta)
             txn.put(b"created", datetime.now(timezone.utc).isoformat(timespec="seconds").encode(), db=meta)
@@ -102,6 +118,28 @@ class Store:
             raise RpfsError(f"cannot open store {path}: {e}") from None
         except KeyError:
             raise RpfsError(f"{path} is not an rpfs store (its metadata is missing)") from None
+
+    def _upgrade_from_v1(self) -> None:
+        """Version 1 -> 2: add the new databases and count every block's references, in one transaction."""
+        def fill(txn):
+            for name in DB_NAMES[len(V1_DB_NAMES):]:
+                self._dbs[name.decode()] = self._env.open_db(name, txn=txn, create=True)
+            counts: dict[bytes, int] = {}
+            for _key, block_map in txn.cursor(db=self._dbs["maps"]):
+                for digest in _distinct_digests(block_map):
+                    counts[digest] = counts.get(digest, 0) + 1
+            for digest, count in counts.items():
+                txn.put(digest, REF.pack(count), db=self._dbs["refs"])
+            txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=self._dbs["meta"])
+        self.write(fill)
+
+    def _need(self, name: str):
+        """A database that only version 2 has; a version 1 store opened read-only lacks it."""
+        db = self._dbs.get(name)
+        if db is None:
+            raise RpfsError(f"store {self.path} has format version 1; run a writing command on it once"
+                            " (e.g. rpfs backup) to upgrade it")
+        return db
 
     def close(self) -> None:
         self._env.close()
@@ -217,16 +255,24 @@ class Store:
 
     # -- writer lock -------------------------------------------------------------------------------
     @contextmanager
-    def writer_lock(self, what: str) -> Iterator[None]:
-        """One writer at a time: a second backup fails at once with a clear message instead of waiting."""
+    def writer_lock(self, what: str, wait_seconds: float = 0.0,
+                    refuse: Callable[[str], str | None] | None = None) -> Iterator[None]:
+        """One writer at a time. A backup fails at once with a clear message; maintenance (prune, gc)
+        may wait for the running writer. refuse(holder) returns a message when waiting makes no sense."""
         lock_path = self.path / "writer.lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                raise RpfsError(f"store {self.path} is busy: {holder} is writing to it") from None
+            deadline = time.monotonic() + wait_seconds
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                    reason = refuse(holder) if refuse else None
+                    if reason or time.monotonic() >= deadline:
+                        raise RpfsError(reason or f"store {self.path} is busy: {holder} is writing to it") from None
+                    time.sleep(0.1)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{what} (pid {os.getpid()})\n".encode(), 0)
             yield
@@ -244,9 +290,78 @@ class Store:
 
     def put_point(self, txn, point: RecoveryPoint, block_maps: dict[str, bytes]) -> None:
         """Record a recovery point; called in the transaction that commits its last blocks."""
+        refs = self._need("refs")
         for disk, block_map in block_maps.items():
             txn.put(self.map_key(point.vm, point.id, disk), block_map, db=self._dbs["maps"])
+            for digest in _distinct_digests(block_map):
+                count = txn.get(digest, db=refs)
+                txn.put(digest, REF.pack((REF.unpack(count)[0] if count is not None else 0) + 1), db=refs)
         txn.put(self.point_key(point.vm, point.id), point.to_json(), db=self._dbs["points"])
+
+    def delete_point(self, txn, point: RecoveryPoint) -> int:
+        """Remove a recovery point and release its blocks' references; returns how many blocks became
+        unreferenced (rpfs gc removes them)."""
+        refs, released = self._need("refs"), 0
+        for disk in point.disks:
+            key = self.map_key(point.vm, point.id, disk.name)
+            block_map = txn.get(key, db=self._dbs["maps"])
+            for digest in _distinct_digests(block_map if block_map is not None else b""):
+                count = txn.get(digest, db=refs)
+                left = (REF.unpack(count)[0] if count is not None else 1) - 1
+                if left > 0:
+                    txn.put(digest, REF.pack(left), db=refs)
+                else:
+                    txn.delete(digest, db=refs)
+                    released += 1
+            txn.delete(key, db=self._dbs["maps"])
+        txn.delete(self.point_key(point.vm, point.id), db=self._dbs["points"])
+        return released
+
+    def unreferenced_blocks(self, per_transaction: int = 4096) -> Iterator[bytes]:
+        """Digests of stored blocks no recovery point references (call with the writer lock held)."""
+        refs, after = self._need("refs"), b""
+        while True:
+            with self.read() as txn:
+                cursor = txn.cursor(db=self._dbs["blocks"])
+                if not cursor.set_range(after):
+                    return
+                chunk = []
+                for key in cursor.iternext(keys=True, values=False):
+                    key = bytes(key)
+                    if key == after:
+                        continue
+                    chunk.append(key)
+                    if len(chunk) >= per_transaction:
+                        break
+                missing = [k for k in chunk if txn.get(k, db=refs) is None]
+            yield from missing
+            if len(chunk) < per_transaction:
+                return
+            after = chunk[-1]
+
+    # -- records: policies, protected VMs, jobs (JSON by name) ------------------------------------
+    def put_record(self, kind: str, name: str, record: dict) -> None:
+        db = self._need(kind)
+        self.write(lambda txn: txn.put(name.encode(), json.dumps(record, sort_keys=True).encode(), db=db))
+
+    def get_record(self, kind: str, name: str) -> dict | None:
+        db = self._need(kind)
+        with self.read() as txn:
+            value = txn.get(name.encode(), db=db)
+            return None if value is None else json.loads(bytes(value))
+
+    def records(self, kind: str) -> dict[str, dict]:
+        db = self._dbs.get(kind)
+        if db is None:
+            return {}
+        with self.read() as txn:
+            return {bytes(k).decode(): json.loads(bytes(v)) for k, v in txn.cursor(db=db)}
+
+    def delete_record(self, kind: str, name: str) -> bool:
+        db = self._need(kind)
+        deleted = []
+        self.write(lambda txn: deleted.append(txn.delete(name.encode(), db=db)))
+        return bool(deleted and deleted[0])
 
     def update_point(self, point: RecoveryPoint) -> None:
         """Rewrite a recovery point's record (its snapshot bookkeeping); block maps never change."""
@@ -281,6 +396,12 @@ class Store:
                 return p
         raise RpfsError(f"VM {vm!r} has no recovery point {point_id!r} (latest: {points[-1].id})")
 
+    def block_map(self, map_key: bytes) -> bytes:
+        """A whole block map (32 bytes per block); for scans that visit every block anyway."""
+        with self.read() as txn:
+            block_map = txn.get(map_key, db=self._dbs["maps"])
+            return b"" if block_map is None else bytes(block_map)
+
     def block_digest(self, map_key: bytes, index: int) -> bytes:
         """The digest of one block of a disk, read in place from the block map (never loaded whole)."""
         with self.read() as txn:
@@ -292,3 +413,11 @@ class Store:
     def has_block(self, digest: bytes) -> bool:
         with self.read() as txn:
             return txn.get(digest, db=self._dbs["blocks"]) is not None
+
+
+def _distinct_digests(block_map) -> set[bytes]:
+    """The distinct stored blocks a block map references (holes are not blocks)."""
+    view = memoryview(block_map)
+    found = {bytes(view[i:i + DIGEST_SIZE]) for i in range(0, len(view), DIGEST_SIZE)}
+    found.discard(HOLE)
+    return found

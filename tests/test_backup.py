@@ -277,3 +277,31 @@ def test_disk_that_grows_and_shrinks(store, tmp_path):
     for point, data in points:
         assert point.disk("d").size == len(data)
         assert read_all(store, point, "d") == data
+
+
+def _refs(store: Store) -> dict[bytes, bytes]:
+    with store.read() as txn:
+        return {bytes(k): bytes(v) for k, v in txn.cursor(db=store.db("refs"))}
+
+
+def test_version_1_store_is_read_and_then_upgraded(tmp_path):
+    a = write_image(tmp_path / "a.img", 10, 4 * MiB)
+    with Store.init(tmp_path / "s") as store:
+        backup(store, "vm1", [("d", str(a))])
+        backup(store, "vm2", [("d", str(a)), ("e", str(a))])
+        expected_refs = _refs(store)
+    env = lmdb.open(str(tmp_path / "s"), max_dbs=8)   # turn it into what version 1 wrote
+    with env.begin(write=True) as txn:
+        for name in (b"refs", b"policies", b"protected", b"jobs"):
+            txn.drop(env.open_db(name, txn=txn), delete=True)
+        txn.put(b"format_version", b"1", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    with Store.open(tmp_path / "s", readonly=True) as old:
+        assert old.format_version == 1 and [p.vm for p in old.points()] == ["vm1", "vm2"]
+        assert read_all(old, old.point("vm2"), "e") == a.read_bytes()
+        with pytest.raises(RpfsError, match="format version 1"):
+            old.records("jobs") or old.get_record("jobs", "x")
+    with Store.open(tmp_path / "s") as upgraded:
+        assert upgraded.format_version == 2
+        assert _refs(upgraded) == expected_refs
+        assert set(expected_refs.values()) == {(3).to_bytes(4, "little")}   # three maps share every block

@@ -106,7 +106,7 @@ def test_killed_daemon_resumes_without_losing_writes(tmp_path, cleanup):
         os.close(fd)
     os.kill(job["pid"], signal.SIGKILL)
     assert state_path(target).exists(), "the copy finished before the daemon could be killed"
-    listed = json.loads(rpfs("jobs", "--json").stdout)
+    listed = json.loads(rpfs("jobs", "--json").stdout)["instant_restores"]
     assert [j["state"] for j in listed if j["target"] == str(target)] == ["stopped"]
 
     start_instant(store, target, cleanup, "--wait")

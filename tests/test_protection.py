@@ -1,0 +1,257 @@
+"""Policies, protection, run, retention, gc, verify, jobs and usage."""
+import json
+import os
+import subprocess
+import sys
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import REPO, mounted, rpfs
+from rpfs.backup import backup
+from rpfs.jobs import Job
+from rpfs.maintenance import gc, prune, verify
+from rpfs.policy import Retention
+from rpfs.protection import run
+from rpfs.store import Store
+from test_backup import corrupt_one_block, read_all, write_image
+
+MiB = 1 << 20
+
+
+def data_disk(path: Path, data_mib: int, size_mib: int | None = None) -> Path:
+    """A disk with data_mib MiB of random data at its start and zeros after it."""
+    with open(path, "wb") as f:
+        f.write(os.urandom(data_mib * MiB))
+        f.truncate((size_mib or data_mib) * MiB)
+    return path
+
+
+@pytest.fixture
+def store(tmp_path):
+    rpfs("init", store=tmp_path / "store")
+    return tmp_path / "store"
+
+
+def test_usage_follows_the_azure_example(store, tmp_path):
+    """OS disk 17 units of data, temporary disk 5, data disk 30, an empty data disk: 47 protected."""
+    rpfs("policy", "create", "daily", "--daily", "02:00", "--keep-last", "3", store=store)
+    rpfs("protect", "vm", "--policy", "daily",
+         f"--disk=os={data_disk(tmp_path / 'os.img', 17, 64)}",
+         f"--temporary-disk=temp={data_disk(tmp_path / 'temp.img', 5)}",
+         f"--disk=data={data_disk(tmp_path / 'data.img', 30)}",
+         f"--disk=empty={data_disk(tmp_path / 'empty.img', 0, 32)}", store=store)
+    out = json.loads(rpfs("run", "--stagger-seconds", "0", "--json", store=store).stdout)
+    assert out["backed_up"] == ["vm"]
+    usage = json.loads(rpfs("usage", "--json", store=store).stdout)
+    [vm] = usage["vms"]
+    assert vm["protected_instance_bytes"] == 47 * MiB
+    assert abs(vm["backup_storage_bytes"] - 47 * MiB) < MiB     # random data does not compress
+    assert usage["stored_bytes"] == pytest.approx(47 * MiB, rel=0.01)
+    assert "split evenly" in usage["attribution"]
+
+
+def test_shared_blocks_are_split_between_vms(store, tmp_path):
+    disk = data_disk(tmp_path / "d.img", 8)
+    rpfs("backup", "a", f"--disk=d={disk}", store=store)
+    rpfs("backup", "b", f"--disk=d={disk}", store=store)
+    usage = json.loads(rpfs("usage", "--json", store=store).stdout)
+    storage = {v["vm"]: v["backup_storage_bytes"] for v in usage["vms"]}
+    assert storage["a"] == storage["b"] == pytest.approx(usage["stored_bytes"] / 2, abs=2)
+    assert usage["deduplication_ratio"] == pytest.approx(2.0)
+
+
+def test_protect_and_policy_errors(store, tmp_path):
+    disk = data_disk(tmp_path / "d.img", 1)
+    for args, message in [
+        (["protect", "vm", "--policy", "nope", f"--disk=d={disk}"], "unknown policy 'nope'"),
+        (["policy", "create", "p", "--daily", "24:00"], "24:00"),
+        (["policy", "create", "p", "--every-hours", "0"], "every_hours"),
+        (["policy", "create", "p", "--keep-last", "-1"], "0 or more, not -1"),
+    ]:
+        done = rpfs(*args, store=store, check=False)
+        assert done.returncode != 0 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    rpfs("policy", "create", "p", "--weekdays", "mon,thu", "--at", "03:30", "--keep-daily", "7", store=store)
+    rpfs("protect", "vm", "--policy", "p", f"--disk=d={disk}", store=store)
+    done = rpfs("protect", "vm", "--policy", "p", f"--disk=d={disk}", store=store, check=False)
+    assert done.returncode != 0 and "protected already" in done.stderr
+    done = rpfs("policy", "delete", "p", store=store, check=False)
+    assert done.returncode != 0 and "protects vm" in done.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[schedule]\ndaily = "02:00"\n[retention]\nkeep_last = 1\nforever = true\n')
+    done = rpfs("policy", "import", str(bad), store=store, check=False)
+    assert done.returncode != 0 and f"{bad}:6:" in done.stderr and "forever" in done.stderr
+    assert [p["name"] for p in json.loads(rpfs("policy", "list", "--json", store=store).stdout)] == ["p"]
+
+
+def test_run_backs_up_what_is_due(tmp_path):
+    disk = data_disk(tmp_path / "d.img", 2)
+    with Store.init(tmp_path / "s") as store:
+        rpfs("policy", "create", "six", "--every-hours", "6", "--keep-last", "5", store=store.path)
+        rpfs("protect", "vm", "--policy", "six", f"--disk=d={disk}", store=store.path)
+    with Store.open(tmp_path / "s") as store:
+        now = datetime.now(timezone.utc)
+        assert run(store, now=now).backed_up == ["vm"]
+        assert run(store, now=now + timedelta(hours=1)).not_due == ["vm"]
+        assert run(store, now=now + timedelta(hours=7)).backed_up == ["vm"]
+
+
+def test_prune_keeps_what_the_policy_says_and_pinned_points(store, tmp_path):
+    disk = tmp_path / "d.img"
+    ids = []
+    for i in range(4):
+        data_disk(disk, 2)
+        ids.append(json.loads(rpfs("backup", "vm", f"--disk=d={disk}", "--json", store=store).stdout)["point_id"])
+    rpfs("policy", "create", "two", "--daily", "02:00", "--keep-last", "2", store=store)
+    rpfs("protect", "vm", "--policy", "two", f"--disk=d={disk}", store=store)
+    rpfs("pin", "vm", ids[0], store=store)
+    dry = json.loads(rpfs("prune", "--dry-run", "--json", store=store).stdout)
+    assert dry[0]["pruned"] == [ids[1]] and dry[0]["kept"][ids[0]] == "pinned"
+    assert len(json.loads(rpfs("list", "--json", store=store).stdout)) == 4    # a dry run changes nothing
+    before = json.loads(rpfs("usage", "--json", store=store).stdout)["unreferenced_blocks"]
+    rpfs("prune", store=store)
+    assert [p["id"] for p in json.loads(rpfs("list", "--json", store=store).stdout)] == [ids[0], ids[2], ids[3]]
+    assert json.loads(rpfs("usage", "--json", store=store).stdout)["unreferenced_blocks"] == before + 2
+    freed = json.loads(rpfs("gc", "--json", store=store).stdout)
+    assert freed["removed_blocks"] == 2
+    assert json.loads(rpfs("verify", "--json", store=store).stdout)["damaged"] == {}
+
+
+def test_prune_refused_while_a_backup_of_the_same_vm_runs(store, tmp_path):
+    rpfs("policy", "create", "p", "--daily", "02:00", "--keep-last", "1", store=store)
+    rpfs("protect", "vm", "--policy", "p", f"--disk=d={data_disk(tmp_path / 'd.img', 1)}", store=store)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from rpfs.store import Store\n"
+         "with Store.open(sys.argv[1]) as s, s.writer_lock('backup of vm'):\n"
+         "    print('locked', flush=True); sys.stdin.read()", str(store)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        done = rpfs("prune", "vm", store=store, check=False)
+        assert done.returncode != 0 and "a backup of vm is running" in done.stderr and done.stderr.count("\n") == 1
+    finally:
+        holder.communicate("", timeout=30)
+
+
+def test_verify_reports_damage(store, tmp_path):
+    disk = data_disk(tmp_path / "d.img", 3)
+    rpfs("backup", "vm", f"--disk=d={disk}", store=store)
+    with Store.open(store) as s:
+        corrupt_one_block(s, s.point("vm"), "d")
+    done = rpfs("verify", "--json", store=store, check=False)
+    assert done.returncode != 0
+    damaged = json.loads(done.stdout)["damaged"]
+    assert list(damaged) == [f"vm/{json.loads(rpfs('list', '--json', store=store).stdout)[0]['id']}"]
+    sample = json.loads(rpfs("verify", "--sample", "34", "--json", store=store, check=False).stdout)
+    assert sample["checked_blocks"] == 1
+
+
+def test_jobs_are_recorded_and_a_dead_one_shows_failed(store, tmp_path):
+    disk = data_disk(tmp_path / "d.img", 1)
+    rpfs("backup", "vm", f"--disk=d={disk}", store=store)
+    rpfs("backup", "vm", "--disk=d=/nonexistent", store=store, check=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with Store.open(store) as s:
+        s.put_record("jobs", "00-ghost", Job(id="00-ghost", kind="backup", vm="ghost", start="2026-01-01T00:00:00",
+                                             pid=int(dead.stdout), pid_start="1").__dict__)
+    listed = json.loads(rpfs("jobs", "--json", store=store).stdout)["jobs"]
+    by_vm = {(j["vm"], j["status"]) for j in listed}
+    assert ("vm", "succeeded") in by_vm and ("ghost", "failed") in by_vm
+    assert json.loads(rpfs("jobs", "--running", "--json", store=store).stdout)["jobs"] == []
+
+
+def test_unprotect_keep_or_delete(store, tmp_path):
+    rpfs("policy", "create", "p", "--daily", "02:00", "--keep-last", "1", store=store)
+    disk = data_disk(tmp_path / "d.img", 1)
+    for vm in ("keep", "drop"):
+        rpfs("protect", vm, "--policy", "p", f"--disk=d={disk}", store=store)
+        rpfs("backup", vm, f"--disk=d={disk}", store=store)
+    done = rpfs("unprotect", "keep", store=store, check=False)
+    assert done.returncode != 0 and "--keep-data or --delete-data" in done.stderr
+    rpfs("unprotect", "keep", "--keep-data", store=store)
+    rpfs("unprotect", "drop", "--delete-data", store=store)
+    assert [p["vm"] for p in json.loads(rpfs("list", "--json", store=store).stdout)] == ["keep"]
+
+
+def test_schedule_units(store, tmp_path):
+    printed = rpfs("schedule", "--print", store=store).stdout
+    assert "[Timer]" in printed and "OnCalendar=*:0/15" in printed and f"{store}" in printed and " run" in printed
+    rpfs("schedule", "--install", "--unit-dir", str(tmp_path), store=store)
+    assert (tmp_path / "rpfs.service").exists() and (tmp_path / "rpfs.timer").exists()
+
+
+@pytest.mark.timeout(300)
+def test_backups_prune_gc_and_mount_reads_concurrently(tmp_path, kernel):
+    """Backups, prune, gc and reads through a mount at once; then every remaining point reads back exactly."""
+    store_dir = tmp_path / "store"
+    disk = tmp_path / "d.img"
+    contents: dict[str, bytes] = {}
+    stop = threading.Event()
+    errors: list[str] = []
+    with Store.init(store_dir):
+        pass
+    with Store.open(store_dir) as store:
+        def backups():
+            for i in range(8):
+                img = write_image(disk, 100 + i, 6 * MiB)
+                data = img.read_bytes()
+                point, _ = backup(store, "vm", [("d", str(img))])
+                contents[point.id] = data
+
+        def maintenance():
+            while not stop.wait(0.05):   # leave the backups room to take the writer lock
+                try:
+                    prune(store, {"vm": Retention(keep_last=3)})
+                    gc(store)
+                except Exception as e:   # busy while a backup holds the lock: try again
+                    if "busy" not in str(e) and "backup is running" not in str(e):
+                        errors.append(f"maintenance: {e}")
+
+        with mounted(store_dir, tmp_path / "mnt") as mnt:
+            def reads():
+                while not stop.is_set():
+                    for point_id, data in list(contents.items()):
+                        try:
+                            got = (mnt / "vm" / point_id / "d.img").read_bytes()
+                        except FileNotFoundError:
+                            continue          # pruned meanwhile
+                        except OSError as e:
+                            errors.append(f"read {point_id}: {e}")
+                            continue
+                        if got != data:
+                            errors.append(f"{point_id} read back wrong")
+            threads = [threading.Thread(target=maintenance), threading.Thread(target=reads)]
+            for t in threads:
+                t.start()
+            try:
+                backups()
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join()
+        assert errors == []
+        remaining = store.points("vm")
+        assert 3 <= len(remaining) < 8
+        for point in remaining:
+            assert read_all(store, point, "d") == contents[point.id]
+        assert verify(store).damaged == {}
+
+
+@pytest.mark.timeout(120)
+def test_prune_skips_a_recovery_point_open_through_a_mount(store, tmp_path, kernel):
+    disk = tmp_path / "d.img"
+    ids = []
+    for _ in range(2):
+        data_disk(disk, 2)
+        ids.append(json.loads(rpfs("backup", "vm", f"--disk=d={disk}", "--json", store=store).stdout)["point_id"])
+    rpfs("policy", "create", "one", "--daily", "02:00", "--keep-last", "1", store=store)
+    rpfs("protect", "vm", "--policy", "one", f"--disk=d={disk}", store=store)
+    with mounted(store, tmp_path / "mnt") as mnt:
+        with open(mnt / "vm" / ids[0] / "d.img", "rb") as held:
+            result = json.loads(rpfs("prune", "--json", store=store).stdout)[0]
+            assert result["pruned"] == [] and result["kept"][ids[0]].startswith("in use by a mount")
+            held.read(4096)
+        result = json.loads(rpfs("prune", "--json", store=store).stdout)[0]
+        assert result["pruned"] == [ids[0]]
