@@ -13,6 +13,7 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 from . import blob, snapshot
 from .errors import CorruptBlockError, RpfsError
@@ -140,12 +141,18 @@ def compact(store: Store) -> tuple[int, int]:
 
 
 def _other_readers(store: Store) -> list[str]:
-    pids = set()
-    for line in store._env.readers().splitlines()[1:]:
-        fields = line.split()
-        if fields and fields[0].isdigit() and int(fields[0]) != os.getpid():
-            pids.add(fields[0])
-    return sorted(pids)
+    """Pids of other processes that have the store's LMDB file mapped (mount daemons, backups...)."""
+    data_file = str((store.path / "data.mdb").resolve())
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if data_file in (proc / "maps").read_text():
+                pids.append(proc.name)
+        except OSError:
+            continue
+    return sorted(pids, key=int)
 
 
 @dataclass

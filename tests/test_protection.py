@@ -255,3 +255,22 @@ def test_prune_skips_a_recovery_point_open_through_a_mount(store, tmp_path, kern
             held.read(4096)
         result = json.loads(rpfs("prune", "--json", store=store).stdout)[0]
         assert result["pruned"] == [ids[0]]
+
+
+@pytest.mark.timeout(120)
+def test_compact_shrinks_and_is_refused_while_mounted(store, tmp_path, kernel):
+    for vm in ("a", "b"):
+        rpfs("backup", vm, f"--disk=d={data_disk(tmp_path / f'{vm}.img', 12)}", store=store)
+    rpfs("policy", "create", "p", "--daily", "02:00", "--keep-last", "1", store=store)
+    rpfs("protect", "a", "--policy", "p", f"--disk=d={tmp_path / 'a.img'}", store=store)
+    rpfs("unprotect", "a", "--delete-data", store=store)
+    rpfs("gc", store=store)
+    with mounted(store, tmp_path / "mnt"):
+        done = rpfs("compact", store=store, check=False)
+        assert done.returncode != 0 and "unmount it first" in done.stderr
+    out = json.loads(rpfs("compact", "--json", store=store).stdout)
+    assert out["after_bytes"] < out["before_bytes"] - 10 * MiB
+    assert json.loads(rpfs("verify", "--json", store=store).stdout)["damaged"] == {}
+    restored = tmp_path / "b-restored.img"
+    rpfs("restore", "b", "--disk", "d", "--to", str(restored), store=store)
+    assert restored.read_bytes() == (tmp_path / "b.img").read_bytes()
