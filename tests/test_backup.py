@@ -9,6 +9,7 @@ import lmdb
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from cli_helpers import writer_lock_held
 from rpfs import blob
 from rpfs.backup import backup, parse_disk_specs
 from rpfs.errors import CorruptBlockError, RpfsError
@@ -183,18 +184,10 @@ def test_store_of_another_format_version_is_refused(tmp_path):
 
 
 def test_second_writer_is_refused(store):
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from rpfs.store import Store\n"
-         "with Store.open(sys.argv[1]) as s, s.writer_lock('backup of vm1'):\n"
-         "    print('locked', flush=True); sys.stdin.read()", str(store.path)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "locked\n"
+    with writer_lock_held(store.path, "backup of vm1"):
         with pytest.raises(RpfsError, match="busy.*backup of vm1"):
             with store.writer_lock("backup of vm2"):
                 pass
-    finally:
-        holder.communicate("", timeout=30)
 
 
 @pytest.mark.parametrize("specs, message", [

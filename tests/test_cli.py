@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import REPO, rpfs
+from cli_helpers import REPO, rpfs, writer_lock_held
 from test_backup import write_image
 
 MiB = 1 << 20
@@ -89,17 +89,9 @@ def test_bad_disks_change_nothing(store, tmp_path):
 
 def test_second_writer_is_refused(store, tmp_path):
     img = write_image(tmp_path / "d.img", 22, MiB)
-    lock = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from rpfs.store import Store\n"
-         "with Store.open(sys.argv[1]) as s, s.writer_lock('backup of vm9'):\n"
-         "    print('locked', flush=True); sys.stdin.read()", str(store)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        assert lock.stdout.readline() == "locked\n"
+    with writer_lock_held(store, "backup of vm9"):
         assert_one_line_error(rpfs("backup", "vm", f"--disk=d={img}", store=store, check=False),
                               "busy: backup of vm9")
-    finally:
-        lock.communicate("", timeout=30)
 
 
 def _start_backup(store: Path, img: Path) -> subprocess.Popen:

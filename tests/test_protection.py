@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import REPO, mounted, rpfs
+from cli_helpers import mounted, rpfs, writer_lock_held
 from rpfs.backup import backup
 from rpfs.jobs import Job
 from rpfs.maintenance import gc, prune, verify
@@ -122,17 +122,9 @@ def test_prune_keeps_what_the_policy_says_and_pinned_points(store, tmp_path):
 def test_prune_refused_while_a_backup_of_the_same_vm_runs(store, tmp_path):
     rpfs("policy", "create", "p", "--daily", "02:00", "--keep-last", "1", store=store)
     rpfs("protect", "vm", "--policy", "p", f"--disk=d={data_disk(tmp_path / 'd.img', 1)}", store=store)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from rpfs.store import Store\n"
-         "with Store.open(sys.argv[1]) as s, s.writer_lock('backup of vm'):\n"
-         "    print('locked', flush=True); sys.stdin.read()", str(store)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        assert holder.stdout.readline() == "locked\n"
+    with writer_lock_held(store, "backup of vm"):
         done = rpfs("prune", "vm", store=store, check=False)
         assert done.returncode != 0 and "a backup of vm is running" in done.stderr and done.stderr.count("\n") == 1
-    finally:
-        holder.communicate("", timeout=30)
 
 
 def test_verify_reports_damage(store, tmp_path):
