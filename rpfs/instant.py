@@ -18,6 +18,7 @@ from . import mount
 from .errors import RpfsError
 from .fusefs import InstantImageFS
 from .image import BlockCache
+from .leases import Lease
 from .mountinfo import fstype_at
 from .overlay import InstantSource, WritableImage, create, progress_of, read_source, state_path
 from .recovery_point import RecoveryPoint
@@ -55,14 +56,18 @@ def instant_filesystem(target: Path) -> mount.Filesystem:
     """What the daemon serves: the writable image, with the copy running beside it."""
     source = read_source(target)
     store = Store.open(source.store, readonly=True)
+    lease = None
     try:
         image = WritableImage(target, store, BlockCache(CACHE_BYTES))
+        lease = Lease(store.path)   # prune must not delete the recovery point while it is copied
+        lease.add(source.vm, source.point_id)
     except BaseException:
         store.close()
         raise
 
     def close() -> None:
         image.close()
+        lease.close()
         store.close()
     return mount.Filesystem(InstantImageFS(image, f"{source.disk}.img"), set(), close, image.hydrate)
 
@@ -108,10 +113,10 @@ def jobs() -> list[InstantJob]:
 def _with_progress(job: InstantJob) -> InstantJob:
     job.pid = _daemon_pid(job)
     target = Path(job.target)
-    if state_path(target).exists():
+    try:
         job.copied_blocks, job.blocks = progress_of(target)
         job.state = "copying" if job.pid is not None else "stopped"
-    else:
+    except RpfsError:   # no state file (any more): the copy is complete
         job.state = "complete"
         job.copied_blocks = job.blocks
     return job

@@ -1,24 +1,32 @@
-"""Leases: which recovery points a mount daemon has open, so prune never deletes one under a reader.
+"""Leases: which recovery points a reader has open, so prune never deletes one under it.
 
-A daemon holds a shared flock on its lease file (STORE/leases/mount-<pid>) for as long as it lives,
-and lists there every recovery point with an image open right now (a loop device keeps it open). prune skips leased recovery points; a
-lease file whose flock is free belongs to a daemon that died and is removed.
+Readers are mount daemons (the recovery points with an image open right now; a loop device keeps it
+open), full restores and instant-restore daemons (the recovery point they copy). A reader holds a
+shared flock on its lease file (STORE/leases/lease-<pid>-<n>) for as long as it lives and lists the
+recovery points there; prune skips them. A lease file whose flock is free belongs to a reader that
+died and is removed. The list is rewritten in place, padded rather than truncated, so a reader of the
+file never sees it shorter; prune re-reads a file caught mid-rewrite.
 """
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
+import time
 from pathlib import Path
 
+from .errors import RpfsError
+
 LEASE_DIR = "leases"
+_numbers = itertools.count()
 
 
 class Lease:
     def __init__(self, store_path: Path):
         folder = store_path / LEASE_DIR
         folder.mkdir(exist_ok=True)
-        self.path = folder / f"mount-{os.getpid()}"
+        self.path = folder / f"lease-{os.getpid()}-{next(_numbers)}"
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         fcntl.flock(self._fd, fcntl.LOCK_SH)
         self._points: set[tuple[str, str]] = set()
@@ -35,8 +43,8 @@ class Lease:
 
     def _write(self) -> None:
         data = json.dumps(sorted(self._points)).encode()
-        os.pwrite(self._fd, data, 0)
-        os.ftruncate(self._fd, len(data))
+        self._length = max(len(data), getattr(self, "_length", 0))
+        os.pwrite(self._fd, data.ljust(self._length), 0)   # trailing spaces are valid JSON
 
     def close(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -46,7 +54,7 @@ class Lease:
 def leased_points(store_path: Path) -> dict[tuple[str, str], str]:
     """(vm, recovery point) -> holder, for every live lease; stale lease files are removed."""
     found: dict[tuple[str, str], str] = {}
-    for path in sorted((store_path / LEASE_DIR).glob("mount-*")):
+    for path in sorted((store_path / LEASE_DIR).glob("lease-*")):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -58,12 +66,17 @@ def leased_points(store_path: Path) -> dict[tuple[str, str], str]:
                 continue
             except BlockingIOError:
                 pass
-            try:
-                points = json.loads(os.pread(fd, 1 << 20, 0) or b"[]")
-            except ValueError:
-                points = []
-            for vm, point_id in points:
-                found[(vm, point_id)] = f"a mount (pid {path.name.removeprefix('mount-')})"
+            for vm, point_id in _read_points(fd, path):
+                found[(vm, point_id)] = f"a reader (pid {path.name.split('-')[1]})"
         finally:
             os.close(fd)
     return found
+
+
+def _read_points(fd: int, path: Path) -> list:
+    for _ in range(20):
+        try:
+            return json.loads(os.pread(fd, 1 << 20, 0) or b"[]")
+        except ValueError:   # caught in the middle of a rewrite
+            time.sleep(0.01)
+    raise RpfsError(f"cannot read the lease {path}; nothing was pruned")

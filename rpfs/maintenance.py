@@ -13,7 +13,6 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 
 from . import blob, snapshot
 from .errors import CorruptBlockError, RpfsError
@@ -66,8 +65,14 @@ def prune(store: Store, policies: dict[str, object], vm: str | None = None, dry_
                 result.pruned.append(p.id)
             if not dry_run:
                 for p in points:
-                    if p.id in result.pruned:
-                        result.released_blocks += _delete_point(store, p)
+                    if p.id not in result.pruned:
+                        continue
+                    holder = leased_points(store.path).get((p.vm, p.id))   # opened since the first look?
+                    if holder:
+                        result.pruned.remove(p.id)
+                        result.kept[p.id] = f"in use by {holder}"
+                        continue
+                    result.released_blocks += _delete_point(store, p)
             results.append(result)
     return results
 
@@ -120,39 +125,30 @@ def gc(store: Store) -> GcResult:
 
 
 def compact(store: Store) -> tuple[int, int]:
-    """Write a compacted copy of the LMDB file and swap it in; refused while anyone else has it open."""
+    """Write a compacted copy of the LMDB file and swap it in; refused while anyone else has it open.
+
+    Every Store handle holds STORE/open.lock shared; compact holds it exclusive for the whole copy and
+    swap, so nothing can open the store and write into the file being replaced."""
     with store.writer_lock("compact", wait_seconds=LOCK_WAIT_SECONDS):
-        others = _other_readers(store)
-        if others:
-            raise RpfsError(f"store {store.path} is open by pid {', '.join(others)} (a mount?); unmount it first")
+        if not store.exclusive_open():
+            raise RpfsError(f"store {store.path} is open in another process (a mount, a backup?); close it first")
         before = (store.path / "data.mdb").stat().st_size
         work = store.path / "compact.tmp"
         work.mkdir(exist_ok=True)
         try:
-            store._env.copy(str(work), compact=True)
+            store.copy_compacted(work)
             with open(work / "data.mdb", "rb") as f:
                 os.fsync(f.fileno())
             os.replace(work / "data.mdb", store.path / "data.mdb")
+            (store.path / "lock.mdb").unlink(missing_ok=True)   # its transaction ids were the old file's
+            fd = os.open(store.path, os.O_RDONLY | os.O_DIRECTORY)
+            os.fsync(fd)
+            os.close(fd)
         finally:
             for leftover in work.glob("*"):
                 leftover.unlink()
             work.rmdir()
         return before, (store.path / "data.mdb").stat().st_size
-
-
-def _other_readers(store: Store) -> list[str]:
-    """Pids of other processes that have the store's LMDB file mapped (mount daemons, backups...)."""
-    data_file = str((store.path / "data.mdb").resolve())
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if data_file in (proc / "maps").read_text():
-                pids.append(proc.name)
-        except OSError:
-            continue
-    return sorted(pids, key=int)
 
 
 @dataclass

@@ -18,6 +18,7 @@ nobody wrote: the store still holds them.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
@@ -107,6 +108,11 @@ class WritableImage:
             raise RpfsError(f"{state_path(target)} does not match recovery point {point.vm}/{point.id}")
         self._fd = os.open(target, os.O_RDWR | os.O_CLOEXEC)
         self._state_fd = os.open(state_path(target), os.O_RDWR | os.O_CLOEXEC)
+        try:   # one server per target: two in-memory bitmaps would overwrite each other's blocks
+            fcntl.flock(self._state_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise RpfsError(f"another process is serving the instant restore into {target}") from None
         self._bitmap = bytearray(os.pread(self._state_fd, -(-self.source.blocks // 8), HEADER_SIZE))
         self._lock = threading.Lock()     # block state changes: hydrator versus user writes
         self.complete = False
@@ -193,9 +199,10 @@ class WritableImage:
             self._finish_if_complete()
 
     def fsync(self) -> None:
-        os.fdatasync(self._fd)
-        if self._state_fd >= 0:
-            os.fsync(self._state_fd)
+        with self._lock:   # completion closes the state file
+            os.fdatasync(self._fd)
+            if self._state_fd >= 0:
+                os.fsync(self._state_fd)
 
     # -- the background copy -----------------------------------------------------------------------
     def hydrate(self, stop: threading.Event, progress: Callable[[int, int], None] | None = None) -> None:

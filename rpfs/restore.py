@@ -5,7 +5,8 @@ written in order by one thread. A recovery point whose reflink snapshot is still
 instant-restore tier) is restored to a file on the same filesystem by cloning the snapshot instead. A file target is written as `<target>.rpfs-partial` beside it and
 renamed into place only once complete and synced, so an interrupted restore never leaves a half image
 where the user expects a whole one; holes stay holes. A block device is written in place; its holes are
-written as zeros, or discarded (BLKDISCARD) with discard=True.
+written as zeros, or zeroed by the device (BLKZEROOUT: unmapped where it guarantees zeros) with
+discard=True.
 """
 from __future__ import annotations
 
@@ -23,12 +24,13 @@ from typing import Callable
 from . import snapshot
 from .errors import RpfsError
 from .image import BlockCache, ImageReader
+from .leases import Lease
 from .mountinfo import read_mountinfo
 from .recovery_point import HOLE, RecoveryPoint
 from .store import Store
 from .tools import run_tool_raw
 
-BLKDISCARD = 0x1277
+BLKZEROOUT = 0x127F   # zero a range: by discard/write-zeroes where the device guarantees zeros
 PARTIAL_SUFFIX = ".rpfs-partial"
 ProgressFn = Callable[[int, int], None]
 
@@ -77,6 +79,17 @@ def restore_disk(store: Store, point: RecoveryPoint, disk_name: str, target: Pat
                  workers: int | None = None) -> RestoreSummary:
     disk = point.disk(disk_name)
     is_device = check_target(target, disk.size, force)
+    lease = Lease(store.path)   # prune must not delete the recovery point while it is being copied
+    try:
+        lease.add(point.vm, point.id)
+        return _restore(store, point, disk, target, is_device, discard, progress, workers)
+    finally:
+        lease.close()
+
+
+def _restore(store: Store, point: RecoveryPoint, disk, target: Path, is_device: bool, discard: bool,
+             progress: ProgressFn | None, workers: int | None) -> RestoreSummary:
+    disk_name = disk.name
     started = time.monotonic()
     reader = ImageReader(store, BlockCache(0), point.vm, point.id, disk)
     if is_device:
@@ -168,10 +181,11 @@ def _zero_fill(fd: int, offset: int, length: int) -> None:
 
 
 def _discard(fd: int, offset: int, length: int) -> None:
+    """BLKZEROOUT, not BLKDISCARD: a discarded range need not read back as zeros."""
     try:
-        fcntl.ioctl(fd, BLKDISCARD, struct.pack("QQ", offset, length))
+        fcntl.ioctl(fd, BLKZEROOUT, struct.pack("QQ", offset, length))
     except OSError:
-        _zero_fill(fd, offset, length)   # the device cannot discard: zeros are always right
+        _zero_fill(fd, offset, length)
 
 
 def _device_size(device: Path) -> int:

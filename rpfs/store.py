@@ -55,6 +55,7 @@ class Store:
         self.path = path
         self.readonly = readonly
         self._env = env
+        self._open_fd = _hold_open_lock(path)
         # Every transaction is taken under this lock's shared side, resizing the map under its exclusive
         # side: LMDB refuses set_mapsize while any transaction of this process is open.
         self._resize_lock = threading.Lock()
@@ -143,6 +144,21 @@ class Store:
 
     def close(self) -> None:
         self._env.close()
+        if self._open_fd >= 0:
+            os.close(self._open_fd)
+            self._open_fd = -1
+
+    def copy_compacted(self, target_folder: Path) -> None:
+        """A compacted copy of the LMDB file, for compact (maintenance.py) to swap in."""
+        self._env.copy(str(target_folder), compact=True)
+
+    def exclusive_open(self) -> bool:
+        """Turn this handle's shared open lock exclusive: True when no other process has the store open."""
+        try:
+            fcntl.flock(self._open_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
 
     def __enter__(self) -> "Store":
         return self
@@ -413,6 +429,20 @@ class Store:
     def has_block(self, digest: bytes) -> bool:
         with self.read() as txn:
             return txn.get(digest, db=self._dbs["blocks"]) is not None
+
+
+def _hold_open_lock(path: Path) -> int:
+    """Every open handle holds STORE/open.lock shared, so compact can know it is alone (exclusive)."""
+    try:
+        fd = os.open(path / "open.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return -1   # read-only media: nobody can compact it either
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RpfsError(f"store {path} is being compacted; try again in a moment") from None
+    return fd
 
 
 def _distinct_digests(block_map) -> set[bytes]:
