@@ -33,6 +33,7 @@ from .store import Store
 BATCH_BYTES = 64 << 20          # commit stored blocks in transactions of about this size
 WINDOW_BYTES = 64 << 20         # at most about this much block data waits in each pipeline stage
 MAINTENANCE_WAIT_SECONDS = 600  # how long a backup waits for a running prune or gc
+MAX_KEEP_DAYS = 36500
 ProgressFn = Callable[[int, int], None]
 
 
@@ -81,6 +82,8 @@ def backup(store: Store, vm: str, disk_specs: list[tuple[str, str]], progress: P
     """Quiesce and snapshot, thaw, read the snapshots, commit the recovery point, then drop the snapshots."""
     check_name("VM", vm)
     options = options or BackupOptions()
+    if not 0 <= options.keep_snapshot_days <= MAX_KEEP_DAYS:   # also refuses nan
+        raise RpfsError(f"keep the snapshot between 0 and {MAX_KEEP_DAYS} days")
     disks = {name: Path(os.path.abspath(path)) for name, path in disk_specs}
     for name, path in disks.items():   # every disk readable before anything is quiesced
         DiskSource.open(name, path).close()
@@ -89,19 +92,22 @@ def backup(store: Store, vm: str, disk_specs: list[tuple[str, str]], progress: P
         point_id = new_point_id(when, {p.id for p in store.points(vm)})
         prepared = consistency.prepare(vm, disks, point_id, options.consistency, options.allow_live)
         sources: list[DiskSource] = []
+        committed = False
         try:
             for name, path in prepared.read_from.items():
                 sources.append(DiskSource.open(name, path, shown_as=disks[name]))
             point, summary = _run(store, RecoveryPoint(vm=vm, id=point_id, time=when.isoformat(timespec="seconds"),
                                                        consistency=prepared.consistency, quiesce=prepared.record),
                                   sources, progress, workers or (os.cpu_count() or 2) + 1)
+            committed = True
+            _keep_or_delete_snapshots(store, point, prepared.snapshots, options.keep_snapshot_days)
         except BaseException:
-            snapshot.delete(prepared.snapshots.values())
+            if not committed or not point.snapshot:   # a snapshot nothing records must not stay behind
+                snapshot.delete(prepared.snapshots.values())
             raise
         finally:
             for s in sources:
                 s.close()
-        _keep_or_delete_snapshots(store, point, prepared.snapshots, options.keep_snapshot_days)
     return point, summary
 
 
@@ -111,19 +117,22 @@ def _another_backup(holder: str) -> str | None:
 
 
 def _keep_or_delete_snapshots(store: Store, point: RecoveryPoint, snapshots: dict[str, Path], days: float) -> None:
-    """Keep the newest snapshot for `days` (replacing the VM's older one), or delete it now."""
-    if not snapshots or days <= 0:
+    """Keep the newest snapshot for `days`, or delete it now; older kept snapshots of the VM go when a
+    newer one is kept or when their time is up."""
+    now = datetime.now(timezone.utc)
+    if snapshots and days > 0:
+        keep_until = (now + timedelta(days=days)).isoformat(timespec="seconds")
+        paths = {name: str(p) for name, p in snapshots.items()}
+        store.modify_point(point.vm, point.id, lambda p: setattr(p, "snapshot", {"paths": paths, "keep_until": keep_until}))
+        point.snapshot = {"paths": paths, "keep_until": keep_until}
+    else:
         snapshot.delete(snapshots.values())
-        return
-    keep_until = datetime.now(timezone.utc) + timedelta(days=days)
-    point.snapshot = {"paths": {name: str(p) for name, p in snapshots.items()},
-                      "keep_until": keep_until.isoformat(timespec="seconds")}
-    store.update_point(point)
     for older in store.points(point.vm):
-        if older.id != point.id and older.snapshot:
+        if older.id == point.id or not older.snapshot:
+            continue
+        if (snapshots and days > 0) or datetime.fromisoformat(older.snapshot["keep_until"]) <= now:
             snapshot.delete(older.snapshot["paths"].values())
-            older.snapshot = {}
-            store.update_point(older)
+            store.modify_point(older.vm, older.id, lambda p: setattr(p, "snapshot", {}))
 
 
 class _BatchWriter:

@@ -49,8 +49,6 @@ def cmd_init(args) -> int:
 def cmd_backup(args) -> int:
     from .quiesce import load_config
     disks = parse_disk_specs(args.disk)
-    if args.keep_snapshot_days < 0:
-        raise RpfsError("--keep-snapshot-days cannot be negative")
     options = BackupOptions(consistency=load_config(Path(args.consistency_config)) if args.consistency_config else None,
                             allow_live=args.allow_live, keep_snapshot_days=args.keep_snapshot_days)
     with _store(args) as store, recorded(store, "backup", args.vm) as job:
@@ -300,9 +298,8 @@ def cmd_usage(args) -> int:
 
 def cmd_pin(args) -> int:
     with _store(args) as store:
-        point = store.point(args.vm, args.recovery_point)
-        point.pinned = args.pinned
-        store.update_point(point)
+        found = store.point(args.vm, args.recovery_point)
+        point = store.modify_point(found.vm, found.id, lambda p: setattr(p, "pinned", args.pinned))
     if args.json:
         _print_json({"vm": point.vm, "recovery_point": point.id, "pinned": point.pinned})
     else:

@@ -56,10 +56,13 @@ def prepare(vm: str, disks: dict[str, Path], snapshot_id: str, config: Consisten
         snapshot.delete(snapshots.values())
         _run_post(config, record)
         raise
-    if config.post is not None:
-        if not _run_post(config, record):
+    try:
+        if config.post is not None and not _run_post(config, record):
             scripts_ok = False
-    live = {name: snapshot.in_use(disks[name]) for name in cannot}
+        live = {name: snapshot.in_use(disks[name]) for name in cannot}
+    except BaseException:
+        snapshot.delete(snapshots.values())
+        raise
     busy = {name: reason for name, reason in live.items() if reason}
     if busy and not allow_live:
         snapshot.delete(snapshots.values())

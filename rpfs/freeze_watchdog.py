@@ -11,12 +11,28 @@ import sys
 import time
 
 
+def thaw(mountpoints: list[str]) -> None:
+    """Thaw every mountpoint (harmless if not frozen); retried briefly, in case a freeze started by a
+    backup that just died lands after our first attempt."""
+    for attempt in range(3):
+        for mountpoint in mountpoints:
+            subprocess.run(["fsfreeze", "-u", mountpoint], capture_output=True, timeout=30)
+        if attempt < 2:
+            time.sleep(0.5)
+
+
 def main() -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C aimed at the backup must not stop us
     max_seconds, mountpoints = float(sys.argv[1]), sys.argv[2:]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C aimed at the backup must not stop us
+
+    def thaw_and_exit(signum, frame):                # systemd stopping the service kills us too
+        thaw(mountpoints)
+        raise SystemExit(1)
+    signal.signal(signal.SIGTERM, thaw_and_exit)
+    signal.signal(signal.SIGHUP, thaw_and_exit)
     print("armed", flush=True)
     deadline = time.monotonic() + max_seconds
-    timed_out = False
+    timed_out = answered = False
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -24,10 +40,13 @@ def main() -> int:
             break
         ready, _, _ = select.select([sys.stdin], [], [], left)
         if ready:
-            sys.stdin.readline()   # "thawed", or "" when the backup died: thaw either way
+            answered = sys.stdin.readline() == "thawed\n"   # "" when the backup died: thaw either way
             break
-    for mountpoint in mountpoints:   # thawing a filesystem that is not frozen is harmless
-        subprocess.run(["fsfreeze", "-u", mountpoint], capture_output=True)
+    if timed_out or not answered:
+        thaw(mountpoints)
+    else:
+        for mountpoint in mountpoints:
+            subprocess.run(["fsfreeze", "-u", mountpoint], capture_output=True, timeout=30)
     try:
         print("timed out" if timed_out else "ok", flush=True)
     except BrokenPipeError:

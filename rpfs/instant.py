@@ -116,7 +116,10 @@ def _with_progress(job: InstantJob) -> InstantJob:
     try:
         job.copied_blocks, job.blocks = progress_of(target)
         job.state = "copying" if job.pid is not None else "stopped"
-    except RpfsError:   # no state file (any more): the copy is complete
+    except RpfsError:
+        if state_path(target).exists():
+            raise   # a damaged state file: say so
+        # no state file (any more): the copy is complete
         job.state = "complete"
         job.copied_blocks = job.blocks
     return job

@@ -263,8 +263,8 @@ def _retention(table: object, path: tuple[str, ...]) -> Retention:
 
 
 def _keep_days(value: object, path: tuple[str, ...]) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-        raise _Problem(f"{path[-1]} must be a number of days, 0 or more, not {_describe(value)}", path)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 36500:
+        raise _Problem(f"{path[-1]} must be a number of days, from 0 to 36500, not {_describe(value)}", path)
     return value
 
 

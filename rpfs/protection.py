@@ -128,6 +128,8 @@ def run(store: Store, now: datetime | None = None, stagger_seconds: float = 0.0,
             result.backed_up.append(vm)
         except RpfsError as e:
             result.failed[vm] = e.message
+        except Exception as e:   # one VM's trouble must not stop the others, nor the prune
+            result.failed[vm] = f"{type(e).__name__}: {e}"
     policies = {vm: get_policy(store, p.policy).retention for vm, p in protections(store).items()}
     if policies:
         with jobs.recorded(store, "prune") as job:

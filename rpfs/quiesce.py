@@ -22,6 +22,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from contextlib import contextmanager
@@ -78,7 +79,7 @@ def load_config(path: Path) -> ConsistencyConfig:
     check_root_owned(path, "consistency config")
     try:
         raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RpfsError(f"{path}: {e}") from None
     unknown = set(raw) - {"pre", "post", "freeze"}
     if unknown:
@@ -89,8 +90,13 @@ def load_config(path: Path) -> ConsistencyConfig:
             setattr(config, section, _script(path, section, raw[section]))
     freeze = raw.get("freeze", {})
     _check_keys(path, "freeze", freeze, FREEZE_KEYS)
-    config.freeze = [str(m) for m in freeze.get("mountpoints", [])]
-    config.freeze_max_seconds = float(freeze.get("max_seconds", config.freeze_max_seconds))
+    mountpoints = freeze.get("mountpoints", [])
+    if not isinstance(mountpoints, list) or not all(isinstance(m, str) for m in mountpoints):
+        raise RpfsError(f"{path}: [freeze] mountpoints must be a list of paths")
+    max_seconds = freeze.get("max_seconds", config.freeze_max_seconds)
+    if not isinstance(max_seconds, (int, float)) or isinstance(max_seconds, bool):
+        raise RpfsError(f"{path}: [freeze] max_seconds must be a number of seconds")
+    config.freeze, config.freeze_max_seconds = mountpoints, float(max_seconds)
     if config.freeze_max_seconds <= 0:
         raise RpfsError(f"{path}: freeze.max_seconds must be positive")
     for mountpoint in config.freeze:
@@ -112,6 +118,12 @@ def _script(path: Path, section: str, table: dict) -> Script:
     _check_keys(path, section, table, SCRIPT_KEYS)
     if "path" not in table:
         raise RpfsError(f"{path}: [{section}] needs a path")
+    types = {"path": str, "args": list, "timeout_seconds": (int, float), "retries": int, "continue_on_failure": bool}
+    for key, value in table.items():
+        if not isinstance(value, types[key]) or isinstance(value, bool) != (types[key] is bool):
+            raise RpfsError(f"{path}: [{section}] {key} has the wrong type ({type(value).__name__})")
+    if not all(isinstance(a, str) for a in table.get("args", [])):
+        raise RpfsError(f"{path}: [{section}] args must be a list of strings")
     script = Script(**table)
     if script.timeout_seconds <= 0 or script.retries < 0:
         raise RpfsError(f"{path}: [{section}] timeout_seconds must be positive and retries not negative")
@@ -127,20 +139,26 @@ def run_script(script: Script, phase: str) -> ScriptResult:
     result = ScriptResult(script=script.path, ok=False, attempts=0, exit_code=None, seconds=0.0)
     for attempt in range(script.retries + 1):
         result.attempts = attempt + 1
-        proc = subprocess.Popen([script.path, *script.args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "RPFS_PHASE": phase})
-        try:
-            output, _ = proc.communicate(timeout=script.timeout_seconds)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            result.message = f"timed out after {script.timeout_seconds:g} s"
-            continue
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
+        # Output goes to a file, not a pipe: a helper the script leaves running must not hang us.
+        with tempfile.TemporaryFile() as output_file:
+            try:
+                proc = subprocess.Popen([script.path, *script.args], stdin=subprocess.DEVNULL, stdout=output_file,
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        env={**os.environ, "RPFS_PHASE": phase})
+            except OSError as e:
+                result.message = f"cannot run it: {e.strerror}"
+                continue
+            try:
+                proc.wait(timeout=script.timeout_seconds)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                result.message = f"timed out after {script.timeout_seconds:g} s"
+                continue
+            except BaseException:
+                _kill_group(proc)
+                raise
+            output_file.seek(0)
+            output = output_file.read()[-4096:]
         result.exit_code = proc.returncode
         if proc.returncode == 0:
             result.ok, result.message = True, ""
@@ -149,6 +167,14 @@ def run_script(script: Script, phase: str) -> ScriptResult:
         result.message = f"exit code {proc.returncode}{': ' + last[0] if last[0] else ''}"
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 @contextmanager
@@ -203,7 +229,10 @@ class FreezeWindow:
 
 
 def _fsfreeze(flag: str, mountpoint: str, missing_ok: bool = False) -> None:
-    done = subprocess.run(["fsfreeze", flag, mountpoint], capture_output=True, text=True)
+    try:
+        done = subprocess.run(["fsfreeze", flag, mountpoint], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise RpfsError(f"fsfreeze {flag} {mountpoint} did not finish within 60 s") from None
     if done.returncode != 0 and not (missing_ok and "Invalid argument" in done.stderr):
         what = "freeze" if flag == "-f" else "thaw"
         raise RpfsError(f"cannot {what} {mountpoint}: {done.stderr.strip() or done.returncode}")

@@ -39,7 +39,7 @@ def clone(source: Path, target: Path) -> None:
             fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
         except OSError as e:
             dst.close()
-            target.unlink(missing_ok=True)
+            delete([target])   # and the folders made for it
             if e.errno in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EPERM):
                 raise CannotSnapshot(f"the filesystem holding {source} has no reflinks") from None
             raise RpfsError(f"cannot snapshot {source}: {e.strerror}") from None

@@ -379,9 +379,21 @@ class Store:
         self.write(lambda txn: deleted.append(txn.delete(name.encode(), db=db)))
         return bool(deleted and deleted[0])
 
-    def update_point(self, point: RecoveryPoint) -> None:
-        """Rewrite a recovery point's record (its snapshot bookkeeping); block maps never change."""
-        self.write(lambda txn: txn.put(self.point_key(point.vm, point.id), point.to_json(), db=self._dbs["points"]))
+    def modify_point(self, vm: str, point_id: str, change: Callable[[RecoveryPoint], None]) -> RecoveryPoint:
+        """Change a recovery point's record (pin, snapshot bookkeeping) in one transaction that re-reads
+        it, so two changes never undo each other; block maps never change."""
+        changed = []
+
+        def fill(txn):
+            value = txn.get(self.point_key(vm, point_id), db=self._dbs["points"])
+            if value is None:
+                raise RpfsError(f"recovery point {vm}/{point_id} no longer exists")
+            point = RecoveryPoint.from_json(value)
+            change(point)
+            txn.put(self.point_key(vm, point_id), point.to_json(), db=self._dbs["points"])
+            changed[:] = [point]
+        self.write(fill)
+        return changed[0]
 
     def points(self, vm: str | None = None) -> list[RecoveryPoint]:
         """All recovery points (of one VM), oldest first."""

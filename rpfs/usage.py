@@ -78,7 +78,7 @@ def usage(store: Store) -> StoreUsage:
                 if digest != HOLE:
                     owners.setdefault(digest, set()).add(point.vm)
         latest[point.vm] = protected
-    storage = {vm: 0.0 for vm in counts}
+    storage = {vm: 0.0 for vm in counts}   # a VM backed up since the first scan gets counted there
     with store.read() as txn:
         for digest, stored in txn.cursor(db=store.db("blocks")):
             result.stored_bytes += len(stored)
@@ -88,7 +88,7 @@ def usage(store: Store) -> StoreUsage:
                 result.unreferenced_blocks += 1
                 continue
             for vm in vms:
-                storage[vm] += len(stored) / len(vms)
+                storage[vm] = storage.get(vm, 0.0) + len(stored) / len(vms)
     snapshots = {vm: 0 for vm in counts}
     for point in store.points():
         for path in (point.snapshot or {}).get("paths", {}).values():
