@@ -1,0 +1,117 @@
+"""Commands that create and describe recovery points: init, backup, list, snapshots."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from ..backup import BackupOptions, backup, parse_disk_specs
+from ..errors import RpfsError
+from ..jobs import recorded
+from ..progress import ProgressBar, human_bytes
+from ..store import FORMAT_VERSION, Store
+from . import open_store, print_json
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    suffix = t[-1:] if t[-1:].isalpha() else ""
+    try:
+        return int(t[:len(t) - len(suffix)]) * units[suffix]
+    except (ValueError, KeyError):
+        raise RpfsError(f"cannot read size {text!r} (examples: 1M, 256K, 1048576)") from None
+
+
+def cmd_init(args) -> int:
+    if not args.store:
+        raise RpfsError("no store given: use --store DIR or set RPFS_STORE")
+    block_size = _parse_size(args.block_size)
+    with Store.init(Path(args.store), block_size, args.zstd_level) as store:
+        if args.json:
+            print_json({"store": str(store.path), "block_size": store.block_size,
+                         "zstd_level": store.zstd_level, "format_version": FORMAT_VERSION})
+        else:
+            print(f"initialised store {store.path} (block size {human_bytes(store.block_size)},"
+                  f" zstd level {store.zstd_level})")
+    return 0
+
+
+def cmd_backup(args) -> int:
+    from ..quiesce import load_config
+    disks = parse_disk_specs(args.disk)
+    options = BackupOptions(consistency=load_config(Path(args.consistency_config)) if args.consistency_config else None,
+                            allow_live=args.allow_live, keep_snapshot_days=args.keep_snapshot_days)
+    with open_store(args) as store, recorded(store, "backup", args.vm) as job:
+        with ProgressBar(f"backup {args.vm}", quiet=args.json) as bar:
+            point, summary = backup(store, args.vm, disks, progress=bar, options=options)
+        job.bytes_read, job.bytes_written, job.recovery_point = summary.bytes_read, summary.stored_bytes, point.id
+    if args.json:
+        print_json({**asdict(summary), "mb_per_second": round(summary.mb_per_second, 1),
+                     "recovery_point": asdict(point)})
+        return 0
+    s = summary
+    print(f"recovery point {s.vm}/{s.point_id} ({point.consistency}): {s.disks} disk(s), {human_bytes(s.bytes_read)} read in "
+          f"{s.seconds:.1f} s ({s.mb_per_second:.0f} MB/s)")
+    print(f"  new {human_bytes(s.new_bytes)}, deduplicated {human_bytes(s.deduplicated_bytes)}, "
+          f"zero {human_bytes(s.zero_bytes)}; stored {human_bytes(s.stored_bytes)} after compression")
+    return 0
+
+
+def cmd_list(args) -> int:
+    with open_store(args, readonly=True) as store:
+        points = store.points(args.vm)
+        if args.vm and not points:
+            store.point(args.vm)  # raises: unknown VM
+    if args.json:
+        print_json([{**asdict(p), "size": p.size, "stored_bytes": p.stored_bytes} for p in points])
+        return 0
+    if not points:
+        print("no recovery points yet (rpfs backup VM --disk NAME=PATH)")
+        return 0
+    current_vm = None
+    for p in points:
+        if p.vm != current_vm:
+            current_vm = p.vm
+            print(f"{p.vm}")
+        print(f"  {p.id}  {p.consistency:<12} size {human_bytes(p.size):>10}  stored {human_bytes(p.stored_bytes):>10}"
+              f"  new {human_bytes(p.new_stored_bytes):>10}{_quiesce_note(p)}")
+        for d in p.disks:
+            print(f"      {d.name + '.img':<16} size {human_bytes(d.size):>10}  stored {human_bytes(d.stored_bytes):>10}"
+                  f"  {d.blocks} blocks, {d.zero_blocks} holes")
+    return 0
+
+
+def _quiesce_note(point) -> str:
+    """pre/post script results, freeze time and kept snapshot, as a short suffix for `list`."""
+    q, notes = point.quiesce, []
+    for phase in ("pre", "post"):
+        if phase in q:
+            notes.append(f"{phase} {'ok' if q[phase]['ok'] else 'failed: ' + q[phase]['message']}")
+    if "freeze" in q:
+        notes.append(f"frozen {q['freeze']['seconds']:.2f} s" + (" (watchdog thawed)" if q["freeze"]["watchdog_stepped_in"] else ""))
+    if "read_live" in q:
+        notes.append("read live: " + ", ".join(q["read_live"]))
+    if point.snapshot:
+        notes.append(f"snapshot kept until {point.snapshot['keep_until']}")
+    return f"  ({'; '.join(notes)})" if notes else ""
+
+
+def cmd_snapshots(args) -> int:
+    from datetime import datetime, timezone
+    with open_store(args, readonly=True) as store:
+        points = [p for p in store.points(args.vm) if p.snapshot]
+    now = datetime.now(timezone.utc)
+    found = [{"vm": p.vm, "recovery_point": p.id, "keep_until": p.snapshot["keep_until"],
+              "expired": datetime.fromisoformat(p.snapshot["keep_until"]) < now,
+              "disks": {d: {"path": path, "exists": Path(path).exists()} for d, path in p.snapshot["paths"].items()}}
+             for p in points]
+    if args.json:
+        print_json(found)
+        return 0
+    if not found:
+        print("no kept snapshots (rpfs backup --keep-snapshot-days N keeps the newest)")
+    for f in found:
+        print(f"{f['vm']}/{f['recovery_point']}  kept until {f['keep_until']}{'  (expired)' if f['expired'] else ''}")
+        for disk, info in f["disks"].items():
+            print(f"    {disk}: {info['path']}{'' if info['exists'] else '  (missing)'}")
+    return 0

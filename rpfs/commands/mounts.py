@@ -1,0 +1,71 @@
+"""Commands that mount and attach: mount, umount, attach, detach."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from ..progress import human_bytes
+from . import open_store, print_json
+
+
+def cmd_mount(args) -> int:
+    from .. import mount
+    cache_bytes = args.cache_mb << 20
+    if args.foreground:
+        mountpoint = mount.check_mountpoint(Path(args.mountpoint))
+        ready_fd = args.ready_fd
+        mount.serve(lambda: mount.store_filesystem(Path(args.store or ""), cache_bytes), mountpoint,
+                    ready_fd=ready_fd, debug=args.debug, log_file=Path(args.log_file) if args.log_file else None)
+        return 0
+    pid = mount.start_store_daemon(Path(args.store or ""), Path(args.mountpoint), cache_bytes)
+    if args.json:
+        print_json({"mountpoint": str(Path(args.mountpoint).resolve()), "pid": pid})
+    else:
+        print(f"mounted {args.store} at {args.mountpoint} (daemon pid {pid}); unmount with: rpfs umount {args.mountpoint}")
+    return 0
+
+
+def cmd_umount(args) -> int:
+    from .. import mount
+    mount.unmount(Path(args.mountpoint))
+    if args.json:
+        print_json({"unmounted": str(Path(args.mountpoint).absolute())})
+    else:
+        print(f"unmounted {args.mountpoint}")
+    return 0
+
+
+def cmd_attach(args) -> int:
+    """An image file or device, or VM[/ID] of the store (every disk of that recovery point)."""
+    from .. import attach as attach_mod
+    source = Path(args.source)
+    if source.exists() or not args.store:
+        found = {"": attach_mod.attach(source, Path(args.dest))}
+    else:
+        from ..vm_attach import attach_point
+        vm, _, point_id = args.source.partition("/")
+        with open_store(args, readonly=True) as store:
+            point = store.point(vm, point_id or None)
+        found = attach_point(store.path, point, Path(args.dest))
+    if args.json:
+        if "" in found:
+            print_json([asdict(f) for f in found[""]])
+        else:
+            print_json({"vm": point.vm, "recovery_point": point.id, "dest": str(Path(args.dest).absolute()),
+                         "disks": [{"disk": d, "filesystems": [asdict(f) for f in fs]} for d, fs in found.items()]})
+        return 0
+    for disk, filesystems in found.items():
+        for f in filesystems:
+            where = f.mountpoint if f.status == "mounted" else f.status
+            print(f"{disk + ' ' if disk else ''}{f.name:<6} {f.fstype or '-':<10} {human_bytes(f.size):>10}  {where}")
+    return 0
+
+
+def cmd_detach(args) -> int:
+    from ..vm_attach import detach_point_or_image
+    undone = detach_point_or_image(Path(args.dest))
+    if args.json:
+        print_json({"unmounted": [str(u) for u in undone]})
+    else:
+        print(f"detached {len(undone)} filesystem(s) from {args.dest}")
+    return 0

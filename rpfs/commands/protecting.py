@@ -1,0 +1,156 @@
+"""Commands that make rpfs run itself: policy, protect, unprotect, run, schedule."""
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from ..errors import RpfsError
+from ..progress import ProgressBar
+from . import open_store, print_json
+
+
+def _policy_from_args(args, base: dict | None) -> dict:
+    """A policy dict from `rpfs policy create/update` flags, over base (update) or defaults (create)."""
+    d = base or {"name": args.name, "schedule": {"kind": "daily", "at": "02:00"},
+                 "retention": {"keep_last": 7}, "keep_snapshot_days": 0, "options": {}}
+    kinds = [k for k in ("daily", "weekdays", "every_hours") if getattr(args, k) is not None]
+    if len(kinds) > 1:
+        raise RpfsError("give one schedule: --daily HH:MM, --weekdays mon,thu [--at HH:MM], or --every-hours N")
+    if args.daily is not None:
+        d["schedule"] = {"kind": "daily", "at": args.daily}
+    elif args.weekdays is not None:
+        d["schedule"] = {"kind": "weekly", "at": args.at or "02:00", "weekdays": args.weekdays.split(",")}
+    elif args.every_hours is not None:
+        d["schedule"] = {"kind": "hourly", "every_hours": args.every_hours}
+    elif args.at is not None and d["schedule"]["kind"] != "hourly":
+        d["schedule"]["at"] = args.at
+    for key in ("keep_last", "daily", "weekly", "monthly", "yearly"):
+        value = getattr(args, f"keep_{key}" if key != "keep_last" else "keep_last")
+        if value is not None:
+            d["retention"][key] = value
+    if args.keep_snapshot_days is not None:
+        d["keep_snapshot_days"] = args.keep_snapshot_days
+    if args.consistency_config is not None:   # the timer runs in /, so keep it absolute
+        d["consistency_config"] = str(Path(args.consistency_config).absolute()) if args.consistency_config else None
+    if args.allow_live is not None:
+        d["options"]["allow_live"] = args.allow_live == "yes"
+    return d
+
+
+def _policy_action(args) -> int:
+    from ..policy import policy_from_dict, policy_from_toml, policy_to_dict
+    from ..protection import delete_policy, get_policy, save_policy
+    with open_store(args, readonly=args.action in ("list", "show")) as store:
+        if args.action == "import":
+            try:
+                text = Path(args.file).read_text()
+            except OSError as e:
+                raise RpfsError(f"cannot read {args.file}: {e.strerror}") from None
+            policy = policy_from_toml(text, args.file)
+            save_policy(store, policy, replace=args.replace)
+            shown = [policy]
+        elif args.action == "create":
+            policy = policy_from_dict(_policy_from_args(args, None))
+            save_policy(store, policy)
+            shown = [policy]
+        elif args.action == "update":
+            policy = policy_from_dict(_policy_from_args(args, policy_to_dict(get_policy(store, args.name))))
+            save_policy(store, policy, replace=True)
+            shown = [policy]
+        elif args.action == "delete":
+            delete_policy(store, args.name)
+            shown = []
+        elif args.action == "show":
+            shown = [get_policy(store, args.name)]
+        else:
+            shown = [policy_from_dict(d) for d in store.records("policies").values()]
+    if args.json:
+        print_json([policy_to_dict(p) for p in shown])
+        return 0
+    if args.action == "delete":
+        print(f"deleted policy {args.name}")
+    for p in shown:
+        sch = p.schedule
+        when = {"daily": f"daily at {sch.at}", "weekly": f"{','.join(sch.weekdays)} at {sch.at}",
+                "hourly": f"every {sch.every_hours} h"}[sch.kind]
+        keep = ", ".join(f"{k.removeprefix('keep_')} {v}" for k, v in asdict(p.retention).items() if v)
+        print(f"{p.name}: {when} UTC; keep {keep}; snapshot kept {p.keep_snapshot_days:g} day(s)"
+              f"{'; consistency ' + p.consistency_config if p.consistency_config else ''}")
+    return 0
+
+
+def cmd_policy(args) -> int:
+    if args.action in ("create", "update", "show", "delete", "import") and not args.name:
+        raise RpfsError(f"rpfs policy {args.action} needs a {'TOML file' if args.action == 'import' else 'policy name'}")
+    if args.action == "import":
+        args.file = args.name
+    return _policy_action(args)
+
+
+def cmd_protect(args) -> int:
+    from ..protection import protect
+    with open_store(args) as store:
+        protection = protect(store, args.vm, args.policy, args.disk, args.temporary_disk)
+    if args.json:
+        print_json(asdict(protection))
+    else:
+        print(f"{args.vm} protected by policy {args.policy}: disks {', '.join(protection.disks)}"
+              f"{'; temporary (not backed up): ' + ', '.join(protection.temporary) if protection.temporary else ''}")
+    return 0
+
+
+def cmd_unprotect(args) -> int:
+    from ..protection import unprotect
+    if args.keep_data == args.delete_data:
+        raise RpfsError("say what happens to the recovery points: --keep-data or --delete-data")
+    with open_store(args) as store:
+        deleted = unprotect(store, args.vm, delete_data=args.delete_data)
+    if args.json:
+        print_json({"vm": args.vm, "deleted_recovery_points": deleted})
+    else:
+        print(f"{args.vm} is no longer protected; " + (f"{deleted} recovery point(s) deleted (rpfs gc frees the space)"
+                                                        if args.delete_data else "its recovery points stay restorable"))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from ..protection import run
+    with open_store(args) as store:
+        result = run(store, stagger_seconds=args.stagger_seconds,
+                     progress_for=lambda vm: ProgressBar(f"backup {vm}", quiet=args.json))
+    if args.json:
+        print_json(asdict(result))
+    else:
+        print(f"backed up: {', '.join(result.backed_up) or 'none'}; not due: {len(result.not_due)}")
+        for vm, ids in result.pruned.items():
+            print(f"pruned {vm}: {', '.join(ids)}")
+        for vm, error in result.failed.items():
+            print(f"FAILED {vm}: {error}")
+    return 1 if result.failed else 0
+
+
+def cmd_schedule(args) -> int:
+    import shlex
+    import subprocess
+    from ..schedule import systemd_units
+    if not args.store:
+        raise RpfsError("no store given: use --store DIR or set RPFS_STORE")
+    units = systemd_units(shlex.join([sys.executable, "-m", "rpfs"]), str(Path(args.store).absolute()), args.interval)
+    if args.print or not args.install:
+        for name, text in units.items():
+            print(f"# {name}\n{text}")
+        return 0
+    folder = Path(args.unit_dir)
+    for name, text in units.items():
+        (folder / name).write_text(text)
+    if args.unit_dir == "/etc/systemd/system":
+        for cmd in (["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", "rpfs.timer"]):
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True)
+            except FileNotFoundError:
+                raise RpfsError(f"wrote {', '.join(units)} to {folder}, but systemctl is not installed") from None
+            if done.returncode != 0:
+                raise RpfsError(f"wrote the units to {folder}, but {' '.join(cmd)} failed: {done.stderr.strip()}")
+    print(f"installed {', '.join(units)} in {folder}")
+    return 0

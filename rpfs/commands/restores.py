@@ -1,0 +1,120 @@
+"""Commands that bring data back: restore, instant-restore (and its daemon), instant-wait, instant-stop, jobs."""
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from ..errors import RpfsError
+from ..jobs import recorded
+from ..progress import ProgressBar, human_bytes
+from . import open_store, print_json
+
+
+def cmd_restore(args) -> int:
+    from ..restore import check_target, restore_disk
+    with open_store(args) as store, recorded(store, "restore", args.vm) as job:
+        point = store.point(args.vm, args.recovery_point)
+        job.recovery_point = point.id
+        if args.disk:
+            jobs = [(point.disk(args.disk).name, Path(args.to))]
+        else:
+            folder = Path(args.to)
+            if folder.exists() and not folder.is_dir():
+                raise RpfsError(f"{folder} is not a folder (to restore one disk to a file, add --disk NAME)")
+            jobs = [(d.name, folder / f"{d.name}.img") for d in point.disks]
+            for name, target in jobs:   # refuse before writing anything
+                folder.mkdir(parents=True, exist_ok=True)
+                check_target(target, point.disk(name).size, args.force)
+        summaries = []
+        for name, target in jobs:
+            with ProgressBar(f"restore {name}", quiet=args.json) as bar:
+                summaries.append(restore_disk(store, point, name, target, force=args.force,
+                                              discard=args.discard, progress=bar))
+            job.bytes_written += summaries[-1].written_bytes
+    if args.json:
+        print_json({"vm": point.vm, "recovery_point": point.id,
+                     "disks": [{**asdict(s), "mb_per_second": round(s.mb_per_second, 1)} for s in summaries]})
+        return 0
+    for s in summaries:
+        print(f"restored {s.vm}/{s.point_id}/{s.disk} to {s.target}: {human_bytes(s.size)} in {s.seconds:.1f} s"
+              f" ({s.mb_per_second:.0f} MB/s; {human_bytes(s.written_bytes)} data, {human_bytes(s.hole_bytes)} holes)")
+    return 0
+
+
+def cmd_instant_restore(args) -> int:
+    from .. import instant
+    with open_store(args, readonly=True) as store:
+        point = store.point(args.vm, args.recovery_point)
+        job = instant.start(store, point, args.disk, Path(args.to))
+    if not args.json:
+        print(job.image)
+        print(f"writable image of {job.vm}/{job.point_id}/{job.disk} ready; copying into {job.target} in the"
+              f" background ({job.copied_blocks}/{job.blocks} blocks so far). Attach it read-write, e.g."
+              f" losetup --find --show {job.image}", file=sys.stderr)
+    if args.wait:
+        with ProgressBar(f"copy {job.disk}", quiet=args.json) as bar:
+            job = instant.wait(Path(job.target), progress=bar)
+    if args.json:
+        print_json(asdict(job))
+    elif args.wait:
+        print(f"copy complete: {job.target} is a standalone image", file=sys.stderr)
+    return 0
+
+
+def cmd_instant_daemon(args) -> int:
+    from .. import instant, mount
+    target = Path(args.target)
+    mount.serve(lambda: instant.instant_filesystem(target), Path(args.mountpoint), ready_fd=args.ready_fd,
+                log_file=Path(args.log_file) if args.log_file else None)
+    return 0
+
+
+def cmd_instant_wait(args) -> int:
+    from .. import instant
+    with ProgressBar("copy", quiet=args.json) as bar:
+        job = instant.wait(Path(args.target), progress=bar)
+    if args.json:
+        print_json(asdict(job))
+    else:
+        print(f"copy complete: {job.target} is a standalone image (stop serving it: rpfs instant-stop {job.target})")
+    return 0
+
+
+def cmd_instant_stop(args) -> int:
+    from .. import instant
+    job = instant.stop(Path(args.target))
+    if args.json:
+        print_json(asdict(job))
+    elif job.state == "complete":
+        print(f"stopped; {job.target} is a standalone image")
+    else:
+        print(f"stopped at {job.copied_blocks}/{job.blocks} blocks; resume with: rpfs instant-restore {job.vm}"
+              f" {job.point_id} --disk {job.disk} --to {job.target}")
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    from .. import instant
+    from ..jobs import list_jobs
+    store_jobs = []
+    if args.store:
+        with open_store(args, readonly=True) as store:
+            store_jobs = list_jobs(store, running_only=args.running)
+    found = instant.jobs()
+    if args.running:
+        found = [j for j in found if j.state == "copying"]
+    if args.json:
+        print_json({"jobs": [asdict(j) for j in store_jobs], "instant_restores": [asdict(j) for j in found]})
+        return 0
+    if not store_jobs and not found:
+        print("no jobs" + ("" if args.store else " (give --store to see backups, restores, prune, gc, verify)"))
+    for j in store_jobs:
+        moved = f"read {human_bytes(j.bytes_read)}, wrote {human_bytes(j.bytes_written)}"
+        print(f"{j.id}  {j.kind:<8} {j.vm or '-':<12} {j.status:<10} {j.start} -> {j.end or '...'}  {moved}"
+              f"{'  ' + j.recovery_point if j.recovery_point else ''}{'  error: ' + j.error if j.error else ''}")
+    for j in found:
+        percent = 100.0 * j.copied_blocks / j.blocks if j.blocks else 100.0
+        print(f"instant-restore {j.vm}/{j.point_id}/{j.disk} -> {j.target}: {j.state} {percent:.1f}%"
+              f" ({j.copied_blocks}/{j.blocks} blocks){'  image ' + j.image if j.state != 'stopped' else ''}")
+    return 0

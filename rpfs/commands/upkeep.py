@@ -1,0 +1,104 @@
+"""Commands that keep a store healthy: gc, compact, verify, usage, pin/unpin, prune."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from ..jobs import recorded
+from ..progress import ProgressBar, human_bytes
+from . import open_store, print_json
+
+
+def cmd_gc(args) -> int:
+    from ..maintenance import gc
+    with open_store(args) as store, recorded(store, "gc") as job:
+        result = gc(store)
+        job.bytes_written = result.freed_bytes
+    if args.json:
+        print_json(asdict(result))
+    else:
+        print(f"removed {result.removed_blocks} unreferenced block(s), {human_bytes(result.freed_bytes)}"
+              " (LMDB reuses the space; rpfs compact shrinks the file)")
+    return 0
+
+
+def cmd_compact(args) -> int:
+    from ..maintenance import compact
+    with open_store(args) as store:
+        before, after = compact(store)
+    if args.json:
+        print_json({"before_bytes": before, "after_bytes": after})
+    else:
+        print(f"compacted {args.store}: {human_bytes(before)} -> {human_bytes(after)}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from ..maintenance import verify
+    with open_store(args) as store, recorded(store, "verify", args.vm) as job:
+        with ProgressBar("verify", quiet=args.json) as bar:
+            result = verify(store, args.vm, args.recovery_point, args.sample, progress=bar)
+        job.bytes_read = result.checked_bytes
+        if result.damaged:
+            job.error = f"{len(result.damaged)} damaged recovery point(s)"
+    if args.json:
+        print_json(asdict(result))
+    else:
+        print(f"checked {result.checked_blocks} block(s), {human_bytes(result.checked_bytes)}"
+              f"{f' ({args.sample:g}% sample)' if args.sample < 100 else ''}")
+        for point, problems in result.damaged.items():
+            print(f"DAMAGED {point}: {len(problems)} bad block reference(s); first: {problems[0]}")
+    return 4 if result.damaged else 0
+
+
+def cmd_usage(args) -> int:
+    from ..usage import usage
+    with open_store(args, readonly=True) as store:
+        result = usage(store)
+    if args.json:
+        print_json({**asdict(result), "deduplication_ratio": round(result.deduplication_ratio, 3),
+                     "compression_ratio": round(result.compression_ratio, 3)})
+        return 0
+    print(f"{'VM':<16} {'points':>6} {'protected instance':>19} {'backup storage':>15} {'snapshots':>10}")
+    for v in result.vms:
+        print(f"{v.vm:<16} {v.recovery_points:>6} {human_bytes(v.protected_instance_bytes):>19}"
+              f" {human_bytes(v.backup_storage_bytes):>15} {human_bytes(v.snapshot_bytes):>10}")
+    print(f"store: {human_bytes(result.stored_bytes)} stored ({human_bytes(result.file_bytes)} file), "
+          f"deduplication {result.deduplication_ratio:.2f}x, compression {result.compression_ratio:.2f}x; "
+          f"{result.unreferenced_blocks} unreferenced block(s) for gc. Shared blocks: {result.attribution}.")
+    return 0
+
+
+def cmd_pin(args) -> int:
+    with open_store(args) as store:
+        found = store.point(args.vm, args.recovery_point)
+        point = store.modify_point(found.vm, found.id, lambda p: setattr(p, "pinned", args.pinned))
+    if args.json:
+        print_json({"vm": point.vm, "recovery_point": point.id, "pinned": point.pinned})
+    else:
+        print(f"{point.vm}/{point.id} {'pinned: prune keeps it' if point.pinned else 'unpinned'}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from ..maintenance import prune
+    from ..protection import get_policy, protections
+    with open_store(args) as store:
+        policies = {vm: get_policy(store, p.policy).retention for vm, p in protections(store).items()}
+        if args.dry_run:
+            results = prune(store, policies, args.vm, dry_run=True)
+        else:
+            with recorded(store, "prune", args.vm) as job:
+                results = prune(store, policies, args.vm)
+                job.bytes_written = sum(len(r.pruned) for r in results)
+    if args.json:
+        print_json([asdict(r) for r in results])
+        return 0
+    for r in results:
+        verb = "would prune" if args.dry_run else "pruned"
+        print(f"{r.vm}: {verb} {len(r.pruned)}, keeps {len(r.kept)}")
+        for point_id in r.pruned:
+            print(f"  {verb}  {point_id}")
+        if args.dry_run:
+            for point_id, why in sorted(r.kept.items()):
+                print(f"  keeps        {point_id}  ({why})")
+    return 0
