@@ -122,9 +122,10 @@ def _keep_or_delete_snapshots(store: Store, point: RecoveryPoint, snapshots: dic
     now = datetime.now(timezone.utc)
     if snapshots and days > 0:
         keep_until = (now + timedelta(days=days)).isoformat(timespec="seconds")
-        paths = {name: str(p) for name, p in snapshots.items()}
-        store.modify_point(point.vm, point.id, lambda p: setattr(p, "snapshot", {"paths": paths, "keep_until": keep_until}))
-        point.snapshot = {"paths": paths, "keep_until": keep_until}
+        kept = {"paths": {name: str(p) for name, p in snapshots.items()}, "keep_until": keep_until,
+                "stamps": {name: [p.stat().st_size, p.stat().st_mtime_ns] for name, p in snapshots.items()}}
+        store.modify_point(point.vm, point.id, lambda p: setattr(p, "snapshot", kept))
+        point.snapshot = kept
     else:
         snapshot.delete(snapshots.values())
     for older in store.points(point.vm):

@@ -1,10 +1,11 @@
 """The writable image behind an instant restore: a target file filled from a recovery point while in use.
 
-The target file PATH is created sparse at the disk's size, with a state file beside it
+The copy is written to `PATH.rpfs-partial`, created sparse at the disk's size, with a state file beside it
 (`PATH.rpfs-instant`): a JSON header naming the store, VM, recovery point and disk, then a bitmap with
 one bit per block. A set bit means PATH holds that block (copied from the store, or written by the
 user); reads of the other blocks come from the store. A background hydrator copies the missing blocks.
-When every bit is set the state file is deleted: PATH is then a plain standalone image.
+When every bit is set the copy is renamed to PATH and the state file deleted: PATH is then a plain
+standalone image, and PATH never holds a half-copied one.
 
 Durability, so that neither a killed process nor a crash loses an acknowledged write:
 - a block's data is written to PATH and fdatasync'ed *before* its bit is set, so a set bit always
@@ -32,6 +33,7 @@ from .recovery_point import HOLE
 from .store import Store
 
 STATE_SUFFIX = ".rpfs-instant"
+PARTIAL_SUFFIX = ".rpfs-partial"
 HEADER_SIZE = 4096
 SYNC_EVERY_BYTES = 64 << 20    # the hydrator syncs data, then records bits, about this often
 
@@ -53,6 +55,11 @@ class InstantSource:
 
 def state_path(target: Path) -> Path:
     return target.with_name(target.name + STATE_SUFFIX)
+
+
+def partial_path(target: Path) -> Path:
+    """Where the copy is written until it is complete: PATH itself only ever holds a whole image."""
+    return target.with_name(target.name + PARTIAL_SUFFIX)
 
 
 def read_source(target: Path) -> InstantSource:
@@ -83,6 +90,8 @@ def create(target: Path, source: InstantSource) -> None:
                         " point and disk if it is an unfinished instant restore)")
     if not target.parent.is_dir():
         raise RpfsError(f"folder {target.parent} does not exist")
+    if partial_path(target).exists():
+        raise RpfsError(f"{partial_path(target)} is left from an earlier restore; remove it first")
     header = json.dumps(asdict(source)).encode()
     state = state_path(target)
     with open(state, "wb") as f:
@@ -90,7 +99,7 @@ def create(target: Path, source: InstantSource) -> None:
         f.write(bytes(-(-source.blocks // 8)))
         f.flush()
         os.fsync(f.fileno())
-    with open(target, "wb") as f:
+    with open(partial_path(target), "wb") as f:
         f.truncate(source.size)
         os.fsync(f.fileno())
 
@@ -106,7 +115,7 @@ class WritableImage:
         self.size, self.block_size = self.source.size, self.source.block_size
         if self.reader.size != self.size or self.reader.block_size != self.block_size:
             raise RpfsError(f"{state_path(target)} does not match recovery point {point.vm}/{point.id}")
-        self._fd = os.open(target, os.O_RDWR | os.O_CLOEXEC)
+        self._fd = os.open(partial_path(target), os.O_RDWR | os.O_CLOEXEC)
         self._state_fd = os.open(state_path(target), os.O_RDWR | os.O_CLOEXEC)
         try:   # one server per target: two in-memory bitmaps would overwrite each other's blocks
             fcntl.flock(self._state_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -147,6 +156,7 @@ class WritableImage:
         if tail and self._bitmap[-1] != (1 << tail) - 1:
             return
         os.fsync(self._fd)
+        os.replace(partial_path(self.target), self.target)   # the open fd follows the file
         os.unlink(state_path(self.target))
         os.close(self._state_fd)
         self._state_fd = -1

@@ -117,8 +117,11 @@ def _restore(store: Store, point: RecoveryPoint, disk, target: Path, is_device: 
 def _clone_kept_snapshot(point: RecoveryPoint, disk_name: str, size: int, partial: Path) -> bool:
     """The instant-restore tier: a kept reflink snapshot on the target's filesystem is cloned in seconds."""
     kept = Path(point.snapshot.get("paths", {}).get(disk_name, "")) if point.snapshot else None
-    if kept is None or not kept.is_file() or kept.stat().st_size != size:
+    stamp = point.snapshot.get("stamps", {}).get(disk_name) if point.snapshot else None
+    if kept is None or stamp is None or not kept.is_file():
         return False
+    if [kept.stat().st_size, kept.stat().st_mtime_ns] != stamp or stamp[0] != size:
+        return False   # changed since the backup read it: decode the store instead
     try:
         snapshot.clone(kept, partial)
     except snapshot.CannotSnapshot:   # another filesystem: copy from the store instead

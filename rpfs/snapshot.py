@@ -54,6 +54,7 @@ def take(images: dict[str, Path], vm: str, snapshot_id: str) -> dict[str, Path]:
         for disk, image in images.items():
             target = snapshot_path(image, vm, snapshot_id, disk)
             clone(image, target)
+            os.chmod(target, 0o400)   # a kept snapshot stands for a recovery point: nobody writes it
             made[disk] = target
     except BaseException:
         delete(made.values())
