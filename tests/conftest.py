@@ -46,3 +46,14 @@ def require_tool(tool: str) -> None:
 def kernel():
     """Request this fixture in every test that touches FUSE, loop devices or mount."""
     require_kernel()
+
+
+@pytest.fixture
+def area(kernel, tmp_path):
+    from diskimages import leftover_kernel_state, release_kernel_state
+    """tmp_path for a kernel test; afterwards nothing may remain mounted or looped from it."""
+    try:
+        yield tmp_path
+        assert leftover_kernel_state(tmp_path) == ([], []), "attach/detach leaked kernel state"
+    finally:
+        release_kernel_state(tmp_path)

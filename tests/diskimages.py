@@ -128,6 +128,15 @@ def make_sparse_image(path: Path, size: int = 1 << 30) -> Path:
     return path
 
 
+def random_disk(path: Path, data_mib: int, size_mib: int | None = None) -> Path:
+    """A disk with data_mib MiB of random (incompressible) data at its start, zeros after it."""
+    with open(path, "wb") as f:
+        for _ in range(data_mib):
+            f.write(os.urandom(MiB))
+        f.truncate((size_mib if size_mib is not None else data_mib) * MiB)
+    return Path(path)
+
+
 def make_empty_image(path: Path) -> Path:
     """A 0-byte file."""
     path = Path(path)

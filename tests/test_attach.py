@@ -20,7 +20,7 @@ from diskimages import (
     copy_live, have_mkfs, leftover_kernel_state, make_blank_partitioned_image, make_dirty_image,
     make_empty_image, make_gpt_image, make_mbr_image, make_mixed_image, make_odd_size_image,
     make_partitioned_image, make_sparse_image, make_whole_disk_ext4, mkfs_xfs, mounted_rw, needs_log_recovery,
-    random_files, read_tree, release_kernel_state,
+    random_files, read_tree,
 )
 from rpfs.attach import AttachedFilesystem, attach, detach
 from rpfs.errors import RpfsError
@@ -192,15 +192,6 @@ def _mount_entry(mountpoint: Path) -> tuple[str, str, str]:
             return fields[sep + 2], fields[5], fields[sep + 3]
     raise AssertionError(f"{mountpoint} not mounted")
 
-
-@pytest.fixture
-def area(kernel, tmp_path):
-    """tmp_path for a kernel test; afterwards nothing may remain mounted or looped from it."""
-    try:
-        yield tmp_path
-        assert leftover_kernel_state(tmp_path) == ([], []), "attach/detach leaked kernel state"
-    finally:
-        release_kernel_state(tmp_path)
 
 
 def _assert_read_only_mount(fs: AttachedFilesystem) -> None:

@@ -10,22 +10,13 @@ import rpfs.attach as attach_mod
 from cli_helpers import is_mounted, mounted, rpfs
 from diskimages import (
     leftover_kernel_state, make_blank_partitioned_image, make_dirty_image, make_gpt_image, make_whole_disk_ext4,
-    mounted_rw, needs_log_recovery, random_files, read_tree, release_kernel_state,
+    mounted_rw, needs_log_recovery, random_files, read_tree,
 )
 from rpfs.attach import attach_disks, detach
 from rpfs.errors import RpfsError
 
 MiB = 1 << 20
 
-
-@pytest.fixture
-def area(kernel, tmp_path):
-    """tmp_path for a kernel test; afterwards nothing may remain mounted or looped from it."""
-    try:
-        yield tmp_path
-        assert leftover_kernel_state(tmp_path) == ([], []), "attach/detach leaked kernel state"
-    finally:
-        release_kernel_state(tmp_path)
 
 
 def backup_vm(area: Path, disks: dict[str, Path]) -> Path:

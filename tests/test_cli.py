@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from diskimages import random_disk
 from cli_helpers import REPO, rpfs, writer_lock_held
 from test_backup import write_image
 
@@ -112,10 +113,7 @@ def _wait_for_committed_blocks(store: Path, proc: subprocess.Popen, min_bytes: i
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_backup_leaves_no_recovery_point(store, tmp_path, how):
-    img = tmp_path / "big.img"
-    with open(img, "wb") as f:
-        for _ in range(600):
-            f.write(os.urandom(MiB))
+    img = random_disk(tmp_path / "big.img", 600)
     proc = _start_backup(store, img)
     try:
         _wait_for_committed_blocks(store, proc, 70 * MiB)

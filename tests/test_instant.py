@@ -10,7 +10,7 @@ import pytest
 
 from cli_helpers import mounted, rpfs
 from conftest import require_tool
-from diskimages import leftover_kernel_state, make_whole_disk_ext4, random_files
+from diskimages import leftover_kernel_state, make_whole_disk_ext4, random_disk, random_files
 from rpfs.overlay import state_path
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("kernel")]
@@ -87,10 +87,7 @@ class mounted_image:
 
 
 def test_killed_daemon_resumes_without_losing_writes(tmp_path, cleanup):
-    source = tmp_path / "big.img"
-    with open(source, "wb") as f:
-        for _ in range(1024):
-            f.write(os.urandom(MiB))
+    source = random_disk(tmp_path / "big.img", 1024)
     store = tmp_path / "store"
     rpfs("init", store=store)
     rpfs("backup", "vm", f"--disk=d={source}", store=store)

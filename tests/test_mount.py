@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from diskimages import random_disk
 from cli_helpers import is_mounted, mounted, rpfs
 from rpfs.store import Store
 from test_backup import corrupt_one_block, write_image
@@ -177,10 +178,7 @@ def test_mount_errors(vm, tmp_path):
 
 
 def test_daemon_memory_stays_bounded(tmp_path):
-    img = tmp_path / "big.img"
-    with open(img, "wb") as f:
-        for _ in range(384):
-            f.write(os.urandom(MiB))
+    img = random_disk(tmp_path / "big.img", 384)
     store = tmp_path / "store"
     rpfs("init", store=store)
     rpfs("backup", "vm", f"--disk=d={img}", store=store)

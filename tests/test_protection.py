@@ -1,15 +1,14 @@
 """Policies, protection, run, retention, gc, verify, jobs and usage."""
 import json
-import os
 import subprocess
 import sys
 import threading
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 
 from cli_helpers import mounted, rpfs, writer_lock_held
+from diskimages import random_disk
 from rpfs.backup import backup
 from rpfs.jobs import Job
 from rpfs.maintenance import gc, prune, verify
@@ -19,14 +18,6 @@ from rpfs.store import Store
 from test_backup import corrupt_one_block, read_all, write_image
 
 MiB = 1 << 20
-
-
-def data_disk(path: Path, data_mib: int, size_mib: int | None = None) -> Path:
-    """A disk with data_mib MiB of random data at its start and zeros after it."""
-    with open(path, "wb") as f:
-        f.write(os.urandom(data_mib * MiB))
-        f.truncate((size_mib or data_mib) * MiB)
-    return path
 
 
 @pytest.fixture
@@ -39,10 +30,10 @@ def test_usage_follows_the_azure_example(store, tmp_path):
     """OS disk 17 units of data, temporary disk 5, data disk 30, an empty data disk: 47 protected."""
     rpfs("policy", "create", "daily", "--daily", "02:00", "--keep-last", "3", store=store)
     rpfs("protect", "vm", "--policy", "daily",
-         f"--disk=os={data_disk(tmp_path / 'os.img', 17, 64)}",
-         f"--temporary-disk=temp={data_disk(tmp_path / 'temp.img', 5)}",
-         f"--disk=data={data_disk(tmp_path / 'data.img', 30)}",
-         f"--disk=empty={data_disk(tmp_path / 'empty.img', 0, 32)}", store=store)
+         f"--disk=os={random_disk(tmp_path / 'os.img', 17, 64)}",
+         f"--temporary-disk=temp={random_disk(tmp_path / 'temp.img', 5)}",
+         f"--disk=data={random_disk(tmp_path / 'data.img', 30)}",
+         f"--disk=empty={random_disk(tmp_path / 'empty.img', 0, 32)}", store=store)
     out = json.loads(rpfs("run", "--stagger-seconds", "0", "--json", store=store).stdout)
     assert out["backed_up"] == ["vm"]
     usage = json.loads(rpfs("usage", "--json", store=store).stdout)
@@ -54,7 +45,7 @@ def test_usage_follows_the_azure_example(store, tmp_path):
 
 
 def test_shared_blocks_are_split_between_vms(store, tmp_path):
-    disk = data_disk(tmp_path / "d.img", 8)
+    disk = random_disk(tmp_path / "d.img", 8)
     rpfs("backup", "a", f"--disk=d={disk}", store=store)
     rpfs("backup", "b", f"--disk=d={disk}", store=store)
     usage = json.loads(rpfs("usage", "--json", store=store).stdout)
@@ -64,7 +55,7 @@ def test_shared_blocks_are_split_between_vms(store, tmp_path):
 
 
 def test_protect_and_policy_errors(store, tmp_path):
-    disk = data_disk(tmp_path / "d.img", 1)
+    disk = random_disk(tmp_path / "d.img", 1)
     for args, message in [
         (["protect", "vm", "--policy", "nope", f"--disk=d={disk}"], "unknown policy 'nope'"),
         (["policy", "create", "p", "--daily", "24:00"], "24:00"),
@@ -87,7 +78,7 @@ def test_protect_and_policy_errors(store, tmp_path):
 
 
 def test_run_backs_up_what_is_due(tmp_path):
-    disk = data_disk(tmp_path / "d.img", 2)
+    disk = random_disk(tmp_path / "d.img", 2)
     with Store.init(tmp_path / "s") as store:
         rpfs("policy", "create", "six", "--every-hours", "6", "--keep-last", "5", store=store.path)
         rpfs("protect", "vm", "--policy", "six", f"--disk=d={disk}", store=store.path)
@@ -102,7 +93,7 @@ def test_prune_keeps_what_the_policy_says_and_pinned_points(store, tmp_path):
     disk = tmp_path / "d.img"
     ids = []
     for i in range(4):
-        data_disk(disk, 2)
+        random_disk(disk, 2)
         ids.append(json.loads(rpfs("backup", "vm", f"--disk=d={disk}", "--json", store=store).stdout)["point_id"])
     rpfs("policy", "create", "two", "--daily", "02:00", "--keep-last", "2", store=store)
     rpfs("protect", "vm", "--policy", "two", f"--disk=d={disk}", store=store)
@@ -121,14 +112,14 @@ def test_prune_keeps_what_the_policy_says_and_pinned_points(store, tmp_path):
 
 def test_prune_refused_while_a_backup_of_the_same_vm_runs(store, tmp_path):
     rpfs("policy", "create", "p", "--daily", "02:00", "--keep-last", "1", store=store)
-    rpfs("protect", "vm", "--policy", "p", f"--disk=d={data_disk(tmp_path / 'd.img', 1)}", store=store)
+    rpfs("protect", "vm", "--policy", "p", f"--disk=d={random_disk(tmp_path / 'd.img', 1)}", store=store)
     with writer_lock_held(store, "backup of vm"):
         done = rpfs("prune", "vm", store=store, check=False)
         assert done.returncode != 0 and "a backup of vm is running" in done.stderr and done.stderr.count("\n") == 1
 
 
 def test_verify_reports_damage(store, tmp_path):
-    disk = data_disk(tmp_path / "d.img", 3)
+    disk = random_disk(tmp_path / "d.img", 3)
     rpfs("backup", "vm", f"--disk=d={disk}", store=store)
     with Store.open(store) as s:
         corrupt_one_block(s, s.point("vm"), "d")
@@ -141,7 +132,7 @@ def test_verify_reports_damage(store, tmp_path):
 
 
 def test_jobs_are_recorded_and_a_dead_one_shows_failed(store, tmp_path):
-    disk = data_disk(tmp_path / "d.img", 1)
+    disk = random_disk(tmp_path / "d.img", 1)
     rpfs("backup", "vm", f"--disk=d={disk}", store=store)
     rpfs("backup", "vm", "--disk=d=/nonexistent", store=store, check=False)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -156,7 +147,7 @@ def test_jobs_are_recorded_and_a_dead_one_shows_failed(store, tmp_path):
 
 def test_unprotect_keep_or_delete(store, tmp_path):
     rpfs("policy", "create", "p", "--daily", "02:00", "--keep-last", "1", store=store)
-    disk = data_disk(tmp_path / "d.img", 1)
+    disk = random_disk(tmp_path / "d.img", 1)
     for vm in ("keep", "drop"):
         rpfs("protect", vm, "--policy", "p", f"--disk=d={disk}", store=store)
         rpfs("backup", vm, f"--disk=d={disk}", store=store)
@@ -236,7 +227,7 @@ def test_prune_skips_a_recovery_point_open_through_a_mount(store, tmp_path, kern
     disk = tmp_path / "d.img"
     ids = []
     for _ in range(2):
-        data_disk(disk, 2)
+        random_disk(disk, 2)
         ids.append(json.loads(rpfs("backup", "vm", f"--disk=d={disk}", "--json", store=store).stdout)["point_id"])
     rpfs("policy", "create", "one", "--daily", "02:00", "--keep-last", "1", store=store)
     rpfs("protect", "vm", "--policy", "one", f"--disk=d={disk}", store=store)
@@ -252,7 +243,7 @@ def test_prune_skips_a_recovery_point_open_through_a_mount(store, tmp_path, kern
 @pytest.mark.timeout(120)
 def test_compact_shrinks_and_is_refused_while_mounted(store, tmp_path, kernel):
     for vm in ("a", "b"):
-        rpfs("backup", vm, f"--disk=d={data_disk(tmp_path / f'{vm}.img', 12)}", store=store)
+        rpfs("backup", vm, f"--disk=d={random_disk(tmp_path / f'{vm}.img', 12)}", store=store)
     rpfs("policy", "create", "p", "--daily", "02:00", "--keep-last", "1", store=store)
     rpfs("protect", "a", "--policy", "p", f"--disk=d={tmp_path / 'a.img'}", store=store)
     rpfs("unprotect", "a", "--delete-data", store=store)
