@@ -18,14 +18,14 @@ from . import mount
 from .errors import RpfsError
 from .fusefs import InstantImageFS
 from .image import BlockCache
-from .leases import Lease
+from .leases import Lease, hold, release_hold
 from .mountinfo import fstype_at
 from .overlay import InstantSource, WritableImage, create, progress_of, read_source, state_path
 from .recovery_point import RecoveryPoint
 from .store import Store
 
 CACHE_BYTES = 64 << 20
-REGISTERED = ("target", "image", "mountpoint", "vm", "point_id", "disk", "blocks")
+REGISTERED = ("target", "image", "mountpoint", "vm", "point_id", "disk", "blocks", "store")
 
 
 @dataclass
@@ -36,6 +36,7 @@ class InstantJob:
     vm: str
     point_id: str
     disk: str
+    store: str = ""
     state: str = ""            # copying | stopped | complete
     copied_blocks: int = 0
     blocks: int = 0
@@ -66,6 +67,8 @@ def instant_filesystem(target: Path) -> mount.Filesystem:
         raise
 
     def close() -> None:
+        if image.complete:
+            release_hold(store.path, _job_files(target)[0].stem)
         image.close()
         lease.close()
         store.close()
@@ -87,7 +90,8 @@ def start(store: Store, point: RecoveryPoint, disk_name: str, target: Path) -> I
         create(target, source)
     registry, mountpoint = _job_files(target)
     job = InstantJob(target=str(target), image=str(mountpoint / f"{disk.name}.img"), mountpoint=str(mountpoint),
-                     vm=point.vm, point_id=point.id, disk=disk.name, blocks=source.blocks)
+                     vm=point.vm, point_id=point.id, disk=disk.name, blocks=source.blocks, store=source.store)
+    hold(store.path, registry.stem, point.vm, point.id)   # prune keeps the point until the copy is done
     running = _daemon_pid(job)
     if running is not None:
         raise RpfsError(f"an instant restore into {target} is already running; its image is {job.image}")
@@ -165,6 +169,8 @@ def stop(target: Path) -> InstantJob:
     job = _with_progress(job)
     if job.state == "complete":
         registry, mountpoint = _job_files(Path(job.target))
+        if job.store:
+            release_hold(Path(job.store), registry.stem)
         registry.unlink(missing_ok=True)
         try:
             mountpoint.rmdir()

@@ -51,9 +51,27 @@ class Lease:
         os.close(self._fd)
 
 
+def hold(store_path: Path, name: str, vm: str, point_id: str) -> None:
+    """A lease that outlives processes: an unfinished instant restore needs its recovery point even
+    while no daemon runs. Released by release_hold once the copy is complete."""
+    folder = store_path / LEASE_DIR
+    folder.mkdir(exist_ok=True)
+    (folder / f"hold-{name}").write_text(json.dumps([[vm, point_id]]))
+
+
+def release_hold(store_path: Path, name: str) -> None:
+    (store_path / LEASE_DIR / f"hold-{name}").unlink(missing_ok=True)
+
+
 def leased_points(store_path: Path) -> dict[tuple[str, str], str]:
     """(vm, recovery point) -> holder, for every live lease; stale lease files are removed."""
     found: dict[tuple[str, str], str] = {}
+    for path in sorted((store_path / LEASE_DIR).glob("hold-*")):
+        try:
+            for vm, point_id in json.loads(path.read_text()):
+                found[(vm, point_id)] = "an unfinished instant restore"
+        except (OSError, ValueError):
+            raise RpfsError(f"cannot read the lease {path}; nothing was pruned") from None
     for path in sorted((store_path / LEASE_DIR).glob("lease-*")):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

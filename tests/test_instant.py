@@ -142,3 +142,26 @@ def test_qcow2_overlay_on_the_mount(tmp_path, cleanup):
     expected = bytearray(source.read_bytes())
     expected[MiB:MiB + 65536] = b"\xab" * 65536
     assert flat.read_bytes() == bytes(expected)
+
+
+def test_prune_keeps_the_point_of_an_unfinished_instant_restore(tmp_path, cleanup):
+    store = tmp_path / "store"
+    rpfs("init", store=store)
+    source = random_disk(tmp_path / "big.img", 768)
+    first = json.loads(rpfs("backup", "vm", f"--disk=d={source}", "--json", store=store).stdout)["point_id"]
+    random_disk(tmp_path / "small.img", 1)
+    rpfs("backup", "vm", f"--disk=d={tmp_path / 'small.img'}", store=store)
+    rpfs("policy", "create", "one", "--daily", "02:00", "--keep-last", "1", store=store)
+    rpfs("protect", "vm", "--policy", "one", f"--disk=d={source}", store=store)
+    target = tmp_path / "restored.img"
+    cleanup.append(target)
+    job = json.loads(rpfs("instant-restore", "vm", first, "--disk", "d", "--to", str(target), "--json",
+                          store=store).stdout)
+    os.kill(job["pid"], signal.SIGKILL)          # stopped: no daemon holds a lease now
+    assert state_path(target).exists(), "the copy finished before the daemon could be killed"
+    kept = json.loads(rpfs("prune", "--json", store=store).stdout)[0]
+    assert kept["pruned"] == [] and kept["kept"][first] == "in use by an unfinished instant restore"
+    rpfs("instant-restore", "vm", first, "--disk", "d", "--to", str(target), "--wait", store=store)
+    rpfs("instant-stop", str(target))
+    assert target.read_bytes() == source.read_bytes()
+    assert json.loads(rpfs("prune", "--json", store=store).stdout)[0]["pruned"] == [first]
