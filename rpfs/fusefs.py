@@ -25,7 +25,7 @@ import trio
 
 from .errors import CorruptBlockError, RpfsError
 from .image import BlockCache, ImageReader
-from .leases import Lease
+from .leases import Lease, gate
 from .overlay import WritableImage
 from .recovery_point import RecoveryPoint
 from .store import Store
@@ -239,9 +239,14 @@ class RecoveryPointFS(pyfuse3.Operations):
             self._readers[inode] = ImageReader(self.store, self.cache, node.vm, node.point_id,
                                                point.disk(node.disk))
         key = (node.vm, node.point_id)
+        if self.lease is not None:   # prune must not delete a recovery point while it is open
+            with gate(self.store.path, exclusive=False):
+                self.lease.add(*key)
+                if not any(p.id == node.point_id for p in self.store.points(node.vm)):
+                    if not self._open_images.get(key):
+                        self.lease.remove(*key)
+                    raise pyfuse3.FUSEError(errno.ENOENT)   # pruned just now
         self._open_images[key] = self._open_images.get(key, 0) + 1
-        if self.lease is not None:
-            self.lease.add(*key)   # prune must not delete a recovery point while it is open
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @_fuse_errors

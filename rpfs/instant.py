@@ -18,7 +18,7 @@ from . import mount
 from .errors import RpfsError
 from .fusefs import InstantImageFS
 from .image import BlockCache
-from .leases import Lease, hold, release_hold
+from .leases import Lease, gate, hold, release_hold
 from .mountinfo import fstype_at
 from .overlay import InstantSource, WritableImage, create, progress_of, read_source, state_path
 from .recovery_point import RecoveryPoint
@@ -61,7 +61,9 @@ def instant_filesystem(target: Path) -> mount.Filesystem:
     try:
         image = WritableImage(target, store, BlockCache(CACHE_BYTES))
         lease = Lease(store.path)   # prune must not delete the recovery point while it is copied
-        lease.add(source.vm, source.point_id)
+        with gate(store.path, exclusive=False):
+            lease.add(source.vm, source.point_id)
+            store.point(source.vm, source.point_id)   # still there (raises if pruned meanwhile)
     except BaseException:
         store.close()
         raise

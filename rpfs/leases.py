@@ -14,7 +14,9 @@ import itertools
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .errors import RpfsError
 
@@ -49,6 +51,20 @@ class Lease:
     def close(self) -> None:
         self.path.unlink(missing_ok=True)
         os.close(self._fd)
+
+
+@contextmanager
+def gate(store_path: Path, exclusive: bool) -> Iterator[None]:
+    """Makes "take a lease, then check the point still exists" (readers, shared) and "check the leases,
+    then delete the point" (prune, exclusive) happen one before the other, never interleaved."""
+    folder = store_path / LEASE_DIR
+    folder.mkdir(exist_ok=True)
+    fd = os.open(folder / "gate", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 
 def hold(store_path: Path, name: str, vm: str, point_id: str) -> None:

@@ -16,7 +16,7 @@ from datetime import datetime
 
 from . import blob, snapshot
 from .errors import CorruptBlockError, RpfsError
-from .leases import leased_points
+from .leases import gate, leased_points
 from .recovery_point import DIGEST_SIZE, HOLE, RecoveryPoint
 from .retention import select_kept
 from .store import Store
@@ -67,12 +67,13 @@ def prune(store: Store, policies: dict[str, object], vm: str | None = None, dry_
                 for p in points:
                     if p.id not in result.pruned:
                         continue
-                    holder = leased_points(store.path).get((p.vm, p.id))   # opened since the first look?
-                    if holder:
-                        result.pruned.remove(p.id)
-                        result.kept[p.id] = f"in use by {holder}"
-                        continue
-                    result.released_blocks += _delete_point(store, p)
+                    with gate(store.path, exclusive=True):   # no reader can take a lease meanwhile
+                        holder = leased_points(store.path).get((p.vm, p.id))   # opened since the first look?
+                        if holder:
+                            result.pruned.remove(p.id)
+                            result.kept[p.id] = f"in use by {holder}"
+                            continue
+                        result.released_blocks += _delete_point(store, p)
             results.append(result)
     return results
 

@@ -24,7 +24,7 @@ from typing import Callable
 from . import snapshot
 from .errors import RpfsError
 from .image import BlockCache, ImageReader
-from .leases import Lease
+from .leases import Lease, gate
 from .mountinfo import read_mountinfo
 from .recovery_point import HOLE, RecoveryPoint
 from .store import Store
@@ -81,7 +81,9 @@ def restore_disk(store: Store, point: RecoveryPoint, disk_name: str, target: Pat
     is_device = check_target(target, disk.size, force)
     lease = Lease(store.path)   # prune must not delete the recovery point while it is being copied
     try:
-        lease.add(point.vm, point.id)
+        with gate(store.path, exclusive=False):
+            lease.add(point.vm, point.id)
+            store.point(point.vm, point.id)   # still there (raises if pruned meanwhile)
         return _restore(store, point, disk, target, is_device, discard, progress, workers)
     finally:
         lease.close()
