@@ -87,7 +87,8 @@ def _delete_point(store: Store, point: RecoveryPoint) -> int:
 
 
 def delete_vm_points(store: Store, vm: str) -> int:
-    """unprotect --delete-data: every recovery point of the VM (those a mount has open are refused)."""
+    """unprotect --delete-data: every recovery point of the VM (refused while a reader has one open).
+    Returns how many blocks became unreferenced (rpfs gc removes them)."""
     with store.writer_lock(f"deleting {vm}", wait_seconds=LOCK_WAIT_SECONDS, refuse=_refuse_if_backing_up(vm)):
         leased = leased_points(store.path)
         points = store.points(vm)

@@ -25,7 +25,6 @@ import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from .errors import RpfsError
 from .image import BlockCache, ImageReader
@@ -137,9 +136,6 @@ class WritableImage:
     def present(self, index: int) -> bool:
         return self.complete or bool(self._bitmap[index >> 3] & (1 << (index & 7)))
 
-    def copied_blocks(self) -> int:
-        return self.source.blocks if self.complete else sum(bin(b).count("1") for b in self._bitmap)
-
     def _mark(self, indexes: list[int]) -> None:
         """Set bits for blocks whose data is already synced to PATH, and write the bitmap bytes."""
         if not indexes:
@@ -215,7 +211,7 @@ class WritableImage:
                 os.fsync(self._state_fd)
 
     # -- the background copy -----------------------------------------------------------------------
-    def hydrate(self, stop: threading.Event, progress: Callable[[int, int], None] | None = None) -> None:
+    def hydrate(self, stop: threading.Event) -> None:
         """Copy every block PATH lacks; returns when complete or when stop is set."""
         pending: list[int] = []
         pending_bytes = 0
@@ -235,8 +231,6 @@ class WritableImage:
                 if pending_bytes >= SYNC_EVERY_BYTES or len(pending) >= 4096:
                     self._commit(pending)
                     pending, pending_bytes = [], 0
-            if progress:
-                progress(index + 1, self.source.blocks)
         with self._lock:
             self._commit(pending)
             self._finish_if_complete()

@@ -78,7 +78,6 @@ class Store:
         self.format_version = version if readonly else FORMAT_VERSION
         self.block_size = int(meta[b"block_size"])
         self.zstd_level = int(meta.get(b"zstd_level", DEFAULT_ZSTD_LEVEL))
-        self.created = meta.get(b"created", b"").decode()
 
     # -- opening -----------------------------------------------------------------------------------
     @classmethod
