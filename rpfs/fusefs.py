@@ -23,7 +23,7 @@ from datetime import datetime
 import pyfuse3
 import trio
 
-from .errors import CorruptBlockError, RpfsError
+from .errors import RpfsError
 from .image import BlockCache, ImageReader
 from .leases import Lease, gate
 from .overlay import WritableImage
@@ -56,10 +56,7 @@ def _fuse_errors(handler):
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except CorruptBlockError as e:
-            log.error("%s: %s", handler.__name__, e.message)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except RpfsError as e:
+        except RpfsError as e:   # a corrupt or missing block, above all
             log.error("%s: %s", handler.__name__, e.message)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:

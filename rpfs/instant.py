@@ -94,7 +94,7 @@ def start(store: Store, point: RecoveryPoint, disk_name: str, target: Path) -> I
     job = InstantJob(target=str(target), image=str(mountpoint / f"{disk.name}.img"), mountpoint=str(mountpoint),
                      vm=point.vm, point_id=point.id, disk=disk.name, blocks=source.blocks, store=source.store)
     hold(store.path, registry.stem, point.vm, point.id)   # prune keeps the point until the copy is done
-    running = _daemon_pid(job)
+    running = mount.daemon_pid(Path(job.mountpoint))
     if running is not None:
         raise RpfsError(f"an instant restore into {target} is already running; its image is {job.image}")
     if fstype_at(str(mountpoint)) is not None:
@@ -117,7 +117,7 @@ def jobs() -> list[InstantJob]:
 
 
 def _with_progress(job: InstantJob) -> InstantJob:
-    job.pid = _daemon_pid(job)
+    job.pid = mount.daemon_pid(Path(job.mountpoint))
     target = Path(job.target)
     try:
         job.copied_blocks, job.blocks = progress_of(target)
@@ -129,16 +129,6 @@ def _with_progress(job: InstantJob) -> InstantJob:
         job.state = "complete"
         job.copied_blocks = job.blocks
     return job
-
-
-def _daemon_pid(job: InstantJob) -> int | None:
-    mountpoint = Path(job.mountpoint)
-    try:
-        pid = int(mount.pid_file(mountpoint).read_text())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError):
-        return None
-    return pid if os.fsencode(mountpoint) in cmdline else None
 
 
 def find(target: Path) -> InstantJob:

@@ -17,9 +17,9 @@ from datetime import datetime
 from . import blob, snapshot
 from .errors import CorruptBlockError, RpfsError
 from .leases import gate, leased_points
-from .recovery_point import DIGEST_SIZE, HOLE, RecoveryPoint
+from .recovery_point import RecoveryPoint
 from .retention import select_kept
-from .store import Store
+from .store import Store, distinct_digests
 
 LOCK_WAIT_SECONDS = 600
 
@@ -109,20 +109,26 @@ def gc(store: Store) -> GcResult:
     result = GcResult()
     with store.writer_lock("gc", wait_seconds=LOCK_WAIT_SECONDS):
         batch: list[bytes] = []
+        removed: list[int] = []   # sizes; filled anew if a full map makes store.write run remove again
 
         def remove(txn):
+            removed.clear()
             for digest in batch:
                 value = txn.get(digest, db=store.db("blocks"))
                 if value is not None:
-                    result.freed_bytes += len(value)
-                    result.removed_blocks += 1
+                    removed.append(len(value))
                     txn.delete(digest, db=store.db("blocks"))
+
+        def commit():
+            store.write(remove)
+            result.removed_blocks += len(removed)
+            result.freed_bytes += sum(removed)
         for digest in list(store.unreferenced_blocks()):
             batch.append(digest)
             if len(batch) >= 4096:
-                store.write(remove)
+                commit()
                 batch = []
-        store.write(remove)
+        commit()
     return result
 
 
@@ -171,11 +177,8 @@ def verify(store: Store, vm: str | None = None, point_id: str | None = None, sam
     users: dict[bytes, list[tuple[str, str]]] = {}
     for p in points:
         for d in p.disks:
-            block_map = store.block_map(store.map_key(p.vm, p.id, d.name))
-            for i in range(0, len(block_map), DIGEST_SIZE):
-                digest = block_map[i:i + DIGEST_SIZE]
-                if digest != HOLE:
-                    users.setdefault(digest, []).append((f"{p.vm}/{p.id}", d.name))
+            for digest in distinct_digests(store.block_map(store.map_key(p.vm, p.id, d.name))):
+                users.setdefault(digest, []).append((f"{p.vm}/{p.id}", d.name))
     digests = list(users)
     if sample_percent < 100:
         digests = random.sample(digests, max(1, round(len(digests) * sample_percent / 100))) if digests else []

@@ -61,6 +61,7 @@ class Filesystem:
     options: set[str]
     close: Callable[[], None]
     background: Callable[[threading.Event], None] | None = None   # runs on a thread until the event
+    start_tasks: Callable[[trio.Nursery], None] | None = None      # gets the FUSE loop's nursery
 
 
 def store_filesystem(store_path: Path, cache_bytes: int) -> Filesystem:
@@ -76,7 +77,8 @@ def store_filesystem(store_path: Path, cache_bytes: int) -> Filesystem:
         store.close()
         if lease is not None:
             lease.close()
-    return Filesystem(RecoveryPointFS(store, BlockCache(cache_bytes), lease=lease), {"ro"}, close)
+    ops = RecoveryPointFS(store, BlockCache(cache_bytes), lease=lease)
+    return Filesystem(ops, {"ro"}, close, start_tasks=ops.start_read_ahead)
 
 
 def serve(open_filesystem: Callable[[], Filesystem], mountpoint: Path, ready_fd: int | None = None,
@@ -118,7 +120,7 @@ def serve(open_filesystem: Callable[[], Filesystem], mountpoint: Path, ready_fd:
         worker = threading.Thread(target=_log_failure(fs.background, log), args=(stop,), name="rpfs-background")
         worker.start()
     try:
-        trio.run(_main_loop, fs.ops)
+        trio.run(_main_loop, fs.start_tasks)
     finally:
         stop.set()
         if worker is not None:
@@ -152,11 +154,11 @@ def _raise_read_ahead(mountpoint: Path, block_size: int) -> None:
         pass
 
 
-async def _main_loop(ops: pyfuse3.Operations) -> None:
+async def _main_loop(start_tasks: Callable[[trio.Nursery], None] | None) -> None:
     """Serve FUSE requests; SIGTERM/SIGINT end the loop so the finally clause unmounts."""
     async with trio.open_nursery() as nursery:
-        if isinstance(ops, RecoveryPointFS):
-            ops.start_read_ahead(nursery)
+        if start_tasks is not None:
+            start_tasks(nursery)
         async def stop_on_signal():
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for _ in signals:
@@ -234,15 +236,20 @@ def unmount(mountpoint: Path, timeout: float = 10.0) -> None:
     _wait_for_daemon(pid_file(mountpoint), mountpoint, timeout)
 
 
-def _wait_for_daemon(pid_path: Path, mountpoint: Path, timeout: float) -> None:
-    """Wait for the daemon to end, and end it if it hangs; a pid reused by another process is left alone."""
+def daemon_pid(mountpoint: Path) -> int | None:
+    """The pid of the rpfs daemon serving mountpoint, if it runs (a reused pid is not mistaken for it)."""
     try:
-        pid = int(pid_path.read_text())
+        pid = int(pid_file(mountpoint).read_text())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
-        pid_path.unlink(missing_ok=True)
-        return
-    if b"rpfs" not in cmdline or os.fsencode(mountpoint) not in cmdline:
+        return None
+    return pid if b"rpfs" in cmdline and os.fsencode(mountpoint) in cmdline else None
+
+
+def _wait_for_daemon(pid_path: Path, mountpoint: Path, timeout: float) -> None:
+    """Wait for the daemon to end, and end it if it hangs; a pid reused by another process is left alone."""
+    pid = daemon_pid(mountpoint)
+    if pid is None:
         pid_path.unlink(missing_ok=True)
         return
     deadline = time.monotonic() + timeout

@@ -25,10 +25,8 @@ from . import snapshot
 from .errors import RpfsError
 from .image import BlockCache, ImageReader
 from .leases import Lease, gate
-from .mountinfo import read_mountinfo
 from .recovery_point import HOLE, RecoveryPoint
 from .store import Store
-from .tools import run_tool_raw
 
 BLKZEROOUT = 0x127F   # zero a range: by discard/write-zeroes where the device guarantees zeros
 PARTIAL_SUFFIX = ".rpfs-partial"
@@ -57,8 +55,9 @@ def check_target(target: Path, size: int, force: bool) -> bool:
         device_size = _device_size(target)
         if device_size < size:
             raise RpfsError(f"{target} is too small: {device_size} bytes, the disk needs {size}")
-        if _device_in_use(target):
-            raise RpfsError(f"{target} is in use (mounted or held by another device); unmount it first")
+        busy = snapshot.in_use(target)
+        if busy:
+            raise RpfsError(f"{busy}: it is in use; stop using it first")
         return True
     if target.exists() or target.is_symlink():
         if target.is_dir():
@@ -67,8 +66,9 @@ def check_target(target: Path, size: int, force: bool) -> bool:
             raise RpfsError(f"{target} is neither a regular file nor a block device")
         if not force:
             raise RpfsError(f"{target} already exists (use --force to replace it)")
-        if _file_attached(target):
-            raise RpfsError(f"{target} is attached to a loop device; detach it first")
+        busy = snapshot.in_use(target)
+        if busy:
+            raise RpfsError(f"{busy}: it is in use; stop using it first")
     if not target.parent.is_dir():
         raise RpfsError(f"folder {target.parent} does not exist")
     return False
@@ -196,16 +196,3 @@ def _discard(fd: int, offset: int, length: int) -> None:
 def _device_size(device: Path) -> int:
     with open(device, "rb") as f:
         return f.seek(0, os.SEEK_END)
-
-
-def _device_in_use(device: Path) -> bool:
-    real = os.path.realpath(device)
-    if any(os.path.realpath(m.source) == real for m in read_mountinfo() if m.source.startswith("/dev/")):
-        return True
-    holders = Path("/sys/class/block") / os.path.basename(real) / "holders"
-    return holders.is_dir() and any(holders.iterdir())
-
-
-def _file_attached(path: Path) -> bool:
-    """True if a loop device is backed by this file (it may be mounted, or in use by a VM)."""
-    return bool(run_tool_raw(["losetup", "--associated", str(path)]).stdout.strip())

@@ -126,7 +126,7 @@ class Store:
                 self._dbs[name.decode()] = self._env.open_db(name, txn=txn, create=True)
             counts: dict[bytes, int] = {}
             for _key, block_map in txn.cursor(db=self._dbs["maps"]):
-                for digest in _distinct_digests(block_map):
+                for digest in distinct_digests(block_map):
                     counts[digest] = counts.get(digest, 0) + 1
             for digest, count in counts.items():
                 txn.put(digest, REF.pack(count), db=self._dbs["refs"])
@@ -308,7 +308,7 @@ class Store:
         refs = self._need("refs")
         for disk, block_map in block_maps.items():
             txn.put(self.map_key(point.vm, point.id, disk), block_map, db=self._dbs["maps"])
-            for digest in _distinct_digests(block_map):
+            for digest in distinct_digests(block_map):
                 count = txn.get(digest, db=refs)
                 txn.put(digest, REF.pack((REF.unpack(count)[0] if count is not None else 0) + 1), db=refs)
         txn.put(self.point_key(point.vm, point.id), point.to_json(), db=self._dbs["points"])
@@ -320,7 +320,7 @@ class Store:
         for disk in point.disks:
             key = self.map_key(point.vm, point.id, disk.name)
             block_map = txn.get(key, db=self._dbs["maps"])
-            for digest in _distinct_digests(block_map if block_map is not None else b""):
+            for digest in distinct_digests(block_map if block_map is not None else b""):
                 count = txn.get(digest, db=refs)
                 left = (REF.unpack(count)[0] if count is not None else 1) - 1
                 if left > 0:
@@ -456,7 +456,7 @@ def _hold_open_lock(path: Path) -> int:
     return fd
 
 
-def _distinct_digests(block_map) -> set[bytes]:
+def distinct_digests(block_map) -> set[bytes]:
     """The distinct stored blocks a block map references (holes are not blocks)."""
     view = memoryview(block_map)
     found = {bytes(view[i:i + DIGEST_SIZE]) for i in range(0, len(view), DIGEST_SIZE)}

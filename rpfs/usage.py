@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import blob
 from .recovery_point import DIGEST_SIZE, HOLE
-from .store import Store
+from .store import Store, distinct_digests
 
 
 @dataclass
@@ -73,10 +73,8 @@ def usage(store: Store) -> StoreUsage:
             data = _data_bytes(block_map, disk.size, disk.block_size)
             protected += data
             result.referenced_bytes += data
-            for i in range(0, len(block_map), DIGEST_SIZE):
-                digest = block_map[i:i + DIGEST_SIZE]
-                if digest != HOLE:
-                    owners.setdefault(digest, set()).add(point.vm)
+            for digest in distinct_digests(block_map):
+                owners.setdefault(digest, set()).add(point.vm)
         latest[point.vm] = protected
     storage = {vm: 0.0 for vm in counts}   # a VM backed up since the first scan gets counted there
     with store.read() as txn:

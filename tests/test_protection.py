@@ -1,5 +1,6 @@
 """Policies, protection, run, retention, gc, verify, jobs and usage."""
 import json
+from pathlib import Path
 import subprocess
 import sys
 import threading
@@ -89,14 +90,19 @@ def test_run_backs_up_what_is_due(tmp_path):
         assert run(store, now=now + timedelta(hours=7)).backed_up == ["vm"]
 
 
-def test_prune_keeps_what_the_policy_says_and_pinned_points(store, tmp_path):
-    disk = tmp_path / "d.img"
+def protected_vm(store: Path, disk: Path, backups: int, keep_last: int) -> list[str]:
+    """A VM backed up `backups` times (new random data each time), protected by a keep-last policy."""
     ids = []
-    for i in range(4):
+    for _ in range(backups):
         random_disk(disk, 2)
         ids.append(json.loads(rpfs("backup", "vm", f"--disk=d={disk}", "--json", store=store).stdout)["point_id"])
-    rpfs("policy", "create", "two", "--daily", "02:00", "--keep-last", "2", store=store)
-    rpfs("protect", "vm", "--policy", "two", f"--disk=d={disk}", store=store)
+    rpfs("policy", "create", "p", "--daily", "02:00", "--keep-last", str(keep_last), store=store)
+    rpfs("protect", "vm", "--policy", "p", f"--disk=d={disk}", store=store)
+    return ids
+
+
+def test_prune_keeps_what_the_policy_says_and_pinned_points(store, tmp_path):
+    ids = protected_vm(store, tmp_path / "d.img", backups=4, keep_last=2)
     rpfs("pin", "vm", ids[0], store=store)
     dry = json.loads(rpfs("prune", "--dry-run", "--json", store=store).stdout)
     assert dry[0]["pruned"] == [ids[1]] and dry[0]["kept"][ids[0]] == "pinned"
@@ -226,13 +232,7 @@ def test_backups_prune_gc_and_mount_reads_concurrently(tmp_path, kernel):
 
 @pytest.mark.timeout(120)
 def test_prune_skips_a_recovery_point_open_through_a_mount(store, tmp_path, kernel):
-    disk = tmp_path / "d.img"
-    ids = []
-    for _ in range(2):
-        random_disk(disk, 2)
-        ids.append(json.loads(rpfs("backup", "vm", f"--disk=d={disk}", "--json", store=store).stdout)["point_id"])
-    rpfs("policy", "create", "one", "--daily", "02:00", "--keep-last", "1", store=store)
-    rpfs("protect", "vm", "--policy", "one", f"--disk=d={disk}", store=store)
+    ids = protected_vm(store, tmp_path / "d.img", backups=2, keep_last=1)
     with mounted(store, tmp_path / "mnt") as mnt:
         with open(mnt / "vm" / ids[0] / "d.img", "rb") as held:
             result = json.loads(rpfs("prune", "--json", store=store).stdout)[0]
