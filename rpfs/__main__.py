@@ -1,3 +1,3 @@
-from .cli import main
+from rpfs.cli import main
 
 raise SystemExit(main())

@@ -10,16 +10,21 @@ import sys
 
 import lmdb
 
-from .blob import DEFAULT_ZSTD_LEVEL
-from .commands.backups import cmd_backup, cmd_init, cmd_list, cmd_snapshots
-from .commands.mounts import cmd_attach, cmd_detach, cmd_mount, cmd_umount
-from .commands.protecting import cmd_policy, cmd_protect, cmd_run, cmd_schedule, cmd_unprotect
-from .commands.restores import (
-    cmd_instant_daemon, cmd_instant_restore, cmd_instant_stop, cmd_instant_wait, cmd_jobs, cmd_restore,
+from rpfs.commands.backups import cmd_backup, cmd_init, cmd_list, cmd_snapshots
+from rpfs.commands.mounts import cmd_attach, cmd_detach, cmd_mount, cmd_umount
+from rpfs.commands.protecting import cmd_policy, cmd_protect, cmd_run, cmd_schedule, cmd_unprotect
+from rpfs.commands.restores import (
+    cmd_instant_daemon,
+    cmd_instant_restore,
+    cmd_instant_stop,
+    cmd_instant_wait,
+    cmd_jobs,
+    cmd_restore,
 )
-from .commands.upkeep import cmd_compact, cmd_gc, cmd_pin, cmd_prune, cmd_usage, cmd_verify
-from .errors import RpfsError
-from .store import DEFAULT_BLOCK_SIZE
+from rpfs.commands.upkeep import cmd_compact, cmd_gc, cmd_pin, cmd_prune, cmd_usage, cmd_verify
+from rpfs.errors import RpfsError
+from rpfs.store.blob import DEFAULT_ZSTD_LEVEL
+from rpfs.store.store import DEFAULT_BLOCK_SIZE
 
 
 class _Parser(argparse.ArgumentParser):

@@ -55,7 +55,7 @@ def mounted(store: Path, mountpoint: Path, *extra: str):
 def writer_lock_held(store: Path, what: str):
     """Another process holding the store's writer lock as `what` (e.g. "backup of vm1")."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from rpfs.store import Store\n"
+        [sys.executable, "-c", "import sys; from rpfs.store.store import Store\n"
          "with Store.open(sys.argv[1]) as s, s.writer_lock(sys.argv[2]):\n"
          "    print('locked', flush=True); sys.stdin.read()", str(store), what],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from cli_helpers import writer_lock_held
-from rpfs import blob
-from rpfs.backup import backup, parse_disk_specs
+from rpfs.store import blob
+from rpfs.backup.pipeline import backup, parse_disk_specs
 from rpfs.errors import CorruptBlockError, RpfsError
-from rpfs.image import BlockCache, ImageReader
-from rpfs.store import Store
+from rpfs.serve.image import BlockCache, ImageReader
+from rpfs.store.store import Store
 
 MiB = 1 << 20
 
@@ -142,7 +142,7 @@ def test_corrupt_block_is_an_error_not_wrong_data(store, tmp_path):
 
 def test_interrupted_backup_leaves_no_recovery_point(store, tmp_path, monkeypatch):
     img = write_image(tmp_path / "d.img", 7, 8 * MiB)
-    import rpfs.source as source
+    import rpfs.backup.source as source
     real_read = source.DiskSource.read_block
     calls = {"n": 0}
 
@@ -162,7 +162,7 @@ def test_interrupted_backup_leaves_no_recovery_point(store, tmp_path, monkeypatc
 
 
 def test_map_grows_by_itself(tmp_path, monkeypatch):
-    import rpfs.store as store_mod
+    import rpfs.store.store as store_mod
     monkeypatch.setattr(store_mod, "INITIAL_MAP_SIZE", 2 * MiB)
     img = tmp_path / "rand.img"
     img.write_bytes(os.urandom(12 * MiB))
@@ -221,10 +221,10 @@ def test_unknown_vm_and_point(store, tmp_path):
 
 READER = """
 import sys
-import rpfs.store as store_mod
+import rpfs.store.store as store_mod
 store_mod.INITIAL_MAP_SIZE = 2 << 20
-from rpfs.image import BlockCache, ImageReader
-from rpfs.store import Store
+from rpfs.serve.image import BlockCache, ImageReader
+from rpfs.store.store import Store
 store = Store.open(sys.argv[1], readonly=True)
 print(store.map_size(), flush=True)
 sys.stdin.readline()                      # the writer grows the map meanwhile
@@ -236,7 +236,7 @@ sys.stdout.buffer.write(data)
 
 def test_reader_in_another_process_adopts_a_grown_map(tmp_path, monkeypatch):
     """The mount daemon keeps its environment open while backups grow the map."""
-    import rpfs.store as store_mod
+    import rpfs.store.store as store_mod
     monkeypatch.setattr(store_mod, "INITIAL_MAP_SIZE", 2 * MiB)
     with Store.init(tmp_path / "s"):
         pass

@@ -15,7 +15,7 @@ import pytest
 
 from cli_helpers import REPO, rpfs
 from conftest import skip_or_fail_in_ci
-from rpfs import snapshot
+from rpfs.backup import snapshot
 from diskimages import make_whole_disk_ext4, random_files
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("kernel")]
@@ -216,7 +216,7 @@ def test_bad_config_is_refused_with_the_reason(vm_on_xfs, tmp_path):
 
 HOLD_FREEZE = """
 import sys, time
-from rpfs.quiesce import frozen
+from rpfs.backup.quiesce import frozen
 with frozen([sys.argv[1]], float(sys.argv[2])) as window:
     print("frozen", flush=True)
     time.sleep(float(sys.argv[3]))

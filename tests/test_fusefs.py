@@ -7,10 +7,10 @@ import pyfuse3
 import pytest
 import trio
 
-from rpfs.backup import backup
-from rpfs.fusefs import RecoveryPointFS
-from rpfs.image import BlockCache
-from rpfs.store import Store
+from rpfs.backup.pipeline import backup
+from rpfs.serve.store_tree import RecoveryPointFS
+from rpfs.serve.image import BlockCache
+from rpfs.store.store import Store
 from test_backup import corrupt_one_block, write_image
 
 MiB = 1 << 20

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from diskimages import random_disk
 from cli_helpers import is_mounted, mounted, rpfs
-from rpfs.store import Store
+from rpfs.store.store import Store
 from test_backup import corrupt_one_block, write_image
 
 MiB = 1 << 20
@@ -194,5 +194,5 @@ def test_daemon_memory_stays_bounded(tmp_path):
 
 
 def _daemon_pid(mountpoint: Path) -> int:
-    from rpfs.mount import pid_file
+    from rpfs.serve.daemon import pid_file
     return int(pid_file(Path(os.path.realpath(mountpoint))).read_text())

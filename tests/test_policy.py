@@ -5,7 +5,7 @@ import re
 import pytest
 
 from rpfs.errors import RpfsError
-from rpfs.policy import (Policy, Retention, Schedule, check_name, policy_from_dict, policy_from_toml,
+from rpfs.policy.policies import (Policy, Retention, Schedule, check_name, policy_from_dict, policy_from_toml,
                          policy_to_dict)
 
 FULL = """\

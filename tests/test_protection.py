@@ -10,12 +10,12 @@ import pytest
 
 from cli_helpers import mounted, rpfs, writer_lock_held
 from diskimages import random_disk
-from rpfs.backup import backup
-from rpfs.jobs import Job
-from rpfs.maintenance import gc, prune, verify
-from rpfs.policy import Retention
-from rpfs.protection import run
-from rpfs.store import Store
+from rpfs.backup.pipeline import backup
+from rpfs.upkeep.jobs import Job
+from rpfs.upkeep.prune import gc, prune, verify
+from rpfs.policy.policies import Retention
+from rpfs.policy.protection import run
+from rpfs.store.store import Store
 from test_backup import corrupt_one_block, read_all, write_image
 
 MiB = 1 << 20

@@ -11,8 +11,8 @@ from diskimages import (
     make_empty_image, make_gpt_image, make_mbr_image, make_odd_size_image, make_sparse_image, make_whole_disk_ext4,
     random_files,
 )
-from rpfs.restore import restore_disk
-from rpfs.store import Store
+from rpfs.restore.full import restore_disk
+from rpfs.store.store import Store
 
 MiB = 1 << 20
 
@@ -73,7 +73,7 @@ def test_existing_target_is_refused_untouched_unless_forced(vm, tmp_path):
 
 def test_interrupted_restore_leaves_no_file(vm, tmp_path, monkeypatch):
     store, _ = vm
-    import rpfs.restore as restore_mod
+    import rpfs.restore.full as restore_mod
     calls = {"n": 0}
 
     def failing_write(fd, bs, size, index, fut, holes):

@@ -1,8 +1,8 @@
 """Grandfather-father-son retention: which recovery points survive a prune, and why."""
 from datetime import date, datetime, timedelta, timezone
 
-from rpfs.policy import Retention
-from rpfs.retention import select_kept
+from rpfs.policy.policies import Retention
+from rpfs.policy.retention import select_kept
 
 
 def at(day: date, hour: int = 12) -> datetime:

@@ -4,8 +4,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from rpfs.errors import RpfsError
-from rpfs.policy import Schedule
-from rpfs.schedule import is_due, next_due, stagger, systemd_units
+from rpfs.policy.policies import Schedule
+from rpfs.policy.schedule import is_due, next_due, stagger, systemd_units
 
 
 def utc(text: str) -> datetime:

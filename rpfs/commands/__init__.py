@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ..store import Store
+from rpfs.store.store import Store
 
 
 def print_json(data) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from ..backup import BackupOptions, backup, parse_disk_specs
-from ..errors import RpfsError
-from ..jobs import recorded
-from ..progress import ProgressBar, human_bytes
-from ..store import FORMAT_VERSION, Store
-from . import open_store, print_json
+from rpfs.backup.pipeline import BackupOptions, backup, parse_disk_specs
+from rpfs.commands import open_store, print_json
+from rpfs.commands.progress import ProgressBar, human_bytes
+from rpfs.errors import RpfsError
+from rpfs.store.store import FORMAT_VERSION, Store
+from rpfs.upkeep.jobs import recorded
 
 
 def _parse_size(text: str) -> int:
@@ -37,7 +37,7 @@ def cmd_init(args) -> int:
 
 
 def cmd_backup(args) -> int:
-    from ..quiesce import load_config
+    from rpfs.backup.quiesce import load_config
     disks = parse_disk_specs(args.disk)
     options = BackupOptions(consistency=load_config(Path(args.consistency_config)) if args.consistency_config else None,
                             allow_live=args.allow_live, keep_snapshot_days=args.keep_snapshot_days)

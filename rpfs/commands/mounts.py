@@ -4,20 +4,20 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from ..progress import human_bytes
-from . import open_store, print_json
+from rpfs.commands import open_store, print_json
+from rpfs.commands.progress import human_bytes
 
 
 def cmd_mount(args) -> int:
-    from .. import mount
+    from rpfs.serve import daemon
     cache_bytes = args.cache_mb << 20
     if args.foreground:
-        mountpoint = mount.check_mountpoint(Path(args.mountpoint))
+        mountpoint = daemon.check_mountpoint(Path(args.mountpoint))
         ready_fd = args.ready_fd
-        mount.serve(lambda: mount.store_filesystem(Path(args.store or ""), cache_bytes), mountpoint,
+        daemon.serve(lambda: daemon.store_filesystem(Path(args.store or ""), cache_bytes), mountpoint,
                     ready_fd=ready_fd, debug=args.debug, log_file=Path(args.log_file) if args.log_file else None)
         return 0
-    pid = mount.start_store_daemon(Path(args.store or ""), Path(args.mountpoint), cache_bytes)
+    pid = daemon.start_store_daemon(Path(args.store or ""), Path(args.mountpoint), cache_bytes)
     if args.json:
         print_json({"mountpoint": str(Path(args.mountpoint).resolve()), "pid": pid})
     else:
@@ -26,8 +26,8 @@ def cmd_mount(args) -> int:
 
 
 def cmd_umount(args) -> int:
-    from .. import mount
-    mount.unmount(Path(args.mountpoint))
+    from rpfs.serve import daemon
+    daemon.unmount(Path(args.mountpoint))
     if args.json:
         print_json({"unmounted": str(Path(args.mountpoint).absolute())})
     else:
@@ -37,12 +37,12 @@ def cmd_umount(args) -> int:
 
 def cmd_attach(args) -> int:
     """An image file or device, or VM[/ID] of the store (every disk of that recovery point)."""
-    from .. import attach as attach_mod
+    from rpfs.attach import filesystems as attach_mod
     source = Path(args.source)
     if source.exists() or not args.store:
         found = {"": attach_mod.attach(source, Path(args.dest))}
     else:
-        from ..vm_attach import attach_point
+        from rpfs.attach.vm import attach_point
         vm, _, point_id = args.source.partition("/")
         with open_store(args, readonly=True) as store:
             point = store.point(vm, point_id or None)
@@ -62,7 +62,7 @@ def cmd_attach(args) -> int:
 
 
 def cmd_detach(args) -> int:
-    from ..vm_attach import detach_point_or_image
+    from rpfs.attach.vm import detach_point_or_image
     undone = detach_point_or_image(Path(args.dest))
     if args.json:
         print_json({"unmounted": [str(u) for u in undone]})

@@ -5,9 +5,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from ..errors import RpfsError
-from ..progress import ProgressBar
-from . import open_store, print_json
+from rpfs.commands import open_store, print_json
+from rpfs.commands.progress import ProgressBar
+from rpfs.errors import RpfsError
 
 
 def _policy_from_args(args, base: dict | None) -> dict:
@@ -39,8 +39,8 @@ def _policy_from_args(args, base: dict | None) -> dict:
 
 
 def _policy_action(args) -> int:
-    from ..policy import policy_from_dict, policy_from_toml, policy_to_dict
-    from ..protection import delete_policy, get_policy, save_policy
+    from rpfs.policy.policies import policy_from_dict, policy_from_toml, policy_to_dict
+    from rpfs.policy.protection import delete_policy, get_policy, save_policy
     with open_store(args, readonly=args.action in ("list", "show")) as store:
         if args.action == "import":
             try:
@@ -89,7 +89,7 @@ def cmd_policy(args) -> int:
 
 
 def cmd_protect(args) -> int:
-    from ..protection import protect
+    from rpfs.policy.protection import protect
     with open_store(args) as store:
         protection = protect(store, args.vm, args.policy, args.disk, args.temporary_disk)
     if args.json:
@@ -101,7 +101,7 @@ def cmd_protect(args) -> int:
 
 
 def cmd_unprotect(args) -> int:
-    from ..protection import unprotect
+    from rpfs.policy.protection import unprotect
     if args.keep_data == args.delete_data:
         raise RpfsError("say what happens to the recovery points: --keep-data or --delete-data")
     with open_store(args) as store:
@@ -115,7 +115,7 @@ def cmd_unprotect(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from ..protection import run
+    from rpfs.policy.protection import run
     with open_store(args) as store:
         result = run(store, stagger_seconds=args.stagger_seconds,
                      progress_for=lambda vm: ProgressBar(f"backup {vm}", quiet=args.json))
@@ -133,7 +133,8 @@ def cmd_run(args) -> int:
 def cmd_schedule(args) -> int:
     import shlex
     import subprocess
-    from ..schedule import systemd_units
+
+    from rpfs.policy.schedule import systemd_units
     if not args.store:
         raise RpfsError("no store given: use --store DIR or set RPFS_STORE")
     units = systemd_units(shlex.join([sys.executable, "-m", "rpfs"]), str(Path(args.store).absolute()), args.interval)

@@ -5,14 +5,14 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from ..errors import RpfsError
-from ..jobs import recorded
-from ..progress import ProgressBar, human_bytes
-from . import open_store, print_json
+from rpfs.commands import open_store, print_json
+from rpfs.commands.progress import ProgressBar, human_bytes
+from rpfs.errors import RpfsError
+from rpfs.upkeep.jobs import recorded
 
 
 def cmd_restore(args) -> int:
-    from ..restore import check_target, restore_disk
+    from rpfs.restore.full import check_target, restore_disk
     with open_store(args) as store, recorded(store, "restore", args.vm) as job:
         point = store.point(args.vm, args.recovery_point)
         job.recovery_point = point.id
@@ -43,7 +43,7 @@ def cmd_restore(args) -> int:
 
 
 def cmd_instant_restore(args) -> int:
-    from .. import instant
+    from rpfs.restore import instant
     with open_store(args, readonly=True) as store:
         point = store.point(args.vm, args.recovery_point)
         job = instant.start(store, point, args.disk, Path(args.to))
@@ -63,15 +63,16 @@ def cmd_instant_restore(args) -> int:
 
 
 def cmd_instant_daemon(args) -> int:
-    from .. import instant, mount
+    from rpfs.restore import instant
+    from rpfs.serve import daemon
     target = Path(args.target)
-    mount.serve(lambda: instant.instant_filesystem(target), Path(args.mountpoint), ready_fd=args.ready_fd,
+    daemon.serve(lambda: instant.instant_filesystem(target), Path(args.mountpoint), ready_fd=args.ready_fd,
                 log_file=Path(args.log_file) if args.log_file else None)
     return 0
 
 
 def cmd_instant_wait(args) -> int:
-    from .. import instant
+    from rpfs.restore import instant
     with ProgressBar("copy", quiet=args.json) as bar:
         job = instant.wait(Path(args.target), progress=bar)
     if args.json:
@@ -82,7 +83,7 @@ def cmd_instant_wait(args) -> int:
 
 
 def cmd_instant_stop(args) -> int:
-    from .. import instant
+    from rpfs.restore import instant
     job = instant.stop(Path(args.target))
     if args.json:
         print_json(asdict(job))
@@ -95,8 +96,8 @@ def cmd_instant_stop(args) -> int:
 
 
 def cmd_jobs(args) -> int:
-    from .. import instant
-    from ..jobs import list_jobs
+    from rpfs.restore import instant
+    from rpfs.upkeep.jobs import list_jobs
     store_jobs = []
     if args.store:
         with open_store(args, readonly=True) as store:

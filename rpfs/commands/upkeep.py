@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from ..jobs import recorded
-from ..progress import ProgressBar, human_bytes
-from . import open_store, print_json
+from rpfs.commands import open_store, print_json
+from rpfs.commands.progress import ProgressBar, human_bytes
+from rpfs.upkeep.jobs import recorded
 
 
 def cmd_gc(args) -> int:
-    from ..maintenance import gc
+    from rpfs.upkeep.prune import gc
     with open_store(args) as store, recorded(store, "gc") as job:
         result = gc(store)
         job.bytes_written = result.freed_bytes
@@ -22,7 +22,7 @@ def cmd_gc(args) -> int:
 
 
 def cmd_compact(args) -> int:
-    from ..maintenance import compact
+    from rpfs.upkeep.prune import compact
     with open_store(args) as store:
         before, after = compact(store)
     if args.json:
@@ -33,7 +33,7 @@ def cmd_compact(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from ..maintenance import verify
+    from rpfs.upkeep.prune import verify
     with open_store(args) as store, recorded(store, "verify", args.vm) as job:
         with ProgressBar("verify", quiet=args.json) as bar:
             result = verify(store, args.vm, args.recovery_point, args.sample, progress=bar)
@@ -51,7 +51,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_usage(args) -> int:
-    from ..usage import usage
+    from rpfs.upkeep.usage import usage
     with open_store(args, readonly=True) as store:
         result = usage(store)
     if args.json:
@@ -80,8 +80,8 @@ def cmd_pin(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from ..maintenance import prune
-    from ..protection import get_policy, protections
+    from rpfs.policy.protection import get_policy, protections
+    from rpfs.upkeep.prune import prune
     with open_store(args) as store:
         policies = {vm: get_policy(store, p.policy).retention for vm, p in protections(store).items()}
         if args.dry_run:

@@ -1,0 +1,346 @@
+"""Attach disk images read-only: mount each partition's filesystem through a read-only loop device.
+
+One image attaches at DEST/p<N> (or DEST/disk); a whole VM, one image per disk, at DEST/<disk>/p<N>.
+
+All loop/mount plumbing (losetup, mount, umount, blkid) lives here. Mounts use
+`mount -o ro,loop,offset=..,sizelimit=..`: libmount creates a read-only loop device with autoclear,
+so umount frees it and a failed mount never leaves one behind. Journals are never replayed, so an
+image taken from a live, dirty filesystem mounts as it is and is never written.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from rpfs.attach.partitions import read_partitions
+from rpfs.errors import RpfsError
+from rpfs.host.mountinfo import Mount, read_mountinfo
+from rpfs.host.tools import error_line, run_tool, run_tool_raw
+from rpfs.store.recovery_point import check_name
+
+# Per filesystem: options that keep the mount read-only and stop any journal/log replay.
+# nodev,nosuid: a backup's device nodes and setuid binaries must not become usable.
+MOUNT_OPTIONS: dict[str, str] = {
+    "ext4": "ro,nodev,nosuid,noload",
+    "ext3": "ro,nodev,nosuid,noload",
+    "ext2": "ro,nodev,nosuid",  # no journal; the ext2 driver rejects noload
+    "xfs": "ro,nodev,nosuid,norecovery,nouuid",  # nouuid: the live fs may be mounted with the same UUID
+    "btrfs": "ro,nodev,nosuid,rescue=nologreplay",  # same-fsid clones mount since Linux 6.7 (temp-fsid)
+    "squashfs": "ro,nodev,nosuid",
+    "erofs": "ro,nodev,nosuid",
+}
+MOUNTED = "mounted"
+ATTACH_NAME = re.compile(r"^(disk|p\d+)$")
+
+
+@dataclass
+class AttachedFilesystem:
+    """One partition (or the whole disk) of an attached image; status is "mounted" or why not."""
+
+    name: str
+    partition: int | None
+    fstype: str | None
+    mountpoint: str | None
+    status: str
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class _Target:
+    name: str
+    partition: int | None
+    offset: int
+    size: int
+
+
+def attach(image: Path, dest: Path) -> list[AttachedFilesystem]:
+    """Mount every supported filesystem of `image` read-only under `dest` (dest/p<N> or dest/disk)."""
+    image = Path(os.path.abspath(image))
+    dest = Path(os.path.abspath(dest))
+    image_size = _check_image(image)
+    created = _prepare_dest(dest)
+    try:
+        results = _attach_image(image, image_size, dest)
+    except BaseException:
+        _remove_created(dest, created)
+        raise
+    if not any(r.status == MOUNTED for r in results):
+        _remove_created(dest, created)
+        reasons = "; ".join(f"{r.name}: {r.status}" for r in results)
+        raise RpfsError(f"no filesystem found in {image} that can be mounted read-only ({reasons})")
+    return results
+
+
+def attach_disks(images: dict[str, Path], dest: Path) -> dict[str, list[AttachedFilesystem]]:
+    """Whole-VM attach: every filesystem of every disk read-only under dest/<disk> (p<N> or disk).
+
+    A disk with nothing mountable is reported in its list, not fatal, unless no disk mounts anything.
+    An interrupt or unexpected error undoes every mount and directory made so far.
+    """
+    if not images:
+        raise RpfsError("no disks to attach")
+    paths = {check_name("disk", name): Path(os.path.abspath(image)) for name, image in images.items()}
+    for image in paths.values():
+        _check_image_path(image)
+    dest = Path(os.path.abspath(dest))
+    created = _prepare_dest(dest)
+    results: dict[str, list[AttachedFilesystem]] = {}
+    try:
+        for name, image in paths.items():
+            results[name] = _attach_disk(image, dest / name)
+    except BaseException:
+        for name, found in results.items():
+            for r in found:
+                if r.status == MOUNTED and r.mountpoint:
+                    _rollback_mount(Path(r.mountpoint))
+            _rmdir_quietly(dest / name)
+        _remove_created(dest, created)
+        raise
+    if not any(r.status == MOUNTED for found in results.values() for r in found):
+        _remove_created(dest, created)
+        reasons = "; ".join(f"{name} {r.name}: {r.status}" for name, found in results.items() for r in found)
+        raise RpfsError(f"no filesystem found in any disk that can be mounted read-only ({reasons})")
+    return results
+
+
+def detach(dest: Path) -> list[str]:
+    """Unmount the filesystems attach or attach_disks mounted below `dest`; remove the directories they made."""
+    dest = Path(dest)
+    root = os.path.realpath(dest)
+    if root == "/":
+        raise RpfsError("refusing to detach everything below /")
+    # Only what attach makes: mounts named p<N> or disk on read-only loop devices. Other mounts below
+    # dest (an rpfs store mount, a network share, a writable loop mount) are not ours to undo.
+    mounts = [m for m in _mounts_under(root) if _is_attach_mount(m)]
+    if not mounts:
+        raise RpfsError(f"nothing attached at {dest}")
+    unmounted: list[str] = []
+    failures: list[str] = []
+    for mount in mounts:
+        try:
+            _unmount(mount)
+        except RpfsError as e:
+            failures.append(e.message)
+            continue
+        unmounted.append(mount.mountpoint)
+        if mount.mountpoint != root:
+            _remove_mountpoint(Path(mount.mountpoint), Path(root))
+    if failures:
+        raise RpfsError("; ".join(failures))
+    return unmounted
+
+
+def _attach_image(image: Path, image_size: int, dest: Path) -> list[AttachedFilesystem]:
+    """Per-image work, so a whole-VM attach can call it per disk; undoes its mounts if interrupted."""
+    partitions = read_partitions(image)
+    if partitions:
+        targets = [_Target(f"p{p.number}", p.number, p.start, p.size) for p in partitions]
+    else:
+        targets = [_Target("disk", None, 0, image_size)]
+    results: list[AttachedFilesystem] = []
+    try:
+        for target in targets:
+            results.append(_attach_target(image, target, dest))
+    except BaseException:
+        for r in results:
+            if r.status == MOUNTED and r.mountpoint:
+                _rollback_mount(Path(r.mountpoint))
+        raise
+    return results
+
+
+def _attach_disk(image: Path, disk_dir: Path) -> list[AttachedFilesystem]:
+    """One disk of a whole-VM attach: a disk that cannot be read is reported as its whole-disk status.
+
+    disk_dir stays only while something is mounted in it.
+    """
+    disk_dir.mkdir()
+    size = 0
+    try:
+        try:
+            size = _image_size(image)
+            found = _attach_image(image, size, disk_dir)
+        except RpfsError as e:
+            found = [AttachedFilesystem("disk", None, None, None, e.message, 0, size)]
+    except BaseException:
+        _rmdir_quietly(disk_dir)  # _attach_image has undone its own mounts
+        raise
+    if not any(r.status == MOUNTED for r in found):
+        disk_dir.rmdir()
+    return found
+
+
+def _attach_target(image: Path, target: _Target, dest: Path) -> AttachedFilesystem:
+    result = AttachedFilesystem(target.name, target.partition, None, None, "", target.offset, target.size)
+    fstype, reason = _probe(image, target.offset, target.size)
+    result.fstype = fstype
+    if reason or fstype is None:
+        result.status = reason or "no filesystem detected"
+        return result
+    mountpoint = dest / target.name
+    mountpoint.mkdir()
+    try:
+        options = f"{MOUNT_OPTIONS[fstype]},loop,offset={target.offset},sizelimit={target.size}"
+        run_tool(["mount", "-t", fstype, "-o", options, str(image), str(mountpoint)])
+    except RpfsError as e:
+        if os.path.ismount(mountpoint):  # mount timed out after mounting: undo it
+            _rollback_mount(mountpoint)
+        else:
+            mountpoint.rmdir()
+        result.status = f"mount failed: {e.message}"
+        return result
+    except BaseException:
+        _rollback_mount(mountpoint)
+        raise
+    result.mountpoint = str(mountpoint)
+    result.status = MOUNTED
+    return result
+
+
+def _probe(image: Path, offset: int, size: int) -> tuple[str | None, str | None]:
+    """(fstype, None) when blkid finds a filesystem, else (type or None, reason it is skipped)."""
+    if size <= 0:
+        return None, "empty (0 bytes)"
+    cmd = ["blkid", "-p", "-o", "export", "-O", str(offset), "-S", str(size), str(image)]
+    proc = run_tool_raw(cmd)
+    if proc.returncode == 2:
+        return None, "no filesystem detected"
+    if proc.returncode == 8:
+        return None, "ambiguous: several filesystem signatures found"
+    if proc.returncode != 0:
+        return None, f"probe failed: {error_line(proc.stderr) or f'blkid exit code {proc.returncode}'}"
+    tags = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    fstype = tags.get("TYPE")
+    if not fstype:
+        what = tags.get("PTTYPE")
+        return None, f"no filesystem detected (nested {what} partition table)" if what else "no filesystem detected"
+    if fstype not in MOUNT_OPTIONS:
+        return fstype, f"unsupported filesystem {fstype}"
+    return fstype, None
+
+
+def _check_image(image: Path) -> int:
+    """Size of a readable image file or block device; RpfsError otherwise."""
+    _check_image_path(image)
+    return _image_size(image)
+
+
+def _check_image_path(image: Path) -> None:
+    if not image.exists():
+        raise RpfsError(f"image {image} does not exist")
+    if image.is_dir():
+        raise RpfsError(f"image {image} is a directory")
+
+
+def _image_size(image: Path) -> int:
+    try:
+        with open(image, "rb") as f:
+            f.read(512)
+            return f.seek(0, os.SEEK_END)
+    except OSError as e:
+        raise RpfsError(f"cannot read image {image}: {e.strerror or e}") from None
+
+
+def _prepare_dest(dest: Path) -> Path | None:
+    """Make sure dest is a fresh empty directory; return the topmost directory we created, if any."""
+    if dest.exists() or dest.is_symlink():
+        if not dest.is_dir():
+            raise RpfsError(f"{dest} exists and is not a directory")
+        if os.path.ismount(dest):
+            raise RpfsError(f"{dest} is a mountpoint; choose an empty directory")
+        if _mounts_under(os.path.realpath(dest)):
+            raise RpfsError(f"{dest} already has something attached; detach it first")
+        if any(dest.iterdir()):
+            raise RpfsError(f"{dest} is not empty; choose an empty directory")
+        return None
+    topmost = dest
+    while not topmost.parent.exists():
+        topmost = topmost.parent
+    try:
+        dest.mkdir(parents=True)
+    except OSError as e:
+        raise RpfsError(f"cannot create {dest}: {e.strerror or e}") from None
+    return topmost
+
+
+def _remove_created(dest: Path, topmost: Path | None) -> None:
+    """Remove the directories attach created (dest up to topmost), only while they are empty."""
+    if topmost is None:
+        return
+    path = dest
+    while True:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        if path == topmost:
+            return
+        path = path.parent
+
+
+def _rollback_mount(mountpoint: Path) -> None:
+    """Best-effort undo of one of our mounts while another error is already on its way out."""
+    try:
+        run_tool(["umount", str(mountpoint)])
+    except RpfsError:
+        pass
+    _rmdir_quietly(mountpoint)
+
+
+def _rmdir_quietly(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+def _is_attach_mount(mount: Mount) -> bool:
+    """What attach makes: a mount named p<N> or disk whose source is a read-only loop device."""
+    loop = re.fullmatch(r"/dev/(loop\d+)", mount.source)
+    if loop is None or not ATTACH_NAME.match(os.path.basename(mount.mountpoint)):
+        return False
+    try:
+        return (Path("/sys/block") / loop.group(1) / "ro").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+def _unmount(mount: Mount) -> None:
+    """Unmount one mount; free its loop device if the kernel will not auto-clear it."""
+    run_tool(["umount", mount.mountpoint])
+    loop = re.fullmatch(r"/dev/(loop\d+)", mount.source)
+    if loop is None:
+        return
+    sysdir = Path("/sys/block") / loop.group(1) / "loop"
+    try:
+        autoclear = (sysdir / "autoclear").read_text().strip() == "1"
+    except OSError:
+        return  # already gone: auto-cleared
+    still_used = any(m.source == mount.source for m in read_mountinfo())
+    if not autoclear and not still_used:
+        run_tool(["losetup", "-d", mount.source])
+
+
+def _remove_mountpoint(mountpoint: Path, root: Path) -> None:
+    """rmdir a mountpoint attach created (p<N>/disk) and then empty parents up to, not including, root."""
+    if not ATTACH_NAME.match(mountpoint.name):
+        return
+    path = mountpoint
+    while path != root and root in path.parents:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        path = path.parent
+
+
+def _mounts_under(root: str) -> list[Mount]:
+    """Mounts at or below root, in unmount order: deepest first, later (upper) stacked mounts first."""
+    prefix = root.rstrip("/") + "/"
+    found = [(i, m) for i, m in enumerate(read_mountinfo())
+             if m.mountpoint == root or m.mountpoint.startswith(prefix)]
+    found.sort(key=lambda im: (im[1].mountpoint.count("/"), im[0]), reverse=True)
+    return [m for _, m in found]

@@ -1,0 +1,297 @@
+"""Backup: read every disk of a VM as blocks, store the new ones, then record the recovery point.
+
+Pipeline (one main thread, a pool of worker threads; hashlib, zstd and pread release the GIL):
+  workers:  read block -> zero check -> SHA-256                      (stage 1, all blocks)
+  main:     dedup against the store and the blocks in flight
+  workers:  compress + frame the new blocks                          (stage 2, new blocks only)
+  writer:   commits full batches of blobs in LMDB write transactions, on a thread of its own so that
+            reading and compressing go on during the fsync
+  main:     the last transaction commits the remaining blobs and records the recovery point.
+Blocks of all disks are interleaved, so disks are backed up in parallel. Blocks committed by a backup
+that is then interrupted are harmless: no recovery point refers to them yet.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable
+
+from rpfs.backup import consistency, snapshot
+from rpfs.backup.quiesce import ConsistencyConfig
+from rpfs.backup.source import BufferPool, DiskSource
+from rpfs.errors import RpfsError
+from rpfs.store import blob
+from rpfs.store.recovery_point import DIGEST_SIZE, HOLE, DiskRecord, RecoveryPoint, check_name, new_point_id
+from rpfs.store.store import Store
+
+BATCH_BYTES = 64 << 20          # commit stored blocks in transactions of about this size
+WINDOW_BYTES = 64 << 20         # at most about this much block data waits in each pipeline stage
+MAINTENANCE_WAIT_SECONDS = 600  # how long a backup waits for a running prune or gc
+MAX_KEEP_DAYS = 36500
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class BackupSummary:
+    vm: str
+    point_id: str
+    disks: int
+    bytes_read: int          # logical bytes covered (holes included)
+    new_bytes: int           # raw bytes of blocks the store lacked
+    deduplicated_bytes: int  # raw bytes of blocks the store already had
+    zero_bytes: int          # bytes of all-zero blocks, recorded as holes
+    stored_bytes: int        # bytes added to the store after compression and framing
+    seconds: float
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.bytes_read / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+def parse_disk_specs(specs: list[str]) -> list[tuple[str, str]]:
+    disks, seen = [], set()
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise RpfsError(f"--disk {spec!r}: expected NAME=PATH, e.g. --disk os=/var/lib/vms/web01.img")
+        check_name("disk", name)
+        if name in seen:
+            raise RpfsError(f"disk name {name!r} given twice")
+        seen.add(name)
+        disks.append((name, path))
+    if not disks:
+        raise RpfsError("give at least one --disk NAME=PATH")
+    return disks
+
+
+@dataclass
+class BackupOptions:
+    consistency: ConsistencyConfig | None = None   # pre/post scripts and filesystems to freeze
+    allow_live: bool = False          # read a disk in use that cannot be snapshotted (inconsistent)
+    keep_snapshot_days: float = 0.0   # keep the newest snapshot this long (the instant-restore tier)
+
+
+def backup(store: Store, vm: str, disk_specs: list[tuple[str, str]], progress: ProgressFn | None = None,
+           workers: int | None = None, options: BackupOptions | None = None) -> tuple[RecoveryPoint, BackupSummary]:
+    """Quiesce and snapshot, thaw, read the snapshots, commit the recovery point, then drop the snapshots."""
+    check_name("VM", vm)
+    options = options or BackupOptions()
+    if not 0 <= options.keep_snapshot_days <= MAX_KEEP_DAYS:   # also refuses nan
+        raise RpfsError(f"keep the snapshot between 0 and {MAX_KEEP_DAYS} days")
+    disks = {name: Path(os.path.abspath(path)) for name, path in disk_specs}
+    for name, path in disks.items():   # every disk readable before anything is quiesced
+        DiskSource.open(name, path).close()
+    with store.writer_lock(f"backup of {vm}", wait_seconds=MAINTENANCE_WAIT_SECONDS, refuse=_another_backup):
+        when = datetime.now(timezone.utc)
+        point_id = new_point_id(when, {p.id for p in store.points(vm)})
+        prepared = consistency.prepare(vm, disks, point_id, options.consistency, options.allow_live)
+        sources: list[DiskSource] = []
+        committed = False
+        try:
+            for name, path in prepared.read_from.items():
+                sources.append(DiskSource.open(name, path, shown_as=disks[name]))
+            point, summary = _run(store, RecoveryPoint(vm=vm, id=point_id, time=when.isoformat(timespec="seconds"),
+                                                       consistency=prepared.consistency, quiesce=prepared.record),
+                                  sources, progress, workers or (os.cpu_count() or 2) + 1)
+            committed = True
+            _keep_or_delete_snapshots(store, point, prepared.snapshots, options.keep_snapshot_days)
+        except BaseException:
+            if not committed or not point.snapshot:   # a snapshot nothing records must not stay behind
+                snapshot.delete(prepared.snapshots.values())
+            raise
+        finally:
+            for s in sources:
+                s.close()
+    return point, summary
+
+
+def _another_backup(holder: str) -> str | None:
+    """Two backups never wait for each other (one is surely a mistake); prune or gc is waited for."""
+    return f"the store is busy: {holder} is writing to it" if holder.startswith("backup of ") else None
+
+
+def _keep_or_delete_snapshots(store: Store, point: RecoveryPoint, snapshots: dict[str, Path], days: float) -> None:
+    """Keep the newest snapshot for `days`, or delete it now; older kept snapshots of the VM go when a
+    newer one is kept or when their time is up."""
+    now = datetime.now(timezone.utc)
+    if snapshots and days > 0:
+        keep_until = (now + timedelta(days=days)).isoformat(timespec="seconds")
+        kept = {"paths": {name: str(p) for name, p in snapshots.items()}, "keep_until": keep_until,
+                "stamps": {name: [p.stat().st_size, p.stat().st_mtime_ns] for name, p in snapshots.items()}}
+        store.modify_point(point.vm, point.id, lambda p: setattr(p, "snapshot", kept))
+        point.snapshot = kept
+    else:
+        snapshot.delete(snapshots.values())
+    for older in store.points(point.vm):
+        if older.id == point.id or not older.snapshot:
+            continue
+        if (snapshots and days > 0) or datetime.fromisoformat(older.snapshot["keep_until"]) <= now:
+            snapshot.delete(older.snapshot["paths"].values())
+            store.modify_point(older.vm, older.id, lambda p: setattr(p, "snapshot", {}))
+
+
+class _BatchWriter:
+    """Commits batches of blobs on its own thread; one batch is written while at most one waits."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._uncommitted: list[dict[bytes, bytes]] = []
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[dict[bytes, bytes] | None] = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="rpfs-writer", daemon=True)
+        self._thread.start()
+
+    def holds(self, digest: bytes) -> bool:
+        """True while a batch holding digest is handed over but not yet committed."""
+        with self._lock:
+            return any(digest in batch for batch in self._uncommitted)
+
+    def submit(self, batch: dict[bytes, bytes]) -> None:
+        if self._error is not None:
+            raise self._error
+        with self._lock:
+            self._uncommitted.append(batch)
+        self._queue.put(batch)
+
+    def finish(self) -> None:
+        """Wait until every batch is committed; raise the error of a failed commit."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _loop(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            try:
+                if self._error is None:
+                    self.store.put_blobs(batch)
+            except BaseException as e:  # handed to the main thread, which stops the backup
+                self._error = e
+            finally:
+                with self._lock:
+                    self._uncommitted.remove(batch)
+
+
+class _BackupRun:
+    """The state of one backup while it runs: block maps, counters, and the blocks in flight."""
+
+    def __init__(self, store: Store, sources: list[DiskSource], workers: int):
+        self.store, self.sources, self.workers = store, sources, workers
+        self.bs = store.block_size
+        self.maps = [bytearray(s.block_count(self.bs) * DIGEST_SIZE) for s in sources]
+        self.referenced: list[set[bytes]] = [set() for _ in sources]
+        self.counts = dict(read=0, new=0, dedup=0, zero=0, stored=0)
+        self.records = [DiskRecord(name=s.name, size=s.size, block_size=self.bs, blocks=s.block_count(self.bs),
+                                   source=str(s.path)) for s in sources]
+        self.batch: dict[bytes, bytes] = {}          # framed blobs awaiting their write transaction
+        self.batch_bytes = 0
+        self.compressing: dict[bytes, tuple[int, Future, memoryview]] = {}  # digest -> (disk, compression,
+                                                                             # source buffer), in order
+        self.buffers = BufferPool(self.bs)
+        self.writer = _BatchWriter(store)
+        # Blocks in flight per stage: enough to keep every worker busy, bounded in bytes for large blocks.
+        self.window = max(2, min(4 * workers, WINDOW_BYTES // self.bs))
+
+    def blocks_in_parallel(self):
+        """(disk, block index) round-robin over disks, so that all disks are read in parallel."""
+        counts = [s.block_count(self.bs) for s in self.sources]
+        for index in range(max(counts, default=0)):
+            for d, count in enumerate(counts):
+                if index < count:
+                    yield d, index
+
+    def run(self, pool: ThreadPoolExecutor, progress: ProgressFn | None) -> None:
+        total = sum(s.size for s in self.sources)
+        hashing: deque[tuple[int, int, Future]] = deque()
+        for d, index in self.blocks_in_parallel():
+            hashing.append((d, index, pool.submit(self.sources[d].read_block, index, self.bs, self.buffers)))
+            if len(hashing) >= self.window:
+                self.take_hashed(*hashing.popleft(), pool)
+                if progress:
+                    progress(self.counts["read"], total)
+        while hashing:
+            self.take_hashed(*hashing.popleft(), pool)
+        self.take_compressed(until_below=1)
+        if progress:
+            progress(self.counts["read"], total)
+
+    def take_hashed(self, d: int, index: int, fut: Future, pool: ThreadPoolExecutor) -> None:
+        """Record one hashed block in its disk's map, and start compressing it if the store lacks it."""
+        digest, data = fut.result()
+        length = min(self.bs, self.sources[d].size - index * self.bs)
+        self.counts["read"] += length
+        self.maps[d][index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = digest
+        if digest == HOLE:
+            self.counts["zero"] += length
+            self.records[d].zero_blocks += 1
+            return
+        self.referenced[d].add(digest)
+        # The writer before the store: a batch leaves the writer only once it is in the store.
+        if (digest in self.compressing or digest in self.batch or self.writer.holds(digest)
+                or self.store.has_block(digest)):
+            self.counts["dedup"] += length
+            self.buffers.give(data)
+            return
+        self.counts["new"] += length
+        self.records[d].new_blocks += 1
+        self.compressing[digest] = (d, pool.submit(blob.encode, data, self.store.zstd_level), data)
+        self.take_compressed(until_below=self.window)
+
+    def take_compressed(self, until_below: int) -> None:
+        """Move finished compressions into the batch, oldest first, waiting while too many are in flight."""
+        while self.compressing:
+            digest, (d, fut, source_buffer) = next(iter(self.compressing.items()))
+            if len(self.compressing) < until_below and not fut.done():
+                return
+            del self.compressing[digest]
+            data = fut.result()
+            self.buffers.give(source_buffer)
+            self.records[d].new_stored_bytes += len(data)
+            self.batch[digest] = data
+            self.batch_bytes += len(data)
+            self.counts["stored"] += len(data)
+            if self.batch_bytes >= BATCH_BYTES:
+                self.writer.submit(self.batch)
+                self.batch, self.batch_bytes = {}, 0
+
+    def commit(self, point: RecoveryPoint) -> None:
+        """The last transaction: the remaining blobs and the recovery point, visible from now on."""
+        self.store.put_blobs(self.batch, point, {s.name: bytes(m) for s, m in zip(self.sources, self.maps)})
+
+    def stored_bytes_of(self, digests: set[bytes]) -> int:
+        """Compressed bytes of distinct blocks: from the last batch or the store (the writer is done)."""
+        in_batch = [len(self.batch[d]) for d in digests if d in self.batch]
+        return sum(in_batch) + self.store.blob_lengths(d for d in digests if d not in self.batch)
+
+
+def _run(store: Store, point: RecoveryPoint, sources: list[DiskSource], progress: ProgressFn | None,
+         workers: int) -> tuple[RecoveryPoint, BackupSummary]:
+    """Transfer: read every source, store the new blocks, and commit `point` with its block maps."""
+    started = time.monotonic()
+    run = _BackupRun(store, sources, workers)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpfs-backup") as pool:
+        try:
+            run.run(pool, progress)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            run.writer.finish()
+            raise
+    run.writer.finish()
+    for record, refs in zip(run.records, run.referenced):
+        record.stored_bytes = run.stored_bytes_of(refs)
+    c = run.counts
+    point.disks = run.records
+    point.duration_seconds = round(time.monotonic() - started, 3)
+    run.commit(point)
+    summary = BackupSummary(vm=point.vm, point_id=point.id, disks=len(sources), bytes_read=c["read"],
+                            new_bytes=c["new"], deduplicated_bytes=c["dedup"], zero_bytes=c["zero"],
+                            stored_bytes=c["stored"], seconds=time.monotonic() - started)
+    return point, summary

@@ -1,0 +1,238 @@
+"""Quiescing a VM for its snapshot: pre-scripts, filesystem freeze, post-scripts, from a TOML config.
+
+    [pre]                       # optional; [post] takes the same keys
+    path = "/etc/rpfs/web01-pre.sh"
+    args = ["--checkpoint"]
+    timeout_seconds = 60
+    retries = 1                 # extra attempts after a failure
+    continue_on_failure = false # false: a failing pre-script stops the backup
+    [freeze]
+    mountpoints = ["/srv/data"]
+    max_seconds = 10            # the watchdog thaws after this long, whatever happens
+
+Scripts run as root, so they and the config must be owned by root and writable by nobody else.
+The freeze is watched by a separate process (rpfs.backup.freeze_watchdog) that thaws the filesystems when
+the window runs out or the moment this process dies, even by kill -9: a frozen production filesystem
+is an outage.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from rpfs.errors import RpfsError
+
+SCRIPT_KEYS = {"path", "args", "timeout_seconds", "retries", "continue_on_failure"}
+FREEZE_KEYS = {"mountpoints", "max_seconds"}
+
+
+@dataclass
+class Script:
+    path: str
+    args: list[str] = field(default_factory=list)
+    timeout_seconds: float = 60.0
+    retries: int = 0
+    continue_on_failure: bool = False
+
+
+@dataclass
+class ConsistencyConfig:
+    pre: Script | None = None
+    post: Script | None = None
+    freeze: list[str] = field(default_factory=list)
+    freeze_max_seconds: float = 10.0
+
+
+@dataclass
+class ScriptResult:
+    script: str
+    ok: bool
+    attempts: int
+    exit_code: int | None
+    seconds: float
+    message: str = ""
+
+
+def check_root_owned(path: Path, what: str) -> None:
+    """Refuse a file that someone other than root could change: it runs (or configures) code as root."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise RpfsError(f"{what} {path} does not exist") from None
+    if st.st_uid != 0:
+        raise RpfsError(f"{what} {path} is not owned by root; refusing to use it")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise RpfsError(f"{what} {path} is writable by group or others (chmod go-w); refusing to use it")
+
+
+def load_config(path: Path) -> ConsistencyConfig:
+    check_root_owned(path, "consistency config")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise RpfsError(f"{path}: {e}") from None
+    unknown = set(raw) - {"pre", "post", "freeze"}
+    if unknown:
+        raise RpfsError(f"{path}: unknown section(s) {', '.join(sorted(unknown))} (known: pre, post, freeze)")
+    config = ConsistencyConfig()
+    for section in ("pre", "post"):
+        if section in raw:
+            setattr(config, section, _script(path, section, raw[section]))
+    freeze = raw.get("freeze", {})
+    _check_keys(path, "freeze", freeze, FREEZE_KEYS)
+    mountpoints = freeze.get("mountpoints", [])
+    if not isinstance(mountpoints, list) or not all(isinstance(m, str) for m in mountpoints):
+        raise RpfsError(f"{path}: [freeze] mountpoints must be a list of paths")
+    max_seconds = freeze.get("max_seconds", config.freeze_max_seconds)
+    if not isinstance(max_seconds, (int, float)) or isinstance(max_seconds, bool):
+        raise RpfsError(f"{path}: [freeze] max_seconds must be a number of seconds")
+    config.freeze, config.freeze_max_seconds = mountpoints, float(max_seconds)
+    if config.freeze_max_seconds <= 0:
+        raise RpfsError(f"{path}: freeze.max_seconds must be positive")
+    for mountpoint in config.freeze:
+        if not os.path.ismount(mountpoint):
+            raise RpfsError(f"{path}: {mountpoint} (freeze.mountpoints) is not a mounted filesystem")
+    return config
+
+
+def _check_keys(path: Path, section: str, table: dict, known: set[str]) -> None:
+    if not isinstance(table, dict):
+        raise RpfsError(f"{path}: [{section}] must be a table")
+    unknown = set(table) - known
+    if unknown:
+        raise RpfsError(f"{path}: unknown key(s) in [{section}]: {', '.join(sorted(unknown))}"
+                        f" (known: {', '.join(sorted(known))})")
+
+
+def _script(path: Path, section: str, table: dict) -> Script:
+    _check_keys(path, section, table, SCRIPT_KEYS)
+    if "path" not in table:
+        raise RpfsError(f"{path}: [{section}] needs a path")
+    types = {"path": str, "args": list, "timeout_seconds": (int, float), "retries": int, "continue_on_failure": bool}
+    for key, value in table.items():
+        if not isinstance(value, types[key]) or isinstance(value, bool) != (types[key] is bool):
+            raise RpfsError(f"{path}: [{section}] {key} has the wrong type ({type(value).__name__})")
+    if not all(isinstance(a, str) for a in table.get("args", [])):
+        raise RpfsError(f"{path}: [{section}] args must be a list of strings")
+    script = Script(**table)
+    if script.timeout_seconds <= 0 or script.retries < 0:
+        raise RpfsError(f"{path}: [{section}] timeout_seconds must be positive and retries not negative")
+    check_root_owned(Path(script.path), f"{section}-script")
+    if not os.access(script.path, os.X_OK):
+        raise RpfsError(f"{section}-script {script.path} is not executable")
+    return script
+
+
+def run_script(script: Script, phase: str) -> ScriptResult:
+    """Run a script with its timeout and retries; a script that hangs is killed with its children."""
+    started = time.monotonic()
+    result = ScriptResult(script=script.path, ok=False, attempts=0, exit_code=None, seconds=0.0)
+    for attempt in range(script.retries + 1):
+        result.attempts = attempt + 1
+        # Output goes to a file, not a pipe: a helper the script leaves running must not hang us.
+        with tempfile.TemporaryFile() as output_file:
+            try:
+                proc = subprocess.Popen([script.path, *script.args], stdin=subprocess.DEVNULL, stdout=output_file,
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        env={**os.environ, "RPFS_PHASE": phase})
+            except OSError as e:
+                result.message = f"cannot run it: {e.strerror}"
+                continue
+            try:
+                proc.wait(timeout=script.timeout_seconds)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                result.message = f"timed out after {script.timeout_seconds:g} s"
+                continue
+            except BaseException:
+                _kill_group(proc)
+                raise
+            output_file.seek(0)
+            output = output_file.read()[-4096:]
+        result.exit_code = proc.returncode
+        if proc.returncode == 0:
+            result.ok, result.message = True, ""
+            break
+        last = output.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        result.message = f"exit code {proc.returncode}{': ' + last[0] if last[0] else ''}"
+    result.seconds = round(time.monotonic() - started, 3)
+    return result
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+@contextmanager
+def frozen(mountpoints: list[str], max_seconds: float) -> Iterator["FreezeWindow"]:
+    """Freeze filesystems for the length of a with-block, watched by a watchdog process.
+
+    The watchdog thaws when told to, when max_seconds run out, or when its stdin closes because this
+    process died. The block's window records whether the watchdog had to step in.
+    """
+    window = FreezeWindow(mountpoints)
+    if not mountpoints:
+        yield window
+        return
+    watchdog = subprocess.Popen([sys.executable, "-m", "rpfs.backup.freeze_watchdog", str(max_seconds), *mountpoints],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        if watchdog.stdout.readline() != b"armed\n":
+            raise RpfsError("the freeze watchdog did not start")
+        started = time.monotonic()
+        frozen_now = []
+        try:
+            for mountpoint in mountpoints:
+                _fsfreeze("-f", mountpoint)
+                frozen_now.append(mountpoint)
+            yield window
+        finally:
+            for mountpoint in frozen_now:
+                _fsfreeze("-u", mountpoint, missing_ok=True)
+            window.seconds = round(time.monotonic() - started, 3)
+            try:
+                watchdog.stdin.write(b"thawed\n")
+                watchdog.stdin.flush()
+            except BrokenPipeError:
+                pass   # the watchdog timed out, thawed and left already
+            window.watchdog_stepped_in = watchdog.stdout.readline() == b"timed out\n"
+    finally:
+        try:
+            watchdog.stdin.close()
+        except BrokenPipeError:
+            pass
+        watchdog.wait(timeout=30)
+
+
+@dataclass
+class FreezeWindow:
+    mountpoints: list[str]
+    seconds: float = 0.0
+    watchdog_stepped_in: bool = False
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+def _fsfreeze(flag: str, mountpoint: str, missing_ok: bool = False) -> None:
+    try:
+        done = subprocess.run(["fsfreeze", flag, mountpoint], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise RpfsError(f"fsfreeze {flag} {mountpoint} did not finish within 60 s") from None
+    if done.returncode != 0 and not (missing_ok and "Invalid argument" in done.stderr):
+        what = "freeze" if flag == "-f" else "thaw"
+        raise RpfsError(f"cannot {what} {mountpoint}: {done.stderr.strip() or done.returncode}")

@@ -1,0 +1,198 @@
+"""Full restore: write a disk of a recovery point back to a file or a block device.
+
+Blocks are decoded and verified on worker threads through the same ImageReader the mount uses, and
+written in order by one thread. A recovery point whose reflink snapshot is still kept (the
+instant-restore tier) is restored to a file on the same filesystem by cloning the snapshot instead. A file target is written as `<target>.rpfs-partial` beside it and
+renamed into place only once complete and synced, so an interrupted restore never leaves a half image
+where the user expects a whole one; holes stay holes. A block device is written in place; its holes are
+written as zeros, or zeroed by the device (BLKZEROOUT: unmapped where it guarantees zeros) with
+discard=True.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import struct
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from rpfs.backup import snapshot
+from rpfs.errors import RpfsError
+from rpfs.serve.image import BlockCache, ImageReader
+from rpfs.store.leases import Lease, gate
+from rpfs.store.recovery_point import HOLE, RecoveryPoint
+from rpfs.store.store import Store
+
+BLKZEROOUT = 0x127F   # zero a range: by discard/write-zeroes where the device guarantees zeros
+PARTIAL_SUFFIX = ".rpfs-partial"
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class RestoreSummary:
+    vm: str
+    point_id: str
+    disk: str
+    target: str
+    size: int
+    written_bytes: int      # data blocks written
+    hole_bytes: int         # holes: left sparse in a file, zeroed or discarded on a device
+    seconds: float
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.size / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+def check_target(target: Path, size: int, force: bool) -> bool:
+    """Refuse a target that would lose data or cannot hold the disk; True for a block device."""
+    if target.is_block_device():
+        device_size = _device_size(target)
+        if device_size < size:
+            raise RpfsError(f"{target} is too small: {device_size} bytes, the disk needs {size}")
+        busy = snapshot.in_use(target)
+        if busy:
+            raise RpfsError(f"{busy}: it is in use; stop using it first")
+        return True
+    if target.exists() or target.is_symlink():
+        if target.is_dir():
+            raise RpfsError(f"{target} is a directory; give a file or block device path")
+        if not stat.S_ISREG(target.stat().st_mode):
+            raise RpfsError(f"{target} is neither a regular file nor a block device")
+        if not force:
+            raise RpfsError(f"{target} already exists (use --force to replace it)")
+        busy = snapshot.in_use(target)
+        if busy:
+            raise RpfsError(f"{busy}: it is in use; stop using it first")
+    if not target.parent.is_dir():
+        raise RpfsError(f"folder {target.parent} does not exist")
+    return False
+
+
+def restore_disk(store: Store, point: RecoveryPoint, disk_name: str, target: Path, *, force: bool = False,
+                 discard: bool = False, progress: ProgressFn | None = None,
+                 workers: int | None = None) -> RestoreSummary:
+    disk = point.disk(disk_name)
+    is_device = check_target(target, disk.size, force)
+    lease = Lease(store.path)   # prune must not delete the recovery point while it is being copied
+    try:
+        with gate(store.path, exclusive=False):
+            lease.add(point.vm, point.id)
+            store.point(point.vm, point.id)   # still there (raises if pruned meanwhile)
+        return _restore(store, point, disk, target, is_device, discard, progress, workers)
+    finally:
+        lease.close()
+
+
+def _restore(store: Store, point: RecoveryPoint, disk, target: Path, is_device: bool, discard: bool,
+             progress: ProgressFn | None, workers: int | None) -> RestoreSummary:
+    disk_name = disk.name
+    started = time.monotonic()
+    reader = ImageReader(store, BlockCache(0), point.vm, point.id, disk)
+    if is_device:
+        written = _restore_blocks(reader, target, os.O_WRONLY | os.O_EXCL, progress, workers,
+                                  holes=_discard if discard else _zero_fill)
+    else:
+        partial = target.with_name(target.name + PARTIAL_SUFFIX)
+        try:
+            if _clone_kept_snapshot(point, disk_name, disk.size, partial):
+                written = disk.size - disk.zero_blocks * disk.block_size   # about: the clone shares extents
+                if progress:
+                    progress(disk.size, disk.size)
+            else:
+                written = _restore_blocks(reader, partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, progress,
+                                          workers, holes=None)
+            os.replace(partial, target)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+    return RestoreSummary(vm=point.vm, point_id=point.id, disk=disk.name, target=str(target), size=disk.size,
+                          written_bytes=written, hole_bytes=disk.size - written,
+                          seconds=time.monotonic() - started)
+
+
+def _clone_kept_snapshot(point: RecoveryPoint, disk_name: str, size: int, partial: Path) -> bool:
+    """The instant-restore tier: a kept reflink snapshot on the target's filesystem is cloned in seconds."""
+    kept = Path(point.snapshot.get("paths", {}).get(disk_name, "")) if point.snapshot else None
+    stamp = point.snapshot.get("stamps", {}).get(disk_name) if point.snapshot else None
+    if kept is None or stamp is None or not kept.is_file():
+        return False
+    if [kept.stat().st_size, kept.stat().st_mtime_ns] != stamp or stamp[0] != size:
+        return False   # changed since the backup read it: decode the store instead
+    try:
+        snapshot.clone(kept, partial)
+    except snapshot.CannotSnapshot:   # another filesystem: copy from the store instead
+        return False
+    return True
+
+
+def _restore_blocks(reader: ImageReader, path: Path, flags: int, progress: ProgressFn | None,
+                    workers: int | None, holes: Callable[[int, int, int], None] | None) -> int:
+    """Decode blocks on worker threads, write them in order; returns the data bytes written.
+
+    O_EXCL on a block device: the kernel refuses it while the device is mounted."""
+    workers = workers or (os.cpu_count() or 2)
+    bs, size = reader.block_size, reader.size
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise RpfsError(f"cannot open {path} for writing: {e.strerror}") from None
+    written = 0
+    try:
+        if holes is None:
+            os.ftruncate(fd, size)   # a sparse file of the right size: holes are never written
+        window: deque = deque()
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpfs-restore") as pool:
+            try:
+                for index in range(reader.block_count):
+                    window.append((index, pool.submit(reader.load, index)))
+                    if len(window) >= 4 * workers:
+                        written += _write_block(fd, bs, size, *window.popleft(), holes)
+                        if progress:
+                            progress(min((index + 1 - len(window)) * bs, size), size)
+                while window:
+                    written += _write_block(fd, bs, size, *window.popleft(), holes)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+        os.fsync(fd)
+        if progress:
+            progress(size, size)
+    except OSError as e:
+        raise RpfsError(f"writing {path} failed: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    return written
+
+
+def _write_block(fd: int, bs: int, size: int, index: int, fut, holes) -> int:
+    data = fut.result()
+    offset = index * bs
+    if data is HOLE:
+        if holes is not None:
+            holes(fd, offset, min(bs, size - offset))
+        return 0
+    os.pwrite(fd, data, offset)
+    return len(data)
+
+
+def _zero_fill(fd: int, offset: int, length: int) -> None:
+    os.pwrite(fd, bytes(length), offset)
+
+
+def _discard(fd: int, offset: int, length: int) -> None:
+    """BLKZEROOUT, not BLKDISCARD: a discarded range need not read back as zeros."""
+    try:
+        fcntl.ioctl(fd, BLKZEROOUT, struct.pack("QQ", offset, length))
+    except OSError:
+        _zero_fill(fd, offset, length)
+
+
+def _device_size(device: Path) -> int:
+    with open(device, "rb") as f:
+        return f.seek(0, os.SEEK_END)

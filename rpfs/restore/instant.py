@@ -1,0 +1,171 @@
+"""Instant restore: start (or resume) a writable image served by a daemon that copies it out meanwhile.
+
+The daemon mounts a one-file FUSE filesystem at RUN_DIR/instant/<disk>-<id>/ whose <disk>.img is the
+writable image (overlay.WritableImage); a background thread copies the missing blocks into the target.
+A registry file beside the mountpoint lets `rpfs jobs` list instant restores, and their progress is
+read from the target's state file, so it shows even when no daemon runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rpfs.errors import RpfsError
+from rpfs.host.mountinfo import fstype_at
+from rpfs.restore.writable_image import InstantSource, WritableImage, create, progress_of, read_source, state_path
+from rpfs.serve import daemon
+from rpfs.serve.image import BlockCache
+from rpfs.serve.store_tree import InstantImageFS
+from rpfs.store.leases import Lease, gate, hold, release_hold
+from rpfs.store.recovery_point import RecoveryPoint
+from rpfs.store.store import Store
+
+CACHE_BYTES = 64 << 20
+REGISTERED = ("target", "image", "mountpoint", "vm", "point_id", "disk", "blocks", "store")
+
+
+@dataclass
+class InstantJob:
+    target: str
+    image: str
+    mountpoint: str
+    vm: str
+    point_id: str
+    disk: str
+    store: str = ""
+    state: str = ""            # copying | stopped | complete
+    copied_blocks: int = 0
+    blocks: int = 0
+    pid: int | None = None
+
+
+def _instant_dir() -> Path:
+    return daemon.RUN_DIR / "instant"
+
+
+def _job_files(target: Path) -> tuple[Path, Path]:
+    """(registry file, mountpoint) of the instant restore into target."""
+    key = hashlib.sha256(str(target).encode()).hexdigest()[:12]
+    return _instant_dir() / f"{key}.json", _instant_dir() / key
+
+
+def instant_filesystem(target: Path) -> daemon.Filesystem:
+    """What the daemon serves: the writable image, with the copy running beside it."""
+    source = read_source(target)
+    store = Store.open(source.store, readonly=True)
+    lease = None
+    try:
+        image = WritableImage(target, store, BlockCache(CACHE_BYTES))
+        lease = Lease(store.path)   # prune must not delete the recovery point while it is copied
+        with gate(store.path, exclusive=False):
+            lease.add(source.vm, source.point_id)
+            store.point(source.vm, source.point_id)   # still there (raises if pruned meanwhile)
+    except BaseException:
+        store.close()
+        raise
+
+    def close() -> None:
+        if image.complete:
+            release_hold(store.path, _job_files(target)[0].stem)
+        image.close()
+        lease.close()
+        store.close()
+    return daemon.Filesystem(InstantImageFS(image, f"{source.disk}.img"), set(), close, image.hydrate)
+
+
+def start(store: Store, point: RecoveryPoint, disk_name: str, target: Path) -> InstantJob:
+    """Create the target (or resume an unfinished one) and start its daemon; returns once it serves."""
+    target = Path(os.path.abspath(target))
+    disk = point.disk(disk_name)
+    source = InstantSource(store=str(store.path.resolve()), vm=point.vm, point_id=point.id, disk=disk.name,
+                           size=disk.size, block_size=disk.block_size)
+    if state_path(target).exists():
+        existing = read_source(target)
+        if (existing.vm, existing.point_id, existing.disk) != (source.vm, source.point_id, source.disk):
+            raise RpfsError(f"{target} is an unfinished instant restore of {existing.vm}/{existing.point_id}/"
+                            f"{existing.disk}; resume it with those, or choose another path")
+    else:
+        create(target, source)
+    registry, mountpoint = _job_files(target)
+    job = InstantJob(target=str(target), image=str(mountpoint / f"{disk.name}.img"), mountpoint=str(mountpoint),
+                     vm=point.vm, point_id=point.id, disk=disk.name, blocks=source.blocks, store=source.store)
+    hold(store.path, registry.stem, point.vm, point.id)   # prune keeps the point until the copy is done
+    running = daemon.daemon_pid(Path(job.mountpoint))
+    if running is not None:
+        raise RpfsError(f"an instant restore into {target} is already running; its image is {job.image}")
+    if fstype_at(str(mountpoint)) is not None:
+        daemon.unmount(mountpoint)   # left behind by a daemon that died
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    registry.write_text(json.dumps({k: getattr(job, k) for k in REGISTERED}))
+    job.pid = daemon.start_daemon(["instant-daemon", str(target), str(mountpoint)], mountpoint, disk.block_size)
+    return _with_progress(job)
+
+
+def jobs() -> list[InstantJob]:
+    found = []
+    for registry in sorted(_instant_dir().glob("*.json")):
+        try:
+            job = InstantJob(**{k: v for k, v in json.loads(registry.read_text()).items() if k in REGISTERED})
+        except (OSError, ValueError, TypeError):
+            continue
+        found.append(_with_progress(job))
+    return found
+
+
+def _with_progress(job: InstantJob) -> InstantJob:
+    job.pid = daemon.daemon_pid(Path(job.mountpoint))
+    target = Path(job.target)
+    try:
+        job.copied_blocks, job.blocks = progress_of(target)
+        job.state = "copying" if job.pid is not None else "stopped"
+    except RpfsError:
+        if state_path(target).exists():
+            raise   # a damaged state file: say so
+        # no state file (any more): the copy is complete
+        job.state = "complete"
+        job.copied_blocks = job.blocks
+    return job
+
+
+def find(target: Path) -> InstantJob:
+    target = Path(os.path.abspath(target))
+    for job in jobs():
+        if job.target == str(target):
+            return job
+    raise RpfsError(f"no instant restore into {target} (see rpfs jobs)")
+
+
+def wait(target: Path, poll_seconds: float = 0.2, progress=None) -> InstantJob:
+    """Wait until the copy into target is complete; fail if its daemon stops first."""
+    while True:
+        job = _with_progress(find(target))
+        if progress and job.blocks > 0:
+            progress(job.copied_blocks, job.blocks)
+        if job.state == "complete":
+            return job
+        if job.state == "stopped":
+            raise RpfsError(f"the instant restore into {target} stopped at {job.copied_blocks}/{job.blocks} blocks;"
+                            f" resume it: rpfs instant-restore {job.vm} {job.point_id} --disk {job.disk} --to {target}")
+        time.sleep(poll_seconds)
+
+
+def stop(target: Path) -> InstantJob:
+    """Unmount the writable image; an unfinished copy stays resumable, a finished one is forgotten."""
+    job = find(target)
+    if fstype_at(job.mountpoint) is not None:
+        daemon.unmount(Path(job.mountpoint))
+    job = _with_progress(job)
+    if job.state == "complete":
+        registry, mountpoint = _job_files(Path(job.target))
+        if job.store:
+            release_hold(Path(job.store), registry.stem)
+        registry.unlink(missing_ok=True)
+        try:
+            mountpoint.rmdir()
+        except OSError:
+            pass
+    return job

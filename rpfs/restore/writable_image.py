@@ -1,0 +1,249 @@
+"""The writable image behind an instant restore: a target file filled from a recovery point while in use.
+
+The copy is written to `PATH.rpfs-partial`, created sparse at the disk's size, with a state file beside it
+(`PATH.rpfs-instant`): a JSON header naming the store, VM, recovery point and disk, then a bitmap with
+one bit per block. A set bit means PATH holds that block (copied from the store, or written by the
+user); reads of the other blocks come from the store. A background hydrator copies the missing blocks.
+When every bit is set the copy is renamed to PATH and the state file deleted: PATH is then a plain
+standalone image, and PATH never holds a half-copied one.
+
+Durability, so that neither a killed process nor a crash loses an acknowledged write:
+- a block's data is written to PATH and fdatasync'ed *before* its bit is set, so a set bit always
+  describes data on disk;
+- a user's first write to a block merges it with the block's data from the store, writes the whole
+  block, syncs, sets the bit, and only then returns;
+- the bitmap is written with pwrite at once (it survives the process), and fsync'ed on the user's
+  fsync and at completion (it survives the machine).
+A bit that was lost only makes the hydrator copy that block again, which is harmless for blocks
+nobody wrote: the store still holds them.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rpfs.errors import RpfsError
+from rpfs.serve.image import BlockCache, ImageReader
+from rpfs.store.recovery_point import HOLE
+from rpfs.store.store import Store
+
+STATE_SUFFIX = ".rpfs-instant"
+PARTIAL_SUFFIX = ".rpfs-partial"
+HEADER_SIZE = 4096
+SYNC_EVERY_BYTES = 64 << 20    # the hydrator syncs data, then records bits, about this often
+
+
+@dataclass
+class InstantSource:
+    """What an instant restore copies from; the JSON header of the state file."""
+    store: str
+    vm: str
+    point_id: str
+    disk: str
+    size: int
+    block_size: int
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.size // self.block_size)
+
+
+def state_path(target: Path) -> Path:
+    return target.with_name(target.name + STATE_SUFFIX)
+
+
+def partial_path(target: Path) -> Path:
+    """Where the copy is written until it is complete: PATH itself only ever holds a whole image."""
+    return target.with_name(target.name + PARTIAL_SUFFIX)
+
+
+def read_source(target: Path) -> InstantSource:
+    """The header of an unfinished instant restore's state file."""
+    try:
+        with open(state_path(target), "rb") as f:
+            header = f.read(HEADER_SIZE).rstrip(b"\0")
+        return InstantSource(**json.loads(header))
+    except FileNotFoundError:
+        raise RpfsError(f"{target} has no unfinished instant restore") from None
+    except (ValueError, TypeError):
+        raise RpfsError(f"{state_path(target)} is damaged; it is not an rpfs instant-restore state file") from None
+
+
+def progress_of(target: Path) -> tuple[int, int]:
+    """(blocks copied, blocks in all) from the state file, readable whether or not a daemon runs."""
+    source = read_source(target)
+    with open(state_path(target), "rb") as f:
+        f.seek(HEADER_SIZE)
+        bitmap = f.read()
+    return sum(bin(b).count("1") for b in bitmap), source.blocks
+
+
+def create(target: Path, source: InstantSource) -> None:
+    """Start a new instant restore: a sparse PATH and a state file with no block copied yet."""
+    if target.exists() or target.is_symlink():
+        raise RpfsError(f"{target} already exists; choose a new path (or resume with the same VM, recovery"
+                        " point and disk if it is an unfinished instant restore)")
+    if not target.parent.is_dir():
+        raise RpfsError(f"folder {target.parent} does not exist")
+    if partial_path(target).exists():
+        raise RpfsError(f"{partial_path(target)} is left from an earlier restore; remove it first")
+    header = json.dumps(asdict(source)).encode()
+    state = state_path(target)
+    with open(state, "wb") as f:
+        f.write(header.ljust(HEADER_SIZE, b"\0"))
+        f.write(bytes(-(-source.blocks // 8)))
+        f.flush()
+        os.fsync(f.fileno())
+    with open(partial_path(target), "wb") as f:
+        f.truncate(source.size)
+        os.fsync(f.fileno())
+
+
+class WritableImage:
+    """PATH as the user sees it: blocks from PATH where its bit is set, from the store elsewhere."""
+
+    def __init__(self, target: Path, store: Store, cache: BlockCache):
+        self.target = target
+        self.source = read_source(target)
+        point = store.point(self.source.vm, self.source.point_id)
+        self.reader = ImageReader(store, cache, point.vm, point.id, point.disk(self.source.disk))
+        self.size, self.block_size = self.source.size, self.source.block_size
+        if self.reader.size != self.size or self.reader.block_size != self.block_size:
+            raise RpfsError(f"{state_path(target)} does not match recovery point {point.vm}/{point.id}")
+        self._fd = os.open(partial_path(target), os.O_RDWR | os.O_CLOEXEC)
+        self._state_fd = os.open(state_path(target), os.O_RDWR | os.O_CLOEXEC)
+        try:   # one server per target: two in-memory bitmaps would overwrite each other's blocks
+            fcntl.flock(self._state_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise RpfsError(f"another process is serving the instant restore into {target}") from None
+        self._bitmap = bytearray(os.pread(self._state_fd, -(-self.source.blocks // 8), HEADER_SIZE))
+        self._lock = threading.Lock()     # block state changes: hydrator versus user writes
+        self.complete = False
+        self._finish_if_complete()
+
+    def close(self) -> None:
+        for fd in (self._fd, self._state_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._state_fd = -1
+
+    # -- block state -------------------------------------------------------------------------------
+    def present(self, index: int) -> bool:
+        return self.complete or bool(self._bitmap[index >> 3] & (1 << (index & 7)))
+
+    def _mark(self, indexes: list[int]) -> None:
+        """Set bits for blocks whose data is already synced to PATH, and write the bitmap bytes."""
+        if not indexes:
+            return
+        for i in indexes:
+            self._bitmap[i >> 3] |= 1 << (i & 7)
+        first, last = min(indexes) >> 3, max(indexes) >> 3
+        os.pwrite(self._state_fd, bytes(self._bitmap[first:last + 1]), HEADER_SIZE + first)
+
+    def _finish_if_complete(self) -> None:
+        if self.complete or any(b != 0xFF for b in self._bitmap[:self.source.blocks // 8]):
+            return
+        tail = self.source.blocks % 8
+        if tail and self._bitmap[-1] != (1 << tail) - 1:
+            return
+        os.fsync(self._fd)
+        os.replace(partial_path(self.target), self.target)   # the open fd follows the file
+        os.unlink(state_path(self.target))
+        os.close(self._state_fd)
+        self._state_fd = -1
+        _fsync_dir(self.target.parent)
+        self.complete = True
+
+    # -- what the user does ------------------------------------------------------------------------
+    def read(self, offset: int, size: int) -> bytes:
+        end = min(offset + size, self.size)
+        parts, pos = [], offset
+        while pos < end:
+            index = pos // self.block_size
+            stop = min(end, (index + 1) * self.block_size)
+            if self.present(index):
+                parts.append(os.pread(self._fd, stop - pos, pos))
+            else:
+                parts.append(self.reader.read(pos, stop - pos))
+            pos = stop
+        return b"".join(parts)
+
+    def write(self, offset: int, data: bytes) -> int:
+        end = min(offset + len(data), self.size)
+        if offset >= self.size and data:
+            raise RpfsError("write beyond the end of the disk")
+        view, pos = memoryview(data), offset
+        while pos < end:
+            index = pos // self.block_size
+            stop = min(end, (index + 1) * self.block_size)
+            piece = view[pos - offset:stop - offset]
+            if self.present(index):
+                os.pwrite(self._fd, piece, pos)
+            else:
+                self._first_write(index, pos, piece)
+            pos = stop
+        return end - offset
+
+    def _first_write(self, index: int, pos: int, piece: memoryview) -> None:
+        with self._lock:
+            if self.present(index):   # the hydrator got there first
+                os.pwrite(self._fd, piece, pos)
+                return
+            block_start = index * self.block_size
+            block = self.reader.load(index)
+            length = min(self.block_size, self.size - block_start)
+            merged = bytearray(length) if block is HOLE else bytearray(block)
+            merged[pos - block_start:pos - block_start + len(piece)] = piece
+            os.pwrite(self._fd, merged, block_start)
+            os.fdatasync(self._fd)
+            self._mark([index])
+            self._finish_if_complete()
+
+    def fsync(self) -> None:
+        with self._lock:   # completion closes the state file
+            os.fdatasync(self._fd)
+            if self._state_fd >= 0:
+                os.fsync(self._state_fd)
+
+    # -- the background copy -----------------------------------------------------------------------
+    def hydrate(self, stop: threading.Event) -> None:
+        """Copy every block PATH lacks; returns when complete or when stop is set."""
+        pending: list[int] = []
+        pending_bytes = 0
+        for index in range(self.source.blocks):
+            if stop.is_set():
+                break
+            if self.present(index):
+                continue
+            block = self.reader.load(index)       # decode outside the lock: user writes go on
+            with self._lock:
+                if self.present(index):
+                    continue
+                if block is not HOLE:             # PATH is sparse: a hole needs no write
+                    os.pwrite(self._fd, block, index * self.block_size)
+                    pending_bytes += len(block)
+                pending.append(index)
+                if pending_bytes >= SYNC_EVERY_BYTES or len(pending) >= 4096:
+                    self._commit(pending)
+                    pending, pending_bytes = [], 0
+        with self._lock:
+            self._commit(pending)
+            self._finish_if_complete()
+
+    def _commit(self, indexes: list[int]) -> None:
+        if indexes:
+            os.fdatasync(self._fd)
+            self._mark(indexes)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

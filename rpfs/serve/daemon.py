@@ -1,0 +1,277 @@
+"""Running the FUSE filesystem: in the foreground, or as a background daemon that `rpfs mount` starts.
+
+`rpfs mount` starts a fresh Python process (not a fork: LMDB environments and trio must not cross a
+fork) with --foreground and a pipe; it returns once the daemon writes "ready" (mounted) or an error
+line. A pid file per mountpoint under /run/rpfs lets `rpfs umount` wait for the daemon to end.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from rpfs.errors import RpfsError
+from rpfs.host.mountinfo import fstype_at, read_mountinfo
+from rpfs.host.tools import error_line, run_tool_raw
+from rpfs.serve.image import BlockCache
+from rpfs.serve.store_tree import RecoveryPointFS
+from rpfs.store.leases import Lease
+from rpfs.store.store import Store
+
+RUN_DIR = Path(os.environ.get("RPFS_RUN_DIR", "/run/rpfs"))
+FSTYPE = "fuse.rpfs"
+READY = b"ready\n"
+
+
+def pid_file(mountpoint: Path) -> Path:
+    return RUN_DIR / f"mount-{hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]}.pid"
+
+
+def _canonical(mountpoint: Path) -> Path:
+    """One spelling of a mountpoint for pid files and the mount table (realpath never stats a dead mount)."""
+    return Path(os.path.realpath(mountpoint))
+
+
+def check_mountpoint(mountpoint: Path) -> Path:
+    mountpoint = _canonical(mountpoint)
+    if not mountpoint.exists():
+        raise RpfsError(f"mountpoint {mountpoint} does not exist (create it with mkdir)")
+    if not mountpoint.is_dir():
+        raise RpfsError(f"mountpoint {mountpoint} is not a directory")
+    if fstype_at(str(mountpoint)) is not None:
+        raise RpfsError(f"mountpoint {mountpoint} is busy: something is already mounted there")
+    return mountpoint
+
+
+@dataclass
+class Filesystem:
+    """What a daemon serves: FUSE operations, mount options, and what to close and run beside them."""
+    ops: pyfuse3.Operations
+    options: set[str]
+    close: Callable[[], None]
+    background: Callable[[threading.Event], None] | None = None   # runs on a thread until the event
+    start_tasks: Callable[[trio.Nursery], None] | None = None      # gets the FUSE loop's nursery
+
+
+def store_filesystem(store_path: Path, cache_bytes: int) -> Filesystem:
+    """The read-only recovery-point tree of a store."""
+    store = Store.open(store_path, readonly=True)
+    try:
+        lease = Lease(store.path)
+    except OSError as e:   # a store on read-only media: nothing can prune it either
+        logging.getLogger("rpfs.mount").warning("no lease in %s: %s", store.path, e)
+        lease = None
+
+    def close() -> None:
+        store.close()
+        if lease is not None:
+            lease.close()
+    ops = RecoveryPointFS(store, BlockCache(cache_bytes), lease=lease)
+    return Filesystem(ops, {"ro"}, close, start_tasks=ops.start_read_ahead)
+
+
+def serve(open_filesystem: Callable[[], Filesystem], mountpoint: Path, ready_fd: int | None = None,
+          debug: bool = False, log_file: Path | None = None) -> None:
+    """Mount and serve until unmounted or signalled; writes READY (or the error) to ready_fd."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, filename=log_file,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log = logging.getLogger("rpfs.mount")
+    pid_path = pid_file(mountpoint)
+    fs = None
+    try:
+        try:
+            RUN_DIR.mkdir(parents=True, exist_ok=True)
+            pid_path.write_text(f"{os.getpid()}\n")
+        except OSError as e:
+            raise RpfsError(f"cannot write the pid file {pid_path}: {e.strerror}") from None
+        fs = open_filesystem()
+        options = set(pyfuse3.default_options) | fs.options | {"fsname=rpfs", "subtype=rpfs"}
+        if os.geteuid() == 0:
+            options.add("allow_other")
+        try:
+            pyfuse3.init(fs.ops, str(mountpoint), options)
+        except RuntimeError as e:
+            raise RpfsError(f"cannot mount at {mountpoint}: {e}") from None
+    except RpfsError as e:
+        pid_path.unlink(missing_ok=True)
+        if fs is not None:
+            fs.close()
+        if ready_fd is not None:
+            os.write(ready_fd, e.message.encode() + b"\n")
+        raise
+    log.info("mounted at %s", mountpoint)
+    if ready_fd is not None:
+        os.write(ready_fd, READY)
+        os.close(ready_fd)
+    stop = threading.Event()
+    worker = None
+    if fs.background is not None:
+        worker = threading.Thread(target=_log_failure(fs.background, log), args=(stop,), name="rpfs-background")
+        worker.start()
+    try:
+        trio.run(_main_loop, fs.start_tasks)
+    finally:
+        stop.set()
+        if worker is not None:
+            worker.join()
+        pyfuse3.close(unmount=True)
+        fs.close()
+        pid_path.unlink(missing_ok=True)
+        log.info("unmounted %s", mountpoint)
+        _remove_log_unless_it_has_news(log_file)
+
+
+def _log_failure(work: Callable[[threading.Event], None], log: logging.Logger) -> Callable[[threading.Event], None]:
+    def run(stop: threading.Event) -> None:
+        try:
+            work(stop)
+        except Exception:
+            log.exception("background work failed")
+    return run
+
+
+def _raise_read_ahead(mountpoint: Path, block_size: int) -> None:
+    """The kernel reads ahead only 128 KiB on a FUSE mount; a whole block at a time means fewer, larger
+    requests for sequential readers. Best effort (needs root). Call it once the daemon has answered a
+    request: the kernel sets the read-ahead when the daemon answers FUSE's INIT."""
+    devices = [m.device for m in read_mountinfo() if m.mountpoint == str(mountpoint)]
+    if not devices:
+        return
+    try:
+        Path(f"/sys/class/bdi/{devices[-1]}/read_ahead_kb").write_text(str(max(block_size >> 10, 128)))
+    except OSError:
+        pass
+
+
+async def _main_loop(start_tasks: Callable[[trio.Nursery], None] | None) -> None:
+    """Serve FUSE requests; SIGTERM/SIGINT end the loop so the finally clause unmounts."""
+    async with trio.open_nursery() as nursery:
+        if start_tasks is not None:
+            start_tasks(nursery)
+        async def stop_on_signal():
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for _ in signals:
+                    pyfuse3.terminate()
+                    return
+        nursery.start_soon(stop_on_signal)
+        await pyfuse3.main(min_tasks=4, max_tasks=64)
+        nursery.cancel_scope.cancel()
+
+
+def start_store_daemon(store_path: Path, mountpoint: Path, cache_bytes: int) -> int:
+    """Start `rpfs mount --foreground` in the background; return its pid once mounted."""
+    with Store.open(store_path, readonly=True) as store:   # fail here, with the clear message
+        block_size = store.block_size
+    mountpoint = check_mountpoint(mountpoint)
+    argv = ["--store", str(store_path), "mount", str(mountpoint), "--foreground", "--cache-mb", str(cache_bytes >> 20)]
+    return start_daemon(argv, mountpoint, block_size)
+
+
+def start_daemon(argv: list[str], mountpoint: Path, block_size: int) -> int:
+    """Run `rpfs ARGV --ready-fd N --log-file F` in the background; return its pid once it has mounted."""
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    log_file = pid_file(mountpoint).with_suffix(".log")
+    read_end, write_end = os.pipe()
+    cmd = [sys.executable, "-m", "rpfs", *argv, "--ready-fd", str(write_end), "--log-file", str(log_file)]
+    with open(log_file, "ab") as log:
+        daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                  pass_fds=(write_end,), start_new_session=True)
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as ready:
+            answer = ready.readline()
+        if answer == READY:
+            os.stat(mountpoint)   # answered only after FUSE's INIT handshake
+            _raise_read_ahead(mountpoint, block_size)
+            return daemon.pid
+    except BaseException:  # Ctrl-C while waiting: the daemon must not mount behind the user's back
+        daemon.terminate()
+        daemon.wait(timeout=10)
+        raise
+    daemon.wait(timeout=10)
+    reason = answer.decode(errors="replace").strip() or f"the mount daemon exited (see {log_file})"
+    raise RpfsError(reason)
+
+
+def _remove_log_unless_it_has_news(log_file: Path | None) -> None:
+    """A daemon's log is kept only if something went wrong: /run/rpfs does not fill up with logs."""
+    if log_file is None:
+        return
+    try:
+        text = log_file.read_text(errors="replace")
+    except OSError:
+        return
+    if not any(word in text for word in ("WARNING", "ERROR", "Traceback")):
+        log_file.unlink(missing_ok=True)
+
+
+def unmount(mountpoint: Path, timeout: float = 10.0) -> None:
+    """Unmount an rpfs mount, also one whose daemon died, and wait for the daemon to end."""
+    mountpoint = _canonical(mountpoint)
+    fstype = fstype_at(str(mountpoint))
+    if fstype is None:
+        raise RpfsError(f"{mountpoint} is not mounted")
+    if fstype != FSTYPE:
+        raise RpfsError(f"{mountpoint} is not an rpfs mount (it is {fstype})")
+    done = run_tool_raw(["fusermount3", "-u", str(mountpoint)])
+    if done.returncode != 0:
+        message = error_line(done.stderr) or "fusermount3 failed"
+        if "busy" in message.lower():
+            raise RpfsError(f"{mountpoint} is busy: a process or a loop device still uses it"
+                            " (rpfs detach what you attached from it, then retry)")
+        # A dead daemon leaves an unreachable mount that fusermount may refuse: detach it lazily.
+        if run_tool_raw(["umount", "-l", str(mountpoint)]).returncode != 0:
+            raise RpfsError(f"cannot unmount {mountpoint}: {message}")
+    _wait_for_daemon(pid_file(mountpoint), mountpoint, timeout)
+
+
+def daemon_pid(mountpoint: Path) -> int | None:
+    """The pid of the rpfs daemon serving mountpoint, if it runs (a reused pid is not mistaken for it)."""
+    try:
+        pid = int(pid_file(mountpoint).read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return pid if b"rpfs" in cmdline and os.fsencode(mountpoint) in cmdline else None
+
+
+def _wait_for_daemon(pid_path: Path, mountpoint: Path, timeout: float) -> None:
+    """Wait for the daemon to end, and end it if it hangs; a pid reused by another process is left alone."""
+    pid = daemon_pid(mountpoint)
+    if pid is None:
+        pid_path.unlink(missing_ok=True)
+        return
+    deadline = time.monotonic() + timeout
+    sent_term = False
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            if sent_term:
+                os.kill(pid, signal.SIGKILL)
+                break
+            os.kill(pid, signal.SIGTERM)
+            sent_term, deadline = True, time.monotonic() + timeout
+        time.sleep(0.05)
+    pid_path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie of ours counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"
+    except OSError:
+        return False

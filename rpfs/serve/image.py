@@ -1,0 +1,136 @@
+"""Random-access reads of one disk of a recovery point: the one path from a block map to bytes.
+
+The FUSE mount and the full restore both read through ImageReader. Holes read as zeros without touching
+the store; stored blocks are decoded, checked against their digest, and kept in a BlockCache shared by
+all images, bounded in bytes, so memory does not grow with disk size.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+
+from rpfs.errors import CorruptBlockError
+from rpfs.store import blob
+from rpfs.store.recovery_point import HOLE, DiskRecord
+from rpfs.store.store import Store
+
+DEFAULT_CACHE_BYTES = 256 << 20
+
+
+class BlockCache:
+    """An LRU of decoded, verified blocks by digest, bounded by total bytes. Thread-safe."""
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self._blocks: OrderedDict[bytes, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, digest: bytes) -> bytes | None:
+        with self._lock:
+            data = self._blocks.get(digest)
+            if data is not None:
+                self._blocks.move_to_end(digest)
+            return data
+
+    def put(self, digest: bytes, data: bytes) -> None:
+        with self._lock:
+            if digest in self._blocks or len(data) > self.max_bytes:
+                return
+            self._blocks[digest] = data
+            self._bytes += len(data)
+            while self._bytes > self.max_bytes:
+                _, old = self._blocks.popitem(last=False)
+                self._bytes -= len(old)
+
+    @property
+    def size(self) -> int:
+        return self._bytes
+
+
+def load_block(store: Store, digest: bytes) -> bytes:
+    """Fetch, decode and verify one block: wrong data never leaves this function."""
+    try:
+        data = store.get_blob(digest, blob.decode)
+    except CorruptBlockError as e:
+        raise CorruptBlockError(f"block {digest.hex()}: {e.message}") from None
+    if data is None:
+        raise CorruptBlockError(f"block {digest.hex()} is missing from the store")
+    if hashlib.sha256(data).digest() != digest:
+        raise CorruptBlockError(f"block {digest.hex()} does not match its digest")
+    return data
+
+
+class ImageReader:
+    """read(offset, size) over one disk of one recovery point."""
+
+    def __init__(self, store: Store, cache: BlockCache, vm: str, point_id: str, disk: DiskRecord):
+        self.store, self.cache, self.disk = store, cache, disk
+        self.size = disk.size
+        self.block_count = disk.blocks
+        self.block_size = disk.block_size
+        self._map_key = store.map_key(vm, point_id, disk.name)
+        self._last_digest: tuple[int, bytes] = (-1, b"")   # replaced whole, so safe across threads
+
+    def _ranges(self, offset: int, size: int):
+        """(block index, start within block, end within block) for each block the range touches."""
+        end = min(offset + size, self.size)
+        bs = self.block_size
+        pos = max(offset, 0)
+        while pos < end:
+            index, start = divmod(pos, bs)
+            stop = min(bs, start + (end - pos))
+            yield index, start, stop
+            pos += stop - start
+
+    def blocks(self, offset: int, size: int) -> range:
+        """Indexes of the blocks that a read of [offset, offset+size) touches."""
+        end = min(offset + size, self.size)
+        if end <= offset:
+            return range(0)
+        return range(offset // self.block_size, (end - 1) // self.block_size + 1)
+
+    def digest(self, index: int) -> bytes:
+        """The digest of block index; the last one looked up is remembered (sequential reads ask again)."""
+        last_index, last_digest = self._last_digest
+        if last_index == index:
+            return last_digest
+        digest = self.store.block_digest(self._map_key, index)
+        self._last_digest = (index, digest)
+        return digest
+
+    def load(self, index: int) -> bytes:
+        """Decode, verify and cache one block (HOLE for a hole); the slow part of a read, for a thread."""
+        digest = self.digest(index)
+        if digest == HOLE:
+            return HOLE
+        data = self.cache.get(digest)
+        if data is None:
+            data = load_block(self.store, digest)
+            self.cache.put(digest, data)
+        return data
+
+    def peek(self, index: int) -> bytes | None:
+        """A block's data if it costs nothing (HOLE for a hole, or cached), else None."""
+        digest = self.digest(index)
+        return HOLE if digest == HOLE else self.cache.get(digest)
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Bytes at [offset, offset+size), short at the end of the disk. Raises CorruptBlockError."""
+        return self._read(offset, size, cached_only=False)
+
+    def read_cached(self, offset: int, size: int) -> bytes | None:
+        """The same bytes if every block is a hole or cached (cheap enough to serve inline), else None."""
+        return self._read(offset, size, cached_only=True)
+
+    def _read(self, offset: int, size: int, cached_only: bool) -> bytes | None:
+        parts = []
+        for index, start, stop in self._ranges(offset, size):
+            data = self.peek(index) if cached_only else self.load(index)
+            if data is None:
+                return None
+            parts.append(bytes(stop - start) if data is HOLE else data[start:stop])
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)

@@ -1,0 +1,403 @@
+"""The read-only FUSE filesystem: MOUNT/<vm>/<recovery point>/<disk>.img and MOUNT/<vm>/latest.
+
+Handlers only translate paths and calls into catalog lookups and ImageReader reads. Only FUSEError
+leaves a handler (any other exception would end the mount): the `_fuse_errors` decorator turns the rest
+into EIO after logging them.
+
+Concurrency: pyfuse3 runs handlers as trio tasks. Reads whose blocks are all cached (or holes) are
+answered inline; the rest go to worker threads (decompression and hashing release the GIL), bounded
+by a CapacityLimiter. Inode numbers are handed out on first lookup and never reused; the table grows
+with the number of recovery points seen, not with disk size.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+import stat
+from dataclasses import asdict, dataclass
+from datetime import datetime
+
+import pyfuse3
+import trio
+
+from rpfs.errors import RpfsError
+from rpfs.restore.writable_image import WritableImage
+from rpfs.serve.image import BlockCache, ImageReader
+from rpfs.store.leases import Lease, gate
+from rpfs.store.recovery_point import RecoveryPoint
+from rpfs.store.store import Store
+
+log = logging.getLogger("rpfs.mount")
+
+IMAGE_SUFFIX = ".img"
+LATEST = "latest"
+INFO = "info.json"       # beside the images: the recovery point's record (consistency, scripts, freeze)
+STABLE_TIMEOUT = 300.0   # recovery points never change: the kernel may cache their entries
+LIVE_TIMEOUT = 1.0       # VM folders and `latest` change as backups land
+READ_AHEAD_BLOCKS = 2    # blocks decoded ahead of a sequential reader, on the other core
+
+
+@dataclass(frozen=True)
+class Node:
+    """What an inode stands for: the root, a VM folder, a recovery point folder, an image, or `latest`."""
+    kind: str                 # "root" | "vm" | "point" | "image" | "latest" | "info"
+    vm: str = ""
+    point_id: str = ""
+    disk: str = ""
+
+
+def _fuse_errors(handler):
+    @functools.wraps(handler)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except RpfsError as e:   # a corrupt or missing block, above all
+            log.error("%s: %s", handler.__name__, e.message)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+def _info(point: RecoveryPoint) -> bytes:
+    return json.dumps(asdict(point), indent=2, sort_keys=True).encode() + b"\n"
+
+
+def _ns(iso_time: str) -> int:
+    return int(datetime.fromisoformat(iso_time).timestamp() * 1e9)
+
+
+class RecoveryPointFS(pyfuse3.Operations):
+    enable_writeback_cache = False
+
+    def __init__(self, store: Store, cache: BlockCache, read_threads: int = 4, lease: Lease | None = None):
+        super().__init__()
+        self.store, self.cache, self.lease = store, cache, lease
+        self._inodes: dict[Node, int] = {Node("root"): pyfuse3.ROOT_INODE}
+        self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: Node("root")}
+        self._points: dict[tuple[str, str], RecoveryPoint] = {}   # immutable once created
+        self._readers: dict[int, ImageReader] = {}
+        self._infos: dict[int, bytes] = {}
+        self._open_images: dict[tuple[str, str], int] = {}      # (vm, point) -> open handles
+        self._limiter = trio.CapacityLimiter(read_threads)
+        self._loading: dict[tuple[int, int], trio.Event] = {}    # blocks being decoded right now
+        self._last_block: dict[int, int] = {}                    # per open image: last block read
+        self._nursery: trio.Nursery | None = None                # set by the mount loop, for read-ahead
+        self._mounted_ns = int(datetime.now().timestamp() * 1e9)
+
+    def start_read_ahead(self, nursery: trio.Nursery) -> None:
+        """Read-ahead tasks run in the mount loop's nursery; without one, reads simply don't read ahead."""
+        self._nursery = nursery
+
+    # -- the tree ---------------------------------------------------------------------------------
+    def _inode(self, node: Node) -> int:
+        inode = self._inodes.get(node)
+        if inode is None:
+            inode = self._inodes[node] = len(self._nodes) + pyfuse3.ROOT_INODE
+            self._nodes[inode] = node
+        return inode
+
+    def _node(self, inode: int) -> Node:
+        try:
+            return self._nodes[inode]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def _point(self, vm: str, point_id: str) -> RecoveryPoint:
+        point = self._points.get((vm, point_id))
+        if point is None:
+            point = self._points[(vm, point_id)] = self.store.point(vm, point_id)
+        return point
+
+    def _latest_id(self, vm: str) -> str:
+        return self.store.point(vm).id
+
+    def _children(self, node: Node) -> list[tuple[str, Node]]:
+        if node.kind == "root":
+            return [(vm, Node("vm", vm)) for vm in self.store.vms()]
+        if node.kind == "vm":
+            points = self.store.points(node.vm)
+            for p in points:   # recovery points are immutable: remember them for getattr and lookup
+                self._points.setdefault((p.vm, p.id), p)
+            children = [(p.id, Node("point", node.vm, p.id)) for p in points]
+            return children + ([(LATEST, Node("latest", node.vm))] if points else [])
+        if node.kind == "point":
+            point = self._point(node.vm, node.point_id)
+            images = [(d.name + IMAGE_SUFFIX, Node("image", node.vm, node.point_id, d.name)) for d in point.disks]
+            return images + [(INFO, Node("info", node.vm, node.point_id))]
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    def _child(self, node: Node, name: str) -> Node:
+        try:
+            return self._lookup_child(node, name)
+        except RpfsError:  # an unknown VM, recovery point or disk: a plain "no such file"
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def _lookup_child(self, node: Node, name: str) -> Node:
+        if node.kind == "root":
+            if not self.store.points(name):
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return Node("vm", name)
+        if node.kind == "vm":
+            if name == LATEST:
+                self._latest_id(node.vm)
+                return Node("latest", node.vm)
+            return Node("point", node.vm, self._point(node.vm, name).id)
+        if node.kind == "point":
+            if name == INFO:
+                return Node("info", node.vm, self._point(node.vm, node.point_id).id)
+            if name.endswith(IMAGE_SUFFIX):
+                disk = self._point(node.vm, node.point_id).disk(name[:-len(IMAGE_SUFFIX)])
+                return Node("image", node.vm, node.point_id, disk.name)
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = self._inode(node)
+        attrs.st_uid, attrs.st_gid = 0, 0
+        attrs.st_blksize = 1 << 20
+        mtime = self._mounted_ns
+        timeout = LIVE_TIMEOUT
+        if node.kind == "image":
+            point = self._point(node.vm, node.point_id)
+            size = point.disk(node.disk).size
+            attrs.st_mode, attrs.st_nlink, attrs.st_size = stat.S_IFREG | 0o444, 1, size
+            attrs.st_blocks = -(-size // 512)
+            mtime, timeout = _ns(point.time), STABLE_TIMEOUT
+        elif node.kind == "info":
+            point = self._point(node.vm, node.point_id)
+            attrs.st_mode, attrs.st_nlink, attrs.st_size = stat.S_IFREG | 0o444, 1, len(_info(point))
+            mtime, timeout = _ns(point.time), STABLE_TIMEOUT
+        elif node.kind == "latest":
+            attrs.st_mode, attrs.st_nlink = stat.S_IFLNK | 0o777, 1
+            attrs.st_size = len(self._latest_id(node.vm))
+            timeout = 0.0
+        else:
+            attrs.st_mode, attrs.st_nlink = stat.S_IFDIR | 0o555, 2
+            if node.kind == "point":
+                mtime, timeout = _ns(self._point(node.vm, node.point_id).time), STABLE_TIMEOUT
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime
+        attrs.entry_timeout = attrs.attr_timeout = timeout
+        return attrs
+
+    # -- handlers ---------------------------------------------------------------------------------
+    @_fuse_errors
+    async def getattr(self, inode, ctx=None):
+        return self._attrs(self._node(inode))
+
+    @_fuse_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        name = os.fsdecode(name)
+        node = self._node(parent_inode)
+        if name == ".":
+            return self._attrs(node)
+        return self._attrs(self._child(node, name))
+
+    @_fuse_errors
+    async def opendir(self, inode, ctx):
+        if self._node(inode).kind in ("image", "latest"):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_fuse_errors
+    async def readdir(self, fh, start_id, token):
+        children = self._children(self._node(fh))
+        for i in range(start_id, len(children)):
+            name, child = children[i]
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(child), i + 1):
+                break
+
+    @_fuse_errors
+    async def readlink(self, inode, ctx):
+        node = self._node(inode)
+        if node.kind != "latest":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(self._latest_id(node.vm))
+
+    @_fuse_errors
+    async def open(self, inode, flags, ctx):
+        node = self._node(inode)
+        if node.kind not in ("image", "info"):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if node.kind == "info":
+            self._infos[inode] = _info(self._point(node.vm, node.point_id))
+            return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        if inode not in self._readers:
+            point = self._point(node.vm, node.point_id)
+            self._readers[inode] = ImageReader(self.store, self.cache, node.vm, node.point_id,
+                                               point.disk(node.disk))
+        key = (node.vm, node.point_id)
+        if self.lease is not None:   # prune must not delete a recovery point while it is open
+            with gate(self.store.path, exclusive=False):
+                self.lease.add(*key)
+                if not any(p.id == node.point_id for p in self.store.points(node.vm)):
+                    if not self._open_images.get(key):
+                        self.lease.remove(*key)
+                    raise pyfuse3.FUSEError(errno.ENOENT)   # pruned just now
+        self._open_images[key] = self._open_images.get(key, 0) + 1
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    @_fuse_errors
+    async def read(self, fh, off, size):
+        if fh in self._infos:
+            return self._infos[fh][off:off + size]
+        reader = self._readers[fh]
+        blocks = reader.blocks(off, size)
+        if blocks:
+            last = self._last_block.get(fh, -2)
+            if blocks[0] in (last, last + 1) and blocks[-1] > last and self._nursery is not None:
+                # A sequential reader entered a new block: decode the next ones on the other core.
+                for ahead in range(blocks[-1] + 1, min(blocks[-1] + 1 + READ_AHEAD_BLOCKS, reader.block_count)):
+                    self._nursery.start_soon(self._load_quietly, fh, ahead)
+            self._last_block[fh] = blocks[-1]
+        data = reader.read_cached(off, size)
+        if data is None:
+            for index in blocks:
+                await self._load(fh, index)
+            data = reader.read_cached(off, size)  # None only if a tiny cache evicted a block meanwhile
+        if data is None:
+            data = await trio.to_thread.run_sync(reader.read, off, size, limiter=self._limiter)
+        return data
+
+    async def _load(self, fh: int, index: int) -> None:
+        """Bring one block into the cache, on a worker thread, once even if several reads want it."""
+        reader = self._readers[fh]
+        if reader.peek(index) is not None:
+            return
+        key = (fh, index)
+        loading = self._loading.get(key)
+        if loading is not None:
+            await loading.wait()
+            return
+        self._loading[key] = done = trio.Event()
+        try:
+            await trio.to_thread.run_sync(reader.load, index, limiter=self._limiter)
+        finally:
+            del self._loading[key]
+            done.set()
+
+    async def _load_quietly(self, fh: int, index: int) -> None:
+        """Read-ahead for sequential readers: a failure here is reported by the real read later."""
+        try:
+            await self._load(fh, index)
+        except Exception:
+            pass
+
+    @_fuse_errors
+    async def release(self, fh):
+        node = self._node(fh)
+        if node.kind != "image":
+            return
+        key = (node.vm, node.point_id)
+        self._open_images[key] -= 1
+        if self._open_images[key] == 0:
+            del self._open_images[key]
+            if self.lease is not None:
+                self.lease.remove(*key)
+
+    async def releasedir(self, fh):
+        pass
+
+    @_fuse_errors
+    async def statfs(self, ctx):
+        stats = pyfuse3.StatvfsData()
+        stats.f_bsize = stats.f_frsize = 4096
+        stats.f_blocks = self.store.stored_bytes() // 4096
+        stats.f_bfree = stats.f_bavail = 0
+        stats.f_namemax = 255
+        return stats
+
+
+class InstantImageFS(pyfuse3.Operations):
+    """One writable file, MOUNT/<disk>.img, backed by a WritableImage (instant restore).
+
+    Reads and writes go to worker threads: they may decode a block or wait for fdatasync."""
+
+    IMAGE_INODE = pyfuse3.ROOT_INODE + 1
+
+    def __init__(self, image: WritableImage, name: str):
+        super().__init__()
+        self.image, self.name = image, os.fsencode(name)
+        self._limiter = trio.CapacityLimiter(4)
+        self._started_ns = int(datetime.now().timestamp() * 1e9)
+
+    def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = inode
+        if inode == pyfuse3.ROOT_INODE:
+            attrs.st_mode, attrs.st_nlink = stat.S_IFDIR | 0o755, 2
+        elif inode == self.IMAGE_INODE:
+            attrs.st_mode, attrs.st_nlink, attrs.st_size = stat.S_IFREG | 0o644, 1, self.image.size
+            attrs.st_blocks = -(-self.image.size // 512)
+        else:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        attrs.st_blksize = 1 << 20
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._started_ns
+        attrs.entry_timeout = attrs.attr_timeout = STABLE_TIMEOUT
+        return attrs
+
+    @_fuse_errors
+    async def getattr(self, inode, ctx=None):
+        return self._attrs(inode)
+
+    @_fuse_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode != pyfuse3.ROOT_INODE or name != self.name:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(self.IMAGE_INODE)
+
+    @_fuse_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        if fields.update_size and attr.st_size != self.image.size:
+            raise pyfuse3.FUSEError(errno.EPERM)   # a disk keeps its size
+        return self._attrs(inode)
+
+    @_fuse_errors
+    async def opendir(self, inode, ctx):
+        if inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_fuse_errors
+    async def readdir(self, fh, start_id, token):
+        if start_id == 0:
+            pyfuse3.readdir_reply(token, self.name, self._attrs(self.IMAGE_INODE), 1)
+
+    @_fuse_errors
+    async def open(self, inode, flags, ctx):
+        if inode != self.IMAGE_INODE:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    @_fuse_errors
+    async def read(self, fh, off, size):
+        return await trio.to_thread.run_sync(self.image.read, off, size, limiter=self._limiter)
+
+    @_fuse_errors
+    async def write(self, fh, off, buf):
+        if off + len(buf) > self.image.size:
+            raise pyfuse3.FUSEError(errno.ENOSPC)
+        return await trio.to_thread.run_sync(self.image.write, off, buf, limiter=self._limiter)
+
+    @_fuse_errors
+    async def fsync(self, fh, datasync):
+        await trio.to_thread.run_sync(self.image.fsync, limiter=self._limiter)
+
+    @_fuse_errors
+    async def flush(self, fh):
+        pass
+
+    async def release(self, fh):
+        pass
+
+    async def releasedir(self, fh):
+        pass

@@ -1,0 +1,1 @@
+"""The store: LMDB environment and catalog, the framing of stored blocks, recovery points, and leases."""

@@ -1,0 +1,116 @@
+"""Leases: which recovery points a reader has open, so prune never deletes one under it.
+
+Readers are mount daemons (the recovery points with an image open right now; a loop device keeps it
+open), full restores and instant-restore daemons (the recovery point they copy). A reader holds a
+shared flock on its lease file (STORE/leases/lease-<pid>-<n>) for as long as it lives and lists the
+recovery points there; prune skips them. A lease file whose flock is free belongs to a reader that
+died and is removed. The list is rewritten in place, padded rather than truncated, so a reader of the
+file never sees it shorter; prune re-reads a file caught mid-rewrite.
+"""
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from rpfs.errors import RpfsError
+
+LEASE_DIR = "leases"
+_numbers = itertools.count()
+
+
+class Lease:
+    def __init__(self, store_path: Path):
+        folder = store_path / LEASE_DIR
+        folder.mkdir(exist_ok=True)
+        self.path = folder / f"lease-{os.getpid()}-{next(_numbers)}"
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
+        self._points: set[tuple[str, str]] = set()
+
+    def add(self, vm: str, point_id: str) -> None:
+        if (vm, point_id) not in self._points:
+            self._points.add((vm, point_id))
+            self._write()
+
+    def remove(self, vm: str, point_id: str) -> None:
+        if (vm, point_id) in self._points:
+            self._points.discard((vm, point_id))
+            self._write()
+
+    def _write(self) -> None:
+        data = json.dumps(sorted(self._points)).encode()
+        self._length = max(len(data), getattr(self, "_length", 0))
+        os.pwrite(self._fd, data.ljust(self._length), 0)   # trailing spaces are valid JSON
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+
+
+@contextmanager
+def gate(store_path: Path, exclusive: bool) -> Iterator[None]:
+    """Makes "take a lease, then check the point still exists" (readers, shared) and "check the leases,
+    then delete the point" (prune, exclusive) happen one before the other, never interleaved."""
+    folder = store_path / LEASE_DIR
+    folder.mkdir(exist_ok=True)
+    fd = os.open(folder / "gate", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def hold(store_path: Path, name: str, vm: str, point_id: str) -> None:
+    """A lease that outlives processes: an unfinished instant restore needs its recovery point even
+    while no daemon runs. Released by release_hold once the copy is complete."""
+    folder = store_path / LEASE_DIR
+    folder.mkdir(exist_ok=True)
+    (folder / f"hold-{name}").write_text(json.dumps([[vm, point_id]]))
+
+
+def release_hold(store_path: Path, name: str) -> None:
+    (store_path / LEASE_DIR / f"hold-{name}").unlink(missing_ok=True)
+
+
+def leased_points(store_path: Path) -> dict[tuple[str, str], str]:
+    """(vm, recovery point) -> holder, for every live lease; stale lease files are removed."""
+    found: dict[tuple[str, str], str] = {}
+    for path in sorted((store_path / LEASE_DIR).glob("hold-*")):
+        try:
+            for vm, point_id in json.loads(path.read_text()):
+                found[(vm, point_id)] = "an unfinished instant restore"
+        except (OSError, ValueError):
+            raise RpfsError(f"cannot read the lease {path}; nothing was pruned") from None
+    for path in sorted((store_path / LEASE_DIR).glob("lease-*")):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                path.unlink(missing_ok=True)      # nobody holds it: its daemon is gone
+                continue
+            except BlockingIOError:
+                pass
+            for vm, point_id in _read_points(fd, path):
+                found[(vm, point_id)] = f"a reader (pid {path.name.split('-')[1]})"
+        finally:
+            os.close(fd)
+    return found
+
+
+def _read_points(fd: int, path: Path) -> list:
+    for _ in range(20):
+        try:
+            return json.loads(os.pread(fd, 1 << 20, 0) or b"[]")
+        except ValueError:   # caught in the middle of a rewrite
+            time.sleep(0.01)
+    raise RpfsError(f"cannot read the lease {path}; nothing was pruned")

@@ -1,0 +1,90 @@
+"""What a recovery point is: an immutable record of every disk of a VM at one moment.
+
+A recovery point's disks each have a block map: one 32-byte SHA-256 digest per block, or HOLE for an
+all-zero block that was never stored. The record itself is small JSON; block maps are kept apart
+(store.py) so that listing recovery points never reads them.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+from rpfs.errors import RpfsError
+
+DIGEST_SIZE = 32
+HOLE = bytes(DIGEST_SIZE)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+
+
+def check_name(kind: str, name: str) -> str:
+    """VM and disk names become path components of the mount, so keep them to a safe alphabet."""
+    if not NAME_RE.match(name) or name in ("latest",):
+        raise RpfsError(f"invalid {kind} name {name!r}: use letters, digits, '.', '_', '+', '-'"
+                        " (not starting with a symbol, not 'latest')")
+    return name
+
+
+@dataclass
+class DiskRecord:
+    name: str
+    size: int
+    block_size: int
+    blocks: int
+    zero_blocks: int = 0
+    new_blocks: int = 0
+    new_stored_bytes: int = 0      # compressed bytes this backup added to the store for this disk
+    stored_bytes: int = 0          # compressed bytes of all distinct blocks this disk references
+    source: str = ""
+
+
+@dataclass
+class RecoveryPoint:
+    vm: str
+    id: str
+    time: str                       # ISO 8601, UTC, when the backup started reading
+    consistency: str = "crash"      # application | file-system | crash | inconsistent
+    disks: list[DiskRecord] = field(default_factory=list)
+    duration_seconds: float = 0.0
+    quiesce: dict = field(default_factory=dict)    # script results, freeze window, disks read live
+    snapshot: dict = field(default_factory=dict)   # kept reflink snapshot: {"paths": {disk: path}, "keep_until"}
+    pinned: bool = False                            # never pruned while pinned
+
+    @property
+    def size(self) -> int:
+        return sum(d.size for d in self.disks)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(d.stored_bytes for d in self.disks)
+
+    @property
+    def new_stored_bytes(self) -> int:
+        return sum(d.new_stored_bytes for d in self.disks)
+
+    def disk(self, name: str) -> DiskRecord:
+        for d in self.disks:
+            if d.name == name:
+                return d
+        raise RpfsError(f"recovery point {self.vm}/{self.id} has no disk {name!r}"
+                        f" (disks: {', '.join(d.name for d in self.disks) or 'none'})")
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "RecoveryPoint":
+        raw = json.loads(bytes(data))
+        disks = [DiskRecord(**d) for d in raw.pop("disks")]
+        return cls(disks=disks, **raw)
+
+
+def new_point_id(when: datetime, taken: set[str]) -> str:
+    """Ids sort by time: 2026-11-25T170003Z, with a -N suffix if a VM backs up twice in one second."""
+    base = when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
+    candidate, n = base, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate

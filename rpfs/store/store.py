@@ -1,0 +1,464 @@
+"""The store: one directory holding an LMDB environment with blocks by digest and the recovery-point catalog.
+
+Layout (format version 2), one LMDB environment `STORE/data.mdb` with named databases:
+  meta     b"format_version" -> b"1", b"block_size" -> decimal bytes, b"created" -> ISO time,
+           b"zstd_level" -> decimal (used by writers only; any level decodes the same way)
+  blocks   sha256(raw block) (32 bytes) -> framed blob (see blob.py)
+  points   b"<vm>\\0<rp id>" -> recovery point JSON (see recovery_point.py)
+  maps     b"<vm>\\0<rp id>\\0<disk>" -> block map: 32 bytes per block, 32 zero bytes for a hole
+  refs     digest -> u32 little-endian: how many block maps reference the block (version 2)
+  policies b"<name>" -> policy JSON; protected b"<vm>" -> protection JSON; jobs b"<id>" -> job JSON
+Version 1 stores (no refs, policies, protected, jobs) are upgraded in place, in one transaction, the
+first time a writing command opens them; read-only commands read them as they are.
+
+Every transaction is short: readers hold one for one lookup, so LMDB can reuse freed pages.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import json
+import os
+import struct
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import lmdb
+
+from rpfs.errors import RpfsError
+from rpfs.store.blob import DEFAULT_ZSTD_LEVEL
+from rpfs.store.recovery_point import DIGEST_SIZE, HOLE, RecoveryPoint
+
+FORMAT_VERSION = 2
+DEFAULT_BLOCK_SIZE = 1 << 20
+INITIAL_MAP_SIZE = 1 << 30
+LOW_SPACE = 128 << 20      # below this much free space, a failed write is taken for a full disk
+V1_DB_NAMES = (b"meta", b"blocks", b"points", b"maps")
+DB_NAMES = V1_DB_NAMES + (b"refs", b"policies", b"protected", b"jobs")
+REF = struct.Struct("<I")
+T = TypeVar("T")
+
+
+def _is_disk_full(e: lmdb.Error) -> bool:
+    return isinstance(e, lmdb.DiskError) or "No space left" in str(e) or getattr(e, "errno", None) == errno.ENOSPC
+
+
+class Store:
+    """A handle on one store directory. Thread-safe: any thread may read; one writer (see writer_lock)."""
+
+    def __init__(self, path: Path, env: lmdb.Environment, readonly: bool):
+        self.path = path
+        self.readonly = readonly
+        self._env = env
+        self._open_fd = _hold_open_lock(path)
+        # Every transaction is taken under this lock's shared side, resizing the map under its exclusive
+        # side: LMDB refuses set_mapsize while any transaction of this process is open.
+        self._resize_lock = threading.Lock()
+        self._txn_count = 0
+        self._txn_idle = threading.Condition(self._resize_lock)
+        self._dbs = {name.decode(): env.open_db(name, create=False) for name in V1_DB_NAMES}
+        with self.read() as txn:
+            meta = {bytes(k): bytes(v) for k, v in txn.cursor(db=self._dbs["meta"])}
+        version = int(meta.get(b"format_version", b"0"))
+        if version == 1 and not readonly:
+            self._upgrade_from_v1()
+        elif version == 1:
+            pass   # read as it is: the version 1 databases hold everything a reader needs
+        elif version != FORMAT_VERSION:
+            raise RpfsError(
+                f"store {path} has format version {version}; this rpfs reads versions 1 and {FORMAT_VERSION}"
+                " (use a matching rpfs release)")
+        else:
+            self._dbs.update({name.decode(): env.open_db(name, create=False) for name in DB_NAMES[len(V1_DB_NAMES):]})
+        self.format_version = version if readonly else FORMAT_VERSION
+        self.block_size = int(meta[b"block_size"])
+        self.zstd_level = int(meta.get(b"zstd_level", DEFAULT_ZSTD_LEVEL))
+
+    # -- opening -----------------------------------------------------------------------------------
+    @classmethod
+    def init(cls, path: Path, block_size: int = DEFAULT_BLOCK_SIZE, zstd_level: int = DEFAULT_ZSTD_LEVEL) -> "Store":
+        if block_size < 4096 or block_size > (64 << 20) or block_size & (block_size - 1):
+            raise RpfsError("--block-size must be a power of two between 4 KiB and 64 MiB")
+        if not 1 <= zstd_level <= 19:
+            raise RpfsError("--zstd-level must be between 1 and 19")
+        if (path / "data.mdb").exists():
+            raise RpfsError(f"{path} already holds a store")
+        if path.exists() and not path.is_dir():
+            raise RpfsError(f"{path} exists and is not a directory")
+        path.mkdir(parents=True, exist_ok=True)
+        env = lmdb.open(str(path), map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES), subdir=True)
+        with env.begin(write=True) as txn:
+            dbs = {name: env.open_db(name, txn=txn, create=True) for name in DB_NAMES}
+            meta = dbs[b"meta"]
+            txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=meta)  # all databases exist
+            txn.put(b"block_size", str(block_size).encode(), db=meta)
+            txn.put(b"zstd_level", str(zstd_level).encode(), db=meta)
+            txn.put(b"created", datetime.now(timezone.utc).isoformat(timespec="seconds").encode(), db=meta)
+        return cls(path, env, readonly=False)
+
+    @classmethod
+    def open(cls, path: Path | str | None, readonly: bool = False) -> "Store":
+        if not path:
+            raise RpfsError("no store given: use --store DIR or set RPFS_STORE")
+        path = Path(path)
+        if not path.is_dir():
+            raise RpfsError(f"store {path} does not exist (create it with: rpfs --store {path} init)")
+        if not (path / "data.mdb").exists():
+            raise RpfsError(f"{path} is not an rpfs store (create one with: rpfs --store {path} init)")
+        try:
+            env = lmdb.open(str(path), max_dbs=len(DB_NAMES), subdir=True, readonly=readonly,
+                            create=False, map_size=INITIAL_MAP_SIZE)
+            return cls(path, env, readonly)
+        except lmdb.Error as e:
+            raise RpfsError(f"cannot open store {path}: {e}") from None
+        except KeyError:
+            raise RpfsError(f"{path} is not an rpfs store (its metadata is missing)") from None
+
+    def _upgrade_from_v1(self) -> None:
+        """Version 1 -> 2: add the new databases and count every block's references, in one transaction."""
+        def fill(txn):
+            for name in DB_NAMES[len(V1_DB_NAMES):]:
+                self._dbs[name.decode()] = self._env.open_db(name, txn=txn, create=True)
+            counts: dict[bytes, int] = {}
+            for _key, block_map in txn.cursor(db=self._dbs["maps"]):
+                for digest in distinct_digests(block_map):
+                    counts[digest] = counts.get(digest, 0) + 1
+            for digest, count in counts.items():
+                txn.put(digest, REF.pack(count), db=self._dbs["refs"])
+            txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=self._dbs["meta"])
+        self.write(fill)
+
+    def _need(self, name: str):
+        """A database that only version 2 has; a version 1 store opened read-only lacks it."""
+        db = self._dbs.get(name)
+        if db is None:
+            raise RpfsError(f"store {self.path} has format version 1; run a writing command on it once"
+                            " (e.g. rpfs backup) to upgrade it")
+        return db
+
+    def close(self) -> None:
+        self._env.close()
+        if self._open_fd >= 0:
+            os.close(self._open_fd)
+            self._open_fd = -1
+
+    def copy_compacted(self, target_folder: Path) -> None:
+        """A compacted copy of the LMDB file, for compact (maintenance.py) to swap in."""
+        self._env.copy(str(target_folder), compact=True)
+
+    def exclusive_open(self) -> bool:
+        """Turn this handle's shared open lock exclusive: True when no other process has the store open."""
+        try:
+            fcntl.flock(self._open_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- transactions ------------------------------------------------------------------------------
+    @contextmanager
+    def _txn(self, write: bool) -> Iterator[lmdb.Transaction]:
+        with self._resize_lock:
+            self._txn_count += 1
+        try:
+            while True:
+                try:
+                    txn = self._env.begin(write=write, buffers=True)
+                    break
+                except lmdb.MapResizedError:
+                    self._adopt_new_map_size()
+            with txn:
+                yield txn
+        finally:
+            with self._resize_lock:
+                self._txn_count -= 1
+                self._txn_idle.notify_all()
+
+    def _adopt_new_map_size(self) -> None:
+        """Another process grew the map: adopt its size once no transaction of ours is open."""
+        with self._resize_lock:
+            self._txn_count -= 1
+            self._txn_idle.wait_for(lambda: self._txn_count == 0)
+            self._env.set_mapsize(0)
+            self._txn_count += 1
+
+    def read(self):
+        """A short read transaction; values are buffers valid only inside it."""
+        return self._txn(write=False)
+
+    def grow_map(self) -> None:
+        """Double the map size; called by the writer after a MapFullError aborted its transaction."""
+        with self._resize_lock:
+            self._txn_idle.wait_for(lambda: self._txn_count == 0)
+            self._env.set_mapsize(self._env.info()["map_size"] * 2)
+
+    def write(self, fill) -> None:
+        """Run fill(txn) in one write transaction, growing the map and retrying when it is full.
+
+        fill must be repeatable: on MapFullError the whole transaction is aborted and run again.
+        A full disk aborts the transaction, so the store stays as it was.
+        """
+        while True:
+            try:
+                with self._txn(write=True) as txn:
+                    fill(txn)
+                return
+            except lmdb.MapFullError:
+                self.grow_map()
+            except lmdb.Error as e:
+                # LMDB reports a failed page write on a full disk as EIO, so ask the filesystem too.
+                if _is_disk_full(e) or self._free_bytes() < LOW_SPACE:
+                    raise RpfsError(f"the disk holding store {self.path} is full; the failed transaction"
+                                    " was rolled back and the store is as it was before it") from None
+                raise RpfsError(f"cannot write to store {self.path}: {e}; the failed transaction was"
+                                " rolled back") from None
+
+    def _free_bytes(self) -> int:
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize
+
+    def db(self, name: str):
+        return self._dbs[name]
+
+    def map_size(self) -> int:
+        return self._env.info()["map_size"]
+
+    def stored_bytes(self) -> int:
+        """Bytes of the LMDB file in use (pages in use times page size)."""
+        info, stat = self._env.info(), self._env.stat()
+        return (info["last_pgno"] + 1) * stat["psize"]
+
+    # -- blocks ------------------------------------------------------------------------------------
+    def get_blob(self, digest: bytes, decode: Callable[[memoryview], T] = bytes) -> T | None:
+        """A stored blob passed through decode while still in the map: decoding straight from LMDB's
+        pages saves copying it out first (one decode is short enough to hold the transaction)."""
+        with self.read() as txn:
+            value = txn.get(digest, db=self._dbs["blocks"])
+            return None if value is None else decode(value)
+
+    def blob_lengths(self, digests: Iterable[bytes], per_transaction: int = 4096) -> int:
+        """Total stored bytes of the given blocks, in short read transactions."""
+        total, digests = 0, iter(digests)
+        while chunk := list(itertools.islice(digests, per_transaction)):
+            with self.read() as txn:
+                for digest in chunk:
+                    value = txn.get(digest, db=self._dbs["blocks"])
+                    total += 0 if value is None else len(value)
+        return total
+
+    def put_blobs(self, blobs: dict[bytes, bytes], point: RecoveryPoint | None = None,
+                  block_maps: dict[str, bytes] | None = None) -> None:
+        """One write transaction: the blobs, and the recovery point that needs them if given."""
+        blocks = self._dbs["blocks"]
+
+        def fill(txn):
+            for digest, data in blobs.items():
+                txn.put(digest, data, db=blocks, overwrite=False)
+            if point is not None:
+                self.put_point(txn, point, block_maps or {})
+        self.write(fill)
+
+    # -- writer lock -------------------------------------------------------------------------------
+    @contextmanager
+    def writer_lock(self, what: str, wait_seconds: float = 0.0,
+                    refuse: Callable[[str], str | None] | None = None) -> Iterator[None]:
+        """One writer at a time. A backup fails at once with a clear message; maintenance (prune, gc)
+        may wait for the running writer. refuse(holder) returns a message when waiting makes no sense."""
+        lock_path = self.path / "writer.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + wait_seconds
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                    reason = refuse(holder) if refuse else None
+                    if reason or time.monotonic() >= deadline:
+                        raise RpfsError(reason or f"store {self.path} is busy: {holder} is writing to it") from None
+                    time.sleep(0.1)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{what} (pid {os.getpid()})\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- catalog -----------------------------------------------------------------------------------
+    @staticmethod
+    def point_key(vm: str, point_id: str) -> bytes:
+        return f"{vm}\0{point_id}".encode()
+
+    @staticmethod
+    def map_key(vm: str, point_id: str, disk: str) -> bytes:
+        return f"{vm}\0{point_id}\0{disk}".encode()
+
+    def put_point(self, txn, point: RecoveryPoint, block_maps: dict[str, bytes]) -> None:
+        """Record a recovery point; called in the transaction that commits its last blocks."""
+        refs = self._need("refs")
+        for disk, block_map in block_maps.items():
+            txn.put(self.map_key(point.vm, point.id, disk), block_map, db=self._dbs["maps"])
+            for digest in distinct_digests(block_map):
+                count = txn.get(digest, db=refs)
+                txn.put(digest, REF.pack((REF.unpack(count)[0] if count is not None else 0) + 1), db=refs)
+        txn.put(self.point_key(point.vm, point.id), point.to_json(), db=self._dbs["points"])
+
+    def delete_point(self, txn, point: RecoveryPoint) -> int:
+        """Remove a recovery point and release its blocks' references; returns how many blocks became
+        unreferenced (rpfs gc removes them)."""
+        refs, released = self._need("refs"), 0
+        for disk in point.disks:
+            key = self.map_key(point.vm, point.id, disk.name)
+            block_map = txn.get(key, db=self._dbs["maps"])
+            for digest in distinct_digests(block_map if block_map is not None else b""):
+                count = txn.get(digest, db=refs)
+                left = (REF.unpack(count)[0] if count is not None else 1) - 1
+                if left > 0:
+                    txn.put(digest, REF.pack(left), db=refs)
+                else:
+                    txn.delete(digest, db=refs)
+                    released += 1
+            txn.delete(key, db=self._dbs["maps"])
+        txn.delete(self.point_key(point.vm, point.id), db=self._dbs["points"])
+        return released
+
+    def unreferenced_blocks(self, per_transaction: int = 4096) -> Iterator[bytes]:
+        """Digests of stored blocks no recovery point references (call with the writer lock held)."""
+        refs, after = self._need("refs"), b""
+        while True:
+            with self.read() as txn:
+                cursor = txn.cursor(db=self._dbs["blocks"])
+                if not cursor.set_range(after):
+                    return
+                chunk = []
+                for key in cursor.iternext(keys=True, values=False):
+                    key = bytes(key)
+                    if key == after:
+                        continue
+                    chunk.append(key)
+                    if len(chunk) >= per_transaction:
+                        break
+                missing = [k for k in chunk if txn.get(k, db=refs) is None]
+            yield from missing
+            if len(chunk) < per_transaction:
+                return
+            after = chunk[-1]
+
+    # -- records: policies, protected VMs, jobs (JSON by name) ------------------------------------
+    def put_record(self, kind: str, name: str, record: dict) -> None:
+        db = self._need(kind)
+        self.write(lambda txn: txn.put(name.encode(), json.dumps(record, sort_keys=True).encode(), db=db))
+
+    def get_record(self, kind: str, name: str) -> dict | None:
+        db = self._need(kind)
+        with self.read() as txn:
+            value = txn.get(name.encode(), db=db)
+            return None if value is None else json.loads(bytes(value))
+
+    def records(self, kind: str) -> dict[str, dict]:
+        db = self._dbs.get(kind)
+        if db is None:
+            return {}
+        with self.read() as txn:
+            return {bytes(k).decode(): json.loads(bytes(v)) for k, v in txn.cursor(db=db)}
+
+    def delete_record(self, kind: str, name: str) -> bool:
+        db = self._need(kind)
+        deleted = []
+        self.write(lambda txn: deleted.append(txn.delete(name.encode(), db=db)))
+        return bool(deleted and deleted[0])
+
+    def modify_point(self, vm: str, point_id: str, change: Callable[[RecoveryPoint], None]) -> RecoveryPoint:
+        """Change a recovery point's record (pin, snapshot bookkeeping) in one transaction that re-reads
+        it, so two changes never undo each other; block maps never change."""
+        changed = []
+
+        def fill(txn):
+            value = txn.get(self.point_key(vm, point_id), db=self._dbs["points"])
+            if value is None:
+                raise RpfsError(f"recovery point {vm}/{point_id} no longer exists")
+            point = RecoveryPoint.from_json(value)
+            change(point)
+            txn.put(self.point_key(vm, point_id), point.to_json(), db=self._dbs["points"])
+            changed[:] = [point]
+        self.write(fill)
+        return changed[0]
+
+    def points(self, vm: str | None = None) -> list[RecoveryPoint]:
+        """All recovery points (of one VM), oldest first."""
+        prefix = f"{vm}\0".encode() if vm is not None else b""
+        found = []
+        with self.read() as txn:
+            cursor = txn.cursor(db=self._dbs["points"])
+            if cursor.set_range(prefix):
+                for key, value in cursor:
+                    if not bytes(key).startswith(prefix):
+                        break
+                    found.append(RecoveryPoint.from_json(value))
+        return found
+
+    def vms(self) -> list[str]:
+        return sorted({p.vm for p in self.points()})
+
+    def point(self, vm: str, point_id: str | None = None) -> RecoveryPoint:
+        """One recovery point by id, or the VM's latest when point_id is None or 'latest'."""
+        points = self.points(vm)
+        if not points:
+            known = ", ".join(self.vms()) or "none"
+            raise RpfsError(f"unknown VM {vm!r} in store {self.path} (VMs: {known})")
+        if point_id in (None, "latest"):
+            return points[-1]
+        for p in points:
+            if p.id == point_id:
+                return p
+        raise RpfsError(f"VM {vm!r} has no recovery point {point_id!r} (latest: {points[-1].id})")
+
+    def block_map(self, map_key: bytes) -> bytes:
+        """A whole block map (32 bytes per block); for scans that visit every block anyway."""
+        with self.read() as txn:
+            block_map = txn.get(map_key, db=self._dbs["maps"])
+            return b"" if block_map is None else bytes(block_map)
+
+    def block_digest(self, map_key: bytes, index: int) -> bytes:
+        """The digest of one block of a disk, read in place from the block map (never loaded whole)."""
+        with self.read() as txn:
+            block_map = txn.get(map_key, db=self._dbs["maps"])
+            if block_map is None:
+                raise RpfsError("block map missing for " + map_key.decode().replace("\0", "/"))
+            return bytes(block_map[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE])
+
+    def has_block(self, digest: bytes) -> bool:
+        with self.read() as txn:
+            return txn.get(digest, db=self._dbs["blocks"]) is not None
+
+
+def _hold_open_lock(path: Path) -> int:
+    """Every open handle holds STORE/open.lock shared, so compact can know it is alone (exclusive)."""
+    try:
+        fd = os.open(path / "open.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return -1   # read-only media: nobody can compact it either
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RpfsError(f"store {path} is being compacted; try again in a moment") from None
+    return fd
+
+
+def distinct_digests(block_map) -> set[bytes]:
+    """The distinct stored blocks a block map references (holes are not blocks)."""
+    view = memoryview(block_map)
+    found = {bytes(view[i:i + DIGEST_SIZE]) for i in range(0, len(view), DIGEST_SIZE)}
+    found.discard(HOLE)
+    return found

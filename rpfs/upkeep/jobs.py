@@ -1,0 +1,80 @@
+"""Jobs: every backup, restore, prune, gc and verify is recorded in the store while it runs and after.
+
+A job whose process died shows as failed, not as running forever: the record keeps the pid and the
+process start time (/proc/PID/stat), so a reused pid is not mistaken for the job.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Iterator
+
+from rpfs.errors import RpfsError
+from rpfs.store.store import Store
+
+KIND = "jobs"
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str                      # backup | restore | prune | gc | verify
+    vm: str | None
+    start: str
+    end: str | None = None
+    status: str = "running"        # running | succeeded | failed | cancelled
+    bytes_read: int = 0
+    bytes_written: int = 0
+    recovery_point: str | None = None
+    error: str | None = None
+    pid: int = 0
+    pid_start: str = ""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _start_time(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+@contextmanager
+def recorded(store: Store, kind: str, vm: str | None = None) -> Iterator[Job]:
+    """Record a job around a with-block; the block fills in bytes and the recovery point."""
+    started = _now()
+    job = Job(id=f"{started.strftime('%Y%m%dT%H%M%S.%fZ')}-{os.getpid()}", kind=kind, vm=vm,
+              start=started.isoformat(timespec="seconds"), pid=os.getpid(), pid_start=_start_time(os.getpid()))
+    store.put_record(KIND, job.id, asdict(job))
+    try:
+        yield job
+        job.status = "succeeded"
+    except KeyboardInterrupt:
+        job.status, job.error = "cancelled", "interrupted"
+        raise
+    except RpfsError as e:
+        job.status, job.error = "failed", e.message
+        raise
+    except BaseException as e:
+        job.status, job.error = "failed", f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        job.end = _now().isoformat(timespec="seconds")
+        store.put_record(KIND, job.id, asdict(job))
+
+
+def list_jobs(store: Store, running_only: bool = False) -> list[Job]:
+    found = []
+    for record in store.records(KIND).values():
+        job = Job(**record)
+        if job.status == "running" and _start_time(job.pid) != job.pid_start:
+            job.status, job.error = "failed", job.error or "its process died"
+        if not running_only or job.status == "running":
+            found.append(job)
+    return sorted(found, key=lambda j: j.id)
