@@ -12,9 +12,11 @@ from cli_helpers import mounted, rpfs, writer_lock_held
 from diskimages import random_disk
 from rpfs.backup.pipeline import backup
 from rpfs.upkeep.jobs import Job
-from rpfs.upkeep.prune import gc, prune, verify
+from rpfs.policy.prune import prune
+from rpfs.upkeep.gc import gc
+from rpfs.upkeep.verify import verify
 from rpfs.policy.policies import Retention
-from rpfs.policy.protection import run
+from rpfs.policy.run import run
 from rpfs.store.store import Store
 from test_backup import corrupt_one_block, read_all, write_image
 

@@ -14,6 +14,7 @@ from rpfs.attach.filesystems import AttachedFilesystem, attach_disks, detach
 from rpfs.errors import RpfsError
 from rpfs.host.mountinfo import fstype_at
 from rpfs.serve import daemon
+from rpfs.serve.store_mount import start_store_daemon
 from rpfs.store.recovery_point import RecoveryPoint
 
 
@@ -30,7 +31,7 @@ def attach_point(store_path: Path, point: RecoveryPoint, dest: Path) -> dict[str
     if registry.exists():
         raise RpfsError(f"{dest} already has a VM attached; rpfs detach {dest} first")
     store_mount.mkdir(parents=True, exist_ok=True)
-    daemon.start_store_daemon(store_path, store_mount, 64 << 20)
+    start_store_daemon(store_path, store_mount, 64 << 20)
     try:
         images = {d.name: store_mount / point.vm / point.id / f"{d.name}.img" for d in point.disks}
         attached = attach_disks(images, dest)

@@ -16,6 +16,7 @@ from pathlib import Path
 from rpfs.backup import snapshot
 from rpfs.backup.quiesce import ConsistencyConfig, frozen, run_script
 from rpfs.errors import RpfsError
+from rpfs.host.disk_use import in_use
 
 
 @dataclass
@@ -59,7 +60,7 @@ def prepare(vm: str, disks: dict[str, Path], snapshot_id: str, config: Consisten
     try:
         if config.post is not None and not _run_post(config, record):
             scripts_ok = False
-        live = {name: snapshot.in_use(disks[name]) for name in cannot}
+        live = {name: in_use(disks[name]) for name in cannot}
     except BaseException:
         snapshot.delete(snapshots.values())
         raise

@@ -1,10 +1,10 @@
-"""Snapshots of a VM's disks before they are read, and the check for disks in use.
+"""Reflink snapshots of a VM's disks, taken in the freeze window and read instead of the live disks.
 
 An image file on a filesystem with reflinks (XFS reflink=1, btrfs) is snapshotted by FICLONE into
 `<image folder>/.rpfs-snapshots/<vm>/<id>/<disk>.img`: a clone shares the image's extents, so it
 takes well under a second whatever the size, and stays as it was while the VM keeps writing. A disk
 that cannot be cloned (a block device, or a filesystem without reflinks) is read live, which is only
-safe when nothing uses it.
+safe when nothing uses it (host/disk_use.py).
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import stat
 from pathlib import Path
 
 from rpfs.errors import RpfsError
-from rpfs.host.mountinfo import read_mountinfo
 
 FICLONE = 0x40049409
 SNAPSHOT_DIR = ".rpfs-snapshots"
@@ -79,47 +78,3 @@ def delete(paths) -> None:
                 folder.rmdir()
             except OSError:
                 pass
-
-
-def in_use(path: Path) -> str | None:
-    """Why reading this disk live would give a torn copy, or None when nothing uses it."""
-    real = os.path.realpath(path)
-    mode = os.stat(real).st_mode
-    if stat.S_ISBLK(mode):
-        if any(os.path.realpath(m.source) == real for m in read_mountinfo() if m.source.startswith("/dev/")):
-            return f"{path} is mounted"
-        holders = Path("/sys/class/block") / os.path.basename(real) / "holders"
-        if holders.is_dir() and any(holders.iterdir()):
-            return f"{path} is held by another device"
-    else:
-        for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-            try:
-                if backing.read_text().strip() == real:
-                    return f"{path} is attached to /dev/{backing.parent.parent.name}"
-            except OSError:
-                continue
-    writer = _open_for_writing(real)
-    if writer:
-        return f"{path} is open for writing by {writer}"
-    return None
-
-
-def _open_for_writing(real: str) -> str | None:
-    """A process (other than this one) that has the file open for writing, as 'name (pid N)'."""
-    me = os.getpid()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == me:
-            continue
-        try:
-            for fd in (proc / "fd").iterdir():
-                try:
-                    if os.readlink(fd) != real:
-                        continue
-                    flags = int((proc / "fdinfo" / fd.name).read_text().split("flags:")[1].split()[0], 8)
-                except (OSError, IndexError, ValueError):
-                    continue
-                if flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
-                    return f"{(proc / 'comm').read_text().strip()} (pid {proc.name})"
-        except OSError:
-            continue
-    return None

@@ -9,15 +9,15 @@ from rpfs.commands.progress import human_bytes
 
 
 def cmd_mount(args) -> int:
-    from rpfs.serve import daemon
+    from rpfs.serve import daemon, store_mount
     cache_bytes = args.cache_mb << 20
     if args.foreground:
         mountpoint = daemon.check_mountpoint(Path(args.mountpoint))
         ready_fd = args.ready_fd
-        daemon.serve(lambda: daemon.store_filesystem(Path(args.store or ""), cache_bytes), mountpoint,
+        daemon.serve(lambda: store_mount.store_filesystem(Path(args.store or ""), cache_bytes), mountpoint,
                     ready_fd=ready_fd, debug=args.debug, log_file=Path(args.log_file) if args.log_file else None)
         return 0
-    pid = daemon.start_store_daemon(Path(args.store or ""), Path(args.mountpoint), cache_bytes)
+    pid = store_mount.start_store_daemon(Path(args.store or ""), Path(args.mountpoint), cache_bytes)
     if args.json:
         print_json({"mountpoint": str(Path(args.mountpoint).resolve()), "pid": pid})
     else:

@@ -115,7 +115,7 @@ def cmd_unprotect(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from rpfs.policy.protection import run
+    from rpfs.policy.run import run
     with open_store(args) as store:
         result = run(store, stagger_seconds=args.stagger_seconds,
                      progress_for=lambda vm: ProgressBar(f"backup {vm}", quiet=args.json))

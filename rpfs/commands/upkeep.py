@@ -9,7 +9,7 @@ from rpfs.upkeep.jobs import recorded
 
 
 def cmd_gc(args) -> int:
-    from rpfs.upkeep.prune import gc
+    from rpfs.upkeep.gc import gc
     with open_store(args) as store, recorded(store, "gc") as job:
         result = gc(store)
         job.bytes_written = result.freed_bytes
@@ -22,7 +22,7 @@ def cmd_gc(args) -> int:
 
 
 def cmd_compact(args) -> int:
-    from rpfs.upkeep.prune import compact
+    from rpfs.upkeep.compact import compact
     with open_store(args) as store:
         before, after = compact(store)
     if args.json:
@@ -33,7 +33,7 @@ def cmd_compact(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from rpfs.upkeep.prune import verify
+    from rpfs.upkeep.verify import verify
     with open_store(args) as store, recorded(store, "verify", args.vm) as job:
         with ProgressBar("verify", quiet=args.json) as bar:
             result = verify(store, args.vm, args.recovery_point, args.sample, progress=bar)
@@ -81,7 +81,7 @@ def cmd_pin(args) -> int:
 
 def cmd_prune(args) -> int:
     from rpfs.policy.protection import get_policy, protections
-    from rpfs.upkeep.prune import prune
+    from rpfs.policy.prune import prune
     with open_store(args) as store:
         policies = {vm: get_policy(store, p.policy).retention for vm, p in protections(store).items()}
         if args.dry_run:

@@ -1,25 +1,19 @@
-"""Protecting VMs: policies kept in the store, which VM follows which policy, and `rpfs run`.
+"""Protection records: the policies kept in the store, and which VM follows which policy with which disks.
 
-`run` backs up every protected VM whose schedule says it is due (from its last successful backup, so
-a missed slot is caught up), one VM at a time in staggered order (the store has one writer), then
-prunes what the policies no longer keep. Temporary disks are listed on the VM but never backed up.
+Temporary disks are listed on the VM but never backed up.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from rpfs.backup.pipeline import BackupOptions, backup, parse_disk_specs
-from rpfs.backup.quiesce import load_config
+from rpfs.backup.pipeline import parse_disk_specs
 from rpfs.errors import RpfsError
 from rpfs.policy.policies import Policy, policy_from_dict, policy_to_dict
-from rpfs.policy.schedule import is_due, stagger
+from rpfs.policy.prune import delete_vm_points
 from rpfs.store.recovery_point import check_name
 from rpfs.store.store import Store
-from rpfs.upkeep import jobs
-from rpfs.upkeep.prune import delete_vm_points, prune
 
 
 def save_policy(store: Store, policy: Policy, replace: bool = False) -> None:
@@ -86,55 +80,3 @@ def unprotect(store: Store, vm: str, delete_data: bool) -> int:
         delete_vm_points(store, vm)
     store.delete_record("protected", vm)
     return deleted
-
-
-@dataclass
-class RunResult:
-    backed_up: list[str] = field(default_factory=list)
-    not_due: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    pruned: dict[str, list[str]] = field(default_factory=dict)
-
-
-def run(store: Store, now: datetime | None = None, stagger_seconds: float = 0.0, progress_for=None) -> RunResult:
-    """Every backup that is due, then prune."""
-    now = now or datetime.now(timezone.utc)
-    result = RunResult()
-    due = []
-    for vm, protection in sorted(protections(store).items()):
-        policy = get_policy(store, protection.policy)
-        points = store.points(vm)
-        last = datetime.fromisoformat(points[-1].time) if points else None
-        if is_due(policy.schedule, last, now):
-            due.append((vm, protection, policy))
-        else:
-            result.not_due.append(vm)
-    delays = stagger([vm for vm, _, _ in due], int(stagger_seconds))
-    started = time.monotonic()
-    for vm, protection, policy in sorted(due, key=lambda item: delays[item[0]]):
-        wait = delays[vm] - (time.monotonic() - started)
-        if wait > 0:
-            time.sleep(wait)
-        try:
-            options = BackupOptions(
-                consistency=load_config(Path(policy.consistency_config)) if policy.consistency_config else None,
-                allow_live=bool(policy.options.get("allow_live", False)),
-                keep_snapshot_days=policy.keep_snapshot_days)
-            with jobs.recorded(store, "backup", vm) as job:
-                point, summary = backup(store, vm, list(protection.disks.items()),
-                                        progress=progress_for(vm) if progress_for else None, options=options)
-                job.bytes_read, job.bytes_written, job.recovery_point = (summary.bytes_read, summary.stored_bytes,
-                                                                         point.id)
-            result.backed_up.append(vm)
-        except RpfsError as e:
-            result.failed[vm] = e.message
-        except Exception as e:   # one VM's trouble must not stop the others, nor the prune
-            result.failed[vm] = f"{type(e).__name__}: {e}"
-    policies = {vm: get_policy(store, p.policy).retention for vm, p in protections(store).items()}
-    if policies:
-        with jobs.recorded(store, "prune") as job:
-            for pruned in prune(store, policies):
-                if pruned.pruned:
-                    result.pruned[pruned.vm] = pruned.pruned
-            job.bytes_written = sum(len(v) for v in result.pruned.values())
-    return result

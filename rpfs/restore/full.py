@@ -23,6 +23,7 @@ from typing import Callable
 
 from rpfs.backup import snapshot
 from rpfs.errors import RpfsError
+from rpfs.host.disk_use import in_use
 from rpfs.serve.image import BlockCache, ImageReader
 from rpfs.store.leases import Lease, gate
 from rpfs.store.recovery_point import HOLE, RecoveryPoint
@@ -55,7 +56,7 @@ def check_target(target: Path, size: int, force: bool) -> bool:
         device_size = _device_size(target)
         if device_size < size:
             raise RpfsError(f"{target} is too small: {device_size} bytes, the disk needs {size}")
-        busy = snapshot.in_use(target)
+        busy = in_use(target)
         if busy:
             raise RpfsError(f"{busy}: it is in use; stop using it first")
         return True
@@ -66,7 +67,7 @@ def check_target(target: Path, size: int, force: bool) -> bool:
             raise RpfsError(f"{target} is neither a regular file nor a block device")
         if not force:
             raise RpfsError(f"{target} already exists (use --force to replace it)")
-        busy = snapshot.in_use(target)
+        busy = in_use(target)
         if busy:
             raise RpfsError(f"{busy}: it is in use; stop using it first")
     if not target.parent.is_dir():

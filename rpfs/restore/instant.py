@@ -19,7 +19,7 @@ from rpfs.host.mountinfo import fstype_at
 from rpfs.restore.writable_image import InstantSource, WritableImage, create, progress_of, read_source, state_path
 from rpfs.serve import daemon
 from rpfs.serve.image import BlockCache
-from rpfs.serve.store_tree import InstantImageFS
+from rpfs.serve.writable_tree import WritableImageFS
 from rpfs.store.leases import Lease, gate, hold, release_hold
 from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.store import Store
@@ -74,7 +74,7 @@ def instant_filesystem(target: Path) -> daemon.Filesystem:
         image.close()
         lease.close()
         store.close()
-    return daemon.Filesystem(InstantImageFS(image, f"{source.disk}.img"), set(), close, image.hydrate)
+    return daemon.Filesystem(WritableImageFS(image, f"{source.disk}.img"), set(), close, image.hydrate)
 
 
 def start(store: Store, point: RecoveryPoint, disk_name: str, target: Path) -> InstantJob:

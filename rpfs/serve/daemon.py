@@ -1,4 +1,5 @@
-"""Running the FUSE filesystem: in the foreground, or as a background daemon that `rpfs mount` starts.
+"""Running a FUSE filesystem (the store tree, an instant restore's image): in the foreground, or as a
+background daemon.
 
 `rpfs mount` starts a fresh Python process (not a fork: LMDB environments and trio must not cross a
 fork) with --foreground and a pipe; it returns once the daemon writes "ready" (mounted) or an error
@@ -24,10 +25,6 @@ import trio
 from rpfs.errors import RpfsError
 from rpfs.host.mountinfo import fstype_at, read_mountinfo
 from rpfs.host.tools import error_line, run_tool_raw
-from rpfs.serve.image import BlockCache
-from rpfs.serve.store_tree import RecoveryPointFS
-from rpfs.store.leases import Lease
-from rpfs.store.store import Store
 
 RUN_DIR = Path(os.environ.get("RPFS_RUN_DIR", "/run/rpfs"))
 FSTYPE = "fuse.rpfs"
@@ -62,23 +59,6 @@ class Filesystem:
     close: Callable[[], None]
     background: Callable[[threading.Event], None] | None = None   # runs on a thread until the event
     start_tasks: Callable[[trio.Nursery], None] | None = None      # gets the FUSE loop's nursery
-
-
-def store_filesystem(store_path: Path, cache_bytes: int) -> Filesystem:
-    """The read-only recovery-point tree of a store."""
-    store = Store.open(store_path, readonly=True)
-    try:
-        lease = Lease(store.path)
-    except OSError as e:   # a store on read-only media: nothing can prune it either
-        logging.getLogger("rpfs.mount").warning("no lease in %s: %s", store.path, e)
-        lease = None
-
-    def close() -> None:
-        store.close()
-        if lease is not None:
-            lease.close()
-    ops = RecoveryPointFS(store, BlockCache(cache_bytes), lease=lease)
-    return Filesystem(ops, {"ro"}, close, start_tasks=ops.start_read_ahead)
 
 
 def serve(open_filesystem: Callable[[], Filesystem], mountpoint: Path, ready_fd: int | None = None,
@@ -167,15 +147,6 @@ async def _main_loop(start_tasks: Callable[[trio.Nursery], None] | None) -> None
         nursery.start_soon(stop_on_signal)
         await pyfuse3.main(min_tasks=4, max_tasks=64)
         nursery.cancel_scope.cancel()
-
-
-def start_store_daemon(store_path: Path, mountpoint: Path, cache_bytes: int) -> int:
-    """Start `rpfs mount --foreground` in the background; return its pid once mounted."""
-    with Store.open(store_path, readonly=True) as store:   # fail here, with the clear message
-        block_size = store.block_size
-    mountpoint = check_mountpoint(mountpoint)
-    argv = ["--store", str(store_path), "mount", str(mountpoint), "--foreground", "--cache-mb", str(cache_bytes >> 20)]
-    return start_daemon(argv, mountpoint, block_size)
 
 
 def start_daemon(argv: list[str], mountpoint: Path, block_size: int) -> int:

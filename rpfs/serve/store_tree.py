@@ -1,8 +1,7 @@
 """The read-only FUSE filesystem: MOUNT/<vm>/<recovery point>/<disk>.img and MOUNT/<vm>/latest.
 
-Handlers only translate paths and calls into catalog lookups and ImageReader reads. Only FUSEError
-leaves a handler (any other exception would end the mount): the `_fuse_errors` decorator turns the rest
-into EIO after logging them.
+Handlers only translate paths and calls into catalog lookups and ImageReader reads; fuse_errors turns
+any other exception into EIO.
 
 Concurrency: pyfuse3 runs handlers as trio tasks. Reads whose blocks are all cached (or holes) are
 answered inline; the rest go to worker threads (decompression and hashing release the GIL), bounded
@@ -12,9 +11,7 @@ with the number of recovery points seen, not with disk size.
 from __future__ import annotations
 
 import errno
-import functools
 import json
-import logging
 import os
 import stat
 from dataclasses import asdict, dataclass
@@ -24,13 +21,11 @@ import pyfuse3
 import trio
 
 from rpfs.errors import RpfsError
-from rpfs.restore.writable_image import WritableImage
+from rpfs.serve.fuse_errors import fuse_errors
 from rpfs.serve.image import BlockCache, ImageReader
 from rpfs.store.leases import Lease, gate
 from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.store import Store
-
-log = logging.getLogger("rpfs.mount")
 
 IMAGE_SUFFIX = ".img"
 LATEST = "latest"
@@ -47,22 +42,6 @@ class Node:
     vm: str = ""
     point_id: str = ""
     disk: str = ""
-
-
-def _fuse_errors(handler):
-    @functools.wraps(handler)
-    async def wrapper(*args, **kwargs):
-        try:
-            return await handler(*args, **kwargs)
-        except pyfuse3.FUSEError:
-            raise
-        except RpfsError as e:   # a corrupt or missing block, above all
-            log.error("%s: %s", handler.__name__, e.message)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except Exception:
-            log.exception("%s failed", handler.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-    return wrapper
 
 
 def _info(point: RecoveryPoint) -> bytes:
@@ -188,11 +167,11 @@ class RecoveryPointFS(pyfuse3.Operations):
         return attrs
 
     # -- handlers ---------------------------------------------------------------------------------
-    @_fuse_errors
+    @fuse_errors
     async def getattr(self, inode, ctx=None):
         return self._attrs(self._node(inode))
 
-    @_fuse_errors
+    @fuse_errors
     async def lookup(self, parent_inode, name, ctx=None):
         name = os.fsdecode(name)
         node = self._node(parent_inode)
@@ -200,13 +179,13 @@ class RecoveryPointFS(pyfuse3.Operations):
             return self._attrs(node)
         return self._attrs(self._child(node, name))
 
-    @_fuse_errors
+    @fuse_errors
     async def opendir(self, inode, ctx):
         if self._node(inode).kind in ("image", "latest"):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
-    @_fuse_errors
+    @fuse_errors
     async def readdir(self, fh, start_id, token):
         children = self._children(self._node(fh))
         for i in range(start_id, len(children)):
@@ -214,14 +193,14 @@ class RecoveryPointFS(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(child), i + 1):
                 break
 
-    @_fuse_errors
+    @fuse_errors
     async def readlink(self, inode, ctx):
         node = self._node(inode)
         if node.kind != "latest":
             raise pyfuse3.FUSEError(errno.EINVAL)
         return os.fsencode(self._latest_id(node.vm))
 
-    @_fuse_errors
+    @fuse_errors
     async def open(self, inode, flags, ctx):
         node = self._node(inode)
         if node.kind not in ("image", "info"):
@@ -246,7 +225,7 @@ class RecoveryPointFS(pyfuse3.Operations):
         self._open_images[key] = self._open_images.get(key, 0) + 1
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
-    @_fuse_errors
+    @fuse_errors
     async def read(self, fh, off, size):
         if fh in self._infos:
             return self._infos[fh][off:off + size]
@@ -292,7 +271,7 @@ class RecoveryPointFS(pyfuse3.Operations):
         except Exception:
             pass
 
-    @_fuse_errors
+    @fuse_errors
     async def release(self, fh):
         node = self._node(fh)
         if node.kind != "image":
@@ -307,7 +286,7 @@ class RecoveryPointFS(pyfuse3.Operations):
     async def releasedir(self, fh):
         pass
 
-    @_fuse_errors
+    @fuse_errors
     async def statfs(self, ctx):
         stats = pyfuse3.StatvfsData()
         stats.f_bsize = stats.f_frsize = 4096
@@ -315,89 +294,3 @@ class RecoveryPointFS(pyfuse3.Operations):
         stats.f_bfree = stats.f_bavail = 0
         stats.f_namemax = 255
         return stats
-
-
-class InstantImageFS(pyfuse3.Operations):
-    """One writable file, MOUNT/<disk>.img, backed by a WritableImage (instant restore).
-
-    Reads and writes go to worker threads: they may decode a block or wait for fdatasync."""
-
-    IMAGE_INODE = pyfuse3.ROOT_INODE + 1
-
-    def __init__(self, image: WritableImage, name: str):
-        super().__init__()
-        self.image, self.name = image, os.fsencode(name)
-        self._limiter = trio.CapacityLimiter(4)
-        self._started_ns = int(datetime.now().timestamp() * 1e9)
-
-    def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
-        attrs = pyfuse3.EntryAttributes()
-        attrs.st_ino = inode
-        if inode == pyfuse3.ROOT_INODE:
-            attrs.st_mode, attrs.st_nlink = stat.S_IFDIR | 0o755, 2
-        elif inode == self.IMAGE_INODE:
-            attrs.st_mode, attrs.st_nlink, attrs.st_size = stat.S_IFREG | 0o644, 1, self.image.size
-            attrs.st_blocks = -(-self.image.size // 512)
-        else:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        attrs.st_blksize = 1 << 20
-        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._started_ns
-        attrs.entry_timeout = attrs.attr_timeout = STABLE_TIMEOUT
-        return attrs
-
-    @_fuse_errors
-    async def getattr(self, inode, ctx=None):
-        return self._attrs(inode)
-
-    @_fuse_errors
-    async def lookup(self, parent_inode, name, ctx=None):
-        if parent_inode != pyfuse3.ROOT_INODE or name != self.name:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attrs(self.IMAGE_INODE)
-
-    @_fuse_errors
-    async def setattr(self, inode, attr, fields, fh, ctx):
-        if fields.update_size and attr.st_size != self.image.size:
-            raise pyfuse3.FUSEError(errno.EPERM)   # a disk keeps its size
-        return self._attrs(inode)
-
-    @_fuse_errors
-    async def opendir(self, inode, ctx):
-        if inode != pyfuse3.ROOT_INODE:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
-
-    @_fuse_errors
-    async def readdir(self, fh, start_id, token):
-        if start_id == 0:
-            pyfuse3.readdir_reply(token, self.name, self._attrs(self.IMAGE_INODE), 1)
-
-    @_fuse_errors
-    async def open(self, inode, flags, ctx):
-        if inode != self.IMAGE_INODE:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
-
-    @_fuse_errors
-    async def read(self, fh, off, size):
-        return await trio.to_thread.run_sync(self.image.read, off, size, limiter=self._limiter)
-
-    @_fuse_errors
-    async def write(self, fh, off, buf):
-        if off + len(buf) > self.image.size:
-            raise pyfuse3.FUSEError(errno.ENOSPC)
-        return await trio.to_thread.run_sync(self.image.write, off, buf, limiter=self._limiter)
-
-    @_fuse_errors
-    async def fsync(self, fh, datasync):
-        await trio.to_thread.run_sync(self.image.fsync, limiter=self._limiter)
-
-    @_fuse_errors
-    async def flush(self, fh):
-        pass
-
-    async def release(self, fh):
-        pass
-
-    async def releasedir(self, fh):
-        pass

@@ -1,0 +1,56 @@
+"""Is a disk in use? Reading one live, or writing one back, is only safe when nothing else uses it.
+
+In use means: a block device that is mounted or held by another device (a loop device, LVM...), an
+image file attached to a loop device, or a file or device some other process has open for writing.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from rpfs.host.mountinfo import read_mountinfo
+
+
+def in_use(path: Path) -> str | None:
+    """Why reading this disk live would give a torn copy, or None when nothing uses it."""
+    real = os.path.realpath(path)
+    mode = os.stat(real).st_mode
+    if stat.S_ISBLK(mode):
+        if any(os.path.realpath(m.source) == real for m in read_mountinfo() if m.source.startswith("/dev/")):
+            return f"{path} is mounted"
+        holders = Path("/sys/class/block") / os.path.basename(real) / "holders"
+        if holders.is_dir() and any(holders.iterdir()):
+            return f"{path} is held by another device"
+    else:
+        for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+            try:
+                if backing.read_text().strip() == real:
+                    return f"{path} is attached to /dev/{backing.parent.parent.name}"
+            except OSError:
+                continue
+    writer = _open_for_writing(real)
+    if writer:
+        return f"{path} is open for writing by {writer}"
+    return None
+
+
+def _open_for_writing(real: str) -> str | None:
+    """A process (other than this one) that has the file open for writing, as 'name (pid N)'."""
+    me = os.getpid()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == me:
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                try:
+                    if os.readlink(fd) != real:
+                        continue
+                    flags = int((proc / "fdinfo" / fd.name).read_text().split("flags:")[1].split()[0], 8)
+                except (OSError, IndexError, ValueError):
+                    continue
+                if flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+                    return f"{(proc / 'comm').read_text().strip()} (pid {proc.name})"
+        except OSError:
+            continue
+    return None

@@ -1,0 +1,73 @@
+"""`rpfs run`: every backup that is due, then prune.
+
+Due is worked out from each VM's last successful backup (schedule.py), so a missed slot is caught up.
+VMs due at once run one at a time in a staggered order (the store has one writer); one VM's failure
+does not stop the others, nor the prune that follows.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from rpfs.backup.pipeline import BackupOptions, backup
+from rpfs.backup.quiesce import load_config
+from rpfs.errors import RpfsError
+from rpfs.policy.protection import get_policy, protections
+from rpfs.policy.prune import prune
+from rpfs.policy.schedule import is_due, stagger
+from rpfs.store.store import Store
+from rpfs.upkeep import jobs
+
+
+@dataclass
+class RunResult:
+    backed_up: list[str] = field(default_factory=list)
+    not_due: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    pruned: dict[str, list[str]] = field(default_factory=dict)
+
+
+def run(store: Store, now: datetime | None = None, stagger_seconds: float = 0.0, progress_for=None) -> RunResult:
+    """Every backup that is due, then prune."""
+    now = now or datetime.now(timezone.utc)
+    result = RunResult()
+    due = []
+    for vm, protection in sorted(protections(store).items()):
+        policy = get_policy(store, protection.policy)
+        points = store.points(vm)
+        last = datetime.fromisoformat(points[-1].time) if points else None
+        if is_due(policy.schedule, last, now):
+            due.append((vm, protection, policy))
+        else:
+            result.not_due.append(vm)
+    delays = stagger([vm for vm, _, _ in due], int(stagger_seconds))
+    started = time.monotonic()
+    for vm, protection, policy in sorted(due, key=lambda item: delays[item[0]]):
+        wait = delays[vm] - (time.monotonic() - started)
+        if wait > 0:
+            time.sleep(wait)
+        try:
+            options = BackupOptions(
+                consistency=load_config(Path(policy.consistency_config)) if policy.consistency_config else None,
+                allow_live=bool(policy.options.get("allow_live", False)),
+                keep_snapshot_days=policy.keep_snapshot_days)
+            with jobs.recorded(store, "backup", vm) as job:
+                point, summary = backup(store, vm, list(protection.disks.items()),
+                                        progress=progress_for(vm) if progress_for else None, options=options)
+                job.bytes_read, job.bytes_written, job.recovery_point = (summary.bytes_read, summary.stored_bytes,
+                                                                         point.id)
+            result.backed_up.append(vm)
+        except RpfsError as e:
+            result.failed[vm] = e.message
+        except Exception as e:   # one VM's trouble must not stop the others, nor the prune
+            result.failed[vm] = f"{type(e).__name__}: {e}"
+    policies = {vm: get_policy(store, p.policy).retention for vm, p in protections(store).items()}
+    if policies:
+        with jobs.recorded(store, "prune") as job:
+            for pruned in prune(store, policies):
+                if pruned.pruned:
+                    result.pruned[pruned.vm] = pruned.pruned
+            job.bytes_written = sum(len(v) for v in result.pruned.values())
+    return result

@@ -1,0 +1,41 @@
+"""The store mount: the read-only recovery-point tree of a store, served by a daemon (`rpfs mount`).
+
+The daemon opens the store read-only and holds a lease (store/leases.py) listing the recovery points
+with an image open, so prune never deletes one under a reader.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from rpfs.serve.daemon import Filesystem, check_mountpoint, start_daemon
+from rpfs.serve.image import BlockCache
+from rpfs.serve.store_tree import RecoveryPointFS
+from rpfs.store.leases import Lease
+from rpfs.store.store import Store
+
+
+def store_filesystem(store_path: Path, cache_bytes: int) -> Filesystem:
+    """The read-only recovery-point tree of a store."""
+    store = Store.open(store_path, readonly=True)
+    try:
+        lease = Lease(store.path)
+    except OSError as e:   # a store on read-only media: nothing can prune it either
+        logging.getLogger("rpfs.mount").warning("no lease in %s: %s", store.path, e)
+        lease = None
+
+    def close() -> None:
+        store.close()
+        if lease is not None:
+            lease.close()
+    ops = RecoveryPointFS(store, BlockCache(cache_bytes), lease=lease)
+    return Filesystem(ops, {"ro"}, close, start_tasks=ops.start_read_ahead)
+
+
+def start_store_daemon(store_path: Path, mountpoint: Path, cache_bytes: int) -> int:
+    """Start `rpfs mount --foreground` in the background; return its pid once mounted."""
+    with Store.open(store_path, readonly=True) as store:   # fail here, with the clear message
+        block_size = store.block_size
+    mountpoint = check_mountpoint(mountpoint)
+    argv = ["--store", str(store_path), "mount", str(mountpoint), "--foreground", "--cache-mb", str(cache_bytes >> 20)]
+    return start_daemon(argv, mountpoint, block_size)

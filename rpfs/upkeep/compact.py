@@ -1,0 +1,36 @@
+"""compact: rewrite the store's LMDB file without its free pages, and swap it in."""
+from __future__ import annotations
+
+import os
+
+from rpfs.errors import RpfsError
+from rpfs.store.store import Store
+
+LOCK_WAIT_SECONDS = 600
+
+
+def compact(store: Store) -> tuple[int, int]:
+    """Write a compacted copy of the LMDB file and swap it in; refused while anyone else has it open.
+
+    Every Store handle holds STORE/open.lock shared; compact holds it exclusive for the whole copy and
+    swap, so nothing can open the store and write into the file being replaced."""
+    with store.writer_lock("compact", wait_seconds=LOCK_WAIT_SECONDS):
+        if not store.exclusive_open():
+            raise RpfsError(f"store {store.path} is open in another process (a mount, a backup?); close it first")
+        before = (store.path / "data.mdb").stat().st_size
+        work = store.path / "compact.tmp"
+        work.mkdir(exist_ok=True)
+        try:
+            store.copy_compacted(work)
+            with open(work / "data.mdb", "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(work / "data.mdb", store.path / "data.mdb")
+            (store.path / "lock.mdb").unlink(missing_ok=True)   # its transaction ids were the old file's
+            fd = os.open(store.path, os.O_RDONLY | os.O_DIRECTORY)
+            os.fsync(fd)
+            os.close(fd)
+        finally:
+            for leftover in work.glob("*"):
+                leftover.unlink()
+            work.rmdir()
+        return before, (store.path / "data.mdb").stat().st_size
