@@ -11,7 +11,7 @@ import pytest
 from cli_helpers import mounted, rpfs
 from conftest import require_tool
 from diskimages import leftover_kernel_state, make_whole_disk_ext4, random_disk, random_files
-from rpfs.restore.writable_image import state_path
+from rpfs.restore.partial import state_path
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("kernel")]
 MiB = 1 << 20

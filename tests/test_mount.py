@@ -194,5 +194,5 @@ def test_daemon_memory_stays_bounded(tmp_path):
 
 
 def _daemon_pid(mountpoint: Path) -> int:
-    from rpfs.serve.daemon import pid_file
-    return int(pid_file(Path(os.path.realpath(mountpoint))).read_text())
+    from rpfs.serve.run_dir import daemon_files
+    return int(daemon_files(Path(os.path.realpath(mountpoint)))[0].read_text())

@@ -1,6 +1,7 @@
 """Full restore: exact bytes, sparse files, block devices, and targets that must be refused untouched."""
 import json
 import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from diskimages import (
     random_files,
 )
 from rpfs.restore.full import restore_disk
+from rpfs.restore.writable_image import InstantSource, create
 from rpfs.store.store import Store
 
 MiB = 1 << 20
@@ -88,6 +90,67 @@ def test_interrupted_restore_leaves_no_file(vm, tmp_path, monkeypatch):
     with Store.open(store) as s, pytest.raises(KeyboardInterrupt):
         restore_disk(s, s.point("vm"), "os", target)
     assert not target.exists() and not list(tmp_path.glob("*.rpfs-partial"))
+
+
+def test_a_dead_restores_partial_file_is_taken_over(vm, tmp_path):
+    """kill -9 leaves PATH.rpfs-partial with nobody holding it: the same command again finishes the job."""
+    store, disks = vm
+    target = tmp_path / "restored-odd.img"
+    leftover = target.with_name(target.name + ".rpfs-partial")
+    leftover.write_bytes(b"half a copy" * 100000)
+    rpfs("restore", "vm", "--disk", "odd", "--to", str(target), store=store)
+    assert same_file(target, disks["odd"]) and not leftover.exists()
+    assert target.stat().st_mode & 0o777 == 0o600
+
+
+def test_restores_never_share_a_partial_file(vm, tmp_path):
+    """An unfinished instant restore's partial file holds the user's writes; a running restore's is its own."""
+    store, disks = vm
+    target = tmp_path / "busy.img"
+    with Store.open(store) as s:
+        point = s.point("vm")
+        disk = point.disk("odd")
+        create(target, InstantSource(str(s.path), point.vm, point.id, disk.name, disk.size, disk.block_size))
+    partial = target.with_name(target.name + ".rpfs-partial")
+    with open(partial, "r+b") as f:
+        f.write(b"the user's write")
+    for force in ([], ["--force"]):
+        done = rpfs("restore", "vm", "--disk", "odd", "--to", str(target), *force, store=store, check=False)
+        assert done.returncode != 0 and "unfinished instant restore" in done.stderr and done.stderr.count("\n") == 1
+    assert partial.read_bytes()[:16] == b"the user's write" and not target.exists()
+
+    other = tmp_path / "other.img"
+    with partial_held_by_another_process(other.with_name(other.name + ".rpfs-partial")) as held:
+        for command in (["restore", "vm", "--disk", "odd", "--to", str(other)],
+                        ["instant-restore", "vm", "--disk", "odd", "--to", str(other)]):
+            done = rpfs(*command, store=store, check=False)
+            assert done.returncode != 0 and "another restore is writing" in done.stderr, done.stderr
+        assert held.read_bytes() == b"being written" and not other.exists()
+
+
+def test_a_planted_link_at_the_partial_path_is_not_followed(vm, tmp_path):
+    store, _ = vm
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not yours")
+    target = tmp_path / "restored.img"
+    target.with_name(target.name + ".rpfs-partial").symlink_to(victim)
+    done = rpfs("restore", "vm", "--disk", "odd", "--to", str(target), store=store, check=False)
+    assert done.returncode != 0 and done.stderr.count("\n") == 1
+    assert victim.read_bytes() == b"not yours" and not target.exists()
+
+
+@contextmanager
+def partial_held_by_another_process(path: Path):
+    """A partial file written by another restore: it holds the flock the protocol takes."""
+    path.write_bytes(b"being written")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys\nf = open(sys.argv[1], 'rb')\n"
+                               "fcntl.flock(f, fcntl.LOCK_EX)\nprint('held', flush=True)\nsys.stdin.read()", str(path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield path
+    finally:
+        holder.communicate("", timeout=30)
 
 
 def test_unknown_disk_and_point(vm, tmp_path):

@@ -1,11 +1,10 @@
 """Whole-VM attach: every filesystem of every disk of a recovery point, under DEST/<disk>/<partition>.
 
-The disks are read through a private mount of the store (RUN_DIR/attach/<id>), kept for as long as
+The disks are read through a private mount of the store (run_dir.attach_files), kept for as long as
 the filesystems stay attached; a registry file beside it tells `detach` to unmount it afterwards.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -13,29 +12,22 @@ from pathlib import Path
 from rpfs.attach.filesystems import AttachedFilesystem, attach_disks, detach
 from rpfs.errors import RpfsError
 from rpfs.host.mountinfo import fstype_at
-from rpfs.serve import daemon
+from rpfs.serve import daemon, run_dir
 from rpfs.serve.store_mount import start_store_daemon
 from rpfs.store.recovery_point import RecoveryPoint
 
 
-def _files(dest: Path) -> tuple[Path, Path]:
-    """(registry file, private store mountpoint) for an attach at dest."""
-    key = hashlib.sha256(str(dest).encode()).hexdigest()[:12]
-    folder = daemon.RUN_DIR / "attach"
-    return folder / f"{key}.json", folder / key
-
-
 def attach_point(store_path: Path, point: RecoveryPoint, dest: Path) -> dict[str, list[AttachedFilesystem]]:
     dest = Path(os.path.abspath(dest))
-    registry, store_mount = _files(dest)
+    registry, store_mount = run_dir.attach_files(dest)
     if registry.exists():
         raise RpfsError(f"{dest} already has a VM attached; rpfs detach {dest} first")
-    store_mount.mkdir(parents=True, exist_ok=True)
+    run_dir.make_folder(store_mount)
     start_store_daemon(store_path, store_mount, 64 << 20)
     try:
         images = {d.name: store_mount / point.vm / point.id / f"{d.name}.img" for d in point.disks}
         attached = attach_disks(images, dest)
-        registry.write_text(json.dumps({"dest": str(dest), "store_mount": str(store_mount)}))
+        run_dir.write_file(registry, json.dumps({"dest": str(dest), "store_mount": str(store_mount)}))
     except BaseException:
         daemon.unmount(store_mount)
         raise
@@ -46,7 +38,7 @@ def detach_point_or_image(dest: Path) -> list[str]:
     """Undo an attach at dest; for a whole-VM attach also unmount its private store mount."""
     dest = Path(os.path.abspath(dest))
     undone = detach(dest)
-    registry, store_mount = _files(dest)
+    registry, store_mount = run_dir.attach_files(dest)
     if registry.exists():
         if fstype_at(str(store_mount)) is not None:
             daemon.unmount(store_mount)

@@ -29,16 +29,26 @@ def snapshot_path(image: Path, vm: str, snapshot_id: str, disk: str) -> Path:
 
 
 def clone(source: Path, target: Path) -> None:
-    """A reflink copy of source at target (raises CannotSnapshot where the filesystem has none)."""
+    """A reflink copy of source at a new file target (raises CannotSnapshot where the filesystem has none)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        clone_into(source, fd)
+    except BaseException:
+        os.close(fd)
+        delete([target])   # and the folders made for it
+        raise
+    os.close(fd)
+
+
+def clone_into(source: Path, fd: int) -> None:
+    """Make the file open at fd a reflink copy of source (CannotSnapshot where the filesystem has none)."""
     if not stat.S_ISREG(os.stat(source).st_mode):
         raise CannotSnapshot(f"{source} is a block device")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(source, "rb") as src, open(target, "wb") as dst:
+    with open(source, "rb") as src:
         try:
-            fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
+            fcntl.ioctl(fd, FICLONE, src.fileno())
         except OSError as e:
-            dst.close()
-            delete([target])   # and the folders made for it
             if e.errno in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EPERM):
                 raise CannotSnapshot(f"the filesystem holding {source} has no reflinks") from None
             raise RpfsError(f"cannot snapshot {source}: {e.strerror}") from None

@@ -2,7 +2,8 @@
 
 Blocks are decoded and verified on worker threads through the same ImageReader the mount uses, and
 written in order by one thread. A recovery point whose reflink snapshot is still kept (the
-instant-restore tier) is restored to a file on the same filesystem by cloning the snapshot instead. A file target is written as `<target>.rpfs-partial` beside it and
+instant-restore tier) is restored to a file on the same filesystem by cloning the snapshot instead.
+A file target is written through the partial-file protocol (partial.py): as `<target>.rpfs-partial`,
 renamed into place only once complete and synced, so an interrupted restore never leaves a half image
 where the user expects a whole one; holes stay holes. A block device is written in place; its holes are
 written as zeros, or zeroed by the device (BLKZEROOUT: unmapped where it guarantees zeros) with
@@ -24,13 +25,13 @@ from typing import Callable
 from rpfs.backup import snapshot
 from rpfs.errors import RpfsError
 from rpfs.host.disk_use import in_use
+from rpfs.restore.partial import PartialFile, check_free
 from rpfs.serve.image import BlockCache, ImageReader
 from rpfs.store.leases import Lease, gate
 from rpfs.store.recovery_point import HOLE, RecoveryPoint
 from rpfs.store.store import Store
 
 BLKZEROOUT = 0x127F   # zero a range: by discard/write-zeroes where the device guarantees zeros
-PARTIAL_SUFFIX = ".rpfs-partial"
 ProgressFn = Callable[[int, int], None]
 
 
@@ -72,6 +73,7 @@ def check_target(target: Path, size: int, force: bool) -> bool:
             raise RpfsError(f"{busy}: it is in use; stop using it first")
     if not target.parent.is_dir():
         raise RpfsError(f"folder {target.parent} does not exist")
+    check_free(target)
     return False
 
 
@@ -96,28 +98,35 @@ def _restore(store: Store, point: RecoveryPoint, disk, target: Path, is_device: 
     started = time.monotonic()
     reader = ImageReader(store, BlockCache(0), point.vm, point.id, disk)
     if is_device:
-        written = _restore_blocks(reader, target, os.O_WRONLY | os.O_EXCL, progress, workers,
-                                  holes=_discard if discard else _zero_fill)
-    else:
-        partial = target.with_name(target.name + PARTIAL_SUFFIX)
         try:
-            if _clone_kept_snapshot(point, disk_name, disk.size, partial):
+            fd = os.open(target, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)   # EBUSY while the device is mounted
+        except OSError as e:
+            raise RpfsError(f"cannot open {target} for writing: {e.strerror}") from None
+        try:
+            written = _restore_blocks(reader, fd, target, progress, workers, holes=_discard if discard else _zero_fill)
+        finally:
+            os.close(fd)
+    else:
+        partial = PartialFile.create(target)
+        try:
+            if _clone_kept_snapshot(point, disk_name, disk.size, partial.fd):
                 written = disk.size - disk.zero_blocks * disk.block_size   # about: the clone shares extents
                 if progress:
                     progress(disk.size, disk.size)
             else:
-                written = _restore_blocks(reader, partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, progress,
-                                          workers, holes=None)
-            os.replace(partial, target)
+                os.ftruncate(partial.fd, disk.size)   # a sparse file of the right size: holes are never written
+                written = _restore_blocks(reader, partial.fd, partial.path, progress, workers, holes=None)
+            partial.finish()
         except BaseException:
-            partial.unlink(missing_ok=True)
+            partial.discard()
             raise
+        partial.close()
     return RestoreSummary(vm=point.vm, point_id=point.id, disk=disk.name, target=str(target), size=disk.size,
                           written_bytes=written, hole_bytes=disk.size - written,
                           seconds=time.monotonic() - started)
 
 
-def _clone_kept_snapshot(point: RecoveryPoint, disk_name: str, size: int, partial: Path) -> bool:
+def _clone_kept_snapshot(point: RecoveryPoint, disk_name: str, size: int, fd: int) -> bool:
     """The instant-restore tier: a kept reflink snapshot on the target's filesystem is cloned in seconds."""
     kept = Path(point.snapshot.get("paths", {}).get(disk_name, "")) if point.snapshot else None
     stamp = point.snapshot.get("stamps", {}).get(disk_name) if point.snapshot else None
@@ -126,27 +135,19 @@ def _clone_kept_snapshot(point: RecoveryPoint, disk_name: str, size: int, partia
     if [kept.stat().st_size, kept.stat().st_mtime_ns] != stamp or stamp[0] != size:
         return False   # changed since the backup read it: decode the store instead
     try:
-        snapshot.clone(kept, partial)
+        snapshot.clone_into(kept, fd)
     except snapshot.CannotSnapshot:   # another filesystem: copy from the store instead
         return False
     return True
 
 
-def _restore_blocks(reader: ImageReader, path: Path, flags: int, progress: ProgressFn | None,
+def _restore_blocks(reader: ImageReader, fd: int, path: Path, progress: ProgressFn | None,
                     workers: int | None, holes: Callable[[int, int, int], None] | None) -> int:
-    """Decode blocks on worker threads, write them in order; returns the data bytes written.
-
-    O_EXCL on a block device: the kernel refuses it while the device is mounted."""
+    """Decode blocks on worker threads, write them in order to fd and sync; returns the data bytes written."""
     workers = workers or (os.cpu_count() or 2)
     bs, size = reader.block_size, reader.size
-    try:
-        fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        raise RpfsError(f"cannot open {path} for writing: {e.strerror}") from None
     written = 0
     try:
-        if holes is None:
-            os.ftruncate(fd, size)   # a sparse file of the right size: holes are never written
         window: deque = deque()
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpfs-restore") as pool:
             try:
@@ -166,8 +167,6 @@ def _restore_blocks(reader: ImageReader, path: Path, flags: int, progress: Progr
             progress(size, size)
     except OSError as e:
         raise RpfsError(f"writing {path} failed: {e.strerror}") from None
-    finally:
-        os.close(fd)
     return written
 
 

@@ -1,13 +1,12 @@
 """Instant restore: start (or resume) a writable image served by a daemon that copies it out meanwhile.
 
-The daemon mounts a one-file FUSE filesystem at RUN_DIR/instant/<disk>-<id>/ whose <disk>.img is the
+The daemon mounts a one-file FUSE filesystem in the run dir (run_dir.instant_files) whose <disk>.img is the
 writable image (overlay.WritableImage); a background thread copies the missing blocks into the target.
 A registry file beside the mountpoint lets `rpfs jobs` list instant restores, and their progress is
 read from the target's state file, so it shows even when no daemon runs.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -16,8 +15,9 @@ from pathlib import Path
 
 from rpfs.errors import RpfsError
 from rpfs.host.mountinfo import fstype_at
-from rpfs.restore.writable_image import InstantSource, WritableImage, create, progress_of, read_source, state_path
-from rpfs.serve import daemon
+from rpfs.restore.partial import settle, state_path
+from rpfs.restore.writable_image import InstantSource, WritableImage, create, progress_of, read_source
+from rpfs.serve import daemon, run_dir
 from rpfs.serve.image import BlockCache
 from rpfs.serve.writable_tree import WritableImageFS
 from rpfs.store.leases import Lease, gate, hold, release_hold
@@ -43,16 +43,6 @@ class InstantJob:
     pid: int | None = None
 
 
-def _instant_dir() -> Path:
-    return daemon.RUN_DIR / "instant"
-
-
-def _job_files(target: Path) -> tuple[Path, Path]:
-    """(registry file, mountpoint) of the instant restore into target."""
-    key = hashlib.sha256(str(target).encode()).hexdigest()[:12]
-    return _instant_dir() / f"{key}.json", _instant_dir() / key
-
-
 def instant_filesystem(target: Path) -> daemon.Filesystem:
     """What the daemon serves: the writable image, with the copy running beside it."""
     source = read_source(target)
@@ -70,7 +60,7 @@ def instant_filesystem(target: Path) -> daemon.Filesystem:
 
     def close() -> None:
         if image.complete:
-            release_hold(store.path, _job_files(target)[0].stem)
+            release_hold(store.path, run_dir.instant_files(target)[0].stem)
         image.close()
         lease.close()
         store.close()
@@ -83,6 +73,7 @@ def start(store: Store, point: RecoveryPoint, disk_name: str, target: Path) -> I
     disk = point.disk(disk_name)
     source = InstantSource(store=str(store.path.resolve()), vm=point.vm, point_id=point.id, disk=disk.name,
                            size=disk.size, block_size=disk.block_size)
+    settle(target)
     if state_path(target).exists():
         existing = read_source(target)
         if (existing.vm, existing.point_id, existing.disk) != (source.vm, source.point_id, source.disk):
@@ -90,7 +81,7 @@ def start(store: Store, point: RecoveryPoint, disk_name: str, target: Path) -> I
                             f"{existing.disk}; resume it with those, or choose another path")
     else:
         create(target, source)
-    registry, mountpoint = _job_files(target)
+    registry, mountpoint = run_dir.instant_files(target)
     job = InstantJob(target=str(target), image=str(mountpoint / f"{disk.name}.img"), mountpoint=str(mountpoint),
                      vm=point.vm, point_id=point.id, disk=disk.name, blocks=source.blocks, store=source.store)
     hold(store.path, registry.stem, point.vm, point.id)   # prune keeps the point until the copy is done
@@ -99,15 +90,15 @@ def start(store: Store, point: RecoveryPoint, disk_name: str, target: Path) -> I
         raise RpfsError(f"an instant restore into {target} is already running; its image is {job.image}")
     if fstype_at(str(mountpoint)) is not None:
         daemon.unmount(mountpoint)   # left behind by a daemon that died
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    registry.write_text(json.dumps({k: getattr(job, k) for k in REGISTERED}))
+    run_dir.make_folder(mountpoint)
+    run_dir.write_file(registry, json.dumps({k: getattr(job, k) for k in REGISTERED}))
     job.pid = daemon.start_daemon(["instant-daemon", str(target), str(mountpoint)], mountpoint, disk.block_size)
     return _with_progress(job)
 
 
 def jobs() -> list[InstantJob]:
     found = []
-    for registry in sorted(_instant_dir().glob("*.json")):
+    for registry in run_dir.instant_records():
         try:
             job = InstantJob(**{k: v for k, v in json.loads(registry.read_text()).items() if k in REGISTERED})
         except (OSError, ValueError, TypeError):
@@ -119,6 +110,8 @@ def jobs() -> list[InstantJob]:
 def _with_progress(job: InstantJob) -> InstantJob:
     job.pid = daemon.daemon_pid(Path(job.mountpoint))
     target = Path(job.target)
+    if job.pid is None:
+        settle(target)
     try:
         job.copied_blocks, job.blocks = progress_of(target)
         job.state = "copying" if job.pid is not None else "stopped"
@@ -160,7 +153,7 @@ def stop(target: Path) -> InstantJob:
         daemon.unmount(Path(job.mountpoint))
     job = _with_progress(job)
     if job.state == "complete":
-        registry, mountpoint = _job_files(Path(job.target))
+        registry, mountpoint = run_dir.instant_files(Path(job.target))
         if job.store:
             release_hold(Path(job.store), registry.stem)
         registry.unlink(missing_ok=True)

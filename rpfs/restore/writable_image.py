@@ -1,7 +1,7 @@
 """The writable image behind an instant restore: a target file filled from a recovery point while in use.
 
-The copy is written to `PATH.rpfs-partial`, created sparse at the disk's size, with a state file beside it
-(`PATH.rpfs-instant`): a JSON header naming the store, VM, recovery point and disk, then a bitmap with
+The copy is written to `PATH.rpfs-partial` (restore/partial.py), created sparse at the disk's size, with a
+state file beside it (`PATH.rpfs-instant`): a JSON header naming the store, VM, recovery point and disk, then a bitmap with
 one bit per block. A set bit means PATH holds that block (copied from the store, or written by the
 user); reads of the other blocks come from the store. A background hydrator copies the missing blocks.
 When every bit is set the copy is renamed to PATH and the state file deleted: PATH is then a plain
@@ -19,7 +19,6 @@ nobody wrote: the store still holds them.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import threading
@@ -27,12 +26,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rpfs.errors import RpfsError
+from rpfs.restore.partial import PartialFile, fsync_folder, state_path
 from rpfs.serve.image import BlockCache, ImageReader
 from rpfs.store.recovery_point import HOLE
 from rpfs.store.store import Store
 
-STATE_SUFFIX = ".rpfs-instant"
-PARTIAL_SUFFIX = ".rpfs-partial"
 HEADER_SIZE = 4096
 SYNC_EVERY_BYTES = 64 << 20    # the hydrator syncs data, then records bits, about this often
 
@@ -50,15 +48,6 @@ class InstantSource:
     @property
     def blocks(self) -> int:
         return -(-self.size // self.block_size)
-
-
-def state_path(target: Path) -> Path:
-    return target.with_name(target.name + STATE_SUFFIX)
-
-
-def partial_path(target: Path) -> Path:
-    """Where the copy is written until it is complete: PATH itself only ever holds a whole image."""
-    return target.with_name(target.name + PARTIAL_SUFFIX)
 
 
 def read_source(target: Path) -> InstantSource:
@@ -83,24 +72,32 @@ def progress_of(target: Path) -> tuple[int, int]:
 
 
 def create(target: Path, source: InstantSource) -> None:
-    """Start a new instant restore: a sparse PATH and a state file with no block copied yet."""
+    """Start a new instant restore: a sparse partial file and a state file with no block copied yet."""
     if target.exists() or target.is_symlink():
         raise RpfsError(f"{target} already exists; choose a new path (or resume with the same VM, recovery"
                         " point and disk if it is an unfinished instant restore)")
     if not target.parent.is_dir():
         raise RpfsError(f"folder {target.parent} does not exist")
-    if partial_path(target).exists():
-        raise RpfsError(f"{partial_path(target)} is left from an earlier restore; remove it first")
-    header = json.dumps(asdict(source)).encode()
-    state = state_path(target)
-    with open(state, "wb") as f:
-        f.write(header.ljust(HEADER_SIZE, b"\0"))
-        f.write(bytes(-(-source.blocks // 8)))
-        f.flush()
-        os.fsync(f.fileno())
-    with open(partial_path(target), "wb") as f:
-        f.truncate(source.size)
-        os.fsync(f.fileno())
+    partial = PartialFile.create(target)
+    try:
+        os.ftruncate(partial.fd, source.size)
+        os.fsync(partial.fd)
+        # The state file appears whole or not at all: written beside it, then renamed, under the partial's lock.
+        state = state_path(target)
+        unfinished = state.with_name(state.name + ".new")
+        unfinished.unlink(missing_ok=True)
+        fd = os.open(unfinished, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, json.dumps(asdict(source)).encode().ljust(HEADER_SIZE, b"\0") + bytes(-(-source.blocks // 8)))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(unfinished, state)
+        fsync_folder(target.parent)
+    except BaseException:
+        partial.discard()
+        raise
+    partial.close()
 
 
 class WritableImage:
@@ -114,22 +111,24 @@ class WritableImage:
         self.size, self.block_size = self.source.size, self.source.block_size
         if self.reader.size != self.size or self.reader.block_size != self.block_size:
             raise RpfsError(f"{state_path(target)} does not match recovery point {point.vm}/{point.id}")
-        self._fd = os.open(partial_path(target), os.O_RDWR | os.O_CLOEXEC)
-        self._state_fd = os.open(state_path(target), os.O_RDWR | os.O_CLOEXEC)
-        try:   # one server per target: two in-memory bitmaps would overwrite each other's blocks
-            fcntl.flock(self._state_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.close()
-            raise RpfsError(f"another process is serving the instant restore into {target}") from None
+        # One server per target (the partial file's flock): two in-memory bitmaps would overwrite each
+        # other's blocks.
+        self._partial = PartialFile.resume(target)
+        self._fd = self._partial.fd
+        try:
+            self._state_fd = os.open(state_path(target), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except BaseException:
+            self._partial.close()
+            raise
         self._bitmap = bytearray(os.pread(self._state_fd, -(-self.source.blocks // 8), HEADER_SIZE))
         self._lock = threading.Lock()     # block state changes: hydrator versus user writes
         self.complete = False
         self._finish_if_complete()
 
     def close(self) -> None:
-        for fd in (self._fd, self._state_fd):
-            if fd >= 0:
-                os.close(fd)
+        self._partial.close()
+        if self._state_fd >= 0:
+            os.close(self._state_fd)
         self._fd = self._state_fd = -1
 
     # -- block state -------------------------------------------------------------------------------
@@ -151,12 +150,10 @@ class WritableImage:
         tail = self.source.blocks % 8
         if tail and self._bitmap[-1] != (1 << tail) - 1:
             return
-        os.fsync(self._fd)
-        os.replace(partial_path(self.target), self.target)   # the open fd follows the file
-        os.unlink(state_path(self.target))
+        self._partial.finish()
+        os.unlink(state_path(self.target))   # a kill before this line is settled by partial.settle
         os.close(self._state_fd)
         self._state_fd = -1
-        _fsync_dir(self.target.parent)
         self.complete = True
 
     # -- what the user does ------------------------------------------------------------------------
@@ -239,11 +236,3 @@ class WritableImage:
         if indexes:
             os.fdatasync(self._fd)
             self._mark(indexes)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

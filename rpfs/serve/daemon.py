@@ -3,11 +3,10 @@ background daemon.
 
 `rpfs mount` starts a fresh Python process (not a fork: LMDB environments and trio must not cross a
 fork) with --foreground and a pipe; it returns once the daemon writes "ready" (mounted) or an error
-line. A pid file per mountpoint under /run/rpfs lets `rpfs umount` wait for the daemon to end.
+line. A pid file per mountpoint in the run dir (run_dir.py) lets `rpfs umount` wait for the daemon to end.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import signal
@@ -25,14 +24,10 @@ import trio
 from rpfs.errors import RpfsError
 from rpfs.host.mountinfo import fstype_at, read_mountinfo
 from rpfs.host.tools import error_line, run_tool_raw
+from rpfs.serve import run_dir
 
-RUN_DIR = Path(os.environ.get("RPFS_RUN_DIR", "/run/rpfs"))
 FSTYPE = "fuse.rpfs"
 READY = b"ready\n"
-
-
-def pid_file(mountpoint: Path) -> Path:
-    return RUN_DIR / f"mount-{hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]}.pid"
 
 
 def _canonical(mountpoint: Path) -> Path:
@@ -67,12 +62,11 @@ def serve(open_filesystem: Callable[[], Filesystem], mountpoint: Path, ready_fd:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, filename=log_file,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log = logging.getLogger("rpfs.mount")
-    pid_path = pid_file(mountpoint)
+    pid_path = run_dir.daemon_files(mountpoint)[0]
     fs = None
     try:
         try:
-            RUN_DIR.mkdir(parents=True, exist_ok=True)
-            pid_path.write_text(f"{os.getpid()}\n")
+            run_dir.write_file(pid_path, f"{os.getpid()}\n")
         except OSError as e:
             raise RpfsError(f"cannot write the pid file {pid_path}: {e.strerror}") from None
         fs = open_filesystem()
@@ -151,14 +145,16 @@ async def _main_loop(start_tasks: Callable[[trio.Nursery], None] | None) -> None
 
 def start_daemon(argv: list[str], mountpoint: Path, block_size: int) -> int:
     """Run `rpfs ARGV --ready-fd N --log-file F` in the background; return its pid once it has mounted."""
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    log_file = pid_file(mountpoint).with_suffix(".log")
+    log_file = run_dir.daemon_files(mountpoint)[1]
+    log_fd = run_dir.open_log(log_file)
     read_end, write_end = os.pipe()
     cmd = [sys.executable, "-m", "rpfs", *argv, "--ready-fd", str(write_end), "--log-file", str(log_file)]
-    with open(log_file, "ab") as log:
-        daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+    try:
+        daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
                                   pass_fds=(write_end,), start_new_session=True)
-    os.close(write_end)
+    finally:
+        os.close(log_fd)
+        os.close(write_end)
     try:
         with os.fdopen(read_end, "rb") as ready:
             answer = ready.readline()
@@ -204,13 +200,13 @@ def unmount(mountpoint: Path, timeout: float = 10.0) -> None:
         # A dead daemon leaves an unreachable mount that fusermount may refuse: detach it lazily.
         if run_tool_raw(["umount", "-l", str(mountpoint)]).returncode != 0:
             raise RpfsError(f"cannot unmount {mountpoint}: {message}")
-    _wait_for_daemon(pid_file(mountpoint), mountpoint, timeout)
+    _wait_for_daemon(run_dir.daemon_files(mountpoint)[0], mountpoint, timeout)
 
 
 def daemon_pid(mountpoint: Path) -> int | None:
     """The pid of the rpfs daemon serving mountpoint, if it runs (a reused pid is not mistaken for it)."""
     try:
-        pid = int(pid_file(mountpoint).read_text())
+        pid = int(run_dir.daemon_files(mountpoint)[0].read_text())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return None

@@ -1,0 +1,85 @@
+"""/run/rpfs: the one folder where this host's daemons and attaches keep their state, and its layout.
+
+    mount-<hash>.pid, mount-<hash>.log   the FUSE daemon serving a mountpoint (its log stays only if it
+                                         has news: serve/daemon.py)
+    instant/<hash>.json, instant/<hash>/ an instant restore into a target: its record for `rpfs jobs`,
+                                         and the mountpoint of its writable image
+    attach/<hash>.json, attach/<hash>/   a whole-VM attach at a destination: its record, and the private
+                                         store mount its disks are read through
+
+Each name is a hash of the path it stands for, so any path maps to one safe file name. The folders are
+root's, mode 0700; files are written 0600 without following links and renamed into place, so a record
+is either whole or absent. RPFS_RUN_DIR moves the folder (the tests use a temporary one).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+from rpfs.errors import RpfsError
+
+
+def root() -> Path:
+    return Path(os.environ.get("RPFS_RUN_DIR", "/run/rpfs"))
+
+
+def daemon_files(mountpoint: Path) -> tuple[Path, Path]:
+    """(pid file, log file) of the daemon serving mountpoint."""
+    name = f"mount-{_key(mountpoint, 16)}"
+    return root() / f"{name}.pid", root() / f"{name}.log"
+
+
+def instant_files(target: Path) -> tuple[Path, Path]:
+    """(record, mountpoint of the writable image) of the instant restore into target."""
+    key = _key(target, 12)
+    return root() / "instant" / f"{key}.json", root() / "instant" / key
+
+
+def instant_records() -> list[Path]:
+    return sorted((root() / "instant").glob("*.json"))
+
+
+def attach_files(dest: Path) -> tuple[Path, Path]:
+    """(record, private store mountpoint) of a whole-VM attach at dest."""
+    key = _key(dest, 12)
+    return root() / "attach" / f"{key}.json", root() / "attach" / key
+
+
+def make_folder(folder: Path) -> Path:
+    """Create a folder of the run dir (and the run dir) 0700; refuse one that is a link or not ours."""
+    for path in reversed([folder, *[p for p in folder.parents if p == root() or root() in p.parents]]):
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise RpfsError(f"cannot create {path}: {e.strerror}") from None
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise RpfsError(f"{path} is not a folder of this user's (a link, or someone else's); remove it")
+    return folder
+
+
+def write_file(path: Path, text: str) -> None:
+    """Write a whole file into the run dir: 0600, never through a planted link, renamed into place."""
+    make_folder(path.parent)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.unlink(missing_ok=True)   # left by a killed process with this pid
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.replace(partial, path)
+
+
+def open_log(path: Path) -> int:
+    """A daemon's log file, appended to: 0600, never through a planted link."""
+    make_folder(path.parent)
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def _key(path: Path, length: int) -> str:
+    return hashlib.sha256(str(path).encode()).hexdigest()[:length]
