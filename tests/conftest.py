@@ -5,7 +5,6 @@ import tempfile
 
 import pytest
 
-
 # Mount daemons started by the tests keep their pid files and logs here, not in /run/rpfs.
 os.environ.setdefault("RPFS_RUN_DIR", tempfile.mkdtemp(prefix="rpfs-test-run-"))
 

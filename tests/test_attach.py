@@ -11,20 +11,33 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import require_tool, skip_or_fail_in_ci
+from diskimages import (
+    copy_live,
+    have_mkfs,
+    leftover_kernel_state,
+    make_blank_partitioned_image,
+    make_dirty_image,
+    make_empty_image,
+    make_gpt_image,
+    make_mbr_image,
+    make_mixed_image,
+    make_odd_size_image,
+    make_partitioned_image,
+    make_sparse_image,
+    make_whole_disk_ext4,
+    mkfs_xfs,
+    mounted_rw,
+    needs_log_recovery,
+    random_files,
+    read_tree,
+)
 
 import rpfs.attach.filesystems as attach_mod
-from rpfs.host import mountinfo
-from diskimages import (
-    copy_live, have_mkfs, leftover_kernel_state, make_blank_partitioned_image, make_dirty_image,
-    make_empty_image, make_gpt_image, make_mbr_image, make_mixed_image, make_odd_size_image,
-    make_partitioned_image, make_sparse_image, make_whole_disk_ext4, mkfs_xfs, mounted_rw, needs_log_recovery,
-    random_files, read_tree,
-)
 from rpfs.attach.filesystems import AttachedFilesystem, attach, detach
-from rpfs.errors import RpfsError
 from rpfs.attach.partitions import Partition, read_partitions
+from rpfs.errors import RpfsError
+from rpfs.host import mountinfo
 
 MiB = 1 << 20
 

@@ -5,13 +5,20 @@ import os
 from pathlib import Path
 
 import pytest
-
-import rpfs.attach.filesystems as attach_mod
 from cli_helpers import is_mounted, mounted, rpfs
 from diskimages import (
-    leftover_kernel_state, make_blank_partitioned_image, make_dirty_image, make_gpt_image, make_whole_disk_ext4,
-    mounted_rw, needs_log_recovery, random_files, read_tree,
+    leftover_kernel_state,
+    make_blank_partitioned_image,
+    make_dirty_image,
+    make_gpt_image,
+    make_whole_disk_ext4,
+    mounted_rw,
+    needs_log_recovery,
+    random_files,
+    read_tree,
 )
+
+import rpfs.attach.filesystems as attach_mod
 from rpfs.attach.filesystems import attach_disks, detach
 from rpfs.errors import RpfsError
 

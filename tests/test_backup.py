@@ -7,13 +7,14 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from hypothesis import given, settings, strategies as st
-
 from cli_helpers import writer_lock_held
-from rpfs.store import blob
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from rpfs.backup.pipeline import backup, parse_disk_specs
 from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.serve.image import BlockCache, ImageReader
+from rpfs.store import blob
 from rpfs.store.store import Store
 
 MiB = 1 << 20

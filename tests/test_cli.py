@@ -8,9 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from diskimages import random_disk
 from cli_helpers import REPO, rpfs, writer_lock_held
+from diskimages import random_disk
 from test_backup import write_image
 
 MiB = 1 << 20

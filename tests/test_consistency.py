@@ -12,11 +12,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from cli_helpers import REPO, rpfs
 from conftest import skip_or_fail_in_ci
-from rpfs.backup import snapshot
 from diskimages import make_whole_disk_ext4, random_files
+
+from rpfs.backup import snapshot
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.usefixtures("kernel")]
 MiB = 1 << 20

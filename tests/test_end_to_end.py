@@ -6,11 +6,17 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from cli_helpers import mounted, rpfs
 from diskimages import (
-    leftover_kernel_state, make_empty_image, make_gpt_image, make_mbr_image, make_odd_size_image,
-    make_sparse_image, make_whole_disk_ext4, mounted_rw, random_files,
+    leftover_kernel_state,
+    make_empty_image,
+    make_gpt_image,
+    make_mbr_image,
+    make_odd_size_image,
+    make_sparse_image,
+    make_whole_disk_ext4,
+    mounted_rw,
+    random_files,
 )
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("kernel")]

@@ -6,12 +6,12 @@ import stat
 import pyfuse3
 import pytest
 import trio
+from test_backup import corrupt_one_block, write_image
 
 from rpfs.backup.pipeline import backup
-from rpfs.serve.store_tree import RecoveryPointFS
 from rpfs.serve.image import BlockCache
+from rpfs.serve.store_tree import RecoveryPointFS
 from rpfs.store.store import Store
-from test_backup import corrupt_one_block, write_image
 
 MiB = 1 << 20
 

@@ -7,10 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from cli_helpers import mounted, rpfs
 from conftest import require_tool
 from diskimages import leftover_kernel_state, make_whole_disk_ext4, random_disk, random_files
+
 from rpfs.restore.partial import state_path
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("kernel")]

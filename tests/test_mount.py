@@ -8,12 +8,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
-from diskimages import random_disk
 from cli_helpers import is_mounted, mounted, rpfs
-from rpfs.store.store import Store
+from diskimages import random_disk
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_backup import corrupt_one_block, write_image
+
+from rpfs.store.store import Store
 
 MiB = 1 << 20
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("kernel")]

@@ -5,8 +5,15 @@ import re
 import pytest
 
 from rpfs.errors import RpfsError
-from rpfs.policy.policies import (Policy, Retention, Schedule, check_name, policy_from_dict, policy_from_toml,
-                         policy_to_dict)
+from rpfs.policy.policies import (
+    Policy,
+    Retention,
+    Schedule,
+    check_name,
+    policy_from_dict,
+    policy_from_toml,
+    policy_to_dict,
+)
 
 FULL = """\
 name = "daily-30"

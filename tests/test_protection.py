@@ -1,24 +1,24 @@
 """Policies, protection, run, retention, gc, verify, jobs and usage."""
 import json
-from pathlib import Path
 import subprocess
 import sys
 import threading
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
-
 from cli_helpers import mounted, rpfs, writer_lock_held
 from diskimages import random_disk
+from test_backup import corrupt_one_block, read_all, write_image
+
 from rpfs.backup.pipeline import backup
-from rpfs.upkeep.jobs import Job
-from rpfs.policy.prune import prune
-from rpfs.upkeep.gc import gc
-from rpfs.upkeep.verify import verify
 from rpfs.policy.policies import Retention
+from rpfs.policy.prune import prune
 from rpfs.policy.run import run
 from rpfs.store.store import Store
-from test_backup import corrupt_one_block, read_all, write_image
+from rpfs.upkeep.gc import gc
+from rpfs.upkeep.jobs import Job
+from rpfs.upkeep.verify import verify
 
 MiB = 1 << 20
 

@@ -6,12 +6,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from cli_helpers import rpfs
 from diskimages import (
-    make_empty_image, make_gpt_image, make_mbr_image, make_odd_size_image, make_sparse_image, make_whole_disk_ext4,
+    make_empty_image,
+    make_gpt_image,
+    make_mbr_image,
+    make_odd_size_image,
+    make_sparse_image,
+    make_whole_disk_ext4,
     random_files,
 )
+
 from rpfs.restore.full import restore_disk
 from rpfs.restore.writable_image import InstantSource, create
 from rpfs.store.store import Store

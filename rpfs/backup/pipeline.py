@@ -28,7 +28,15 @@ from rpfs.backup.quiesce import ConsistencyConfig
 from rpfs.backup.source import BufferPool, DiskSource
 from rpfs.errors import RpfsError
 from rpfs.store import blob
-from rpfs.store.recovery_point import DIGEST_SIZE, HOLE, DiskRecord, RecoveryPoint, check_name, new_point_id
+from rpfs.store.recovery_point import (
+    DIGEST_SIZE,
+    HOLE,
+    DiskRecord,
+    KeptSnapshot,
+    RecoveryPoint,
+    check_name,
+    new_point_id,
+)
 from rpfs.store.store import Store
 
 BATCH_BYTES = 64 << 20          # commit stored blocks in transactions of about this size
@@ -123,8 +131,8 @@ def _keep_or_delete_snapshots(store: Store, point: RecoveryPoint, snapshots: dic
     now = datetime.now(timezone.utc)
     if snapshots and days > 0:
         keep_until = (now + timedelta(days=days)).isoformat(timespec="seconds")
-        kept = {"paths": {name: str(p) for name, p in snapshots.items()}, "keep_until": keep_until,
-                "stamps": {name: [p.stat().st_size, p.stat().st_mtime_ns] for name, p in snapshots.items()}}
+        kept = KeptSnapshot(paths={name: str(p) for name, p in snapshots.items()}, keep_until=keep_until,
+                            stamps={name: [p.stat().st_size, p.stat().st_mtime_ns] for name, p in snapshots.items()})
         store.modify_point(point.vm, point.id, lambda p: setattr(p, "snapshot", kept))
         point.snapshot = kept
     else:
@@ -132,9 +140,9 @@ def _keep_or_delete_snapshots(store: Store, point: RecoveryPoint, snapshots: dic
     for older in store.points(point.vm):
         if older.id == point.id or not older.snapshot:
             continue
-        if (snapshots and days > 0) or datetime.fromisoformat(older.snapshot["keep_until"]) <= now:
-            snapshot.delete(older.snapshot["paths"].values())
-            store.modify_point(older.vm, older.id, lambda p: setattr(p, "snapshot", {}))
+        if (snapshots and days > 0) or older.snapshot.expired(now):
+            snapshot.delete(older.snapshot.paths.values())
+            store.modify_point(older.vm, older.id, lambda p: setattr(p, "snapshot", None))
 
 
 class _BatchWriter:

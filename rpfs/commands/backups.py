@@ -47,7 +47,7 @@ def cmd_backup(args) -> int:
         job.bytes_read, job.bytes_written, job.recovery_point = summary.bytes_read, summary.stored_bytes, point.id
     if args.json:
         print_json({**asdict(summary), "mb_per_second": round(summary.mb_per_second, 1),
-                     "recovery_point": asdict(point)})
+                     "recovery_point": point.to_dict()})
         return 0
     s = summary
     print(f"recovery point {s.vm}/{s.point_id} ({point.consistency}): {s.disks} disk(s), {human_bytes(s.bytes_read)} read in "
@@ -63,7 +63,7 @@ def cmd_list(args) -> int:
         if args.vm and not points:
             store.point(args.vm)  # raises: unknown VM
     if args.json:
-        print_json([{**asdict(p), "size": p.size, "stored_bytes": p.stored_bytes} for p in points])
+        print_json([{**p.to_dict(), "size": p.size, "stored_bytes": p.stored_bytes} for p in points])
         return 0
     if not points:
         print("no recovery points yet (rpfs backup VM --disk NAME=PATH)")
@@ -92,7 +92,7 @@ def _quiesce_note(point) -> str:
     if "read_live" in q:
         notes.append("read live: " + ", ".join(q["read_live"]))
     if point.snapshot:
-        notes.append(f"snapshot kept until {point.snapshot['keep_until']}")
+        notes.append(f"snapshot kept until {point.snapshot.keep_until}")
     return f"  ({'; '.join(notes)})" if notes else ""
 
 
@@ -101,9 +101,9 @@ def cmd_snapshots(args) -> int:
     with open_store(args, readonly=True) as store:
         points = [p for p in store.points(args.vm) if p.snapshot]
     now = datetime.now(timezone.utc)
-    found = [{"vm": p.vm, "recovery_point": p.id, "keep_until": p.snapshot["keep_until"],
-              "expired": datetime.fromisoformat(p.snapshot["keep_until"]) < now,
-              "disks": {d: {"path": path, "exists": Path(path).exists()} for d, path in p.snapshot["paths"].items()}}
+    found = [{"vm": p.vm, "recovery_point": p.id, "keep_until": p.snapshot.keep_until,
+              "expired": p.snapshot.expired(now),
+              "disks": {d: {"path": path, "exists": Path(path).exists()} for d, path in p.snapshot.paths.items()}}
              for p in points]
     if args.json:
         print_json(found)

@@ -76,7 +76,7 @@ def _delete_point(store: Store, point: RecoveryPoint) -> int:
     released = []
     store.write(lambda txn: released.append(store.delete_point(txn, point)))
     if point.snapshot:
-        snapshot.delete(point.snapshot.get("paths", {}).values())
+        snapshot.delete(point.snapshot.paths.values())
     return released[-1]
 
 

@@ -128,12 +128,9 @@ def _restore(store: Store, point: RecoveryPoint, disk, target: Path, is_device: 
 
 def _clone_kept_snapshot(point: RecoveryPoint, disk_name: str, size: int, fd: int) -> bool:
     """The instant-restore tier: a kept reflink snapshot on the target's filesystem is cloned in seconds."""
-    kept = Path(point.snapshot.get("paths", {}).get(disk_name, "")) if point.snapshot else None
-    stamp = point.snapshot.get("stamps", {}).get(disk_name) if point.snapshot else None
-    if kept is None or stamp is None or not kept.is_file():
-        return False
-    if [kept.stat().st_size, kept.stat().st_mtime_ns] != stamp or stamp[0] != size:
-        return False   # changed since the backup read it: decode the store instead
+    kept = point.snapshot.unchanged(disk_name, size) if point.snapshot else None
+    if kept is None:
+        return False   # none, or changed since the backup read it: decode the store instead
     try:
         snapshot.clone_into(kept, fd)
     except snapshot.CannotSnapshot:   # another filesystem: copy from the store instead

@@ -14,7 +14,7 @@ import errno
 import json
 import os
 import stat
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 
 import pyfuse3
@@ -45,7 +45,7 @@ class Node:
 
 
 def _info(point: RecoveryPoint) -> bytes:
-    return json.dumps(asdict(point), indent=2, sort_keys=True).encode() + b"\n"
+    return json.dumps(point.to_dict(), indent=2, sort_keys=True).encode() + b"\n"
 
 
 def _ns(iso_time: str) -> int:

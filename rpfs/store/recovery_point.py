@@ -10,6 +10,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 from rpfs.errors import RpfsError
 
@@ -40,6 +41,26 @@ class DiskRecord:
 
 
 @dataclass
+class KeptSnapshot:
+    """The reflink snapshots a backup kept on the host after reading them (the instant-restore tier)."""
+    paths: dict[str, str]                      # disk -> snapshot file
+    keep_until: str                            # ISO 8601, UTC: deleted once this has passed
+    stamps: dict[str, list[int]] = field(default_factory=dict)   # disk -> [size, mtime_ns] as the backup read it
+
+    def expired(self, now: datetime) -> bool:
+        return datetime.fromisoformat(self.keep_until) <= now
+
+    def unchanged(self, disk: str, size: int) -> Path | None:
+        """The snapshot of disk if it is still exactly what the backup read (so it equals the recovery
+        point's disk), else None."""
+        path, stamp = self.paths.get(disk), self.stamps.get(disk)
+        if path is None or stamp is None or not Path(path).is_file():
+            return None
+        st = Path(path).stat()
+        return Path(path) if [st.st_size, st.st_mtime_ns] == stamp and stamp[0] == size else None
+
+
+@dataclass
 class RecoveryPoint:
     vm: str
     id: str
@@ -48,7 +69,7 @@ class RecoveryPoint:
     disks: list[DiskRecord] = field(default_factory=list)
     duration_seconds: float = 0.0
     quiesce: dict = field(default_factory=dict)    # script results, freeze window, disks read live
-    snapshot: dict = field(default_factory=dict)   # kept reflink snapshot: {"paths": {disk: path}, "keep_until"}
+    snapshot: KeptSnapshot | None = None            # kept reflink snapshots, if any
     pinned: bool = False                            # never pruned while pinned
 
     @property
@@ -70,14 +91,21 @@ class RecoveryPoint:
         raise RpfsError(f"recovery point {self.vm}/{self.id} has no disk {name!r}"
                         f" (disks: {', '.join(d.name for d in self.disks) or 'none'})")
 
+    def to_dict(self) -> dict:
+        """The record as stored and shown (--json, info.json): no kept snapshot is written as {}."""
+        record = asdict(self)
+        record["snapshot"] = record["snapshot"] or {}
+        return record
+
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        return json.dumps(self.to_dict(), sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "RecoveryPoint":
         raw = json.loads(bytes(data))
         disks = [DiskRecord(**d) for d in raw.pop("disks")]
-        return cls(disks=disks, **raw)
+        snapshot = raw.pop("snapshot", None)
+        return cls(disks=disks, snapshot=KeptSnapshot(**snapshot) if snapshot else None, **raw)
 
 
 def new_point_id(when: datetime, taken: set[str]) -> str:

@@ -89,7 +89,7 @@ def usage(store: Store) -> StoreUsage:
                 storage[vm] = storage.get(vm, 0.0) + len(stored) / len(vms)
     snapshots = {vm: 0 for vm in counts}
     for point in store.points():
-        for path in (point.snapshot or {}).get("paths", {}).values():
+        for path in point.snapshot.paths.values() if point.snapshot else ():
             if Path(path).exists():
                 snapshots[point.vm] += Path(path).stat().st_blocks * 512
     result.vms = [VmUsage(vm, counts[vm], latest[vm], round(storage[vm]), snapshots[vm]) for vm in sorted(counts)]
