@@ -1,5 +1,6 @@
 """Policies, protection, run, retention, gc, verify, jobs and usage."""
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -13,8 +14,10 @@ from test_backup import corrupt_one_block, read_all, write_image
 
 from rpfs.backup.pipeline import backup
 from rpfs.policy.policies import Retention
-from rpfs.policy.prune import prune
+from rpfs.errors import RpfsError
+from rpfs.policy.prune import delete_points, prune
 from rpfs.policy.run import run
+from rpfs.store.leases import Lease, leased_points
 from rpfs.store.store import Store
 from rpfs.upkeep.gc import gc
 from rpfs.upkeep.jobs import Job
@@ -242,6 +245,37 @@ def test_prune_skips_a_recovery_point_open_through_a_mount(store, tmp_path, kern
             held.read(4096)
         result = json.loads(rpfs("prune", "--json", store=store).stdout)[0]
         assert result["pruned"] == [ids[0]]
+
+
+def test_a_lease_and_a_deletion_never_interleave(store, tmp_path):
+    """Lease.pin and delete_points, the two halves of the gate: a pinned point stays, a deleted one
+    cannot be pinned, and a failed pin leaves nothing leased."""
+    ids = protected_vm(store, tmp_path / "d.img", backups=2, keep_last=1)
+    with Store.open(store) as s:
+        first, second = s.point("vm", ids[0]), s.point("vm", ids[1])
+        lease = Lease(s.path)
+        try:
+            lease.pin(s, "vm", first.id)
+            assert delete_points(s, [first]) == ([], {first.id: f"in use by a reader (pid {os.getpid()})"}, 0)
+            assert delete_points(s, [second])[0] == [second.id]
+            with pytest.raises(RpfsError, match="no longer exists"):
+                lease.pin(s, "vm", second.id)
+            assert leased_points(s.path) == {("vm", first.id): f"a reader (pid {os.getpid()})"}
+        finally:
+            lease.close()
+        assert [p.id for p in s.points("vm")] == [first.id]
+
+
+@pytest.mark.timeout(120)
+def test_unprotect_delete_data_is_refused_while_a_point_is_open(store, tmp_path, kernel):
+    ids = protected_vm(store, tmp_path / "d.img", backups=2, keep_last=1)
+    with mounted(store, tmp_path / "mnt") as mnt:
+        with open(mnt / "vm" / ids[1] / "d.img", "rb"):
+            done = rpfs("unprotect", "vm", "--delete-data", store=store, check=False)
+            assert done.returncode != 0 and "is open" in done.stderr and done.stderr.count("\n") == 1
+            assert [p["id"] for p in json.loads(rpfs("list", "vm", "--json", store=store).stdout)] == ids
+    rpfs("unprotect", "vm", "--delete-data", store=store)
+    assert json.loads(rpfs("list", "--json", store=store).stdout) == []
 
 
 @pytest.mark.timeout(120)

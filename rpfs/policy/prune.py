@@ -44,49 +44,58 @@ def prune(store: Store, policies: dict[str, object], vm: str | None = None, dry_
     results = []
     with store.writer_lock(f"prune of {vm or 'all VMs'}", wait_seconds=0 if dry_run else LOCK_WAIT_SECONDS,
                            refuse=_refuse_if_backing_up(vm)):
-        leased = leased_points(store.path)
         for name in vms:
             points = store.points(name)
             kept_ids, reasons = select_kept([(p.id, datetime.fromisoformat(p.time), p.pinned) for p in points],
                                             policies[name])
             result = PruneResult(vm=name, kept=dict(reasons))
-            for p in points:
-                if p.id in kept_ids:
-                    continue
-                if (p.vm, p.id) in leased:
-                    result.kept[p.id] = f"in use by {leased[(p.vm, p.id)]}"
-                    continue
-                result.pruned.append(p.id)
-            if not dry_run:
-                for p in points:
-                    if p.id not in result.pruned:
-                        continue
-                    with gate(store.path, exclusive=True):   # no reader can take a lease meanwhile
-                        holder = leased_points(store.path).get((p.vm, p.id))   # opened since the first look?
-                        if holder:
-                            result.pruned.remove(p.id)
-                            result.kept[p.id] = f"in use by {holder}"
-                            continue
-                        result.released_blocks += _delete_point(store, p)
+            unwanted = [p for p in points if p.id not in kept_ids]
+            if dry_run:
+                leased = leased_points(store.path)
+                result.kept.update({p.id: f"in use by {leased[(p.vm, p.id)]}" for p in unwanted if (p.vm, p.id) in leased})
+                result.pruned = [p.id for p in unwanted if p.id not in result.kept]
+            else:
+                result.pruned, in_use, result.released_blocks = delete_points(store, unwanted)
+                result.kept.update(in_use)
             results.append(result)
     return results
 
 
-def _delete_point(store: Store, point: RecoveryPoint) -> int:
-    released = []
-    store.write(lambda txn: released.append(store.delete_point(txn, point)))
-    if point.snapshot:
-        snapshot.delete(point.snapshot.paths.values())
-    return released[-1]
+def delete_points(store: Store, points: list[RecoveryPoint]) -> tuple[list[str], dict[str, str], int]:
+    """Delete recovery points and their kept snapshots, except those a reader has open.
+
+    Each is deleted under the exclusive gate after a last look at the leases; readers lease a point
+    and check it still exists under the shared gate (Lease.pin), so a reader either saw the point go or
+    keeps it. Returns (deleted ids, id -> why kept, how many blocks became unreferenced)."""
+    deleted: list[str] = []
+    in_use: dict[str, str] = {}
+    released = 0
+    for point in points:
+        with gate(store.path, exclusive=True):
+            holder = leased_points(store.path).get((point.vm, point.id))
+            if holder:
+                in_use[point.id] = f"in use by {holder}"
+                continue
+            changed: list[int] = []
+            store.write(lambda txn: changed.append(store.delete_point(txn, point)))
+            released += changed[-1]
+        if point.snapshot:
+            snapshot.delete(point.snapshot.paths.values())
+        deleted.append(point.id)
+    return deleted, in_use, released
 
 
 def delete_vm_points(store: Store, vm: str) -> int:
-    """unprotect --delete-data: every recovery point of the VM (refused while a reader has one open).
+    """unprotect --delete-data: every recovery point of the VM, refused while a reader has one open.
     Returns how many blocks became unreferenced (rpfs gc removes them)."""
     with store.writer_lock(f"deleting {vm}", wait_seconds=LOCK_WAIT_SECONDS, refuse=_refuse_if_backing_up(vm)):
-        leased = leased_points(store.path)
         points = store.points(vm)
+        leased = leased_points(store.path)
         busy = [p.id for p in points if (vm, p.id) in leased]
+        if not busy:
+            _, in_use, released = delete_points(store, points)
+            busy = list(in_use)   # opened since the first look
         if busy:
-            raise RpfsError(f"recovery point {vm}/{busy[0]} is open through a mount; unmount it first")
-        return sum(_delete_point(store, p) for p in points)
+            raise RpfsError(f"recovery point {vm}/{busy[0]} is open through a mount or a restore; close it first"
+                            " (the other recovery points were left as they were, or deleted: run this again)")
+        return released

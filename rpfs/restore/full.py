@@ -27,7 +27,7 @@ from rpfs.errors import RpfsError
 from rpfs.host.disk_use import in_use
 from rpfs.restore.partial import PartialFile, check_free
 from rpfs.serve.image import BlockCache, ImageReader
-from rpfs.store.leases import Lease, gate
+from rpfs.store.leases import Lease
 from rpfs.store.recovery_point import HOLE, RecoveryPoint
 from rpfs.store.store import Store
 
@@ -84,9 +84,7 @@ def restore_disk(store: Store, point: RecoveryPoint, disk_name: str, target: Pat
     is_device = check_target(target, disk.size, force)
     lease = Lease(store.path)   # prune must not delete the recovery point while it is being copied
     try:
-        with gate(store.path, exclusive=False):
-            lease.add(point.vm, point.id)
-            store.point(point.vm, point.id)   # still there (raises if pruned meanwhile)
+        lease.pin(store, point.vm, point.id)
         return _restore(store, point, disk, target, is_device, discard, progress, workers)
     finally:
         lease.close()

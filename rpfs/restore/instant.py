@@ -20,7 +20,7 @@ from rpfs.restore.writable_image import InstantSource, WritableImage, create, pr
 from rpfs.serve import daemon, run_dir
 from rpfs.serve.image import BlockCache
 from rpfs.serve.writable_tree import WritableImageFS
-from rpfs.store.leases import Lease, gate, hold, release_hold
+from rpfs.store.leases import Lease, hold, release_hold
 from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.store import Store
 
@@ -47,15 +47,15 @@ def instant_filesystem(target: Path) -> daemon.Filesystem:
     """What the daemon serves: the writable image, with the copy running beside it."""
     source = read_source(target)
     store = Store.open(source.store, readonly=True)
-    lease = None
+    image = lease = None
     try:
         image = WritableImage(target, store, BlockCache(CACHE_BYTES))
         lease = Lease(store.path)   # prune must not delete the recovery point while it is copied
-        with gate(store.path, exclusive=False):
-            lease.add(source.vm, source.point_id)
-            store.point(source.vm, source.point_id)   # still there (raises if pruned meanwhile)
+        lease.pin(store, source.vm, source.point_id)
     except BaseException:
-        store.close()
+        for opened in (lease, image, store):
+            if opened is not None:
+                opened.close()
         raise
 
     def close() -> None:

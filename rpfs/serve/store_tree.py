@@ -23,7 +23,7 @@ import trio
 from rpfs.errors import RpfsError
 from rpfs.serve.fuse_errors import fuse_errors
 from rpfs.serve.image import BlockCache, ImageReader
-from rpfs.store.leases import Lease, gate
+from rpfs.store.leases import Lease
 from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.store import Store
 
@@ -216,12 +216,10 @@ class RecoveryPointFS(pyfuse3.Operations):
                                                point.disk(node.disk))
         key = (node.vm, node.point_id)
         if self.lease is not None:   # prune must not delete a recovery point while it is open
-            with gate(self.store.path, exclusive=False):
-                self.lease.add(*key)
-                if not any(p.id == node.point_id for p in self.store.points(node.vm)):
-                    if not self._open_images.get(key):
-                        self.lease.remove(*key)
-                    raise pyfuse3.FUSEError(errno.ENOENT)   # pruned just now
+            try:
+                self.lease.pin(self.store, *key)
+            except RpfsError:
+                raise pyfuse3.FUSEError(errno.ENOENT) from None   # pruned just now
         self._open_images[key] = self._open_images.get(key, 0) + 1
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 

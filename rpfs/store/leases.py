@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from rpfs.errors import RpfsError
+from rpfs.store.store import Store
 
 LEASE_DIR = "leases"
 _numbers = itertools.count()
@@ -33,10 +34,24 @@ class Lease:
         fcntl.flock(self._fd, fcntl.LOCK_SH)
         self._points: set[tuple[str, str]] = set()
 
-    def add(self, vm: str, point_id: str) -> None:
-        if (vm, point_id) not in self._points:
-            self._points.add((vm, point_id))
-            self._write()
+    def add(self, vm: str, point_id: str) -> bool:
+        """List a recovery point; False if it was listed already."""
+        if (vm, point_id) in self._points:
+            return False
+        self._points.add((vm, point_id))
+        self._write()
+        return True
+
+    def pin(self, store: Store, vm: str, point_id: str) -> None:
+        """Lease a recovery point, then check it still exists, both under the shared gate: prune checks
+        the leases and deletes under the exclusive gate, so either it deleted the point before (this
+        raises) or it leaves the point alone for as long as it is leased."""
+        with gate(store.path, exclusive=False):
+            added = self.add(vm, point_id)
+            if not store.has_point(vm, point_id):
+                if added:
+                    self.remove(vm, point_id)
+                raise RpfsError(f"recovery point {vm}/{point_id} no longer exists (it was just pruned)")
 
     def remove(self, vm: str, point_id: str) -> None:
         if (vm, point_id) in self._points:

@@ -407,6 +407,10 @@ class Store:
                     found.append(RecoveryPoint.from_json(value))
         return found
 
+    def has_point(self, vm: str, point_id: str) -> bool:
+        with self.read() as txn:
+            return txn.get(self.point_key(vm, point_id), db=self._dbs["points"]) is not None
+
     def vms(self) -> list[str]:
         return sorted({p.vm for p in self.points()})
 
