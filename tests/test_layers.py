@@ -1,0 +1,41 @@
+"""The layer contracts (pyproject.toml, [tool.importlinter]) hold, and would catch each rule broken."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cli_helpers import REPO
+
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=root, env={"PYTHONPATH": str(root)},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_layers_hold():
+    done = lint_imports(REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 kept, 0 broken" in done.stdout
+
+
+@pytest.mark.parametrize("module, forbidden", [
+    ("store/blob.py", "rpfs.serve.image"),          # the store imports nothing above it
+    ("store/leases.py", "rpfs.policy.prune"),
+    ("backup/pipeline.py", "rpfs.serve.image"),     # backup never imports serve, restore or attach
+    ("backup/source.py", "rpfs.restore.full"),
+    ("backup/snapshot.py", "rpfs.attach.filesystems"),
+    ("serve/image.py", "rpfs.backup.source"),       # serve never imports backup
+    ("policy/run.py", "rpfs.commands"),             # only the CLI imports the commands
+    ("upkeep/usage.py", "rpfs.commands.progress"),
+])
+def test_a_broken_rule_fails(tmp_path, module, forbidden):
+    shutil.copytree(REPO / "rpfs", tmp_path / "rpfs", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    with open(tmp_path / "rpfs" / module, "a") as f:
+        f.write(f"\nimport {forbidden}  # noqa\n")
+    done = lint_imports(tmp_path)
+    assert done.returncode != 0 and "0 kept, 1 broken" in done.stdout, done.stdout + done.stderr
+    assert f"rpfs.{module[:-3].replace('/', '.')} -> {forbidden}" in done.stdout, done.stdout
