@@ -13,8 +13,8 @@ from diskimages import random_disk
 from test_backup import corrupt_one_block, read_all, write_image
 
 from rpfs.backup.pipeline import backup
-from rpfs.policy.policies import Retention
 from rpfs.errors import RpfsError
+from rpfs.policy.policies import Retention
 from rpfs.policy.prune import delete_points, prune
 from rpfs.policy.run import run
 from rpfs.store.leases import Lease, leased_points

@@ -80,10 +80,10 @@ def cmd_pin(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from rpfs.policy.protection import get_policy, protections
+    from rpfs.policy.protection import retentions
     from rpfs.policy.prune import prune
     with open_store(args) as store:
-        policies = {vm: get_policy(store, p.policy).retention for vm, p in protections(store).items()}
+        policies = retentions(store)
         if args.dry_run:
             results = prune(store, policies, args.vm, dry_run=True)
         else:

@@ -6,11 +6,11 @@ People write policies by hand in TOML, so a bad file is refused with the line of
     [schedule]
     daily = "02:00"             # or: weekdays = ["mon", "thu"] and at = "03:30"; or: every_hours = 6
     [retention]
-    keep_last = 7               # and daily, weekly, monthly, yearly (see retention.py)
+    keep_last = 7               # and daily, weekly, monthly, yearly (see policy/retention.py)
     [snapshot]
     keep_days = 2               # keep the newest reflink snapshot this long (instant restore)
     [consistency]
-    config = "/etc/rpfs/web01.toml"   # pre/post scripts and freeze (quiesce.py)
+    config = "/etc/rpfs/web01.toml"   # pre/post scripts and freeze (backup/quiesce.py)
     [options]
     allow_live = false
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rpfs.backup.pipeline import parse_disk_specs
 from rpfs.errors import RpfsError
-from rpfs.policy.policies import Policy, policy_from_dict, policy_to_dict
+from rpfs.policy.policies import Policy, Retention, policy_from_dict, policy_to_dict
 from rpfs.policy.prune import delete_vm_points
 from rpfs.store.recovery_point import check_name
 from rpfs.store.store import Store
@@ -69,6 +69,11 @@ def protect(store: Store, vm: str, policy: str, disk_specs: list[str], temporary
 
 def protections(store: Store) -> dict[str, Protection]:
     return {vm: Protection(**record) for vm, record in store.records("protected").items()}
+
+
+def retentions(store: Store) -> dict[str, Retention]:
+    """What prune keeps: each protected VM's retention, from its policy."""
+    return {vm: get_policy(store, p.policy).retention for vm, p in protections(store).items()}
 
 
 def unprotect(store: Store, vm: str, delete_data: bool) -> int:

@@ -10,6 +10,7 @@ from datetime import datetime
 
 from rpfs.backup import snapshot
 from rpfs.errors import RpfsError
+from rpfs.policy.policies import Retention
 from rpfs.policy.retention import select_kept
 from rpfs.store.leases import gate, leased_points
 from rpfs.store.recovery_point import RecoveryPoint
@@ -35,7 +36,7 @@ def _refuse_if_backing_up(vm: str | None):
     return refuse
 
 
-def prune(store: Store, policies: dict[str, object], vm: str | None = None, dry_run: bool = False) -> list[PruneResult]:
+def prune(store: Store, policies: dict[str, Retention], vm: str | None = None, dry_run: bool = False) -> list[PruneResult]:
     """Delete the recovery points each VM's policy no longer keeps. policies: vm -> Retention."""
     vms = [vm] if vm else sorted(policies)
     if vm and vm not in policies:

@@ -14,7 +14,7 @@ from pathlib import Path
 from rpfs.backup.pipeline import BackupOptions, backup
 from rpfs.backup.quiesce import load_config
 from rpfs.errors import RpfsError
-from rpfs.policy.protection import get_policy, protections
+from rpfs.policy.protection import get_policy, protections, retentions
 from rpfs.policy.prune import prune
 from rpfs.policy.schedule import is_due, stagger
 from rpfs.store.store import Store
@@ -63,7 +63,7 @@ def run(store: Store, now: datetime | None = None, stagger_seconds: float = 0.0,
             result.failed[vm] = e.message
         except Exception as e:   # one VM's trouble must not stop the others, nor the prune
             result.failed[vm] = f"{type(e).__name__}: {e}"
-    policies = {vm: get_policy(store, p.policy).retention for vm, p in protections(store).items()}
+    policies = retentions(store)
     if policies:
         with jobs.recorded(store, "prune") as job:
             for pruned in prune(store, policies):

@@ -1,7 +1,7 @@
 """Instant restore: start (or resume) a writable image served by a daemon that copies it out meanwhile.
 
 The daemon mounts a one-file FUSE filesystem in the run dir (run_dir.instant_files) whose <disk>.img is the
-writable image (overlay.WritableImage); a background thread copies the missing blocks into the target.
+writable image (writable_image.WritableImage); a background thread copies the missing blocks into the target.
 A registry file beside the mountpoint lets `rpfs jobs` list instant restores, and their progress is
 read from the target's state file, so it shows even when no daemon runs.
 """

@@ -148,7 +148,7 @@ class Store:
             self._open_fd = -1
 
     def copy_compacted(self, target_folder: Path) -> None:
-        """A compacted copy of the LMDB file, for compact (maintenance.py) to swap in."""
+        """A compacted copy of the LMDB file, for compact (upkeep/compact.py) to swap in."""
         self._env.copy(str(target_folder), compact=True)
 
     def exclusive_open(self) -> bool:
