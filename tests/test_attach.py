@@ -206,7 +206,6 @@ def _mount_entry(mountpoint: Path) -> tuple[str, str, str]:
     raise AssertionError(f"{mountpoint} not mounted")
 
 
-
 def _assert_read_only_mount(fs: AttachedFilesystem) -> None:
     mountpoint = Path(fs.mountpoint)
     source, options, _ = _mount_entry(mountpoint)

@@ -25,7 +25,6 @@ from rpfs.errors import RpfsError
 MiB = 1 << 20
 
 
-
 def backup_vm(area: Path, disks: dict[str, Path]) -> Path:
     """A store holding one recovery point of VM "vm" with these disks."""
     store = area / "store"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import REPO
 
-LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")   # the test environment's, installed by tools/setup
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
@@ -30,6 +30,9 @@ def test_the_layers_hold():
     ("serve/image.py", "rpfs.backup.source"),       # serve never imports backup
     ("policy/run.py", "rpfs.commands"),             # only the CLI imports the commands
     ("upkeep/usage.py", "rpfs.commands.progress"),
+    ("restore/full.py", "rpfs.attach.vm"),          # restore, attach and upkeep stand side by side
+    ("attach/vm.py", "rpfs.upkeep.jobs"),
+    ("host/disk_use.py", "rpfs.store.store"),       # the host knows nothing of rpfs above errors
 ])
 def test_a_broken_rule_fails(tmp_path, module, forbidden):
     shutil.copytree(REPO / "rpfs", tmp_path / "rpfs", ignore=shutil.ignore_patterns("__pycache__"))

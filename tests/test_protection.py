@@ -248,18 +248,18 @@ def test_prune_skips_a_recovery_point_open_through_a_mount(store, tmp_path, kern
 
 
 def test_a_lease_and_a_deletion_never_interleave(store, tmp_path):
-    """Lease.pin and delete_points, the two halves of the gate: a pinned point stays, a deleted one
-    cannot be pinned, and a failed pin leaves nothing leased."""
+    """Lease.take and delete_points, the two halves of the gate: a leased point stays, a deleted one
+    cannot be leased, and a failed take leaves nothing leased."""
     ids = protected_vm(store, tmp_path / "d.img", backups=2, keep_last=1)
     with Store.open(store) as s:
         first, second = s.point("vm", ids[0]), s.point("vm", ids[1])
         lease = Lease(s.path)
         try:
-            lease.pin(s, "vm", first.id)
+            lease.take(s, "vm", first.id)
             assert delete_points(s, [first]) == ([], {first.id: f"in use by a reader (pid {os.getpid()})"}, 0)
             assert delete_points(s, [second])[0] == [second.id]
             with pytest.raises(RpfsError, match="no longer exists"):
-                lease.pin(s, "vm", second.id)
+                lease.take(s, "vm", second.id)
             assert leased_points(s.path) == {("vm", first.id): f"a reader (pid {os.getpid()})"}
         finally:
             lease.close()

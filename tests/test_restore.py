@@ -1,5 +1,6 @@
 """Full restore: exact bytes, sparse files, block devices, and targets that must be refused untouched."""
 import json
+import os
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -133,6 +134,50 @@ def test_restores_never_share_a_partial_file(vm, tmp_path):
         assert held.read_bytes() == b"being written" and not other.exists()
 
 
+def test_a_planted_partial_file_is_replaced_not_reused(vm, tmp_path):
+    """Someone else's file at the partial path (another owner, an open fd, a hard link) never carries over."""
+    store, disks = vm
+    target = tmp_path / "restored.img"
+    planted = target.with_name(target.name + ".rpfs-partial")
+    planted.write_bytes(b"planted")
+    os.chown(planted, 65534, 65534)
+    kept_open = open(planted, "rb")
+    try:
+        rpfs("restore", "vm", "--disk", "odd", "--to", str(target), store=store)
+        assert os.fstat(kept_open.fileno()).st_ino != target.stat().st_ino
+        assert kept_open.read() == b"planted"
+    finally:
+        kept_open.close()
+    assert target.stat().st_uid == os.geteuid() and same_file(target, disks["odd"])
+
+
+@pytest.mark.timeout(60)
+def test_a_planted_fifo_at_the_partial_path_is_refused_at_once(vm, tmp_path):
+    store, _ = vm
+    target = tmp_path / "restored.img"
+    os.mkfifo(target.with_name(target.name + ".rpfs-partial"))
+    done = rpfs("restore", "vm", "--disk", "odd", "--to", str(target), store=store, check=False, timeout=30)
+    assert done.returncode != 0 and "not a regular file" in done.stderr and not target.exists()
+
+
+def test_an_instant_restore_killed_while_finishing_is_settled(vm, tmp_path):
+    """Killed between renaming its copy into place and deleting its state file: the state is stale once
+    nobody serves the image, and only then."""
+    store, disks = vm
+    target = tmp_path / "instant.img"
+    with Store.open(store) as s:
+        point = s.point("vm")
+        disk = point.disk("odd")
+        create(target, InstantSource(str(s.path), point.vm, point.id, disk.name, disk.size, disk.block_size))
+    state = target.with_name(target.name + ".rpfs-instant")
+    target.with_name(target.name + ".rpfs-partial").rename(target)   # the daemon's last rename, then killed
+    with partial_held_by_another_process(target):                    # ... or still serving the image
+        done = rpfs("restore", "vm", "--disk", "odd", "--to", str(target), "--force", store=store, check=False)
+        assert done.returncode != 0 and "unfinished instant restore" in done.stderr and state.exists()
+    rpfs("restore", "vm", "--disk", "odd", "--to", str(target), "--force", store=store)
+    assert not state.exists() and same_file(target, disks["odd"])
+
+
 def test_a_planted_link_at_the_partial_path_is_not_followed(vm, tmp_path):
     store, _ = vm
     victim = tmp_path / "victim"
@@ -147,7 +192,8 @@ def test_a_planted_link_at_the_partial_path_is_not_followed(vm, tmp_path):
 @contextmanager
 def partial_held_by_another_process(path: Path):
     """A partial file written by another restore: it holds the flock the protocol takes."""
-    path.write_bytes(b"being written")
+    if not path.exists():
+        path.write_bytes(b"being written")
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys\nf = open(sys.argv[1], 'rb')\n"
                                "fcntl.flock(f, fcntl.LOCK_EX)\nprint('held', flush=True)\nsys.stdin.read()", str(path)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

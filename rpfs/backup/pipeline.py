@@ -37,11 +37,10 @@ from rpfs.store.recovery_point import (
     check_name,
     new_point_id,
 )
-from rpfs.store.store import Store
+from rpfs.store.store import WRITER_WAIT_SECONDS, Store
 
 BATCH_BYTES = 64 << 20          # commit stored blocks in transactions of about this size
 WINDOW_BYTES = 64 << 20         # at most about this much block data waits in each pipeline stage
-MAINTENANCE_WAIT_SECONDS = 600  # how long a backup waits for a running prune or gc
 MAX_KEEP_DAYS = 36500
 ProgressFn = Callable[[int, int], None]
 
@@ -96,7 +95,7 @@ def backup(store: Store, vm: str, disk_specs: list[tuple[str, str]], progress: P
     disks = {name: Path(os.path.abspath(path)) for name, path in disk_specs}
     for name, path in disks.items():   # every disk readable before anything is quiesced
         DiskSource.open(name, path).close()
-    with store.writer_lock(f"backup of {vm}", wait_seconds=MAINTENANCE_WAIT_SECONDS, refuse=_another_backup):
+    with store.writer_lock(f"backup of {vm}", wait_seconds=WRITER_WAIT_SECONDS, refuse=_another_backup):
         when = datetime.now(timezone.utc)
         point_id = new_point_id(when, {p.id for p in store.points(vm)})
         prepared = consistency.prepare(vm, disks, point_id, options.consistency, options.allow_live)

@@ -14,9 +14,7 @@ from rpfs.policy.policies import Retention
 from rpfs.policy.retention import select_kept
 from rpfs.store.leases import gate, leased_points
 from rpfs.store.recovery_point import RecoveryPoint
-from rpfs.store.store import Store
-
-LOCK_WAIT_SECONDS = 600
+from rpfs.store.store import WRITER_WAIT_SECONDS, Store
 
 
 @dataclass
@@ -43,7 +41,7 @@ def prune(store: Store, policies: dict[str, Retention], vm: str | None = None, d
         raise RpfsError(f"VM {vm!r} is not protected by a policy, so nothing says what to keep"
                         " (rpfs protect VM --policy NAME ...)")
     results = []
-    with store.writer_lock(f"prune of {vm or 'all VMs'}", wait_seconds=0 if dry_run else LOCK_WAIT_SECONDS,
+    with store.writer_lock(f"prune of {vm or 'all VMs'}", wait_seconds=0 if dry_run else WRITER_WAIT_SECONDS,
                            refuse=_refuse_if_backing_up(vm)):
         for name in vms:
             points = store.points(name)
@@ -53,7 +51,8 @@ def prune(store: Store, policies: dict[str, Retention], vm: str | None = None, d
             unwanted = [p for p in points if p.id not in kept_ids]
             if dry_run:
                 leased = leased_points(store.path)
-                result.kept.update({p.id: f"in use by {leased[(p.vm, p.id)]}" for p in unwanted if (p.vm, p.id) in leased})
+                result.kept.update({p.id: f"in use by {leased[(p.vm, p.id)]}"
+                                    for p in unwanted if (p.vm, p.id) in leased})
                 result.pruned = [p.id for p in unwanted if p.id not in result.kept]
             else:
                 result.pruned, in_use, result.released_blocks = delete_points(store, unwanted)
@@ -66,7 +65,7 @@ def delete_points(store: Store, points: list[RecoveryPoint]) -> tuple[list[str],
     """Delete recovery points and their kept snapshots, except those a reader has open.
 
     Each is deleted under the exclusive gate after a last look at the leases; readers lease a point
-    and check it still exists under the shared gate (Lease.pin), so a reader either saw the point go or
+    and check it still exists under the shared gate (Lease.take), so a reader either saw the point go or
     keeps it. Returns (deleted ids, id -> why kept, how many blocks became unreferenced)."""
     deleted: list[str] = []
     in_use: dict[str, str] = {}
@@ -77,11 +76,11 @@ def delete_points(store: Store, points: list[RecoveryPoint]) -> tuple[list[str],
             if holder:
                 in_use[point.id] = f"in use by {holder}"
                 continue
+            if point.snapshot:   # files first: a record whose snapshot files are gone is harmless
+                snapshot.delete(point.snapshot.paths.values())
             changed: list[int] = []
             store.write(lambda txn: changed.append(store.delete_point(txn, point)))
             released += changed[-1]
-        if point.snapshot:
-            snapshot.delete(point.snapshot.paths.values())
         deleted.append(point.id)
     return deleted, in_use, released
 
@@ -89,7 +88,7 @@ def delete_points(store: Store, points: list[RecoveryPoint]) -> tuple[list[str],
 def delete_vm_points(store: Store, vm: str) -> int:
     """unprotect --delete-data: every recovery point of the VM, refused while a reader has one open.
     Returns how many blocks became unreferenced (rpfs gc removes them)."""
-    with store.writer_lock(f"deleting {vm}", wait_seconds=LOCK_WAIT_SECONDS, refuse=_refuse_if_backing_up(vm)):
+    with store.writer_lock(f"deleting {vm}", wait_seconds=WRITER_WAIT_SECONDS, refuse=_refuse_if_backing_up(vm)):
         points = store.points(vm)
         leased = leased_points(store.path)
         busy = [p.id for p in points if (vm, p.id) in leased]

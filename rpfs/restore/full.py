@@ -84,7 +84,7 @@ def restore_disk(store: Store, point: RecoveryPoint, disk_name: str, target: Pat
     is_device = check_target(target, disk.size, force)
     lease = Lease(store.path)   # prune must not delete the recovery point while it is being copied
     try:
-        lease.pin(store, point.vm, point.id)
+        lease.take(store, point.vm, point.id)
         return _restore(store, point, disk, target, is_device, discard, progress, workers)
     finally:
         lease.close()
@@ -131,7 +131,7 @@ def _clone_kept_snapshot(point: RecoveryPoint, disk_name: str, size: int, fd: in
         return False   # none, or changed since the backup read it: decode the store instead
     try:
         snapshot.clone_into(kept, fd)
-    except snapshot.CannotSnapshot:   # another filesystem: copy from the store instead
+    except (snapshot.CannotSnapshot, FileNotFoundError):   # another filesystem, or expired just now
         return False
     return True
 

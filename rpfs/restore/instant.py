@@ -51,7 +51,7 @@ def instant_filesystem(target: Path) -> daemon.Filesystem:
     try:
         image = WritableImage(target, store, BlockCache(CACHE_BYTES))
         lease = Lease(store.path)   # prune must not delete the recovery point while it is copied
-        lease.pin(store, source.vm, source.point_id)
+        lease.take(store, source.vm, source.point_id)
     except BaseException:
         for opened in (lease, image, store):
             if opened is not None:
@@ -73,18 +73,24 @@ def start(store: Store, point: RecoveryPoint, disk_name: str, target: Path) -> I
     disk = point.disk(disk_name)
     source = InstantSource(store=str(store.path.resolve()), vm=point.vm, point_id=point.id, disk=disk.name,
                            size=disk.size, block_size=disk.block_size)
+    registry, mountpoint = run_dir.instant_files(target)
     settle(target)
-    if state_path(target).exists():
+    resuming = state_path(target).exists()
+    if resuming:
         existing = read_source(target)
         if (existing.vm, existing.point_id, existing.disk) != (source.vm, source.point_id, source.disk):
             raise RpfsError(f"{target} is an unfinished instant restore of {existing.vm}/{existing.point_id}/"
                             f"{existing.disk}; resume it with those, or choose another path")
-    else:
-        create(target, source)
-    registry, mountpoint = run_dir.instant_files(target)
+    new_hold = hold(store, registry.stem, point.vm, point.id)   # prune keeps the point until the copy is done
+    if not resuming:
+        try:
+            create(target, source)
+        except BaseException:
+            if new_hold:
+                release_hold(store.path, registry.stem)
+            raise
     job = InstantJob(target=str(target), image=str(mountpoint / f"{disk.name}.img"), mountpoint=str(mountpoint),
                      vm=point.vm, point_id=point.id, disk=disk.name, blocks=source.blocks, store=source.store)
-    hold(store.path, registry.stem, point.vm, point.id)   # prune keeps the point until the copy is done
     running = daemon.daemon_pid(Path(job.mountpoint))
     if running is not None:
         raise RpfsError(f"an instant restore into {target} is already running; its image is {job.image}")

@@ -7,8 +7,8 @@ share a partial file:
 - an instant restore also keeps PATH.rpfs-instant (its state: source and bitmap). While that exists the
   partial file holds the user's writes and belongs to that instant restore: nothing else touches it;
 - a partial file with no state file beside it and nobody holding its flock was left by a restore that
-  died: the next restore into PATH takes it over (under the flock) and starts it afresh, so running
-  the same command again finishes the job.
+  died: the next restore into PATH removes it (under the flock) and starts afresh, so running the same
+  command again finishes the job.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import stat
 from pathlib import Path
 
 from rpfs.errors import RpfsError
+from rpfs.host.files import fsync_folder
 
 PARTIAL_SUFFIX = ".rpfs-partial"
 STATE_SUFFIX = ".rpfs-instant"
@@ -34,28 +35,33 @@ def state_path(target: Path) -> Path:
 
 def check_free(target: Path) -> None:
     """Refuse, before anything is written, a target another restore is working on."""
+    settle(target)
     if state_path(target).exists():
         raise RpfsError(f"{target} has an unfinished instant restore ({state_path(target)}); finish it with"
                         " rpfs instant-restore (same VM, recovery point and disk), or choose another path")
-    try:
-        fd = os.open(partial_path(target), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise RpfsError(f"cannot open {partial_path(target)}: {e.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise RpfsError(f"another restore is writing {partial_path(target)}; wait for it to finish") from None
-    finally:
-        os.close(fd)
+    fd = _open_existing(partial_path(target), os.O_RDONLY)
+    if fd is not None:
+        try:
+            _lock(fd, partial_path(target))
+        finally:
+            os.close(fd)
 
 
 def settle(target: Path) -> None:
     """Finish an instant restore that was killed between renaming its copy into place and deleting its
-    state file: the state file without its partial file, beside a whole PATH, is stale."""
-    if state_path(target).exists() and not partial_path(target).exists() and target.exists():
-        state_path(target).unlink(missing_ok=True)
+    state file: the state file without its partial file, beside a whole PATH nobody serves, is stale."""
+    if not state_path(target).exists() or partial_path(target).exists():
+        return
+    fd = _open_existing(target, os.O_RDONLY)
+    if fd is None:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # its daemon holds PATH while it serves the image
+    except BlockingIOError:
+        return
+    finally:
+        os.close(fd)
+    state_path(target).unlink(missing_ok=True)
 
 
 class PartialFile:
@@ -66,70 +72,58 @@ class PartialFile:
 
     @classmethod
     def create(cls, target: Path) -> "PartialFile":
-        """Claim the partial file for a new restore, empty: made new, or taken over from a dead restore."""
+        """Claim a new, empty partial file for a restore; a dead restore's is removed first."""
         check_free(target)
         path = partial_path(target)
-        taken_over = False
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except FileExistsError:
-            fd, taken_over = _open(path), True
+            _remove_dead(target)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                raise RpfsError(f"another restore is writing {path}; wait for it to finish") from None
         except OSError as e:
             raise RpfsError(f"cannot create {path}: {e.strerror}") from None
         partial = cls._locked(target, fd)
-        try:
-            if state_path(target).exists():   # an instant restore claimed it between our check and our lock
-                raise RpfsError(f"{target} has an unfinished instant restore ({state_path(target)})")
-            if taken_over:
-                os.ftruncate(fd, 0)
-                os.fchmod(fd, 0o600)
-        except BaseException:
-            partial.close()
-            raise
+        if state_path(target).exists():   # an instant restore claimed the target meanwhile
+            partial.discard()
+            raise RpfsError(f"{target} has an unfinished instant restore ({state_path(target)})")
         return partial
 
     @classmethod
     def resume(cls, target: Path) -> "PartialFile":
         """The partial file of an unfinished instant restore, for the one process that serves it."""
-        try:
-            fd = _open(partial_path(target))
-        except RpfsError:
-            if not partial_path(target).exists():
-                raise RpfsError(f"{partial_path(target)} is missing: the unfinished instant restore into {target}"
-                                " cannot be resumed (remove its state file to start anew)") from None
-            raise
+        fd = _open_existing(partial_path(target), os.O_RDWR)
+        if fd is None:
+            raise RpfsError(f"{partial_path(target)} is missing: the unfinished instant restore into {target}"
+                            f" cannot be resumed (remove {state_path(target)} to start anew)")
         return cls._locked(target, fd)
 
     @classmethod
     def _locked(cls, target: Path, fd: int) -> "PartialFile":
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            here = os.lstat(partial_path(target))
-            mine = os.fstat(fd)
-        except BlockingIOError:
+            _lock(fd, partial_path(target))
+            _check_same(fd, partial_path(target))
+        except BaseException:
             os.close(fd)
-            raise RpfsError(f"another process is writing {partial_path(target)} (a restore into {target})") from None
-        except FileNotFoundError:
-            here = None
-        if here is None or (here.st_dev, here.st_ino) != (mine.st_dev, mine.st_ino) or not stat.S_ISREG(mine.st_mode):
-            os.close(fd)
-            raise RpfsError(f"{partial_path(target)} changed while it was being opened; try again")
+            raise
         return cls(target, fd)
 
     def finish(self) -> None:
         """Sync, rename over PATH, sync the folder: from here on PATH is the whole image."""
         os.fsync(self.fd)
-        os.replace(self.path, self.target)   # the open fd follows the file
+        _check_same(self.fd, self.path)
+        os.replace(self.path, self.target)   # the open fd follows the file, and so does its flock
         fsync_folder(self.target.parent)
 
     def discard(self) -> None:
         """Remove the partial file of a restore that failed (one that holds no user writes)."""
         try:
-            here, mine = os.lstat(self.path), os.fstat(self.fd)
-            if (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino):
-                self.path.unlink()
-        except FileNotFoundError:
-            pass
+            _check_same(self.fd, self.path)
+            self.path.unlink()
+        except RpfsError:
+            pass   # not ours any more
         self.close()
 
     def close(self) -> None:
@@ -138,16 +132,50 @@ class PartialFile:
             self.fd = -1
 
 
-def _open(path: Path) -> int:
+def _remove_dead(target: Path) -> None:
+    """Remove the partial file of a restore that died: nobody holds it and no instant restore owns it.
+    It is unlinked rather than reused, so nothing of it (owner, links, open fds) carries over."""
+    path = partial_path(target)
+    fd = _open_existing(path, os.O_RDONLY)
+    if fd is None:
+        return
     try:
-        return os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        raise RpfsError(f"cannot open {path}: {e.strerror}") from None
-
-
-def fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
+        _lock(fd, path)
+        _check_same(fd, path)
+        if state_path(target).exists():
+            raise RpfsError(f"{target} has an unfinished instant restore ({state_path(target)})")
+        path.unlink()
     finally:
         os.close(fd)
+
+
+def _open_existing(path: Path, flags: int) -> int | None:
+    """Open a regular file without following a link or blocking on a FIFO; None if there is none."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise RpfsError(f"cannot open {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RpfsError(f"{path} is not a regular file; remove it")
+    return fd
+
+
+def _lock(fd: int, path: Path) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RpfsError(f"another restore is writing {path}; wait for it to finish") from None
+
+
+def _check_same(fd: int, path: Path) -> None:
+    """path still names the file open at fd (nothing replaced or removed it meanwhile)."""
+    try:
+        here = os.lstat(path)
+    except FileNotFoundError:
+        here = None
+    mine = os.fstat(fd)
+    if here is None or (here.st_dev, here.st_ino) != (mine.st_dev, mine.st_ino):
+        raise RpfsError(f"{path} changed while rpfs was using it; try again")

@@ -1,8 +1,8 @@
 """The writable image behind an instant restore: a target file filled from a recovery point while in use.
 
-The copy is written to `PATH.rpfs-partial` (restore/partial.py), created sparse at the disk's size, with a
-state file beside it (`PATH.rpfs-instant`): a JSON header naming the store, VM, recovery point and disk, then a bitmap with
-one bit per block. A set bit means PATH holds that block (copied from the store, or written by the
+The copy is written to `PATH.rpfs-partial` (restore/partial.py), created sparse at the disk's size, with
+a state file beside it (`PATH.rpfs-instant`): a JSON header naming the store, VM, recovery point and
+disk, then a bitmap with one bit per block. A set bit means PATH holds that block (copied from the store, or written by the
 user); reads of the other blocks come from the store. A background hydrator copies the missing blocks.
 When every bit is set the copy is renamed to PATH and the state file deleted: PATH is then a plain
 standalone image, and PATH never holds a half-copied one.
@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rpfs.errors import RpfsError
-from rpfs.restore.partial import PartialFile, fsync_folder, state_path
+from rpfs.host.files import fsync_folder, write_whole
+from rpfs.restore.partial import PartialFile, state_path
 from rpfs.serve.image import BlockCache, ImageReader
 from rpfs.store.recovery_point import HOLE
 from rpfs.store.store import Store
@@ -79,22 +80,15 @@ def create(target: Path, source: InstantSource) -> None:
     if not target.parent.is_dir():
         raise RpfsError(f"folder {target.parent} does not exist")
     partial = PartialFile.create(target)
+    state = state_path(target)
     try:
         os.ftruncate(partial.fd, source.size)
         os.fsync(partial.fd)
-        # The state file appears whole or not at all: written beside it, then renamed, under the partial's lock.
-        state = state_path(target)
-        unfinished = state.with_name(state.name + ".new")
-        unfinished.unlink(missing_ok=True)
-        fd = os.open(unfinished, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, json.dumps(asdict(source)).encode().ljust(HEADER_SIZE, b"\0") + bytes(-(-source.blocks // 8)))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(unfinished, state)
-        fsync_folder(target.parent)
+        fsync_folder(target.parent)   # the partial file before the state file that names it
+        header = json.dumps(asdict(source)).encode().ljust(HEADER_SIZE, b"\0")
+        write_whole(state, header + bytes(-(-source.blocks // 8)), durable=True)
     except BaseException:
+        state.unlink(missing_ok=True)   # first: a state file must never outlive its partial file
         partial.discard()
         raise
     partial.close()
@@ -117,9 +111,9 @@ class WritableImage:
         self._fd = self._partial.fd
         try:
             self._state_fd = os.open(state_path(target), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except BaseException:
+        except OSError as e:
             self._partial.close()
-            raise
+            raise RpfsError(f"cannot open {state_path(target)}: {e.strerror}") from None
         self._bitmap = bytearray(os.pread(self._state_fd, -(-self.source.blocks // 8), HEADER_SIZE))
         self._lock = threading.Lock()     # block state changes: hydrator versus user writes
         self.complete = False
@@ -151,7 +145,7 @@ class WritableImage:
         if tail and self._bitmap[-1] != (1 << tail) - 1:
             return
         self._partial.finish()
-        os.unlink(state_path(self.target))   # a kill before this line is settled by partial.settle
+        state_path(self.target).unlink(missing_ok=True)   # a kill before this line: partial.settle
         os.close(self._state_fd)
         self._state_fd = -1
         self.complete = True

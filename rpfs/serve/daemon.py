@@ -69,7 +69,11 @@ def serve(open_filesystem: Callable[[], Filesystem], mountpoint: Path, ready_fd:
             run_dir.write_file(pid_path, f"{os.getpid()}\n")
         except OSError as e:
             raise RpfsError(f"cannot write the pid file {pid_path}: {e.strerror}") from None
-        fs = open_filesystem()
+        try:
+            fs = open_filesystem()
+        except OSError as e:   # the system said no: one line for the user, as everywhere else
+            where = f": {e.filename}" if e.filename else ""
+            raise RpfsError(f"cannot serve {mountpoint}: {e.strerror or e}{where}") from None
         options = set(pyfuse3.default_options) | fs.options | {"fsname=rpfs", "subtype=rpfs"}
         if os.geteuid() == 0:
             options.add("allow_other")
@@ -133,6 +137,7 @@ async def _main_loop(start_tasks: Callable[[trio.Nursery], None] | None) -> None
     async with trio.open_nursery() as nursery:
         if start_tasks is not None:
             start_tasks(nursery)
+
         async def stop_on_signal():
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for _ in signals:
@@ -152,6 +157,9 @@ def start_daemon(argv: list[str], mountpoint: Path, block_size: int) -> int:
     try:
         daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
                                   pass_fds=(write_end,), start_new_session=True)
+    except BaseException:
+        os.close(read_end)
+        raise
     finally:
         os.close(log_fd)
         os.close(write_end)

@@ -8,8 +8,10 @@
                                          store mount its disks are read through
 
 Each name is a hash of the path it stands for, so any path maps to one safe file name. The folders are
-root's, mode 0700; files are written 0600 without following links and renamed into place, so a record
-is either whole or absent. RPFS_RUN_DIR moves the folder (the tests use a temporary one).
+root's, mode 0700, but for the run dir and instant/, 0711: another user (a VM's qemu) can reach an
+instant restore's image by its path, never list what is there. Files are written 0600 without
+following links and renamed into place, so a record is either whole or absent. RPFS_RUN_DIR moves
+the folder (the tests use a temporary one).
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ import stat
 from pathlib import Path
 
 from rpfs.errors import RpfsError
+from rpfs.host.files import write_whole
+
+TRAVERSABLE = 0o711
 
 
 def root() -> Path:
@@ -48,10 +53,11 @@ def attach_files(dest: Path) -> tuple[Path, Path]:
 
 
 def make_folder(folder: Path) -> Path:
-    """Create a folder of the run dir (and the run dir) 0700; refuse one that is a link or not ours."""
+    """Create a folder of the run dir (and the run dir); refuse one that is a link or not ours."""
     for path in reversed([folder, *[p for p in folder.parents if p == root() or root() in p.parents]]):
+        mode = TRAVERSABLE if path in (root(), root() / "instant") else 0o700
         try:
-            os.mkdir(path, 0o700)
+            os.mkdir(path, mode)
         except FileExistsError:
             pass
         except OSError as e:
@@ -59,20 +65,14 @@ def make_folder(folder: Path) -> Path:
         st = os.lstat(path)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
             raise RpfsError(f"{path} is not a folder of this user's (a link, or someone else's); remove it")
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.chmod(path, mode)   # made by an older rpfs, or under another umask
     return folder
 
 
 def write_file(path: Path, text: str) -> None:
-    """Write a whole file into the run dir: 0600, never through a planted link, renamed into place."""
-    make_folder(path.parent)
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.unlink(missing_ok=True)   # left by a killed process with this pid
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    os.replace(partial, path)
+    """A whole file in the run dir: 0600, never through a planted link, renamed into place."""
+    write_whole(make_folder(path.parent) / path.name, text.encode())
 
 
 def open_log(path: Path) -> int:

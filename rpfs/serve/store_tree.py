@@ -217,7 +217,7 @@ class RecoveryPointFS(pyfuse3.Operations):
         key = (node.vm, node.point_id)
         if self.lease is not None:   # prune must not delete a recovery point while it is open
             try:
-                self.lease.pin(self.store, *key)
+                self.lease.take(self.store, *key)
             except RpfsError:
                 raise pyfuse3.FUSEError(errno.ENOENT) from None   # pruned just now
         self._open_images[key] = self._open_images.get(key, 0) + 1

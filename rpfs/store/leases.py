@@ -16,9 +16,10 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from rpfs.errors import RpfsError
+from rpfs.host.files import write_whole
 from rpfs.store.store import Store
 
 LEASE_DIR = "leases"
@@ -30,8 +31,12 @@ class Lease:
         folder = store_path / LEASE_DIR
         folder.mkdir(exist_ok=True)
         self.path = folder / f"lease-{os.getpid()}-{next(_numbers)}"
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # Locked before it has its name: prune takes an unlocked lease file for a dead reader's.
+        unfinished = folder / f".{self.path.name}"
+        unfinished.unlink(missing_ok=True)   # left by a killed process that had this pid
+        self._fd = os.open(unfinished, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_SH)
+        os.replace(unfinished, self.path)
         self._points: set[tuple[str, str]] = set()
 
     def add(self, vm: str, point_id: str) -> bool:
@@ -42,16 +47,13 @@ class Lease:
         self._write()
         return True
 
-    def pin(self, store: Store, vm: str, point_id: str) -> None:
+    def take(self, store: Store, vm: str, point_id: str) -> None:
         """Lease a recovery point, then check it still exists, both under the shared gate: prune checks
         the leases and deletes under the exclusive gate, so either it deleted the point before (this
         raises) or it leaves the point alone for as long as it is leased."""
         with gate(store.path, exclusive=False):
             added = self.add(vm, point_id)
-            if not store.has_point(vm, point_id):
-                if added:
-                    self.remove(vm, point_id)
-                raise RpfsError(f"recovery point {vm}/{point_id} no longer exists (it was just pruned)")
+            _still_there(store, vm, point_id, undo=lambda: self.remove(vm, point_id) if added else None)
 
     def remove(self, vm: str, point_id: str) -> None:
         if (vm, point_id) in self._points:
@@ -82,12 +84,23 @@ def gate(store_path: Path, exclusive: bool) -> Iterator[None]:
         os.close(fd)
 
 
-def hold(store_path: Path, name: str, vm: str, point_id: str) -> None:
-    """A lease that outlives processes: an unfinished instant restore needs its recovery point even
-    while no daemon runs. Released by release_hold once the copy is complete."""
-    folder = store_path / LEASE_DIR
-    folder.mkdir(exist_ok=True)
-    (folder / f"hold-{name}").write_text(json.dumps([[vm, point_id]]))
+def hold(store: Store, name: str, vm: str, point_id: str) -> bool:
+    """A lease that outlives processes: an unfinished instant restore needs its recovery point even while
+    no daemon runs. Taken like Lease.take, under the gate; released by release_hold once the copy is done.
+    True when the hold is new (not one an earlier run took)."""
+    path = store.path / LEASE_DIR / f"hold-{name}"
+    with gate(store.path, exclusive=False):
+        existed = path.exists()
+        write_whole(path, json.dumps([[vm, point_id]]).encode())   # a reader never sees half a hold
+        _still_there(store, vm, point_id, undo=lambda: None if existed else path.unlink(missing_ok=True))
+    return not existed
+
+
+def _still_there(store: Store, vm: str, point_id: str, undo: Callable[[], None]) -> None:
+    """The second half of taking a lease, under the gate: the point exists, or the lease just taken is undone."""
+    if not store.has_point(vm, point_id):
+        undo()
+        raise RpfsError(f"recovery point {vm}/{point_id} no longer exists (it was just pruned)")
 
 
 def release_hold(store_path: Path, name: str) -> None:

@@ -7,6 +7,7 @@ all-zero block that was never stored. The record itself is small JSON; block map
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -54,9 +55,12 @@ class KeptSnapshot:
         """The snapshot of disk if it is still exactly what the backup read (so it equals the recovery
         point's disk), else None."""
         path, stamp = self.paths.get(disk), self.stamps.get(disk)
-        if path is None or stamp is None or not Path(path).is_file():
+        if path is None or stamp is None:
             return None
-        st = Path(path).stat()
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
         return Path(path) if [st.st_size, st.st_mtime_ns] == stamp and stamp[0] == size else None
 
 

@@ -37,6 +37,7 @@ from rpfs.store.recovery_point import DIGEST_SIZE, HOLE, RecoveryPoint
 FORMAT_VERSION = 2
 DEFAULT_BLOCK_SIZE = 1 << 20
 INITIAL_MAP_SIZE = 1 << 30
+WRITER_WAIT_SECONDS = 600  # how long a backup waits for a running prune or gc, and they for each other
 LOW_SPACE = 128 << 20      # below this much free space, a failed write is taken for a full disk
 V1_DB_NAMES = (b"meta", b"blocks", b"points", b"maps")
 DB_NAMES = V1_DB_NAMES + (b"refs", b"policies", b"protected", b"jobs")

@@ -4,9 +4,8 @@ from __future__ import annotations
 import os
 
 from rpfs.errors import RpfsError
-from rpfs.store.store import Store
-
-LOCK_WAIT_SECONDS = 600
+from rpfs.host.files import fsync_folder
+from rpfs.store.store import WRITER_WAIT_SECONDS, Store
 
 
 def compact(store: Store) -> tuple[int, int]:
@@ -14,7 +13,7 @@ def compact(store: Store) -> tuple[int, int]:
 
     Every Store handle holds STORE/open.lock shared; compact holds it exclusive for the whole copy and
     swap, so nothing can open the store and write into the file being replaced."""
-    with store.writer_lock("compact", wait_seconds=LOCK_WAIT_SECONDS):
+    with store.writer_lock("compact", wait_seconds=WRITER_WAIT_SECONDS):
         if not store.exclusive_open():
             raise RpfsError(f"store {store.path} is open in another process (a mount, a backup?); close it first")
         before = (store.path / "data.mdb").stat().st_size
@@ -26,9 +25,7 @@ def compact(store: Store) -> tuple[int, int]:
                 os.fsync(f.fileno())
             os.replace(work / "data.mdb", store.path / "data.mdb")
             (store.path / "lock.mdb").unlink(missing_ok=True)   # its transaction ids were the old file's
-            fd = os.open(store.path, os.O_RDONLY | os.O_DIRECTORY)
-            os.fsync(fd)
-            os.close(fd)
+            fsync_folder(store.path)
         finally:
             for leftover in work.glob("*"):
                 leftover.unlink()

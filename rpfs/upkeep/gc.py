@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rpfs.store.store import Store
-
-LOCK_WAIT_SECONDS = 600
+from rpfs.store.store import WRITER_WAIT_SECONDS, Store
 
 
 @dataclass
@@ -22,7 +20,7 @@ class GcResult:
 def gc(store: Store) -> GcResult:
     """Remove every block no recovery point references; LMDB reuses the freed pages."""
     result = GcResult()
-    with store.writer_lock("gc", wait_seconds=LOCK_WAIT_SECONDS):
+    with store.writer_lock("gc", wait_seconds=WRITER_WAIT_SECONDS):
         batch: list[bytes] = []
         removed: list[int] = []   # sizes; filled anew if a full map makes store.write run remove again
 
