@@ -113,10 +113,7 @@ def test_restores_never_share_a_partial_file(vm, tmp_path):
     """An unfinished instant restore's partial file holds the user's writes; a running restore's is its own."""
     store, disks = vm
     target = tmp_path / "busy.img"
-    with Store.open(store) as s:
-        point = s.point("vm")
-        disk = point.disk("odd")
-        create(target, InstantSource(str(s.path), point.vm, point.id, disk.name, disk.size, disk.block_size))
+    unfinished_instant_restore(store, target)
     partial = target.with_name(target.name + ".rpfs-partial")
     with open(partial, "r+b") as f:
         f.write(b"the user's write")
@@ -165,10 +162,7 @@ def test_an_instant_restore_killed_while_finishing_is_settled(vm, tmp_path):
     nobody serves the image, and only then."""
     store, disks = vm
     target = tmp_path / "instant.img"
-    with Store.open(store) as s:
-        point = s.point("vm")
-        disk = point.disk("odd")
-        create(target, InstantSource(str(s.path), point.vm, point.id, disk.name, disk.size, disk.block_size))
+    unfinished_instant_restore(store, target)
     state = target.with_name(target.name + ".rpfs-instant")
     target.with_name(target.name + ".rpfs-partial").rename(target)   # the daemon's last rename, then killed
     with partial_held_by_another_process(target):                    # ... or still serving the image
@@ -187,6 +181,14 @@ def test_a_planted_link_at_the_partial_path_is_not_followed(vm, tmp_path):
     done = rpfs("restore", "vm", "--disk", "odd", "--to", str(target), store=store, check=False)
     assert done.returncode != 0 and done.stderr.count("\n") == 1
     assert victim.read_bytes() == b"not yours" and not target.exists()
+
+
+def unfinished_instant_restore(store: Path, target: Path) -> None:
+    """What `rpfs instant-restore` leaves when its daemon is gone before copying anything."""
+    with Store.open(store) as s:
+        point = s.point("vm")
+        disk = point.disk("odd")
+        create(target, InstantSource(str(s.path), point.vm, point.id, disk.name, disk.size, disk.block_size))
 
 
 @contextmanager
