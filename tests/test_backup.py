@@ -3,6 +3,7 @@ import os
 import random
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import lmdb
@@ -15,6 +16,7 @@ from rpfs.backup.pipeline import backup, parse_disk_specs
 from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.serve.image import BlockCache, ImageReader
 from rpfs.store import blob
+from rpfs.store.recovery_point import new_point_id
 from rpfs.store.store import Store
 
 MiB = 1 << 20
@@ -182,6 +184,24 @@ def test_store_of_another_format_version_is_refused(tmp_path):
     env.close()
     with pytest.raises(RpfsError, match="format version 99"):
         Store.open(tmp_path / "s")
+
+
+def test_point_ids_are_never_given_twice():
+    """Not even after prune: a mount (and the kernel's cache) knows a recovery point by its id."""
+    when = datetime(2026, 11, 25, 17, 0, 3, tzinfo=timezone.utc)
+    assert new_point_id(when, set()) == "2026-11-25T170003Z"
+    assert new_point_id(when, {"2026-11-25T170003Z"}) == "2026-11-25T170003Z-2"
+    assert new_point_id(when, {"2026-11-25T170003Z-9"}) == "2026-11-25T170003Z-10"   # -2 .. -9 pruned
+    assert new_point_id(when - timedelta(seconds=5), {"2026-11-25T170003Z"}) == "2026-11-25T170003Z-2"
+    assert new_point_id(when + timedelta(seconds=1), {"2026-11-25T170003Z-4"}) == "2026-11-25T170004Z"
+
+
+def test_a_pruned_points_id_stays_used(store, tmp_path):
+    first, _ = backup(store, "vm", [("d", str(write_image(tmp_path / "d.img", 1, 2 * MiB)))])
+    store.write(lambda txn: store.delete_point(txn, first))
+    assert store.points("vm") == [] and store.last_point_ids("vm") == {first.id}
+    second, _ = backup(store, "vm", [("d", str(tmp_path / "d.img"))])
+    assert second.id > first.id
 
 
 def test_second_writer_is_refused(store):

@@ -236,6 +236,32 @@ def test_backups_prune_gc_and_mount_reads_concurrently(tmp_path, kernel):
 
 
 @pytest.mark.timeout(120)
+def test_a_pruned_id_is_not_given_again_under_a_mount(tmp_path, kernel, monkeypatch):
+    """Five backups in one second, prune, a sixth: had it reused the pruned id, the mount (and the
+    kernel's page cache) would serve the pruned point's bytes under it."""
+    import rpfs.backup.pipeline as pipeline
+    moment = datetime(2026, 11, 25, 17, 0, 3, tzinfo=timezone.utc)
+    frozen = type("Frozen", (datetime,), {"now": staticmethod(lambda tz=None: moment)})
+    monkeypatch.setattr(pipeline, "datetime", frozen)
+    store_dir, disk = tmp_path / "store", tmp_path / "d.img"
+    with Store.init(store_dir):
+        pass
+    with Store.open(store_dir) as store, mounted(store_dir, tmp_path / "mnt") as mnt:
+        contents = {}
+        for i in range(4):
+            point, _ = backup(store, "vm", [("d", str(write_image(disk, 300 + i, 2 * MiB)))])
+            contents[point.id] = disk.read_bytes()
+        first = min(contents)
+        assert (mnt / "vm" / first / "d.img").read_bytes() == contents[first]   # now in the kernel's cache
+        assert prune(store, {"vm": Retention(keep_last=3)})[0].pruned == [first]
+        point, _ = backup(store, "vm", [("d", str(write_image(disk, 399, 2 * MiB)))])
+        assert point.id not in contents
+        assert (mnt / "vm" / point.id / "d.img").read_bytes() == disk.read_bytes()
+        with pytest.raises(FileNotFoundError):
+            (mnt / "vm" / first / "d.img").read_bytes()
+
+
+@pytest.mark.timeout(120)
 def test_prune_skips_a_recovery_point_open_through_a_mount(store, tmp_path, kernel):
     ids = protected_vm(store, tmp_path / "d.img", backups=2, keep_last=1)
     with mounted(store, tmp_path / "mnt") as mnt:

@@ -97,7 +97,7 @@ def backup(store: Store, vm: str, disk_specs: list[tuple[str, str]], progress: P
         DiskSource.open(name, path).close()
     with store.writer_lock(f"backup of {vm}", wait_seconds=WRITER_WAIT_SECONDS, refuse=_another_backup):
         when = datetime.now(timezone.utc)
-        point_id = new_point_id(when, {p.id for p in store.points(vm)})
+        point_id = new_point_id(when, {p.id for p in store.points(vm)} | store.last_point_ids(vm))
         prepared = consistency.prepare(vm, disks, point_id, options.consistency, options.allow_live)
         sources: list[DiskSource] = []
         committed = False

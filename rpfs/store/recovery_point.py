@@ -112,11 +112,20 @@ class RecoveryPoint:
         return cls(disks=disks, snapshot=KeptSnapshot(**snapshot) if snapshot else None, **raw)
 
 
-def new_point_id(when: datetime, taken: set[str]) -> str:
-    """Ids sort by time: 2026-11-25T170003Z, with a -N suffix if a VM backs up twice in one second."""
-    base = when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
-    candidate, n = base, 1
-    while candidate in taken:
+def new_point_id(when: datetime, used: set[str]) -> str:
+    """Ids sort by time: 2026-11-25T170003Z, with a -N suffix if a VM backs up twice in one second.
+
+    A new id comes after every id the VM ever used (pruned ones too): a mount, and the kernel's page
+    cache behind it, know a recovery point by its id, so an id given twice would serve the old data."""
+    base, n = when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H%M%SZ"), 1
+    last = max(used, key=_id_order, default=None)
+    if last is not None and _id_order(last) >= (base, n):   # same second, or a clock that went back
+        base, n = _id_order(last)
         n += 1
-        candidate = f"{base}-{n}"
-    return candidate
+    return base if n == 1 else f"{base}-{n}"
+
+
+def _id_order(point_id: str) -> tuple[str, int]:
+    """2026-11-25T170003Z-3 -> ("2026-11-25T170003Z", 3): the order ids were given in."""
+    base, sep, n = point_id.partition("Z-")
+    return (base + "Z", int(n)) if sep else (point_id, 1)

@@ -1,8 +1,9 @@
 """The store: one directory holding an LMDB environment with blocks by digest and the recovery-point catalog.
 
 Layout (format version 2), one LMDB environment `STORE/data.mdb` with named databases:
-  meta     b"format_version" -> b"1", b"block_size" -> decimal bytes, b"created" -> ISO time,
-           b"zstd_level" -> decimal (used by writers only; any level decodes the same way)
+  meta     b"format_version" -> b"2", b"block_size" -> decimal bytes, b"created" -> ISO time,
+           b"zstd_level" -> decimal (used by writers only; any level decodes the same way),
+           b"last_point_id\0<vm>" -> the newest recovery point id the VM was given (never reused)
   blocks   sha256(raw block) (32 bytes) -> framed blob (see blob.py)
   points   b"<vm>\\0<rp id>" -> recovery point JSON (see recovery_point.py)
   maps     b"<vm>\\0<rp id>\\0<disk>" -> block map: 32 bytes per block, 32 zero bytes for a hole
@@ -42,6 +43,7 @@ LOW_SPACE = 128 << 20      # below this much free space, a failed write is taken
 V1_DB_NAMES = (b"meta", b"blocks", b"points", b"maps")
 DB_NAMES = V1_DB_NAMES + (b"refs", b"policies", b"protected", b"jobs")
 REF = struct.Struct("<I")
+LAST_POINT_ID = b"last_point_id\0"   # + VM name, in meta: ids are never given twice (recovery_point.py)
 T = TypeVar("T")
 
 
@@ -313,6 +315,13 @@ class Store:
                 count = txn.get(digest, db=refs)
                 txn.put(digest, REF.pack((REF.unpack(count)[0] if count is not None else 0) + 1), db=refs)
         txn.put(self.point_key(point.vm, point.id), point.to_json(), db=self._dbs["points"])
+        txn.put(LAST_POINT_ID + point.vm.encode(), point.id.encode(), db=self._dbs["meta"])
+
+    def last_point_ids(self, vm: str) -> set[str]:
+        """The id of the VM's newest recovery point ever committed, even if pruned since (empty if none)."""
+        with self.read() as txn:
+            last = txn.get(LAST_POINT_ID + vm.encode(), db=self._dbs["meta"])
+            return set() if last is None else {bytes(last).decode()}
 
     def delete_point(self, txn, point: RecoveryPoint) -> int:
         """Remove a recovery point and release its blocks' references; returns how many blocks became
