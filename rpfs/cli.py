@@ -212,7 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         print(f"rpfs: {getattr(e, 'strerror', None) or e}{where}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"rpfs: interrupted; {'no recovery point was created' if args.command == 'backup' else 'stopped'}",
-              file=sys.stderr)
+    except KeyboardInterrupt as e:
+        created = getattr(e, "recovery_point", None)
+        if args.command != "backup":
+            what = "stopped"
+        elif created:
+            what = f"recovery point {created} was created before the interrupt"
+        else:
+            what = "no recovery point was created"
+        print(f"rpfs: interrupted; {what}", file=sys.stderr)
         return 130

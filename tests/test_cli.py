@@ -150,3 +150,29 @@ def test_full_disk_is_a_clear_error_and_changes_nothing(tmp_path, kernel):
         rpfs("backup", "vm2", f"--disk=d={little}", store=store)  # the store still works
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_names_with_a_trailing_newline_are_refused(tmp_path):
+    store = tmp_path / "store"
+    rpfs("init", store=store)
+    image = tmp_path / "d.img"
+    image.write_bytes(b"x" * 4096)
+    for args in (["backup", "vm\n", f"--disk=d={image}"], ["backup", "vm", f"--disk=d\n={image}"],
+                 ["policy", "create", "p\n", "--daily", "02:00"], ["policy", "create", "p", "--daily", "02:00\n"]):
+        done = rpfs(*args, store=store, check=False)
+        assert done.returncode != 0 and done.stderr.startswith("rpfs: ") and "Traceback" not in done.stderr, args
+    assert json.loads(rpfs("list", "--json", store=store).stdout) == []
+
+
+def test_an_interrupt_after_the_commit_says_the_point_exists(store, tmp_path, monkeypatch, capsys):
+    import rpfs.backup.pipeline as pipeline
+    from rpfs.cli import main
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline, "_keep_or_delete_snapshots", interrupted)
+    disk = random_disk(tmp_path / "d.img", 1)
+    assert main(["--store", str(store), "backup", "vm", f"--disk=d={disk}"]) == 130
+    [point] = json.loads(rpfs("list", "--json", store=store).stdout)
+    created = f"recovery point vm/{point['id']} was created before the interrupt"
+    assert capsys.readouterr().err == f"rpfs: interrupted; {created}\n"

@@ -32,7 +32,7 @@ MOUNT_OPTIONS: dict[str, str] = {
     "erofs": "ro,nodev,nosuid",
 }
 MOUNTED = "mounted"
-ATTACH_NAME = re.compile(r"^(disk|p\d+)$")
+ATTACH_NAME = re.compile(r"disk|p[0-9]+")   # fullmatch
 
 
 @dataclass
@@ -300,7 +300,7 @@ def _rmdir_quietly(path: Path) -> None:
 def _is_attach_mount(mount: Mount) -> bool:
     """What attach makes: a mount named p<N> or disk whose source is a read-only loop device."""
     loop = re.fullmatch(r"/dev/(loop\d+)", mount.source)
-    if loop is None or not ATTACH_NAME.match(os.path.basename(mount.mountpoint)):
+    if loop is None or not ATTACH_NAME.fullmatch(os.path.basename(mount.mountpoint)):
         return False
     try:
         return (Path("/sys/block") / loop.group(1) / "ro").read_text().strip() == "1"
@@ -326,7 +326,7 @@ def _unmount(mount: Mount) -> None:
 
 def _remove_mountpoint(mountpoint: Path, root: Path) -> None:
     """rmdir a mountpoint attach created (p<N>/disk) and then empty parents up to, not including, root."""
-    if not ATTACH_NAME.match(mountpoint.name):
+    if not ATTACH_NAME.fullmatch(mountpoint.name):
         return
     path = mountpoint
     while path != root and root in path.parents:

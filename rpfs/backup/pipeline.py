@@ -100,18 +100,20 @@ def backup(store: Store, vm: str, disk_specs: list[tuple[str, str]], progress: P
         point_id = new_point_id(when, {p.id for p in store.points(vm)} | store.last_point_ids(vm))
         prepared = consistency.prepare(vm, disks, point_id, options.consistency, options.allow_live)
         sources: list[DiskSource] = []
-        committed = False
         try:
             for name, path in prepared.read_from.items():
                 sources.append(DiskSource.open(name, path, shown_as=disks[name]))
             point, summary = _run(store, RecoveryPoint(vm=vm, id=point_id, time=when.isoformat(timespec="seconds"),
                                                        consistency=prepared.consistency, quiesce=prepared.record),
                                   sources, progress, workers or (os.cpu_count() or 2) + 1)
-            committed = True
             _keep_or_delete_snapshots(store, point, prepared.snapshots, options.keep_snapshot_days)
-        except BaseException:
-            if not committed or not point.snapshot:   # a snapshot nothing records must not stay behind
-                snapshot.delete(prepared.snapshots.values())
+        except BaseException as e:
+            # Asked of the store, not of a flag: an interrupt may land just after the commit.
+            committed = store.has_point(vm, point_id)
+            if not committed or store.point(vm, point_id).snapshot is None:
+                snapshot.delete(prepared.snapshots.values())   # a snapshot nothing records must not stay
+            if committed and isinstance(e, KeyboardInterrupt):
+                e.recovery_point = f"{vm}/{point_id}"   # for the CLI's last line
             raise
         finally:
             for s in sources:

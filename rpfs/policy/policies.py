@@ -41,7 +41,7 @@ TOML_KEYS: dict[str, tuple[str, ...]] = {
 }
 TOML_SCHEDULE_KINDS = {"daily": "daily", "weekdays": "weekly", "every_hours": "hourly"}   # key -> kind
 
-HHMM_RE = re.compile(r"^(\d{1,2}):(\d{2})$")
+HHMM_RE = re.compile(r"([0-9]{1,2}):([0-9]{2})")   # fullmatch
 
 
 @dataclass
@@ -84,7 +84,7 @@ class _Problem(Exception):
 
 def check_name(name: str) -> str:
     """Policy names share the VM-name alphabet: they appear in listings, paths and unit names."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise RpfsError(f"invalid policy name {name!r}: use letters, digits, '.', '_', '+', '-'"
                         " (not starting with a symbol)")
     return name
@@ -225,7 +225,7 @@ def _name(value: object, path: tuple[str, ...]) -> str:
 
 
 def _hhmm(value: object, path: tuple[str, ...]) -> str:
-    match = HHMM_RE.match(value) if isinstance(value, str) else None
+    match = HHMM_RE.fullmatch(value) if isinstance(value, str) else None
     if not match or int(match.group(1)) > 23 or int(match.group(2)) > 59:
         raise _Problem(f"{path[-1]} must be a time \"HH:MM\" from 00:00 to 23:59 (UTC), not {_describe(value)}", path)
     return f"{int(match.group(1)):02d}:{match.group(2)}"

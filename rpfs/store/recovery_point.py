@@ -17,12 +17,12 @@ from rpfs.errors import RpfsError
 
 DIGEST_SIZE = 32
 HOLE = bytes(DIGEST_SIZE)
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")   # whole names only: fullmatch
 
 
 def check_name(kind: str, name: str) -> str:
     """VM and disk names become path components of the mount, so keep them to a safe alphabet."""
-    if not NAME_RE.match(name) or name in ("latest",):
+    if not NAME_RE.fullmatch(name) or name in ("latest",):
         raise RpfsError(f"invalid {kind} name {name!r}: use letters, digits, '.', '_', '+', '-'"
                         " (not starting with a symbol, not 'latest')")
     return name
