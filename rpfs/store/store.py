@@ -383,10 +383,17 @@ class Store:
             return {bytes(k).decode(): json.loads(bytes(v)) for k, v in txn.cursor(db=db)}
 
     def delete_record(self, kind: str, name: str) -> bool:
-        db = self._need(kind)
-        deleted = []
-        self.write(lambda txn: deleted.append(txn.delete(name.encode(), db=db)))
-        return bool(deleted and deleted[0])
+        return self.delete_records(kind, [name]) == 1
+
+    def delete_records(self, kind: str, names: Iterable[str]) -> int:
+        """Delete records in one transaction; returns how many there were."""
+        db, names = self._need(kind), list(names)
+        deleted: list[bool] = []
+
+        def fill(txn):
+            deleted[:] = [txn.delete(name.encode(), db=db) for name in names]
+        self.write(fill)
+        return sum(deleted)
 
     def modify_point(self, vm: str, point_id: str, change: Callable[[RecoveryPoint], None]) -> RecoveryPoint:
         """Change a recovery point's record (pin, snapshot bookkeeping) in one transaction that re-reads

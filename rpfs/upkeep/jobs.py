@@ -8,13 +8,15 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Iterator
 
 from rpfs.errors import RpfsError
 from rpfs.store.store import Store
 
 KIND = "jobs"
+KEEP_JOBS = 1000          # the newest finished jobs kept; older ones are forgotten (`rpfs run` adds a
+KEEP_DAYS = 90            # prune every 15 minutes), and so is any finished job older than this
 
 
 @dataclass
@@ -52,6 +54,7 @@ def recorded(store: Store, kind: str, vm: str | None = None) -> Iterator[Job]:
     job = Job(id=f"{started.strftime('%Y%m%dT%H%M%S.%fZ')}-{os.getpid()}", kind=kind, vm=vm,
               start=started.isoformat(timespec="seconds"), pid=os.getpid(), pid_start=_start_time(os.getpid()))
     store.put_record(KIND, job.id, asdict(job))
+    _forget_old_jobs(store, started)
     try:
         yield job
         job.status = "succeeded"
@@ -69,11 +72,26 @@ def recorded(store: Store, kind: str, vm: str | None = None) -> Iterator[Job]:
         store.put_record(KIND, job.id, asdict(job))
 
 
+def _running(job: Job) -> bool:
+    """Still running: recorded so, and its process (the same one, not a reused pid) is alive."""
+    return job.status == "running" and _start_time(job.pid) == job.pid_start
+
+
+def _forget_old_jobs(store: Store, now: datetime) -> None:
+    """Keep the job table bounded: the newest KEEP_JOBS finished jobs, none older than KEEP_DAYS."""
+    finished = sorted((name for name, record in store.records(KIND).items() if not _running(Job(**record))),
+                      reverse=True)   # ids start with the start time: newest first
+    cutoff = (now - timedelta(days=KEEP_DAYS)).strftime("%Y%m%dT%H%M%S")
+    old = finished[KEEP_JOBS:] + [name for name in finished[:KEEP_JOBS] if name < cutoff]
+    if old:
+        store.delete_records(KIND, old)
+
+
 def list_jobs(store: Store, running_only: bool = False) -> list[Job]:
     found = []
     for record in store.records(KIND).values():
         job = Job(**record)
-        if job.status == "running" and _start_time(job.pid) != job.pid_start:
+        if job.status == "running" and not _running(job):
             job.status, job.error = "failed", job.error or "its process died"
         if not running_only or job.status == "running":
             found.append(job)
