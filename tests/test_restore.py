@@ -260,3 +260,19 @@ def test_too_small_or_mounted_device_is_refused(vm, tmp_path, kernel):
             assert done.returncode != 0 and "in use" in done.stderr
         finally:
             subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.timeout(120)
+def test_a_device_holding_a_filesystem_needs_force(vm, tmp_path, kernel):
+    store, disks = vm
+    backing = tmp_path / "fs.img"
+    with open(backing, "wb") as f:
+        f.truncate(64 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-L", "keepme", str(backing)], check=True)
+    with loop_device(backing) as device:
+        done = rpfs("restore", "vm", "--disk", "odd", "--to", str(device), store=store, check=False)
+        assert done.returncode != 0 and "ext4 filesystem labelled 'keepme'" in done.stderr and "--force" in done.stderr
+        assert subprocess.run(["blkid", "-p", str(device)], capture_output=True).returncode == 0   # untouched
+        rpfs("restore", "vm", "--disk", "odd", "--to", str(device), "--force", store=store)
+        with open(device, "rb") as f:
+            assert f.read(disks["odd"].stat().st_size) == disks["odd"].read_bytes()

@@ -25,6 +25,7 @@ from typing import Callable
 from rpfs.backup import snapshot
 from rpfs.errors import RpfsError
 from rpfs.host.disk_use import in_use
+from rpfs.host.tools import run_tool_raw
 from rpfs.restore.partial import PartialFile, check_free
 from rpfs.serve.image import BlockCache, ImageReader
 from rpfs.store.leases import Lease
@@ -60,6 +61,9 @@ def check_target(target: Path, size: int, force: bool) -> bool:
         busy = in_use(target)
         if busy:
             raise RpfsError(f"{busy}: it is in use; stop using it first")
+        found = _signature(target)
+        if found and not force:
+            raise RpfsError(f"{target} holds {found}; restoring over it destroys it (use --force to overwrite it)")
         return True
     if target.exists() or target.is_symlink():
         if target.is_dir():
@@ -186,6 +190,19 @@ def _discard(fd: int, offset: int, length: int) -> None:
         fcntl.ioctl(fd, BLKZEROOUT, struct.pack("QQ", offset, length))
     except OSError:
         _zero_fill(fd, offset, length)
+
+
+def _signature(device: Path) -> str | None:
+    """What blkid finds on a device (a filesystem, a partition table...), as mkfs asks before writing."""
+    probe = run_tool_raw(["blkid", "-p", "-o", "export", str(device)])
+    if probe.returncode == 2:
+        return None   # nothing found
+    tags = dict(line.split("=", 1) for line in probe.stdout.splitlines() if "=" in line)
+    if tags.get("PTTYPE"):
+        return f"a {tags['PTTYPE']} partition table"
+    if tags.get("TYPE"):
+        return f"a {tags['TYPE']} filesystem" + (f" labelled {tags['LABEL']!r}" if tags.get("LABEL") else "")
+    return "a signature blkid recognises (or one it cannot tell apart)"
 
 
 def _device_size(device: Path) -> int:
