@@ -156,6 +156,21 @@ def test_jobs_are_recorded_and_a_dead_one_shows_failed(store, tmp_path):
     assert json.loads(rpfs("jobs", "--running", "--json", store=store).stdout)["jobs"] == []
 
 
+def test_the_job_table_stays_bounded(store, monkeypatch):
+    """`rpfs run` records a prune every 15 minutes: finished jobs are forgotten by count and by age."""
+    import rpfs.upkeep.jobs as jobs
+    monkeypatch.setattr(jobs, "KEEP_JOBS", 5)
+    with Store.open(store) as s:
+        s.put_record("jobs", "20000101T000000.000000Z-1", Job(id="20000101T000000.000000Z-1", kind="gc", vm=None,
+                                                              start="2000-01-01T00:00:00", status="succeeded").__dict__)
+        for _ in range(8):
+            with jobs.recorded(s, "gc"):
+                pass
+        listed = jobs.list_jobs(s)
+        assert len(listed) == jobs.KEEP_JOBS + 1          # the newest finished ones, and the last one
+        assert not any(j.id.startswith("2000") for j in listed)   # older than KEEP_DAYS
+
+
 def test_unprotect_keep_or_delete(store, tmp_path):
     rpfs("policy", "create", "p", "--daily", "02:00", "--keep-last", "1", store=store)
     disk = random_disk(tmp_path / "d.img", 1)
@@ -290,6 +305,24 @@ def test_a_lease_and_a_deletion_never_interleave(store, tmp_path):
         finally:
             lease.close()
         assert [p.id for p in s.points("vm")] == [first.id]
+
+
+def test_verify_leases_what_it_checks(store, tmp_path, monkeypatch):
+    """A prune and gc landing while verify reads cannot make the points it checks look damaged."""
+    import rpfs.upkeep.verify as verify_mod
+    protected_vm(store, tmp_path / "d.img", backups=3, keep_last=1)
+    real = verify_mod._verify
+    pruned = {}
+
+    def prune_and_gc_first(s, points, *args):
+        pruned.update(prune(s, {"vm": Retention(keep_last=1)})[0].kept)
+        gc(s)
+        return real(s, points, *args)
+    monkeypatch.setattr(verify_mod, "_verify", prune_and_gc_first)
+    with Store.open(store) as s:
+        result = verify(s)
+        assert result.damaged == {} and result.checked_blocks == 3 * 2
+        assert sum(why.startswith("in use by a reader") for why in pruned.values()) == 2
 
 
 @pytest.mark.timeout(120)

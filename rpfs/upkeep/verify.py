@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.store import blob
+from rpfs.store.leases import Lease
+from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.store import Store, distinct_digests
 
 
@@ -21,12 +23,34 @@ class VerifyResult:
 
 def verify(store: Store, vm: str | None = None, point_id: str | None = None, sample_percent: float = 100.0,
            progress=None) -> VerifyResult:
-    """Read every referenced block (or a random sample) and check it against its digest."""
+    """Read every referenced block (or a random sample) and check it against its digest.
+
+    The points checked are leased first, so a prune and gc running meanwhile cannot delete their
+    blocks and make them look damaged; a point pruned before its lease is simply not checked."""
     if not 0 < sample_percent <= 100:
         raise RpfsError("--sample must be a percentage above 0 and at most 100")
     points = [store.point(vm, point_id)] if point_id else store.points(vm)
     if vm and not points:
         store.point(vm)   # raises: unknown VM
+    lease = Lease(store.path)
+    try:
+        return _verify(store, _leased(lease, store, points), sample_percent, progress)
+    finally:
+        lease.close()
+
+
+def _leased(lease: Lease, store: Store, points: list[RecoveryPoint]) -> list[RecoveryPoint]:
+    kept = []
+    for p in points:
+        try:
+            lease.take(store, p.vm, p.id)
+        except RpfsError:
+            continue   # pruned since it was listed
+        kept.append(p)
+    return kept
+
+
+def _verify(store: Store, points: list[RecoveryPoint], sample_percent: float, progress) -> VerifyResult:
     users: dict[bytes, list[tuple[str, str]]] = {}
     for p in points:
         for d in p.disks:
