@@ -291,6 +291,21 @@ def test_kept_snapshot_is_listed_and_replaced(vm_on_xfs, tmp_path):
     assert len(json.loads(rpfs("snapshots", "--json", store=store).stdout)) == 1
 
 
+def test_a_killed_backups_snapshot_is_removed_by_the_next_backup(vm_on_xfs, tmp_path):
+    """kill -9 after the snapshot (here by the post-script, which runs right after it) leaves the clone;
+    the next backup of the VM removes it (issue 9, defect 3)."""
+    store, disk, _ = vm_on_xfs
+    cfg = config(tmp_path, f'[post]\npath = "{script(tmp_path, "post.sh", "kill -9 $PPID")}"\n')
+    done = rpfs("backup", "web01", f"--disk=os={disk}", "--consistency-config", str(cfg), store=store, check=False)
+    assert done.returncode == -signal.SIGKILL
+    assert len(list((disk.parent / ".rpfs-snapshots").rglob("*.img"))) == 1
+    rpfs("backup", "web01", f"--disk=os={disk}", "--keep-snapshot-days", "1", store=store)
+    [kept] = json.loads(rpfs("snapshots", "--json", store=store).stdout)
+    assert list((disk.parent / ".rpfs-snapshots").rglob("*.img")) == [Path(kept["disks"]["os"]["path"])]
+    rpfs("backup", "web01", f"--disk=os={disk}", store=store)     # a recorded kept snapshot is no orphan
+    assert Path(kept["disks"]["os"]["path"]).exists()
+
+
 def test_disk_added_between_backups(tmp_path):
     os_disk = make_whole_disk_ext4(tmp_path / "os.img", random_files(82, count=6))
     data_disk = make_whole_disk_ext4(tmp_path / "data.img", random_files(83, count=6))

@@ -96,6 +96,8 @@ def backup(store: Store, vm: str, disk_specs: list[tuple[str, str]], progress: P
     for name, path in disks.items():   # every disk readable before anything is quiesced
         DiskSource.open(name, path).close()
     with store.writer_lock(f"backup of {vm}", wait_seconds=WRITER_WAIT_SECONDS, refuse=_another_backup):
+        kept = {Path(p) for point in store.points(vm) if point.snapshot for p in point.snapshot.paths.values()}
+        snapshot.delete(snapshot.orphans(disks.values(), vm, kept))   # under the writer lock: none is in the making
         when = datetime.now(timezone.utc)
         point_id = new_point_id(when, {p.id for p in store.points(vm)} | store.last_point_ids(vm))
         prepared = consistency.prepare(vm, disks, point_id, options.consistency, options.allow_live)

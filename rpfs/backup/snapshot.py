@@ -71,6 +71,17 @@ def take(images: dict[str, Path], vm: str, snapshot_id: str) -> dict[str, Path]:
     return made
 
 
+def orphans(images, vm: str, recorded: set[Path]) -> list[Path]:
+    """Snapshot files of the VM beside its images that no recovery point records: left by a backup that
+    was killed (kill -9, a power cut) before it could delete them. Each pins the image's old extents."""
+    found = []
+    for image in images:
+        for path in (Path(image).parent / SNAPSHOT_DIR / vm).glob("*/*.img"):
+            if path not in recorded and not path.is_symlink():
+                found.append(path)
+    return found
+
+
 def delete(paths) -> None:
     """Remove snapshot files, and their folders once empty."""
     for path in paths:
