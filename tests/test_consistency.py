@@ -258,6 +258,29 @@ def test_watchdog_bounds_the_freeze_window(vm_on_xfs):
     assert writable_within(guest, 5)
 
 
+def test_watchdog_counts_from_the_freeze_not_from_arming(vm_on_xfs):
+    """A slow `fsfreeze -f` (it syncs first) must not use up the window (issue 9, defect 6)."""
+    _, _, guest = vm_on_xfs
+    watchdog = subprocess.Popen([sys.executable, "-m", "rpfs.backup.freeze_watchdog", "1", str(guest)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert watchdog.stdout.readline() == "armed\n"
+        time.sleep(2)                                   # longer than the window: the freeze is slow
+        run("fsfreeze", "-f", str(guest))
+        watchdog.stdin.write("frozen\n")
+        watchdog.stdin.flush()
+        again = subprocess.run(["fsfreeze", "-f", str(guest)], capture_output=True)   # EBUSY while frozen
+        assert again.returncode != 0, "thawed before its window ran out"
+        assert writable_within(guest, 10), "the watchdog did not thaw after its window"
+        watchdog.stdin.write("thawed\n")
+        watchdog.stdin.flush()
+        assert watchdog.stdout.readline() == "timed out\n"
+    finally:
+        watchdog.kill()
+        watchdog.wait()
+        subprocess.run(["fsfreeze", "-u", str(guest)], capture_output=True)
+
+
 def test_a_disk_in_use_without_snapshot_needs_allow_live(tmp_path):
     disk = make_whole_disk_ext4(tmp_path / "live.img", random_files(81, count=3))
     store = tmp_path / "store"

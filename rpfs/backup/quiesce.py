@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from rpfs.backup.freeze_watchdog import FREEZE_CALL_SECONDS
 from rpfs.errors import RpfsError
 
 SCRIPT_KEYS = {"path", "args", "timeout_seconds", "retries", "continue_on_failure"}
@@ -199,6 +200,9 @@ def frozen(mountpoints: list[str], max_seconds: float) -> Iterator["FreezeWindow
             for mountpoint in mountpoints:
                 _fsfreeze("-f", mountpoint)
                 frozen_now.append(mountpoint)
+            started = time.monotonic()
+            watchdog.stdin.write(b"frozen\n")   # the watchdog's window starts now
+            watchdog.stdin.flush()
             yield window
         finally:
             for mountpoint in frozen_now:
@@ -230,9 +234,10 @@ class FreezeWindow:
 
 def _fsfreeze(flag: str, mountpoint: str, missing_ok: bool = False) -> None:
     try:
-        done = subprocess.run(["fsfreeze", flag, mountpoint], capture_output=True, text=True, timeout=60)
+        done = subprocess.run(["fsfreeze", flag, mountpoint], capture_output=True, text=True,
+                              timeout=FREEZE_CALL_SECONDS)
     except subprocess.TimeoutExpired:
-        raise RpfsError(f"fsfreeze {flag} {mountpoint} did not finish within 60 s") from None
+        raise RpfsError(f"fsfreeze {flag} {mountpoint} did not finish within {FREEZE_CALL_SECONDS} s") from None
     if done.returncode != 0 and not (missing_ok and "Invalid argument" in done.stderr):
         what = "freeze" if flag == "-f" else "thaw"
         raise RpfsError(f"cannot {what} {mountpoint}: {done.stderr.strip() or done.returncode}")
