@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cli_helpers import mounted, rpfs
+from cli_helpers import is_mounted, mounted, rpfs
 from diskimages import (
     leftover_kernel_state,
     make_empty_image,
@@ -165,3 +165,32 @@ def test_whole_vm_attach_from_the_cli(tmp_path, no_leaks):
     finally:
         rpfs("detach", str(dest))
     assert list(dest.iterdir()) == []
+
+
+def test_a_killed_whole_vm_attach_is_undone_by_detach_or_by_the_same_attach(tmp_path, no_leaks):
+    """kill -9 right after its private store mount started leaves that mount and its record, nothing
+    attached below DEST: detach removes them, and so does the same attach run again (issue 9, defect 8)."""
+    from rpfs.serve import run_dir
+    from rpfs.serve.store_mount import start_store_daemon
+    image = make_whole_disk_ext4(tmp_path / "data.img", random_files(73, count=3))
+    store = tmp_path / "store"
+    rpfs("init", store=store)
+    rpfs("backup", "vm", f"--disk=data={image}", store=store)
+    dest = tmp_path / "vm-restore"
+    registry, store_mount = run_dir.attach_files(dest)
+
+    def killed_attach():
+        run_dir.write_file(registry, json.dumps({"dest": str(dest), "store_mount": str(store_mount)}))
+        start_store_daemon(store, run_dir.make_folder(store_mount), 64 << 20)
+        assert is_mounted(store_mount)
+
+    killed_attach()
+    rpfs("detach", str(dest))
+    assert not is_mounted(store_mount) and not registry.exists()
+    killed_attach()
+    rpfs("attach", "vm", str(dest), store=store)
+    try:
+        assert (dest / "data" / "disk").is_dir()
+    finally:
+        rpfs("detach", str(dest))
+    assert not is_mounted(store_mount) and not registry.exists()

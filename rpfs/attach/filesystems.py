@@ -106,16 +106,17 @@ def attach_disks(images: dict[str, Path], dest: Path) -> dict[str, list[Attached
     return results
 
 
-def detach(dest: Path) -> list[str]:
-    """Unmount the filesystems attach or attach_disks mounted below `dest`; remove the directories they made."""
+def detach(dest: Path, missing_ok: bool = False) -> list[str]:
+    """Unmount the filesystems attach or attach_disks mounted below `dest`; remove the directories they made.
+    Nothing attached is an error, unless missing_ok."""
     dest = Path(dest)
     root = os.path.realpath(dest)
     if root == "/":
         raise RpfsError("refusing to detach everything below /")
     # Only what attach makes: mounts named p<N> or disk on read-only loop devices. Other mounts below
     # dest (an rpfs store mount, a network share, a writable loop mount) are not ours to undo.
-    mounts = [m for m in _mounts_under(root) if _is_attach_mount(m)]
-    if not mounts:
+    mounts = _attach_mounts(root)
+    if not mounts and not missing_ok:
         raise RpfsError(f"nothing attached at {dest}")
     unmounted: list[str] = []
     failures: list[str] = []
@@ -131,6 +132,15 @@ def detach(dest: Path) -> list[str]:
     if failures:
         raise RpfsError("; ".join(failures))
     return unmounted
+
+
+def has_attached(dest: Path) -> bool:
+    """Something attach made is mounted below dest."""
+    return bool(_attach_mounts(os.path.realpath(dest)))
+
+
+def _attach_mounts(root: str) -> list[Mount]:
+    return [m for m in _mounts_under(root) if _is_attach_mount(m)]
 
 
 def _attach_image(image: Path, image_size: int, dest: Path) -> list[AttachedFilesystem]:
