@@ -2,6 +2,7 @@
 import errno
 import os
 import stat
+import threading
 
 import pyfuse3
 import pytest
@@ -11,6 +12,7 @@ from test_backup import corrupt_one_block, write_image
 from rpfs.backup.pipeline import backup
 from rpfs.serve.image import BlockCache
 from rpfs.serve.store_tree import RecoveryPointFS
+from rpfs.store.leases import Lease, gate, leased_points
 from rpfs.store.store import Store
 
 MiB = 1 << 20
@@ -84,3 +86,44 @@ def test_corrupt_block_is_eio(fs):
     bad = next(i for i in range(point.disk("d").blocks) if store.block_digest(key, i) == digest)
     fh = call(ops.open, lookup_path(ops, "vm", point.id, "d.img"), os.O_RDONLY, None).fh
     assert errno_of(ops.read, fh, bad * MiB, 4096) == errno.EIO
+
+
+def test_open_waits_for_a_prune_off_the_fuse_loop(tmp_path):
+    """While a prune holds the gate, an open waits on a thread: the loop goes on answering (issue 9, defect 9)."""
+    img = write_image(tmp_path / "d.img", 32, MiB)
+    with Store.init(tmp_path / "store") as store:
+        point, _ = backup(store, "vm", [("d", str(img))])
+        lease = Lease(store.path)
+        ops = RecoveryPointFS(store, BlockCache(4 * MiB), lease=lease)
+        image = lookup_path(ops, "vm", point.id, "d.img")
+        held, release = threading.Event(), threading.Event()
+
+        def prune_deleting():
+            with gate(store.path, exclusive=True):
+                held.set()
+                release.wait(30)
+        events = []
+
+        async def main():
+            async def open_image():
+                await ops.open(image, os.O_RDONLY, None)
+                events.append("opened")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(open_image)
+                await trio.sleep(0.3)
+                await ops.getattr(image, None)
+                events.append("answered")
+                release.set()
+        holder = threading.Thread(target=prune_deleting)
+        holder.start()
+        try:
+            held.wait(10)
+            trio.run(main)
+        finally:
+            release.set()
+            holder.join()
+        try:
+            assert events == ["answered", "opened"]
+            assert ("vm", point.id) in leased_points(store.path)
+        finally:
+            lease.close()

@@ -95,17 +95,18 @@ class RecoveryPointFS(pyfuse3.Operations):
         return point
 
     def _latest_id(self, vm: str) -> str:
-        return self.store.point(vm).id
+        latest = self.store.latest_point_id(vm)
+        if latest is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)   # its last point was pruned
+        return latest
 
     def _children(self, node: Node) -> list[tuple[str, Node]]:
         if node.kind == "root":
             return [(vm, Node("vm", vm)) for vm in self.store.vms()]
         if node.kind == "vm":
-            points = self.store.points(node.vm)
-            for p in points:   # recovery points are immutable: remember them for getattr and lookup
-                self._points.setdefault((p.vm, p.id), p)
-            children = [(p.id, Node("point", node.vm, p.id)) for p in points]
-            return children + ([(LATEST, Node("latest", node.vm))] if points else [])
+            ids = self.store.point_ids(node.vm)   # keys only: records are read once, by _point
+            children = [(point_id, Node("point", node.vm, point_id)) for point_id in ids]
+            return children + ([(LATEST, Node("latest", node.vm))] if ids else [])
         if node.kind == "point":
             point = self._point(node.vm, node.point_id)
             images = [(d.name + IMAGE_SUFFIX, Node("image", node.vm, node.point_id, d.name)) for d in point.disks]
@@ -120,7 +121,7 @@ class RecoveryPointFS(pyfuse3.Operations):
 
     def _lookup_child(self, node: Node, name: str) -> Node:
         if node.kind == "root":
-            if not self.store.points(name):
+            if self.store.latest_point_id(name) is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return Node("vm", name)
         if node.kind == "vm":
@@ -215,12 +216,18 @@ class RecoveryPointFS(pyfuse3.Operations):
             self._readers[inode] = ImageReader(self.store, self.cache, node.vm, node.point_id,
                                                point.disk(node.disk))
         key = (node.vm, node.point_id)
-        if self.lease is not None:   # prune must not delete a recovery point while it is open
-            try:
-                self.lease.take(self.store, *key)
-            except RpfsError:
-                raise pyfuse3.FUSEError(errno.ENOENT) from None   # pruned just now
+        # Counted before the lease is taken: a release of another handle meanwhile must not drop it.
         self._open_images[key] = self._open_images.get(key, 0) + 1
+        if self.lease is not None:   # prune must not delete a recovery point while it is open
+            try:   # on a thread: the gate's flock waits while a prune deletes, and the FUSE loop must not
+                await trio.to_thread.run_sync(self.lease.take, self.store, *key)
+            except BaseException as e:
+                self._open_images[key] -= 1
+                if self._open_images[key] == 0:
+                    del self._open_images[key]
+                if isinstance(e, RpfsError):
+                    raise pyfuse3.FUSEError(errno.ENOENT) from None   # pruned just now
+                raise
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @fuse_errors

@@ -13,6 +13,7 @@ import fcntl
 import itertools
 import json
 import os
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,14 +39,16 @@ class Lease:
         fcntl.flock(self._fd, fcntl.LOCK_SH)
         os.replace(unfinished, self.path)
         self._points: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()   # the mount takes leases on worker threads, releases on its own
 
     def add(self, vm: str, point_id: str) -> bool:
         """List a recovery point; False if it was listed already."""
-        if (vm, point_id) in self._points:
-            return False
-        self._points.add((vm, point_id))
-        self._write()
-        return True
+        with self._lock:
+            if (vm, point_id) in self._points:
+                return False
+            self._points.add((vm, point_id))
+            self._write()
+            return True
 
     def take(self, store: Store, vm: str, point_id: str) -> None:
         """Lease a recovery point, then check it still exists, both under the shared gate: prune checks
@@ -56,9 +59,10 @@ class Lease:
             _still_there(store, vm, point_id, undo=lambda: self.remove(vm, point_id) if added else None)
 
     def remove(self, vm: str, point_id: str) -> None:
-        if (vm, point_id) in self._points:
-            self._points.discard((vm, point_id))
-            self._write()
+        with self._lock:
+            if (vm, point_id) in self._points:
+                self._points.discard((vm, point_id))
+                self._write()
 
     def _write(self) -> None:
         data = json.dumps(sorted(self._points)).encode()

@@ -428,21 +428,55 @@ class Store:
         with self.read() as txn:
             return txn.get(self.point_key(vm, point_id), db=self._dbs["points"]) is not None
 
+    def point_ids(self, vm: str) -> list[str]:
+        """The VM's recovery point ids, oldest first, without reading their records."""
+        prefix = f"{vm}\0".encode()
+        with self.read() as txn:
+            cursor = txn.cursor(db=self._dbs["points"])
+            if not cursor.set_range(prefix):
+                return []
+            ids = []
+            for key in cursor.iternext(keys=True, values=False):
+                if not bytes(key).startswith(prefix):
+                    break
+                ids.append(bytes(key)[len(prefix):].decode())
+            return ids
+
+    def latest_point_id(self, vm: str) -> str | None:
+        """The VM's newest recovery point id (its last key): one B-tree step, whatever the count."""
+        prefix = f"{vm}\0".encode()
+        with self.read() as txn:
+            cursor = txn.cursor(db=self._dbs["points"])
+            # The first key past the VM's ("\x01" follows the "\0" of all of them), then one step back.
+            found = cursor.prev() if cursor.set_range(f"{vm}\x01".encode()) else cursor.last()
+            key = bytes(cursor.key()) if found else b""
+            return key[len(prefix):].decode() if key.startswith(prefix) else None
+
     def vms(self) -> list[str]:
-        return sorted({p.vm for p in self.points()})
+        """Every VM with a recovery point: one B-tree step per VM, no record read."""
+        found: list[str] = []
+        with self.read() as txn:
+            cursor = txn.cursor(db=self._dbs["points"])
+            more = cursor.first()
+            while more:
+                vm = bytes(cursor.key()).split(b"\0", 1)[0]
+                found.append(vm.decode())
+                more = cursor.set_range(vm + b"\x01")
+        return found
 
     def point(self, vm: str, point_id: str | None = None) -> RecoveryPoint:
         """One recovery point by id, or the VM's latest when point_id is None or 'latest'."""
-        points = self.points(vm)
-        if not points:
+        wanted = self.latest_point_id(vm) if point_id in (None, "latest") else point_id
+        if wanted is not None:
+            with self.read() as txn:
+                value = txn.get(self.point_key(vm, wanted), db=self._dbs["points"])
+                if value is not None:
+                    return RecoveryPoint.from_json(value)
+        latest = self.latest_point_id(vm)
+        if latest is None:
             known = ", ".join(self.vms()) or "none"
             raise RpfsError(f"unknown VM {vm!r} in store {self.path} (VMs: {known})")
-        if point_id in (None, "latest"):
-            return points[-1]
-        for p in points:
-            if p.id == point_id:
-                return p
-        raise RpfsError(f"VM {vm!r} has no recovery point {point_id!r} (latest: {points[-1].id})")
+        raise RpfsError(f"VM {vm!r} has no recovery point {point_id!r} (latest: {latest})")
 
     def block_map(self, map_key: bytes) -> bytes:
         """A whole block map (32 bytes per block); for scans that visit every block anyway."""
