@@ -19,6 +19,7 @@ from rpfs.commands.restores import (
     cmd_instant_stop,
     cmd_instant_wait,
     cmd_jobs,
+    cmd_overlay,
     cmd_restore,
 )
 from rpfs.commands.upkeep import cmd_compact, cmd_gc, cmd_pin, cmd_prune, cmd_usage, cmd_verify
@@ -75,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.add_argument("--discard", action="store_true", help="discard holes on a block device instead of writing zeros")
     p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("overlay", parents=[json_flag],
+                       help="a qcow2 overlay over a recovery point's image in the store mount (the VM way)")
+    p.add_argument("vm")
+    p.add_argument("recovery_point", nargs="?", help="recovery point id (default: the latest, recorded by its id)")
+    p.add_argument("--disk", required=True, help="the disk the overlay is for")
+    p.add_argument("--mount", required=True, metavar="MOUNTPOINT", help="where the store is mounted (rpfs mount)")
+    p.add_argument("--to", required=True, metavar="FILE.qcow2", help="the overlay to create")
+    p.set_defaults(func=cmd_overlay)
 
     p = sub.add_parser("instant-restore", parents=[json_flag],
                        help="a writable disk image at once, copied out of the store in the background")

@@ -123,25 +123,33 @@ def test_new_target_must_not_exist(tmp_path, cleanup):
 
 
 def test_qcow2_overlay_on_the_mount(tmp_path, cleanup):
-    """The VM way: qemu's qcow2 overlay with an image under the mount as its read-only backing file."""
+    """The VM way: `rpfs overlay` backs a qcow2 with the point's own image under the mount, never with
+    `latest`, so a later backup does not change the disk under the VM (issue 9, defect 10)."""
     require_tool("qemu-img")
     require_tool("qemu-io")
     source = tmp_path / "disk.img"
     source.write_bytes(os.urandom(6 * MiB) + bytes(2 * MiB))
+    original = source.read_bytes()
     store = tmp_path / "store"
     rpfs("init", store=store)
-    rpfs("backup", "vm", f"--disk=d={source}", store=store)
+    first = json.loads(rpfs("backup", "vm", f"--disk=d={source}", "--json", store=store).stdout)["point_id"]
     with mounted(store, tmp_path / "rp") as rp:
-        backing = rp / "vm" / "latest" / "d.img"
         overlay = tmp_path / "overlay.qcow2"
-        run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(backing), str(overlay))
+        made = json.loads(rpfs("overlay", "vm", "--disk", "d", "--mount", str(rp), "--to", str(overlay), "--json",
+                               store=store).stdout)
+        assert made["recovery_point"] == first and made["backing"] == str(rp / "vm" / first / "d.img")
+        assert json.loads(run("qemu-img", "info", "--output=json", str(overlay)))["backing-filename"] == made["backing"]
         run("qemu-io", "-c", "write -P 0xab 1M 64k", str(overlay))
-        run("qemu-io", "-c", "read -P 0xab 1M 64k", str(overlay))
+        source.write_bytes(os.urandom(8 * MiB))                 # the VM's disk moves on, and is backed up
+        rpfs("backup", "vm", f"--disk=d={source}", store=store)
         flat = tmp_path / "flat.raw"
         run("qemu-img", "convert", "-O", "raw", str(overlay), str(flat))
-    expected = bytearray(source.read_bytes())
+        done = rpfs("overlay", "vm", "--disk", "d", "--mount", str(rp), "--to", str(overlay), store=store, check=False)
+        assert done.returncode != 0 and "already exists" in done.stderr
+    expected = bytearray(original)
     expected[MiB:MiB + 65536] = b"\xab" * 65536
     assert flat.read_bytes() == bytes(expected)
+    assert [p["pinned"] for p in json.loads(rpfs("list", "--json", store=store).stdout)] == [True, False]
 
 
 def test_prune_keeps_the_point_of_an_unfinished_instant_restore(tmp_path, cleanup):

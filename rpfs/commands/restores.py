@@ -42,6 +42,20 @@ def cmd_restore(args) -> int:
     return 0
 
 
+def cmd_overlay(args) -> int:
+    from rpfs.restore.overlay import create_overlay
+    with open_store(args) as store:
+        point = store.point(args.vm, args.recovery_point)
+        backing = create_overlay(store, point, args.disk, Path(args.mount), Path(args.to))
+    if args.json:
+        print_json({"overlay": str(Path(args.to).absolute()), "backing": str(backing), "vm": point.vm,
+                    "recovery_point": point.id, "pinned": True})
+    else:
+        print(f"created {args.to} (qcow2) over {backing}; {point.vm}/{point.id} is pinned so prune keeps it"
+              f" (rpfs unpin {point.vm} {point.id} once the overlay is no longer used)")
+    return 0
+
+
 def cmd_instant_restore(args) -> int:
     from rpfs.restore import instant
     with open_store(args, readonly=True) as store:
