@@ -22,7 +22,7 @@ from rpfs.commands.restores import (
     cmd_overlay,
     cmd_restore,
 )
-from rpfs.commands.upkeep import cmd_compact, cmd_gc, cmd_pin, cmd_prune, cmd_usage, cmd_verify
+from rpfs.commands.upkeep import cmd_check, cmd_compact, cmd_gc, cmd_pin, cmd_prune, cmd_usage, cmd_verify
 from rpfs.errors import RpfsError
 from rpfs.store.blob import DEFAULT_ZSTD_LEVEL
 from rpfs.store.store import DEFAULT_BLOCK_SIZE
@@ -167,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recovery_point", nargs="?")
     p.add_argument("--sample", type=float, default=100.0, metavar="PERCENT", help="check a random sample")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("check", parents=[json_flag],
+                       help="check refs, every referenced block and what killed processes left; exit 4 on problems")
+    p.add_argument("--read-data", action="store_true", help="also decode every referenced block and check its digest")
+    p.add_argument("--repair", action="store_true",
+                   help="rebuild refs from the block maps and remove leftovers (never deletes a block)")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("usage", parents=[json_flag], help="protected instance size and backup storage per VM")
     p.set_defaults(func=cmd_usage)

@@ -30,7 +30,7 @@ def test_the_layers_hold():
     ("serve/image.py", "rpfs.backup.source"),       # serve never imports backup
     ("policy/run.py", "rpfs.commands"),             # only the CLI imports the commands
     ("upkeep/usage.py", "rpfs.commands.progress"),
-    ("restore/full.py", "rpfs.attach.vm"),          # restore, attach and upkeep stand side by side
+    ("restore/full.py", "rpfs.attach.vm"),          # restore and attach stand side by side, below upkeep
     ("attach/vm.py", "rpfs.upkeep.jobs"),
     ("host/disk_use.py", "rpfs.store.store"),       # the host knows nothing of rpfs above errors
 ])

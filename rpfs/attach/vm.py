@@ -23,7 +23,7 @@ def attach_point(store_path: Path, point: RecoveryPoint, dest: Path) -> dict[str
     if registry.exists():
         if has_attached(dest):
             raise RpfsError(f"{dest} already has a VM attached; rpfs detach {dest} first")
-        _release(registry, store_mount)   # left by an attach that was killed half-way
+        release_attach(registry, store_mount)   # left by an attach that was killed half-way
     # The registry first: whatever a kill leaves from here on, detach (or this again) finds and undoes.
     run_dir.write_file(registry, json.dumps({"dest": str(dest), "store_mount": str(store_mount)}))
     try:
@@ -32,7 +32,7 @@ def attach_point(store_path: Path, point: RecoveryPoint, dest: Path) -> dict[str
         images = {d.name: store_mount / point.vm / point.id / f"{d.name}.img" for d in point.disks}
         return attach_disks(images, dest)
     except BaseException:
-        _release(registry, store_mount)
+        release_attach(registry, store_mount)
         raise
 
 
@@ -43,12 +43,12 @@ def detach_point_or_image(dest: Path) -> list[str]:
     if not registry.exists():
         return detach(dest)
     undone = detach(dest, missing_ok=True)   # a killed attach may have mounted nothing yet
-    _release(registry, store_mount)
+    release_attach(registry, store_mount)
     return undone
 
 
-def _release(registry: Path, store_mount: Path) -> None:
-    """Unmount a whole-VM attach's private store mount and forget it."""
+def release_attach(registry: Path, store_mount: Path) -> None:
+    """Unmount a whole-VM attach's private store mount and forget it (also check --repair's)."""
     if fstype_at(str(store_mount)) is not None:
         daemon.unmount(store_mount)
     registry.unlink(missing_ok=True)

@@ -50,6 +50,25 @@ def cmd_verify(args) -> int:
     return 4 if result.damaged else 0
 
 
+def cmd_check(args) -> int:
+    from rpfs.upkeep.check import check
+    with open_store(args) as store, recorded(store, "check") as job:
+        with ProgressBar("check", quiet=args.json) as bar:
+            result = check(store, read_data=args.read_data, repair=args.repair, progress=bar)
+        if result.unrepaired:
+            job.error = f"{len(result.unrepaired)} problem(s)"
+    if args.json:
+        print_json({"recovery_points": result.recovery_points, "checked_blocks": result.checked_blocks,
+                    "problems": [{"kind": p.kind, "what": p.what, "repaired": p.repaired} for p in result.problems]})
+    else:
+        for p in result.problems:
+            print(f"{'repaired' if p.repaired else 'PROBLEM'} {p.kind}: {p.what}")
+        print(f"checked {result.recovery_points} recovery point(s), {result.checked_blocks} block(s)"
+              f"{' (content read and hashed)' if args.read_data else ' (frames and CRCs)'}: "
+              + (f"{len(result.unrepaired)} problem(s)" if result.unrepaired else "no problem left"))
+    return 4 if result.unrepaired else 0
+
+
 def cmd_usage(args) -> int:
     from rpfs.upkeep.usage import usage
     with open_store(args, readonly=True) as store:

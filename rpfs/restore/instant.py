@@ -81,7 +81,7 @@ def start(store: Store, point: RecoveryPoint, disk_name: str, target: Path) -> I
         if (existing.vm, existing.point_id, existing.disk) != (source.vm, source.point_id, source.disk):
             raise RpfsError(f"{target} is an unfinished instant restore of {existing.vm}/{existing.point_id}/"
                             f"{existing.disk}; resume it with those, or choose another path")
-    new_hold = hold(store, registry.stem, point.vm, point.id)   # prune keeps the point until the copy is done
+    new_hold = hold(store, registry.stem, point.vm, point.id, target)   # prune keeps the point until the copy is done
     if not resuming:
         try:
             create(target, source)

@@ -88,14 +88,14 @@ def gate(store_path: Path, exclusive: bool) -> Iterator[None]:
         os.close(fd)
 
 
-def hold(store: Store, name: str, vm: str, point_id: str) -> bool:
+def hold(store: Store, name: str, vm: str, point_id: str, target: Path) -> bool:
     """A lease that outlives processes: an unfinished instant restore needs its recovery point even while
     no daemon runs. Taken like Lease.take, under the gate; released by release_hold once the copy is done.
     True when the hold is new (not one an earlier run took)."""
     path = store.path / LEASE_DIR / f"hold-{name}"
     with gate(store.path, exclusive=False):
         existed = path.exists()
-        write_whole(path, json.dumps([[vm, point_id]]).encode())   # a reader never sees half a hold
+        write_whole(path, json.dumps([[vm, point_id, str(target)]]).encode())   # never seen half-written
         _still_there(store, vm, point_id, undo=lambda: None if existed else path.unlink(missing_ok=True))
     return not existed
 
@@ -107,6 +107,18 @@ def _still_there(store: Store, vm: str, point_id: str, undo: Callable[[], None])
         raise RpfsError(f"recovery point {vm}/{point_id} no longer exists (it was just pruned)")
 
 
+def holds(store_path: Path) -> dict[str, tuple[str, str, str | None]]:
+    """name -> (vm, recovery point, target or None) of every hold (older ones do not name their target)."""
+    found = {}
+    for path in sorted((store_path / LEASE_DIR).glob("hold-*")):
+        try:
+            [entry] = json.loads(path.read_text())
+            found[path.name.removeprefix("hold-")] = (str(entry[0]), str(entry[1]), entry[2] if len(entry) > 2 else None)
+        except (OSError, ValueError, TypeError, IndexError):
+            raise RpfsError(f"cannot read the lease {path}; nothing was pruned (rpfs check --repair)") from None
+    return found
+
+
 def release_hold(store_path: Path, name: str) -> None:
     (store_path / LEASE_DIR / f"hold-{name}").unlink(missing_ok=True)
 
@@ -114,29 +126,46 @@ def release_hold(store_path: Path, name: str) -> None:
 def leased_points(store_path: Path) -> dict[tuple[str, str], str]:
     """(vm, recovery point) -> holder, for every live lease; stale lease files are removed."""
     found: dict[tuple[str, str], str] = {}
-    for path in sorted((store_path / LEASE_DIR).glob("hold-*")):
-        try:
-            for vm, point_id in json.loads(path.read_text()):
-                found[(vm, point_id)] = "an unfinished instant restore"
-        except (OSError, ValueError):
-            raise RpfsError(f"cannot read the lease {path}; nothing was pruned") from None
+    for name, (vm, point_id, _) in holds(store_path).items():
+        found[(vm, point_id)] = "an unfinished instant restore"
     for path in sorted((store_path / LEASE_DIR).glob("lease-*")):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             continue
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                path.unlink(missing_ok=True)      # nobody holds it: its daemon is gone
+            if _nobody_holds(fd):
+                path.unlink(missing_ok=True)      # its reader is gone
                 continue
-            except BlockingIOError:
-                pass
             for vm, point_id in _read_points(fd, path):
                 found[(vm, point_id)] = f"a reader (pid {path.name.split('-')[1]})"
         finally:
             os.close(fd)
     return found
+
+
+def stale_leases(store_path: Path) -> list[Path]:
+    """Lease files whose reader died (nobody holds their flock); prune removes them as it goes."""
+    found = []
+    for path in sorted((store_path / LEASE_DIR).glob("lease-*")):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            if _nobody_holds(fd):
+                found.append(path)
+        finally:
+            os.close(fd)
+    return found
+
+
+def _nobody_holds(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 def _read_points(fd: int, path: Path) -> list:

@@ -127,10 +127,7 @@ class Store:
         def fill(txn):
             for name in DB_NAMES[len(V1_DB_NAMES):]:
                 self._dbs[name.decode()] = self._env.open_db(name, txn=txn, create=True)
-            counts: dict[bytes, int] = {}
-            for _key, block_map in txn.cursor(db=self._dbs["maps"]):
-                for digest in distinct_digests(block_map):
-                    counts[digest] = counts.get(digest, 0) + 1
+            counts = count_references(block_map for _key, block_map in txn.cursor(db=self._dbs["maps"]))
             for digest, count in counts.items():
                 txn.put(digest, REF.pack(count), db=self._dbs["refs"])
             txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=self._dbs["meta"])
@@ -342,6 +339,26 @@ class Store:
         txn.delete(self.point_key(point.vm, point.id), db=self._dbs["points"])
         return released
 
+    def map_keys(self) -> list[bytes]:
+        """Every block map's key, without its block map."""
+        with self.read() as txn:
+            return [bytes(k) for k in txn.cursor(db=self._dbs["maps"]).iternext(keys=True, values=False)]
+
+    def ref_counts(self) -> dict[bytes, int]:
+        """The `refs` database as it stands: digest -> how many block maps it says reference the block."""
+        with self.read() as txn:
+            return {bytes(k): REF.unpack(v)[0] for k, v in txn.cursor(db=self._need("refs"))}
+
+    def replace_refs(self, counts: dict[bytes, int]) -> None:
+        """Rewrite `refs` whole, in one transaction (check --repair, from a recount of the block maps)."""
+        refs = self._need("refs")
+
+        def fill(txn):
+            txn.drop(refs, delete=False)
+            for digest, count in sorted(counts.items()):
+                txn.put(digest, REF.pack(count), db=refs)
+        self.write(fill)
+
     def unreferenced_blocks(self, per_transaction: int = 4096) -> Iterator[bytes]:
         """Digests of stored blocks no recovery point references (call with the writer lock held)."""
         refs, after = self._need("refs"), b""
@@ -509,6 +526,15 @@ def _hold_open_lock(path: Path) -> int:
         os.close(fd)
         raise RpfsError(f"store {path} is being compacted; try again in a moment") from None
     return fd
+
+
+def count_references(block_maps: Iterable) -> dict[bytes, int]:
+    """digest -> how many of the block maps reference it: what `refs` must hold."""
+    counts: dict[bytes, int] = {}
+    for block_map in block_maps:
+        for digest in distinct_digests(block_map):
+            counts[digest] = counts.get(digest, 0) + 1
+    return counts
 
 
 def distinct_digests(block_map) -> set[bytes]:

@@ -1,1 +1,1 @@
-"""Keeping a store healthy and accounted: gc, compact, verify, usage, and the job record."""
+"""Keeping a store healthy and accounted: check, gc, compact, verify, usage, and the job record."""

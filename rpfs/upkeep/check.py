@@ -1,0 +1,168 @@
+"""`rpfs check [--read-data] [--repair]`: is the store whole and consistent, and was anything left behind?
+
+What borg check and restic check are to theirs. It recounts every block's references from the block
+maps and compares them with `refs`; finds every referenced block and checks its frame's CRC (with
+--read-data, decodes it and checks its SHA-256 too); and looks for what a killed process leaves:
+snapshots no recovery point records, holds of instant restores that are gone, lease files of dead
+readers, run-dir records of dead daemons, whole-VM attaches with nothing attached, instant restores
+killed while finishing. --repair rebuilds `refs` from the maps and removes the leftovers. It never
+deletes a block: a referenced block is data, an unreferenced one is gc's to remove.
+
+It runs under the writer lock, so no backup, prune or gc changes the maps or `refs` meanwhile.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from rpfs.attach.filesystems import has_attached
+from rpfs.attach.vm import release_attach
+from rpfs.backup import snapshot
+from rpfs.errors import CorruptBlockError
+from rpfs.restore.partial import partial_path, settle, state_path
+from rpfs.serve import run_dir
+from rpfs.store import blob
+from rpfs.store.leases import holds, release_hold, stale_leases
+from rpfs.store.store import WRITER_WAIT_SECONDS, Store, count_references
+
+
+@dataclass
+class Problem:
+    kind: str                 # refs | block | snapshot | hold | lease | run-dir | instant
+    what: str                 # one line, for the user
+    repaired: bool = False
+    repair: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass
+class CheckResult:
+    recovery_points: int = 0
+    checked_blocks: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def unrepaired(self) -> list[Problem]:
+        return [p for p in self.problems if not p.repaired]
+
+
+def check(store: Store, read_data: bool = False, repair: bool = False, progress=None) -> CheckResult:
+    result = CheckResult()
+    with store.writer_lock("check", wait_seconds=WRITER_WAIT_SECONDS):
+        points = store.points()
+        result.recovery_points = len(points)
+        counts = count_references(store.block_map(key) for key in store.map_keys())
+        result.problems += _refs(store, counts)
+        result.problems += _blocks(store, counts, read_data, result, progress)
+        result.problems += _snapshots(store, points)
+        result.problems += _holds(store, {(p.vm, p.id) for p in points})
+        result.problems += [Problem("lease", f"lease file {path} of a reader that died",
+                                    repair=lambda path=path: path.unlink(missing_ok=True))
+                            for path in stale_leases(store.path)]
+        result.problems += _run_dir(store)
+        if repair:
+            for problem in result.problems:
+                if problem.repair is not None:
+                    problem.repair()
+                    problem.repaired = True
+    return result
+
+
+def _refs(store: Store, counts: dict[bytes, int]) -> list[Problem]:
+    stored = store.ref_counts()
+    wrong = [d for d in counts.keys() | stored.keys() if counts.get(d, 0) != stored.get(d, 0)]
+    if not wrong:
+        return []
+    first = min(wrong)
+    return [Problem("refs", f"refs is wrong for {len(wrong)} block(s) (first {first.hex()[:16]}: says"
+                            f" {stored.get(first, 0)}, the block maps reference it {counts.get(first, 0)} time(s))",
+                    repair=lambda: store.replace_refs(counts))]
+
+
+def _blocks(store: Store, counts: dict[bytes, int], read_data: bool, result: CheckResult,
+            progress) -> list[Problem]:
+    """Every referenced block there, its frame sound (and with read_data its content right)."""
+    def inspect(stored: memoryview) -> str | None:
+        try:
+            if not read_data:
+                blob.check_crc(stored)
+                return None
+            raw = blob.decode(stored)
+            return None if hashlib.sha256(raw).digest() == digest else "does not match its digest"
+        except CorruptBlockError as e:
+            return e.message
+    problems = []
+    for n, digest in enumerate(sorted(counts), 1):
+        found = store.get_blob(digest, lambda stored: inspect(stored) or "")   # None: not there
+        found = "is missing" if found is None else found
+        result.checked_blocks += 1
+        if found:
+            problems.append(Problem("block", f"block {digest.hex()[:16]} {found.removeprefix('stored block ')}"
+                                             " (rpfs verify names the recovery points that need it)"))
+        if progress:
+            progress(n, len(counts))
+    return problems
+
+
+def _snapshots(store: Store, points) -> list[Problem]:
+    """Snapshot files beside the disks' images that no recovery point records (a killed backup's)."""
+    recorded = {Path(p) for point in points if point.snapshot for p in point.snapshot.paths.values()}
+    images: dict[str, set[Path]] = {}
+    for point in points:
+        images.setdefault(point.vm, set()).update(Path(d.source) for d in point.disks if d.source)
+    return [Problem("snapshot", f"snapshot {path} that no recovery point records",
+                    repair=lambda path=path: snapshot.delete([path]))
+            for vm, paths in sorted(images.items()) for path in snapshot.orphans(sorted(paths), vm, recorded)]
+
+
+def _holds(store: Store, existing: set[tuple[str, str]]) -> list[Problem]:
+    problems = []
+    for name, (vm, point_id, target) in holds(store.path).items():
+        if (vm, point_id) not in existing:
+            why = f"recovery point {vm}/{point_id} no longer exists"
+        elif target is not None and not state_path(Path(target)).exists():
+            why = f"the instant restore into {target} is finished or gone"
+        else:
+            continue
+        problems.append(Problem("hold", f"hold {name} keeps {vm}/{point_id} from prune, but {why}",
+                                repair=lambda name=name: release_hold(store.path, name)))
+    return problems
+
+
+def _run_dir(store: Store) -> list[Problem]:
+    """What dead daemons and killed commands left in the run dir (for this store, or for none)."""
+    problems = []
+    for pid_file in sorted(run_dir.root().glob("mount-*.pid")):
+        if not _alive_rpfs(pid_file):
+            problems.append(Problem("run-dir", f"pid file {pid_file} of a daemon that is gone",
+                                    repair=lambda p=pid_file: p.unlink(missing_ok=True)))
+    for record in run_dir.instant_records():
+        target = _read(record).get("target")
+        if target and state_path(Path(target)).exists() and not partial_path(Path(target)).exists() \
+                and Path(target).exists():
+            problems.append(Problem("instant", f"the instant restore into {target} was killed while finishing"
+                                               " (its copy is whole)", repair=lambda t=Path(target): settle(t)))
+    for record in sorted((run_dir.root() / "attach").glob("*.json")):
+        dest, mountpoint = _read(record).get("dest"), record.with_suffix("")
+        if dest and not has_attached(Path(dest)):
+            problems.append(Problem("run-dir", f"whole-VM attach record for {dest}, with nothing attached",
+                                    repair=lambda r=record, m=mountpoint: release_attach(r, m)))
+    return problems
+
+
+def _alive_rpfs(pid_file: Path) -> bool:
+    try:
+        pid = int(pid_file.read_text())
+        return b"rpfs" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+
+
+def _read(record: Path) -> dict:
+    try:
+        return json.loads(record.read_text())
+    except (OSError, ValueError):
+        return {}
+

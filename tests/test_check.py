@@ -1,0 +1,91 @@
+"""rpfs check [--read-data] [--repair]: it finds what is wrong or left behind, repairs what it can, and
+never changes anything without --repair."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+from cli_helpers import rpfs
+from diskimages import random_disk
+from test_backup import corrupt_one_block
+
+from rpfs.serve import run_dir
+from rpfs.store.leases import LEASE_DIR, hold
+from rpfs.store.store import REF, Store
+
+
+@pytest.fixture
+def backed_up(tmp_path):
+    store = tmp_path / "store"
+    rpfs("init", store=store)
+    disk = random_disk(tmp_path / "d.img", 3)
+    point = json.loads(rpfs("backup", "vm", f"--disk=d={disk}", "--json", store=store).stdout)["point_id"]
+    return store, disk, point
+
+
+def check(store: Path, *flags: str) -> tuple[int, list[dict]]:
+    done = rpfs("check", "--json", *flags, store=store, check=False)
+    assert done.returncode in (0, 4), done.stderr
+    return done.returncode, json.loads(done.stdout)["problems"]
+
+
+def test_a_clean_store_is_clean(backed_up):
+    store, _, _ = backed_up
+    assert check(store) == (0, [])
+    assert check(store, "--read-data") == (0, [])
+    done = rpfs("check", store=store)
+    assert "no problem left" in done.stdout
+
+
+def test_wrong_refs_are_found_and_rebuilt_from_the_block_maps(backed_up):
+    store, _, _ = backed_up
+    with Store.open(store) as s:
+        digest = next(iter(s.ref_counts()))
+        s.write(lambda txn: txn.put(digest, REF.pack(7), db=s.db("refs")))
+        s.write(lambda txn: txn.put(b"\1" * 32, REF.pack(1), db=s.db("refs")))
+    code, problems = check(store)
+    assert code == 4 and [p["kind"] for p in problems] == ["refs"] and "2 block(s)" in problems[0]["what"]
+    assert check(store)[0] == 4                          # without --repair nothing changed
+    code, problems = check(store, "--repair")
+    assert code == 0 and problems[0]["repaired"]
+    assert check(store) == (0, [])
+    assert json.loads(rpfs("verify", "--json", store=store).stdout)["damaged"] == {}
+
+
+def test_damaged_and_missing_blocks_are_named_and_never_deleted(backed_up):
+    store, _, point_id = backed_up
+    with Store.open(store) as s:
+        point = s.point("vm", point_id)
+        damaged = corrupt_one_block(s, point, "d")
+        missing = next(d for d in s.ref_counts() if d != damaged)
+        s.write(lambda txn: txn.delete(missing, db=s.db("blocks")))
+    code, problems = check(store, "--repair")
+    assert code == 4
+    whats = sorted(p["what"] for p in problems)
+    assert any(damaged.hex()[:16] in w and "CRC" in w for w in whats), whats
+    assert any(missing.hex()[:16] in w and "missing" in w for w in whats), whats
+    assert not any(p["repaired"] for p in problems)
+    with Store.open(store) as s:
+        assert s.has_block(damaged)                      # data is never deleted, even damaged
+
+
+def test_leftovers_of_killed_processes_are_found_and_removed(backed_up, tmp_path):
+    store, disk, point_id = backed_up
+    orphan = disk.parent / ".rpfs-snapshots" / "vm" / "2020-01-01T000000Z" / "d.img"   # a killed backup's
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"clone")
+    with Store.open(store) as s:
+        hold(s, "gone", "vm", point_id, tmp_path / "finished.img")       # an instant restore long finished
+    stale = store / LEASE_DIR / "lease-999999-0"                         # a reader that died
+    stale.write_text("[]")
+    pid_file = run_dir.daemon_files(tmp_path / "nowhere")[0]             # a daemon that died
+    run_dir.write_file(pid_file, f"{2 ** 22 + 7}\n")
+    code, problems = check(store)
+    assert code == 4 and sorted(p["kind"] for p in problems) == ["hold", "lease", "run-dir", "snapshot"]
+    assert orphan.exists() and stale.exists() and pid_file.exists()      # nothing changed yet
+    code, problems = check(store, "--repair")
+    assert code == 0 and all(p["repaired"] for p in problems)
+    assert not orphan.exists() and not stale.exists() and not pid_file.exists()
+    assert not (store / LEASE_DIR / "hold-gone").exists()
+    assert check(store) == (0, [])
+    assert os.path.exists(disk)
