@@ -5,8 +5,16 @@ import tempfile
 
 import pytest
 
-# Mount daemons started by the tests keep their pid files and logs here, not in /run/rpfs.
+# Mount daemons started by the tests keep their pid files and logs here, not in /run/rpfs; each test
+# gets a run dir of its own below its tmp_path (private_run_dir), this one is for what runs outside tests.
 os.environ.setdefault("RPFS_RUN_DIR", tempfile.mkdtemp(prefix="rpfs-test-run-"))
+
+
+@pytest.fixture(autouse=True)
+def private_run_dir(tmp_path, monkeypatch):
+    """The run dir below tmp_path: what a test's daemons leave there (mounts above all) is inside what
+    the leak checks look at, and no test sees another's records."""
+    monkeypatch.setenv("RPFS_RUN_DIR", str(tmp_path / "run"))
 
 
 def _kernel_problem() -> str | None:
