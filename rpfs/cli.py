@@ -33,6 +33,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"rpfs: {message} (see rpfs --help)\n")
 
 
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):   # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate in MB/s (0: no limit)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rpfs", description="Recovery-point filesystem: back up disk images, mount and restore them.")
     parser.add_argument("--store", default=os.environ.get("RPFS_STORE"),
@@ -93,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk", required=True, help="the disk to restore")
     p.add_argument("--to", required=True, metavar="PATH", help="the image file the copy ends up in")
     p.add_argument("--wait", action="store_true", help="return only when the copy is complete")
+    p.add_argument("--copy-mbps", type=_rate, default=0.0, metavar="MB/S",
+                   help="limit the background copy to this many MB/s (default: no limit)")
     p.set_defaults(func=cmd_instant_restore)
 
     p = sub.add_parser("instant-wait", parents=[json_flag], help="wait until an instant restore's copy is complete")
@@ -188,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("instant-daemon")   # started by instant-restore; not for users
     p.add_argument("target")
     p.add_argument("mountpoint")
+    p.add_argument("--copy-mbps", type=_rate, default=0.0)
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--log-file")
     p.set_defaults(func=cmd_instant_daemon)

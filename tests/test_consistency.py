@@ -187,15 +187,19 @@ def test_failing_pre_script(vm_on_xfs, tmp_path):
 
 
 def test_hanging_script_times_out_and_nothing_stays_frozen(vm_on_xfs, tmp_path):
+    """The hanging pre-script is killed, the backup goes on to freeze and snapshot (continue_on_failure),
+    and the filesystem is writable afterwards."""
     store, disk, guest = vm_on_xfs
     pre = script(tmp_path, "pre.sh", "sleep 600")
-    cfg = config(tmp_path, f'[pre]\npath = "{pre}"\ntimeout_seconds = 1\nretries = 1\n'
+    cfg = config(tmp_path, f'[pre]\npath = "{pre}"\ntimeout_seconds = 1\nretries = 1\ncontinue_on_failure = true\n'
                            f'[freeze]\nmountpoints = ["{guest}"]\n')
     started = time.monotonic()
-    done = rpfs("backup", "web01", f"--disk=os={disk}", "--consistency-config", str(cfg), store=store, check=False)
-    assert done.returncode != 0 and "timed out after 1 s" in done.stderr
+    out = json.loads(rpfs("backup", "web01", f"--disk=os={disk}", "--consistency-config", str(cfg), "--json",
+                          store=store).stdout)["recovery_point"]
     assert time.monotonic() - started < 30
-    (guest / "still-writable").write_text("yes")   # would block if the filesystem were frozen
+    assert out["quiesce"]["pre"]["message"] == "timed out after 1 s" and out["quiesce"]["freeze"]["mountpoints"]
+    assert out["consistency"] == "file-system"      # it reached the freeze
+    assert writable_within(guest, 10)
 
 
 @pytest.mark.parametrize("what", ["script", "config"])

@@ -92,7 +92,7 @@ def test_killed_daemon_resumes_without_losing_writes(tmp_path, cleanup):
     rpfs("init", store=store)
     rpfs("backup", "vm", f"--disk=d={source}", store=store)
     target = tmp_path / "restored.img"
-    job = start_instant(store, target, cleanup)
+    job = start_instant(store, target, cleanup, "--copy-mbps", "20")   # 50 s for the copy: it is still going
     patches = {5 * MiB + 100: b"A" * 5000, 700 * MiB: b"B" * MiB, 1023 * MiB + 4000: b"C" * 999}
     fd = os.open(job["image"], os.O_RDWR)
     try:
@@ -164,7 +164,7 @@ def test_prune_keeps_the_point_of_an_unfinished_instant_restore(tmp_path, cleanu
     target = tmp_path / "restored.img"
     cleanup.append(target)
     job = json.loads(rpfs("instant-restore", "vm", first, "--disk", "d", "--to", str(target), "--json",
-                          store=store).stdout)
+                          "--copy-mbps", "20", store=store).stdout)   # the copy is still going when killed
     os.kill(job["pid"], signal.SIGKILL)          # stopped: no daemon holds a lease now
     assert state_path(target).exists(), "the copy finished before the daemon could be killed"
     kept = json.loads(rpfs("prune", "--json", store=store).stdout)[0]

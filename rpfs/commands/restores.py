@@ -60,7 +60,7 @@ def cmd_instant_restore(args) -> int:
     from rpfs.restore import instant
     with open_store(args, readonly=True) as store:
         point = store.point(args.vm, args.recovery_point)
-        job = instant.start(store, point, args.disk, Path(args.to))
+        job = instant.start(store, point, args.disk, Path(args.to), args.copy_mbps)
     if not args.json:
         print(job.image)
         print(f"writable image of {job.vm}/{job.point_id}/{job.disk} ready; copying into {job.target} in the"
@@ -80,7 +80,8 @@ def cmd_instant_daemon(args) -> int:
     from rpfs.restore import instant
     from rpfs.serve import daemon
     target = Path(args.target)
-    daemon.serve(lambda: instant.instant_filesystem(target), Path(args.mountpoint), ready_fd=args.ready_fd,
+    daemon.serve(lambda: instant.instant_filesystem(target, args.copy_mbps * 1e6), Path(args.mountpoint),
+                 ready_fd=args.ready_fd,
                 log_file=Path(args.log_file) if args.log_file else None)
     return 0
 

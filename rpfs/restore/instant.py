@@ -43,7 +43,7 @@ class InstantJob:
     pid: int | None = None
 
 
-def instant_filesystem(target: Path) -> daemon.Filesystem:
+def instant_filesystem(target: Path, copy_bytes_per_second: float = 0) -> daemon.Filesystem:
     """What the daemon serves: the writable image, with the copy running beside it."""
     source = read_source(target)
     store = Store.open(source.store, readonly=True)
@@ -64,10 +64,11 @@ def instant_filesystem(target: Path) -> daemon.Filesystem:
         image.close()
         lease.close()
         store.close()
-    return daemon.Filesystem(WritableImageFS(image, f"{source.disk}.img"), set(), close, image.hydrate)
+    return daemon.Filesystem(WritableImageFS(image, f"{source.disk}.img"), set(), close,
+                             lambda stop: image.hydrate(stop, copy_bytes_per_second))
 
 
-def start(store: Store, point: RecoveryPoint, disk_name: str, target: Path) -> InstantJob:
+def start(store: Store, point: RecoveryPoint, disk_name: str, target: Path, copy_mbps: float = 0) -> InstantJob:
     """Create the target (or resume an unfinished one) and start its daemon; returns once it serves."""
     target = Path(os.path.abspath(target))
     disk = point.disk(disk_name)
@@ -98,7 +99,8 @@ def start(store: Store, point: RecoveryPoint, disk_name: str, target: Path) -> I
         daemon.unmount(mountpoint)   # left behind by a daemon that died
     run_dir.make_folder(mountpoint)
     run_dir.write_file(registry, json.dumps({k: getattr(job, k) for k in REGISTERED}))
-    job.pid = daemon.start_daemon(["instant-daemon", str(target), str(mountpoint)], mountpoint, disk.block_size)
+    job.pid = daemon.start_daemon(["instant-daemon", str(target), str(mountpoint), "--copy-mbps", str(copy_mbps)],
+                                  mountpoint, disk.block_size)
     return _with_progress(job)
 
 

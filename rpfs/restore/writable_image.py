@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -202,11 +203,15 @@ class WritableImage:
                 os.fsync(self._state_fd)
 
     # -- the background copy -----------------------------------------------------------------------
-    def hydrate(self, stop: threading.Event) -> None:
-        """Copy every block PATH lacks; returns when complete or when stop is set."""
+    def hydrate(self, stop: threading.Event, bytes_per_second: float = 0) -> None:
+        """Copy every block PATH lacks; returns when complete or when stop is set. bytes_per_second (0: no
+        limit) spares the disk of a VM that runs on the image meanwhile."""
         pending: list[int] = []
-        pending_bytes = 0
+        pending_bytes = copied = 0
+        started = time.monotonic()
         for index in range(self.source.blocks):
+            if bytes_per_second and stop.wait(max(0.0, copied / bytes_per_second - (time.monotonic() - started))):
+                break
             if stop.is_set():
                 break
             if self.present(index):
@@ -218,6 +223,7 @@ class WritableImage:
                 if block is not HOLE:             # PATH is sparse: a hole needs no write
                     os.pwrite(self._fd, block, index * self.block_size)
                     pending_bytes += len(block)
+                    copied += len(block)
                 pending.append(index)
                 if pending_bytes >= SYNC_EVERY_BYTES or len(pending) >= 4096:
                     self._commit(pending)
