@@ -31,6 +31,8 @@ class Lease:
     def __init__(self, store_path: Path):
         folder = store_path / LEASE_DIR
         folder.mkdir(exist_ok=True)
+        for dead in stale_leases(store_path):   # readers that died before they could remove theirs
+            dead.unlink(missing_ok=True)
         self.path = folder / f"lease-{os.getpid()}-{next(_numbers)}"
         # Locked before it has its name: prune takes an unlocked lease file for a dead reader's.
         unfinished = folder / f".{self.path.name}"

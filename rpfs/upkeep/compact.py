@@ -19,6 +19,8 @@ def compact(store: Store) -> tuple[int, int]:
         before = (store.path / "data.mdb").stat().st_size
         work = store.path / "compact.tmp"
         work.mkdir(exist_ok=True)
+        for leftover in work.glob("*"):   # a compact that was killed: nobody else has the store open
+            leftover.unlink()
         try:
             store.copy_compacted(work)
             with open(work / "data.mdb", "rb") as f:
