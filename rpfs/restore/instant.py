@@ -49,7 +49,9 @@ def instant_filesystem(target: Path, copy_bytes_per_second: float = 0) -> daemon
     store = Store.open(source.store, readonly=True)
     image = lease = None
     try:
-        image = WritableImage(target, store, BlockCache(CACHE_BYTES))
+        hold_name = run_dir.instant_files(target)[0].stem
+        image = WritableImage(target, store, BlockCache(CACHE_BYTES),   # once whole, prune may have the point
+                              on_complete=lambda: release_hold(store.path, hold_name))
         lease = Lease(store.path)   # prune must not delete the recovery point while it is copied
         lease.take(store, source.vm, source.point_id)
     except BaseException:
@@ -59,8 +61,6 @@ def instant_filesystem(target: Path, copy_bytes_per_second: float = 0) -> daemon
         raise
 
     def close() -> None:
-        if image.complete:
-            release_hold(store.path, run_dir.instant_files(target)[0].stem)
         image.close()
         lease.close()
         store.close()
@@ -92,9 +92,8 @@ def start(store: Store, point: RecoveryPoint, disk_name: str, target: Path, copy
             raise
     job = InstantJob(target=str(target), image=str(mountpoint / f"{disk.name}.img"), mountpoint=str(mountpoint),
                      vm=point.vm, point_id=point.id, disk=disk.name, blocks=source.blocks, store=source.store)
-    running = daemon.daemon_pid(Path(job.mountpoint))
-    if running is not None:
-        raise RpfsError(f"an instant restore into {target} is already running; its image is {job.image}")
+    if daemon.daemon_pid(Path(job.mountpoint)) is not None:
+        return _with_progress(job)   # already served (the same command run again): nothing more to start
     if fstype_at(str(mountpoint)) is not None:
         daemon.unmount(mountpoint)   # left behind by a daemon that died
     run_dir.make_folder(mountpoint)

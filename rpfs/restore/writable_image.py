@@ -2,8 +2,9 @@
 
 The copy is written to `PATH.rpfs-partial` (restore/partial.py), created sparse at the disk's size, with
 a state file beside it (`PATH.rpfs-instant`): a JSON header naming the store, VM, recovery point and
-disk, then a bitmap with one bit per block. A set bit means PATH holds that block (copied from the store, or written by the
-user); reads of the other blocks come from the store. A background hydrator copies the missing blocks.
+disk, then a bitmap with one bit per block. A set bit means PATH holds that block (copied from the
+store, or written by the user); reads of the other blocks come from the store. A background hydrator
+copies the missing blocks.
 When every bit is set the copy is renamed to PATH and the state file deleted: PATH is then a plain
 standalone image, and PATH never holds a half-copied one.
 
@@ -25,6 +26,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from rpfs.errors import RpfsError
 from rpfs.host.files import fsync_folder, write_whole
@@ -98,8 +100,10 @@ def create(target: Path, source: InstantSource) -> None:
 class WritableImage:
     """PATH as the user sees it: blocks from PATH where its bit is set, from the store elsewhere."""
 
-    def __init__(self, target: Path, store: Store, cache: BlockCache):
-        self.target = target
+    def __init__(self, target: Path, store: Store, cache: BlockCache,
+                 on_complete: Callable[[], None] = lambda: None):
+        """on_complete runs once PATH is whole, before the state file goes: the store is not needed any more."""
+        self.target, self.on_complete = target, on_complete
         self.source = read_source(target)
         point = store.point(self.source.vm, self.source.point_id)
         self.reader = ImageReader(store, cache, point.vm, point.id, point.disk(self.source.disk))
@@ -146,6 +150,7 @@ class WritableImage:
         if tail and self._bitmap[-1] != (1 << tail) - 1:
             return
         self._partial.finish()
+        self.on_complete()
         state_path(self.target).unlink(missing_ok=True)   # a kill before this line: partial.settle
         os.close(self._state_fd)
         self._state_fd = -1
