@@ -22,6 +22,7 @@ GPT_PROTECTIVE = 0xEE
 EXTENDED_TYPES = frozenset({0x05, 0x0F, 0x85})
 SECTOR_SIZES = (512, 4096)
 MAX_LOGICAL = 128  # bound on an EBR chain, so a looping chain cannot hang us
+MAX_PARTITIONS = 256   # GPT's usual 128 entries, and logical MBR partitions, fit with room to spare
 MAX_GPT_ENTRIES_BYTES = 1 << 20
 
 
@@ -36,12 +37,28 @@ class Partition:
 
 
 def read_partitions(image: Path) -> list[Partition]:
-    """Partitions of `image` in table order; [] when the image has no partition table."""
+    """Partitions of `image` in table order; [] when the image has no partition table. A table that
+    lists more than MAX_PARTITIONS, a partition outside the image, or two that overlap is refused."""
     try:
         with open(image, "rb") as f:
-            return _read_table(f, _file_size(f))
+            size = _file_size(f)
+            return _sane(_read_table(f, size), size)
     except OSError as e:
         raise RpfsError(f"cannot read partition table of {image}: {e.strerror or e}") from None
+
+
+def _sane(parts: list[Partition], image_size: int) -> list[Partition]:
+    if len(parts) > MAX_PARTITIONS:
+        raise RpfsError(f"the partition table lists {len(parts)} partitions; rpfs reads at most {MAX_PARTITIONS}")
+    for p in parts:
+        if p.size <= 0 or p.start <= 0 or p.start + p.size > image_size:
+            raise RpfsError(f"partition {p.number} (bytes {p.start}-{p.start + p.size}) lies outside the image"
+                            f" ({image_size} bytes): the table is damaged")
+    by_start = sorted(parts, key=lambda p: p.start)
+    for a, b in zip(by_start, by_start[1:]):
+        if b.start < a.start + a.size:
+            raise RpfsError(f"partitions {a.number} and {b.number} overlap: the table is damaged")
+    return parts
 
 
 def _file_size(f) -> int:

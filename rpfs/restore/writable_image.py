@@ -59,11 +59,15 @@ def read_source(target: Path) -> InstantSource:
     try:
         with open(state_path(target), "rb") as f:
             header = f.read(HEADER_SIZE).rstrip(b"\0")
-        return InstantSource(**json.loads(header))
+        source = InstantSource(**json.loads(header))
     except FileNotFoundError:
         raise RpfsError(f"{target} has no unfinished instant restore") from None
-    except (ValueError, TypeError):
-        raise RpfsError(f"{state_path(target)} is damaged; it is not an rpfs instant-restore state file") from None
+    except (ValueError, TypeError, UnicodeDecodeError):
+        source = None
+    fields_ok = source is not None and all(isinstance(getattr(source, k), str) for k in ("store", "vm", "point_id", "disk"))
+    if not fields_ok or not all(type(v) is int and v > 0 for v in (source.size, source.block_size)):
+        raise RpfsError(f"{state_path(target)} is damaged; it is not an rpfs instant-restore state file")
+    return source
 
 
 def progress_of(target: Path) -> tuple[int, int]:
