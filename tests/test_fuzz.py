@@ -98,9 +98,13 @@ def test_fuzzed_state_file(tmp_path, header):
     assert source.size > 0 and source.block_size > 0 and isinstance(source.vm, str)
 
 
+def policy_text(name: str, daily: str, keep: str, extra: str) -> str:
+    return f"name = {name}\n[schedule]\ndaily = {daily}\n[retention]\nkeep_last = {keep}\n{extra}"
+
+
 @FUZZ
 @given(text=st.one_of(st.text(max_size=300), st.builds(
-    lambda name, daily, keep, extra: f'name = {name}\n[schedule]\ndaily = {daily}\n[retention]\nkeep_last = {keep}\n{extra}',
+    policy_text,
     st.sampled_from(['"p"', '"bad name"', "1", '""', "[1]"]), st.sampled_from(['"02:00"', '"25:00"', "2", '"2:0"']),
     st.sampled_from(["3", "-1", '"x"', "1e9", "true"]), st.text(max_size=40))))
 def test_fuzzed_policy_toml(text):

@@ -64,7 +64,8 @@ def read_source(target: Path) -> InstantSource:
         raise RpfsError(f"{target} has no unfinished instant restore") from None
     except (ValueError, TypeError, UnicodeDecodeError):
         source = None
-    fields_ok = source is not None and all(isinstance(getattr(source, k), str) for k in ("store", "vm", "point_id", "disk"))
+    fields_ok = source is not None and all(isinstance(getattr(source, k), str)
+                                           for k in ("store", "vm", "point_id", "disk"))
     if not fields_ok or not all(type(v) is int and v > 0 for v in (source.size, source.block_size)):
         raise RpfsError(f"{state_path(target)} is damaged; it is not an rpfs instant-restore state file")
     return source
