@@ -11,7 +11,8 @@ class RpfsError(Exception):
 
 
 class CorruptBlockError(RpfsError):
-    """A stored block failed its checksum or digest: its range reads as EIO, never as wrong data."""
+    """Stored data failed its check (a block its CRC or digest, a record its parse): a block's range reads
+    as EIO, never as wrong data."""
 
     def __init__(self, message: str):
         super().__init__(message, exit_code=3)

@@ -1,4 +1,5 @@
-"""The crash campaign (tools/chaos) as part of the suite: at least 200 kills in CI, fewer locally."""
+"""The crash campaign (tools/chaos) as part of the suite: at least 200 kills and 20 damaged stores in CI,
+fewer locally."""
 import json
 import os
 import subprocess
@@ -13,7 +14,9 @@ KILLS = int(os.environ.get("RPFS_CHAOS_KILLS", "200" if os.environ.get("CI") == 
 @pytest.mark.timeout(2400)
 def test_nothing_is_lost_when_writing_commands_are_killed(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "tools" / "chaos"), "--kills", str(KILLS), "--seed", "1",
-                           "--dir", str(tmp_path), "--json"], capture_output=True, text=True, timeout=2300)
+                           "--bit-rot", str(max(KILLS // 10, 3)), "--dir", str(tmp_path), "--json"],
+                          capture_output=True, text=True, timeout=2300)
     report = json.loads(done.stdout)
     assert report["failures"] == [], report["failures"]
     assert done.returncode == 0 and sum(report["kills"].values()) >= KILLS, done.stderr
+    assert not any("WRONG" in outcome for outcome in report["bit_rot"])

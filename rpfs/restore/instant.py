@@ -77,6 +77,10 @@ def start(store: Store, point: RecoveryPoint, disk_name: str, target: Path, copy
     registry, mountpoint = run_dir.instant_files(target)
     settle(target)
     resuming = state_path(target).exists()
+    earlier = _registered(registry)
+    if not resuming and earlier is not None and target.exists() and \
+            (earlier.vm, earlier.point_id, earlier.disk) == (point.vm, point.id, disk.name):
+        return _with_progress(earlier)   # the same command again, after the copy finished: it is done
     if resuming:
         existing = read_source(target)
         if (existing.vm, existing.point_id, existing.disk) != (source.vm, source.point_id, source.disk):
@@ -104,14 +108,15 @@ def start(store: Store, point: RecoveryPoint, disk_name: str, target: Path, copy
 
 
 def jobs() -> list[InstantJob]:
-    found = []
-    for registry in run_dir.instant_records():
-        try:
-            job = InstantJob(**{k: v for k, v in json.loads(registry.read_text()).items() if k in REGISTERED})
-        except (OSError, ValueError, TypeError):
-            continue
-        found.append(_with_progress(job))
-    return found
+    return [_with_progress(job) for job in map(_registered, run_dir.instant_records()) if job is not None]
+
+
+def _registered(registry: Path) -> InstantJob | None:
+    """The instant restore a run-dir record describes, or None (no record, or a damaged one)."""
+    try:
+        return InstantJob(**{k: v for k, v in json.loads(registry.read_text()).items() if k in REGISTERED})
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _with_progress(job: InstantJob) -> InstantJob:

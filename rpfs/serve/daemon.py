@@ -85,13 +85,10 @@ def serve(open_filesystem: Callable[[], Filesystem], mountpoint: Path, ready_fd:
         pid_path.unlink(missing_ok=True)
         if fs is not None:
             fs.close()
-        if ready_fd is not None:
-            os.write(ready_fd, e.message.encode() + b"\n")
+        _tell(ready_fd, e.message.encode() + b"\n")
         raise
     log.info("mounted at %s", mountpoint)
-    if ready_fd is not None:
-        os.write(ready_fd, READY)
-        os.close(ready_fd)
+    _tell(ready_fd, READY)
     stop = threading.Event()
     worker = None
     if fs.background is not None:
@@ -108,6 +105,18 @@ def serve(open_filesystem: Callable[[], Filesystem], mountpoint: Path, ready_fd:
         pid_path.unlink(missing_ok=True)
         log.info("unmounted %s", mountpoint)
         _remove_log_unless_it_has_news(log_file)
+
+
+def _tell(ready_fd: int | None, answer: bytes) -> None:
+    """Answer the process that started us; if it died meanwhile (kill -9), serve on all the same."""
+    if ready_fd is None:
+        return
+    try:
+        os.write(ready_fd, answer)
+    except BrokenPipeError:
+        pass
+    finally:
+        os.close(ready_fd)
 
 
 def _log_failure(work: Callable[[threading.Event], None], log: logging.Logger) -> Callable[[threading.Event], None]:

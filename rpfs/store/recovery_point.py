@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from rpfs.errors import RpfsError
+from rpfs.errors import CorruptBlockError, RpfsError
 
 DIGEST_SIZE = 32
 HOLE = bytes(DIGEST_SIZE)
@@ -106,10 +106,14 @@ class RecoveryPoint:
 
     @classmethod
     def from_json(cls, data: bytes) -> "RecoveryPoint":
-        raw = json.loads(bytes(data))
-        disks = [DiskRecord(**d) for d in raw.pop("disks")]
-        snapshot = raw.pop("snapshot", None)
-        return cls(disks=disks, snapshot=KeptSnapshot(**snapshot) if snapshot else None, **raw)
+        """The record as stored; a damaged one (bit rot) is an RpfsError, never a half-read record."""
+        try:
+            raw = json.loads(bytes(data))
+            disks = [DiskRecord(**d) for d in raw.pop("disks")]
+            snapshot = raw.pop("snapshot", None)
+            return cls(disks=disks, snapshot=KeptSnapshot(**snapshot) if snapshot else None, **raw)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise CorruptBlockError(f"a recovery point record is damaged ({e}); rpfs check tells more") from None
 
 
 def new_point_id(when: datetime, used: set[str]) -> str:

@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import lmdb
 
-from rpfs.errors import RpfsError
+from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.store.blob import DEFAULT_ZSTD_LEVEL
 from rpfs.store.recovery_point import DIGEST_SIZE, HOLE, RecoveryPoint
 
@@ -390,14 +390,14 @@ class Store:
         db = self._need(kind)
         with self.read() as txn:
             value = txn.get(name.encode(), db=db)
-            return None if value is None else json.loads(bytes(value))
+            return None if value is None else _record(kind, name, value)
 
     def records(self, kind: str) -> dict[str, dict]:
         db = self._dbs.get(kind)
         if db is None:
             return {}
         with self.read() as txn:
-            return {bytes(k).decode(): json.loads(bytes(v)) for k, v in txn.cursor(db=db)}
+            return {bytes(k).decode(errors="replace"): _record(kind, bytes(k), v) for k, v in txn.cursor(db=db)}
 
     def delete_record(self, kind: str, name: str) -> bool:
         return self.delete_records(kind, [name]) == 1
@@ -526,6 +526,17 @@ def _hold_open_lock(path: Path) -> int:
         os.close(fd)
         raise RpfsError(f"store {path} is being compacted; try again in a moment") from None
     return fd
+
+
+def _record(kind: str, name, value) -> dict:
+    """A JSON record as stored; a damaged one (bit rot) is an error naming it, never a traceback."""
+    try:
+        record = json.loads(bytes(value))
+    except (ValueError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict):
+        raise CorruptBlockError(f"the {kind} record {name!r} is damaged; rpfs check tells more")
+    return record
 
 
 def count_references(block_maps: Iterable) -> dict[bytes, int]:
