@@ -130,44 +130,36 @@ def leased_points(store_path: Path) -> dict[tuple[str, str], str]:
     found: dict[tuple[str, str], str] = {}
     for name, (vm, point_id, _) in holds(store_path).items():
         found[(vm, point_id)] = "an unfinished instant restore"
-    for path in sorted((store_path / LEASE_DIR).glob("lease-*")):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+    for path, fd, held in _lease_files(store_path):
+        if not held:
+            path.unlink(missing_ok=True)      # its reader is gone
             continue
-        try:
-            if _nobody_holds(fd):
-                path.unlink(missing_ok=True)      # its reader is gone
-                continue
-            for vm, point_id in _read_points(fd, path):
-                found[(vm, point_id)] = f"a reader (pid {path.name.split('-')[1]})"
-        finally:
-            os.close(fd)
+        for vm, point_id in _read_points(fd, path):
+            found[(vm, point_id)] = f"a reader (pid {path.name.split('-')[1]})"
     return found
 
 
 def stale_leases(store_path: Path) -> list[Path]:
     """Lease files whose reader died (nobody holds their flock); prune removes them as it goes."""
-    found = []
+    return [path for path, _, held in _lease_files(store_path) if not held]
+
+
+def _lease_files(store_path: Path) -> Iterator[tuple[Path, int, bool]]:
+    """(path, an fd open on it while the caller looks, whether a living reader holds it) per lease file."""
     for path in sorted((store_path / LEASE_DIR).glob("lease-*")):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             continue
         try:
-            if _nobody_holds(fd):
-                found.append(path)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = False
+            except BlockingIOError:
+                held = True
+            yield path, fd, held
         finally:
             os.close(fd)
-    return found
-
-
-def _nobody_holds(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
 
 
 def _read_points(fd: int, path: Path) -> list:
