@@ -17,7 +17,7 @@ from rpfs.errors import RpfsError
 from rpfs.policy.policies import Retention
 from rpfs.policy.prune import delete_points, prune
 from rpfs.policy.run import run
-from rpfs.store.leases import Lease, leased_points
+from rpfs.store.leases import Lease, leased_points, set_pinned
 from rpfs.store.store import Store
 from rpfs.upkeep.gc import gc
 from rpfs.upkeep.jobs import Job
@@ -323,6 +323,16 @@ def test_verify_leases_what_it_checks(store, tmp_path, monkeypatch):
         result = verify(s)
         assert result.damaged == {} and result.checked_blocks == 3 * 2
         assert sum(why.startswith("in use by a reader") for why in pruned.values()) == 2
+
+
+def test_a_point_pinned_after_prune_decided_is_not_deleted(store, tmp_path):
+    """pin can no longer lose to a running prune: it re-reads `pinned` under the gate (issue 9, defect 4)."""
+    ids = protected_vm(store, tmp_path / "d.img", backups=2, keep_last=1)
+    with Store.open(store) as s:
+        doomed = s.point("vm", ids[0])            # what prune decided to delete
+        set_pinned(s, "vm", ids[0], True)          # pinned meanwhile
+        assert delete_points(s, [doomed]) == ([], {ids[0]: "pinned"}, 0)
+        assert s.point("vm", ids[0]).pinned
 
 
 @pytest.mark.timeout(120)

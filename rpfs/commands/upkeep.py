@@ -5,6 +5,7 @@ from dataclasses import asdict
 
 from rpfs.commands import open_store, print_json
 from rpfs.commands.progress import ProgressBar, human_bytes
+from rpfs.store.leases import set_pinned
 from rpfs.upkeep.jobs import recorded
 
 
@@ -90,7 +91,7 @@ def cmd_usage(args) -> int:
 def cmd_pin(args) -> int:
     with open_store(args) as store:
         found = store.point(args.vm, args.recovery_point)
-        point = store.modify_point(found.vm, found.id, lambda p: setattr(p, "pinned", args.pinned))
+        point = set_pinned(store, found.vm, found.id, args.pinned)
     if args.json:
         print_json({"vm": point.vm, "recovery_point": point.id, "pinned": point.pinned})
     else:

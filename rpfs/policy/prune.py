@@ -76,6 +76,9 @@ def delete_points(store: Store, points: list[RecoveryPoint]) -> tuple[list[str],
             if holder:
                 in_use[point.id] = f"in use by {holder}"
                 continue
+            if store.has_point(point.vm, point.id) and store.point(point.vm, point.id).pinned:
+                in_use[point.id] = "pinned"   # since prune decided
+                continue
             if point.snapshot:   # files first: a record whose snapshot files are gone is harmless
                 snapshot.delete(point.snapshot.paths.values())
             changed: list[int] = []

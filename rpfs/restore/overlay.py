@@ -13,6 +13,7 @@ from rpfs.errors import RpfsError
 from rpfs.host.mountinfo import fstype_at
 from rpfs.host.tools import run_tool
 from rpfs.serve.daemon import FSTYPE
+from rpfs.store.leases import set_pinned
 from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.store import Store
 
@@ -28,7 +29,7 @@ def create_overlay(store: Store, point: RecoveryPoint, disk_name: str, mount: Pa
         raise RpfsError(f"{backing} is not there: is {mount} a mount of store {store.path}?")
     if target.exists() or target.is_symlink():
         raise RpfsError(f"{target} already exists; choose a new path")
-    store.modify_point(point.vm, point.id, lambda p: setattr(p, "pinned", True))
+    set_pinned(store, point.vm, point.id, True)
     run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(backing), str(target)])
     os.chmod(target, 0o600)   # the guest's writes land here
     return backing

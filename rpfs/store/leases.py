@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 from rpfs.errors import RpfsError
 from rpfs.host.files import write_whole
+from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.store import Store
 
 LEASE_DIR = "leases"
@@ -88,6 +89,13 @@ def gate(store_path: Path, exclusive: bool) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def set_pinned(store: Store, vm: str, point_id: str, pinned: bool) -> RecoveryPoint:
+    """Pin (or unpin) a recovery point under the shared gate: a prune re-reads `pinned` under the
+    exclusive gate before it deletes, so it never deletes a point pinned after it decided."""
+    with gate(store.path, exclusive=False):
+        return store.modify_point(vm, point_id, lambda p: setattr(p, "pinned", pinned))
 
 
 def hold(store: Store, name: str, vm: str, point_id: str, target: Path) -> bool:
