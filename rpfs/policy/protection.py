@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rpfs.backup.pipeline import parse_disk_specs
-from rpfs.errors import RpfsError
+from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.policy.policies import Policy, Retention, policy_from_dict, policy_to_dict
 from rpfs.policy.prune import delete_vm_points
 from rpfs.store.recovery_point import check_name
@@ -68,7 +68,13 @@ def protect(store: Store, vm: str, policy: str, disk_specs: list[str], temporary
 
 
 def protections(store: Store) -> dict[str, Protection]:
-    return {vm: Protection(**record) for vm, record in store.records("protected").items()}
+    found = {}
+    for vm, record in store.records("protected").items():
+        try:
+            found[vm] = Protection(**record)
+        except TypeError:
+            raise CorruptBlockError(f"the protection record of {vm!r} is damaged; rpfs check tells more") from None
+    return found
 
 
 def retentions(store: Store) -> dict[str, Retention]:

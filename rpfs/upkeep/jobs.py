@@ -72,6 +72,13 @@ def recorded(store: Store, kind: str, vm: str | None = None) -> Iterator[Job]:
         store.put_record(KIND, job.id, asdict(job))
 
 
+def _job(record: dict) -> Job | None:
+    try:
+        return Job(**record)
+    except TypeError:
+        return None
+
+
 def _running(job: Job) -> bool:
     """Still running: recorded so, and its process (the same one, not a reused pid) is alive."""
     return job.status == "running" and _start_time(job.pid) == job.pid_start
@@ -79,7 +86,8 @@ def _running(job: Job) -> bool:
 
 def _forget_old_jobs(store: Store, now: datetime) -> None:
     """Keep the job table bounded: the newest KEEP_JOBS finished jobs, none older than KEEP_DAYS."""
-    finished = sorted((name for name, record in store.records(KIND).items() if not _running(Job(**record))),
+    finished = sorted((name for name, record in store.records(KIND).items()
+                       if (job := _job(record)) is None or not _running(job)),   # a damaged one goes too
                       reverse=True)   # ids start with the start time: newest first
     cutoff = (now - timedelta(days=KEEP_DAYS)).strftime("%Y%m%dT%H%M%S")
     old = finished[KEEP_JOBS:] + [name for name in finished[:KEEP_JOBS] if name < cutoff]
@@ -90,7 +98,9 @@ def _forget_old_jobs(store: Store, now: datetime) -> None:
 def list_jobs(store: Store, running_only: bool = False) -> list[Job]:
     found = []
     for record in store.records(KIND).values():
-        job = Job(**record)
+        job = _job(record)
+        if job is None:
+            continue   # a damaged record (bit rot): the job table is a log, not data; it is forgotten
         if job.status == "running" and not _running(job):
             job.status, job.error = "failed", job.error or "its process died"
         if not running_only or job.status == "running":
