@@ -31,7 +31,7 @@ _numbers = itertools.count()
 class Lease:
     def __init__(self, store_path: Path):
         folder = store_path / LEASE_DIR
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
         for dead in stale_leases(store_path):   # readers that died before they could remove theirs
             dead.unlink(missing_ok=True)
         self.path = folder / f"lease-{os.getpid()}-{next(_numbers)}"
@@ -82,8 +82,9 @@ def gate(store_path: Path, exclusive: bool) -> Iterator[None]:
     """Makes "take a lease, then check the point still exists" (readers, shared) and "check the leases,
     then delete the point" (prune, exclusive) happen one before the other, never interleaved."""
     folder = store_path / LEASE_DIR
-    folder.mkdir(exist_ok=True)
-    fd = os.open(folder / "gate", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    folder.mkdir(mode=0o700, exist_ok=True)
+    # Shared by every reader and deleter, so not O_EXCL; never through a planted link.
+    fd = os.open(folder / "gate", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         yield
@@ -156,7 +157,7 @@ def _lease_files(store_path: Path) -> Iterator[tuple[Path, int, bool]]:
     """(path, an fd open on it while the caller looks, whether a living reader holds it) per lease file."""
     for path in sorted((store_path / LEASE_DIR).glob("lease-*")):
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             continue
         try:

@@ -275,7 +275,7 @@ class Store:
         """One writer at a time. A backup fails at once with a clear message; maintenance (prune, gc)
         may wait for the running writer. refuse(holder) returns a message when waiting makes no sense."""
         lock_path = self.path / "writer.lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)   # shared: not O_EXCL
         try:
             deadline = time.monotonic() + wait_seconds
             while True:
@@ -517,7 +517,7 @@ class Store:
 def _hold_open_lock(path: Path) -> int:
     """Every open handle holds STORE/open.lock shared, so compact can know it is alone (exclusive)."""
     try:
-        fd = os.open(path / "open.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path / "open.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError:
         return -1   # read-only media: nobody can compact it either
     try:
