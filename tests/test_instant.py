@@ -173,3 +173,26 @@ def test_prune_keeps_the_point_of_an_unfinished_instant_restore(tmp_path, cleanu
     rpfs("instant-stop", str(target))
     assert target.read_bytes() == source.read_bytes()
     assert json.loads(rpfs("prune", "--json", store=store).stdout)[0]["pruned"] == [first]
+
+
+def test_run_again_as_the_copy_completes_returns_the_finished_job(tmp_path, cleanup, monkeypatch):
+    """The same instant-restore run again reads the state file just before the copy completes: it returns
+    the finished job and leaves no hold behind (found by tools/chaos)."""
+    from rpfs.restore import instant
+    from rpfs.store.leases import holds
+    from rpfs.store.store import Store
+
+    source = random_disk(tmp_path / "disk.img", 8)
+    store = tmp_path / "store"
+    rpfs("init", store=store)
+    rpfs("backup", "vm", f"--disk=d={source}", store=store)
+    target = tmp_path / "restored.img"
+    start_instant(store, target, cleanup, "--copy-mbps", "4")
+    read_before_the_end = instant.read_source(target)
+    rpfs("instant-wait", str(target))
+    assert not state_path(target).exists() and holds(store) == {}
+    monkeypatch.setattr(instant, "unfinished_source", lambda _target: read_before_the_end)
+    with Store.open(store, readonly=True) as opened:
+        job = instant.start(opened, opened.points("vm")[0], "d", target)
+    assert job.state == "complete" and holds(store) == {}
+    assert target.read_bytes() == source.read_bytes()

@@ -16,7 +16,14 @@ from pathlib import Path
 from rpfs.errors import RpfsError
 from rpfs.host.mountinfo import fstype_at
 from rpfs.restore.partial import settle, state_path
-from rpfs.restore.writable_image import InstantSource, WritableImage, create, progress_of, read_source
+from rpfs.restore.writable_image import (
+    InstantSource,
+    WritableImage,
+    create,
+    progress_of,
+    read_source,
+    unfinished_source,
+)
 from rpfs.serve import daemon, run_dir
 from rpfs.serve.image import BlockCache
 from rpfs.serve.writable_tree import WritableImageFS
@@ -76,24 +83,24 @@ def start(store: Store, point: RecoveryPoint, disk_name: str, target: Path, copy
                            size=disk.size, block_size=disk.block_size)
     registry, mountpoint = run_dir.instant_files(target)
     settle(target)
-    resuming = state_path(target).exists()
-    earlier = _registered(registry)
-    if not resuming and earlier is not None and target.exists() and \
-            (earlier.vm, earlier.point_id, earlier.disk) == (point.vm, point.id, disk.name):
-        return _with_progress(earlier)   # the same command again, after the copy finished: it is done
-    if resuming:
-        existing = read_source(target)
-        if (existing.vm, existing.point_id, existing.disk) != (source.vm, source.point_id, source.disk):
-            raise RpfsError(f"{target} is an unfinished instant restore of {existing.vm}/{existing.point_id}/"
-                            f"{existing.disk}; resume it with those, or choose another path")
-    new_hold = hold(store, registry.stem, point.vm, point.id, target)   # prune keeps the point until the copy is done
-    if not resuming:
+    existing = unfinished_source(target)   # read once: the copy may complete (and the state file go) meanwhile
+    if existing is None:
+        earlier = _registered(registry)
+        if earlier is not None and target.exists() and \
+                (earlier.vm, earlier.point_id, earlier.disk) == (point.vm, point.id, disk.name):
+            return _with_progress(earlier)   # the same command again, after the copy finished: it is done
+        new_hold = hold(store, registry.stem, point.vm, point.id, target)   # prune keeps the point until the copy is done
         try:
             create(target, source)
         except BaseException:
             if new_hold:
                 release_hold(store.path, registry.stem)
             raise
+    elif (existing.vm, existing.point_id, existing.disk) != (source.vm, source.point_id, source.disk):
+        raise RpfsError(f"{target} is an unfinished instant restore of {existing.vm}/{existing.point_id}/"
+                        f"{existing.disk}; resume it with those, or choose another path")
+    # Resuming keeps the hold its first run took; none is taken anew: a missing hold means the copy
+    # has just completed (the hold goes first), and a new one would then outlive it.
     job = InstantJob(target=str(target), image=str(mountpoint / f"{disk.name}.img"), mountpoint=str(mountpoint),
                      vm=point.vm, point_id=point.id, disk=disk.name, blocks=source.blocks, store=source.store)
     if daemon.daemon_pid(Path(job.mountpoint)) is not None:

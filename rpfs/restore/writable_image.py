@@ -71,6 +71,16 @@ def read_source(target: Path) -> InstantSource:
     return source
 
 
+def unfinished_source(target: Path) -> InstantSource | None:
+    """The header of target's unfinished instant restore, or None when there is none."""
+    try:
+        return read_source(target)
+    except RpfsError:
+        if state_path(target).exists():
+            raise   # a damaged state file: say so
+        return None
+
+
 def progress_of(target: Path) -> tuple[int, int]:
     """(blocks copied, blocks in all) from the state file, readable whether or not a daemon runs."""
     source = read_source(target)
