@@ -194,6 +194,35 @@ def test_daemon_memory_stays_bounded(tmp_path):
     assert anon_kib < 100 * 1024, f"daemon RssAnon {anon_kib} KiB after reading 384 MiB with a 16 MiB cache"
 
 
+def test_a_crashed_store_reader_costs_a_read_not_the_mount(tmp_path):
+    """LMDB can crash the process reading a damaged page (SIGBUS): the daemon's reads run in reader
+    processes, so such a crash fails one read with EIO, and the mount serves on with new readers."""
+    img = random_disk(tmp_path / "d.img", 24)
+    source = img.read_bytes()
+    store = tmp_path / "store"
+    rpfs("init", store=store)
+    rpfs("backup", "vm", f"--disk=d={img}", store=store)
+    with mounted(store, tmp_path / "mnt", "--cache-mb", "1") as mnt:
+        pid = _daemon_pid(mnt)
+        image = mnt / "vm" / "latest" / "d.img"
+        assert image.read_bytes() == source
+        readers = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        assert readers, "the daemon reads the store itself"
+        for reader in readers:
+            os.kill(reader, signal.SIGBUS)
+        failed = 0
+        for index in range(24):   # each read (its lookup and open too): the right bytes or EIO
+            try:
+                with open(image, "rb", buffering=0) as f:
+                    assert os.pread(f.fileno(), MiB, index * MiB) == source[index * MiB:(index + 1) * MiB]
+            except OSError as e:
+                assert e.errno == errno.EIO
+                failed += 1
+        assert failed <= len(readers)
+        assert image.read_bytes() == source and _daemon_pid(mnt) == pid and os.listdir(mnt) == ["vm"]
+        assert not any(Path(f"/proc/{reader}").exists() for reader in readers), "a dead reader was never noticed"
+
+
 def _daemon_pid(mountpoint: Path) -> int:
     from rpfs.serve.run_dir import daemon_files
     return int(daemon_files(Path(os.path.realpath(mountpoint)))[0].read_text())

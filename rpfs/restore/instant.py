@@ -27,6 +27,7 @@ from rpfs.restore.writable_image import (
 from rpfs.serve import daemon, run_dir
 from rpfs.serve.image import BlockCache
 from rpfs.serve.writable_tree import WritableImageFS
+from rpfs.store.isolated import IsolatedStore
 from rpfs.store.leases import Lease, hold, release_hold
 from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.store import Store
@@ -53,7 +54,7 @@ class InstantJob:
 def instant_filesystem(target: Path, copy_bytes_per_second: float = 0) -> daemon.Filesystem:
     """What the daemon serves: the writable image, with the copy running beside it."""
     source = read_source(target)
-    store = Store.open(source.store, readonly=True)
+    store = IsolatedStore.open(source.store)   # a damaged LMDB page crashes a reader process, not the daemon
     image = lease = None
     try:
         hold_name = run_dir.instant_files(target)[0].stem

@@ -1,6 +1,7 @@
 """The store mount: the read-only recovery-point tree of a store, served by a daemon (`rpfs mount`).
 
-The daemon opens the store read-only and holds a lease (store/leases.py) listing the recovery points
+The daemon reads the store through reader processes (store/isolated.py: a damaged LMDB page crashes a
+reader, not the mount) and holds a lease (store/leases.py) listing the recovery points
 with an image open, so prune never deletes one under a reader.
 """
 from __future__ import annotations
@@ -11,13 +12,14 @@ from pathlib import Path
 from rpfs.serve.daemon import Filesystem, check_mountpoint, start_daemon
 from rpfs.serve.image import BlockCache
 from rpfs.serve.store_tree import RecoveryPointFS
+from rpfs.store.isolated import IsolatedStore
 from rpfs.store.leases import Lease
 from rpfs.store.store import Store
 
 
 def store_filesystem(store_path: Path, cache_bytes: int) -> Filesystem:
     """The read-only recovery-point tree of a store."""
-    store = Store.open(store_path, readonly=True)
+    store = IsolatedStore.open(store_path)
     try:
         lease = Lease(store.path)
     except OSError as e:   # a store on read-only media: nothing can prune it either

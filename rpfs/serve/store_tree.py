@@ -20,7 +20,7 @@ from datetime import datetime
 import pyfuse3
 import trio
 
-from rpfs.errors import RpfsError
+from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.serve.fuse_errors import fuse_errors
 from rpfs.serve.image import BlockCache, ImageReader
 from rpfs.store.leases import Lease
@@ -116,6 +116,8 @@ class RecoveryPointFS(pyfuse3.Operations):
     def _child(self, node: Node, name: str) -> Node:
         try:
             return self._lookup_child(node, name)
+        except CorruptBlockError:
+            raise   # the store could not be read: EIO (fuse_errors), not "no such file"
         except RpfsError:  # an unknown VM, recovery point or disk: a plain "no such file"
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
@@ -225,7 +227,7 @@ class RecoveryPointFS(pyfuse3.Operations):
                 self._open_images[key] -= 1
                 if self._open_images[key] == 0:
                     del self._open_images[key]
-                if isinstance(e, RpfsError):
+                if isinstance(e, RpfsError) and not isinstance(e, CorruptBlockError):
                     raise pyfuse3.FUSEError(errno.ENOENT) from None   # pruned just now
                 raise
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)

@@ -1,0 +1,254 @@
+"""A read-only store whose LMDB reads run in child processes, for the long-running daemons.
+
+LMDB 0.9 has no checksums on its own pages: a damaged B-tree page can make the process that reads it
+crash by SIGBUS (README, Reliability), which no Python code can catch. The mount and instant-restore
+daemons therefore never map the LMDB file themselves: each read is a request to a reader process
+(`python -m rpfs.store.isolated`), and a reader that crashes costs one read an EIO, not the mount. The
+daemon still decodes and verifies every block (serve/image.py), so a reader can never hand it wrong
+bytes unnoticed.
+
+Block maps are fetched in pieces and kept (recovery points never change), so a sequential reader asks
+a reader process for a map piece once per MAP_PIECE blocks, not once per block.
+"""
+from __future__ import annotations
+
+import pickle
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections import OrderedDict
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from rpfs.errors import CorruptBlockError, RpfsError
+from rpfs.store.recovery_point import DIGEST_SIZE, RecoveryPoint
+from rpfs.store.store import Store
+
+T = TypeVar("T")
+READERS = 6                # reader processes at most: the mount's worker threads, read-ahead and lookups
+MAP_PIECE = 1024           # block map entries fetched at a time (32 KiB)
+MAP_PIECES_KEPT = 512      # at most 16 MiB of block map pieces kept
+SOCKET_BUFFER = 4 << 20
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)   # root may go past net.core.wmem_max
+# What a reader process answers; nothing else reaches the store from a request.
+REQUESTS = ("describe", "point", "latest_point_id", "vms", "point_ids", "has_point", "stored_bytes",
+            "blob", "map_piece")
+
+
+class IsolatedStore:
+    """The read side of Store that the daemons use, served by reader processes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._idle: queue.Queue[_Reader] = queue.Queue()   # in turn: a reader that died is found soon
+        self._count_lock = threading.Lock()
+        self._readers: list[_Reader] = []
+        self._pieces: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()
+        self._pieces_lock = threading.Lock()
+        try:
+            self.block_size, self.format_version = self._call("describe")   # fails here if the store does not open
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def open(cls, path: Path | str) -> "IsolatedStore":
+        return cls(Path(path))
+
+    def close(self) -> None:
+        with self._count_lock:
+            for reader in self._readers:
+                reader.close()
+            self._readers.clear()
+
+    def __enter__(self) -> "IsolatedStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the read methods the daemons use (the same as Store's) ------------------------------------
+    map_key = staticmethod(Store.map_key)
+
+    def point(self, vm: str, point_id: str | None = None) -> RecoveryPoint:
+        return self._call("point", vm, point_id)
+
+    def latest_point_id(self, vm: str) -> str | None:
+        return self._call("latest_point_id", vm)
+
+    def vms(self) -> list[str]:
+        return self._call("vms")
+
+    def point_ids(self, vm: str) -> list[str]:
+        return self._call("point_ids", vm)
+
+    def has_point(self, vm: str, point_id: str) -> bool:
+        return self._call("has_point", vm, point_id)
+
+    def stored_bytes(self) -> int:
+        return self._call("stored_bytes")
+
+    def get_blob(self, digest: bytes, decode: Callable[[memoryview], T] = bytes) -> T | None:
+        """A stored blob, decoded here: a reader process only copies it out of LMDB."""
+        stored = self._call("blob", digest)
+        return None if stored is None else decode(memoryview(stored))
+
+    def block_digest(self, map_key: bytes, index: int) -> bytes:
+        first = index - index % MAP_PIECE
+        with self._pieces_lock:
+            piece = self._pieces.get((map_key, first))
+            if piece is not None:
+                self._pieces.move_to_end((map_key, first))
+        if piece is None:
+            piece = self._call("map_piece", map_key, first, MAP_PIECE)
+            with self._pieces_lock:
+                self._pieces[(map_key, first)] = piece
+                while len(self._pieces) > MAP_PIECES_KEPT:
+                    self._pieces.popitem(last=False)
+        at = (index - first) * DIGEST_SIZE
+        if at + DIGEST_SIZE > len(piece):
+            raise RpfsError(f"block {index} is beyond the block map of " + map_key.decode().replace("\0", "/"))
+        return piece[at:at + DIGEST_SIZE]
+
+    # -- the reader processes ----------------------------------------------------------------------
+    def _call(self, request: str, *args):
+        reader = self._take_reader()
+        try:
+            answer = reader.ask(request, args)
+        except BaseException as e:   # the exchange is cut short: this reader is not used again
+            reader.close()
+            with self._count_lock:
+                self._readers.remove(reader)
+            if isinstance(e, _ReaderDied):
+                raise CorruptBlockError(f"reading the store {self.path} crashed its reader process ({e}): the"
+                                        " store is damaged where this read went (rpfs check --read-data)") from None
+            raise
+        self._idle.put(reader)
+        kind, value = answer
+        if kind == "ok":
+            return value
+        exit_code, message = value
+        raise CorruptBlockError(message) if exit_code == 3 else RpfsError(message, exit_code)
+
+    def _take_reader(self) -> "_Reader":
+        """An idle reader, a new one while there are fewer than READERS, or the next one put back."""
+        while True:
+            try:
+                return self._idle.get_nowait()
+            except queue.Empty:
+                pass
+            with self._count_lock:
+                if len(self._readers) < READERS:
+                    reader = _Reader(self.path)
+                    self._readers.append(reader)
+                    return reader
+            try:
+                return self._idle.get(timeout=1.0)   # again: a reader that crashed meanwhile is not put back
+            except queue.Empty:
+                continue
+
+
+class _ReaderDied(Exception):
+    pass
+
+
+class _Reader:
+    """One reader process and this end of its socket; used by one thread at a time."""
+
+    def __init__(self, path: Path):
+        mine, theirs = socket.socketpair()
+        for end in (mine, theirs):   # a whole blob in one write: fewer wake-ups per block
+            try:
+                end.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SOCKET_BUFFER)
+            except OSError:
+                pass
+        try:
+            self.process = subprocess.Popen([sys.executable, "-m", "rpfs.store.isolated", str(path), str(theirs.fileno())],
+                                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        self.connection = Connection(mine.detach())
+
+    def ask(self, request: str, args: tuple):
+        try:
+            self.connection.send_bytes(pickle.dumps((request, args)))
+            kind, value = pickle.loads(self.connection.recv_bytes())
+            if kind == "bytes":   # a blob follows as it is, copied once by the kernel
+                kind, value = "ok", self.connection.recv_bytes()
+            return kind, value
+        except (EOFError, OSError):
+            try:
+                code = self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:   # alive but not answering: it is of no use any more
+                self.process.kill()
+                code = self.process.wait()
+            raise _ReaderDied(f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}") from None
+
+    def close(self) -> None:
+        self.connection.close()   # the reader ends at end of file
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _answer(store: Store, request: str, args: tuple, connection: Connection) -> None:
+    """Send the answer to one request; a blob goes straight from LMDB's pages to the socket."""
+    if request == "describe":
+        value = store.block_size, store.format_version
+    elif request in ("blob", "map_piece"):
+        key, db = (args[0], "blocks") if request == "blob" else (args[0], "maps")
+        with store.read() as txn:
+            stored = txn.get(key, db=store.db(db))
+            if stored is None and request == "map_piece":
+                raise RpfsError("block map missing for " + key.decode().replace("\0", "/"))
+            if request == "map_piece":
+                first, count = args[1:]
+                stored = stored[first * DIGEST_SIZE:(first + count) * DIGEST_SIZE]
+            if stored is not None:
+                connection.send_bytes(_HEADER_BYTES_FOLLOW)
+                connection.send_bytes(stored)
+                return
+            value = None
+    else:
+        value = getattr(store, request)(*args)
+    connection.send_bytes(pickle.dumps(("ok", value), protocol=pickle.HIGHEST_PROTOCOL))
+
+
+_HEADER_BYTES_FOLLOW = pickle.dumps(("bytes", None))
+
+
+def serve_reads(path: str, fd: int) -> None:
+    """A reader process: answer requests until the daemon closes its end (or dies)."""
+    connection = Connection(fd)
+    try:
+        store = Store.open(path, readonly=True)
+    except RpfsError as e:
+        store = e
+    while True:
+        try:
+            request, args = pickle.loads(connection.recv_bytes())
+        except EOFError:
+            return
+        try:
+            if isinstance(store, RpfsError):
+                raise store
+            if request not in REQUESTS:
+                raise RpfsError(f"unknown request {request!r}")
+            _answer(store, request, args, connection)
+            continue
+        except RpfsError as e:
+            failure = (e.exit_code, e.message)
+        except Exception as e:   # lmdb's own errors on a damaged page: this read fails, the next may not
+            failure = (3, f"cannot read the store {path}: {e}")
+        connection.send_bytes(pickle.dumps(("error", failure)))
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is for the daemon; the reader ends with it
+    serve_reads(sys.argv[1], int(sys.argv[2]))
