@@ -8,7 +8,7 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from cli_helpers import writer_lock_held
+from cli_helpers import rpfs, writer_lock_held
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -276,6 +276,21 @@ def test_reader_in_another_process_adopts_a_grown_map(tmp_path, monkeypatch):
             reader.kill()
     assert reader.returncode == 0
     assert out == img.read_bytes()
+
+
+def test_a_store_opened_while_another_process_grows_the_map(tmp_path):
+    """A prune or gc starting while a backup doubles the map opens the store all the same (found by
+    tools/load: 'cannot open store: MDB_MAP_RESIZED')."""
+    import rpfs.store.store as store_mod
+    path = tmp_path / "s"
+    rpfs("init", store=path)
+    env = lmdb.open(str(path), max_dbs=len(store_mod.DB_NAMES), subdir=True, create=False,
+                    map_size=2 * MiB)                           # Store.open's first step, with a small map
+    img = tmp_path / "rand.img"
+    img.write_bytes(os.urandom(4 * MiB))
+    rpfs("backup", "vm", f"--disk=d={img}", store=path)          # writes with a bigger map meanwhile
+    with store_mod.Store(path, env, readonly=False) as store:    # Store.open's second step
+        assert read_all(store, store.point("vm"), "d") == img.read_bytes()
 
 
 def test_disk_that_grows_and_shrinks(store, tmp_path):

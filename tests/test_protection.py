@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -268,12 +269,20 @@ def test_a_pruned_id_is_not_given_again_under_a_mount(tmp_path, kernel, monkeypa
             contents[point.id] = disk.read_bytes()
         first = min(contents)
         assert (mnt / "vm" / first / "d.img").read_bytes() == contents[first]   # now in the kernel's cache
+        _wait_for(lambda: ("vm", first) not in leased_points(store_dir))   # the kernel sends RELEASE after close
         assert prune(store, {"vm": Retention(keep_last=3)})[0].pruned == [first]
         point, _ = backup(store, "vm", [("d", str(write_image(disk, 399, 2 * MiB)))])
         assert point.id not in contents
         assert (mnt / "vm" / point.id / "d.img").read_bytes() == disk.read_bytes()
         with pytest.raises(FileNotFoundError):
             (mnt / "vm" / first / "d.img").read_bytes()
+
+
+def _wait_for(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 @pytest.mark.timeout(120)

@@ -212,7 +212,7 @@ class RecoveryPointFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if node.kind == "info":
             self._infos[inode] = _info(self._point(node.vm, node.point_id))
-            return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+            return pyfuse3.FileInfo(fh=inode, keep_cache=False)
         if inode not in self._readers:
             point = self._point(node.vm, node.point_id)
             self._readers[inode] = ImageReader(self.store, self.cache, node.vm, node.point_id,
@@ -230,7 +230,9 @@ class RecoveryPointFS(pyfuse3.Operations):
                 if isinstance(e, RpfsError) and not isinstance(e, CorruptBlockError):
                     raise pyfuse3.FUSEError(errno.ENOENT) from None   # pruned just now
                 raise
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        # keep_cache=False (pyfuse3 defaults to True): each open reads through the daemon, which checks
+        # every block against its digest, not what the page cache kept from an earlier open.
+        return pyfuse3.FileInfo(fh=inode, keep_cache=False)
 
     @fuse_errors
     async def read(self, fh, off, size):

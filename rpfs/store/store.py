@@ -64,7 +64,7 @@ class Store:
         self._resize_lock = threading.Lock()
         self._txn_count = 0
         self._txn_idle = threading.Condition(self._resize_lock)
-        self._dbs = {name.decode(): env.open_db(name, create=False) for name in V1_DB_NAMES}
+        self._dbs = self._open_dbs(V1_DB_NAMES)
         with self.read() as txn:
             meta = {bytes(k): bytes(v) for k, v in txn.cursor(db=self._dbs["meta"])}
         version = int(meta.get(b"format_version", b"0"))
@@ -77,7 +77,7 @@ class Store:
                 f"store {path} has format version {version}; this rpfs reads versions 1 and {FORMAT_VERSION}"
                 " (use a matching rpfs release)")
         else:
-            self._dbs.update({name.decode(): env.open_db(name, create=False) for name in DB_NAMES[len(V1_DB_NAMES):]})
+            self._dbs.update(self._open_dbs(DB_NAMES[len(V1_DB_NAMES):]))
         self.format_version = version if readonly else FORMAT_VERSION
         self.block_size = int(meta[b"block_size"])
         self.zstd_level = int(meta.get(b"zstd_level", DEFAULT_ZSTD_LEVEL))
@@ -121,6 +121,15 @@ class Store:
             raise RpfsError(f"cannot open store {path}: {e}") from None
         except KeyError:
             raise RpfsError(f"{path} is not an rpfs store (its metadata is missing)") from None
+
+    def _open_dbs(self, names: tuple[bytes, ...]) -> dict:
+        """Open named databases (each in a transaction of its own): while a backup grows the map, adopt
+        its size and go on, as every transaction does (_txn), instead of failing to open the store."""
+        while True:
+            try:
+                return {name.decode(): self._env.open_db(name, create=False) for name in names}
+            except lmdb.MapResizedError:
+                self._env.set_mapsize(0)   # no transaction of ours is open yet
 
     def _upgrade_from_v1(self) -> None:
         """Version 1 -> 2: add the new databases and count every block's references, in one transaction."""
