@@ -196,3 +196,40 @@ def test_run_again_as_the_copy_completes_returns_the_finished_job(tmp_path, clea
         job = instant.start(opened, opened.points("vm")[0], "d", target)
     assert job.state == "complete" and holds(store) == {}
     assert target.read_bytes() == source.read_bytes()
+
+
+def test_two_daemons_for_one_image_the_command_returns_the_winners_job(tmp_path, monkeypatch):
+    """instant-restore killed right after starting its daemon, then run again: two daemons start for one
+    image, and the one that loses the partial file's flock fails. The command then returns the job the
+    other one serves or has completed meanwhile, not the loser's error (found by tools/chaos)."""
+    from rpfs.errors import RpfsError
+    from rpfs.restore import instant
+    from rpfs.restore.partial import partial_path
+    from rpfs.restore.writable_image import InstantSource, create
+    from rpfs.store.store import Store
+
+    source = random_disk(tmp_path / "disk.img", 4)
+    store = tmp_path / "store"
+    rpfs("init", store=store)
+    rpfs("backup", "vm", f"--disk=d={source}", store=store)
+    with Store.open(store, readonly=True) as opened:
+        point = opened.point("vm")
+        disk = point.disk("d")
+        for target in (tmp_path / "won.img", tmp_path / "failed.img"):
+            create(target, InstantSource(str(opened.path.resolve()), point.vm, point.id, disk.name, disk.size,
+                                         disk.block_size))
+
+        def the_other_one_completes(*_args):
+            partial_path(target).write_bytes(source.read_bytes())
+            partial_path(target).rename(target)
+            state_path(target).unlink()
+            raise RpfsError(f"another restore is writing {partial_path(target)}; wait for it to finish")
+        target = tmp_path / "won.img"
+        monkeypatch.setattr(instant.daemon, "start_daemon", the_other_one_completes)
+        assert instant.start(opened, point, "d", target).state == "complete"
+
+        def fails(*_args):
+            raise RpfsError("the mount daemon exited")
+        monkeypatch.setattr(instant.daemon, "start_daemon", fails)
+        with pytest.raises(RpfsError, match="daemon exited"):   # nobody else serves it: the error stands
+            instant.start(opened, point, "d", tmp_path / "failed.img")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rpfs.errors import RpfsError
 from rpfs.host.mountinfo import fstype_at
-from rpfs.restore.partial import settle, state_path
+from rpfs.restore.partial import in_use, settle, state_path
 from rpfs.restore.writable_image import (
     InstantSource,
     WritableImage,
@@ -110,9 +110,28 @@ def start(store: Store, point: RecoveryPoint, disk_name: str, target: Path, copy
         daemon.unmount(mountpoint)   # left behind by a daemon that died
     run_dir.make_folder(mountpoint)
     run_dir.write_file(registry, json.dumps({k: getattr(job, k) for k in REGISTERED}))
-    job.pid = daemon.start_daemon(["instant-daemon", str(target), str(mountpoint), "--copy-mbps", str(copy_mbps)],
-                                  mountpoint, disk.block_size)
+    try:
+        job.pid = daemon.start_daemon(["instant-daemon", str(target), str(mountpoint), "--copy-mbps",
+                                       str(copy_mbps)], mountpoint, disk.block_size)
+    except RpfsError:
+        served = _served_by_another(job)
+        if served is None:
+            raise
+        return served
     return _with_progress(job)
+
+
+def _served_by_another(job: InstantJob, wait_seconds: float = 10.0) -> InstantJob | None:
+    """The job, if the daemon of an earlier run (its starter killed) was starting too and serves it: that
+    one won the partial file's flock, so ours failed; or it completed the copy meanwhile. None if not."""
+    target, deadline = Path(job.target), time.monotonic() + wait_seconds
+    while True:
+        complete = target.exists() and unfinished_source(target) is None
+        if complete or daemon.daemon_pid(Path(job.mountpoint)) is not None:
+            return _with_progress(job)
+        if not in_use(target) or time.monotonic() > deadline:
+            return None
+        time.sleep(0.1)   # it has the partial file but has not written its pid file yet
 
 
 def jobs() -> list[InstantJob]:

@@ -64,6 +64,20 @@ def settle(target: Path) -> None:
     state_path(target).unlink(missing_ok=True)
 
 
+def in_use(target: Path) -> bool:
+    """Whether a process (a restore, an instant restore's daemon) holds the partial file's flock now."""
+    fd = _open_existing(partial_path(target), os.O_RDONLY)
+    if fd is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 class PartialFile:
     """PATH.rpfs-partial, open and flocked by this process."""
 

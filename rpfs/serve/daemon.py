@@ -67,16 +67,20 @@ def serve(open_filesystem: Callable[[], Filesystem], mountpoint: Path, ready_fd:
     log = logging.getLogger("rpfs.mount")
     pid_path = run_dir.daemon_files(mountpoint)[0]
     fs = None
+    wrote_pid = False
     try:
-        try:
-            run_dir.write_file(pid_path, f"{os.getpid()}\n")
-        except OSError as e:
-            raise RpfsError(f"cannot write the pid file {pid_path}: {e.strerror}") from None
         try:
             fs = open_filesystem()
         except OSError as e:   # the system said no: one line for the user, as everywhere else
             where = f": {e.filename}" if e.filename else ""
             raise RpfsError(f"cannot serve {mountpoint}: {e.strerror or e}{where}") from None
+        # Only once it has what it serves (an instant restore's partial file is flocked): a second
+        # daemon started for the same image fails above and never touches the first one's pid file.
+        try:
+            run_dir.write_file(pid_path, f"{os.getpid()}\n")
+            wrote_pid = True
+        except OSError as e:
+            raise RpfsError(f"cannot write the pid file {pid_path}: {e.strerror}") from None
         options = set(pyfuse3.default_options) | fs.options | {"fsname=rpfs", "subtype=rpfs"}
         if os.geteuid() == 0:
             options.add("allow_other")
@@ -85,7 +89,8 @@ def serve(open_filesystem: Callable[[], Filesystem], mountpoint: Path, ready_fd:
         except RuntimeError as e:
             raise RpfsError(f"cannot mount at {mountpoint}: {e}") from None
     except RpfsError as e:
-        pid_path.unlink(missing_ok=True)
+        if wrote_pid:
+            pid_path.unlink(missing_ok=True)
         if fs is not None:
             fs.close()
         _tell(ready_fd, e.message.encode() + b"\n")
