@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("instant-stop", parents=[json_flag],
                        help="stop serving an instant restore's image (an unfinished copy stays resumable)")
     p.add_argument("target")
+    p.add_argument("--discard", action="store_true",
+                   help="also abandon it: remove the unfinished copy (and the writes made to it), its state"
+                        " file, its hold on the recovery point and its record; a complete FILE is kept")
     p.set_defaults(func=cmd_instant_stop)
 
     p = sub.add_parser("jobs", parents=[json_flag],

@@ -355,15 +355,59 @@ def test_dirty_xfs_attaches_while_its_live_twin_is_mounted(area):
 @pytest.mark.timeout(120)
 def test_busy_dest_is_refused(area):
     image = make_whole_disk_ext4(area / "disk.img", {"a.txt": b"a"})
+    other = make_whole_disk_ext4(area / "other.img", {"b.txt": b"b"})
     dest = area / "mnt"
     attach(image, dest)
     try:
-        with pytest.raises(RpfsError, match="not empty|already has something attached"):
-            attach(image, dest)
+        with pytest.raises(RpfsError, match="already has something attached"):
+            attach(other, dest)
         with pytest.raises(RpfsError, match="is a mountpoint"):
             attach(image, dest / "disk")
+        (dest / "stray").mkdir()
+        with pytest.raises(RpfsError, match="not empty"):
+            attach(image, dest)
         assert (dest / "disk" / "a.txt").read_bytes() == b"a"  # first attach untouched
     finally:
+        detach(dest)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("left", ["folders made", "p1 mounted, p2's folder made", "everything attached"])
+def test_attach_run_again_completes_what_a_killed_one_left(area, left):
+    """kill -9 of `rpfs attach` leaves folders and mounts (the mount(8) it ran finishes on its own): the
+    same attach run again completes them and answers as one run would (found by tools/chaos)."""
+    files1, files2 = random_files(11, count=2), random_files(12, count=2)
+    image = make_gpt_image(area / "gpt.img", files1, files2)
+    dest = area / "mnt"
+    if left == "folders made":
+        (dest / "p1").mkdir(parents=True)
+    else:
+        attach(image, dest)
+    try:
+        if left == "p1 mounted, p2's folder made":
+            subprocess.run(["umount", str(dest / "p2")], check=True)
+        assert [(a.name, a.status, a.mountpoint) for a in attach(image, dest)] == [
+            ("p1", "mounted", str(dest / "p1")), ("p2", "mounted", str(dest / "p2"))]
+        assert read_tree(dest / "p1") == files1 and read_tree(dest / "p2") == files2
+        assert len(leftover_kernel_state(area)[0]) == 2
+    finally:
+        detach(dest)
+    assert leftover_kernel_state(area) == ([], []) and os.listdir(dest) == []
+
+
+@pytest.mark.timeout(120)
+def test_detach_run_again_removes_what_a_killed_one_left(area):
+    """A detach killed between an unmount and its rmdir leaves an empty p<N>: run again, it removes it; then
+    there is nothing attached."""
+    image = make_gpt_image(area / "gpt.img", random_files(13, count=1), random_files(14, count=1))
+    dest = area / "mnt"
+    attach(image, dest)
+    subprocess.run(["umount", str(dest / "p1")], check=True)
+    assert detach(dest) == [str(dest / "p2")]
+    assert os.listdir(dest) == [] and leftover_kernel_state(area) == ([], [])
+    (dest / "p1").mkdir()
+    assert detach(dest) == [] and os.listdir(dest) == []
+    with pytest.raises(RpfsError, match="nothing attached at"):
         detach(dest)
 
 

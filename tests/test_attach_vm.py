@@ -1,7 +1,9 @@
 """Whole-VM attach: every filesystem of every disk of a recovery point, read-only, under DEST/<disk>/."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -228,3 +230,84 @@ def test_detach_leaves_foreign_mounts_below_dest_alone(area):
     finally:
         if is_mounted(dest / "ours" / "disk"):
             detach(dest)
+
+
+@pytest.mark.timeout(180)
+def test_whole_vm_attach_run_again_completes_what_a_killed_one_left(area):
+    """`rpfs attach VM DEST` killed after its store mount and the first disk's filesystem: run again, it
+    mounts the rest through the same store mount (found by tools/chaos); another point is refused."""
+    from rpfs.serve import daemon, run_dir
+
+    os_files, data_files = random_files(51, count=2), random_files(52, count=2)
+    disks = {"os": make_whole_disk_ext4(area / "os.img", os_files),
+             "data": make_whole_disk_ext4(area / "data.img", data_files)}
+    store = backup_vm(area, disks)
+    first = json.loads(rpfs("list", "vm", "--json", store=store).stdout)[0]["id"]
+    rpfs("backup", "vm", *[f"--disk={name}={path}" for name, path in disks.items()], store=store)
+    dest = area / "dest"
+    registry, store_mount = run_dir.attach_files(dest)
+    rpfs("attach", "vm", str(dest), store=store)
+    try:
+        serving = daemon.daemon_pid(store_mount)
+        subprocess.run(["umount", str(dest / "data" / "disk")], check=True)   # as if killed before that mount
+        again = json.loads(rpfs("attach", "vm", str(dest), "--json", store=store).stdout)
+        assert [(d["disk"], [f["status"] for f in d["filesystems"]]) for d in again["disks"]] == [
+            ("os", ["mounted"]), ("data", ["mounted"])]
+        assert read_tree(dest / "os" / "disk") == os_files and read_tree(dest / "data" / "disk") == data_files
+        assert daemon.daemon_pid(store_mount) == serving
+        other = rpfs("attach", f"vm/{first}", str(dest), store=store, check=False)
+        assert other.returncode == 1 and "already has something attached" in other.stderr
+        assert read_tree(dest / "data" / "disk") == data_files
+    finally:
+        rpfs("detach", str(dest))
+    assert loop_mounts_under(area) == [] and not is_mounted(store_mount) and not registry.exists()
+    assert os.listdir(dest) == []
+
+
+@pytest.mark.timeout(180)
+def test_whole_vm_attach_run_again_uses_the_store_mount_a_killed_one_is_starting(area, monkeypatch):
+    """`rpfs attach VM DEST` killed while its store-mount daemon starts: that daemon goes on and mounts.
+    Run again at once, attach must wait for it and use it, not start a second daemon on the same
+    mountpoint (found by tools/chaos: "the mount daemon exited")."""
+    import sys
+    import time
+
+    from cli_helpers import REPO
+
+    from rpfs.attach import vm
+    from rpfs.serve import daemon, run_dir
+    from rpfs.store.store import Store
+
+    files = random_files(53, count=2)
+    store = backup_vm(area, {"d": make_whole_disk_ext4(area / "d.img", files)})
+    dest = area / "dest"
+    registry, store_mount = run_dir.attach_files(dest)
+    run_dir.write_file(registry, json.dumps({"dest": str(dest), "store_mount": str(store_mount)}))
+    run_dir.make_folder(store_mount)
+    # The daemon the killed attach started, held at its start until attach, run again, looks for it.
+    starting = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys; sys.stdin.readline();"
+         " os.execv(sys.executable, [sys.executable, '-m', 'rpfs', *sys.argv[2:]])",
+         "rpfs", "--store", str(store), "mount", os.path.realpath(store_mount), "--foreground", "--cache-mb", "64"],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+        start_new_session=True)
+    real_sleep = time.sleep
+
+    def sleep_lets_it_start(seconds: float) -> None:
+        if not starting.stdin.closed:
+            starting.stdin.close()
+        real_sleep(seconds)
+    with Store.open(store, readonly=True) as opened:
+        point = opened.points("vm")[0]
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(time, "sleep", sleep_lets_it_start)   # attach polls with it while the daemon starts
+            attached = vm.attach_point(store, point, dest)
+        assert [a.status for a in attached["d"]] == ["mounted"] and read_tree(dest / "d" / "disk") == files
+        assert daemon.daemon_pid(store_mount) == starting.pid
+    finally:
+        rpfs("detach", str(dest), check=False)
+        if starting.poll() is None and daemon.daemon_pid(store_mount) != starting.pid:
+            starting.kill()
+        starting.wait(timeout=30)
+    assert loop_mounts_under(area) == [] and not is_mounted(store_mount) and not registry.exists()

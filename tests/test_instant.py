@@ -198,6 +198,95 @@ def test_run_again_as_the_copy_completes_returns_the_finished_job(tmp_path, clea
     assert target.read_bytes() == source.read_bytes()
 
 
+def test_discard_abandons_an_unfinished_instant_restore(tmp_path, cleanup):
+    """`instant-stop --discard` removes the copy, its state file, the hold and the record; refused while
+    the image is in use, and when there is nothing to discard."""
+    from rpfs.serve import run_dir
+    from rpfs.store.leases import holds
+
+    source = random_disk(tmp_path / "disk.img", 64)
+    store = tmp_path / "store"
+    rpfs("init", store=store)
+    rpfs("backup", "vm", f"--disk=d={source}", store=store)
+    target = tmp_path / "restored.img"
+    job = start_instant(store, target, cleanup, "--copy-mbps", "4")   # 16 s for the copy: unfinished
+    fd = os.open(job["image"], os.O_RDWR)
+    try:
+        os.pwrite(fd, b"W" * 4096, 3 * MiB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    loop = run("losetup", "--find", "--show", job["image"]).strip()
+    try:
+        busy = rpfs("instant-stop", str(target), "--discard", check=False)
+    finally:
+        run("losetup", "-d", loop)
+    assert busy.returncode == 1 and "busy" in busy.stderr and busy.stderr.count("\n") == 1
+    assert state_path(target).exists() and list(holds(store))
+
+    done = json.loads(rpfs("instant-stop", str(target), "--discard", "--json").stdout)
+    registry = run_dir.instant_files(target)[0]
+    assert done["was"] == "unfinished" and done["removed"] == [
+        str(state_path(target)), f"{target}.rpfs-partial", str(store / "leases" / f"hold-{registry.stem}"),
+        str(registry)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.img", "run", "store"]
+    assert holds(store) == {} and not registry.exists() and not registry.with_suffix("").exists()
+    assert json.loads(rpfs("jobs", "--json").stdout)["instant_restores"] == []
+    again = rpfs("instant-stop", str(target), "--discard", check=False)
+    assert again.returncode == 1 and "no instant restore" in again.stderr and again.stderr.count("\n") == 1
+    rpfs("instant-restore", "vm", "--disk", "d", "--to", str(target), "--wait", store=store)   # the path is free
+    kept = json.loads(rpfs("instant-stop", str(target), "--discard", "--json").stdout)
+    assert kept["was"] == "complete" and kept["removed"] == [str(registry)]
+    assert target.read_bytes() == source.read_bytes()
+
+
+class Killed(BaseException):
+    """kill -9, as far as the code under test can tell: nothing after this point runs."""
+
+
+@pytest.mark.parametrize("moment", ["unmounted", "state file removed", "partial file removed", "hold released"])
+def test_discard_killed_at_any_moment_finishes_when_run_again(tmp_path, cleanup, monkeypatch, moment):
+    from rpfs.restore import instant, partial
+    from rpfs.serve import run_dir
+    from rpfs.store.leases import holds
+
+    source = random_disk(tmp_path / "disk.img", 16)
+    store = tmp_path / "store"
+    rpfs("init", store=store)
+    rpfs("backup", "vm", f"--disk=d={source}", store=store)
+    target = tmp_path / "restored.img"
+    start_instant(store, target, cleanup, "--copy-mbps", "1")
+
+    def dies_after(function, calls: int = 1):
+        done = []
+
+        def wrapped(*args, **kwargs):
+            function(*args, **kwargs)
+            done.append(1)
+            if len(done) == calls:
+                raise Killed
+        return wrapped
+    with monkeypatch.context() as patch, pytest.raises(Killed):
+        if moment == "unmounted":
+            patch.setattr(instant.daemon, "unmount", dies_after(instant.daemon.unmount))
+        elif moment == "hold released":
+            patch.setattr(instant, "release_hold", dies_after(instant.release_hold))
+        else:   # abandon syncs the folder after each removal
+            calls = 1 if moment == "state file removed" else 2
+            patch.setattr(partial, "fsync_folder", dies_after(partial.fsync_folder, calls))
+        instant.discard(target)
+    [left] = json.loads(rpfs("jobs", "--json").stdout)["instant_restores"]
+    assert left["state"] == ("stopped" if moment == "unmounted" else "discarded")
+    waited = rpfs("instant-wait", str(target), check=False)
+    assert waited.returncode == 1 and waited.stderr.count("\n") == 1
+
+    done = json.loads(rpfs("instant-stop", str(target), "--discard", "--json").stdout)
+    assert done["was"] == "unfinished" and done["removed"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.img", "run", "store"]
+    registry, mountpoint = run_dir.instant_files(target)
+    assert holds(store) == {} and not registry.exists() and not mountpoint.exists()
+
+
 def test_two_daemons_for_one_image_the_command_returns_the_winners_job(tmp_path, monkeypatch):
     """instant-restore killed right after starting its daemon, then run again: two daemons start for one
     image, and the one that loses the partial file's flock fails. The command then returns the job the

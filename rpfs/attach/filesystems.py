@@ -13,6 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection
 
 from rpfs.attach.partitions import read_partitions
 from rpfs.errors import RpfsError
@@ -61,7 +62,7 @@ def attach(image: Path, dest: Path) -> list[AttachedFilesystem]:
     image = Path(os.path.abspath(image))
     dest = Path(os.path.abspath(dest))
     image_size = _check_image(image)
-    created = _prepare_dest(dest)
+    created = _prepare_dest(dest, [image])
     try:
         results = _attach_image(image, image_size, dest)
     except BaseException:
@@ -86,7 +87,7 @@ def attach_disks(images: dict[str, Path], dest: Path) -> dict[str, list[Attached
     for image in paths.values():
         _check_image_path(image)
     dest = Path(os.path.abspath(dest))
-    created = _prepare_dest(dest)
+    created = _prepare_dest(dest, list(paths.values()), set(paths))
     results: dict[str, list[AttachedFilesystem]] = {}
     try:
         for name, image in paths.items():
@@ -107,8 +108,9 @@ def attach_disks(images: dict[str, Path], dest: Path) -> dict[str, list[Attached
 
 
 def detach(dest: Path, missing_ok: bool = False) -> list[str]:
-    """Unmount the filesystems attach or attach_disks mounted below `dest`; remove the directories they made.
-    Nothing attached is an error, unless missing_ok."""
+    """Unmount the filesystems attach or attach_disks mounted below `dest`; remove the directories they made
+    (also those an attach or a detach that was killed left empty). Nothing attached is an error, unless
+    missing_ok."""
     dest = Path(dest)
     root = os.path.realpath(dest)
     if root == "/":
@@ -116,8 +118,11 @@ def detach(dest: Path, missing_ok: bool = False) -> list[str]:
     # Only what attach makes: mounts named p<N> or disk on read-only loop devices. Other mounts below
     # dest (an rpfs store mount, a network share, a writable loop mount) are not ours to undo.
     mounts = _attach_mounts(root)
-    if not mounts and not missing_ok:
+    left = _left_folders(Path(root))
+    if not mounts and not left and not missing_ok:
         raise RpfsError(f"nothing attached at {dest}")
+    for folder in left:
+        _remove_mountpoint(folder, Path(root))
     unmounted: list[str] = []
     failures: list[str] = []
     for mount in mounts:
@@ -165,9 +170,9 @@ def _attach_image(image: Path, image_size: int, dest: Path) -> list[AttachedFile
 def _attach_disk(image: Path, disk_dir: Path) -> list[AttachedFilesystem]:
     """One disk of a whole-VM attach: a disk that cannot be read is reported as its whole-disk status.
 
-    disk_dir stays only while something is mounted in it.
+    disk_dir stays only while something is mounted in it (an attach run again finds it made already).
     """
-    disk_dir.mkdir()
+    disk_dir.mkdir(exist_ok=True)
     size = 0
     try:
         try:
@@ -185,13 +190,19 @@ def _attach_disk(image: Path, disk_dir: Path) -> list[AttachedFilesystem]:
 
 def _attach_target(image: Path, target: _Target, dest: Path) -> AttachedFilesystem:
     result = AttachedFilesystem(target.name, target.partition, None, None, "", target.offset, target.size)
+    mountpoint = dest / target.name
+    here = _attach_mount_at(mountpoint)
+    if here is not None:   # mounted by an earlier run of this attach (one that was killed, maybe)
+        if _loop_of(here) != (os.path.realpath(image), target.offset):
+            raise RpfsError(f"{mountpoint} has another filesystem attached; rpfs detach {dest} first")
+        result.fstype, result.mountpoint, result.status = here.fstype, str(mountpoint), MOUNTED
+        return result
     fstype, reason = _probe(image, target.offset, target.size)
     result.fstype = fstype
     if reason or fstype is None:
         result.status = reason or "no filesystem detected"
         return result
-    mountpoint = dest / target.name
-    mountpoint.mkdir()
+    mountpoint.mkdir(exist_ok=True)   # left empty by an earlier run, killed before it mounted
     try:
         options = f"{MOUNT_OPTIONS[fstype]},loop,offset={target.offset},sizelimit={target.size}"
         run_tool(["mount", "-t", fstype, "-o", options, str(image), str(mountpoint)])
@@ -254,16 +265,20 @@ def _image_size(image: Path) -> int:
         raise RpfsError(f"cannot read image {image}: {e.strerror or e}") from None
 
 
-def _prepare_dest(dest: Path) -> Path | None:
-    """Make sure dest is a fresh empty directory; return the topmost directory we created, if any."""
+def _prepare_dest(dest: Path, images: list[Path], disk_names: Collection[str] = ()) -> Path | None:
+    """Make sure dest is an empty directory, or holds only what an attach of these same images made there
+    (the same attach, run again after a kill or not: it completes, and gives the same answer); return the
+    topmost directory we created, if any."""
     if dest.exists() or dest.is_symlink():
         if not dest.is_dir():
             raise RpfsError(f"{dest} exists and is not a directory")
         if os.path.ismount(dest):
             raise RpfsError(f"{dest} is a mountpoint; choose an empty directory")
-        if _mounts_under(os.path.realpath(dest)):
+        sources = {os.path.realpath(image) for image in images}
+        mounts = _mounts_under(os.path.realpath(dest))
+        if any(not _is_attach_mount(m) or _loop_of(m)[0] not in sources for m in mounts):
             raise RpfsError(f"{dest} already has something attached; detach it first")
-        if any(dest.iterdir()):
+        if not all(_made_by_attach(path, disk_names) for path in dest.iterdir()):
             raise RpfsError(f"{dest} is not empty; choose an empty directory")
         return None
     topmost = dest
@@ -305,6 +320,50 @@ def _rmdir_quietly(path: Path) -> None:
         path.rmdir()
     except OSError:
         pass
+
+
+def _made_by_attach(path: Path, disk_names: Collection[str]) -> bool:
+    """A folder below DEST that attach makes: p<N> or disk, mounted or empty; or, for a whole VM, a disk's
+    folder holding only those."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    if ATTACH_NAME.fullmatch(path.name) and (os.path.ismount(path) or not any(path.iterdir())):
+        return True
+    return path.name in disk_names and not os.path.ismount(path) and \
+        all(_made_by_attach(inner, ()) for inner in path.iterdir())
+
+
+def _left_folders(root: Path) -> list[Path]:
+    """Empty folders named p<N> or disk, below root or below a disk's folder in it, that nothing is mounted
+    on: left by an attach or a detach that was killed between a folder and its mount."""
+    found = []
+    try:
+        for path in root.iterdir():
+            if path.is_symlink() or not path.is_dir() or os.path.ismount(path):
+                continue
+            inner = list(path.iterdir())
+            if not inner and ATTACH_NAME.fullmatch(path.name):
+                found.append(path)
+            found += [p for p in inner if ATTACH_NAME.fullmatch(p.name) and not p.is_symlink() and p.is_dir()
+                      and not os.path.ismount(p) and not any(p.iterdir())]
+    except OSError:
+        pass   # not a folder, or one that cannot be read: nothing of attach's to find there
+    return found
+
+
+def _loop_of(mount: Mount) -> tuple[str, int]:
+    """(backing file, offset) of the loop device an attach mount reads; ("", -1) if it cannot be told."""
+    loop = re.fullmatch(r"/dev/(loop\d+)", mount.source)
+    folder = Path("/sys/block") / (loop.group(1) if loop else "-") / "loop"
+    try:
+        return (folder / "backing_file").read_text().rstrip("\n"), int((folder / "offset").read_text())
+    except (OSError, ValueError):
+        return "", -1
+
+
+def _attach_mount_at(mountpoint: Path) -> Mount | None:
+    root = os.path.realpath(mountpoint)
+    return next((m for m in _attach_mounts(root) if m.mountpoint == root), None)
 
 
 def _is_attach_mount(mount: Mount) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from rpfs.attach.filesystems import AttachedFilesystem, attach_disks, detach, has_attached
@@ -18,22 +19,56 @@ from rpfs.store.recovery_point import RecoveryPoint
 
 
 def attach_point(store_path: Path, point: RecoveryPoint, dest: Path) -> dict[str, list[AttachedFilesystem]]:
+    """Run again (after a kill, or not), it completes what the earlier run attached, through its store mount."""
     dest = Path(os.path.abspath(dest))
     registry, store_mount = run_dir.attach_files(dest)
-    if registry.exists():
+    if registry.exists() and not _serving(store_mount):
         if has_attached(dest):
-            raise RpfsError(f"{dest} already has a VM attached; rpfs detach {dest} first")
+            raise RpfsError(f"{dest} has a VM attached whose store mount is gone; rpfs detach {dest} first")
         release_attach(registry, store_mount)   # left by an attach that was killed half-way
-    # The registry first: whatever a kill leaves from here on, detach (or this again) finds and undoes.
-    run_dir.write_file(registry, json.dumps({"dest": str(dest), "store_mount": str(store_mount)}))
+    fresh = not registry.exists()
+    if fresh:   # the registry first: whatever a kill leaves from here on, detach (or this again) finds and undoes
+        run_dir.write_file(registry, json.dumps({"dest": str(dest), "store_mount": str(store_mount)}))
     try:
-        run_dir.make_folder(store_mount)
-        start_store_daemon(store_path, store_mount, 64 << 20)
+        if fresh:
+            run_dir.make_folder(store_mount)
+            start_store_daemon(store_path, store_mount, 64 << 20)
         images = {d.name: store_mount / point.vm / point.id / f"{d.name}.img" for d in point.disks}
-        return attach_disks(images, dest)
+        return attach_disks(images, dest)   # refused if another recovery point is attached there
     except BaseException:
-        release_attach(registry, store_mount)
+        if fresh or not has_attached(dest):
+            release_attach(registry, store_mount)
         raise
+
+
+def _serving(store_mount: Path, starting_seconds: float = 10.0) -> bool:
+    """The private store mount of an earlier attach serves, or its daemon (whose attach was killed while it
+    started) is about to: it is used rather than another started beside it."""
+    deadline = time.monotonic() + starting_seconds
+    while _daemons_for(store_mount):
+        if fstype_at(os.path.realpath(store_mount)) == daemon.FSTYPE:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def _daemons_for(store_mount: Path) -> list[int]:
+    """rpfs processes whose command line names the store mount: its daemon, from the moment it is started
+    (before it has written its pid file or mounted anything)."""
+    wanted = os.fsencode(os.path.realpath(store_mount))
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"rpfs" in argv and wanted in argv:
+            found.append(int(entry.name))
+    return found
 
 
 def detach_point_or_image(dest: Path) -> list[str]:
@@ -48,11 +83,12 @@ def detach_point_or_image(dest: Path) -> list[str]:
 
 
 def release_attach(registry: Path, store_mount: Path) -> None:
-    """Unmount a whole-VM attach's private store mount and forget it (also check --repair's)."""
+    """Unmount a whole-VM attach's private store mount and forget it (also check --repair's); the record
+    goes last, so a kill on the way leaves it for detach (or this again) to finish."""
     if fstype_at(str(store_mount)) is not None:
         daemon.unmount(store_mount)
-    registry.unlink(missing_ok=True)
     try:
         store_mount.rmdir()
     except OSError:
         pass
+    registry.unlink(missing_ok=True)

@@ -99,14 +99,30 @@ def cmd_instant_wait(args) -> int:
 
 def cmd_instant_stop(args) -> int:
     from rpfs.restore import instant
+    if args.discard:
+        return _discard(args)
     job = instant.stop(Path(args.target))
     if args.json:
         print_json(asdict(job))
     elif job.state == "complete":
         print(f"stopped; {job.target} is a standalone image")
+    elif job.state == "discarded":
+        print(f"forgot the instant restore into {job.target}: it was discarded")
     else:
         print(f"stopped at {job.copied_blocks}/{job.blocks} blocks; resume with: rpfs instant-restore {job.vm}"
               f" {job.point_id} --disk {job.disk} --to {job.target}")
+    return 0
+
+
+def _discard(args) -> int:
+    from rpfs.restore import instant
+    done = instant.discard(Path(args.target), Path(args.store) if args.store else None)
+    if args.json:
+        print_json(asdict(done))
+        return 0
+    what = f"{done.vm}/{done.point_id}/{done.disk}" if done.vm else "the instant restore"
+    kept = f"; {done.target} is complete and stays" if done.was == "complete" else ""
+    print(f"discarded {what} into {done.target}{kept}; removed: {', '.join(done.removed) or 'nothing more'}")
     return 0
 
 

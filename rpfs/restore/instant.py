@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rpfs.errors import RpfsError
 from rpfs.host.mountinfo import fstype_at
-from rpfs.restore.partial import in_use, settle, state_path
+from rpfs.restore.partial import abandon, in_use, settle, state_path
 from rpfs.restore.writable_image import (
     InstantSource,
     WritableImage,
@@ -28,7 +28,7 @@ from rpfs.serve import daemon, run_dir
 from rpfs.serve.image import BlockCache
 from rpfs.serve.writable_tree import WritableImageFS
 from rpfs.store.isolated import IsolatedStore
-from rpfs.store.leases import Lease, hold, release_hold
+from rpfs.store.leases import LEASE_DIR, Lease, hold, release_hold
 from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.store import Store
 
@@ -45,7 +45,7 @@ class InstantJob:
     point_id: str
     disk: str
     store: str = ""
-    state: str = ""            # copying | stopped | complete
+    state: str = ""            # copying | stopped | complete | discarded
     copied_blocks: int = 0
     blocks: int = 0
     pid: int | None = None
@@ -157,9 +157,9 @@ def _with_progress(job: InstantJob) -> InstantJob:
     except RpfsError:
         if state_path(target).exists():
             raise   # a damaged state file: say so
-        # no state file (any more): the copy is complete
-        job.state = "complete"
-        job.copied_blocks = job.blocks
+        # no state file (any more): the copy is complete, or was thrown away by a discard that was killed
+        job.state = "complete" if target.exists() else "discarded"
+        job.copied_blocks = job.blocks if target.exists() else 0
     return job
 
 
@@ -182,16 +182,19 @@ def wait(target: Path, poll_seconds: float = 0.2, progress=None) -> InstantJob:
         if job.state == "stopped":
             raise RpfsError(f"the instant restore into {target} stopped at {job.copied_blocks}/{job.blocks} blocks;"
                             f" resume it: rpfs instant-restore {job.vm} {job.point_id} --disk {job.disk} --to {target}")
+        if job.state == "discarded":
+            raise RpfsError(f"the instant restore into {target} was discarded; rpfs instant-stop {target} --discard"
+                            " removes what is left of it")
         time.sleep(poll_seconds)
 
 
 def stop(target: Path) -> InstantJob:
-    """Unmount the writable image; an unfinished copy stays resumable, a finished one is forgotten."""
+    """Unmount the writable image; an unfinished copy stays resumable, a finished (or discarded) one is forgotten."""
     job = find(target)
     if fstype_at(job.mountpoint) is not None:
         daemon.unmount(Path(job.mountpoint))
     job = _with_progress(job)
-    if job.state == "complete":
+    if job.state in ("complete", "discarded"):
         registry, mountpoint = run_dir.instant_files(Path(job.target))
         if job.store:
             release_hold(Path(job.store), registry.stem)
@@ -201,3 +204,67 @@ def stop(target: Path) -> InstantJob:
         except OSError:
             pass
     return job
+
+
+@dataclass
+class Discarded:
+    """What `instant-stop --discard` found and removed."""
+    target: str
+    was: str                   # unfinished (its copy is thrown away) | complete (target is kept)
+    removed: list[str]
+    vm: str = ""
+    point_id: str = ""
+    disk: str = ""
+
+
+def discard(target: Path, store_path: Path | None = None, wait_seconds: float = 10.0) -> Discarded:
+    """Abandon an instant restore: stop serving it, then remove its copy (unless complete), its hold and
+    its record, in that order, so that a kill at any moment leaves what running it again finishes.
+
+    Found from the target alone: the record and the hold are named after its path, the store comes from
+    the state file, the record or store_path (the record is gone after a reboot, /run being a tmpfs)."""
+    target = Path(os.path.abspath(target))
+    registry, mountpoint = run_dir.instant_files(target)
+    job = _registered(registry)
+    source = None
+    try:
+        source = unfinished_source(target)
+    except RpfsError:
+        pass   # a damaged state file: the restore cannot resume, so it can still be discarded
+    stores = [s for s in (source.store if source else "", job.store if job else "", store_path or "") if s]
+    held = [Path(s) / LEASE_DIR / f"hold-{registry.stem}" for s in dict.fromkeys(map(os.path.abspath, stores))]
+    if job is None and not state_path(target).exists() and not any(h.exists() for h in held):
+        raise RpfsError(f"no instant restore into {target} (see rpfs jobs)")
+    if fstype_at(str(mountpoint)) is not None:
+        daemon.unmount(mountpoint)    # refused while the image is in use (a loop device, a VM)
+    _wait_until_gone(mountpoint, wait_seconds)
+    settle(target)
+    was = "complete" if target.exists() and not state_path(target).exists() else "unfinished"
+    removed = [str(p) for p in abandon(target)] if was == "unfinished" else []
+    for path in held:
+        if path.exists():
+            release_hold(path.parent.parent, registry.stem)
+            removed.append(str(path))
+    try:
+        mountpoint.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise RpfsError(f"cannot remove {mountpoint}: {e.strerror}") from None
+    if registry.exists():
+        registry.unlink()   # last: while it is there, rpfs jobs shows what is left to discard
+        removed.append(str(registry))
+    named = source or job
+    return Discarded(target=str(target), was=was, removed=removed, vm=named.vm if named else "",
+                     point_id=named.point_id if named else "", disk=named.disk if named else "")
+
+
+def _wait_until_gone(mountpoint: Path, seconds: float) -> None:
+    """A daemon whose image was just unmounted (by us, or by a discard that was killed) is still closing
+    the partial file; it must be gone before anything is removed."""
+    deadline = time.monotonic() + seconds
+    while daemon.daemon_pid(mountpoint) is not None:
+        if time.monotonic() > deadline:
+            raise RpfsError(f"the instant restore's daemon (pid {daemon.daemon_pid(mountpoint)}) has not ended;"
+                            " try again")
+        time.sleep(0.05)

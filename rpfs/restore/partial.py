@@ -146,6 +146,40 @@ class PartialFile:
             self.fd = -1
 
 
+def abandon(target: Path) -> list[Path]:
+    """Throw away an unfinished instant restore's copy (the user's writes with it); returns what it removed.
+
+    Under the partial file's flock, so no daemon or restore is using it: the state file goes first, then
+    the partial file. A kill in between leaves a partial file with no state file, a dead restore's, which
+    this (run again) or the next restore removes. PATH itself is never touched."""
+    removed: list[Path] = []
+    path = partial_path(target)
+    fd = _open_existing(path, os.O_RDONLY)
+    try:
+        if fd is not None:
+            try:
+                _lock(fd, path)
+            except RpfsError:
+                if state_path(target).exists():
+                    raise   # its daemon (or a resume) still works on it
+                os.close(fd)   # with no state file it is another restore's, at work: not ours
+                fd = None
+        if fd is not None:
+            _check_same(fd, path)
+        if state_path(target).exists():
+            state_path(target).unlink()
+            fsync_folder(target.parent)   # gone before the partial file: never a state file without it
+            removed.append(state_path(target))
+        if fd is not None:
+            path.unlink()
+            fsync_folder(target.parent)
+            removed.append(path)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return removed
+
+
 def _remove_dead(target: Path) -> None:
     """Remove the partial file of a restore that died: nobody holds it and no instant restore owns it.
     It is unlinked rather than reused, so nothing of it (owner, links, open fds) carries over."""
