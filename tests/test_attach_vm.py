@@ -236,7 +236,8 @@ def test_detach_leaves_foreign_mounts_below_dest_alone(area):
 def test_whole_vm_attach_run_again_completes_what_a_killed_one_left(area):
     """`rpfs attach VM DEST` killed after its store mount and the first disk's filesystem: run again, it
     mounts the rest through the same store mount (found by tools/chaos); another point is refused."""
-    from rpfs.serve import daemon, run_dir
+    from rpfs.host import run_dir
+    from rpfs.serve import daemon
 
     os_files, data_files = random_files(51, count=2), random_files(52, count=2)
     disks = {"os": make_whole_disk_ext4(area / "os.img", os_files),
@@ -275,7 +276,8 @@ def test_whole_vm_attach_run_again_uses_the_store_mount_a_killed_one_is_starting
     from cli_helpers import REPO
 
     from rpfs.attach import vm
-    from rpfs.serve import daemon, run_dir
+    from rpfs.host import run_dir
+    from rpfs.serve import daemon
     from rpfs.store.store import Store
 
     files = random_files(53, count=2)

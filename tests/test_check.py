@@ -9,7 +9,7 @@ from cli_helpers import rpfs
 from diskimages import random_disk
 from test_backup import corrupt_one_block
 
-from rpfs.serve import run_dir
+from rpfs.host import run_dir
 from rpfs.store.leases import LEASE_DIR, hold
 from rpfs.store.store import REF, Store
 

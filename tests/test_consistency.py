@@ -254,6 +254,28 @@ def test_watchdog_thaws_when_the_backup_is_killed_during_the_freeze(vm_on_xfs):
     assert writable_within(guest, 10)
 
 
+def test_a_freeze_right_after_a_killed_backup_is_not_undone_by_its_watchdog(vm_on_xfs):
+    """The watchdog of a killed backup goes on thawing for a while: the next backup's freeze waits for it
+    to exit, or that freeze would be undone under a recovery point that claims it (found by tools/chaos)."""
+    _, _, guest = vm_on_xfs
+    first = subprocess.Popen([sys.executable, "-c", HOLD_FREEZE, str(guest), "120", "600"],
+                             stdout=subprocess.PIPE, text=True, cwd=REPO)
+    second = None
+    try:
+        assert first.stdout.readline() == "frozen\n"
+        first.send_signal(signal.SIGKILL)
+        second = subprocess.Popen([sys.executable, "-c", HOLD_FREEZE, str(guest), "120", "600"],
+                                  stdout=subprocess.PIPE, text=True, cwd=REPO)
+        assert second.stdout.readline() == "frozen\n"
+        assert not writable_within(guest, 3), "the first backup's watchdog thawed the second one's freeze"
+    finally:
+        for holder in (first, second):
+            if holder is not None:
+                holder.kill()
+                holder.wait()
+    assert writable_within(guest, 10)
+
+
 def test_watchdog_bounds_the_freeze_window(vm_on_xfs):
     _, _, guest = vm_on_xfs
     done = subprocess.run([sys.executable, "-c", HOLD_FREEZE, str(guest), "0.5", "3"], capture_output=True,

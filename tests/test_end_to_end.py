@@ -170,7 +170,7 @@ def test_whole_vm_attach_from_the_cli(tmp_path, no_leaks):
 def test_a_killed_whole_vm_attach_is_undone_by_detach_or_by_the_same_attach(tmp_path, no_leaks):
     """kill -9 right after its private store mount started leaves that mount and its record, nothing
     attached below DEST: detach removes them, and so does the same attach run again (issue 9, defect 8)."""
-    from rpfs.serve import run_dir
+    from rpfs.host import run_dir
     from rpfs.serve.store_mount import start_store_daemon
     image = make_whole_disk_ext4(tmp_path / "data.img", random_files(73, count=3))
     store = tmp_path / "store"

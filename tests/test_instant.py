@@ -201,7 +201,7 @@ def test_run_again_as_the_copy_completes_returns_the_finished_job(tmp_path, clea
 def test_discard_abandons_an_unfinished_instant_restore(tmp_path, cleanup):
     """`instant-stop --discard` removes the copy, its state file, the hold and the record; refused while
     the image is in use, and when there is nothing to discard."""
-    from rpfs.serve import run_dir
+    from rpfs.host import run_dir
     from rpfs.store.leases import holds
 
     source = random_disk(tmp_path / "disk.img", 64)
@@ -247,7 +247,7 @@ class Killed(BaseException):
 @pytest.mark.parametrize("moment", ["unmounted", "state file removed", "partial file removed", "hold released"])
 def test_discard_killed_at_any_moment_finishes_when_run_again(tmp_path, cleanup, monkeypatch, moment):
     from rpfs.restore import instant, partial
-    from rpfs.serve import run_dir
+    from rpfs.host import run_dir
     from rpfs.store.leases import holds
 
     source = random_disk(tmp_path / "disk.img", 16)

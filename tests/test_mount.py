@@ -224,5 +224,5 @@ def test_a_crashed_store_reader_costs_a_read_not_the_mount(tmp_path):
 
 
 def _daemon_pid(mountpoint: Path) -> int:
-    from rpfs.serve.run_dir import daemon_files
+    from rpfs.host.run_dir import daemon_files
     return int(daemon_files(Path(os.path.realpath(mountpoint)))[0].read_text())

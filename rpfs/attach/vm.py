@@ -13,7 +13,8 @@ from pathlib import Path
 from rpfs.attach.filesystems import AttachedFilesystem, attach_disks, detach, has_attached
 from rpfs.errors import RpfsError
 from rpfs.host.mountinfo import fstype_at
-from rpfs.serve import daemon, run_dir
+from rpfs.host import run_dir
+from rpfs.serve import daemon
 from rpfs.serve.store_mount import start_store_daemon
 from rpfs.store.recovery_point import RecoveryPoint
 

@@ -17,6 +17,7 @@ is an outage.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import stat
@@ -32,6 +33,7 @@ from typing import Iterator
 
 from rpfs.backup.freeze_watchdog import FREEZE_CALL_SECONDS
 from rpfs.errors import RpfsError
+from rpfs.host import run_dir
 
 SCRIPT_KEYS = {"path", "args", "timeout_seconds", "retries", "continue_on_failure"}
 FREEZE_KEYS = {"mountpoints", "max_seconds"}
@@ -189,8 +191,14 @@ def frozen(mountpoints: list[str], max_seconds: float) -> Iterator["FreezeWindow
     if not mountpoints:
         yield window
         return
-    watchdog = subprocess.Popen([sys.executable, "-m", "rpfs.backup.freeze_watchdog", str(max_seconds), *mountpoints],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+    locks = _freeze_locks(mountpoints, FREEZE_CALL_SECONDS + max_seconds)
+    try:
+        watchdog = subprocess.Popen([sys.executable, "-m", "rpfs.backup.freeze_watchdog", str(max_seconds),
+                                     *mountpoints], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    start_new_session=True, pass_fds=locks)   # it holds them until it exits
+    finally:
+        for fd in locks:
+            os.close(fd)
     try:
         if watchdog.stdout.readline() != b"armed\n":
             raise RpfsError("the freeze watchdog did not start")
@@ -220,6 +228,35 @@ def frozen(mountpoints: list[str], max_seconds: float) -> Iterator["FreezeWindow
         except BrokenPipeError:
             pass
         watchdog.wait(timeout=30)
+
+
+def _freeze_locks(mountpoints: list[str], wait_seconds: float) -> list[int]:
+    """An exclusive flock on each mountpoint's lock file in the run dir, which the watchdog inherits and
+    holds until it exits: a freeze starts only once the watchdog of an earlier one has gone, so that
+    one's last thaws (it goes on thawing a while after its backup died) never undo this freeze. (A lock
+    on the mountpoint's own folder would keep the filesystem busy for umount meanwhile.)"""
+    deadline, fds = time.monotonic() + wait_seconds, []
+    try:
+        for mountpoint in sorted({os.path.realpath(m) for m in mountpoints}):   # one order: no deadlock
+            fds.append(run_dir.open_freeze_lock(mountpoint))
+            while True:
+                try:
+                    fcntl.flock(fds[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise RpfsError(f"{mountpoint} is being frozen for another backup (its freeze watchdog"
+                                        " still runs); try again later") from None
+                    time.sleep(0.05)
+    except OSError as e:
+        for fd in fds:
+            os.close(fd)
+        raise RpfsError(f"cannot open the freeze lock {e.filename}: {e.strerror}") from None
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
 
 
 @dataclass

@@ -24,7 +24,8 @@ from rpfs.restore.writable_image import (
     read_source,
     unfinished_source,
 )
-from rpfs.serve import daemon, run_dir
+from rpfs.host import run_dir
+from rpfs.serve import daemon
 from rpfs.serve.image import BlockCache
 from rpfs.serve.writable_tree import WritableImageFS
 from rpfs.store.isolated import IsolatedStore

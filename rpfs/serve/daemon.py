@@ -25,7 +25,7 @@ import trio
 from rpfs.errors import RpfsError
 from rpfs.host.mountinfo import fstype_at, read_mountinfo
 from rpfs.host.tools import error_line, run_tool_raw
-from rpfs.serve import run_dir
+from rpfs.host import run_dir
 
 FSTYPE = "fuse.rpfs"
 READY = b"ready\n"

@@ -23,7 +23,7 @@ from rpfs.attach.vm import release_attach
 from rpfs.backup import snapshot
 from rpfs.errors import CorruptBlockError
 from rpfs.restore.partial import partial_path, settle, state_path
-from rpfs.serve import run_dir
+from rpfs.host import run_dir
 from rpfs.store import blob
 from rpfs.store.leases import holds, release_hold, stale_leases
 from rpfs.store.store import WRITER_WAIT_SECONDS, Store, count_references

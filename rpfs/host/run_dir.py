@@ -6,6 +6,8 @@
                                          and the mountpoint of its writable image
     attach/<hash>.json, attach/<hash>/   a whole-VM attach at a destination: its record, and the private
                                          store mount its disks are read through
+    freeze/<hash>.lock                   flocked by a backup's freeze watchdog for as long as it runs
+                                         (backup/quiesce.py)
 
 Each name is a hash of the path it stands for, so any path maps to one safe file name. The folders are
 root's, mode 0700, but for the run dir and instant/, 0711: another user (a VM's qemu) can reach an
@@ -50,6 +52,13 @@ def attach_files(dest: Path) -> tuple[Path, Path]:
     """(record, private store mountpoint) of a whole-VM attach at dest."""
     key = _key(dest, 12)
     return root() / "attach" / f"{key}.json", root() / "attach" / key
+
+
+def open_freeze_lock(mountpoint: str) -> int:
+    """The lock file of a filesystem that backups freeze (kept, shared: not O_EXCL), opened read-write."""
+    folder = make_folder(root() / "freeze")
+    return os.open(folder / f"{_key(Path(mountpoint), 16)}.lock",
+                   os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
 def make_folder(folder: Path) -> Path:
