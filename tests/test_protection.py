@@ -323,12 +323,12 @@ def test_verify_leases_what_it_checks(store, tmp_path, monkeypatch):
     real = verify_mod._verify
     pruned = {}
 
-    def prune_and_gc_first(s, points, *args):
-        pruned.update(prune(s, {"vm": Retention(keep_last=1)})[0].kept)
-        gc(s)
-        return real(s, points, *args)
-    monkeypatch.setattr(verify_mod, "_verify", prune_and_gc_first)
     with Store.open(store) as s:
+        def prune_and_gc_first(reader, points, *args):
+            pruned.update(prune(s, {"vm": Retention(keep_last=1)})[0].kept)
+            gc(s)
+            return real(reader, points, *args)
+        monkeypatch.setattr(verify_mod, "_verify", prune_and_gc_first)
         result = verify(s)
         assert result.damaged == {} and result.checked_blocks == 3 * 2
         assert sum(why.startswith("in use by a reader") for why in pruned.values()) == 2

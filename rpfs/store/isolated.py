@@ -1,11 +1,12 @@
-"""A read-only store whose LMDB reads run in child processes, for the long-running daemons.
+"""A read-only store whose LMDB reads run in child processes, for the long-running daemons and verify.
 
 LMDB 0.9 has no checksums on its own pages: a damaged B-tree page can make the process that reads it
 crash by SIGBUS (README, Reliability), which no Python code can catch. The mount and instant-restore
 daemons therefore never map the LMDB file themselves: each read is a request to a reader process
 (`python -m rpfs.store.isolated`), and a reader that crashes costs one read an EIO, not the mount. The
 daemon still decodes and verifies every block (serve/image.py), so a reader can never hand it wrong
-bytes unnoticed.
+bytes unnoticed. verify reads through it too, so that it names the recovery points such a page damages
+instead of dying with them.
 
 Block maps are fetched in pieces and kept (recovery points never change), so a sequential reader asks
 a reader process for a map piece once per MAP_PIECE blocks, not once per block.
@@ -36,7 +37,7 @@ SOCKET_BUFFER = 4 << 20
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)   # root may go past net.core.wmem_max
 # What a reader process answers; nothing else reaches the store from a request.
 REQUESTS = ("describe", "point", "latest_point_id", "vms", "point_ids", "has_point", "stored_bytes",
-            "blob", "map_piece")
+            "blob", "map_piece", "block_map")
 
 
 class IsolatedStore:
@@ -96,6 +97,10 @@ class IsolatedStore:
         """A stored blob, decoded here: a reader process only copies it out of LMDB."""
         stored = self._call("blob", digest)
         return None if stored is None else decode(memoryview(stored))
+
+    def block_map(self, map_key: bytes) -> bytes:
+        """A whole block map, for scans that visit every block anyway (verify)."""
+        return self._call("block_map", map_key)
 
     def block_digest(self, map_key: bytes, index: int) -> bytes:
         first = index - index % MAP_PIECE

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.store import blob
+from rpfs.store.isolated import IsolatedStore
 from rpfs.store.leases import Lease
 from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.store import Store, distinct_digests
@@ -34,7 +35,9 @@ def verify(store: Store, vm: str | None = None, point_id: str | None = None, sam
         store.point(vm)   # raises: unknown VM
     lease = Lease(store.path)
     try:
-        return _verify(store, _leased(lease, store, points), sample_percent, progress)
+        points = _leased(lease, store, points)
+        with IsolatedStore.open(store.path) as reader:   # a page that crashes its reader is a damaged point
+            return _verify(reader, points, sample_percent, progress)
     finally:
         lease.close()
 
@@ -50,16 +53,22 @@ def _leased(lease: Lease, store: Store, points: list[RecoveryPoint]) -> list[Rec
     return kept
 
 
-def _verify(store: Store, points: list[RecoveryPoint], sample_percent: float, progress) -> VerifyResult:
+def _verify(store: IsolatedStore, points: list[RecoveryPoint], sample_percent: float, progress) -> VerifyResult:
     users: dict[bytes, list[tuple[str, str]]] = {}
+    damaged_maps: dict[str, list[str]] = {}
     for p in points:
         for d in p.disks:
-            for digest in distinct_digests(store.block_map(store.map_key(p.vm, p.id, d.name))):
+            try:
+                block_map = store.block_map(store.map_key(p.vm, p.id, d.name))
+            except CorruptBlockError as e:
+                damaged_maps.setdefault(f"{p.vm}/{p.id}", []).append(f"{d.name}: block map: {e.message}")
+                continue
+            for digest in distinct_digests(block_map):
                 users.setdefault(digest, []).append((f"{p.vm}/{p.id}", d.name))
     digests = list(users)
     if sample_percent < 100:
         digests = random.sample(digests, max(1, round(len(digests) * sample_percent / 100))) if digests else []
-    result = VerifyResult()
+    result = VerifyResult(damaged=damaged_maps)
 
     def check(digest: bytes) -> tuple[bytes, int, str | None]:
         try:
