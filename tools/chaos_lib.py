@@ -64,8 +64,8 @@ def loops_below(folder: Path) -> list[tuple[str, str]]:
     listed = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
                             capture_output=True, text=True).stdout
     prefix = os.path.realpath(folder).rstrip("/") + "/"
-    return [(name, back) for name, _, back in (line.strip().partition(" ") for line in listed.splitlines())
-            if back.strip().startswith(prefix)]
+    rows = (line.split(None, 1) for line in listed.splitlines())   # columns are padded: /dev/loop5  /x
+    return [(row[0], row[1].strip()) for row in rows if len(row) == 2 and row[1].strip().startswith(prefix)]
 
 
 class Workbench:
