@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import lmdb
 
@@ -24,6 +25,7 @@ from rpfs.commands.restores import (
 )
 from rpfs.commands.upkeep import cmd_check, cmd_compact, cmd_gc, cmd_pin, cmd_prune, cmd_usage, cmd_verify
 from rpfs.errors import RpfsError
+from rpfs.host.access import permission_denied
 from rpfs.store.blob import DEFAULT_ZSTD_LEVEL
 from rpfs.store.store import DEFAULT_BLOCK_SIZE
 
@@ -209,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.add_argument("--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--cache-mb", type=int, default=256, help="decoded-block cache size in MiB (default 256)")
+    p.add_argument("--allow-group", metavar="GROUP",
+                   help="let this group's members read the images too (default: root only)")
     p.add_argument("--debug", action="store_true", help="log every error in detail")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--log-file", help=argparse.SUPPRESS)
@@ -238,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     except RpfsError as e:
         print(f"rpfs: {e.message}", file=sys.stderr)
         return e.exit_code
+    except PermissionError as e:   # a user who may not: what refused them, whose it is, its mode
+        named = isinstance(e.filename, str) and e.filename
+        line = permission_denied(e.filename, Path(e.filename)).message if named else "permission denied"
+        print(f"rpfs: {line}", file=sys.stderr)
+        return 1
     except (OSError, lmdb.Error) as e:  # the system said no (permissions, a read-only disk...): one line
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         print(f"rpfs: {getattr(e, 'strerror', None) or e}{where}", file=sys.stderr)

@@ -17,6 +17,7 @@ def test_nothing_is_lost_when_writing_commands_are_killed(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "tools" / "chaos"), "--kills", str(KILLS), "--seed", "1",
                            "--bit-rot", str(max(KILLS // 10, 3)), "--dir", str(tmp_path), "--json"],
                           capture_output=True, text=True, timeout=2300)
+    assert done.stdout, f"tools/chaos printed no report: {done.stderr[-3000:]}"
     report = json.loads(done.stdout)
     assert report["failures"] == [], report["failures"]
     assert done.returncode == 0 and sum(report["kills"].values()) >= KILLS, done.stderr

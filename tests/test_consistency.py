@@ -312,7 +312,7 @@ def test_a_disk_in_use_without_snapshot_needs_allow_live(tmp_path):
     store = tmp_path / "store"
     rpfs("init", store=store)
     try:
-        snapshot.clone(disk, tmp_path / "probe.img")
+        snapshot.clone(disk, snapshot.snapshot_path(disk, "probe", "x", "probe"))
         skip_or_fail_in_ci("the test folder's filesystem has reflinks: the disk would be snapshotted")
     except snapshot.CannotSnapshot:
         pass

@@ -47,7 +47,7 @@ def test_tree_and_attributes(fs):
     ops, _, point, data = fs
     image = lookup_path(ops, "vm", point.id, "d.img")
     attrs = call(ops.getattr, image, None)
-    assert stat.S_ISREG(attrs.st_mode) and attrs.st_mode & 0o777 == 0o444
+    assert stat.S_ISREG(attrs.st_mode) and attrs.st_mode & 0o777 == 0o440   # root (and an allowed group) only
     assert attrs.st_size == len(data)
     latest = lookup_path(ops, "vm", "latest")
     assert stat.S_ISLNK(call(ops.getattr, latest, None).st_mode)

@@ -6,6 +6,9 @@ All loop/mount plumbing (losetup, mount, umount, blkid) lives here. Mounts use
 `mount -o ro,loop,offset=..,sizelimit=..`: libmount creates a read-only loop device with autoclear,
 so umount frees it and a failed mount never leaves one behind. Journals are never replayed, so an
 image taken from a live, dirty filesystem mounts as it is and is never written.
+
+DEST and every folder attach makes are 0700: the files of a backed-up disk keep their owners' numbers,
+which name other people on this host, so only root reaches them.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Collection
 
 from rpfs.attach.partitions import read_partitions
 from rpfs.errors import RpfsError
+from rpfs.host.access import PRIVATE_FOLDER, make_private_folder
 from rpfs.host.mountinfo import Mount, read_mountinfo
 from rpfs.host.tools import error_line, run_tool, run_tool_raw
 from rpfs.store.recovery_point import check_name
@@ -172,7 +176,7 @@ def _attach_disk(image: Path, disk_dir: Path) -> list[AttachedFilesystem]:
 
     disk_dir stays only while something is mounted in it (an attach run again finds it made already).
     """
-    disk_dir.mkdir(exist_ok=True)
+    disk_dir.mkdir(mode=PRIVATE_FOLDER, exist_ok=True)
     size = 0
     try:
         try:
@@ -202,7 +206,7 @@ def _attach_target(image: Path, target: _Target, dest: Path) -> AttachedFilesyst
     if reason or fstype is None:
         result.status = reason or "no filesystem detected"
         return result
-    mountpoint.mkdir(exist_ok=True)   # left empty by an earlier run, killed before it mounted
+    mountpoint.mkdir(mode=PRIVATE_FOLDER, exist_ok=True)   # left empty by an earlier run, killed before it mounted
     try:
         options = f"{MOUNT_OPTIONS[fstype]},loop,offset={target.offset},sizelimit={target.size}"
         run_tool(["mount", "-t", fstype, "-o", options, str(image), str(mountpoint)])
@@ -280,12 +284,13 @@ def _prepare_dest(dest: Path, images: list[Path], disk_names: Collection[str] = 
             raise RpfsError(f"{dest} already has something attached; detach it first")
         if not all(_made_by_attach(path, disk_names) for path in dest.iterdir()):
             raise RpfsError(f"{dest} is not empty; choose an empty directory")
+        make_private_folder(Path(os.path.realpath(dest)))   # before anything is mounted in it
         return None
     topmost = dest
     while not topmost.parent.exists():
         topmost = topmost.parent
     try:
-        dest.mkdir(parents=True)
+        make_private_folder(dest)
     except OSError as e:
         raise RpfsError(f"cannot create {dest}: {e.strerror or e}") from None
     return topmost

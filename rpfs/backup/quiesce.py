@@ -10,7 +10,9 @@
     mountpoints = ["/srv/data"]
     max_seconds = 10            # the watchdog thaws after this long, whatever happens
 
-Scripts run as root, so they and the config must be owned by root and writable by nobody else.
+Scripts run as root, so they and the config must be owned by root and writable by nobody else, and so
+must every folder on their way (host/access.py, as OpenSSH's StrictModes); a script runs through the
+descriptor that was checked, so replacing the file after the check runs nothing else.
 The freeze is watched by a separate process (rpfs.backup.freeze_watchdog) that thaws the filesystems when
 the window runs out or the moment this process dies, even by kill -9: a frozen production filesystem
 is an outage.
@@ -20,7 +22,6 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ from typing import Iterator
 from rpfs.backup.freeze_watchdog import FREEZE_CALL_SECONDS
 from rpfs.errors import RpfsError
 from rpfs.host import run_dir
+from rpfs.host.access import open_trusted
 
 SCRIPT_KEYS = {"path", "args", "timeout_seconds", "retries", "continue_on_failure"}
 FREEZE_KEYS = {"mountpoints", "max_seconds"}
@@ -66,22 +68,12 @@ class ScriptResult:
     message: str = ""
 
 
-def check_root_owned(path: Path, what: str) -> None:
-    """Refuse a file that someone other than root could change: it runs (or configures) code as root."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise RpfsError(f"{what} {path} does not exist") from None
-    if st.st_uid != 0:
-        raise RpfsError(f"{what} {path} is not owned by root; refusing to use it")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise RpfsError(f"{what} {path} is writable by group or others (chmod go-w); refusing to use it")
-
-
 def load_config(path: Path) -> ConsistencyConfig:
-    check_root_owned(path, "consistency config")
+    fd = open_trusted(path, "consistency config")   # read from what was checked
     try:
-        raw = tomllib.loads(path.read_text())
+        with os.fdopen(fd, "rb") as f:
+            text = f.read().decode()
+        raw = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RpfsError(f"{path}: {e}") from None
     unknown = set(raw) - {"pre", "post", "freeze"}
@@ -130,10 +122,17 @@ def _script(path: Path, section: str, table: dict) -> Script:
     script = Script(**table)
     if script.timeout_seconds <= 0 or script.retries < 0:
         raise RpfsError(f"{path}: [{section}] timeout_seconds must be positive and retries not negative")
-    check_root_owned(Path(script.path), f"{section}-script")
-    if not os.access(script.path, os.X_OK):
-        raise RpfsError(f"{section}-script {script.path} is not executable")
+    os.close(_open_script(script, section))   # refused now, before anything is quiesced
     return script
+
+
+def _open_script(script: Script, phase: str) -> int:
+    """The script, opened and checked (host/access.py): it is run through this descriptor."""
+    fd = open_trusted(Path(script.path), f"{phase}-script")
+    if not os.fstat(fd).st_mode & 0o111:
+        os.close(fd)
+        raise RpfsError(f"{phase}-script {script.path} is not executable")
+    return fd
 
 
 def run_script(script: Script, phase: str) -> ScriptResult:
@@ -142,15 +141,24 @@ def run_script(script: Script, phase: str) -> ScriptResult:
     result = ScriptResult(script=script.path, ok=False, attempts=0, exit_code=None, seconds=0.0)
     for attempt in range(script.retries + 1):
         result.attempts = attempt + 1
+        try:
+            fd = _open_script(script, phase)   # checked again now: it is what runs
+        except RpfsError as e:
+            result.message = e.message
+            break
         # Output goes to a file, not a pipe: a helper the script leaves running must not hang us.
         with tempfile.TemporaryFile() as output_file:
             try:
-                proc = subprocess.Popen([script.path, *script.args], stdin=subprocess.DEVNULL, stdout=output_file,
+                # Run through the descriptor (an interpreter reads the script from /proc/self/fd/N too).
+                proc = subprocess.Popen([script.path, *script.args], executable=f"/proc/self/fd/{fd}",
+                                        pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=output_file,
                                         stderr=subprocess.STDOUT, start_new_session=True,
                                         env={**os.environ, "RPFS_PHASE": phase})
             except OSError as e:
                 result.message = f"cannot run it: {e.strerror}"
                 continue
+            finally:
+                os.close(fd)
             try:
                 proc.wait(timeout=script.timeout_seconds)
             except subprocess.TimeoutExpired:

@@ -14,14 +14,17 @@ def cmd_mount(args) -> int:
     if args.foreground:
         mountpoint = daemon.check_mountpoint(Path(args.mountpoint))
         ready_fd = args.ready_fd
-        daemon.serve(lambda: store_mount.store_filesystem(Path(args.store or ""), cache_bytes), mountpoint,
-                    ready_fd=ready_fd, debug=args.debug, log_file=Path(args.log_file) if args.log_file else None)
+        daemon.serve(lambda: store_mount.store_filesystem(Path(args.store or ""), cache_bytes, args.allow_group),
+                     mountpoint, ready_fd=ready_fd, debug=args.debug,
+                     log_file=Path(args.log_file) if args.log_file else None)
         return 0
-    pid = store_mount.start_store_daemon(Path(args.store or ""), Path(args.mountpoint), cache_bytes)
+    pid = store_mount.start_store_daemon(Path(args.store or ""), Path(args.mountpoint), cache_bytes, args.allow_group)
     if args.json:
-        print_json({"mountpoint": str(Path(args.mountpoint).resolve()), "pid": pid})
+        print_json({"mountpoint": str(Path(args.mountpoint).resolve()), "pid": pid, "allow_group": args.allow_group})
     else:
-        print(f"mounted {args.store} at {args.mountpoint} (daemon pid {pid}); unmount with: rpfs umount {args.mountpoint}")
+        readers = f"root and group {args.allow_group}" if args.allow_group else "root only"
+        print(f"mounted {args.store} at {args.mountpoint} (daemon pid {pid}; readable by {readers});"
+              f" unmount with: rpfs umount {args.mountpoint}")
     return 0
 
 

@@ -9,11 +9,12 @@
     freeze/<hash>.lock                   flocked by a backup's freeze watchdog for as long as it runs
                                          (backup/quiesce.py)
 
-Each name is a hash of the path it stands for, so any path maps to one safe file name. The folders are
-root's, mode 0700, but for the run dir and instant/, 0711: another user (a VM's qemu) can reach an
-instant restore's image by its path, never list what is there. Files are written 0600 without
-following links and renamed into place, so a record is either whole or absent. RPFS_RUN_DIR moves
-the folder (the tests use a temporary one).
+Each name is a hash of the path it stands for, so any path maps to one safe file name. Every folder is
+root's, mode 0700 (an older rpfs made the run dir and instant/ 0711, so that a VM's qemu running as
+another user could reach an instant image by its path; qemu runs as root here, and the image is root's
+alone: serve/writable_tree.py). Files are written 0600 without following links and renamed into place,
+so a record is either whole or absent; another user can open none of them, so can flock none.
+RPFS_RUN_DIR moves the folder (the tests use a temporary one).
 """
 from __future__ import annotations
 
@@ -23,10 +24,8 @@ import stat
 from pathlib import Path
 
 from rpfs.errors import RpfsError
+from rpfs.host.access import PRIVATE_FOLDER
 from rpfs.host.files import write_whole
-
-TRAVERSABLE = 0o711
-
 
 def root() -> Path:
     return Path(os.environ.get("RPFS_RUN_DIR", "/run/rpfs"))
@@ -62,9 +61,9 @@ def open_freeze_lock(mountpoint: str) -> int:
 
 
 def make_folder(folder: Path) -> Path:
-    """Create a folder of the run dir (and the run dir); refuse one that is a link or not ours."""
+    """Create a folder of the run dir (and the run dir), 0700; refuse one that is a link or not ours."""
+    mode = PRIVATE_FOLDER
     for path in reversed([folder, *[p for p in folder.parents if p == root() or root() in p.parents]]):
-        mode = TRAVERSABLE if path in (root(), root() / "instant") else 0o700
         try:
             os.mkdir(path, mode)
         except FileExistsError:

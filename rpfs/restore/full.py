@@ -26,7 +26,7 @@ from rpfs.backup import snapshot
 from rpfs.errors import RpfsError
 from rpfs.host.disk_use import in_use
 from rpfs.host.tools import run_tool_raw
-from rpfs.restore.partial import PartialFile, check_free
+from rpfs.restore.partial import PartialFile, check_free, refuse_link
 from rpfs.serve.image import BlockCache, ImageReader
 from rpfs.store.leases import Lease
 from rpfs.store.recovery_point import HOLE, RecoveryPoint
@@ -65,7 +65,8 @@ def check_target(target: Path, size: int, force: bool) -> bool:
         if found and not force:
             raise RpfsError(f"{target} holds {found}; restoring over it destroys it (use --force to overwrite it)")
         return True
-    if target.exists() or target.is_symlink():
+    refuse_link(target)   # renamed over, a link would be replaced; a dangling one was planted
+    if target.exists():
         if target.is_dir():
             raise RpfsError(f"{target} is a directory; give a file or block device path")
         if not stat.S_ISREG(target.stat().st_mode):
@@ -134,8 +135,10 @@ def _clone_kept_snapshot(point: RecoveryPoint, disk_name: str, size: int, fd: in
     if kept is None:
         return False   # none, or changed since the backup read it: decode the store instead
     try:
-        snapshot.clone_into(kept, fd)
+        snapshot.clone_kept(kept, fd)
     except (snapshot.CannotSnapshot, FileNotFoundError):   # another filesystem, or expired just now
+        return False
+    except RpfsError:   # a snapshot folder that is not root's alone, or a link: the store has the blocks
         return False
     return True
 

@@ -8,10 +8,13 @@ share a partial file:
   partial file holds the user's writes and belongs to that instant restore: nothing else touches it;
 - a partial file with no state file beside it and nobody holding its flock was left by a restore that
   died: the next restore into PATH removes it (under the flock) and starts afresh, so running the same
-  command again finishes the job.
+  command again finishes the job;
+- a link at either name, even a dangling one, is refused, never followed nor replaced: in a folder others
+  can write, it was planted to make root write somewhere else.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
@@ -33,13 +36,21 @@ def state_path(target: Path) -> Path:
     return target.with_name(target.name + STATE_SUFFIX)
 
 
+def refuse_link(path: Path) -> None:
+    """Refuse a link where rpfs creates or opens a file of its own."""
+    if path.is_symlink():
+        raise RpfsError(f"{path} is a symbolic link; rpfs never writes or reads through one there (remove it)")
+
+
 def check_free(target: Path) -> None:
     """Refuse, before anything is written, a target another restore is working on."""
+    refuse_link(partial_path(target))
+    refuse_link(state_path(target))
     settle(target)
     if state_path(target).exists():
         raise RpfsError(f"{target} has an unfinished instant restore ({state_path(target)}); finish it with"
                         " rpfs instant-restore (same VM, recovery point and disk), or choose another path")
-    fd = _open_existing(partial_path(target), os.O_RDONLY)
+    fd = open_existing(partial_path(target), os.O_RDONLY)
     if fd is not None:
         try:
             _lock(fd, partial_path(target))
@@ -52,7 +63,7 @@ def settle(target: Path) -> None:
     state file: the state file without its partial file, beside a whole PATH nobody serves, is stale."""
     if not state_path(target).exists() or partial_path(target).exists():
         return
-    fd = _open_existing(target, os.O_RDONLY)
+    fd = open_existing(target, os.O_RDONLY)
     if fd is None:
         return
     try:
@@ -66,7 +77,7 @@ def settle(target: Path) -> None:
 
 def in_use(target: Path) -> bool:
     """Whether a process (a restore, an instant restore's daemon) holds the partial file's flock now."""
-    fd = _open_existing(partial_path(target), os.O_RDONLY)
+    fd = open_existing(partial_path(target), os.O_RDONLY)
     if fd is None:
         return False
     try:
@@ -108,7 +119,7 @@ class PartialFile:
     @classmethod
     def resume(cls, target: Path) -> "PartialFile":
         """The partial file of an unfinished instant restore, for the one process that serves it."""
-        fd = _open_existing(partial_path(target), os.O_RDWR)
+        fd = open_existing(partial_path(target), os.O_RDWR)
         if fd is None:
             raise RpfsError(f"{partial_path(target)} is missing: the unfinished instant restore into {target}"
                             f" cannot be resumed (remove {state_path(target)} to start anew)")
@@ -154,7 +165,7 @@ def abandon(target: Path) -> list[Path]:
     this (run again) or the next restore removes. PATH itself is never touched."""
     removed: list[Path] = []
     path = partial_path(target)
-    fd = _open_existing(path, os.O_RDONLY)
+    fd = open_existing(path, os.O_RDONLY)
     try:
         if fd is not None:
             try:
@@ -184,7 +195,7 @@ def _remove_dead(target: Path) -> None:
     """Remove the partial file of a restore that died: nobody holds it and no instant restore owns it.
     It is unlinked rather than reused, so nothing of it (owner, links, open fds) carries over."""
     path = partial_path(target)
-    fd = _open_existing(path, os.O_RDONLY)
+    fd = open_existing(path, os.O_RDONLY)
     if fd is None:
         return
     try:
@@ -197,13 +208,15 @@ def _remove_dead(target: Path) -> None:
         os.close(fd)
 
 
-def _open_existing(path: Path, flags: int) -> int | None:
+def open_existing(path: Path, flags: int) -> int | None:
     """Open a regular file without following a link or blocking on a FIFO; None if there is none."""
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            refuse_link(path)
         raise RpfsError(f"cannot open {path}: {e.strerror}") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)

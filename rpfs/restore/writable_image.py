@@ -30,7 +30,7 @@ from typing import Callable
 
 from rpfs.errors import RpfsError
 from rpfs.host.files import fsync_folder, write_whole
-from rpfs.restore.partial import PartialFile, state_path
+from rpfs.restore.partial import PartialFile, open_existing, state_path
 from rpfs.serve.image import BlockCache, ImageReader
 from rpfs.store.recovery_point import HOLE
 from rpfs.store.store import Store
@@ -56,14 +56,16 @@ class InstantSource:
 
 def read_source(target: Path) -> InstantSource:
     """The header of an unfinished instant restore's state file."""
+    fd = open_existing(state_path(target), os.O_RDONLY)   # never through a link
+    if fd is None:
+        raise RpfsError(f"{target} has no unfinished instant restore")
     try:
-        with open(state_path(target), "rb") as f:
-            header = f.read(HEADER_SIZE).rstrip(b"\0")
+        header = os.pread(fd, HEADER_SIZE, 0).rstrip(b"\0")
         source = InstantSource(**json.loads(header))
-    except FileNotFoundError:
-        raise RpfsError(f"{target} has no unfinished instant restore") from None
     except (ValueError, TypeError, UnicodeDecodeError):
         source = None
+    finally:
+        os.close(fd)
     fields_ok = source is not None and all(isinstance(getattr(source, k), str)
                                            for k in ("store", "vm", "point_id", "disk"))
     if not fields_ok or not all(type(v) is int and v > 0 for v in (source.size, source.block_size)):
@@ -84,9 +86,13 @@ def unfinished_source(target: Path) -> InstantSource | None:
 def progress_of(target: Path) -> tuple[int, int]:
     """(blocks copied, blocks in all) from the state file, readable whether or not a daemon runs."""
     source = read_source(target)
-    with open(state_path(target), "rb") as f:
-        f.seek(HEADER_SIZE)
-        bitmap = f.read()
+    fd = open_existing(state_path(target), os.O_RDONLY)
+    if fd is None:
+        raise RpfsError(f"{target} has no unfinished instant restore")
+    try:
+        bitmap = os.pread(fd, -(-source.blocks // 8), HEADER_SIZE)
+    finally:
+        os.close(fd)
     return sum(bin(b).count("1") for b in bitmap), source.blocks
 
 

@@ -81,9 +81,9 @@ def serve(open_filesystem: Callable[[], Filesystem], mountpoint: Path, ready_fd:
             wrote_pid = True
         except OSError as e:
             raise RpfsError(f"cannot write the pid file {pid_path}: {e.strerror}") from None
+        # No allow_other unless the filesystem asks for it (store_mount --allow-group): the kernel then
+        # refuses every user but the one who mounted, root. default_permissions is pyfuse3's default.
         options = set(pyfuse3.default_options) | fs.options | {"fsname=rpfs", "subtype=rpfs"}
-        if os.geteuid() == 0:
-            options.add("allow_other")
         try:
             pyfuse3.init(fs.ops, str(mountpoint), options)
         except RuntimeError as e:

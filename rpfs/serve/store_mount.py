@@ -3,12 +3,16 @@
 The daemon reads the store through reader processes (store/isolated.py: a damaged LMDB page crashes a
 reader, not the mount) and holds a lease (store/leases.py) listing the recovery points
 with an image open, so prune never deletes one under a reader.
+
+Only root reads the mount, unless a group is allowed: then the mount has allow_other, and the kernel lets
+that group's members read (default_permissions; modes in store_tree.py) and refuses everyone else.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+from rpfs.host.access import group_id
 from rpfs.serve.daemon import Filesystem, check_mountpoint, start_daemon
 from rpfs.serve.image import BlockCache
 from rpfs.serve.store_tree import RecoveryPointFS
@@ -17,8 +21,9 @@ from rpfs.store.leases import Lease
 from rpfs.store.store import Store
 
 
-def store_filesystem(store_path: Path, cache_bytes: int) -> Filesystem:
-    """The read-only recovery-point tree of a store."""
+def store_filesystem(store_path: Path, cache_bytes: int, allow_group: str | None = None) -> Filesystem:
+    """The read-only recovery-point tree of a store; allow_group: a group whose members may read it too."""
+    group = group_id(allow_group) if allow_group else None
     store = IsolatedStore.open(store_path)
     try:
         lease = Lease(store.path)
@@ -30,14 +35,19 @@ def store_filesystem(store_path: Path, cache_bytes: int) -> Filesystem:
         store.close()
         if lease is not None:
             lease.close()
-    ops = RecoveryPointFS(store, BlockCache(cache_bytes), lease=lease)
-    return Filesystem(ops, {"ro"}, close, start_tasks=ops.start_read_ahead)
+    ops = RecoveryPointFS(store, BlockCache(cache_bytes), lease=lease, group=group)
+    options = {"ro"} | ({"allow_other", "default_permissions"} if group is not None else set())
+    return Filesystem(ops, options, close, start_tasks=ops.start_read_ahead)
 
 
-def start_store_daemon(store_path: Path, mountpoint: Path, cache_bytes: int) -> int:
+def start_store_daemon(store_path: Path, mountpoint: Path, cache_bytes: int, allow_group: str | None = None) -> int:
     """Start `rpfs mount --foreground` in the background; return its pid once mounted."""
     with Store.open(store_path, readonly=True) as store:   # fail here, with the clear message
         block_size = store.block_size
+    if allow_group:
+        group_id(allow_group)   # an unknown group: said here, in one line
     mountpoint = check_mountpoint(mountpoint)
     argv = ["--store", str(store_path), "mount", str(mountpoint), "--foreground", "--cache-mb", str(cache_bytes >> 20)]
+    if allow_group:
+        argv += ["--allow-group", allow_group]
     return start_daemon(argv, mountpoint, block_size)

@@ -3,6 +3,10 @@
 Handlers only translate paths and calls into catalog lookups and ImageReader reads; fuse_errors turns
 any other exception into EIO.
 
+Access: images and info.json are 0440, folders 0550, all of the daemon's user (root) and of one group: its
+own, or the group `rpfs mount --allow-group` names. The mount has allow_other only with a group, and the kernel checks
+these modes (default_permissions), so a member reads and everyone else gets EACCES.
+
 Concurrency: pyfuse3 runs handlers as trio tasks. Reads whose blocks are all cached (or holes) are
 answered inline; the rest go to worker threads (decompression and hashing release the GIL), bounded
 by a CapacityLimiter. Inode numbers are handed out on first lookup and never reused; the table grows
@@ -33,6 +37,8 @@ INFO = "info.json"       # beside the images: the recovery point's record (consi
 STABLE_TIMEOUT = 300.0   # recovery points never change: the kernel may cache their entries
 LIVE_TIMEOUT = 1.0       # VM folders and `latest` change as backups land
 READ_AHEAD_BLOCKS = 2    # blocks decoded ahead of a sequential reader, on the other core
+FILE_MODE = 0o440        # root and the allowed group read; nobody writes (the mount is read-only)
+FOLDER_MODE = 0o550
 
 
 @dataclass(frozen=True)
@@ -55,9 +61,12 @@ def _ns(iso_time: str) -> int:
 class RecoveryPointFS(pyfuse3.Operations):
     enable_writeback_cache = False
 
-    def __init__(self, store: Store, cache: BlockCache, read_threads: int = 4, lease: Lease | None = None):
+    def __init__(self, store: Store, cache: BlockCache, read_threads: int = 4, lease: Lease | None = None,
+                 group: int | None = None):
+        """group: the group that may read (the mount has allow_other then); None: the daemon's own."""
         super().__init__()
         self.store, self.cache, self.lease = store, cache, lease
+        self.owner, self.group = os.geteuid(), os.getegid() if group is None else group
         self._inodes: dict[Node, int] = {Node("root"): pyfuse3.ROOT_INODE}
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: Node("root")}
         self._points: dict[tuple[str, str], RecoveryPoint] = {}   # immutable once created
@@ -143,26 +152,26 @@ class RecoveryPointFS(pyfuse3.Operations):
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = self._inode(node)
-        attrs.st_uid, attrs.st_gid = 0, 0
+        attrs.st_uid, attrs.st_gid = self.owner, self.group
         attrs.st_blksize = 1 << 20
         mtime = self._mounted_ns
         timeout = LIVE_TIMEOUT
         if node.kind == "image":
             point = self._point(node.vm, node.point_id)
             size = point.disk(node.disk).size
-            attrs.st_mode, attrs.st_nlink, attrs.st_size = stat.S_IFREG | 0o444, 1, size
+            attrs.st_mode, attrs.st_nlink, attrs.st_size = stat.S_IFREG | FILE_MODE, 1, size
             attrs.st_blocks = -(-size // 512)
             mtime, timeout = _ns(point.time), STABLE_TIMEOUT
         elif node.kind == "info":
             point = self._point(node.vm, node.point_id)
-            attrs.st_mode, attrs.st_nlink, attrs.st_size = stat.S_IFREG | 0o444, 1, len(_info(point))
+            attrs.st_mode, attrs.st_nlink, attrs.st_size = stat.S_IFREG | FILE_MODE, 1, len(_info(point))
             mtime, timeout = _ns(point.time), STABLE_TIMEOUT
         elif node.kind == "latest":
             attrs.st_mode, attrs.st_nlink = stat.S_IFLNK | 0o777, 1
             attrs.st_size = len(self._latest_id(node.vm))
             timeout = 0.0
         else:
-            attrs.st_mode, attrs.st_nlink = stat.S_IFDIR | 0o555, 2
+            attrs.st_mode, attrs.st_nlink = stat.S_IFDIR | FOLDER_MODE, 2
             if node.kind == "point":
                 mtime, timeout = _ns(self._point(node.vm, node.point_id).time), STABLE_TIMEOUT
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime

@@ -2,6 +2,7 @@
 
 What the file holds is the WritableFile's business (restore/writable_image.py); these handlers only pass
 reads, writes and fsyncs through, on worker threads, and keep the file at its size (a disk cannot grow).
+The image is root's alone (0600, folder 0700, and the mount has no allow_other): qemu runs as root.
 """
 from __future__ import annotations
 
@@ -45,9 +46,9 @@ class WritableImageFS(pyfuse3.Operations):
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = inode
         if inode == pyfuse3.ROOT_INODE:
-            attrs.st_mode, attrs.st_nlink = stat.S_IFDIR | 0o755, 2
+            attrs.st_mode, attrs.st_nlink = stat.S_IFDIR | 0o700, 2
         elif inode == self.IMAGE_INODE:
-            attrs.st_mode, attrs.st_nlink, attrs.st_size = stat.S_IFREG | 0o644, 1, self.image.size
+            attrs.st_mode, attrs.st_nlink, attrs.st_size = stat.S_IFREG | 0o600, 1, self.image.size
             attrs.st_blocks = -(-self.image.size // 512)
         else:
             raise pyfuse3.FUSEError(errno.ENOENT)

@@ -13,6 +13,10 @@ Version 1 stores (no refs, policies, protected, jobs) are upgraded in place, in 
 first time a writing command opens them; read-only commands read them as they are.
 
 Every transaction is short: readers hold one for one lookup, so LMDB can reuse freed pages.
+
+The store is root's alone: its folder is 0700 and its files 0600 (LMDB creates its files with the mode it
+is given), so no other user can read a block or open, and so flock, a lock file. A store made by an
+older rpfs is tightened by the next command that opens it for writing.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import lmdb
 
 from rpfs.errors import CorruptBlockError, RpfsError
+from rpfs.host.access import PRIVATE_FILE, make_private, make_private_folder, permission_denied
 from rpfs.store.blob import DEFAULT_ZSTD_LEVEL
 from rpfs.store.recovery_point import DIGEST_SIZE, HOLE, RecoveryPoint
 
@@ -89,12 +94,15 @@ class Store:
             raise RpfsError("--block-size must be a power of two between 4 KiB and 64 MiB")
         if not 1 <= zstd_level <= 19:
             raise RpfsError("--zstd-level must be between 1 and 19")
-        if (path / "data.mdb").exists():
-            raise RpfsError(f"{path} already holds a store")
-        if path.exists() and not path.is_dir():
-            raise RpfsError(f"{path} exists and is not a directory")
-        path.mkdir(parents=True, exist_ok=True)
-        env = lmdb.open(str(path), map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES), subdir=True)
+        try:
+            if (path / "data.mdb").exists():
+                raise RpfsError(f"{path} already holds a store")
+            if path.exists() and not path.is_dir():
+                raise RpfsError(f"{path} exists and is not a directory")
+            make_private_folder(path)
+        except PermissionError:
+            raise permission_denied(f"cannot create store {path}", path) from None
+        env = lmdb.open(str(path), map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES), subdir=True, mode=PRIVATE_FILE)
         with env.begin(write=True) as txn:
             dbs = {name: env.open_db(name, txn=txn, create=True) for name in DB_NAMES}
             meta = dbs[b"meta"]
@@ -109,15 +117,24 @@ class Store:
         if not path:
             raise RpfsError("no store given: use --store DIR or set RPFS_STORE")
         path = Path(path)
-        if not path.is_dir():
-            raise RpfsError(f"store {path} does not exist (create it with: rpfs --store {path} init)")
-        if not (path / "data.mdb").exists():
-            raise RpfsError(f"{path} is not an rpfs store (create one with: rpfs --store {path} init)")
+        try:
+            if not path.is_dir():
+                raise RpfsError(f"store {path} does not exist (create it with: rpfs --store {path} init)")
+            if not os.access(path, os.R_OK | os.X_OK):
+                raise PermissionError
+            if not (path / "data.mdb").exists():
+                raise RpfsError(f"{path} is not an rpfs store (create one with: rpfs --store {path} init)")
+            if not readonly:
+                make_private(path)   # a store an older rpfs made readable by others
+        except PermissionError:
+            raise permission_denied(f"cannot open store {path}", path) from None
         try:
             env = lmdb.open(str(path), max_dbs=len(DB_NAMES), subdir=True, readonly=readonly,
-                            create=False, map_size=INITIAL_MAP_SIZE)
+                            create=False, map_size=INITIAL_MAP_SIZE, mode=PRIVATE_FILE)
             return cls(path, env, readonly)
         except lmdb.Error as e:
+            if "Permission denied" in str(e):
+                raise permission_denied(f"cannot open store {path}", path / "data.mdb") from None
             raise RpfsError(f"cannot open store {path}: {e}") from None
         except KeyError:
             raise RpfsError(f"{path} is not an rpfs store (its metadata is missing)") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from rpfs.errors import RpfsError
+from rpfs.host.access import PRIVATE_FILE
 from rpfs.host.files import fsync_folder
 from rpfs.store.store import WRITER_WAIT_SECONDS, Store
 
@@ -18,12 +19,13 @@ def compact(store: Store) -> tuple[int, int]:
             raise RpfsError(f"store {store.path} is open in another process (a mount, a backup?); close it first")
         before = (store.path / "data.mdb").stat().st_size
         work = store.path / "compact.tmp"
-        work.mkdir(exist_ok=True)
+        work.mkdir(mode=0o700, exist_ok=True)
         for leftover in work.glob("*"):   # a compact that was killed: nobody else has the store open
             leftover.unlink()
         try:
             store.copy_compacted(work)
             with open(work / "data.mdb", "rb") as f:
+                os.fchmod(f.fileno(), PRIVATE_FILE)   # LMDB makes its copy 0644
                 os.fsync(f.fileno())
             os.replace(work / "data.mdb", store.path / "data.mdb")
             (store.path / "lock.mdb").unlink(missing_ok=True)   # its transaction ids were the old file's
