@@ -32,6 +32,15 @@ def cleanup(tmp_path):
     assert (loops, mounts) == ([], [])
 
 
+def backed_up_disk(tmp_path: Path, data_mib: int) -> tuple[Path, Path]:
+    """(store, disk): a store holding one backup of a disk of random data."""
+    source = random_disk(tmp_path / "disk.img", data_mib)
+    store = tmp_path / "store"
+    rpfs("init", store=store)
+    rpfs("backup", "vm", f"--disk=d={source}", store=store)
+    return store, source
+
+
 def start_instant(store: Path, target: Path, cleanup: list, *extra: str) -> dict:
     cleanup.append(target)
     return json.loads(rpfs("instant-restore", "vm", "--disk", "d", "--to", str(target), "--json", *extra,
@@ -182,10 +191,7 @@ def test_run_again_as_the_copy_completes_returns_the_finished_job(tmp_path, clea
     from rpfs.store.leases import holds
     from rpfs.store.store import Store
 
-    source = random_disk(tmp_path / "disk.img", 8)
-    store = tmp_path / "store"
-    rpfs("init", store=store)
-    rpfs("backup", "vm", f"--disk=d={source}", store=store)
+    store, source = backed_up_disk(tmp_path, 8)
     target = tmp_path / "restored.img"
     start_instant(store, target, cleanup, "--copy-mbps", "4")
     read_before_the_end = instant.read_source(target)
@@ -204,10 +210,7 @@ def test_discard_abandons_an_unfinished_instant_restore(tmp_path, cleanup):
     from rpfs.host import run_dir
     from rpfs.store.leases import holds
 
-    source = random_disk(tmp_path / "disk.img", 64)
-    store = tmp_path / "store"
-    rpfs("init", store=store)
-    rpfs("backup", "vm", f"--disk=d={source}", store=store)
+    store, source = backed_up_disk(tmp_path, 64)
     target = tmp_path / "restored.img"
     job = start_instant(store, target, cleanup, "--copy-mbps", "4")   # 16 s for the copy: unfinished
     fd = os.open(job["image"], os.O_RDWR)
@@ -250,10 +253,7 @@ def test_discard_killed_at_any_moment_finishes_when_run_again(tmp_path, cleanup,
     from rpfs.host import run_dir
     from rpfs.store.leases import holds
 
-    source = random_disk(tmp_path / "disk.img", 16)
-    store = tmp_path / "store"
-    rpfs("init", store=store)
-    rpfs("backup", "vm", f"--disk=d={source}", store=store)
+    store, source = backed_up_disk(tmp_path, 16)
     target = tmp_path / "restored.img"
     start_instant(store, target, cleanup, "--copy-mbps", "1")
 
@@ -297,10 +297,7 @@ def test_two_daemons_for_one_image_the_command_returns_the_winners_job(tmp_path,
     from rpfs.restore.writable_image import InstantSource, create
     from rpfs.store.store import Store
 
-    source = random_disk(tmp_path / "disk.img", 4)
-    store = tmp_path / "store"
-    rpfs("init", store=store)
-    rpfs("backup", "vm", f"--disk=d={source}", store=store)
+    store, source = backed_up_disk(tmp_path, 4)
     with Store.open(store, readonly=True) as opened:
         point = opened.point("vm")
         disk = point.disk("d")
