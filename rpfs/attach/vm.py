@@ -45,14 +45,17 @@ def attach_point(store_path: Path, point: RecoveryPoint, dest: Path) -> dict[str
 def _serving(store_mount: Path, starting_seconds: float = 10.0) -> bool:
     """The private store mount of an earlier attach serves, or its daemon (whose attach was killed while it
     started) is about to: it is used rather than another started beside it."""
-    deadline = time.monotonic() + starting_seconds
-    while _daemons_for(store_mount):
-        if fstype_at(os.path.realpath(store_mount)) == daemon.FSTYPE:
+    deadline, unseen = time.monotonic() + starting_seconds, 0
+    while True:
+        running = bool(_daemons_for(store_mount))
+        if running and fstype_at(os.path.realpath(store_mount)) == daemon.FSTYPE:
             return True
-        if time.monotonic() > deadline:
+        # Gone only when not seen three times in a row: a process in the middle of its exec shows no
+        # command line for a moment (the daemon's starter execs it).
+        unseen = 0 if running else unseen + 1
+        if unseen == 3 or time.monotonic() > deadline:
             return False
         time.sleep(0.05)
-    return False
 
 
 def _daemons_for(store_mount: Path) -> list[int]:
