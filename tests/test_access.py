@@ -391,3 +391,10 @@ def test_a_script_runs_through_the_descriptor_that_was_checked(tmp_path, monkeyp
     assert result.ok, result
     assert (tmp_path / "ran").read_text() == "checked\n"
 
+
+
+def test_what_a_tool_creates_is_roots_alone_from_the_start(tmp_path):
+    """rpfs overlay has qemu-img create the qcow2: under root's usual umask it was 0644 until chmodded."""
+    from rpfs.host.tools import run_tool
+    run_tool(["touch", str(tmp_path / "made-by-a-tool")])
+    assert mode(tmp_path / "made-by-a-tool") == 0o600

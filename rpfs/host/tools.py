@@ -17,10 +17,11 @@ def run_tool(cmd: list[str]) -> str:
 
 
 def run_tool_raw(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    """Run a tool and return its result whatever its exit code; a missing tool or a hang is an RpfsError."""
+    """Run a tool and return its result whatever its exit code; a missing tool or a hang is an RpfsError.
+    Under umask 077: what a tool creates (qemu-img's overlay) is root's alone from its first byte."""
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=TOOL_TIMEOUT,
-                              stdin=subprocess.DEVNULL, errors="replace")
+                              stdin=subprocess.DEVNULL, errors="replace", umask=0o077)
     except FileNotFoundError:
         raise RpfsError(f"{cmd[0]} not found (run tools/setup)") from None
     except subprocess.TimeoutExpired:
