@@ -91,7 +91,8 @@ def start(store: Store, point: RecoveryPoint, disk_name: str, target: Path, copy
         if earlier is not None and target.exists() and \
                 (earlier.vm, earlier.point_id, earlier.disk) == (point.vm, point.id, disk.name):
             return _with_progress(earlier)   # the same command again, after the copy finished: it is done
-        new_hold = hold(store, registry.stem, point.vm, point.id, target)   # prune keeps the point until the copy is done
+        # prune keeps the point until the copy is done
+        new_hold = hold(store, registry.stem, point.vm, point.id, target)
         try:
             create(target, source)
         except BaseException:

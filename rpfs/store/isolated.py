@@ -172,8 +172,9 @@ class _Reader:
             except OSError:
                 pass
         try:
-            self.process = subprocess.Popen([sys.executable, "-m", "rpfs.store.isolated", str(path), str(theirs.fileno())],
-                                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "rpfs.store.isolated", str(path), str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
         self.connection = Connection(mine.detach())
