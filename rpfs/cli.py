@@ -11,7 +11,8 @@ from pathlib import Path
 
 import lmdb
 
-from rpfs.commands.backups import cmd_backup, cmd_init, cmd_list, cmd_snapshots
+from rpfs.commands.backups import cmd_backup, cmd_list, cmd_snapshots
+from rpfs.commands.keys import cmd_info, cmd_init, cmd_key
 from rpfs.commands.mounts import cmd_attach, cmd_detach, cmd_mount, cmd_umount
 from rpfs.commands.protecting import cmd_policy, cmd_protect, cmd_run, cmd_schedule, cmd_unprotect
 from rpfs.commands.restores import (
@@ -27,7 +28,7 @@ from rpfs.commands.upkeep import cmd_check, cmd_compact, cmd_gc, cmd_pin, cmd_pr
 from rpfs.errors import RpfsError
 from rpfs.host.access import permission_denied
 from rpfs.store.blob import DEFAULT_ZSTD_LEVEL
-from rpfs.store.store import DEFAULT_BLOCK_SIZE
+from rpfs.store.store import DEFAULT_BLOCK_SIZE, ENCRYPTION
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,15 +47,53 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rpfs", description="Recovery-point filesystem: back up disk images, mount and restore them.")
     parser.add_argument("--store", default=os.environ.get("RPFS_STORE"),
                         help="store directory (default: $RPFS_STORE)")
+    key_help = ("key file of an encrypted store (default: $RPFS_KEY_FILE; else a passphrase from $RPFS_PASSPHRASE"
+                " or the terminal)")
+    parser.add_argument("--key-file", metavar="PATH", help=key_help)
+    # Every subcommand takes --key-file too (before or after its own arguments) and --json.
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     json_flag = _Parser(add_help=False)
     json_flag.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    json_flag.add_argument("--key-file", metavar="PATH", default=argparse.SUPPRESS, help=key_help)
+    json_flag.add_argument("--key-fd", type=int, help=argparse.SUPPRESS)   # a master key from rpfs itself
 
     p = sub.add_parser("init", parents=[json_flag], help="create a store")
     p.add_argument("--block-size", default=str(DEFAULT_BLOCK_SIZE), help="block size (default 1M)")
     p.add_argument("--zstd-level", type=int, default=DEFAULT_ZSTD_LEVEL,
                    help=f"compression level for new blocks, 1-19 (default {DEFAULT_ZSTD_LEVEL}: fastest)")
+    p.add_argument("--encryption", choices=[ENCRYPTION, "none"], default=ENCRYPTION,
+                   help=f"encrypt blocks and catalog (default {ENCRYPTION}); the key: --key-file PATH (made if"
+                        " missing) and/or a passphrase ($RPFS_PASSPHRASE or the terminal)")
+    p.add_argument("--recovery-public-key", metavar="FILE",
+                   help="also wrap the key for this X25519 public key (PEM); its private key, kept offline,"
+                        " recovers the store (rpfs key recover)")
     p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("info", parents=[json_flag], help="what a store is: format, encryption, key slots (no key needed)")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("key", help="the keys of an encrypted store: list, add, remove, passwd, export, recover")
+    keys = p.add_subparsers(dest="key_action", required=True, metavar="ACTION", parser_class=_Parser)
+    keys.add_parser("list", parents=[json_flag], help="the key slots (no key needed)")
+    new_slot = _Parser(add_help=False)
+    new_slot.add_argument("--new-key-file", metavar="PATH", help="a key file (made, mode 0600, if missing)")
+    new_slot.add_argument("--new-passphrase", action="store_true",
+                          help="a passphrase ($RPFS_NEW_PASSPHRASE, or asked twice on the terminal)")
+    k = keys.add_parser("add", parents=[json_flag, new_slot], help="add a key slot (opened with a key you have)")
+    k.add_argument("--recovery-public-key", metavar="FILE",
+                   help="a recovery slot for this X25519 public key (PEM); keep its private key offline")
+    k = keys.add_parser("remove", parents=[json_flag], help="remove a key slot (never the last one)")
+    k.add_argument("slot", help="the slot id (rpfs key list)")
+    k = keys.add_parser("passwd", parents=[json_flag], help="change a passphrase (its slot, nothing else)")
+    k.add_argument("slot", nargs="?", help="the passphrase slot (default: the one your passphrase opens)")
+    k = keys.add_parser("export", parents=[json_flag], help="print the master key (to print on paper and lock away)")
+    k.add_argument("--paper", action="store_true", required=True, help="as text with a checksum, to type back in")
+    k = keys.add_parser("recover", parents=[json_flag, new_slot],
+                        help="add a key file or passphrase, opening the store with the recovery private key or paper")
+    k.add_argument("--private-key", metavar="FILE", help="the recovery private key (X25519, PEM)")
+    k.add_argument("--paper", metavar="FILE", help="the paper key as typed back in ('-': standard input)")
+    k.set_defaults(recovery_public_key=None)
+    p.set_defaults(func=cmd_key)
 
     p = sub.add_parser("backup", parents=[json_flag], help="back up the disks of a VM into a new recovery point")
     p.add_argument("vm")
@@ -205,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copy-mbps", type=_rate, default=0.0)
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--log-file")
+    p.add_argument("--key-fd", type=int)
     p.set_defaults(func=cmd_instant_daemon)
 
     p = sub.add_parser("mount", parents=[json_flag], help="mount the store read-only (FUSE)")

@@ -11,16 +11,28 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def rpfs(*args: str, store: Path | None = None, check: bool = True, timeout: float = 300,
-         **kwargs) -> subprocess.CompletedProcess:
+         env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "rpfs"]
     if store is not None:
         cmd += ["--store", str(store)]
-    env = {k: v for k, v in os.environ.items() if k != "RPFS_STORE"}
+    env = {k: v for k, v in (os.environ if env is None else env).items() if k != "RPFS_STORE"}
     done = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=REPO, **kwargs)
     if check and done.returncode != 0:
         raise AssertionError(f"rpfs {' '.join(args)} failed ({done.returncode}): {done.stderr}")
     return done
+
+
+def session_keys():
+    """The key the tests' stores are made with (conftest: RPFS_KEY_FILE)."""
+    from rpfs.store.key_slots import KeyChoice
+    return KeyChoice(key_file=os.environ["RPFS_KEY_FILE"])
+
+
+def open_store(path: Path, readonly: bool = False):
+    """Store.open with the tests' key, for a store made by `rpfs init` (encrypted) or Store.init (not)."""
+    from rpfs.store.store import Store
+    return Store.open(path, readonly=readonly, keys=session_keys())
 
 
 def is_mounted(path: Path) -> bool:
@@ -56,7 +68,7 @@ def writer_lock_held(store: Path, what: str):
     """Another process holding the store's writer lock as `what` (e.g. "backup of vm1")."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys; from rpfs.store.store import Store\n"
-         "with Store.open(sys.argv[1]) as s, s.writer_lock(sys.argv[2]):\n"
+         "with Store.open(sys.argv[1], unlock=False) as s, s.writer_lock(sys.argv[2]):\n"
          "    print('locked', flush=True); sys.stdin.read()", str(store), what],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:

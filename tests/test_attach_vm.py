@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cli_helpers import is_mounted, mounted, rpfs
+from cli_helpers import is_mounted, mounted, open_store, rpfs
 from diskimages import (
     leftover_kernel_state,
     make_blank_partitioned_image,
@@ -299,12 +299,10 @@ def test_whole_vm_attach_run_again_uses_the_store_mount_a_killed_one_is_starting
         if not starting.stdin.closed:
             starting.stdin.close()
         real_sleep(seconds)
-    with Store.open(store, readonly=True) as opened:
-        point = opened.points("vm")[0]
     try:
-        with monkeypatch.context() as patch:
+        with monkeypatch.context() as patch, open_store(store, readonly=True) as opened:
             patch.setattr(time, "sleep", sleep_lets_it_start)   # attach polls with it while the daemon starts
-            attached = vm.attach_point(store, point, dest)
+            attached = vm.attach_point(opened, opened.points("vm")[0], dest)
         assert [a.status for a in attached["d"]] == ["mounted"] and read_tree(dest / "d" / "disk") == files
         assert daemon.daemon_pid(store_mount) == starting.pid
     finally:

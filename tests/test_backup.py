@@ -8,7 +8,7 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from cli_helpers import rpfs, writer_lock_held
+from cli_helpers import open_store, rpfs, session_keys, writer_lock_held
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -149,11 +149,11 @@ def test_interrupted_backup_leaves_no_recovery_point(store, tmp_path, monkeypatc
     real_read = source.DiskSource.read_block
     calls = {"n": 0}
 
-    def failing_read(self, index, block_size, buffers):
+    def failing_read(self, index, block_size, buffers, codec):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return real_read(self, index, block_size, buffers)
+        return real_read(self, index, block_size, buffers, codec)
 
     monkeypatch.setattr(source.DiskSource, "read_block", failing_read)
     with pytest.raises(KeyboardInterrupt):
@@ -183,7 +183,7 @@ def test_store_of_another_format_version_is_refused(tmp_path):
         txn.put(b"format_version", b"99", db=env.open_db(b"meta", txn=txn))
     env.close()
     with pytest.raises(RpfsError, match="format version 99"):
-        Store.open(tmp_path / "s")
+        open_store(tmp_path / "s")
 
 
 def test_point_ids_are_never_given_twice():
@@ -267,7 +267,7 @@ def test_reader_in_another_process_adopts_a_grown_map(tmp_path, monkeypatch):
         assert int(reader.stdout.readline()) == 2 * MiB
         img = tmp_path / "rand.img"
         img.write_bytes(os.urandom(12 * MiB))
-        with Store.open(tmp_path / "s") as store:
+        with open_store(tmp_path / "s") as store:
             backup(store, "vm", [("d", str(img))])
             assert store.map_size() > 2 * MiB
         out, _ = reader.communicate(b"go\n", timeout=60)
@@ -289,7 +289,7 @@ def test_a_store_opened_while_another_process_grows_the_map(tmp_path):
     img = tmp_path / "rand.img"
     img.write_bytes(os.urandom(4 * MiB))
     rpfs("backup", "vm", f"--disk=d={img}", store=path)          # writes with a bigger map meanwhile
-    with store_mod.Store(path, env, readonly=False) as store:    # Store.open's second step
+    with store_mod.Store(path, env, readonly=False, keys=session_keys()) as store:    # Store.open's second step
         assert read_all(store, store.point("vm"), "d") == img.read_bytes()
 
 
@@ -325,12 +325,12 @@ def test_version_1_store_is_read_and_then_upgraded(tmp_path):
             txn.drop(env.open_db(name, txn=txn), delete=True)
         txn.put(b"format_version", b"1", db=env.open_db(b"meta", txn=txn))
     env.close()
-    with Store.open(tmp_path / "s", readonly=True) as old:
+    with open_store(tmp_path / "s", readonly=True) as old:
         assert old.format_version == 1 and [p.vm for p in old.points()] == ["vm1", "vm2"]
         assert read_all(old, old.point("vm2"), "e") == a.read_bytes()
         with pytest.raises(RpfsError, match="format version 1"):
             old.records("jobs") or old.get_record("jobs", "x")
-    with Store.open(tmp_path / "s") as upgraded:
+    with open_store(tmp_path / "s") as upgraded:
         assert upgraded.format_version == 2
         assert _refs(upgraded) == expected_refs
         assert set(expected_refs.values()) == {(3).to_bytes(4, "little")}   # three maps share every block

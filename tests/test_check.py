@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
-from cli_helpers import rpfs
+from cli_helpers import open_store, rpfs
 from diskimages import random_disk
 from test_backup import corrupt_one_block
 
@@ -39,7 +39,7 @@ def test_a_clean_store_is_clean(backed_up):
 
 def test_wrong_refs_are_found_and_rebuilt_from_the_block_maps(backed_up):
     store, _, _ = backed_up
-    with Store.open(store) as s:
+    with open_store(store) as s:
         digest = next(iter(s.ref_counts()))
         s.write(lambda txn: txn.put(digest, REF.pack(7), db=s.db("refs")))
         s.write(lambda txn: txn.put(b"\1" * 32, REF.pack(1), db=s.db("refs")))
@@ -54,7 +54,7 @@ def test_wrong_refs_are_found_and_rebuilt_from_the_block_maps(backed_up):
 
 def test_damaged_and_missing_blocks_are_named_and_never_deleted(backed_up):
     store, _, point_id = backed_up
-    with Store.open(store) as s:
+    with open_store(store) as s:
         point = s.point("vm", point_id)
         damaged = corrupt_one_block(s, point, "d")
         missing = next(d for d in s.ref_counts() if d != damaged)
@@ -65,7 +65,7 @@ def test_damaged_and_missing_blocks_are_named_and_never_deleted(backed_up):
     assert any(damaged.hex()[:16] in w and "CRC" in w for w in whats), whats
     assert any(missing.hex()[:16] in w and "missing" in w for w in whats), whats
     assert not any(p["repaired"] for p in problems)
-    with Store.open(store) as s:
+    with open_store(store) as s:
         assert s.has_block(damaged)                      # data is never deleted, even damaged
 
 
@@ -74,7 +74,7 @@ def test_leftovers_of_killed_processes_are_found_and_removed(backed_up, tmp_path
     orphan = disk.parent / ".rpfs-snapshots" / "vm" / "2020-01-01T000000Z" / "d.img"   # a killed backup's
     orphan.parent.mkdir(parents=True)
     orphan.write_bytes(b"clone")
-    with Store.open(store) as s:
+    with open_store(store) as s:
         hold(s, "gone", "vm", point_id, tmp_path / "finished.img")       # an instant restore long finished
     stale = store / LEASE_DIR / "lease-999999-0"                         # a reader that died
     stale.write_text("[]")

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cli_helpers import is_mounted, mounted, rpfs
+from cli_helpers import is_mounted, mounted, open_store, rpfs
 from diskimages import (
     leftover_kernel_state,
     make_empty_image,
@@ -181,7 +181,8 @@ def test_a_killed_whole_vm_attach_is_undone_by_detach_or_by_the_same_attach(tmp_
 
     def killed_attach():
         run_dir.write_file(registry, json.dumps({"dest": str(dest), "store_mount": str(store_mount)}))
-        start_store_daemon(store, run_dir.make_folder(store_mount), 64 << 20)
+        with open_store(store, readonly=True) as opened:
+            start_store_daemon(opened, run_dir.make_folder(store_mount), 64 << 20)
         assert is_mounted(store_mount)
 
     killed_attach()

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cli_helpers import mounted, rpfs
+from cli_helpers import mounted, open_store, rpfs
 from conftest import require_tool
 from diskimages import leftover_kernel_state, make_whole_disk_ext4, random_disk, random_files
 
@@ -198,7 +198,7 @@ def test_run_again_as_the_copy_completes_returns_the_finished_job(tmp_path, clea
     rpfs("instant-wait", str(target))
     assert not state_path(target).exists() and holds(store) == {}
     monkeypatch.setattr(instant, "unfinished_source", lambda _target: read_before_the_end)
-    with Store.open(store, readonly=True) as opened:
+    with open_store(store, readonly=True) as opened:
         job = instant.start(opened, opened.points("vm")[0], "d", target)
     assert job.state == "complete" and holds(store) == {}
     assert target.read_bytes() == source.read_bytes()
@@ -298,7 +298,7 @@ def test_two_daemons_for_one_image_the_command_returns_the_winners_job(tmp_path,
     from rpfs.store.store import Store
 
     store, source = backed_up_disk(tmp_path, 4)
-    with Store.open(store, readonly=True) as opened:
+    with open_store(store, readonly=True) as opened:
         point = opened.point("vm")
         disk = point.disk("d")
         for target in (tmp_path / "won.img", tmp_path / "failed.img"):

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from cli_helpers import is_mounted, mounted, rpfs
+from cli_helpers import is_mounted, mounted, open_store, rpfs
 from diskimages import random_disk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -113,7 +113,7 @@ def test_corrupt_block_reads_as_eio(tmp_path):
     store_dir = tmp_path / "store"
     rpfs("init", store=store_dir)
     rpfs("backup", "vm", f"--disk=d={img}", store=store_dir)
-    with Store.open(store_dir) as store:
+    with open_store(store_dir) as store:
         point = store.point("vm")
         bad_digest = corrupt_one_block(store, point, "d")
         key = store.map_key("vm", point.id, "d")

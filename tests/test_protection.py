@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from cli_helpers import mounted, rpfs, writer_lock_held
+from cli_helpers import mounted, open_store, rpfs, writer_lock_held
 from diskimages import random_disk
 from test_backup import corrupt_one_block, read_all, write_image
 
@@ -89,7 +89,7 @@ def test_run_backs_up_what_is_due(tmp_path):
     with Store.init(tmp_path / "s") as store:
         rpfs("policy", "create", "six", "--every-hours", "6", "--keep-last", "5", store=store.path)
         rpfs("protect", "vm", "--policy", "six", f"--disk=d={disk}", store=store.path)
-    with Store.open(tmp_path / "s") as store:
+    with open_store(tmp_path / "s") as store:
         now = datetime.now(timezone.utc)
         assert run(store, now=now).backed_up == ["vm"]
         assert run(store, now=now + timedelta(hours=1)).not_due == ["vm"]
@@ -133,7 +133,7 @@ def test_prune_refused_while_a_backup_of_the_same_vm_runs(store, tmp_path):
 def test_verify_reports_damage(store, tmp_path):
     disk = random_disk(tmp_path / "d.img", 3)
     rpfs("backup", "vm", f"--disk=d={disk}", store=store)
-    with Store.open(store) as s:
+    with open_store(store) as s:
         corrupt_one_block(s, s.point("vm"), "d")
     done = rpfs("verify", "--json", store=store, check=False)
     assert done.returncode != 0
@@ -148,7 +148,7 @@ def test_jobs_are_recorded_and_a_dead_one_shows_failed(store, tmp_path):
     rpfs("backup", "vm", f"--disk=d={disk}", store=store)
     rpfs("backup", "vm", "--disk=d=/nonexistent", store=store, check=False)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    with Store.open(store) as s:
+    with open_store(store) as s:
         s.put_record("jobs", "00-ghost", Job(id="00-ghost", kind="backup", vm="ghost", start="2026-01-01T00:00:00",
                                              pid=int(dead.stdout), pid_start="1").__dict__)
     listed = json.loads(rpfs("jobs", "--json", store=store).stdout)["jobs"]
@@ -161,7 +161,7 @@ def test_the_job_table_stays_bounded(store, monkeypatch):
     """`rpfs run` records a prune every 15 minutes: finished jobs are forgotten by count and by age."""
     import rpfs.upkeep.jobs as jobs
     monkeypatch.setattr(jobs, "KEEP_JOBS", 5)
-    with Store.open(store) as s:
+    with open_store(store) as s:
         s.put_record("jobs", "20000101T000000.000000Z-1", Job(id="20000101T000000.000000Z-1", kind="gc", vm=None,
                                                               start="2000-01-01T00:00:00", status="succeeded").__dict__)
         for _ in range(8):
@@ -202,7 +202,7 @@ def test_backups_prune_gc_and_mount_reads_concurrently(tmp_path, kernel):
     errors: list[str] = []
     with Store.init(store_dir):
         pass
-    with Store.open(store_dir) as store:
+    with open_store(store_dir) as store:
         def backups():
             for i in range(8):
                 img = write_image(disk, 100 + i, 6 * MiB)
@@ -262,7 +262,7 @@ def test_a_pruned_id_is_not_given_again_under_a_mount(tmp_path, kernel, monkeypa
     store_dir, disk = tmp_path / "store", tmp_path / "d.img"
     with Store.init(store_dir):
         pass
-    with Store.open(store_dir) as store, mounted(store_dir, tmp_path / "mnt") as mnt:
+    with open_store(store_dir) as store, mounted(store_dir, tmp_path / "mnt") as mnt:
         contents = {}
         for i in range(4):
             point, _ = backup(store, "vm", [("d", str(write_image(disk, 300 + i, 2 * MiB)))])
@@ -301,7 +301,7 @@ def test_a_lease_and_a_deletion_never_interleave(store, tmp_path):
     """Lease.take and delete_points, the two halves of the gate: a leased point stays, a deleted one
     cannot be leased, and a failed take leaves nothing leased."""
     ids = protected_vm(store, tmp_path / "d.img", backups=2, keep_last=1)
-    with Store.open(store) as s:
+    with open_store(store) as s:
         first, second = s.point("vm", ids[0]), s.point("vm", ids[1])
         lease = Lease(s.path)
         try:
@@ -323,7 +323,7 @@ def test_verify_leases_what_it_checks(store, tmp_path, monkeypatch):
     real = verify_mod._verify
     pruned = {}
 
-    with Store.open(store) as s:
+    with open_store(store) as s:
         def prune_and_gc_first(reader, points, *args):
             pruned.update(prune(s, {"vm": Retention(keep_last=1)})[0].kept)
             gc(s)
@@ -337,7 +337,7 @@ def test_verify_leases_what_it_checks(store, tmp_path, monkeypatch):
 def test_a_point_pinned_after_prune_decided_is_not_deleted(store, tmp_path):
     """pin can no longer lose to a running prune: it re-reads `pinned` under the gate (issue 9, defect 4)."""
     ids = protected_vm(store, tmp_path / "d.img", backups=2, keep_last=1)
-    with Store.open(store) as s:
+    with open_store(store) as s:
         doomed = s.point("vm", ids[0])            # what prune decided to delete
         set_pinned(s, "vm", ids[0], True)          # pinned meanwhile
         assert delete_points(s, [doomed]) == ([], {ids[0]: "pinned"}, 0)

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from cli_helpers import rpfs
+from cli_helpers import open_store, rpfs
 from diskimages import (
     make_empty_image,
     make_gpt_image,
@@ -61,7 +61,7 @@ def test_holes_stay_holes(vm, tmp_path):
     restored = tmp_path / "restored-sparse.img"
     rpfs("restore", "vm", "--disk", "sparse", "--to", str(restored), store=store)
     allocated = restored.stat().st_blocks * 512
-    with Store.open(store) as s:
+    with open_store(store) as s:
         disk = s.point("vm").disk("sparse")
     data_bytes = (disk.blocks - disk.zero_blocks) * disk.block_size
     assert restored.stat().st_size == 1 << 30
@@ -93,7 +93,7 @@ def test_interrupted_restore_leaves_no_file(vm, tmp_path, monkeypatch):
     real = restore_mod._write_block
     monkeypatch.setattr(restore_mod, "_write_block", failing_write)
     target = tmp_path / "restored-os.img"
-    with Store.open(store) as s, pytest.raises(KeyboardInterrupt):
+    with open_store(store) as s, pytest.raises(KeyboardInterrupt):
         restore_disk(s, s.point("vm"), "os", target)
     assert not target.exists() and not list(tmp_path.glob("*.rpfs-partial"))
 
@@ -185,7 +185,7 @@ def test_a_planted_link_at_the_partial_path_is_not_followed(vm, tmp_path):
 
 def unfinished_instant_restore(store: Path, target: Path) -> None:
     """What `rpfs instant-restore` leaves when its daemon is gone before copying anything."""
-    with Store.open(store) as s:
+    with open_store(store) as s:
         point = s.point("vm")
         disk = point.disk("odd")
         create(target, InstantSource(str(s.path), point.vm, point.id, disk.name, disk.size, disk.block_size))

@@ -2,8 +2,9 @@
 
 Steps, each timed as wall seconds, MiB/s and CPU seconds (user+sys of the child, plus the FUSE daemon's
 own CPU where one serves the reads):
-  backup     rpfs backup into a fresh store  vs  sha256sum, openssl dgst -sha256, zstd -3 (-T1, -T0)
-  read       cat of the image through a fresh rpfs mount  vs  cat of the source image
+  backup     rpfs backup into a fresh store (encrypted, the default)  vs  the same into an unencrypted store
+             (--encryption none; runs taken in turns)  vs  sha256sum, openssl dgst -sha256, zstd -3 (-T1, -T0)
+  read       cat of the image through a fresh rpfs mount of each store (in turns)  vs  cat of the source image
   copy-out   cp -a of all files through rpfs attach  vs  cp -a from the source image loop-mounted
   restore    rpfs restore of the disk to a sparse file  vs  cp --sparse=always of the source image + sync
              (rpfs restore fsyncs its file, so the cp baseline is synced too); both written beside the store
@@ -116,10 +117,21 @@ def run_timed(label: str, cmd: list[str], nbytes: int, daemon_pid: int | None = 
 
 def best_of(repeat: int, once: Callable[[], Timing]) -> Timing:
     """Run a timed step `repeat` times and keep the fastest (every run's wall time goes in its extra)."""
-    runs = [once() for _ in range(repeat)]
-    best = min(runs, key=lambda t: t.wall)
-    if repeat > 1:
-        best.extra["all_walls"] = [round(t.wall, 3) for t in runs]
+    return best_in_turns(repeat, {"": once})[""]
+
+
+def best_in_turns(repeat: int, steps: dict[str, Callable[[], Timing]]) -> dict[str, Timing]:
+    """Each step `repeat` times, taken in turns (so a noisy moment of the machine hits them alike); the
+    fastest run of each."""
+    runs: dict[str, list[Timing]] = {name: [] for name in steps}
+    for _ in range(repeat):
+        for name, once in steps.items():
+            runs[name].append(once())
+    best = {}
+    for name, timings in runs.items():
+        best[name] = min(timings, key=lambda t: t.wall)
+        if repeat > 1:
+            best[name].extra["all_walls"] = [round(t.wall, 3) for t in timings]
     return best
 
 
@@ -376,25 +388,28 @@ class Context:
         return run_timed(label, cmd, self.image_bytes if nbytes is None else nbytes, **kw)
 
 
-def step_backup(ctx: Context) -> Path:
-    """rpfs backup into a fresh store per run, and the hash/compress baselines; returns the last store."""
+def step_backup(ctx: Context) -> dict[str, Path]:
+    """rpfs backup into a fresh store per run, encrypted and not, and the hash/compress baselines; returns
+    the last store of each kind."""
     print("bench: backup", flush=True)
-    stores: list[Path] = []
+    stores: dict[str, Path] = {}
 
-    def backup_once() -> Timing:
-        if stores:
-            shutil.rmtree(stores[-1])
-        store = ctx.work / f"store{len(stores)}"
-        rpfs(store, "init")
-        stores.append(store)
-        timing, out = ctx.timed("rpfs backup", [str(RPFS), "--store", str(store), "backup", VM,
-                                                "--disk", f"{DISK}={ctx.image}", "--json"], capture=True)
-        summary = json.loads(out)
-        summary.pop("recovery_point", None)
-        timing.extra.update(summary=summary, store_disk_bytes=disk_usage(store))
-        return timing
+    def backup_once(kind: str, init_args: list[str]) -> Callable[[], Timing]:
+        def once() -> Timing:
+            if kind in stores:
+                shutil.rmtree(stores[kind])
+            store = stores[kind] = ctx.work / f"store-{kind}"
+            rpfs(store, "init", *init_args)
+            timing, out = ctx.timed(f"rpfs backup ({kind})", [str(RPFS), "--store", str(store), "backup", VM,
+                                                              "--disk", f"{DISK}={ctx.image}", "--json"], capture=True)
+            summary = json.loads(out)
+            summary.pop("recovery_point", None)
+            timing.extra.update(summary=summary, store_disk_bytes=disk_usage(store))
+            return timing
+        return once
 
-    rows = {"rpfs": best_of(ctx.repeat, backup_once)}
+    rows = best_in_turns(ctx.repeat, {"rpfs": backup_once("encrypted", []),
+                                      "rpfs unencrypted": backup_once("unencrypted", ["--encryption", "none"])})
     digests = {}
 
     def baseline(label: str, cmd: list[str], digest_word: int | None = None) -> Callable[[], Timing]:
@@ -416,26 +431,31 @@ def step_backup(ctx: Context) -> Path:
     ctx.results["backup"] = rows
     ctx.results["duplicate_copy_bytes"] = ctx.about["duplicate_bytes"] - ctx.about["duplicate_distinct_bytes"]
     ctx.results["image_sha256"] = digests.get("sha256sum")
-    return stores[-1]
+    return stores
 
 
-def step_read(ctx: Context, store: Path) -> None:
-    """cat of the image through a fresh mount per run (cold block cache) vs cat of the source."""
+def step_read(ctx: Context, stores: dict[str, Path]) -> None:
+    """cat of the image through a fresh mount per run (cold block cache), of the encrypted and of the
+    unencrypted store in turns, vs cat of the source."""
     print("bench: read", flush=True)
     mountpoint = ctx.work / "mnt-read"
     memory: dict = {}
 
-    def rpfs_once() -> Timing:
-        with rpfs_mounted(store, mountpoint, ctx.cache_mb) as pid:
-            timing, _ = ctx.timed("cat through rpfs mount", ["cat", str(mount_image(mountpoint))], daemon_pid=pid)
-            keep_peak(memory, daemon_memory(pid))
-        return timing
+    def rpfs_once(kind: str) -> Callable[[], Timing]:
+        def once() -> Timing:
+            with rpfs_mounted(stores[kind], mountpoint, ctx.cache_mb) as pid:
+                timing, _ = ctx.timed(f"cat through rpfs mount ({kind})", ["cat", str(mount_image(mountpoint))],
+                                      daemon_pid=pid)
+                keep_peak(memory, daemon_memory(pid))
+            return timing
+        return once
 
-    rows = {"rpfs": best_of(ctx.repeat, rpfs_once)}
+    rows = best_in_turns(ctx.repeat, {"rpfs": rpfs_once("encrypted"), "rpfs unencrypted": rpfs_once("unencrypted")})
     rows["cat"] = best_of(ctx.repeat, lambda: ctx.timed("cat of source image", ["cat", str(ctx.image)])[0])
     ctx.results["read"] = rows
     ctx.results["daemon_after_read"] = {**memory, "cache_mb": ctx.cache_mb}
-    verify_mount_image(ctx, store, mountpoint)
+    for store in stores.values():
+        verify_mount_image(ctx, store, mountpoint)
 
 
 def mount_image(mountpoint: Path) -> Path:
@@ -591,6 +611,7 @@ def print_report(ctx: Context) -> None:
             title = ""
     print("(CPU s: user+sys of the command, plus the FUSE daemon's, shown apart under 'daemon'; "
           "rpfs speed: rpfs MiB/s / that row's)")
+    print_encryption_cost(r)
     print_backup_summary(r)
     print_memory(r)
     print_references(r)
@@ -618,6 +639,16 @@ def print_backup_summary(r: dict) -> None:
           f"zero {s['zero_bytes'] / MiB:.0f} MiB; rpfs's own timer {s['seconds']:.2f} s")
     print(f"        the image holds {r['duplicate_copy_bytes'] / MiB:.0f} MiB of duplicate file copies; "
           f"rpfs deduplicated {s['deduplicated_bytes'] / MiB:.0f} MiB")
+
+
+def print_encryption_cost(r: dict) -> None:
+    """What encryption costs (the target: at most 10% of speed), from the runs taken in turns."""
+    for step in ("backup", "read"):
+        rows = r.get(step, {})
+        if "rpfs unencrypted" in rows:
+            enc, plain = rows["rpfs"], rows["rpfs unencrypted"]
+            print(f"encryption, {step}: {enc.mib_s:.0f} MiB/s encrypted vs {plain.mib_s:.0f} unencrypted"
+                  f" ({(1 - enc.mib_s / plain.mib_s) * 100:+.1f}% slower); CPU {enc.cpu:.2f} s vs {plain.cpu:.2f} s")
 
 
 def print_memory(r: dict) -> None:
@@ -744,6 +775,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.callback(remove_dir, scratch)
             roots = [work, scratch]
             os.environ["RPFS_RUN_DIR"] = str(work / "run")   # daemon pid files and logs: ours, removed with work
+            os.environ["RPFS_KEY_FILE"] = str(work / "key")  # the encrypted stores' key file (made by rpfs init)
             ctx = Context(image, image.stat().st_size, work, scratch,
                           Conditions(0 if args.no_warm else args.warm_gib), args.repeat, args.cache_mb, about)
             run_steps(ctx)
@@ -767,10 +799,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_steps(ctx: Context) -> None:
-    store = step_backup(ctx)
-    step_read(ctx, store)
-    step_copy(ctx, store)
-    step_restore(ctx, store)
+    stores = step_backup(ctx)
+    step_read(ctx, stores)
+    step_copy(ctx, stores["encrypted"])
+    step_restore(ctx, stores["encrypted"])
     check_daemon_logs(ctx, ctx.work / "run")
 
 

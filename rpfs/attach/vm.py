@@ -17,9 +17,10 @@ from rpfs.host import run_dir
 from rpfs.serve import daemon
 from rpfs.serve.store_mount import start_store_daemon
 from rpfs.store.recovery_point import RecoveryPoint
+from rpfs.store.store import Store
 
 
-def attach_point(store_path: Path, point: RecoveryPoint, dest: Path) -> dict[str, list[AttachedFilesystem]]:
+def attach_point(store: Store, point: RecoveryPoint, dest: Path) -> dict[str, list[AttachedFilesystem]]:
     """Run again (after a kill, or not), it completes what the earlier run attached, through its store mount."""
     dest = Path(os.path.abspath(dest))
     registry, store_mount = run_dir.attach_files(dest)
@@ -33,7 +34,7 @@ def attach_point(store_path: Path, point: RecoveryPoint, dest: Path) -> dict[str
     try:
         if fresh:
             run_dir.make_folder(store_mount)
-            start_store_daemon(store_path, store_mount, 64 << 20)
+            start_store_daemon(store, store_mount, 64 << 20)
         images = {d.name: store_mount / point.vm / point.id / f"{d.name}.img" for d in point.disks}
         return attach_disks(images, dest)   # refused if another recovery point is attached there
     except BaseException:

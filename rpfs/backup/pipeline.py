@@ -1,9 +1,9 @@
 """Backup: read every disk of a VM as blocks, store the new ones, then record the recovery point.
 
 Pipeline (one main thread, a pool of worker threads; hashlib, zstd and pread release the GIL):
-  workers:  read block -> zero check -> SHA-256                      (stage 1, all blocks)
+  workers:  read block -> block id (BLAKE3, keyed when encrypted) -> zero check   (stage 1, all blocks)
   main:     dedup against the store and the blocks in flight
-  workers:  compress + frame the new blocks                          (stage 2, new blocks only)
+  workers:  compress + seal (when encrypted) + frame the new blocks  (stage 2, new blocks only)
   writer:   commits full batches of blobs in LMDB write transactions, on a thread of its own so that
             reading and compressing go on during the fsync
   main:     the last transaction commits the remaining blobs and records the recovery point.
@@ -27,7 +27,6 @@ from rpfs.backup import consistency, snapshot
 from rpfs.backup.quiesce import ConsistencyConfig
 from rpfs.backup.source import BufferPool, DiskSource
 from rpfs.errors import RpfsError
-from rpfs.store import blob
 from rpfs.store.recovery_point import (
     DIGEST_SIZE,
     HOLE,
@@ -223,7 +222,8 @@ class _BackupRun:
         total = sum(s.size for s in self.sources)
         hashing: deque[tuple[int, int, Future]] = deque()
         for d, index in self.blocks_in_parallel():
-            hashing.append((d, index, pool.submit(self.sources[d].read_block, index, self.bs, self.buffers)))
+            hashing.append((d, index, pool.submit(self.sources[d].read_block, index, self.bs, self.buffers,
+                                                  self.store.codec)))
             if len(hashing) >= self.window:
                 self.take_hashed(*hashing.popleft(), pool)
                 if progress:
@@ -253,7 +253,7 @@ class _BackupRun:
             return
         self.counts["new"] += length
         self.records[d].new_blocks += 1
-        self.compressing[digest] = (d, pool.submit(blob.encode, data, self.store.zstd_level), data)
+        self.compressing[digest] = (d, pool.submit(self.store.codec.encode, digest, data), data)
         self.take_compressed(until_below=self.window)
 
     def take_compressed(self, until_below: int) -> None:

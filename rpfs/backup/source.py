@@ -8,8 +8,6 @@ and does not push the running workload's data out of the page cache.
 from __future__ import annotations
 
 import errno
-import functools
-import hashlib
 import mmap
 import os
 import stat
@@ -18,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rpfs.errors import RpfsError
+from rpfs.store.blob import BlockCodec
 from rpfs.store.recovery_point import HOLE, check_name
 
 
@@ -80,8 +79,9 @@ class DiskSource:
     def block_count(self, block_size: int) -> int:
         return -(-self.size // block_size)
 
-    def read_block(self, index: int, block_size: int, buffers: "BufferPool") -> tuple[bytes, memoryview | None]:
-        """(digest, data) of one block; (HOLE, None) for a block that is all zeros.
+    def read_block(self, index: int, block_size: int, buffers: "BufferPool",
+                   codec: BlockCodec) -> tuple[bytes, memoryview | None]:
+        """(block id, data) of one block; (HOLE, None) for a block that is all zeros.
 
         data is a view of a pooled buffer: hand it back with buffers.give(data) once done with it.
         """
@@ -95,8 +95,8 @@ class DiskSource:
             buffers.give(memoryview(buffer))
             raise RpfsError(f"disk {self.name}: {self.path} changed size during the backup")
         data = memoryview(buffer)[:length]
-        digest = hashlib.sha256(data).digest()
-        if digest == _zero_digest(length):  # cheaper than comparing: hashing releases the GIL, no copy
+        digest = codec.block_id(data)
+        if digest == codec.zero_id(length):  # cheaper than comparing: hashing releases the GIL, no copy
             buffers.give(data)
             return HOLE, None
         return digest, data
@@ -137,7 +137,3 @@ class BufferPool:
         with self._lock:
             self._free.append(buffer)
 
-
-@functools.lru_cache(maxsize=8)
-def _zero_digest(size: int) -> bytes:
-    return hashlib.sha256(bytes(size)).digest()

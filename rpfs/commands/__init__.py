@@ -4,9 +4,13 @@ User mistakes raise RpfsError and end as one line on stderr (rpfs/cli.py); only 
 """
 from __future__ import annotations
 
+import getpass
 import json
+import os
 import sys
 
+from rpfs.errors import RpfsError
+from rpfs.store.key_slots import KeyChoice
 from rpfs.store.store import Store
 
 
@@ -15,5 +19,42 @@ def print_json(data) -> None:
     sys.stdout.write("\n")
 
 
-def open_store(args, readonly: bool = False) -> Store:
-    return Store.open(args.store, readonly=readonly)
+def open_store(args, readonly: bool = False, unlock: bool = True) -> Store:
+    """The store of --store, unlocked with the key the command was given when it is encrypted."""
+    return Store.open(args.store, readonly=readonly, keys=key_choice(args), unlock=unlock)
+
+
+def key_choice(args) -> KeyChoice:
+    """The key the command was given; read once per command (a handed-down key can be read only once)."""
+    cached = getattr(args, "_key_choice", None)
+    if cached is not None:
+        return cached
+    key_fd = getattr(args, "key_fd", None)
+    if key_fd is not None:
+        with os.fdopen(key_fd, "rb") as pipe:
+            choice = KeyChoice(master=pipe.read(64))
+    else:
+        choice = KeyChoice(key_file=getattr(args, "key_file", None) or os.environ.get("RPFS_KEY_FILE"),
+                           passphrase=asked_once("RPFS_PASSPHRASE", "passphrase of the store: "))
+    args._key_choice = choice
+    return choice
+
+
+def asked_once(variable: str, prompt: str, twice: bool = False):
+    """A function giving the passphrase from the environment, or asked on the terminal (once); None when
+    there is neither."""
+    if variable in os.environ:
+        return lambda: os.environ[variable].encode()
+    if not sys.stdin.isatty():
+        return None
+    answer: list[bytes] = []
+
+    def ask() -> bytes:
+        if not answer:
+            first = getpass.getpass(prompt)
+            if twice and getpass.getpass("the same again: ") != first:
+                raise RpfsError("the two passphrases differ; nothing was changed")
+            answer.append(first.encode())
+        return answer[0]
+    return ask
+

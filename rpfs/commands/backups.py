@@ -1,4 +1,4 @@
-"""Commands that create and describe recovery points: init, backup, list, snapshots."""
+"""Commands that create and describe recovery points: backup, list, snapshots."""
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -8,32 +8,7 @@ from rpfs.backup.pipeline import BackupOptions, backup, parse_disk_specs
 from rpfs.commands import open_store, print_json
 from rpfs.commands.progress import ProgressBar, human_bytes
 from rpfs.errors import RpfsError
-from rpfs.store.store import FORMAT_VERSION, Store
 from rpfs.upkeep.jobs import recorded
-
-
-def _parse_size(text: str) -> int:
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    suffix = t[-1:] if t[-1:].isalpha() else ""
-    try:
-        return int(t[:len(t) - len(suffix)]) * units[suffix]
-    except (ValueError, KeyError):
-        raise RpfsError(f"cannot read size {text!r} (examples: 1M, 256K, 1048576)") from None
-
-
-def cmd_init(args) -> int:
-    if not args.store:
-        raise RpfsError("no store given: use --store DIR or set RPFS_STORE")
-    block_size = _parse_size(args.block_size)
-    with Store.init(Path(args.store), block_size, args.zstd_level) as store:
-        if args.json:
-            print_json({"store": str(store.path), "block_size": store.block_size,
-                         "zstd_level": store.zstd_level, "format_version": FORMAT_VERSION})
-        else:
-            print(f"initialised store {store.path} (block size {human_bytes(store.block_size)},"
-                  f" zstd level {store.zstd_level})")
-    return 0
 
 
 def cmd_backup(args) -> int:

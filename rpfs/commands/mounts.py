@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from rpfs.commands import open_store, print_json
+from rpfs.commands import key_choice, open_store, print_json
 from rpfs.commands.progress import human_bytes
 
 
@@ -14,11 +14,17 @@ def cmd_mount(args) -> int:
     if args.foreground:
         mountpoint = daemon.check_mountpoint(Path(args.mountpoint))
         ready_fd = args.ready_fd
-        daemon.serve(lambda: store_mount.store_filesystem(Path(args.store or ""), cache_bytes, args.allow_group),
+        master_key = key_choice(args).master   # handed down by `rpfs mount` (a daemon asks no passphrase)
+        if master_key is None:   # rpfs mount --foreground, run by hand: unlocked here, once
+            with open_store(args, readonly=True) as store:
+                master_key = store.master_key
+        daemon.serve(lambda: store_mount.store_filesystem(Path(args.store or ""), cache_bytes, args.allow_group,
+                                                          master_key),
                      mountpoint, ready_fd=ready_fd, debug=args.debug,
                      log_file=Path(args.log_file) if args.log_file else None)
         return 0
-    pid = store_mount.start_store_daemon(Path(args.store or ""), Path(args.mountpoint), cache_bytes, args.allow_group)
+    with open_store(args, readonly=True) as store:   # fails here, in one line, when it cannot be opened
+        pid = store_mount.start_store_daemon(store, Path(args.mountpoint), cache_bytes, args.allow_group)
     if args.json:
         print_json({"mountpoint": str(Path(args.mountpoint).resolve()), "pid": pid, "allow_group": args.allow_group})
     else:
@@ -49,7 +55,7 @@ def cmd_attach(args) -> int:
         vm, _, point_id = args.source.partition("/")
         with open_store(args, readonly=True) as store:
             point = store.point(vm, point_id or None)
-        found = attach_point(store.path, point, Path(args.dest))
+            found = attach_point(store, point, Path(args.dest))
     if args.json:
         if "" in found:
             print_json([asdict(f) for f in found[""]])

@@ -1,13 +1,15 @@
 """Commands that make rpfs run itself: policy, protect, unprotect, run, schedule."""
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from rpfs.commands import open_store, print_json
+from rpfs.commands import key_choice, open_store, print_json
 from rpfs.commands.progress import ProgressBar
 from rpfs.errors import RpfsError
+from rpfs.store.key_slots import KeyChoice
 
 
 def _policy_from_args(args, base: dict | None) -> dict:
@@ -130,6 +132,20 @@ def cmd_run(args) -> int:
     return 1 if result.failed else 0
 
 
+def _timer_key_file(args) -> str | None:
+    """An encrypted store's timer runs with a key file, which must open the store."""
+    with open_store(args, readonly=True, unlock=False) as store:
+        if not store.encrypted:
+            return None
+    key_file = key_choice(args).key_file
+    if not key_file:
+        raise RpfsError(f"store {args.store} is encrypted and a timer cannot type a passphrase: give --key-file PATH"
+                        " (rpfs key add --new-key-file PATH makes one)")
+    args._key_choice = KeyChoice(key_file=key_file)   # the key file alone must open it
+    open_store(args, readonly=True).close()
+    return os.path.abspath(key_file)
+
+
 def cmd_schedule(args) -> int:
     import shlex
     import subprocess
@@ -137,7 +153,9 @@ def cmd_schedule(args) -> int:
     from rpfs.policy.schedule import systemd_units
     if not args.store:
         raise RpfsError("no store given: use --store DIR or set RPFS_STORE")
-    units = systemd_units(shlex.join([sys.executable, "-m", "rpfs"]), str(Path(args.store).absolute()), args.interval)
+    key_file = _timer_key_file(args)
+    units = systemd_units(shlex.join([sys.executable, "-m", "rpfs"]), str(Path(args.store).absolute()), args.interval,
+                          key_file)
     if args.print or not args.install:
         for name, text in units.items():
             print(f"# {name}\n{text}")

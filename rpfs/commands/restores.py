@@ -5,7 +5,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from rpfs.commands import open_store, print_json
+from rpfs.commands import key_choice, open_store, print_json
 from rpfs.commands.progress import ProgressBar, human_bytes
 from rpfs.errors import RpfsError
 from rpfs.upkeep.jobs import recorded
@@ -80,7 +80,8 @@ def cmd_instant_daemon(args) -> int:
     from rpfs.restore import instant
     from rpfs.serve import daemon
     target = Path(args.target)
-    daemon.serve(lambda: instant.instant_filesystem(target, args.copy_mbps * 1e6), Path(args.mountpoint),
+    master_key = key_choice(args).master   # handed down by instant-restore
+    daemon.serve(lambda: instant.instant_filesystem(target, args.copy_mbps * 1e6, master_key), Path(args.mountpoint),
                  ready_fd=args.ready_fd,
                 log_file=Path(args.log_file) if args.log_file else None)
     return 0

@@ -53,17 +53,20 @@ def stagger(vms: list[str], spread_seconds: int) -> dict[str, float]:
     return delays
 
 
-def systemd_units(rpfs_command: str, store: str, interval: str = "*:0/15") -> dict[str, str]:
+def systemd_units(rpfs_command: str, store: str, interval: str = "*:0/15", key_file: str | None = None) -> dict[str, str]:
     """The text of rpfs.service and rpfs.timer. `rpfs_command` is a command line (shell quoting), e.g.
-    "/usr/local/bin/rpfs" or "/usr/bin/python3 -m rpfs"; `interval` is a systemd OnCalendar expression."""
-    for what, value in (("rpfs command", rpfs_command), ("store", store), ("interval", interval)):
+    "/usr/local/bin/rpfs" or "/usr/bin/python3 -m rpfs"; `interval` is a systemd OnCalendar expression;
+    key_file: the key file of an encrypted store (a timer has nobody to type a passphrase)."""
+    for what, value in (("rpfs command", rpfs_command), ("store", store), ("interval", interval),
+                        ("key file", key_file or "-")):
         if not value.strip() or any(c in value for c in "\n\r\0"):
             raise RpfsError(f"the {what} for the systemd units must be one non-empty line, not {value!r}")
     try:
         command = shlex.split(rpfs_command)
     except ValueError as e:
         raise RpfsError(f"cannot split the rpfs command {rpfs_command!r}: {e}") from None
-    exec_start = " ".join(_systemd_quote(word) for word in [*command, "--store", store, "run"])
+    key_words = ["--key-file", key_file] if key_file else []
+    exec_start = " ".join(_systemd_quote(word) for word in [*command, "--store", store, *key_words, "run"])
     service = ("[Unit]\n"
                "Description=rpfs: back up the VMs whose policy says a backup is due\n"
                "\n"

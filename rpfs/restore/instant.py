@@ -52,10 +52,11 @@ class InstantJob:
     pid: int | None = None
 
 
-def instant_filesystem(target: Path, copy_bytes_per_second: float = 0) -> daemon.Filesystem:
+def instant_filesystem(target: Path, copy_bytes_per_second: float = 0,
+                       master_key: bytes | None = None) -> daemon.Filesystem:
     """What the daemon serves: the writable image, with the copy running beside it."""
     source = read_source(target)
-    store = IsolatedStore.open(source.store)   # a damaged LMDB page crashes a reader process, not the daemon
+    store = IsolatedStore.open(source.store, master_key)   # a damaged LMDB page crashes a reader process, not the daemon
     image = lease = None
     try:
         hold_name = run_dir.instant_files(target)[0].stem
@@ -114,7 +115,7 @@ def start(store: Store, point: RecoveryPoint, disk_name: str, target: Path, copy
     run_dir.write_file(registry, json.dumps({k: getattr(job, k) for k in REGISTERED}))
     try:
         job.pid = daemon.start_daemon(["instant-daemon", str(target), str(mountpoint), "--copy-mbps",
-                                       str(copy_mbps)], mountpoint, disk.block_size)
+                                       str(copy_mbps)], mountpoint, disk.block_size, store.master_key)
     except RpfsError:
         served = _served_by_another(job)
         if served is None:

@@ -175,21 +175,32 @@ async def _main_loop(start_tasks: Callable[[trio.Nursery], None] | None) -> None
         nursery.cancel_scope.cancel()
 
 
-def start_daemon(argv: list[str], mountpoint: Path, block_size: int) -> int:
-    """Run `rpfs ARGV --ready-fd N --log-file F` in the background; return its pid once it has mounted."""
+def start_daemon(argv: list[str], mountpoint: Path, block_size: int, master_key: bytes | None = None) -> int:
+    """Run `rpfs ARGV --ready-fd N --log-file F` in the background; return its pid once it has mounted.
+
+    An encrypted store's master key goes down a pipe (--key-fd), never on a command line or in the
+    environment, where other processes could see it."""
     log_file = run_dir.daemon_files(mountpoint)[1]
     log_fd = run_dir.open_log(log_file)
     read_end, write_end = os.pipe()
     cmd = [sys.executable, "-m", "rpfs", *argv, "--ready-fd", str(write_end), "--log-file", str(log_file)]
+    passed = [write_end]
+    if master_key is not None:
+        key_read, key_write = os.pipe()
+        os.write(key_write, master_key)   # far below a pipe's buffer: never blocks
+        os.close(key_write)
+        passed.append(key_read)
+        cmd += ["--key-fd", str(key_read)]
     try:
         daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-                                  pass_fds=(write_end,), start_new_session=True)
+                                  pass_fds=passed, start_new_session=True)
     except BaseException:
         os.close(read_end)
         raise
     finally:
         os.close(log_fd)
-        os.close(write_end)
+        for fd in passed:
+            os.close(fd)
     try:
         with os.fdopen(read_end, "rb") as ready:
             answer = ready.readline()

@@ -21,10 +21,11 @@ from rpfs.store.leases import Lease
 from rpfs.store.store import Store
 
 
-def store_filesystem(store_path: Path, cache_bytes: int, allow_group: str | None = None) -> Filesystem:
+def store_filesystem(store_path: Path, cache_bytes: int, allow_group: str | None = None,
+                     master_key: bytes | None = None) -> Filesystem:
     """The read-only recovery-point tree of a store; allow_group: a group whose members may read it too."""
     group = group_id(allow_group) if allow_group else None
-    store = IsolatedStore.open(store_path)
+    store = IsolatedStore.open(store_path, master_key)
     try:
         lease = Lease(store.path)
     except OSError as e:   # a store on read-only media: nothing can prune it either
@@ -40,14 +41,13 @@ def store_filesystem(store_path: Path, cache_bytes: int, allow_group: str | None
     return Filesystem(ops, options, close, start_tasks=ops.start_read_ahead)
 
 
-def start_store_daemon(store_path: Path, mountpoint: Path, cache_bytes: int, allow_group: str | None = None) -> int:
-    """Start `rpfs mount --foreground` in the background; return its pid once mounted."""
-    with Store.open(store_path, readonly=True) as store:   # fail here, with the clear message
-        block_size = store.block_size
+def start_store_daemon(store: Store, mountpoint: Path, cache_bytes: int, allow_group: str | None = None) -> int:
+    """Start `rpfs mount --foreground` in the background for an open (so unlocked) store; return its pid
+    once mounted."""
     if allow_group:
         group_id(allow_group)   # an unknown group: said here, in one line
     mountpoint = check_mountpoint(mountpoint)
-    argv = ["--store", str(store_path), "mount", str(mountpoint), "--foreground", "--cache-mb", str(cache_bytes >> 20)]
+    argv = ["--store", str(store.path), "mount", str(mountpoint), "--foreground", "--cache-mb", str(cache_bytes >> 20)]
     if allow_group:
         argv += ["--allow-group", allow_group]
-    return start_daemon(argv, mountpoint, block_size)
+    return start_daemon(argv, mountpoint, store.block_size, store.master_key)

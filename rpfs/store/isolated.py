@@ -9,7 +9,9 @@ bytes unnoticed. verify reads through it too, so that it names the recovery poin
 instead of dying with them.
 
 Block maps are fetched in pieces and kept (recovery points never change), so a sequential reader asks
-a reader process for a map piece once per MAP_PIECE blocks, not once per block.
+a reader process for a map piece once per MAP_PIECE blocks, not once per block. For an encrypted store
+each reader is handed the master key as the first message on its socket (never on its command line or
+in its environment); it checks map pieces and opens records, and the daemon opens and checks blocks.
 """
 from __future__ import annotations
 
@@ -26,12 +28,14 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from rpfs.errors import CorruptBlockError, RpfsError
+from rpfs.store.blob import BlockCodec
+from rpfs.store.crypto import Keyring
+from rpfs.store.key_slots import KeyChoice
 from rpfs.store.recovery_point import DIGEST_SIZE, RecoveryPoint
-from rpfs.store.store import Store
+from rpfs.store.store import MAP_PIECE, Store
 
 T = TypeVar("T")
 READERS = 6                # reader processes at most: the mount's worker threads, read-ahead and lookups
-MAP_PIECE = 1024           # block map entries fetched at a time (32 KiB)
 MAP_PIECES_KEPT = 512      # at most 16 MiB of block map pieces kept
 SOCKET_BUFFER = 4 << 20
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)   # root may go past net.core.wmem_max
@@ -43,22 +47,24 @@ REQUESTS = ("describe", "point", "latest_point_id", "vms", "point_ids", "has_poi
 class IsolatedStore:
     """The read side of Store that the daemons use, served by reader processes."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, master: bytes | None = None):
+        self.path, self._master = path, master
         self._idle: queue.Queue[_Reader] = queue.Queue()   # in turn: a reader that died is found soon
         self._count_lock = threading.Lock()
         self._readers: list[_Reader] = []
         self._pieces: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()
         self._pieces_lock = threading.Lock()
         try:
-            self.block_size, self.format_version = self._call("describe")   # fails here if the store does not open
+            # fails here if the store does not open, or the key does not open it
+            self.block_size, self.format_version, block_id, store_id, encrypted = self._call("describe")
         except BaseException:
             self.close()
             raise
+        self.codec = BlockCodec(block_id, keyring=Keyring(master, store_id) if encrypted else None)
 
     @classmethod
-    def open(cls, path: Path | str) -> "IsolatedStore":
-        return cls(Path(path))
+    def open(cls, path: Path | str, master: bytes | None = None) -> "IsolatedStore":
+        return cls(Path(path), master)
 
     def close(self) -> None:
         with self._count_lock:
@@ -109,7 +115,7 @@ class IsolatedStore:
             if piece is not None:
                 self._pieces.move_to_end((map_key, first))
         if piece is None:
-            piece = self._call("map_piece", map_key, first, MAP_PIECE)
+            piece = self._call("map_piece", map_key, first // MAP_PIECE)
             with self._pieces_lock:
                 self._pieces[(map_key, first)] = piece
                 while len(self._pieces) > MAP_PIECES_KEPT:
@@ -148,7 +154,7 @@ class IsolatedStore:
                 pass
             with self._count_lock:
                 if len(self._readers) < READERS:
-                    reader = _Reader(self.path)
+                    reader = _Reader(self.path, self._master)
                     self._readers.append(reader)
                     return reader
             try:
@@ -164,7 +170,7 @@ class _ReaderDied(Exception):
 class _Reader:
     """One reader process and this end of its socket; used by one thread at a time."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, master: bytes | None):
         mine, theirs = socket.socketpair()
         for end in (mine, theirs):   # a whole blob in one write: fewer wake-ups per block
             try:
@@ -178,6 +184,10 @@ class _Reader:
         finally:
             theirs.close()
         self.connection = Connection(mine.detach())
+        try:
+            self.connection.send_bytes(master or b"")
+        except OSError:
+            pass   # the reader died at once: the first request says so
 
     def ask(self, request: str, args: tuple):
         try:
@@ -206,16 +216,11 @@ class _Reader:
 def _answer(store: Store, request: str, args: tuple, connection: Connection) -> None:
     """Send the answer to one request; a blob goes straight from LMDB's pages to the socket."""
     if request == "describe":
-        value = store.block_size, store.format_version
-    elif request in ("blob", "map_piece"):
-        key, db = (args[0], "blocks") if request == "blob" else (args[0], "maps")
+        value = (store.block_size, store.format_version, store.meta.get("block_id", "sha256"), store.store_id,
+                 store.encrypted)
+    elif request == "blob":
         with store.read() as txn:
-            stored = txn.get(key, db=store.db(db))
-            if stored is None and request == "map_piece":
-                raise RpfsError("block map missing for " + key.decode().replace("\0", "/"))
-            if request == "map_piece":
-                first, count = args[1:]
-                stored = stored[first * DIGEST_SIZE:(first + count) * DIGEST_SIZE]
+            stored = txn.get(args[0], db=store.db("blocks"))
             if stored is not None:
                 connection.send_bytes(_HEADER_BYTES_FOLLOW)
                 connection.send_bytes(stored)
@@ -233,7 +238,10 @@ def serve_reads(path: str, fd: int) -> None:
     """A reader process: answer requests until the daemon closes its end (or dies)."""
     connection = Connection(fd)
     try:
-        store = Store.open(path, readonly=True)
+        master = connection.recv_bytes()
+        store = Store.open(path, readonly=True, keys=KeyChoice(master=master or None))
+    except EOFError:
+        return
     except RpfsError as e:
         store = e
     while True:

@@ -1,16 +1,24 @@
 """The store: one directory holding an LMDB environment with blocks by digest and the recovery-point catalog.
 
-Layout (format version 2), one LMDB environment `STORE/data.mdb` with named databases:
-  meta     b"format_version" -> b"2", b"block_size" -> decimal bytes, b"created" -> ISO time,
+Layout (format version 3), one LMDB environment `STORE/data.mdb` with named databases:
+  meta     b"format_version" -> b"3", b"block_size" -> decimal bytes, b"created" -> ISO time,
            b"zstd_level" -> decimal (used by writers only; any level decodes the same way),
-           b"last_point_id\0<vm>" -> the newest recovery point id the VM was given (never reused)
-  blocks   sha256(raw block) (32 bytes) -> framed blob (see blob.py)
-  points   b"<vm>\\0<rp id>" -> recovery point JSON (see recovery_point.py)
-  maps     b"<vm>\\0<rp id>\\0<disk>" -> block map: 32 bytes per block, 32 zero bytes for a hole
-  refs     digest -> u32 little-endian: how many block maps reference the block (version 2)
-  policies b"<name>" -> policy JSON; protected b"<vm>" -> protection JSON; jobs b"<id>" -> job JSON
-Version 1 stores (no refs, policies, protected, jobs) are upgraded in place, in one transaction, the
-first time a writing command opens them; read-only commands read them as they are.
+           b"last_point_id\0<vm>" -> the newest recovery point id the VM was given (never reused),
+           b"encryption" -> b"aes-256-gcm" or b"none", b"block_id" -> b"blake3-keyed" or b"blake3",
+           b"store_id" -> 16 random bytes (hex), b"key_check" -> hex (encrypted stores; crypto.py)
+  blocks   block id (32 bytes) -> framed blob (blob.py: sealed when encrypted)
+  points   b"<vm>\\0<rp id>" -> recovery point JSON (recovery_point.py), sealed when encrypted
+  maps     b"<vm>\\0<rp id>\\0<disk>" -> block map: 32-byte block id per block, 32 zero bytes for a hole
+  map_tags same key -> one 32-byte tag per MAP_PIECE entries of the map (encrypted stores)
+  refs     block id -> u32 little-endian: how many block maps reference the block
+  policies b"<name>" -> policy JSON; protected b"<vm>" -> protection JSON; jobs b"<id>" -> job JSON,
+           each sealed when encrypted
+  keys     b"<slot id>" -> key slot JSON (key_slots.py): the master key, wrapped for each way in
+When encrypted, VM names, recovery point ids, disk names, policy names and job ids (the keys) stay
+readable, and so do block sizes and how many blocks are shared; every value is sealed or keyed.
+Version 2 stores (sha256 block ids, unencrypted, no keys or map_tags) are read and written as they are.
+Version 1 stores (no refs, policies, protected, jobs) are upgraded in place to version 2, in one
+transaction, the first time a writing command opens them; read-only commands read them as they are.
 
 Every transaction is short: readers hold one for one lookup, so LMDB can reuse freed pages.
 
@@ -37,16 +45,22 @@ import lmdb
 
 from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.host.access import PRIVATE_FILE, make_private, make_private_folder, permission_denied
-from rpfs.store.blob import DEFAULT_ZSTD_LEVEL
+from rpfs.store.blob import DEFAULT_ZSTD_LEVEL, BlockCodec
+from rpfs.store.crypto import Keyring
+from rpfs.store.key_slots import KeyChoice, KeyLock, KeySlot, NewSlot, new_master_key
 from rpfs.store.recovery_point import DIGEST_SIZE, HOLE, RecoveryPoint
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+ENCRYPTION = "aes-256-gcm"
+MAP_PIECE = 1024           # block map entries under one tag (and fetched at a time by isolated readers)
 DEFAULT_BLOCK_SIZE = 1 << 20
 INITIAL_MAP_SIZE = 1 << 30
 WRITER_WAIT_SECONDS = 600  # how long a backup waits for a running prune or gc, and they for each other
 LOW_SPACE = 128 << 20      # below this much free space, a failed write is taken for a full disk
 V1_DB_NAMES = (b"meta", b"blocks", b"points", b"maps")
-DB_NAMES = V1_DB_NAMES + (b"refs", b"policies", b"protected", b"jobs")
+V2_DB_NAMES = V1_DB_NAMES + (b"refs", b"policies", b"protected", b"jobs")
+DB_NAMES = V2_DB_NAMES + (b"keys", b"map_tags")
+MAP_TAG = struct.Struct("<QQ")   # the piece's first byte and the whole map's length, in what a tag covers
 REF = struct.Struct("<I")
 LAST_POINT_ID = b"last_point_id\0"   # + VM name, in meta: ids are never given twice (recovery_point.py)
 T = TypeVar("T")
@@ -59,7 +73,8 @@ def _is_disk_full(e: lmdb.Error) -> bool:
 class Store:
     """A handle on one store directory. Thread-safe: any thread may read; one writer (see writer_lock)."""
 
-    def __init__(self, path: Path, env: lmdb.Environment, readonly: bool):
+    def __init__(self, path: Path, env: lmdb.Environment, readonly: bool, keys: KeyChoice | None = None,
+                 unlock: bool = True):
         self.path = path
         self.readonly = readonly
         self._env = env
@@ -69,51 +84,85 @@ class Store:
         self._resize_lock = threading.Lock()
         self._txn_count = 0
         self._txn_idle = threading.Condition(self._resize_lock)
+        try:
+            self._open(readonly, keys, unlock)
+        except BaseException:   # not a store this rpfs reads, or not the key: nothing stays open
+            self.close()
+            raise
+
+    def _open(self, readonly: bool, keys: KeyChoice | None, unlock: bool) -> None:
+        """Read the meta (upgrading a version 1 store opened for writing) and unlock an encrypted store."""
+        path = self.path
         self._dbs = self._open_dbs(V1_DB_NAMES)
         with self.read() as txn:
             meta = {bytes(k): bytes(v) for k, v in txn.cursor(db=self._dbs["meta"])}
         version = int(meta.get(b"format_version", b"0"))
         if version == 1 and not readonly:
             self._upgrade_from_v1()
+            version = 2
         elif version == 1:
             pass   # read as it is: the version 1 databases hold everything a reader needs
-        elif version != FORMAT_VERSION:
+        elif version not in (2, FORMAT_VERSION):
             raise RpfsError(
-                f"store {path} has format version {version}; this rpfs reads versions 1 and {FORMAT_VERSION}"
+                f"store {path} has format version {version}; this rpfs reads versions 1 to {FORMAT_VERSION}"
                 " (use a matching rpfs release)")
         else:
-            self._dbs.update(self._open_dbs(DB_NAMES[len(V1_DB_NAMES):]))
-        self.format_version = version if readonly else FORMAT_VERSION
+            self._dbs.update(self._open_dbs((V2_DB_NAMES if version == 2 else DB_NAMES)[len(V1_DB_NAMES):]))
+        self.format_version = version
         self.block_size = int(meta[b"block_size"])
         self.zstd_level = int(meta.get(b"zstd_level", DEFAULT_ZSTD_LEVEL))
+        self.meta = {k.decode(): v.decode(errors="replace") for k, v in meta.items() if not k.startswith(LAST_POINT_ID)}
+        self.encryption = self.meta.get("encryption", "none")
+        if self.encryption not in ("none", ENCRYPTION):
+            raise RpfsError(f"store {path} is encrypted with {self.encryption!r}, which this rpfs does not know"
+                            " (use a matching rpfs release)")
+        self.encrypted = self.encryption != "none"
+        self.store_id = bytes.fromhex(self.meta.get("store_id", ""))
+        self.keyring: Keyring | None = (keys or KeyChoice()).unlock(self.key_lock()) if self.encrypted and unlock else None
+        locked = self.encrypted and self.keyring is None   # opened for its meta and key slots only
+        self.codec = None if locked else BlockCodec(self.meta.get("block_id", "sha256"), self.zstd_level, self.keyring)
 
     # -- opening -----------------------------------------------------------------------------------
     @classmethod
-    def init(cls, path: Path, block_size: int = DEFAULT_BLOCK_SIZE, zstd_level: int = DEFAULT_ZSTD_LEVEL) -> "Store":
+    def init(cls, path: Path, block_size: int = DEFAULT_BLOCK_SIZE, zstd_level: int = DEFAULT_ZSTD_LEVEL,
+             key_slots: list[NewSlot] | None = None) -> "Store":
+        """A new store, encrypted when given key slots to make (its master key is wrapped in each). One
+        transaction: a store killed while it is made is made again by the same command."""
         if block_size < 4096 or block_size > (64 << 20) or block_size & (block_size - 1):
             raise RpfsError("--block-size must be a power of two between 4 KiB and 64 MiB")
         if not 1 <= zstd_level <= 19:
             raise RpfsError("--zstd-level must be between 1 and 19")
         try:
-            if (path / "data.mdb").exists():
+            if _holds_a_store(path):
                 raise RpfsError(f"{path} already holds a store")
             if path.exists() and not path.is_dir():
                 raise RpfsError(f"{path} exists and is not a directory")
             make_private_folder(path)
         except PermissionError:
             raise permission_denied(f"cannot create store {path}", path) from None
+        store_id, master = os.urandom(16), new_master_key()
+        slots = [new.make(str(n), master, store_id) for n, new in enumerate(key_slots or [], start=1)]
+        meta_values = {"block_size": block_size, "zstd_level": zstd_level, "store_id": store_id.hex(),
+                       "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       "encryption": ENCRYPTION if slots else "none",
+                       "block_id": "blake3-keyed" if slots else "blake3"}
+        if slots:
+            meta_values["key_check"] = Keyring(master, store_id).check_value.hex()
         env = lmdb.open(str(path), map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES), subdir=True, mode=PRIVATE_FILE)
         with env.begin(write=True) as txn:
             dbs = {name: env.open_db(name, txn=txn, create=True) for name in DB_NAMES}
-            meta = dbs[b"meta"]
-            txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=meta)  # all databases exist
-            txn.put(b"block_size", str(block_size).encode(), db=meta)
-            txn.put(b"zstd_level", str(zstd_level).encode(), db=meta)
-            txn.put(b"created", datetime.now(timezone.utc).isoformat(timespec="seconds").encode(), db=meta)
-        return cls(path, env, readonly=False)
+            for name, value in meta_values.items():
+                txn.put(name.encode(), str(value).encode(), db=dbs[b"meta"])
+            for slot in slots:
+                txn.put(slot.id.encode(), slot.to_json(), db=dbs[b"keys"])
+            txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=dbs[b"meta"])  # all else is there
+        return cls(path, env, readonly=False, keys=KeyChoice(master=master))
 
     @classmethod
-    def open(cls, path: Path | str | None, readonly: bool = False) -> "Store":
+    def open(cls, path: Path | str | None, readonly: bool = False, keys: KeyChoice | None = None,
+             unlock: bool = True) -> "Store":
+        """Open a store; an encrypted one is unlocked with keys (unlock=False: only its meta and key slots
+        can be read, for rpfs info)."""
         if not path:
             raise RpfsError("no store given: use --store DIR or set RPFS_STORE")
         path = Path(path)
@@ -131,7 +180,7 @@ class Store:
         try:
             env = lmdb.open(str(path), max_dbs=len(DB_NAMES), subdir=True, readonly=readonly,
                             create=False, map_size=INITIAL_MAP_SIZE, mode=PRIVATE_FILE)
-            return cls(path, env, readonly)
+            return cls(path, env, readonly, keys, unlock)
         except lmdb.Error as e:
             if "Permission denied" in str(e):
                 raise permission_denied(f"cannot open store {path}", path / "data.mdb") from None
@@ -151,18 +200,21 @@ class Store:
     def _upgrade_from_v1(self) -> None:
         """Version 1 -> 2: add the new databases and count every block's references, in one transaction."""
         def fill(txn):
-            for name in DB_NAMES[len(V1_DB_NAMES):]:
+            for name in V2_DB_NAMES[len(V1_DB_NAMES):]:
                 self._dbs[name.decode()] = self._env.open_db(name, txn=txn, create=True)
             counts = count_references(block_map for _key, block_map in txn.cursor(db=self._dbs["maps"]))
             for digest, count in counts.items():
                 txn.put(digest, REF.pack(count), db=self._dbs["refs"])
-            txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=self._dbs["meta"])
+            txn.put(b"format_version", b"2", db=self._dbs["meta"])
         self.write(fill)
 
     def _need(self, name: str):
         """A database that only version 2 has; a version 1 store opened read-only lacks it."""
         db = self._dbs.get(name)
         if db is None:
+            if name in ("keys", "map_tags"):
+                raise RpfsError(f"store {self.path} has format version {self.format_version}, which is never"
+                                " encrypted (rpfs info)")
             raise RpfsError(f"store {self.path} has format version 1; run a writing command on it once"
                             " (e.g. rpfs backup) to upgrade it")
         return db
@@ -333,11 +385,14 @@ class Store:
         """Record a recovery point; called in the transaction that commits its last blocks."""
         refs = self._need("refs")
         for disk, block_map in block_maps.items():
-            txn.put(self.map_key(point.vm, point.id, disk), block_map, db=self._dbs["maps"])
+            key = self.map_key(point.vm, point.id, disk)
+            txn.put(key, block_map, db=self._dbs["maps"])
+            if self.encrypted:
+                txn.put(key, self._map_tags(key, block_map), db=self._need("map_tags"))
             for digest in distinct_digests(block_map):
                 count = txn.get(digest, db=refs)
                 txn.put(digest, REF.pack((REF.unpack(count)[0] if count is not None else 0) + 1), db=refs)
-        txn.put(self.point_key(point.vm, point.id), point.to_json(), db=self._dbs["points"])
+        self._put_point_record(txn, point)
         txn.put(LAST_POINT_ID + point.vm.encode(), point.id.encode(), db=self._dbs["meta"])
 
     def last_point_ids(self, vm: str) -> set[str]:
@@ -362,6 +417,8 @@ class Store:
                     txn.delete(digest, db=refs)
                     released += 1
             txn.delete(key, db=self._dbs["maps"])
+            if self.encrypted:
+                txn.delete(key, db=self._need("map_tags"))
         txn.delete(self.point_key(point.vm, point.id), db=self._dbs["points"])
         return released
 
@@ -409,21 +466,23 @@ class Store:
 
     # -- records: policies, protected VMs, jobs (JSON by name) ------------------------------------
     def put_record(self, kind: str, name: str, record: dict) -> None:
-        db = self._need(kind)
-        self.write(lambda txn: txn.put(name.encode(), json.dumps(record, sort_keys=True).encode(), db=db))
+        db, key = self._need(kind), name.encode()
+        value = self._seal(kind, key, json.dumps(record, sort_keys=True).encode())
+        self.write(lambda txn: txn.put(key, value, db=db))
 
     def get_record(self, kind: str, name: str) -> dict | None:
         db = self._need(kind)
         with self.read() as txn:
             value = txn.get(name.encode(), db=db)
-            return None if value is None else _record(kind, name, value)
+            return None if value is None else _record(kind, name, self._unseal(kind, name.encode(), value))
 
     def records(self, kind: str) -> dict[str, dict]:
         db = self._dbs.get(kind)
         if db is None:
             return {}
         with self.read() as txn:
-            return {bytes(k).decode(errors="replace"): _record(kind, bytes(k), v) for k, v in txn.cursor(db=db)}
+            return {bytes(k).decode(errors="replace"): _record(kind, bytes(k), self._unseal(kind, bytes(k), v))
+                    for k, v in txn.cursor(db=db)}
 
     def delete_record(self, kind: str, name: str) -> bool:
         return self.delete_records(kind, [name]) == 1
@@ -447,9 +506,9 @@ class Store:
             value = txn.get(self.point_key(vm, point_id), db=self._dbs["points"])
             if value is None:
                 raise RpfsError(f"recovery point {vm}/{point_id} no longer exists")
-            point = RecoveryPoint.from_json(value)
+            point = self._point_record(self.point_key(vm, point_id), value)
             change(point)
-            txn.put(self.point_key(vm, point_id), point.to_json(), db=self._dbs["points"])
+            self._put_point_record(txn, point)
             changed[:] = [point]
         self.write(fill)
         return changed[0]
@@ -464,7 +523,7 @@ class Store:
                 for key, value in cursor:
                     if not bytes(key).startswith(prefix):
                         break
-                    found.append(RecoveryPoint.from_json(value))
+                    found.append(self._point_record(bytes(key), value))
         return found
 
     def has_point(self, vm: str, point_id: str) -> bool:
@@ -514,30 +573,161 @@ class Store:
             with self.read() as txn:
                 value = txn.get(self.point_key(vm, wanted), db=self._dbs["points"])
                 if value is not None:
-                    return RecoveryPoint.from_json(value)
+                    return self._point_record(self.point_key(vm, wanted), value)
         latest = self.latest_point_id(vm)
         if latest is None:
             known = ", ".join(self.vms()) or "none"
             raise RpfsError(f"unknown VM {vm!r} in store {self.path} (VMs: {known})")
         raise RpfsError(f"VM {vm!r} has no recovery point {point_id!r} (latest: {latest})")
 
-    def block_map(self, map_key: bytes) -> bytes:
-        """A whole block map (32 bytes per block); for scans that visit every block anyway."""
+    def block_map(self, map_key: bytes, checked: bool = True) -> bytes:
+        """A whole block map (32 bytes per block), checked against its tags unless told (check counts the
+        blocks a damaged map names too, so that no repair frees them); for scans that visit every block."""
         with self.read() as txn:
             block_map = txn.get(map_key, db=self._dbs["maps"])
-            return b"" if block_map is None else bytes(block_map)
+            if block_map is None:
+                return b""
+            block_map = bytes(block_map)
+            tags = self._stored_tags(txn, map_key)
+        if checked and self.encrypted and tags != self._map_tags(map_key, block_map):
+            raise _map_damaged(map_key)
+        return block_map
+
+    def map_piece(self, map_key: bytes, piece: int) -> bytes:
+        """Entries piece*MAP_PIECE... of a block map (fewer at its end), checked against the piece's tag."""
+        start, size = piece * MAP_PIECE * DIGEST_SIZE, MAP_PIECE * DIGEST_SIZE
+        with self.read() as txn:
+            block_map = txn.get(map_key, db=self._dbs["maps"])
+            if block_map is None:
+                raise RpfsError("block map missing for " + map_key.decode().replace("\0", "/"))
+            found, length = bytes(block_map[start:start + size]), len(block_map)
+            tags = self._stored_tags(txn, map_key)
+        if self.encrypted and tags[piece * 32:(piece + 1) * 32] != self._map_tag(map_key, start, length, found):
+            raise _map_damaged(map_key)
+        return found
 
     def block_digest(self, map_key: bytes, index: int) -> bytes:
         """The digest of one block of a disk, read in place from the block map (never loaded whole)."""
+        if self.encrypted:
+            at = index % MAP_PIECE * DIGEST_SIZE
+            return self.map_piece(map_key, index // MAP_PIECE)[at:at + DIGEST_SIZE]
         with self.read() as txn:
             block_map = txn.get(map_key, db=self._dbs["maps"])
             if block_map is None:
                 raise RpfsError("block map missing for " + map_key.decode().replace("\0", "/"))
             return bytes(block_map[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE])
 
+    # -- what encryption adds: sealed records, tagged block maps, key slots ------------------------
+    @property
+    def master_key(self) -> bytes | None:
+        """The unlocked master key, to hand to a process of rpfs's own (a daemon, a reader process)."""
+        return None if self.keyring is None else self.keyring.master
+
+    def _keys(self) -> Keyring:
+        if self.keyring is None:
+            KeyChoice().unlock(self.key_lock())   # raises: the store is encrypted, give a key
+        return self.keyring
+
+    def _seal(self, db: str, key: bytes, value: bytes) -> bytes:
+        return self._keys().seal_record(value, db.encode() + b"\0" + key) if self.encrypted else value
+
+    def _unseal(self, db: str, key: bytes, value):
+        return self._keys().unseal_record(value, db.encode() + b"\0" + key) if self.encrypted else value
+
+    def _point_record(self, key: bytes, value) -> RecoveryPoint:
+        return RecoveryPoint.from_json(self._unseal("points", key, value))
+
+    def _put_point_record(self, txn, point: RecoveryPoint) -> None:
+        key = self.point_key(point.vm, point.id)
+        txn.put(key, self._seal("points", key, point.to_json()), db=self._dbs["points"])
+
+    def _map_tag(self, map_key: bytes, start: int, length: int, piece: bytes) -> bytes:
+        return self._keys().map_tag(map_key + b"\0" + MAP_TAG.pack(start, length) + piece)
+
+    def _map_tags(self, map_key: bytes, block_map: bytes) -> bytes:
+        """One tag per piece (an empty map has one too): a piece changed, moved or cut off is detected."""
+        size, view = MAP_PIECE * DIGEST_SIZE, memoryview(block_map)
+        return b"".join(self._map_tag(map_key, start, len(view), bytes(view[start:start + size]))
+                        for start in range(0, max(len(view), 1), size))
+
+    def _stored_tags(self, txn, map_key: bytes) -> bytes:
+        if not self.encrypted:
+            return b""
+        tags = txn.get(map_key, db=self._need("map_tags"))
+        return b"" if tags is None else bytes(tags)
+
+    def key_lock(self) -> KeyLock:
+        with self.read() as txn:
+            slots = [KeySlot.from_json(v) for _k, v in txn.cursor(db=self._need("keys"))]
+        return KeyLock(self.path, self.store_id, bytes.fromhex(self.meta.get("key_check", "")), slots)
+
+    def add_key_slot(self, new: NewSlot, replacing: str | None = None) -> tuple[KeySlot, bool]:
+        """Wrap the master key in a new slot (in place of slot `replacing`, in the same transaction).
+        Returns the slot and True, or the slot the same key file or recovery key opens already and False."""
+        keyring, keys, made = self._keys(), self._need("keys"), []
+        fingerprint = new.fingerprint(self.store_id)
+
+        def fill(txn):   # the id is chosen in the transaction: two key adds never take the same one
+            slots = [KeySlot.from_json(v) for _k, v in txn.cursor(db=keys)]
+            ids = [s.id for s in slots]
+            if replacing is not None and replacing not in ids:
+                raise RpfsError(f"store {self.path} has no key slot {replacing!r} (rpfs key list)")
+            same = [s for s in slots if fingerprint and (s.kind, s.fingerprint) == (new.kind, fingerprint)]
+            if same:
+                made[:] = [same[0], False]
+                return
+            slot_id = replacing or str(max((int(i) for i in ids if i.isdigit()), default=0) + 1)
+            made[:] = [new.make(slot_id, keyring.master, self.store_id), True]
+            txn.put(slot_id.encode(), made[0].to_json(), db=keys)
+        self.write(fill)
+        return made[0], made[1]
+
+    def remove_key_slot(self, slot_id: str) -> KeySlot:
+        """Remove a slot; the last one is refused (without it nobody could ever read the store again)."""
+        keys, removed = self._need("keys"), []
+
+        def fill(txn):
+            slots = [KeySlot.from_json(v) for _k, v in txn.cursor(db=keys)]
+            found = [s for s in slots if s.id == slot_id]
+            if not found:
+                raise RpfsError(f"store {self.path} has no key slot {slot_id!r} (rpfs key list)")
+            if len(slots) == 1:
+                raise RpfsError(f"slot {slot_id} is the last key slot of store {self.path}: without it nobody"
+                                " could read the store again (add another first: rpfs key add)")
+            txn.delete(slot_id.encode(), db=keys)
+            removed[:] = found
+        self.write(fill)
+        return removed[0]
+
     def has_block(self, digest: bytes) -> bool:
         with self.read() as txn:
             return txn.get(digest, db=self._dbs["blocks"]) is not None
+
+
+def _map_damaged(map_key: bytes) -> CorruptBlockError:
+    where = map_key.decode(errors="replace").replace("\0", "/")
+    return CorruptBlockError(f"the block map of {where} fails authentication (changed, or moved from elsewhere)")
+
+
+def _holds_a_store(path: Path) -> bool:
+    """True if path holds a store whose creation finished (an init killed half-way left none)."""
+    try:
+        if (path / "data.mdb").stat().st_size < 2 * 4096:   # not even LMDB's two meta pages yet
+            return False
+    except OSError:
+        return False
+    try:
+        env = lmdb.open(str(path), max_dbs=len(DB_NAMES), subdir=True, readonly=True, create=False, lock=False)
+    except lmdb.Error:
+        return True   # something is there that is not ours to replace
+    try:
+        with env.begin() as txn:
+            meta = env.open_db(b"meta", txn=txn, create=False)
+            return txn.get(b"format_version", db=meta) is not None
+    except lmdb.Error:
+        return False   # no meta database yet: the first transaction never committed
+    finally:
+        env.close()
 
 
 def _hold_open_lock(path: Path) -> int:

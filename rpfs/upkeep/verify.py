@@ -1,14 +1,12 @@
 """verify: read every block the recovery points reference (or a sample) and check it against its digest."""
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from rpfs.errors import CorruptBlockError, RpfsError
-from rpfs.store import blob
 from rpfs.store.isolated import IsolatedStore
 from rpfs.store.leases import Lease
 from rpfs.store.recovery_point import RecoveryPoint
@@ -36,7 +34,7 @@ def verify(store: Store, vm: str | None = None, point_id: str | None = None, sam
     lease = Lease(store.path)
     try:
         points = _leased(lease, store, points)
-        with IsolatedStore.open(store.path) as reader:   # a page that crashes its reader is a damaged point
+        with IsolatedStore.open(store.path, store.master_key) as reader:   # a page that crashes its reader is a damaged point
             return _verify(reader, points, sample_percent, progress)
     finally:
         lease.close()
@@ -72,12 +70,8 @@ def _verify(store: IsolatedStore, points: list[RecoveryPoint], sample_percent: f
 
     def check(digest: bytes) -> tuple[bytes, int, str | None]:
         try:
-            raw = store.get_blob(digest, blob.decode)
-            if raw is None:
-                return digest, 0, "missing"
-            if hashlib.sha256(raw).digest() != digest:
-                return digest, len(raw), "does not match its digest"
-            return digest, len(raw), None
+            size = store.get_blob(digest, lambda stored: len(store.codec.decode(digest, stored)))
+            return (digest, 0, "missing") if size is None else (digest, size, None)
         except CorruptBlockError as e:
             return digest, 0, e.message
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:

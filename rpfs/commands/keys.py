@@ -1,0 +1,221 @@
+"""Commands about a store's keys and what it is: init, info, key list|add|remove|passwd|export|recover.
+
+Which key a command uses: a master key handed down by rpfs itself (--key-fd, to its daemons), else
+--key-file PATH or RPFS_KEY_FILE, else a passphrase from RPFS_PASSPHRASE or asked on the terminal.
+New passphrases come from RPFS_NEW_PASSPHRASE or are asked twice on the terminal.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from rpfs.commands import asked_once, key_choice, open_store, print_json
+from rpfs.commands.progress import human_bytes
+from rpfs.errors import RpfsError
+from rpfs.store.key_slots import KeyChoice, NewSlot, key_file_key, paper_text, read_public_key
+from rpfs.store.store import Store
+
+MIN_PASSPHRASE = 8
+
+
+def _new_passphrase(variable: str = "RPFS_NEW_PASSPHRASE") -> NewSlot:
+    ask = asked_once(variable, "new passphrase: ", twice=True)
+    if ask is None:
+        raise RpfsError(f"give the new passphrase in {variable}, or run this on a terminal")
+    passphrase = ask()
+    if len(passphrase) < MIN_PASSPHRASE:
+        raise RpfsError(f"a passphrase has at least {MIN_PASSPHRASE} characters")
+    return NewSlot("passphrase", passphrase)
+
+
+def _new_key_file(path: str) -> NewSlot:
+    """A slot for the key file at path, which is made (0600) if there is none."""
+    return NewSlot("key-file", key_file_key(Path(path)), note=os.path.abspath(path))
+
+
+def _recovery(path: str) -> NewSlot:
+    return NewSlot("recovery", read_public_key(Path(path)), note=os.path.abspath(path))
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    suffix = t[-1:] if t[-1:].isalpha() else ""
+    try:
+        return int(t[:len(t) - len(suffix)]) * units[suffix]
+    except (ValueError, KeyError):
+        raise RpfsError(f"cannot read size {text!r} (examples: 1M, 256K, 1048576)") from None
+
+
+def cmd_init(args) -> int:
+    if not args.store:
+        raise RpfsError("no store given: use --store DIR or set RPFS_STORE")
+    block_size = parse_size(args.block_size)
+    slots = []
+    if args.encryption != "none":
+        key_file = getattr(args, "key_file", None) or os.environ.get("RPFS_KEY_FILE")
+        passphrase = "RPFS_PASSPHRASE" in os.environ or (not key_file and sys.stdin.isatty())
+        if not key_file and not passphrase:
+            raise RpfsError("rpfs init makes an encrypted store: give --key-file PATH (made if missing), a passphrase"
+                            " (RPFS_PASSPHRASE, or on a terminal), or --encryption none")
+        if args.recovery_public_key:
+            slots.append(_recovery(args.recovery_public_key))
+        if passphrase:
+            slots.append(_new_passphrase("RPFS_PASSPHRASE"))
+        if key_file:
+            slots.append(_new_key_file(key_file))   # made last: a refused init leaves no new key file
+    elif args.recovery_public_key:
+        raise RpfsError("--recovery-public-key is for an encrypted store")
+    with Store.init(Path(args.store), block_size, args.zstd_level, key_slots=slots) as store:
+        if args.json:
+            print_json(_describe(store))
+        else:
+            print(f"initialised store {store.path} (block size {human_bytes(store.block_size)},"
+                  f" zstd level {store.zstd_level}, {_encryption_line(store)})")
+            if store.encrypted:
+                print("keep a copy of the key safe: without a key slot you can open, the backups cannot be read"
+                      " (rpfs key export --paper; rpfs key add --recovery-public-key)", file=sys.stderr)
+    return 0
+
+
+def _encryption_line(store: Store) -> str:
+    if not store.encrypted:
+        return "not encrypted"
+    kinds = [s.kind for s in store.key_lock().slots]
+    return f"encrypted with {store.encryption}, key slots: {', '.join(kinds)}"
+
+
+def _describe(store: Store) -> dict:
+    described = {"store": str(store.path), "format_version": store.format_version, "block_size": store.block_size,
+                 "zstd_level": store.zstd_level, "created": store.meta.get("created"),
+                 "encryption": store.encryption, "block_id": store.meta.get("block_id", "sha256"),
+                 "store_id": store.store_id.hex() or None, "file_bytes": store.stored_bytes()}
+    if store.encrypted:
+        described["key_slots"] = [_slot_record(s) for s in store.key_lock().slots]
+    return described
+
+
+def _slot_record(slot) -> dict:
+    return {"id": slot.id, "kind": slot.kind, "created": slot.created, "note": slot.note,
+            "fingerprint": slot.fingerprint or None}
+
+
+def cmd_info(args) -> int:
+    """What a store is (no key needed): format, encryption, sizes, key slots."""
+    with open_store(args, readonly=True, unlock=False) as store:
+        described = _describe(store)
+    if args.json:
+        print_json(described)
+        return 0
+    for name, value in described.items():
+        if name != "key_slots":
+            print(f"{name.replace('_', ' '):<15} {value if value is not None else '-'}")
+    for slot in described.get("key_slots", []):
+        print(f"key slot {slot['id']:<6} {slot['kind']:<11} {slot['created']}  {slot['note']}")
+    return 0
+
+
+def cmd_key(args) -> int:
+    return {"list": _key_list, "add": _key_add, "remove": _key_remove, "passwd": _key_passwd,
+            "export": _key_export, "recover": _key_recover}[args.key_action](args)
+
+
+def _key_list(args) -> int:
+    with open_store(args, readonly=True, unlock=False) as store:
+        if not store.encrypted:
+            raise RpfsError(f"store {store.path} is not encrypted: it has no keys")
+        slots = [_slot_record(s) for s in store.key_lock().slots]
+    if args.json:
+        print_json(slots)
+    for slot in [] if args.json else slots:
+        print(f"{slot['id']:<6} {slot['kind']:<11} {slot['created']}  {slot['note']}")
+    return 0
+
+
+def _check_one_new_slot(args) -> None:
+    given = [a for a in ("new_key_file", "new_passphrase", "recovery_public_key") if getattr(args, a, None)]
+    if len(given) != 1:
+        raise RpfsError("give one of --new-key-file PATH, --new-passphrase or --recovery-public-key FILE")
+
+
+def _one_new_slot(args) -> NewSlot:
+    """The new slot the command names (checked by _check_one_new_slot); made once the store is open, so a
+    key that does not open it makes no key file."""
+    if args.new_key_file:
+        return _new_key_file(args.new_key_file)
+    return _new_passphrase() if args.new_passphrase else _recovery(args.recovery_public_key)
+
+
+def _added(args, store: Store, new: NewSlot, replacing: str | None = None) -> int:
+    slot, added = store.add_key_slot(new, replacing)
+    if args.json:
+        print_json({**_slot_record(slot), "added": added})
+    else:
+        done = "already opens" if not added else "changed" if replacing else "added"
+        print(f"{done} key slot {slot.id} ({slot.kind}{', ' + slot.note if slot.note else ''})")
+    return 0
+
+
+def _key_add(args) -> int:
+    _check_one_new_slot(args)
+    with open_store(args) as store:
+        return _added(args, store, _one_new_slot(args))
+
+
+def _key_remove(args) -> int:
+    with open_store(args) as store:
+        slot = store.remove_key_slot(args.slot)
+    if args.json:
+        print_json(_slot_record(slot))
+    else:
+        print(f"removed key slot {slot.id} ({slot.kind}); no data was rewritten")
+    return 0
+
+
+def _key_passwd(args) -> int:
+    with open_store(args) as store:
+        lock = store.key_lock()
+        slot_id = args.slot
+        if slot_id is None:
+            opened = key_choice(args).opened_with(lock)
+            passphrase_slots = lock.of_kind("passphrase")
+            slot_id = opened.id if opened else (passphrase_slots[0].id if len(passphrase_slots) == 1 else None)
+        if slot_id is None or slot_id not in {s.id for s in lock.of_kind("passphrase")}:
+            raise RpfsError("name the passphrase slot to change (rpfs key list), e.g. rpfs key passwd 1")
+        return _added(args, store, _new_passphrase(), replacing=slot_id)
+
+
+def _key_export(args) -> int:
+    with open_store(args, readonly=True) as store:
+        if not store.encrypted:
+            raise RpfsError(f"store {store.path} is not encrypted: it has no key to export")
+        text = paper_text(store.master_key, store.path, store.store_id)
+    if args.json:
+        print_json({"store": str(store.path), "paper": text})
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _key_recover(args) -> int:
+    """Open the store with the recovery private key or the paper key, and add a new way in."""
+    if bool(args.private_key) == bool(args.paper):
+        raise RpfsError("give one of --private-key FILE or --paper FILE ('-': standard input)")
+    if args.recovery_public_key:
+        raise RpfsError("recover adds a key file or a passphrase: --new-key-file PATH or --new-passphrase")
+    _check_one_new_slot(args)
+    if args.private_key:
+        args._key_choice = KeyChoice(private_key_file=args.private_key)
+    else:
+        paper = sys.stdin.read() if args.paper == "-" else _read_text(args.paper)
+        args._key_choice = KeyChoice(paper=paper)
+    with open_store(args) as store:
+        return _added(args, store, _one_new_slot(args))
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError as e:
+        raise RpfsError(f"cannot read {path}: {e.strerror}") from None

@@ -1,0 +1,84 @@
+"""The keys of an encrypted store and what each does; every primitive comes from a library (README, Encryption).
+
+A store has one random 32-byte master key. Each purpose has a key of its own, derived from it with
+HKDF-SHA-256 (salt: the store's random id), so no key ever serves two purposes or two stores:
+  block ids   keyed BLAKE3 of the raw block: without the key nobody can test whether a block is stored
+              (3.4 times the speed of HMAC-SHA-256 on this CPU, measured: README)
+  blocks      AES-256-GCM, a random 96-bit nonce per blob, the block id and frame header as associated data
+  records     AES-256-GCM over catalog records (recovery points, policies, protections, jobs), their
+              database and key as associated data: a record moved or changed does not open
+  block maps  keyed BLAKE3 tags over pieces of each map (maps hold keyed ids only, so they stay readable)
+  key check   keyed BLAKE3 of the store id: tells a master key typed in from paper from a wrong one
+"""
+from __future__ import annotations
+
+import os
+
+import blake3
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from rpfs.errors import CorruptBlockError
+
+KEY_SIZE = 32
+NONCE_SIZE = 12
+TAG_SIZE = 16
+SEAL_OVERHEAD = NONCE_SIZE + TAG_SIZE
+
+
+def derive_key(secret: bytes, salt: bytes, purpose: str) -> bytes:
+    """A 32-byte key for one purpose (HKDF-SHA-256)."""
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=salt, info=f"rpfs {purpose}".encode()).derive(secret)
+
+
+def seal(aead: AESGCM, plaintext, associated: bytes) -> bytes:
+    """nonce + ciphertext + tag, with a fresh random nonce."""
+    nonce = os.urandom(NONCE_SIZE)
+    return nonce + aead.encrypt(nonce, plaintext, associated)
+
+
+def unseal(aead: AESGCM, sealed, associated: bytes, what: str) -> bytes:
+    """The plaintext of seal(); anything changed, moved or sealed under another key is a CorruptBlockError."""
+    view = memoryview(sealed)
+    if len(view) < SEAL_OVERHEAD:
+        raise CorruptBlockError(f"{what} is too short to be sealed")
+    try:
+        return aead.decrypt(bytes(view[:NONCE_SIZE]), view[NONCE_SIZE:], associated)
+    except InvalidTag:
+        raise CorruptBlockError(f"{what} fails authentication (changed, or sealed with another key)") from None
+
+
+class Keyring:
+    """The working keys of one encrypted store, derived from its master key. Thread-safe."""
+
+    def __init__(self, master: bytes, store_id: bytes):
+        if len(master) != KEY_SIZE:
+            raise ValueError("a master key is 32 bytes")
+        self.master = master
+        self.store_id = store_id
+        self._id_key = derive_key(master, store_id, "block id")
+        self._blocks = AESGCM(derive_key(master, store_id, "blocks"))
+        self._records = AESGCM(derive_key(master, store_id, "catalog records"))
+        self._map_key = derive_key(master, store_id, "block maps")
+        self.check_value = blake3.blake3(store_id, key=derive_key(master, store_id, "key check")).digest()
+
+    def block_id(self, data) -> bytes:
+        return blake3.blake3(data, key=self._id_key).digest()
+
+    def seal_block(self, payload, associated: bytes) -> bytes:
+        return seal(self._blocks, payload, associated)
+
+    def unseal_block(self, sealed, associated: bytes) -> bytes:
+        return unseal(self._blocks, sealed, associated, "stored block")
+
+    def seal_record(self, value: bytes, associated: bytes) -> bytes:
+        return seal(self._records, value, associated)
+
+    def unseal_record(self, sealed, associated: bytes) -> bytes:
+        return unseal(self._records, sealed, associated, "catalog record " + associated.decode(errors="replace")
+                      .replace("\0", "/"))
+
+    def map_tag(self, data: bytes) -> bytes:
+        return blake3.blake3(data, key=self._map_key).digest()

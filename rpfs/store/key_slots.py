@@ -1,0 +1,304 @@
+"""Key slots: the master key of an encrypted store, wrapped once for each way in (as LUKS does).
+
+A slot wraps the master key with AES-256-GCM under a key-encryption key (KEK) made from:
+  passphrase  scrypt(passphrase, random salt; n=2^17, r=8, p=1: 128 MiB and about 0.5 s here)
+  key-file    HKDF-SHA-256 of the 32 random bytes of a root-only key file (for unattended backups)
+  recovery    HKDF-SHA-256 of an X25519 exchange between a one-time key and a recovery public key, whose
+              private key is kept offline: only it opens this slot (the key-encryption key of Azure's model)
+The store id, slot id and kind are the associated data, so a slot copied elsewhere opens nothing. Slots
+live in the store's `keys` database: adding, changing or removing one is one transaction and never
+touches data. The master key itself can also be written on paper (paper_text) and typed back in.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import blake3
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from rpfs.errors import CorruptBlockError, RpfsError
+from rpfs.host.access import owner_name
+from rpfs.host.files import create_whole
+from rpfs.store.crypto import KEY_SIZE, Keyring, derive_key, seal, unseal
+
+KINDS = ("passphrase", "key-file", "recovery")
+SCRYPT = {"n": 1 << 17, "r": 8, "p": 1}
+KEY_FILE_HEADER = "# rpfs key file: whoever reads it reads the store; keep it root's alone (mode 0600)\n"
+PAPER_GROUP = 4
+_LOOKALIKES = str.maketrans("018", "OIB")   # base32 has no 0, 1 or 8: what was typed for O, I and B
+
+
+@dataclass
+class KeySlot:
+    id: str
+    kind: str                 # passphrase | key-file | recovery
+    created: str
+    wrapped: str              # hex: nonce + the master key sealed under this slot's KEK + tag
+    salt: str = ""            # hex (passphrase, key-file)
+    kdf: dict = field(default_factory=dict)   # scrypt parameters (passphrase)
+    fingerprint: str = ""     # which key file or recovery key opens it (key-file, recovery)
+    ephemeral: str = ""       # hex: the one-time X25519 public key (recovery)
+    note: str = ""            # what the user said it is, e.g. the key file's path when it was added
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data) -> "KeySlot":
+        try:
+            return cls(**json.loads(bytes(data)))
+        except (ValueError, TypeError) as e:
+            raise CorruptBlockError(f"a key slot is damaged ({e})") from None
+
+    def associated(self, store_id: bytes) -> bytes:
+        return b"rpfs key slot\0" + store_id + f"\0{self.id}\0{self.kind}".encode()
+
+
+@dataclass
+class NewSlot:
+    """A slot to add: its kind and the secret it is opened with (a passphrase, a key file's key, or the
+    recovery public key's raw bytes)."""
+    kind: str
+    secret: bytes
+    note: str = ""
+
+    def fingerprint(self, store_id: bytes) -> str:
+        """Which key file or recovery key this slot is for ("" for a passphrase)."""
+        return "" if self.kind == "passphrase" else key_fingerprint(self.secret, store_id)
+
+    def make(self, slot_id: str, master: bytes, store_id: bytes) -> KeySlot:
+        slot = KeySlot(id=slot_id, kind=self.kind, created=_now(), wrapped="", note=self.note)
+        if self.kind == "passphrase":
+            salt = os.urandom(16)
+            slot.salt, slot.kdf = salt.hex(), dict(SCRYPT, name="scrypt")
+            kek = _scrypt(self.secret, salt, slot.kdf)
+        elif self.kind == "key-file":
+            salt = os.urandom(16)
+            slot.salt, slot.fingerprint = salt.hex(), self.fingerprint(store_id)
+            kek = derive_key(self.secret, salt, "key file slot")
+        else:
+            recipient = X25519PublicKey.from_public_bytes(self.secret)
+            one_time = X25519PrivateKey.generate()
+            ephemeral = one_time.public_key().public_bytes_raw()
+            slot.ephemeral, slot.fingerprint = ephemeral.hex(), self.fingerprint(store_id)
+            kek = derive_key(one_time.exchange(recipient), ephemeral + self.secret, "recovery slot")
+        slot.wrapped = seal(AESGCM(kek), master, slot.associated(store_id)).hex()
+        return slot
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _scrypt(passphrase: bytes, salt: bytes, kdf: dict) -> bytes:
+    return Scrypt(salt=salt, length=KEY_SIZE, n=kdf["n"], r=kdf["r"], p=kdf["p"]).derive(passphrase)
+
+
+def key_fingerprint(key: bytes, store_id: bytes) -> str:
+    """Which slot a key file or recovery key opens, without trying them all; says nothing of the key."""
+    return derive_key(key, store_id, "key fingerprint")[:8].hex()
+
+
+def new_master_key() -> bytes:
+    return os.urandom(KEY_SIZE)
+
+
+@dataclass
+class KeyLock:
+    """What an encrypted store shows before it is unlocked: its id, its key check and its slots."""
+    store: Path
+    store_id: bytes
+    check_value: bytes
+    slots: list[KeySlot]
+
+    def keyring(self, master: bytes) -> Keyring:
+        """The keyring of a master key, refused unless it is this store's."""
+        keyring = Keyring(master, self.store_id)
+        if keyring.check_value != self.check_value:
+            raise RpfsError(f"that key is not the master key of store {self.store}")
+        return keyring
+
+    def open_slot(self, slot: KeySlot, kek: bytes) -> bytes | None:
+        try:
+            return unseal(AESGCM(kek), bytes.fromhex(slot.wrapped), slot.associated(self.store_id), "key slot")
+        except CorruptBlockError:
+            return None
+
+    def of_kind(self, kind: str) -> list[KeySlot]:
+        return [s for s in self.slots if s.kind == kind]
+
+
+@dataclass
+class KeyChoice:
+    """The key a command was given, tried in this order: a master key handed down by the parent process,
+    the recovery private key, a master key typed from paper, a key file, a passphrase."""
+    key_file: str | None = None
+    passphrase: Callable[[], bytes] | None = None   # asked only when needed (RPFS_PASSPHRASE or a terminal)
+    master: bytes | None = None
+    private_key_file: str | None = None
+    paper: str | None = None
+
+    def unlock(self, lock: KeyLock) -> Keyring:
+        if self.master is not None:
+            return lock.keyring(self.master)
+        if self.private_key_file:
+            return lock.keyring(_open_recovery_slot(lock, self.private_key_file))
+        if self.paper is not None:
+            return lock.keyring(parse_paper(self.paper))
+        if self.key_file:
+            file_key = read_key_file(Path(self.key_file))
+            fingerprint = key_fingerprint(file_key, lock.store_id)
+            for slot in lock.of_kind("key-file"):
+                if slot.fingerprint == fingerprint:
+                    master = lock.open_slot(slot, derive_key(file_key, bytes.fromhex(slot.salt), "key file slot"))
+                    if master is not None:
+                        return lock.keyring(master)
+            raise RpfsError(f"key file {self.key_file} opens no key slot of store {lock.store}"
+                            " (rpfs info shows its slots)")
+        if self.passphrase is not None:
+            slots = lock.of_kind("passphrase")
+            if not slots:
+                raise RpfsError(f"store {lock.store} has no passphrase slot: give --key-file PATH (or RPFS_KEY_FILE)")
+            passphrase = self.passphrase()
+            for slot in slots:
+                master = lock.open_slot(slot, _scrypt(passphrase, bytes.fromhex(slot.salt), slot.kdf))
+                if master is not None:
+                    return lock.keyring(master)
+            raise RpfsError(f"wrong passphrase for store {lock.store}")
+        raise RpfsError(f"store {lock.store} is encrypted: give --key-file PATH (or RPFS_KEY_FILE) or a passphrase"
+                        " (RPFS_PASSPHRASE, or on a terminal)")
+
+    def opened_with(self, lock: KeyLock) -> KeySlot | None:
+        """The passphrase slot this choice's passphrase opens (for key passwd), or None."""
+        if self.passphrase is None or self.key_file or self.master or self.private_key_file or self.paper is not None:
+            return None
+        passphrase = self.passphrase()
+        for slot in lock.of_kind("passphrase"):
+            if lock.open_slot(slot, _scrypt(passphrase, bytes.fromhex(slot.salt), slot.kdf)) is not None:
+                return slot
+        return None
+
+
+# -- key files and recovery keys ---------------------------------------------------------------------
+def read_private_file(path: Path, what: str) -> bytes:
+    """A secret file's bytes, refused unless it is the caller's and nobody else may read or change it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise RpfsError(f"{what} {path} does not exist") from None
+    except PermissionError:
+        raise RpfsError(f"{what} {path}: permission denied") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RpfsError(f"{what} {path} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise RpfsError(f"{what} {path} is {owner_name(st.st_uid)}'s: it must be {owner_name(os.geteuid())}'s alone")
+        if st.st_mode & 0o077:
+            raise RpfsError(f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}, so others may read it:"
+                            f" chmod 600 {path}")
+        return os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+
+
+def read_key_file(path: Path) -> bytes:
+    text = read_private_file(path, "key file").decode(errors="replace")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    try:
+        key = base64.b64decode(lines[-1], validate=True) if len(lines) == 1 else b""
+    except ValueError:
+        key = b""
+    if len(key) != KEY_SIZE:
+        raise RpfsError(f"{path} is not an rpfs key file (rpfs init --key-file or rpfs key add --new-key-file"
+                        " make one)")
+    return key
+
+
+def create_key_file(path: Path) -> bytes:
+    """A new key file of 32 random bytes, mode 0600, never over an existing file."""
+    key = os.urandom(KEY_SIZE)
+    try:
+        create_whole(path, (KEY_FILE_HEADER + base64.b64encode(key).decode() + "\n").encode())
+    except FileExistsError:
+        raise RpfsError(f"{path} already exists") from None
+    return key
+
+
+def key_file_key(path: Path) -> bytes:
+    """The key of a key file, made first if there is none at path (a key file is never overwritten)."""
+    return read_key_file(path) if os.path.lexists(path) else create_key_file(path)
+
+
+def read_public_key(path: Path) -> bytes:
+    """A recovery public key (X25519, PEM, as `openssl pkey -pubout` writes it): its raw 32 bytes."""
+    try:
+        key = serialization.load_pem_public_key(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise RpfsError(f"recovery public key {path} does not exist") from None
+    except ValueError:
+        key = None
+    if not isinstance(key, X25519PublicKey):
+        raise RpfsError(f"{path} is not an X25519 public key in PEM (make one with: openssl genpkey -algorithm"
+                        " X25519 -out recovery.pem; openssl pkey -in recovery.pem -pubout -out recovery.pub)")
+    return key.public_bytes_raw()
+
+
+def _open_recovery_slot(lock: KeyLock, private_key_file: str) -> bytes:
+    try:
+        private = serialization.load_pem_private_key(read_private_file(Path(private_key_file), "private key"), None)
+    except (ValueError, TypeError):
+        private = None
+    if not isinstance(private, X25519PrivateKey):
+        raise RpfsError(f"{private_key_file} is not an unencrypted X25519 private key in PEM")
+    public = private.public_key().public_bytes_raw()
+    for slot in lock.of_kind("recovery"):
+        if slot.fingerprint == key_fingerprint(public, lock.store_id):
+            ephemeral = bytes.fromhex(slot.ephemeral)
+            shared = private.exchange(X25519PublicKey.from_public_bytes(ephemeral))
+            master = lock.open_slot(slot, derive_key(shared, ephemeral + public, "recovery slot"))
+            if master is not None:
+                return master
+    raise RpfsError(f"{private_key_file} opens no recovery slot of store {lock.store} (rpfs info shows its slots)")
+
+
+# -- the master key on paper -------------------------------------------------------------------------
+def paper_text(master: bytes, store: Path, store_id: bytes) -> str:
+    """The master key as groups of base32 with a checksum group, to be typed back in (key recover --paper)."""
+    encoded = base64.b32encode(master + _paper_check(master)).decode().rstrip("=")
+    groups = [encoded[i:i + PAPER_GROUP] for i in range(0, len(encoded), PAPER_GROUP)]
+    lines = [" ".join(groups[i:i + 8]) for i in range(0, len(groups), 8)]
+    return (f"rpfs master key of store {store} (id {store_id.hex()})\n"
+            "Whoever has this page can read every backup in that store: keep it locked away.\n"
+            "Type it back in with: rpfs key recover --paper FILE (spaces and case do not matter)\n\n"
+            + "\n".join(lines) + "\n")
+
+
+def _paper_check(master: bytes) -> bytes:
+    return blake3.blake3(b"rpfs paper key\0" + master).digest()[:3]
+
+
+def parse_paper(text: str) -> bytes:
+    """The master key from paper_text's key lines (or from any text holding just those groups)."""
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith(("rpfs ", "Whoever ", "Type "))]
+    compact = "".join("".join(lines).split()).upper().replace("-", "").translate(_LOOKALIKES)
+    try:
+        raw = base64.b32decode(compact + "=" * (-len(compact) % 8))
+    except ValueError:
+        raw = b""
+    if len(raw) != KEY_SIZE + 3:
+        raise RpfsError("the paper key does not have the right length: check for a missing or extra group")
+    master, check = raw[:KEY_SIZE], raw[KEY_SIZE:]
+    if _paper_check(master) != check:
+        raise RpfsError("the paper key's checksum does not match: check it for a typo")
+    return master

@@ -1,0 +1,222 @@
+"""Encryption at rest (format 3): nothing readable without a key, anything changed detected, keys that can be
+changed, removed and recovered without rewriting data, and version 2 stores still read and written."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cli_helpers import REPO, open_store, rpfs, session_keys
+from test_backup import corrupt_one_block, read_all, write_image
+
+from rpfs.errors import CorruptBlockError
+from rpfs.store.key_slots import KeyChoice
+from rpfs.store.store import Store
+
+MiB = 1 << 20
+SECRET = b"correct-horse-battery-staple-7f3a9c"
+PASSPHRASE = "a long enough passphrase"
+
+
+def one_line_error(done: subprocess.CompletedProcess, expected: str) -> None:
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and expected in done.stderr, done.stderr
+
+
+def env_with(**values) -> dict:
+    """The tests' environment without the session key (or with other values)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RPFS_KEY_FILE", "RPFS_PASSPHRASE", "RPFS_STORE")}
+    env.update(values)
+    return env
+
+
+def disk_with_secret(path: Path) -> Path:
+    """Random data with the secret in plain sight, once in a random block and once among zeros."""
+    data = bytearray(os.urandom(3 * MiB)) + bytearray(MiB)
+    data[123456:123456 + len(SECRET)] = SECRET
+    data[3 * MiB + 4096:3 * MiB + 4096 + len(SECRET)] = SECRET
+    path.write_bytes(bytes(data))
+    return path
+
+
+def store_bytes(store: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(store.iterdir()) if p.is_file())
+
+
+def test_a_secret_on_a_disk_is_in_no_byte_of_an_encrypted_store(tmp_path):
+    disk = disk_with_secret(tmp_path / "d.img")
+    rpfs("init", store=tmp_path / "enc")
+    rpfs("init", "--encryption", "none", store=tmp_path / "plain")
+    for store in ("enc", "plain"):
+        rpfs("backup", "vm", f"--disk=d={disk}", store=tmp_path / store)
+    assert SECRET in store_bytes(tmp_path / "plain")      # the search finds what is there
+    assert SECRET not in store_bytes(tmp_path / "enc")
+    assert b"vm" in store_bytes(tmp_path / "enc")         # VM names stay readable (README says so)
+    info = rpfs("info", "--json", store=tmp_path / "enc", env=env_with()).stdout   # no key needed
+    assert '"encryption": "aes-256-gcm"' in info and '"format_version": 3' in info
+    assert '"encryption": "none"' in rpfs("info", "--json", store=tmp_path / "plain").stdout
+    with open_store(tmp_path / "enc", readonly=True) as store:
+        assert read_all(store, store.point("vm"), "d") == disk.read_bytes()
+
+
+def test_without_the_right_key_every_command_says_so_in_one_line(tmp_path):
+    store = tmp_path / "s"
+    rpfs("init", store=store, env=env_with(RPFS_PASSPHRASE=PASSPHRASE))
+    one_line_error(rpfs("list", store=store, check=False, env=env_with()), "is encrypted: give --key-file")
+    one_line_error(rpfs("list", store=store, check=False, env=env_with(RPFS_PASSPHRASE="not the passphrase")),
+                   "wrong passphrase")
+    rpfs("list", store=store, env=env_with(RPFS_PASSPHRASE=PASSPHRASE))
+    other = tmp_path / "other-key"
+    rpfs("init", "--key-file", str(other), store=tmp_path / "other")
+    one_line_error(rpfs("--key-file", str(other), "list", store=store, check=False, env=env_with()),
+                   "opens no key slot")
+    other.chmod(0o644)
+    one_line_error(rpfs("list", "--key-file", str(other), store=tmp_path / "other", check=False, env=env_with()),
+                   "has mode 0644, so others may read it")
+    one_line_error(rpfs("init", store=tmp_path / "x", check=False, env=env_with(), stdin=subprocess.DEVNULL),
+                   "give --key-file PATH (made if missing)")
+    assert not (tmp_path / "x" / "data.mdb").exists()
+
+
+def test_a_flipped_byte_of_a_sealed_block_is_an_error_and_verify_names_the_point(tmp_path):
+    disk = write_image(tmp_path / "d.img", 3, 4 * MiB)
+    store = tmp_path / "s"
+    rpfs("init", store=store)
+    rpfs("backup", "vm", f"--disk=d={disk}", store=store)
+    with open_store(store) as s:
+        point = s.point("vm")
+        corrupt_one_block(s, point, "d")
+        with pytest.raises(CorruptBlockError, match="fails authentication"):
+            read_all(s, point, "d")
+    done = rpfs("verify", store=store, check=False)
+    assert done.returncode == 4 and f"vm/{point.id}" in done.stdout + done.stderr, done   # 4: damage found
+
+
+def test_a_changed_block_map_or_a_moved_record_is_detected(tmp_path):
+    disk = write_image(tmp_path / "d.img", 4, 4 * MiB)
+    store = tmp_path / "s"
+    rpfs("init", store=store)
+    rpfs("backup", "vm", f"--disk=d={disk}", store=store)
+    rpfs("backup", "vm2", f"--disk=d={write_image(tmp_path / 'e.img', 5, 2 * MiB)}", store=store)
+    with open_store(store) as s:
+        point, other = s.point("vm"), s.point("vm2")
+        key = s.map_key("vm", point.id, "d")
+        block_map = bytearray(s.block_map(key))
+        other_at = next(i for i in range(32, len(block_map), 32) if block_map[i:i + 32] != block_map[:32])
+        block_map[:32], block_map[other_at:other_at + 32] = block_map[other_at:other_at + 32], block_map[:32]
+        s.write(lambda txn: txn.put(key, bytes(block_map), db=s.db("maps")))
+        with pytest.raises(CorruptBlockError, match="block map of vm/.* fails authentication"):
+            read_all(s, point, "d")
+    done = rpfs("check", store=store, check=False)
+    assert done.returncode == 4 and f"the block map of vm/{point.id}/d fails authentication" in done.stdout, done
+    with open_store(store) as s:
+        # vm2's record put where vm's was: it does not open there
+        with s.read() as txn:
+            moved = bytes(txn.get(s.point_key("vm2", other.id), db=s.db("points")))
+        s.write(lambda txn: txn.put(s.point_key("vm", point.id), moved, db=s.db("points")))
+        with pytest.raises(CorruptBlockError, match="fails authentication"):
+            s.point("vm", point.id)
+    done = rpfs("verify", "vm2", store=store, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def test_keys_change_and_go_and_the_recovery_key_brings_back_a_lost_key_file(tmp_path):
+    disk = write_image(tmp_path / "d.img", 6, 5 * MiB)
+    key_file, store = tmp_path / "key", tmp_path / "s"
+    private, public = tmp_path / "recovery.pem", tmp_path / "recovery.pub"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "X25519", "-out", str(private)], check=True)
+    subprocess.run(["openssl", "pkey", "-in", str(private), "-pubout", "-out", str(public)], check=True)
+    private.chmod(0o600)
+    env = env_with(RPFS_KEY_FILE=str(key_file))
+    rpfs("init", "--recovery-public-key", str(public), store=store, env=env)
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    rpfs("backup", "vm", f"--disk=d={disk}", store=store, env=env)
+    rpfs("key", "add", "--new-passphrase", store=store, env={**env, "RPFS_NEW_PASSPHRASE": PASSPHRASE})
+    with_passphrase = env_with(RPFS_PASSPHRASE=PASSPHRASE)
+    rpfs("key", "passwd", store=store, env={**with_passphrase, "RPFS_NEW_PASSPHRASE": PASSPHRASE + "!"})
+    one_line_error(rpfs("list", store=store, check=False, env=with_passphrase), "wrong passphrase")
+    rpfs("list", store=store, env=env_with(RPFS_PASSPHRASE=PASSPHRASE + "!"))
+    slots = {s["kind"]: s["id"] for s in __import__("json").loads(rpfs("key", "list", "--json", store=store).stdout)}
+    assert set(slots) == {"key-file", "passphrase", "recovery"}
+
+    blocks_before = (store / "data.mdb").read_bytes().count(b"RPB1")
+    key_file.unlink()                                                    # the key file is lost
+    one_line_error(rpfs("list", store=store, check=False, env=env), "key file")
+    new_key = tmp_path / "new-key"
+    rpfs("key", "recover", "--private-key", str(private), "--new-key-file", str(new_key), store=store, env=env_with())
+    rpfs("key", "remove", slots["key-file"], store=store, env=env_with(RPFS_KEY_FILE=str(new_key)))
+    rpfs("key", "remove", slots["passphrase"], store=store, env=env_with(RPFS_KEY_FILE=str(new_key)))
+    assert (store / "data.mdb").read_bytes().count(b"RPB1") == blocks_before   # no block rewritten
+    restored = tmp_path / "restored.img"
+    rpfs("restore", "vm", "--disk", "d", "--to", str(restored), store=store, env=env_with(RPFS_KEY_FILE=str(new_key)))
+    assert restored.read_bytes() == disk.read_bytes()
+
+
+def test_the_paper_key_types_back_in_and_the_last_slot_stays(tmp_path):
+    store = tmp_path / "s"
+    rpfs("init", store=store)
+    paper = rpfs("key", "export", "--paper", store=store).stdout
+    assert "rpfs master key of store" in paper
+    key_lines = [line for line in paper.splitlines() if line and line.split()[0].isupper() and len(line.split()[0]) == 4]
+    typed = "\n".join(line.lower().replace("o", "0") for line in key_lines)   # lower case, O typed as 0
+    new_key = tmp_path / "k2"
+    done = rpfs("key", "recover", "--paper", "-", "--new-key-file", str(new_key), store=store, env=env_with(),
+                input=typed)
+    assert "added key slot 2" in done.stdout
+    again = rpfs("key", "add", "--new-key-file", str(new_key), store=store)   # the same again: nothing to do
+    assert "already opens key slot 2" in again.stdout
+    wrong = typed[:-1] + ("A" if typed[-1] != "a" else "B")
+    one_line_error(rpfs("key", "recover", "--paper", "-", "--new-passphrase", store=store, check=False,
+                        env=env_with(RPFS_NEW_PASSPHRASE=PASSPHRASE), input=wrong), "checksum does not match")
+    rpfs("key", "remove", "1", store=store, env=env_with(RPFS_KEY_FILE=str(new_key)))
+    one_line_error(rpfs("key", "remove", "2", store=store, check=False, env=env_with(RPFS_KEY_FILE=str(new_key))),
+                   "is the last key slot")
+
+
+def test_a_version_2_store_made_by_the_previous_release_is_read_and_written(tmp_path):
+    """The release before format 3 (commit 0351bf2) makes the store; this one reads it, backs up into it (sha256
+    ids, unencrypted, as before) and says what it is."""
+    old = tmp_path / "old-rpfs"
+    old.mkdir()
+    archive = subprocess.run(["git", "archive", "0351bf2", "rpfs"], cwd=REPO, capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip("this checkout has no history to take the previous release from")
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    a, b = write_image(tmp_path / "a.img", 7, 3 * MiB), write_image(tmp_path / "b.img", 8, 3 * MiB)
+    store = tmp_path / "s"
+    for args in (["init"], ["backup", "vm", f"--disk=d={a}"]):
+        subprocess.run([sys.executable, "-m", "rpfs", "--store", str(store), *args], cwd=old, check=True,
+                       capture_output=True, env=env_with(PYTHONPATH=str(old)))
+    rpfs("backup", "vm", f"--disk=d={b}", store=store, env=env_with())
+    info = rpfs("info", store=store, env=env_with()).stdout
+    assert "format version  2" in info and "encryption      none" in info
+    with Store.open(store, readonly=True) as s:
+        first, second = s.points("vm")
+        assert read_all(s, first, "d") == a.read_bytes() and read_all(s, second, "d") == b.read_bytes()
+
+
+def test_a_killed_init_is_finished_by_the_same_init(tmp_path):
+    """LMDB's file may exist before init's one transaction commits: the same init then makes the store."""
+    store = tmp_path / "s"
+    env_made = Store.init(tmp_path / "s")   # a whole store, made then emptied of its meta below
+    env_made.close()
+    import lmdb
+    env = lmdb.open(str(store), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"meta", txn=txn), delete=True)
+    env.close()
+    rpfs("init", store=store)
+    with Store.open(store, keys=session_keys()) as s:
+        assert s.encrypted and s.format_version == 3
+    one_line_error(rpfs("init", store=store, check=False), "already holds a store")
+    with pytest.raises(Exception, match="is encrypted"):
+        Store.open(store, keys=KeyChoice())
+
+
+def test_the_timer_of_an_encrypted_store_runs_with_its_key_file(tmp_path):
+    store = tmp_path / "s"
+    rpfs("init", store=store)
+    units = rpfs("schedule", "--print", store=store).stdout
+    assert f"--key-file {os.environ['RPFS_KEY_FILE']} run" in units
+    one_line_error(rpfs("schedule", "--print", store=store, check=False, env=env_with(RPFS_PASSPHRASE=PASSPHRASE)),
+                   "a timer cannot type a passphrase")
