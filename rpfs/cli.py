@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lmdb
 
+from rpfs.commands import take_passphrases
 from rpfs.commands.backups import cmd_backup, cmd_list, cmd_snapshots
 from rpfs.commands.keys import cmd_info, cmd_init, cmd_key
 from rpfs.commands.mounts import cmd_attach, cmd_detach, cmd_mount, cmd_umount
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                         " recovers the store (rpfs key recover)")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("info", parents=[json_flag], help="what a store is: format, encryption, key slots (no key needed)")
+    p = sub.add_parser("info", parents=[json_flag],
+                       help="what a store is: format, encryption, key slots (no key needed)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("key", help="the keys of an encrypted store: list, add, remove, passwd, export, recover")
@@ -277,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    take_passphrases(args)
     try:
         return args.func(args)
     except RpfsError as e:

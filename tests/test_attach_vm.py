@@ -278,7 +278,6 @@ def test_whole_vm_attach_run_again_uses_the_store_mount_a_killed_one_is_starting
     from rpfs.attach import vm
     from rpfs.host import run_dir
     from rpfs.serve import daemon
-    from rpfs.store.store import Store
 
     files = random_files(53, count=2)
     store = backup_vm(area, {"d": make_whole_disk_ext4(area / "d.img", files)})

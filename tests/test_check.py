@@ -11,7 +11,7 @@ from test_backup import corrupt_one_block
 
 from rpfs.host import run_dir
 from rpfs.store.leases import LEASE_DIR, hold
-from rpfs.store.store import REF, Store
+from rpfs.store.store import REF
 
 
 @pytest.fixture

@@ -157,7 +157,8 @@ def test_the_paper_key_types_back_in_and_the_last_slot_stays(tmp_path):
     rpfs("init", store=store)
     paper = rpfs("key", "export", "--paper", store=store).stdout
     assert "rpfs master key of store" in paper
-    key_lines = [line for line in paper.splitlines() if line and line.split()[0].isupper() and len(line.split()[0]) == 4]
+    key_lines = [line for line in paper.splitlines()
+                 if line and line.split()[0].isupper() and len(line.split()[0]) == 4]
     typed = "\n".join(line.lower().replace("o", "0") for line in key_lines)   # lower case, O typed as 0
     new_key = tmp_path / "k2"
     done = rpfs("key", "recover", "--paper", "-", "--new-key-file", str(new_key), store=store, env=env_with(),
@@ -220,3 +221,76 @@ def test_the_timer_of_an_encrypted_store_runs_with_its_key_file(tmp_path):
     assert f"--key-file {os.environ['RPFS_KEY_FILE']} run" in units
     one_line_error(rpfs("schedule", "--print", store=store, check=False, env=env_with(RPFS_PASSPHRASE=PASSPHRASE)),
                    "a timer cannot type a passphrase")
+
+
+def test_a_store_switched_to_unencrypted_or_given_other_settings_is_not_opened(tmp_path):
+    """Its meta is not sealed, so it is checked: changed settings must never make new backups plaintext."""
+    import lmdb
+    store = tmp_path / "s"
+    rpfs("init", store=store)
+
+    def set_meta(**values) -> None:
+        env = lmdb.open(str(store), max_dbs=16)
+        with env.begin(write=True) as txn:
+            meta = env.open_db(b"meta", txn=txn)
+            for name, value in values.items():
+                txn.put(name.encode(), value.encode(), db=meta)
+        env.close()
+    set_meta(block_id="blake3")
+    one_line_error(rpfs("list", store=store, check=False), "settings (encryption, block ids, block size)")
+    set_meta(block_id="blake3-keyed", encryption="none")
+    one_line_error(rpfs("backup", "vm", f"--disk=d={write_image(tmp_path / 'd.img', 1, MiB)}", store=store,
+                        check=False), "says it is not encrypted, but it has key slots")
+    plain = tmp_path / "plain"
+    rpfs("init", "--encryption", "none", store=plain)
+    one_line_error(rpfs("--key-file", os.environ["RPFS_KEY_FILE"], "list", store=plain, check=False),
+                   "is not encrypted, but --key-file was given")
+
+
+def test_slots_are_never_overwritten_or_reused_and_a_damaged_one_locks_nobody_out(tmp_path):
+    store = tmp_path / "s"
+    rpfs("init", store=store, env=env_with(RPFS_PASSPHRASE=PASSPHRASE))     # slot 1: passphrase
+    keys = KeyChoice(passphrase=lambda: PASSPHRASE.encode())
+    with Store.open(store, keys=keys) as s:
+        from rpfs.store.key_slots import NewSlot
+        second, added = s.add_key_slot(NewSlot("key-file", os.urandom(32)))
+        third, _ = s.add_key_slot(NewSlot("key-file", os.urandom(32)))
+        assert added and (second.id, third.id) == ("2", "3")
+        s.remove_key_slot("3")
+        assert s.add_key_slot(NewSlot("key-file", os.urandom(32)))[0].id == "4"   # 3 is never given again
+        passphrase_slot = s.key_lock().of_kind("passphrase")[0]
+        s.add_key_slot(NewSlot("passphrase", b"changed meanwhile"), replacing=passphrase_slot)
+        with pytest.raises(Exception, match="changed or went meanwhile"):   # a second passwd from the old slot
+            s.add_key_slot(NewSlot("passphrase", b"lost update"), replacing=passphrase_slot)
+        s.write(lambda txn: txn.put(b"2", b"{damaged", db=s.db("keys")))
+    with Store.open(store, keys=KeyChoice(passphrase=lambda: b"changed meanwhile")) as s:
+        assert s.key_lock().damaged == ["2"]
+    assert '"damaged_key_slots"' in rpfs("info", "--json", store=store, env=env_with()).stdout
+
+
+def test_the_paper_key_reads_back_from_the_whole_page_in_any_case(tmp_path):
+    store = tmp_path / "s"
+    rpfs("init", store=store)
+    page = rpfs("key", "export", "--paper", store=store).stdout
+    typed = "\n".join("   " + line.lower() for line in page.splitlines())
+    done = rpfs("key", "recover", "--paper", "-", "--new-key-file", str(tmp_path / "k"), store=store,
+                env=env_with(), input=typed)
+    assert "added key slot" in done.stdout
+
+
+def test_no_process_rpfs_starts_inherits_the_passphrase(tmp_path, kernel):
+
+    store = tmp_path / "s"
+    env = env_with(RPFS_PASSPHRASE=PASSPHRASE)
+    rpfs("init", store=store, env=env)
+    rpfs("backup", "vm", f"--disk=d={write_image(tmp_path / 'd.img', 2, 2 * MiB)}", store=store, env=env)
+    (tmp_path / "m").mkdir()
+    done = rpfs("mount", str(tmp_path / "m"), "--json", store=store, env=env)
+    try:
+        pid = __import__("json").loads(done.stdout)["pid"]
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert b"RPFS_PASSPHRASE" not in environ and PASSPHRASE.encode() not in environ
+        assert PASSPHRASE.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    finally:
+        rpfs("umount", str(tmp_path / "m"), check=False)
+

@@ -189,7 +189,6 @@ def test_run_again_as_the_copy_completes_returns_the_finished_job(tmp_path, clea
     the finished job and leaves no hold behind (found by tools/chaos)."""
     from rpfs.restore import instant
     from rpfs.store.leases import holds
-    from rpfs.store.store import Store
 
     store, source = backed_up_disk(tmp_path, 8)
     target = tmp_path / "restored.img"
@@ -295,7 +294,6 @@ def test_two_daemons_for_one_image_the_command_returns_the_winners_job(tmp_path,
     from rpfs.restore import instant
     from rpfs.restore.partial import partial_path
     from rpfs.restore.writable_image import InstantSource, create
-    from rpfs.store.store import Store
 
     store, source = backed_up_disk(tmp_path, 4)
     with open_store(store, readonly=True) as opened:

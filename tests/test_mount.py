@@ -14,7 +14,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_backup import corrupt_one_block, write_image
 
-from rpfs.store.store import Store
 
 MiB = 1 << 20
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("kernel")]

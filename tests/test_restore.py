@@ -20,7 +20,6 @@ from diskimages import (
 
 from rpfs.restore.full import restore_disk
 from rpfs.restore.writable_image import InstantSource, create
-from rpfs.store.store import Store
 
 MiB = 1 << 20
 

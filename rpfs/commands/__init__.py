@@ -19,9 +19,25 @@ def print_json(data) -> None:
     sys.stdout.write("\n")
 
 
+PASSPHRASE_VARIABLES = ("RPFS_PASSPHRASE", "RPFS_NEW_PASSPHRASE")
+
+
+def take_passphrases(args) -> None:
+    """Move the passphrases out of the environment into args: no process rpfs starts (daemons, readers,
+    pre/post scripts, qemu) inherits them."""
+    args.passphrases = {name: os.fsencode(os.environ.pop(name)) for name in PASSPHRASE_VARIABLES if name in os.environ}
+
+
 def open_store(args, readonly: bool = False, unlock: bool = True) -> Store:
-    """The store of --store, unlocked with the key the command was given when it is encrypted."""
-    return Store.open(args.store, readonly=readonly, keys=key_choice(args), unlock=unlock)
+    """The store of --store, unlocked with the key the command was given when it is encrypted. A key file
+    given on the command line for a store that is not encrypted is refused: the timer's service names
+    one, and a store switched to "unencrypted" behind its back must not get backups in the clear."""
+    store = Store.open(args.store, readonly=readonly, keys=key_choice(args), unlock=unlock)
+    if unlock and getattr(args, "key_file", None) and not store.encrypted:
+        store.close()
+        raise RpfsError(f"store {args.store} is not encrypted, but --key-file was given: refused (run without"
+                        " --key-file if this store is meant to be unencrypted)")
+    return store
 
 
 def key_choice(args) -> KeyChoice:
@@ -35,16 +51,17 @@ def key_choice(args) -> KeyChoice:
             choice = KeyChoice(master=pipe.read(64))
     else:
         choice = KeyChoice(key_file=getattr(args, "key_file", None) or os.environ.get("RPFS_KEY_FILE"),
-                           passphrase=asked_once("RPFS_PASSPHRASE", "passphrase of the store: "))
+                           passphrase=asked_once(args, "RPFS_PASSPHRASE", "passphrase of the store: "))
     args._key_choice = choice
     return choice
 
 
-def asked_once(variable: str, prompt: str, twice: bool = False):
-    """A function giving the passphrase from the environment, or asked on the terminal (once); None when
-    there is neither."""
-    if variable in os.environ:
-        return lambda: os.environ[variable].encode()
+def asked_once(args, variable: str, prompt: str, twice: bool = False):
+    """A function giving the passphrase from the environment (taken by take_passphrases), or asked on the
+    terminal (once); None when there is neither."""
+    given = getattr(args, "passphrases", {}).get(variable)
+    if given is not None:
+        return lambda: given
     if not sys.stdin.isatty():
         return None
     answer: list[bytes] = []

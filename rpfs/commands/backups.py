@@ -7,7 +7,6 @@ from pathlib import Path
 from rpfs.backup.pipeline import BackupOptions, backup, parse_disk_specs
 from rpfs.commands import open_store, print_json
 from rpfs.commands.progress import ProgressBar, human_bytes
-from rpfs.errors import RpfsError
 from rpfs.upkeep.jobs import recorded
 
 

@@ -13,14 +13,14 @@ from pathlib import Path
 from rpfs.commands import asked_once, key_choice, open_store, print_json
 from rpfs.commands.progress import human_bytes
 from rpfs.errors import RpfsError
-from rpfs.store.key_slots import KeyChoice, NewSlot, key_file_key, paper_text, read_public_key
+from rpfs.store.key_slots import KeyChoice, KeySlot, NewSlot, key_file_key, paper_text, read_public_key
 from rpfs.store.store import Store
 
 MIN_PASSPHRASE = 8
 
 
-def _new_passphrase(variable: str = "RPFS_NEW_PASSPHRASE") -> NewSlot:
-    ask = asked_once(variable, "new passphrase: ", twice=True)
+def _new_passphrase(args, variable: str = "RPFS_NEW_PASSPHRASE") -> NewSlot:
+    ask = asked_once(args, variable, "new passphrase: ", twice=True)
     if ask is None:
         raise RpfsError(f"give the new passphrase in {variable}, or run this on a terminal")
     passphrase = ask()
@@ -52,17 +52,18 @@ def cmd_init(args) -> int:
     if not args.store:
         raise RpfsError("no store given: use --store DIR or set RPFS_STORE")
     block_size = parse_size(args.block_size)
+    Store.refuse_init(Path(args.store), block_size, args.zstd_level, args.encryption != "none")   # before a key file
     slots = []
     if args.encryption != "none":
         key_file = getattr(args, "key_file", None) or os.environ.get("RPFS_KEY_FILE")
-        passphrase = "RPFS_PASSPHRASE" in os.environ or (not key_file and sys.stdin.isatty())
+        passphrase = "RPFS_PASSPHRASE" in args.passphrases or (not key_file and sys.stdin.isatty())
         if not key_file and not passphrase:
             raise RpfsError("rpfs init makes an encrypted store: give --key-file PATH (made if missing), a passphrase"
                             " (RPFS_PASSPHRASE, or on a terminal), or --encryption none")
         if args.recovery_public_key:
             slots.append(_recovery(args.recovery_public_key))
         if passphrase:
-            slots.append(_new_passphrase("RPFS_PASSPHRASE"))
+            slots.append(_new_passphrase(args, "RPFS_PASSPHRASE"))
         if key_file:
             slots.append(_new_key_file(key_file))   # made last: a refused init leaves no new key file
     elif args.recovery_public_key:
@@ -92,7 +93,10 @@ def _describe(store: Store) -> dict:
                  "encryption": store.encryption, "block_id": store.meta.get("block_id", "sha256"),
                  "store_id": store.store_id.hex() or None, "file_bytes": store.stored_bytes()}
     if store.encrypted:
-        described["key_slots"] = [_slot_record(s) for s in store.key_lock().slots]
+        lock = store.key_lock()
+        described["key_slots"] = [_slot_record(s) for s in lock.slots]
+        if lock.damaged:
+            described["damaged_key_slots"] = lock.damaged
     return described
 
 
@@ -144,10 +148,10 @@ def _one_new_slot(args) -> NewSlot:
     key that does not open it makes no key file."""
     if args.new_key_file:
         return _new_key_file(args.new_key_file)
-    return _new_passphrase() if args.new_passphrase else _recovery(args.recovery_public_key)
+    return _new_passphrase(args) if args.new_passphrase else _recovery(args.recovery_public_key)
 
 
-def _added(args, store: Store, new: NewSlot, replacing: str | None = None) -> int:
+def _added(args, store: Store, new: NewSlot, replacing: KeySlot | None = None) -> int:
     slot, added = store.add_key_slot(new, replacing)
     if args.json:
         print_json({**_slot_record(slot), "added": added})
@@ -170,20 +174,30 @@ def _key_remove(args) -> int:
         print_json(_slot_record(slot))
     else:
         print(f"removed key slot {slot.id} ({slot.kind}); no data was rewritten")
+        print(WIPE_HINT, file=sys.stderr)
     return 0
+
+
+WIPE_HINT = ("the old slot's bytes stay in the store file's free pages until they are reused: rpfs compact wipes"
+             " them (with no mount open); copies of the store made before still hold the old slot")
 
 
 def _key_passwd(args) -> int:
     with open_store(args) as store:
-        lock = store.key_lock()
-        slot_id = args.slot
-        if slot_id is None:
-            opened = key_choice(args).opened_with(lock)
-            passphrase_slots = lock.of_kind("passphrase")
-            slot_id = opened.id if opened else (passphrase_slots[0].id if len(passphrase_slots) == 1 else None)
-        if slot_id is None or slot_id not in {s.id for s in lock.of_kind("passphrase")}:
+        passphrase_slots = store.key_lock().of_kind("passphrase")
+        opened = key_choice(args).opened
+        if args.slot is not None:
+            chosen = [s for s in passphrase_slots if s.id == args.slot]
+        elif opened is not None and opened.kind == "passphrase":
+            chosen = [opened]
+        else:
+            chosen = passphrase_slots if len(passphrase_slots) == 1 else []
+        if not chosen:
             raise RpfsError("name the passphrase slot to change (rpfs key list), e.g. rpfs key passwd 1")
-        return _added(args, store, _new_passphrase(), replacing=slot_id)
+        done = _added(args, store, _new_passphrase(args), replacing=chosen[0])
+    if not args.json:
+        print(WIPE_HINT, file=sys.stderr)
+    return done
 
 
 def _key_export(args) -> int:
@@ -202,8 +216,6 @@ def _key_recover(args) -> int:
     """Open the store with the recovery private key or the paper key, and add a new way in."""
     if bool(args.private_key) == bool(args.paper):
         raise RpfsError("give one of --private-key FILE or --paper FILE ('-': standard input)")
-    if args.recovery_public_key:
-        raise RpfsError("recover adds a key file or a passphrase: --new-key-file PATH or --new-passphrase")
     _check_one_new_slot(args)
     if args.private_key:
         args._key_choice = KeyChoice(private_key_file=args.private_key)

@@ -53,7 +53,8 @@ def stagger(vms: list[str], spread_seconds: int) -> dict[str, float]:
     return delays
 
 
-def systemd_units(rpfs_command: str, store: str, interval: str = "*:0/15", key_file: str | None = None) -> dict[str, str]:
+def systemd_units(rpfs_command: str, store: str, interval: str = "*:0/15",
+                  key_file: str | None = None) -> dict[str, str]:
     """The text of rpfs.service and rpfs.timer. `rpfs_command` is a command line (shell quoting), e.g.
     "/usr/local/bin/rpfs" or "/usr/bin/python3 -m rpfs"; `interval` is a systemd OnCalendar expression;
     key_file: the key file of an encrypted store (a timer has nobody to type a passphrase)."""

@@ -56,7 +56,7 @@ def instant_filesystem(target: Path, copy_bytes_per_second: float = 0,
                        master_key: bytes | None = None) -> daemon.Filesystem:
     """What the daemon serves: the writable image, with the copy running beside it."""
     source = read_source(target)
-    store = IsolatedStore.open(source.store, master_key)   # a damaged LMDB page crashes a reader process, not the daemon
+    store = IsolatedStore.open(source.store, master_key)   # a damaged LMDB page crashes a reader, not the daemon
     image = lease = None
     try:
         hold_name = run_dir.instant_files(target)[0].stem

@@ -18,7 +18,7 @@ import blake3
 import zstandard
 
 from rpfs.errors import CorruptBlockError, RpfsError
-from rpfs.store.crypto import Keyring
+from rpfs.store.crypto import SEAL_OVERHEAD, Keyring
 
 MAGIC = b"RPB1"
 HEADER = struct.Struct("<4sBBHI I")  # magic, codec, flags, reserved, raw length, crc32(payload)
@@ -99,15 +99,20 @@ class BlockCodec:
             found = self._zero_ids[length] = self.block_id(bytes(length))
         return found
 
-    def encode(self, digest: bytes, raw: bytes | memoryview) -> bytes:
+    def encode(self, digest: bytes, raw: bytes | memoryview) -> bytes | bytearray:
         """Frame a block, zstd-compressed when that makes it smaller, raw otherwise; sealed when encrypted."""
         packed = _compressor(self.zstd_level).compress(raw)
         codec, payload = (CODEC_ZSTD, packed) if len(packed) < len(raw) else (CODEC_RAW, raw)
-        flags = FLAG_SEALED if self.keyring is not None else 0
-        head = SEALED_PART.pack(MAGIC, codec, flags, 0, len(raw))
-        if self.keyring is not None:
-            payload = self.keyring.seal_block(payload, digest + head)
-        return head + CRC.pack(zlib.crc32(payload)) + payload
+        if self.keyring is None:
+            head = SEALED_PART.pack(MAGIC, codec, 0, 0, len(raw))
+            return head + CRC.pack(zlib.crc32(payload)) + payload
+        head = SEALED_PART.pack(MAGIC, codec, FLAG_SEALED, 0, len(raw))
+        framed = bytearray(HEADER.size + len(payload) + SEAL_OVERHEAD)   # sealed in place: one copy of the block
+        framed[:SEALED_PART.size] = head
+        sealed = memoryview(framed)[HEADER.size:]
+        self.keyring.seal_block_into(payload, digest + head, sealed)
+        CRC.pack_into(framed, SEALED_PART.size, zlib.crc32(sealed))
+        return framed
 
     def decode(self, digest: bytes, blob: bytes | memoryview) -> bytes:
         """The raw block, opened when sealed and checked against its id: wrong bytes never leave here."""

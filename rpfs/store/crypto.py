@@ -8,7 +8,9 @@ HKDF-SHA-256 (salt: the store's random id), so no key ever serves two purposes o
   records     AES-256-GCM over catalog records (recovery points, policies, protections, jobs), their
               database and key as associated data: a record moved or changed does not open
   block maps  keyed BLAKE3 tags over pieces of each map (maps hold keyed ids only, so they stay readable)
-  key check   keyed BLAKE3 of the store id: tells a master key typed in from paper from a wrong one
+  key check   keyed BLAKE3 of the store id and its settings (encryption, block id kind, block size): tells
+              a master key typed in from paper from a wrong one, and a store whose settings were changed
+              (say, to "unencrypted", so that new backups would be written in the clear) from its own
 """
 from __future__ import annotations
 
@@ -39,6 +41,13 @@ def seal(aead: AESGCM, plaintext, associated: bytes) -> bytes:
     return nonce + aead.encrypt(nonce, plaintext, associated)
 
 
+def seal_into(aead: AESGCM, plaintext, associated: bytes, out: memoryview) -> None:
+    """seal() written into out (exactly len(plaintext) + SEAL_OVERHEAD bytes): no copy of the block."""
+    nonce = os.urandom(NONCE_SIZE)
+    out[:NONCE_SIZE] = nonce
+    aead.encrypt_into(nonce, plaintext, associated, out[NONCE_SIZE:])
+
+
 def unseal(aead: AESGCM, sealed, associated: bytes, what: str) -> bytes:
     """The plaintext of seal(); anything changed, moved or sealed under another key is a CorruptBlockError."""
     view = memoryview(sealed)
@@ -62,13 +71,16 @@ class Keyring:
         self._blocks = AESGCM(derive_key(master, store_id, "blocks"))
         self._records = AESGCM(derive_key(master, store_id, "catalog records"))
         self._map_key = derive_key(master, store_id, "block maps")
-        self.check_value = blake3.blake3(store_id, key=derive_key(master, store_id, "key check")).digest()
+        self._check_key = derive_key(master, store_id, "key check")
+
+    def check(self, settings: bytes) -> bytes:
+        return blake3.blake3(self.store_id + b"\0" + settings, key=self._check_key).digest()
 
     def block_id(self, data) -> bytes:
         return blake3.blake3(data, key=self._id_key).digest()
 
-    def seal_block(self, payload, associated: bytes) -> bytes:
-        return seal(self._blocks, payload, associated)
+    def seal_block_into(self, payload, associated: bytes, out: memoryview) -> None:
+        seal_into(self._blocks, payload, associated, out)
 
     def unseal_block(self, sealed, associated: bytes) -> bytes:
         return unseal(self._blocks, sealed, associated, "stored block")

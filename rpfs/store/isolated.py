@@ -22,7 +22,6 @@ import socket
 import subprocess
 import sys
 import threading
-from collections import OrderedDict
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -31,8 +30,8 @@ from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.store.blob import BlockCodec
 from rpfs.store.crypto import Keyring
 from rpfs.store.key_slots import KeyChoice
-from rpfs.store.recovery_point import DIGEST_SIZE, RecoveryPoint
-from rpfs.store.store import MAP_PIECE, Store
+from rpfs.store.recovery_point import RecoveryPoint
+from rpfs.store.store import MapPieces, Store
 
 T = TypeVar("T")
 READERS = 6                # reader processes at most: the mount's worker threads, read-ahead and lookups
@@ -52,8 +51,7 @@ class IsolatedStore:
         self._idle: queue.Queue[_Reader] = queue.Queue()   # in turn: a reader that died is found soon
         self._count_lock = threading.Lock()
         self._readers: list[_Reader] = []
-        self._pieces: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()
-        self._pieces_lock = threading.Lock()
+        self._pieces = MapPieces(MAP_PIECES_KEPT)
         try:
             # fails here if the store does not open, or the key does not open it
             self.block_size, self.format_version, block_id, store_id, encrypted = self._call("describe")
@@ -109,21 +107,7 @@ class IsolatedStore:
         return self._call("block_map", map_key)
 
     def block_digest(self, map_key: bytes, index: int) -> bytes:
-        first = index - index % MAP_PIECE
-        with self._pieces_lock:
-            piece = self._pieces.get((map_key, first))
-            if piece is not None:
-                self._pieces.move_to_end((map_key, first))
-        if piece is None:
-            piece = self._call("map_piece", map_key, first // MAP_PIECE)
-            with self._pieces_lock:
-                self._pieces[(map_key, first)] = piece
-                while len(self._pieces) > MAP_PIECES_KEPT:
-                    self._pieces.popitem(last=False)
-        at = (index - first) * DIGEST_SIZE
-        if at + DIGEST_SIZE > len(piece):
-            raise RpfsError(f"block {index} is beyond the block map of " + map_key.decode().replace("\0", "/"))
-        return piece[at:at + DIGEST_SIZE]
+        return self._pieces.digest(map_key, index, lambda key, piece: self._call("map_piece", key, piece))
 
     # -- the reader processes ----------------------------------------------------------------------
     def _call(self, request: str, *args):

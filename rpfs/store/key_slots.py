@@ -5,15 +5,18 @@ A slot wraps the master key with AES-256-GCM under a key-encryption key (KEK) ma
   key-file    HKDF-SHA-256 of the 32 random bytes of a root-only key file (for unattended backups)
   recovery    HKDF-SHA-256 of an X25519 exchange between a one-time key and a recovery public key, whose
               private key is kept offline: only it opens this slot (the key-encryption key of Azure's model)
-The store id, slot id and kind are the associated data, so a slot copied elsewhere opens nothing. Slots
+The store id and every field of the slot but the wrapped key itself (id, kind, KDF parameters, note...)
+are the associated data, so a slot copied elsewhere, or edited, opens nothing. Slots
 live in the store's `keys` database: adding, changing or removing one is one transaction and never
 touches data. The master key itself can also be written on paper (paper_text) and typed back in.
 """
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 import os
+import re
 import stat
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 import blake3
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -36,6 +40,7 @@ SCRYPT = {"n": 1 << 17, "r": 8, "p": 1}
 KEY_FILE_HEADER = "# rpfs key file: whoever reads it reads the store; keep it root's alone (mode 0600)\n"
 PAPER_GROUP = 4
 _LOOKALIKES = str.maketrans("018", "OIB")   # base32 has no 0, 1 or 8: what was typed for O, I and B
+_PAPER_WORD = re.compile(r"[A-Z2-7]{1,4}")
 
 
 @dataclass
@@ -61,7 +66,8 @@ class KeySlot:
             raise CorruptBlockError(f"a key slot is damaged ({e})") from None
 
     def associated(self, store_id: bytes) -> bytes:
-        return b"rpfs key slot\0" + store_id + f"\0{self.id}\0{self.kind}".encode()
+        fields = {k: v for k, v in asdict(self).items() if k != "wrapped"}
+        return b"rpfs key slot\0" + store_id + b"\0" + json.dumps(fields, sort_keys=True).encode()
 
 
 @dataclass
@@ -69,7 +75,7 @@ class NewSlot:
     """A slot to add: its kind and the secret it is opened with (a passphrase, a key file's key, or the
     recovery public key's raw bytes)."""
     kind: str
-    secret: bytes
+    secret: bytes = field(repr=False)
     note: str = ""
 
     def fingerprint(self, store_id: bytes) -> str:
@@ -91,7 +97,11 @@ class NewSlot:
             one_time = X25519PrivateKey.generate()
             ephemeral = one_time.public_key().public_bytes_raw()
             slot.ephemeral, slot.fingerprint = ephemeral.hex(), self.fingerprint(store_id)
-            kek = derive_key(one_time.exchange(recipient), ephemeral + self.secret, "recovery slot")
+            try:
+                shared = one_time.exchange(recipient)
+            except ValueError:   # a degenerate (low-order) public key: no secret can be agreed with it
+                raise RpfsError(f"the recovery public key {self.note or ''} is not a usable X25519 key") from None
+            kek = derive_key(shared, ephemeral + self.secret, "recovery slot")
         slot.wrapped = seal(AESGCM(kek), master, slot.associated(store_id)).hex()
         return slot
 
@@ -101,6 +111,8 @@ def _now() -> str:
 
 
 def _scrypt(passphrase: bytes, salt: bytes, kdf: dict) -> bytes:
+    if not (2 <= kdf["n"] <= 1 << 20 and 1 <= kdf["r"] <= 32 and 1 <= kdf["p"] <= 16):
+        raise ValueError("scrypt parameters out of range: a damaged slot")   # never gigabytes on a damaged slot
     return Scrypt(salt=salt, length=KEY_SIZE, n=kdf["n"], r=kdf["r"], p=kdf["p"]).derive(passphrase)
 
 
@@ -115,24 +127,36 @@ def new_master_key() -> bytes:
 
 @dataclass
 class KeyLock:
-    """What an encrypted store shows before it is unlocked: its id, its key check and its slots."""
+    """What an encrypted store shows before it is unlocked: its id, its key check (bound to its settings:
+    encryption, block id kind, block size), its slots and the ids of slots too damaged to read."""
     store: Path
     store_id: bytes
+    settings: bytes
     check_value: bytes
     slots: list[KeySlot]
+    damaged: list[str] = field(default_factory=list)
 
-    def keyring(self, master: bytes) -> Keyring:
-        """The keyring of a master key, refused unless it is this store's."""
+    def keyring(self, master: bytes, from_slot: bool = False) -> Keyring:
+        """The keyring of a master key, refused unless it is this store's and the store's settings are
+        the ones it was made with (a store switched to "unencrypted" behind our back is refused)."""
+        if len(master) != KEY_SIZE:
+            raise RpfsError(f"that is not a master key of store {self.store}")
         keyring = Keyring(master, self.store_id)
-        if keyring.check_value != self.check_value:
+        if not hmac.compare_digest(keyring.check(self.settings), self.check_value):
+            if from_slot:   # the slot proved the key: what changed is the store's meta
+                raise RpfsError(f"store {self.store}: its settings (encryption, block ids, block size) or key check"
+                                " were changed or damaged; it is not opened (rpfs info shows them)")
             raise RpfsError(f"that key is not the master key of store {self.store}")
         return keyring
 
-    def open_slot(self, slot: KeySlot, kek: bytes) -> bytes | None:
+    def open_slot(self, slot: KeySlot, kek: Callable[[], bytes]) -> Keyring | None:
+        """The keyring a slot gives with the key-encryption key kek() makes, or None; a damaged slot
+        opens nothing (the other slots are still tried)."""
         try:
-            return unseal(AESGCM(kek), bytes.fromhex(slot.wrapped), slot.associated(self.store_id), "key slot")
-        except CorruptBlockError:
+            master = unseal(AESGCM(kek()), bytes.fromhex(slot.wrapped), slot.associated(self.store_id), "key slot")
+        except (CorruptBlockError, ValueError, KeyError, TypeError):
             return None
+        return self.keyring(master, from_slot=True)
 
     def of_kind(self, kind: str) -> list[KeySlot]:
         return [s for s in self.slots if s.kind == kind]
@@ -143,50 +167,49 @@ class KeyChoice:
     """The key a command was given, tried in this order: a master key handed down by the parent process,
     the recovery private key, a master key typed from paper, a key file, a passphrase."""
     key_file: str | None = None
-    passphrase: Callable[[], bytes] | None = None   # asked only when needed (RPFS_PASSPHRASE or a terminal)
-    master: bytes | None = None
+    passphrase: Callable[[], bytes] | None = field(default=None, repr=False)   # asked only when needed
+    master: bytes | None = field(default=None, repr=False)
     private_key_file: str | None = None
-    paper: str | None = None
+    paper: str | None = field(default=None, repr=False)
+    opened: KeySlot | None = None   # the slot that opened the store (key passwd changes that one)
 
     def unlock(self, lock: KeyLock) -> Keyring:
         if self.master is not None:
             return lock.keyring(self.master)
         if self.private_key_file:
-            return lock.keyring(_open_recovery_slot(lock, self.private_key_file))
+            return self._first(lock, _recovery_slots(lock, self.private_key_file), f"{self.private_key_file} opens"
+                               f" no recovery slot of store {lock.store} (rpfs info shows its slots)")
         if self.paper is not None:
             return lock.keyring(parse_paper(self.paper))
+        refused = None
         if self.key_file:
             file_key = read_key_file(Path(self.key_file))
             fingerprint = key_fingerprint(file_key, lock.store_id)
-            for slot in lock.of_kind("key-file"):
-                if slot.fingerprint == fingerprint:
-                    master = lock.open_slot(slot, derive_key(file_key, bytes.fromhex(slot.salt), "key file slot"))
-                    if master is not None:
-                        return lock.keyring(master)
-            raise RpfsError(f"key file {self.key_file} opens no key slot of store {lock.store}"
-                            " (rpfs info shows its slots)")
-        if self.passphrase is not None:
-            slots = lock.of_kind("passphrase")
-            if not slots:
-                raise RpfsError(f"store {lock.store} has no passphrase slot: give --key-file PATH (or RPFS_KEY_FILE)")
+            tries = [(slot, lambda slot=slot: derive_key(file_key, bytes.fromhex(slot.salt), "key file slot"))
+                     for slot in lock.of_kind("key-file") if slot.fingerprint == fingerprint]
+            refused = f"key file {self.key_file} opens no key slot of store {lock.store} (rpfs info shows its slots)"
+            if self.passphrase is None or tries:
+                return self._first(lock, tries, refused)
+        if self.passphrase is not None:   # also after a key file (RPFS_KEY_FILE) that is not this store's
+            if not lock.of_kind("passphrase"):
+                raise RpfsError(refused or f"store {lock.store} has no passphrase slot: give --key-file PATH"
+                                " (or RPFS_KEY_FILE)")
             passphrase = self.passphrase()
-            for slot in slots:
-                master = lock.open_slot(slot, _scrypt(passphrase, bytes.fromhex(slot.salt), slot.kdf))
-                if master is not None:
-                    return lock.keyring(master)
-            raise RpfsError(f"wrong passphrase for store {lock.store}")
+            tries = [(slot, lambda slot=slot: _scrypt(passphrase, bytes.fromhex(slot.salt), slot.kdf))
+                     for slot in lock.of_kind("passphrase")]
+            wrong = f"wrong passphrase for store {lock.store}"
+            return self._first(lock, tries, f"{refused}, and {wrong}" if refused else wrong)
         raise RpfsError(f"store {lock.store} is encrypted: give --key-file PATH (or RPFS_KEY_FILE) or a passphrase"
                         " (RPFS_PASSPHRASE, or on a terminal)")
 
-    def opened_with(self, lock: KeyLock) -> KeySlot | None:
-        """The passphrase slot this choice's passphrase opens (for key passwd), or None."""
-        if self.passphrase is None or self.key_file or self.master or self.private_key_file or self.paper is not None:
-            return None
-        passphrase = self.passphrase()
-        for slot in lock.of_kind("passphrase"):
-            if lock.open_slot(slot, _scrypt(passphrase, bytes.fromhex(slot.salt), slot.kdf)) is not None:
-                return slot
-        return None
+    def _first(self, lock: KeyLock, tries: list, refused: str) -> Keyring:
+        """The keyring of the first slot that opens (remembered in self.opened), or refused."""
+        for slot, kek in tries:
+            keyring = lock.open_slot(slot, kek)
+            if keyring is not None:
+                self.opened = slot
+                return keyring
+        raise RpfsError(refused)
 
 
 # -- key files and recovery keys ---------------------------------------------------------------------
@@ -203,7 +226,8 @@ def read_private_file(path: Path, what: str) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise RpfsError(f"{what} {path} is not a regular file")
         if st.st_uid != os.geteuid():
-            raise RpfsError(f"{what} {path} is {owner_name(st.st_uid)}'s: it must be {owner_name(os.geteuid())}'s alone")
+            raise RpfsError(f"{what} {path} is {owner_name(st.st_uid)}'s: it must be"
+                            f" {owner_name(os.geteuid())}'s alone")
         if st.st_mode & 0o077:
             raise RpfsError(f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}, so others may read it:"
                             f" chmod 600 {path}")
@@ -232,6 +256,10 @@ def create_key_file(path: Path) -> bytes:
         create_whole(path, (KEY_FILE_HEADER + base64.b64encode(key).decode() + "\n").encode())
     except FileExistsError:
         raise RpfsError(f"{path} already exists") from None
+    except FileNotFoundError:
+        raise RpfsError(f"cannot make key file {path}: its folder does not exist") from None
+    except PermissionError:
+        raise RpfsError(f"cannot make key file {path}: permission denied") from None
     return key
 
 
@@ -246,7 +274,7 @@ def read_public_key(path: Path) -> bytes:
         key = serialization.load_pem_public_key(Path(path).read_bytes())
     except FileNotFoundError:
         raise RpfsError(f"recovery public key {path} does not exist") from None
-    except ValueError:
+    except (ValueError, UnsupportedAlgorithm):
         key = None
     if not isinstance(key, X25519PublicKey):
         raise RpfsError(f"{path} is not an X25519 public key in PEM (make one with: openssl genpkey -algorithm"
@@ -254,22 +282,22 @@ def read_public_key(path: Path) -> bytes:
     return key.public_bytes_raw()
 
 
-def _open_recovery_slot(lock: KeyLock, private_key_file: str) -> bytes:
+def _recovery_slots(lock: KeyLock, private_key_file: str) -> list:
+    """(slot, key-encryption key maker) for the recovery slots this private key may open."""
     try:
         private = serialization.load_pem_private_key(read_private_file(Path(private_key_file), "private key"), None)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         private = None
     if not isinstance(private, X25519PrivateKey):
         raise RpfsError(f"{private_key_file} is not an unencrypted X25519 private key in PEM")
     public = private.public_key().public_bytes_raw()
-    for slot in lock.of_kind("recovery"):
-        if slot.fingerprint == key_fingerprint(public, lock.store_id):
-            ephemeral = bytes.fromhex(slot.ephemeral)
-            shared = private.exchange(X25519PublicKey.from_public_bytes(ephemeral))
-            master = lock.open_slot(slot, derive_key(shared, ephemeral + public, "recovery slot"))
-            if master is not None:
-                return master
-    raise RpfsError(f"{private_key_file} opens no recovery slot of store {lock.store} (rpfs info shows its slots)")
+
+    def kek(slot: KeySlot) -> bytes:
+        ephemeral = bytes.fromhex(slot.ephemeral)
+        return derive_key(private.exchange(X25519PublicKey.from_public_bytes(ephemeral)), ephemeral + public,
+                          "recovery slot")
+    return [(slot, lambda slot=slot: kek(slot)) for slot in lock.of_kind("recovery")
+            if slot.fingerprint == key_fingerprint(public, lock.store_id)]
 
 
 # -- the master key on paper -------------------------------------------------------------------------
@@ -289,9 +317,14 @@ def _paper_check(master: bytes) -> bytes:
 
 
 def parse_paper(text: str) -> bytes:
-    """The master key from paper_text's key lines (or from any text holding just those groups)."""
-    lines = [line for line in text.splitlines() if line.strip() and not line.startswith(("rpfs ", "Whoever ", "Type "))]
-    compact = "".join("".join(lines).split()).upper().replace("-", "").translate(_LOOKALIKES)
+    """The master key from paper_text's key lines: the lines made only of groups of up to four base32
+    characters (any case, look-alikes read as what they look like), whatever else the text holds."""
+    groups = []
+    for line in text.upper().translate(_LOOKALIKES).splitlines():
+        words = line.replace("-", " ").split()
+        if words and all(_PAPER_WORD.fullmatch(word) for word in words):
+            groups += words
+    compact = "".join(groups)
     try:
         raw = base64.b32decode(compact + "=" * (-len(compact) % 8))
     except ValueError:

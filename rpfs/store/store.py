@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hmac
 import itertools
 import json
 import os
 import struct
 import threading
 import time
+from collections import OrderedDict
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,6 +55,7 @@ from rpfs.store.recovery_point import DIGEST_SIZE, HOLE, RecoveryPoint
 FORMAT_VERSION = 3
 ENCRYPTION = "aes-256-gcm"
 MAP_PIECE = 1024           # block map entries under one tag (and fetched at a time by isolated readers)
+MIN_ENCRYPTED_BLOCK_SIZE = 64 << 10   # 2^32 random GCM nonces per key (NIST) x 64 KiB = 256 TiB sealed
 DEFAULT_BLOCK_SIZE = 1 << 20
 INITIAL_MAP_SIZE = 1 << 30
 WRITER_WAIT_SECONDS = 600  # how long a backup waits for a running prune or gc, and they for each other
@@ -84,6 +87,7 @@ class Store:
         self._resize_lock = threading.Lock()
         self._txn_count = 0
         self._txn_idle = threading.Condition(self._resize_lock)
+        self._pieces = MapPieces()
         try:
             self._open(readonly, keys, unlock)
         except BaseException:   # not a store this rpfs reads, or not the key: nothing stays open
@@ -117,8 +121,16 @@ class Store:
             raise RpfsError(f"store {path} is encrypted with {self.encryption!r}, which this rpfs does not know"
                             " (use a matching rpfs release)")
         self.encrypted = self.encryption != "none"
-        self.store_id = bytes.fromhex(self.meta.get("store_id", ""))
-        self.keyring: Keyring | None = (keys or KeyChoice()).unlock(self.key_lock()) if self.encrypted and unlock else None
+        try:
+            self.store_id = bytes.fromhex(self.meta.get("store_id", ""))
+        except ValueError:
+            raise RpfsError(f"store {path}: its id in meta is damaged") from None
+        if not self.encrypted and ("key_check" in self.meta or (version == FORMAT_VERSION and self.key_lock().slots)):
+            raise RpfsError(f"store {path} says it is not encrypted, but it has key slots: its settings were changed"
+                            " or damaged; it is not opened (rpfs info shows them)")
+        self.keyring: Keyring | None = None
+        if self.encrypted and unlock:
+            self.keyring = (keys or KeyChoice()).unlock(self.key_lock())
         locked = self.encrypted and self.keyring is None   # opened for its meta and key slots only
         self.codec = None if locked else BlockCodec(self.meta.get("block_id", "sha256"), self.zstd_level, self.keyring)
 
@@ -128,15 +140,8 @@ class Store:
              key_slots: list[NewSlot] | None = None) -> "Store":
         """A new store, encrypted when given key slots to make (its master key is wrapped in each). One
         transaction: a store killed while it is made is made again by the same command."""
-        if block_size < 4096 or block_size > (64 << 20) or block_size & (block_size - 1):
-            raise RpfsError("--block-size must be a power of two between 4 KiB and 64 MiB")
-        if not 1 <= zstd_level <= 19:
-            raise RpfsError("--zstd-level must be between 1 and 19")
+        cls.refuse_init(path, block_size, zstd_level, encrypted=bool(key_slots))
         try:
-            if _holds_a_store(path):
-                raise RpfsError(f"{path} already holds a store")
-            if path.exists() and not path.is_dir():
-                raise RpfsError(f"{path} exists and is not a directory")
             make_private_folder(path)
         except PermissionError:
             raise permission_denied(f"cannot create store {path}", path) from None
@@ -147,16 +152,41 @@ class Store:
                        "encryption": ENCRYPTION if slots else "none",
                        "block_id": "blake3-keyed" if slots else "blake3"}
         if slots:
-            meta_values["key_check"] = Keyring(master, store_id).check_value.hex()
+            meta_values["key_check"] = Keyring(master, store_id).check(_settings(meta_values)).hex()
+            meta_values["last_slot_id"] = len(slots)
         env = lmdb.open(str(path), map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES), subdir=True, mode=PRIVATE_FILE)
-        with env.begin(write=True) as txn:
-            dbs = {name: env.open_db(name, txn=txn, create=True) for name in DB_NAMES}
-            for name, value in meta_values.items():
-                txn.put(name.encode(), str(value).encode(), db=dbs[b"meta"])
-            for slot in slots:
-                txn.put(slot.id.encode(), slot.to_json(), db=dbs[b"keys"])
-            txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=dbs[b"meta"])  # all else is there
+        try:
+            with env.begin(write=True) as txn:
+                dbs = {name: env.open_db(name, txn=txn, create=True) for name in DB_NAMES}
+                if txn.get(b"format_version", db=dbs[b"meta"]) is not None:   # another init was quicker
+                    raise RpfsError(f"{path} already holds a store")
+                for name, value in meta_values.items():
+                    txn.put(name.encode(), str(value).encode(), db=dbs[b"meta"])
+                for slot in slots:
+                    txn.put(slot.id.encode(), slot.to_json(), db=dbs[b"keys"])
+                txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=dbs[b"meta"])  # all else is there
+        except BaseException:
+            env.close()
+            raise
         return cls(path, env, readonly=False, keys=KeyChoice(master=master))
+
+    @staticmethod
+    def refuse_init(path: Path, block_size: int, zstd_level: int, encrypted: bool) -> None:
+        """Raise what init would refuse, before anything is made (a key file above all)."""
+        if block_size < 4096 or block_size > (64 << 20) or block_size & (block_size - 1):
+            raise RpfsError("--block-size must be a power of two between 4 KiB and 64 MiB")
+        if encrypted and block_size < MIN_ENCRYPTED_BLOCK_SIZE:
+            raise RpfsError("an encrypted store needs --block-size 64K or more: AES-GCM with random nonces is safe"
+                            " for 2^32 blocks per key, 256 TiB at 64 KiB (or use --encryption none)")
+        if not 1 <= zstd_level <= 19:
+            raise RpfsError("--zstd-level must be between 1 and 19")
+        try:
+            if _holds_a_store(path):
+                raise RpfsError(f"{path} already holds a store")
+            if path.exists() and not path.is_dir():
+                raise RpfsError(f"{path} exists and is not a directory")
+        except PermissionError:
+            raise permission_denied(f"cannot create store {path}", path) from None
 
     @classmethod
     def open(cls, path: Path | str | None, readonly: bool = False, keys: KeyChoice | None = None,
@@ -589,9 +619,19 @@ class Store:
                 return b""
             block_map = bytes(block_map)
             tags = self._stored_tags(txn, map_key)
-        if checked and self.encrypted and tags != self._map_tags(map_key, block_map):
-            raise _map_damaged(map_key)
+        if checked:
+            self._check_map(map_key, block_map, tags)
         return block_map
+
+    def check_map(self, map_key: bytes, block_map: bytes) -> None:
+        """Raise CorruptBlockError if a block map read with checked=False fails its tags."""
+        with self.read() as txn:
+            tags = self._stored_tags(txn, map_key)
+        self._check_map(map_key, block_map, tags)
+
+    def _check_map(self, map_key: bytes, block_map: bytes, tags: bytes) -> None:
+        if self.encrypted and not hmac.compare_digest(tags, self._map_tags(map_key, block_map)):
+            raise _map_damaged(map_key)
 
     def map_piece(self, map_key: bytes, piece: int) -> bytes:
         """Entries piece*MAP_PIECE... of a block map (fewer at its end), checked against the piece's tag."""
@@ -602,15 +642,18 @@ class Store:
                 raise RpfsError("block map missing for " + map_key.decode().replace("\0", "/"))
             found, length = bytes(block_map[start:start + size]), len(block_map)
             tags = self._stored_tags(txn, map_key)
-        if self.encrypted and tags[piece * 32:(piece + 1) * 32] != self._map_tag(map_key, start, length, found):
+        if start >= max(length, 1):
+            raise RpfsError(f"block {piece * MAP_PIECE} is beyond the block map of "
+                            + map_key.decode().replace("\0", "/"))
+        if self.encrypted and not hmac.compare_digest(tags[piece * 32:(piece + 1) * 32],
+                                                      self._map_tag(map_key, start, length, found)):
             raise _map_damaged(map_key)
         return found
 
     def block_digest(self, map_key: bytes, index: int) -> bytes:
         """The digest of one block of a disk, read in place from the block map (never loaded whole)."""
-        if self.encrypted:
-            at = index % MAP_PIECE * DIGEST_SIZE
-            return self.map_piece(map_key, index // MAP_PIECE)[at:at + DIGEST_SIZE]
+        if self.encrypted:   # a whole piece is checked: kept, so a full restore checks each piece once
+            return self._pieces.digest(map_key, index, self.map_piece)
         with self.read() as txn:
             block_map = txn.get(map_key, db=self._dbs["maps"])
             if block_map is None:
@@ -625,7 +668,7 @@ class Store:
 
     def _keys(self) -> Keyring:
         if self.keyring is None:
-            KeyChoice().unlock(self.key_lock())   # raises: the store is encrypted, give a key
+            raise RpfsError(f"store {self.path} is encrypted and was opened without its key")
         return self.keyring
 
     def _seal(self, db: str, key: bytes, value: bytes) -> bytes:
@@ -657,30 +700,54 @@ class Store:
         return b"" if tags is None else bytes(tags)
 
     def key_lock(self) -> KeyLock:
+        """The key slots (a damaged one is listed apart: the others still open the store)."""
+        slots, damaged = [], []
         with self.read() as txn:
-            slots = [KeySlot.from_json(v) for _k, v in txn.cursor(db=self._need("keys"))]
-        return KeyLock(self.path, self.store_id, bytes.fromhex(self.meta.get("key_check", "")), slots)
+            for key, value in txn.cursor(db=self._need("keys")):
+                try:
+                    slots.append(KeySlot.from_json(value))
+                except CorruptBlockError:
+                    damaged.append(bytes(key).decode(errors="replace"))
+        try:
+            check_value = bytes.fromhex(self.meta.get("key_check", ""))
+        except ValueError:
+            check_value = b""
+        return KeyLock(self.path, self.store_id, _settings(self.meta), check_value, slots, damaged)
 
-    def add_key_slot(self, new: NewSlot, replacing: str | None = None) -> tuple[KeySlot, bool]:
-        """Wrap the master key in a new slot (in place of slot `replacing`, in the same transaction).
-        Returns the slot and True, or the slot the same key file or recovery key opens already and False."""
-        keyring, keys, made = self._keys(), self._need("keys"), []
+    def add_key_slot(self, new: NewSlot, replacing: KeySlot | None = None) -> tuple[KeySlot, bool]:
+        """Wrap the master key in a new slot, or in place of `replacing` if that slot is still as it was read
+        (a slot changed meanwhile is never overwritten). Returns the slot and True, or the slot the same key
+        file or recovery key opens already and False. Slot ids are never given twice (meta last_slot_id)."""
+        keyring, keys, meta = self._keys(), self._need("keys"), self._dbs["meta"]
         fingerprint = new.fingerprint(self.store_id)
+        while True:
+            with self.read() as txn:
+                last = int(bytes(txn.get(b"last_slot_id", db=meta) or b"0"))
+            slot_id = replacing.id if replacing is not None else str(last + 1)
+            slot = new.make(slot_id, keyring.master, self.store_id)   # scrypt runs here, not in the transaction
+            outcome: list = []
 
-        def fill(txn):   # the id is chosen in the transaction: two key adds never take the same one
-            slots = [KeySlot.from_json(v) for _k, v in txn.cursor(db=keys)]
-            ids = [s.id for s in slots]
-            if replacing is not None and replacing not in ids:
-                raise RpfsError(f"store {self.path} has no key slot {replacing!r} (rpfs key list)")
-            same = [s for s in slots if fingerprint and (s.kind, s.fingerprint) == (new.kind, fingerprint)]
-            if same:
-                made[:] = [same[0], False]
-                return
-            slot_id = replacing or str(max((int(i) for i in ids if i.isdigit()), default=0) + 1)
-            made[:] = [new.make(slot_id, keyring.master, self.store_id), True]
-            txn.put(slot_id.encode(), made[0].to_json(), db=keys)
-        self.write(fill)
-        return made[0], made[1]
+            def fill(txn):
+                slots = [KeySlot.from_json(v) for _k, v in txn.cursor(db=keys)]
+                same = [s for s in slots if fingerprint and (s.kind, s.fingerprint) == (new.kind, fingerprint)]
+                if replacing is not None:
+                    current = txn.get(replacing.id.encode(), db=keys)
+                    if current is None or bytes(current) != replacing.to_json():
+                        raise RpfsError(f"key slot {replacing.id} changed or went meanwhile; nothing was changed"
+                                        " (rpfs key list, then run it again)")
+                elif same:
+                    outcome[:] = [same[0], False]
+                    return
+                elif int(bytes(txn.get(b"last_slot_id", db=meta) or b"0")) != last:
+                    outcome[:] = [None, False]   # another key change took that id: make the slot again
+                    return
+                else:
+                    txn.put(b"last_slot_id", slot_id.encode(), db=meta)
+                txn.put(slot_id.encode(), slot.to_json(), db=keys)
+                outcome[:] = [slot, True]
+            self.write(fill)
+            if outcome[0] is not None:
+                return outcome[0], outcome[1]
 
     def remove_key_slot(self, slot_id: str) -> KeySlot:
         """Remove a slot; the last one is refused (without it nobody could ever read the store again)."""
@@ -704,6 +771,35 @@ class Store:
             return txn.get(digest, db=self._dbs["blocks"]) is not None
 
 
+def _settings(meta: dict) -> bytes:
+    """What the key check binds: the settings that say how to read (and write) the store."""
+    return "\0".join(str(meta.get(name, "")) for name in ("encryption", "block_id", "block_size")).encode()
+
+
+class MapPieces:
+    """Checked block map pieces of an encrypted store, kept (recovery points never change): a reader going
+    block by block checks each piece of MAP_PIECE entries once, not once per block."""
+
+    def __init__(self, kept: int = 64):
+        self._kept, self._pieces, self._lock = kept, OrderedDict(), threading.Lock()
+
+    def digest(self, map_key: bytes, index: int, fetch: Callable[[bytes, int], bytes]) -> bytes:
+        piece_number, at = divmod(index, MAP_PIECE)
+        with self._lock:
+            piece = self._pieces.get((map_key, piece_number))
+            if piece is not None:
+                self._pieces.move_to_end((map_key, piece_number))
+        if piece is None:
+            piece = fetch(map_key, piece_number)
+            with self._lock:
+                self._pieces[(map_key, piece_number)] = piece
+                while len(self._pieces) > self._kept:
+                    self._pieces.popitem(last=False)
+        if (at + 1) * DIGEST_SIZE > len(piece):
+            raise RpfsError(f"block {index} is beyond the block map of " + map_key.decode().replace("\0", "/"))
+        return piece[at * DIGEST_SIZE:(at + 1) * DIGEST_SIZE]
+
+
 def _map_damaged(map_key: bytes) -> CorruptBlockError:
     where = map_key.decode(errors="replace").replace("\0", "/")
     return CorruptBlockError(f"the block map of {where} fails authentication (changed, or moved from elsewhere)")
@@ -718,8 +814,9 @@ def _holds_a_store(path: Path) -> bool:
         return False
     try:
         env = lmdb.open(str(path), max_dbs=len(DB_NAMES), subdir=True, readonly=True, create=False, lock=False)
-    except lmdb.Error:
-        return True   # something is there that is not ours to replace
+    except lmdb.Error:   # something is there that is not ours to replace
+        raise RpfsError(f"{path}/data.mdb is not a readable store file: if an init that was killed left it, remove"
+                        f" {path} and run init again; if it held backups, rpfs cannot read them") from None
     try:
         with env.begin() as txn:
             meta = env.open_db(b"meta", txn=txn, create=False)

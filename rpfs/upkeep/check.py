@@ -74,9 +74,9 @@ def check(store: Store, read_data: bool = False, repair: bool = False, progress=
 def _maps(store: Store, maps: dict[bytes, bytes]) -> list[Problem]:
     """Block maps that fail their tags (encrypted stores): named, never repaired (their blocks stay counted)."""
     problems = []
-    for key in maps:
+    for key, block_map in maps.items():
         try:
-            store.block_map(key)
+            store.check_map(key, block_map)
         except CorruptBlockError as e:
             problems.append(Problem("map", f"{e.message} (rpfs verify names the recovery point)"))
     return problems

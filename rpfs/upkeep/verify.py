@@ -34,7 +34,8 @@ def verify(store: Store, vm: str | None = None, point_id: str | None = None, sam
     lease = Lease(store.path)
     try:
         points = _leased(lease, store, points)
-        with IsolatedStore.open(store.path, store.master_key) as reader:   # a page that crashes its reader is a damaged point
+        # read in reader processes: a page that crashes its reader is a damaged point, not a dead verify
+        with IsolatedStore.open(store.path, store.master_key) as reader:
             return _verify(reader, points, sample_percent, progress)
     finally:
         lease.close()
