@@ -6,6 +6,7 @@ half of it.
 """
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -23,12 +24,34 @@ def write_whole(path: Path, data: bytes, mode: int = 0o600, durable: bool = Fals
 
 
 def create_whole(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write a new file whole and durably; FileExistsError if something is at path (it is never replaced)."""
-    unfinished = _write_beside(path, data, mode, durable=True)
+    """Write a new file whole and durably; FileExistsError if something is at path (it is never replaced).
+
+    The file has no name until it is whole (O_TMPFILE, then linked in), so a kill leaves nothing behind,
+    not even a secret in a temporary file; filesystems without O_TMPFILE get a temporary name beside it."""
     try:
-        os.link(unfinished, path)   # unlike a rename, never replaces what is there
-    finally:
-        unfinished.unlink(missing_ok=True)
+        fd = os.open(path.parent, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, mode)
+    except IsADirectoryError:   # what the kernel says when the filesystem has no O_TMPFILE
+        fd = -1
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        fd = -1
+    if fd < 0:
+        unfinished = _write_beside(path, data, mode, durable=True)
+        try:
+            os.link(unfinished, path)   # unlike a rename, never replaces what is there
+        finally:
+            unfinished.unlink(missing_ok=True)
+    else:
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+            # linkat(AT_SYMLINK_FOLLOW) gives the whole file its name; Python uses it only given a dir fd
+            os.link(f"/proc/self/fd/{fd}", path.name, dst_dir_fd=folder)
+        finally:
+            os.close(fd)
+            os.close(folder)
     fsync_folder(path.parent)
 
 

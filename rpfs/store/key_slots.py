@@ -183,11 +183,14 @@ class KeyChoice:
             return lock.keyring(parse_paper(self.paper))
         refused = None
         if self.key_file:
-            file_key = read_key_file(Path(self.key_file))
-            fingerprint = key_fingerprint(file_key, lock.store_id)
-            tries = [(slot, lambda slot=slot: derive_key(file_key, bytes.fromhex(slot.salt), "key file slot"))
-                     for slot in lock.of_kind("key-file") if slot.fingerprint == fingerprint]
-            refused = f"key file {self.key_file} opens no key slot of store {lock.store} (rpfs info shows its slots)"
+            try:
+                tries = self._key_file_slots(lock)
+                refused = (f"key file {self.key_file} opens no key slot of store {lock.store}"
+                           " (rpfs info shows its slots)")
+            except RpfsError as e:   # no such file, a mode others may read...: said, or a passphrase is tried
+                tries, refused = [], e.message
+                if self.passphrase is None:
+                    raise
             if self.passphrase is None or tries:
                 return self._first(lock, tries, refused)
         if self.passphrase is not None:   # also after a key file (RPFS_KEY_FILE) that is not this store's
@@ -201,6 +204,13 @@ class KeyChoice:
             return self._first(lock, tries, f"{refused}, and {wrong}" if refused else wrong)
         raise RpfsError(f"store {lock.store} is encrypted: give --key-file PATH (or RPFS_KEY_FILE) or a passphrase"
                         " (RPFS_PASSPHRASE, or on a terminal)")
+
+    def _key_file_slots(self, lock: KeyLock) -> list:
+        """(slot, key-encryption key maker) for the key-file slots this key file may open."""
+        file_key = read_key_file(Path(self.key_file))
+        fingerprint = key_fingerprint(file_key, lock.store_id)
+        return [(slot, lambda slot=slot: derive_key(file_key, bytes.fromhex(slot.salt), "key file slot"))
+                for slot in lock.of_kind("key-file") if slot.fingerprint == fingerprint]
 
     def _first(self, lock: KeyLock, tries: list, refused: str) -> Keyring:
         """The keyring of the first slot that opens (remembered in self.opened), or refused."""
