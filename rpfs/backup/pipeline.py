@@ -9,6 +9,11 @@ Pipeline (one main thread, a pool of worker threads; hashlib, zstd and pread rel
   main:     the last transaction commits the remaining blobs and records the recovery point.
 Blocks of all disks are interleaved, so disks are backed up in parallel. Blocks committed by a backup
 that is then interrupted are harmless: no recovery point refers to them yet.
+
+Change tracking: when the previous recovery point kept its reflink snapshot of a disk and this backup
+took a new one, the blocks whose extents the two share (backup/extents.py) are not read at all: their
+ids are the previous point's. The disk's record says which way it went ("extents" or "checksum") and
+how many bytes were read.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
 
-from rpfs.backup import consistency, snapshot
+from rpfs.backup import consistency, extents, snapshot
 from rpfs.backup.quiesce import ConsistencyConfig
 from rpfs.backup.source import BufferPool, DiskSource
 from rpfs.errors import RpfsError
@@ -55,6 +60,8 @@ class BackupSummary:
     zero_bytes: int          # bytes of all-zero blocks, recorded as holes
     stored_bytes: int        # bytes added to the store after compression and framing
     seconds: float
+    unchanged_bytes: int = 0  # bytes of blocks change tracking found unchanged: not read at all
+    disk_bytes_read: int = 0  # bytes really read from the disks
 
     @property
     def mb_per_second(self) -> float:
@@ -104,9 +111,10 @@ def backup(store: Store, vm: str, disk_specs: list[tuple[str, str]], progress: P
         try:
             for name, path in prepared.read_from.items():
                 sources.append(DiskSource.open(name, path, shown_as=disks[name]))
+            tracked = _tracked_changes(store, vm, sources, set(prepared.snapshots))
             point, summary = _run(store, RecoveryPoint(vm=vm, id=point_id, time=when.isoformat(timespec="seconds"),
                                                        consistency=prepared.consistency, quiesce=prepared.record),
-                                  sources, progress, workers or (os.cpu_count() or 2) + 1)
+                                  sources, progress, workers or (os.cpu_count() or 2) + 1, tracked)
             _keep_or_delete_snapshots(store, point, prepared.snapshots, options.keep_snapshot_days)
         except BaseException as e:
             # Asked of the store, not of a flag: an interrupt may land just after the commit.
@@ -120,6 +128,32 @@ def backup(store: Store, vm: str, disk_specs: list[tuple[str, str]], progress: P
             for s in sources:
                 s.close()
     return point, summary
+
+
+@dataclass
+class TrackedChanges:
+    """What change tracking found for one disk: the previous point's block map, and the blocks unchanged."""
+    previous_map: bytes
+    unchanged: set[int]
+
+
+def _tracked_changes(store: Store, vm: str, sources: list[DiskSource],
+                     snapshotted: set[str]) -> dict[str, TrackedChanges]:
+    """Per disk read from a new snapshot, the blocks it shares with the kept snapshot of the VM's latest
+    point that kept one (and whose disk it still exactly is); disks without one are read whole."""
+    previous = next((p for p in reversed(store.points(vm)) if p.snapshot), None)
+    found: dict[str, TrackedChanges] = {}
+    for source in sources:
+        if previous is None or source.name not in snapshotted:
+            continue
+        disk = next((d for d in previous.disks if d.name == source.name), None)
+        if disk is None or disk.block_size != store.block_size:
+            continue
+        old = previous.snapshot.unchanged(disk.name, disk.size)
+        same = extents.unchanged_blocks(old, source.fd, disk.size, source.size, store.block_size) if old else None
+        if same is not None:
+            found[source.name] = TrackedChanges(store.block_map(store.map_key(vm, previous.id, disk.name)), same)
+    return found
 
 
 def _another_backup(holder: str) -> str | None:
@@ -193,14 +227,17 @@ class _BatchWriter:
 class _BackupRun:
     """The state of one backup while it runs: block maps, counters, and the blocks in flight."""
 
-    def __init__(self, store: Store, sources: list[DiskSource], workers: int):
+    def __init__(self, store: Store, sources: list[DiskSource], workers: int,
+                 tracked: dict[str, TrackedChanges] | None = None):
         self.store, self.sources, self.workers = store, sources, workers
         self.bs = store.block_size
         self.maps = [bytearray(s.block_count(self.bs) * DIGEST_SIZE) for s in sources]
         self.referenced: list[set[bytes]] = [set() for _ in sources]
-        self.counts = dict(read=0, new=0, dedup=0, zero=0, stored=0)
+        self.counts = dict(read=0, new=0, dedup=0, zero=0, stored=0, unchanged=0)
+        self.tracked = [(tracked or {}).get(s.name) for s in sources]
         self.records = [DiskRecord(name=s.name, size=s.size, block_size=self.bs, blocks=s.block_count(self.bs),
-                                   source=str(s.path)) for s in sources]
+                                   source=str(s.path), change_tracking="extents" if t else "checksum")
+                        for s, t in zip(sources, self.tracked)]
         self.batch: dict[bytes, bytes] = {}          # framed blobs awaiting their write transaction
         self.batch_bytes = 0
         self.compressing: dict[bytes, tuple[int, Future, memoryview]] = {}  # digest -> (disk, compression,
@@ -222,6 +259,10 @@ class _BackupRun:
         total = sum(s.size for s in self.sources)
         hashing: deque[tuple[int, int, Future]] = deque()
         for d, index in self.blocks_in_parallel():
+            tracked = self.tracked[d]
+            if tracked is not None and index in tracked.unchanged:
+                self.take_unchanged(d, index, tracked.previous_map[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE])
+                continue
             hashing.append((d, index, pool.submit(self.sources[d].read_block, index, self.bs, self.buffers,
                                                   self.store.codec)))
             if len(hashing) >= self.window:
@@ -233,6 +274,18 @@ class _BackupRun:
         self.take_compressed(until_below=1)
         if progress:
             progress(self.counts["read"], total)
+
+    def take_unchanged(self, d: int, index: int, digest: bytes) -> None:
+        """A block change tracking vouches for: the previous point's id, nothing read."""
+        length = min(self.bs, self.sources[d].size - index * self.bs)
+        self.counts["read"] += length
+        self.maps[d][index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = digest
+        if digest == HOLE:
+            self.counts["zero"] += length
+            self.records[d].zero_blocks += 1
+        else:
+            self.counts["unchanged"] += length
+            self.referenced[d].add(digest)
 
     def take_hashed(self, d: int, index: int, fut: Future, pool: ThreadPoolExecutor) -> None:
         """Record one hashed block in its disk's map, and start compressing it if the store lacks it."""
@@ -284,10 +337,11 @@ class _BackupRun:
 
 
 def _run(store: Store, point: RecoveryPoint, sources: list[DiskSource], progress: ProgressFn | None,
-         workers: int) -> tuple[RecoveryPoint, BackupSummary]:
-    """Transfer: read every source, store the new blocks, and commit `point` with its block maps."""
+         workers: int, tracked: dict[str, TrackedChanges] | None = None) -> tuple[RecoveryPoint, BackupSummary]:
+    """Transfer: read every source (but what change tracking vouches for), store the new blocks, and commit
+    `point` with its block maps."""
     started = time.monotonic()
-    run = _BackupRun(store, sources, workers)
+    run = _BackupRun(store, sources, workers, tracked)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpfs-backup") as pool:
         try:
             run.run(pool, progress)
@@ -296,13 +350,15 @@ def _run(store: Store, point: RecoveryPoint, sources: list[DiskSource], progress
             run.writer.finish()
             raise
     run.writer.finish()
-    for record, refs in zip(run.records, run.referenced):
+    for record, refs, source in zip(run.records, run.referenced, sources):
         record.stored_bytes = run.stored_bytes_of(refs)
+        record.read_bytes = source.bytes_read
     c = run.counts
     point.disks = run.records
     point.duration_seconds = round(time.monotonic() - started, 3)
     run.commit(point)
     summary = BackupSummary(vm=point.vm, point_id=point.id, disks=len(sources), bytes_read=c["read"],
                             new_bytes=c["new"], deduplicated_bytes=c["dedup"], zero_bytes=c["zero"],
-                            stored_bytes=c["stored"], seconds=time.monotonic() - started)
+                            stored_bytes=c["stored"], seconds=time.monotonic() - started,
+                            unchanged_bytes=c["unchanged"], disk_bytes_read=sum(s.bytes_read for s in sources))
     return point, summary

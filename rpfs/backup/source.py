@@ -28,7 +28,9 @@ class DiskSource:
     fd: int
     direct_fd: int = -1              # the same disk opened with O_DIRECT, or -1 where that is refused
     is_file: bool = False            # a regular file can say where its holes are
+    bytes_read: int = 0              # what was really read (holes are skipped)
     _refused_direct_fds: set[int] = field(default_factory=set)
+    _count_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def open(cls, name: str, path: str | Path, shown_as: Path | None = None) -> "DiskSource":
@@ -91,6 +93,8 @@ class DiskSource:
             return HOLE, None
         buffer = buffers.take()
         got = self._read_into(buffer, start)
+        with self._count_lock:
+            self.bytes_read += got
         if got != length:
             buffers.give(memoryview(buffer))
             raise RpfsError(f"disk {self.name}: {self.path} changed size during the backup")

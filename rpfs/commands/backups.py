@@ -27,7 +27,9 @@ def cmd_backup(args) -> int:
     print(f"recovery point {s.vm}/{s.point_id} ({point.consistency}): {s.disks} disk(s), {human_bytes(s.bytes_read)} read in "
           f"{s.seconds:.1f} s ({s.mb_per_second:.0f} MB/s)")
     print(f"  new {human_bytes(s.new_bytes)}, deduplicated {human_bytes(s.deduplicated_bytes)}, "
-          f"zero {human_bytes(s.zero_bytes)}; stored {human_bytes(s.stored_bytes)} after compression")
+          f"zero {human_bytes(s.zero_bytes)}, unchanged {human_bytes(s.unchanged_bytes)} (not read: change tracking);"
+          f" stored {human_bytes(s.stored_bytes)} after compression; read {human_bytes(s.disk_bytes_read)} from"
+          f" the disk(s)")
     return 0
 
 
@@ -50,8 +52,9 @@ def cmd_list(args) -> int:
         print(f"  {p.id}  {p.consistency:<12} size {human_bytes(p.size):>10}  stored {human_bytes(p.stored_bytes):>10}"
               f"  new {human_bytes(p.new_stored_bytes):>10}{_quiesce_note(p)}")
         for d in p.disks:
+            tracking = f", {d.change_tracking}: read {human_bytes(d.read_bytes)}" if d.change_tracking else ""
             print(f"      {d.name + '.img':<16} size {human_bytes(d.size):>10}  stored {human_bytes(d.stored_bytes):>10}"
-                  f"  {d.blocks} blocks, {d.zero_blocks} holes")
+                  f"  {d.blocks} blocks, {d.zero_blocks} holes{tracking}")
     return 0
 
 

@@ -39,6 +39,9 @@ class DiskRecord:
     new_stored_bytes: int = 0      # compressed bytes this backup added to the store for this disk
     stored_bytes: int = 0          # compressed bytes of all distinct blocks this disk references
     source: str = ""
+    change_tracking: str = ""      # extents: unchanged blocks found by FIEMAP against the previous snapshot,
+                                   # not read; checksum: every block read and hashed ("" before rpfs knew)
+    read_bytes: int = 0            # bytes this backup read from the disk (holes and unchanged blocks are not)
 
 
 @dataclass
@@ -109,7 +112,8 @@ class RecoveryPoint:
         """The record as stored; a damaged one (bit rot) is an RpfsError, never a half-read record."""
         try:
             raw = json.loads(bytes(data))
-            disks = [DiskRecord(**d) for d in raw.pop("disks")]
+            known = set(DiskRecord.__dataclass_fields__)   # a field a later rpfs added is left out, not fatal
+            disks = [DiskRecord(**{k: v for k, v in d.items() if k in known}) for d in raw.pop("disks")]
             snapshot = raw.pop("snapshot", None)
             return cls(disks=disks, snapshot=KeptSnapshot(**snapshot) if snapshot else None, **raw)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
