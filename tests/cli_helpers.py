@@ -35,6 +35,27 @@ def open_store(path: Path, readonly: bool = False):
     return Store.open(path, readonly=readonly, keys=session_keys())
 
 
+PREVIOUS_RELEASE = "0351bf2"   # the last commit before format 3: it makes stores of format 2
+
+
+def previous_release(tmp_path: Path) -> Path:
+    """That release's rpfs package, unpacked from git history into tmp_path (for stores of format 2)."""
+    from conftest import skip_or_fail_in_ci
+    old = tmp_path / "previous-rpfs"
+    old.mkdir()
+    archive = subprocess.run(["git", "archive", PREVIOUS_RELEASE, "rpfs"], cwd=REPO, capture_output=True)
+    if archive.returncode != 0:
+        skip_or_fail_in_ci(f"this checkout has no commit {PREVIOUS_RELEASE} to take the previous release from")
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    return old
+
+
+def previous_rpfs(old: Path, store: Path, *args: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RPFS_KEY_FILE", "RPFS_STORE")}
+    subprocess.run([sys.executable, "-m", "rpfs", "--store", str(store), *args], cwd=old, check=True,
+                   capture_output=True, env={**env, "PYTHONPATH": str(old)})
+
+
 def is_mounted(path: Path) -> bool:
     target = os.path.realpath(path)
     with open("/proc/self/mounts") as f:

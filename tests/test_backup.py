@@ -8,7 +8,7 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from cli_helpers import open_store, rpfs, session_keys, writer_lock_held
+from cli_helpers import open_store, previous_release, previous_rpfs, rpfs, session_keys, writer_lock_held
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -308,17 +308,14 @@ def test_disk_that_grows_and_shrinks(store, tmp_path):
         assert read_all(store, point, "d") == data
 
 
-def _refs(store: Store) -> dict[bytes, bytes]:
-    with store.read() as txn:
-        return {bytes(k): bytes(v) for k, v in txn.cursor(db=store.db("refs"))}
-
-
 def test_version_1_store_is_read_and_then_upgraded(tmp_path):
+    """The previous release makes a version 2 store, turned into what version 1 wrote; it is read as it is,
+    then upgraded to version 3: the three identical maps become one shared piece, counted three times."""
     a = write_image(tmp_path / "a.img", 10, 4 * MiB)
-    with Store.init(tmp_path / "s") as store:
-        backup(store, "vm1", [("d", str(a))])
-        backup(store, "vm2", [("d", str(a)), ("e", str(a))])
-        expected_refs = _refs(store)
+    old_rpfs = previous_release(tmp_path)
+    previous_rpfs(old_rpfs, tmp_path / "s", "init")
+    previous_rpfs(old_rpfs, tmp_path / "s", "backup", "vm1", f"--disk=d={a}")
+    previous_rpfs(old_rpfs, tmp_path / "s", "backup", "vm2", f"--disk=d={a}", f"--disk=e={a}")
     env = lmdb.open(str(tmp_path / "s"), max_dbs=8)   # turn it into what version 1 wrote
     with env.begin(write=True) as txn:
         for name in (b"refs", b"policies", b"protected", b"jobs"):
@@ -331,6 +328,39 @@ def test_version_1_store_is_read_and_then_upgraded(tmp_path):
         with pytest.raises(RpfsError, match="format version 1"):
             old.records("jobs") or old.get_record("jobs", "x")
     with open_store(tmp_path / "s") as upgraded:
-        assert upgraded.format_version == 2
-        assert _refs(upgraded) == expected_refs
-        assert set(expected_refs.values()) == {(3).to_bytes(4, "little")}   # three maps share every block
+        assert upgraded.format_version == 3
+        blocks, pieces = upgraded.ref_counts()
+        assert len(pieces) == 1 and set(pieces.values()) == {3}      # one piece, named by three maps
+        assert blocks and set(blocks.values()) == {1}                 # its blocks, named by one piece
+        assert read_all(upgraded, upgraded.point("vm2"), "e") == a.read_bytes()
+        assert upgraded.recount() == (blocks, pieces, [])
+
+
+def test_a_backup_of_an_unchanged_disk_adds_an_index_not_a_map(tmp_path):
+    """Block maps are kept in shared pieces: the second backup of an unchanged 64 GiB disk stores no piece,
+    only its index (under 64 KiB per TiB of disk), and counts its pieces once more, not its blocks."""
+    disk = tmp_path / "big.img"
+    with open(disk, "wb") as f:
+        f.truncate(64 << 30)
+        for at in (0, 5 << 30, 40 << 30):
+            f.seek(at)
+            f.write(os.urandom(3 * MiB))
+    with Store.init(tmp_path / "s") as store:
+        first, _ = backup(store, "vm", [("d", str(disk))])
+        blocks_before, pieces_before = store.ref_counts()
+        second, _ = backup(store, "vm", [("d", str(disk))])
+        blocks_after, pieces_after = store.ref_counts()
+        assert blocks_after == blocks_before and pieces_after.keys() == pieces_before.keys()
+        assert all(pieces_after[p] == pieces_before[p] + 1 for p in pieces_before)
+        with store.read() as txn:
+            index = txn.get(store.map_key("vm", second.id, "d"), db=store.db("maps"))
+            assert len(index) <= 64 * 1024 * 64 / 1024          # 64 KiB per TiB, for 64 GiB
+        for point in (first, second):
+            reader = ImageReader(store, BlockCache(8 * MiB), "vm", point.id, point.disk("d"))
+            assert reader.read(5 << 30, 3 * MiB) == _read_at(disk, 5 << 30, 3 * MiB)
+
+
+def _read_at(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)

@@ -11,7 +11,7 @@ from test_backup import corrupt_one_block
 
 from rpfs.host import run_dir
 from rpfs.store.leases import LEASE_DIR, hold
-from rpfs.store.store import REF
+from rpfs.store.block_maps import REF
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def test_a_clean_store_is_clean(backed_up):
 def test_wrong_refs_are_found_and_rebuilt_from_the_block_maps(backed_up):
     store, _, _ = backed_up
     with open_store(store) as s:
-        digest = next(iter(s.ref_counts()))
+        digest = next(iter(s.ref_counts()[0]))
         s.write(lambda txn: txn.put(digest, REF.pack(7), db=s.db("refs")))
         s.write(lambda txn: txn.put(b"\1" * 32, REF.pack(1), db=s.db("refs")))
     code, problems = check(store)
@@ -57,7 +57,7 @@ def test_damaged_and_missing_blocks_are_named_and_never_deleted(backed_up):
     with open_store(store) as s:
         point = s.point("vm", point_id)
         damaged = corrupt_one_block(s, point, "d")
-        missing = next(d for d in s.ref_counts() if d != damaged)
+        missing = next(d for d in s.ref_counts()[0] if d != damaged)
         s.write(lambda txn: txn.delete(missing, db=s.db("blocks")))
     code, problems = check(store, "--repair")
     assert code == 4

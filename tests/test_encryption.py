@@ -2,11 +2,10 @@
 changed, removed and recovered without rewriting data, and version 2 stores still read and written."""
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import REPO, open_store, rpfs, session_keys
+from cli_helpers import open_store, previous_release, previous_rpfs, rpfs, session_keys
 from test_backup import corrupt_one_block, read_all, write_image
 
 from rpfs.errors import CorruptBlockError
@@ -100,15 +99,24 @@ def test_a_changed_block_map_or_a_moved_record_is_detected(tmp_path):
     rpfs("backup", "vm2", f"--disk=d={write_image(tmp_path / 'e.img', 5, 2 * MiB)}", store=store)
     with open_store(store) as s:
         point, other = s.point("vm"), s.point("vm2")
-        key = s.map_key("vm", point.id, "d")
-        block_map = bytearray(s.block_map(key))
-        other_at = next(i for i in range(32, len(block_map), 32) if block_map[i:i + 32] != block_map[:32])
-        block_map[:32], block_map[other_at:other_at + 32] = block_map[other_at:other_at + 32], block_map[:32]
-        s.write(lambda txn: txn.put(key, bytes(block_map), db=s.db("maps")))
-        with pytest.raises(CorruptBlockError, match="block map of vm/.* fails authentication"):
+        key, other_key = s.map_key("vm", point.id, "d"), s.map_key("vm2", other.id, "d")
+        with s.read() as txn:   # vm2's index put where vm's was: it does not open there
+            index, other_index = (bytes(txn.get(k, db=s.db("maps"))) for k in (key, other_key))
+            piece_id = s.codec.block_id(s.map_piece(key, 0))   # vm's map is one piece, named by no other
+            piece = bytearray(txn.get(piece_id, db=s.db("pieces")))
+        s.write(lambda txn: txn.put(key, other_index, db=s.db("maps")))
+        with pytest.raises(CorruptBlockError, match=f"block map index of vm/{point.id}/d fails authentication"):
             read_all(s, point, "d")
+        s.write(lambda txn: txn.put(key, index, db=s.db("maps")))
+        assert read_all(s, point, "d") == disk.read_bytes()
+        piece[-1] ^= 1                          # one bit of the sealed piece
+        s.write(lambda txn: txn.put(piece_id, bytes(piece), db=s.db("pieces")))
+    with open_store(store) as s, pytest.raises(CorruptBlockError, match="a piece of the block map of vm/.* fails auth"):
+        read_all(s, point, "d")   # (a new handle: a handle keeps the pieces it checked)
     done = rpfs("check", store=store, check=False)
-    assert done.returncode == 4 and f"the block map of vm/{point.id}/d fails authentication" in done.stdout, done
+    assert done.returncode == 4 and "a piece of the block map of vm" in done.stdout, done
+    assert "fails authentication" in done.stdout and "repaired" not in rpfs("check", "--repair", store=store,
+                                                                             check=False).stdout
     with open_store(store) as s:
         # vm2's record put where vm's was: it does not open there
         with s.read() as txn:
@@ -174,26 +182,24 @@ def test_the_paper_key_types_back_in_and_the_last_slot_stays(tmp_path):
                    "is the last key slot")
 
 
-def test_a_version_2_store_made_by_the_previous_release_is_read_and_written(tmp_path):
-    """The release before format 3 (commit 0351bf2) makes the store; this one reads it, backs up into it (sha256
-    ids, unencrypted, as before) and says what it is."""
-    old = tmp_path / "old-rpfs"
-    old.mkdir()
-    archive = subprocess.run(["git", "archive", "0351bf2", "rpfs"], cwd=REPO, capture_output=True)
-    if archive.returncode != 0:
-        pytest.skip("this checkout has no history to take the previous release from")
-    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+def test_a_version_2_store_made_by_the_previous_release_is_read_then_upgraded(tmp_path):
+    """The release before format 3 makes the store; this one reads it as it is, then a backup upgrades it
+    to format 3 (block maps in pieces; sha256 ids and no encryption kept) and says what it is."""
+    old = previous_release(tmp_path)
     a, b = write_image(tmp_path / "a.img", 7, 3 * MiB), write_image(tmp_path / "b.img", 8, 3 * MiB)
     store = tmp_path / "s"
-    for args in (["init"], ["backup", "vm", f"--disk=d={a}"]):
-        subprocess.run([sys.executable, "-m", "rpfs", "--store", str(store), *args], cwd=old, check=True,
-                       capture_output=True, env=env_with(PYTHONPATH=str(old)))
+    previous_rpfs(old, store, "init")
+    previous_rpfs(old, store, "backup", "vm", f"--disk=d={a}")
+    assert "format version  2" in rpfs("info", store=store, env=env_with()).stdout
+    rpfs("list", store=store, env=env_with())                        # read as it is
+    assert "format version  2" in rpfs("info", store=store, env=env_with()).stdout
     rpfs("backup", "vm", f"--disk=d={b}", store=store, env=env_with())
     info = rpfs("info", store=store, env=env_with()).stdout
-    assert "format version  2" in info and "encryption      none" in info
+    assert "format version  3" in info and "encryption      none" in info and "block id        sha256" in info
     with Store.open(store, readonly=True) as s:
         first, second = s.points("vm")
         assert read_all(s, first, "d") == a.read_bytes() and read_all(s, second, "d") == b.read_bytes()
+    assert rpfs("check", store=store, env=env_with()).returncode == 0
 
 
 def test_a_killed_init_is_finished_by_the_same_init(tmp_path):

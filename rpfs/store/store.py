@@ -8,17 +8,20 @@ Layout (format version 3), one LMDB environment `STORE/data.mdb` with named data
            b"store_id" -> 16 random bytes (hex), b"key_check" -> hex (encrypted stores; crypto.py)
   blocks   block id (32 bytes) -> framed blob (blob.py: sealed when encrypted)
   points   b"<vm>\\0<rp id>" -> recovery point JSON (recovery_point.py), sealed when encrypted
-  maps     b"<vm>\\0<rp id>\\0<disk>" -> block map: 32-byte block id per block, 32 zero bytes for a hole
-  map_tags same key -> one 32-byte tag per MAP_PIECE entries of the map (encrypted stores)
-  refs     block id -> u32 little-endian: how many block maps reference the block
+  maps     b"<vm>\\0<rp id>\\0<disk>" -> the index of a block map (32-byte block id per block, zeros for
+           a hole), kept in content-addressed pieces shared between points (block_maps.py)
+  pieces   piece id -> MAP_PIECE entries of block maps;  piece_refs piece id -> u32: indexes naming it
+  refs     block id -> u32 little-endian: how many pieces name the block
   policies b"<name>" -> policy JSON; protected b"<vm>" -> protection JSON; jobs b"<id>" -> job JSON,
            each sealed when encrypted
   keys     b"<slot id>" -> key slot JSON (key_slots.py): the master key, wrapped for each way in
 When encrypted, VM names, recovery point ids, disk names, policy names and job ids (the keys) stay
 readable, and so do block sizes and how many blocks are shared; every value is sealed or keyed.
-Version 2 stores (sha256 block ids, unencrypted, no keys or map_tags) are read and written as they are.
-Version 1 stores (no refs, policies, protected, jobs) are upgraded in place to version 2, in one
-transaction, the first time a writing command opens them; read-only commands read them as they are.
+Version 1 and 2 stores (whole block maps in `maps`, counted per map; version 1 without refs, policies,
+protected, jobs) are read as they are by read-only commands and upgraded in place to version 3 (their maps
+cut into pieces, counts recounted; unencrypted, sha256 block ids kept), in one transaction, by the first
+writing command. A version 3 store of a development build that kept whole maps (no meta map_layout) is
+refused.
 
 Every transaction is short: readers hold one for one lookup, so LMDB can reuse freed pages.
 
@@ -30,11 +33,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hmac
 import itertools
 import json
 import os
-import struct
 import threading
 import time
 from collections import OrderedDict
@@ -48,13 +49,14 @@ import lmdb
 from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.host.access import PRIVATE_FILE, make_private, make_private_folder, permission_denied
 from rpfs.store.blob import DEFAULT_ZSTD_LEVEL, BlockCodec
+from rpfs.store.block_maps import MAP_PIECE, REF, BlockMaps, count_references, flat_map_piece
 from rpfs.store.crypto import Keyring
 from rpfs.store.key_slots import KeyChoice, KeyLock, KeySlot, NewSlot, new_master_key
-from rpfs.store.recovery_point import DIGEST_SIZE, HOLE, RecoveryPoint
+from rpfs.store.recovery_point import DIGEST_SIZE, RecoveryPoint
 
 FORMAT_VERSION = 3
 ENCRYPTION = "aes-256-gcm"
-MAP_PIECE = 1024           # block map entries under one tag (and fetched at a time by isolated readers)
+MAP_LAYOUT = "pieces"
 MIN_ENCRYPTED_BLOCK_SIZE = 64 << 10   # 2^32 random GCM nonces per key (NIST) x 64 KiB = 256 TiB sealed
 DEFAULT_BLOCK_SIZE = 1 << 20
 INITIAL_MAP_SIZE = 1 << 30
@@ -62,9 +64,7 @@ WRITER_WAIT_SECONDS = 600  # how long a backup waits for a running prune or gc, 
 LOW_SPACE = 128 << 20      # below this much free space, a failed write is taken for a full disk
 V1_DB_NAMES = (b"meta", b"blocks", b"points", b"maps")
 V2_DB_NAMES = V1_DB_NAMES + (b"refs", b"policies", b"protected", b"jobs")
-DB_NAMES = V2_DB_NAMES + (b"keys", b"map_tags")
-MAP_TAG = struct.Struct("<QQ")   # the piece's first byte and the whole map's length, in what a tag covers
-REF = struct.Struct("<I")
+DB_NAMES = V2_DB_NAMES + (b"keys", b"pieces", b"piece_refs")
 LAST_POINT_ID = b"last_point_id\0"   # + VM name, in meta: ids are never given twice (recovery_point.py)
 T = TypeVar("T")
 
@@ -101,18 +101,25 @@ class Store:
         with self.read() as txn:
             meta = {bytes(k): bytes(v) for k, v in txn.cursor(db=self._dbs["meta"])}
         version = int(meta.get(b"format_version", b"0"))
-        if version == 1 and not readonly:
-            self._upgrade_from_v1()
-            version = 2
-        elif version == 1:
-            pass   # read as it is: the version 1 databases hold everything a reader needs
-        elif version not in (2, FORMAT_VERSION):
+        if version not in (1, 2, FORMAT_VERSION):
             raise RpfsError(
                 f"store {path} has format version {version}; this rpfs reads versions 1 to {FORMAT_VERSION}"
                 " (use a matching rpfs release)")
-        else:
-            self._dbs.update(self._open_dbs((V2_DB_NAMES if version == 2 else DB_NAMES)[len(V1_DB_NAMES):]))
-        self.format_version = version
+        if version == FORMAT_VERSION and meta.get(b"map_layout") != MAP_LAYOUT.encode():
+            raise RpfsError(f"store {path} was made by a development build of format 3 that kept whole block maps;"
+                            " this rpfs cannot read it: back up into a new store")
+        if version == 1 and not readonly:
+            self._upgrade(version)
+            version, meta[b"map_layout"] = FORMAT_VERSION, MAP_LAYOUT.encode()
+        elif version == 2 and not readonly:
+            self._dbs.update(self._open_dbs(V2_DB_NAMES[len(V1_DB_NAMES):]))
+            self._upgrade(version)
+            version = FORMAT_VERSION
+        elif version == 2:
+            self._dbs.update(self._open_dbs(V2_DB_NAMES[len(V1_DB_NAMES):]))
+        elif version == FORMAT_VERSION:
+            self._dbs.update(self._open_dbs(DB_NAMES[len(V1_DB_NAMES):]))
+        self.format_version = version   # a version 1 store opened read-only is read as it is
         self.block_size = int(meta[b"block_size"])
         self.zstd_level = int(meta.get(b"zstd_level", DEFAULT_ZSTD_LEVEL))
         self.meta = {k.decode(): v.decode(errors="replace") for k, v in meta.items() if not k.startswith(LAST_POINT_ID)}
@@ -133,6 +140,8 @@ class Store:
             self.keyring = (keys or KeyChoice()).unlock(self.key_lock())
         locked = self.encrypted and self.keyring is None   # opened for its meta and key slots only
         self.codec = None if locked else BlockCodec(self.meta.get("block_id", "sha256"), self.zstd_level, self.keyring)
+        self._maps = BlockMaps(self._dbs, self.codec.block_id, self.keyring) if version == FORMAT_VERSION and \
+            not locked else None   # None: whole maps of version 1 or 2, read as they are
 
     # -- opening -----------------------------------------------------------------------------------
     @classmethod
@@ -148,6 +157,7 @@ class Store:
         store_id, master = os.urandom(16), new_master_key()
         slots = [new.make(str(n), master, store_id) for n, new in enumerate(key_slots or [], start=1)]
         meta_values = {"block_size": block_size, "zstd_level": zstd_level, "store_id": store_id.hex(),
+                       "map_layout": MAP_LAYOUT,
                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        "encryption": ENCRYPTION if slots else "none",
                        "block_id": "blake3-keyed" if slots else "blake3"}
@@ -227,22 +237,26 @@ class Store:
             except lmdb.MapResizedError:
                 self._env.set_mapsize(0)   # no transaction of ours is open yet
 
-    def _upgrade_from_v1(self) -> None:
-        """Version 1 -> 2: add the new databases and count every block's references, in one transaction."""
+    def _upgrade(self, version: int) -> None:
+        """Version 1 or 2 -> 3, in one transaction: add the new databases, cut every whole block map into
+        pieces and count everything anew. Blocks keep their sha256 ids; the store stays unencrypted."""
         def fill(txn):
-            for name in V2_DB_NAMES[len(V1_DB_NAMES):]:
+            for name in DB_NAMES[len(V1_DB_NAMES):]:
                 self._dbs[name.decode()] = self._env.open_db(name, txn=txn, create=True)
-            counts = count_references(block_map for _key, block_map in txn.cursor(db=self._dbs["maps"]))
-            for digest, count in counts.items():
-                txn.put(digest, REF.pack(count), db=self._dbs["refs"])
-            txn.put(b"format_version", b"2", db=self._dbs["meta"])
+            maps = {bytes(k): bytes(v) for k, v in txn.cursor(db=self._dbs["maps"])}
+            txn.drop(self._dbs["refs"], delete=False)
+            layout = BlockMaps(self._dbs, BlockCodec("sha256").block_id, None)
+            for key, block_map in maps.items():
+                layout.put(txn, key, block_map)
+            txn.put(b"map_layout", MAP_LAYOUT.encode(), db=self._dbs["meta"])
+            txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=self._dbs["meta"])
         self.write(fill)
 
     def _need(self, name: str):
         """A database that only version 2 has; a version 1 store opened read-only lacks it."""
         db = self._dbs.get(name)
         if db is None:
-            if name in ("keys", "map_tags"):
+            if name == "keys":
                 raise RpfsError(f"store {self.path} has format version {self.format_version}, which is never"
                                 " encrypted (rpfs info)")
             raise RpfsError(f"store {self.path} has format version 1; run a writing command on it once"
@@ -413,15 +427,8 @@ class Store:
 
     def put_point(self, txn, point: RecoveryPoint, block_maps: dict[str, bytes]) -> None:
         """Record a recovery point; called in the transaction that commits its last blocks."""
-        refs = self._need("refs")
         for disk, block_map in block_maps.items():
-            key = self.map_key(point.vm, point.id, disk)
-            txn.put(key, block_map, db=self._dbs["maps"])
-            if self.encrypted:
-                txn.put(key, self._map_tags(key, block_map), db=self._need("map_tags"))
-            for digest in distinct_digests(block_map):
-                count = txn.get(digest, db=refs)
-                txn.put(digest, REF.pack((REF.unpack(count)[0] if count is not None else 0) + 1), db=refs)
+            self._layout().put(txn, self.map_key(point.vm, point.id, disk), block_map)
         self._put_point_record(txn, point)
         txn.put(LAST_POINT_ID + point.vm.encode(), point.id.encode(), db=self._dbs["meta"])
 
@@ -434,21 +441,7 @@ class Store:
     def delete_point(self, txn, point: RecoveryPoint) -> int:
         """Remove a recovery point and release its blocks' references; returns how many blocks became
         unreferenced (rpfs gc removes them)."""
-        refs, released = self._need("refs"), 0
-        for disk in point.disks:
-            key = self.map_key(point.vm, point.id, disk.name)
-            block_map = txn.get(key, db=self._dbs["maps"])
-            for digest in distinct_digests(block_map if block_map is not None else b""):
-                count = txn.get(digest, db=refs)
-                left = (REF.unpack(count)[0] if count is not None else 1) - 1
-                if left > 0:
-                    txn.put(digest, REF.pack(left), db=refs)
-                else:
-                    txn.delete(digest, db=refs)
-                    released += 1
-            txn.delete(key, db=self._dbs["maps"])
-            if self.encrypted:
-                txn.delete(key, db=self._need("map_tags"))
+        released = sum(self._layout().delete(txn, self.map_key(point.vm, point.id, disk.name)) for disk in point.disks)
         txn.delete(self.point_key(point.vm, point.id), db=self._dbs["points"])
         return released
 
@@ -457,19 +450,44 @@ class Store:
         with self.read() as txn:
             return [bytes(k) for k in txn.cursor(db=self._dbs["maps"]).iternext(keys=True, values=False)]
 
-    def ref_counts(self) -> dict[bytes, int]:
-        """The `refs` database as it stands: digest -> how many block maps it says reference the block."""
+    def ref_counts(self) -> tuple[dict[bytes, int], dict[bytes, int]]:
+        """`refs` and `piece_refs` as they stand: how many pieces name each block, indexes each piece."""
         with self.read() as txn:
-            return {bytes(k): REF.unpack(v)[0] for k, v in txn.cursor(db=self._need("refs"))}
+            return tuple({bytes(k): REF.unpack(v)[0] for k, v in txn.cursor(db=self._need(name))}
+                         for name in ("refs", "piece_refs"))
 
-    def replace_refs(self, counts: dict[bytes, int]) -> None:
-        """Rewrite `refs` whole, in one transaction (check --repair, from a recount of the block maps)."""
-        refs = self._need("refs")
+    def recount(self) -> tuple[dict[bytes, int], dict[bytes, int], list[str]]:
+        """What `refs` and `piece_refs` must hold, counted from the indexes and pieces (check), and the maps
+        that could not be read whole (their blocks cannot be counted)."""
+        piece_counts: dict[bytes, int] = {}
+        named_by: dict[bytes, bytes] = {}   # piece id -> a map that names it
+        damaged: list[str] = []
+        for key in self.map_keys():
+            try:
+                with self.read() as txn:
+                    ids = set(self._layout().piece_ids(txn, key))
+            except CorruptBlockError as e:
+                damaged.append(e.message)
+                continue
+            for piece_id in ids:
+                piece_counts[piece_id] = piece_counts.get(piece_id, 0) + 1
+                named_by.setdefault(piece_id, key)
+        pieces = []
+        for piece_id in piece_counts:
+            try:
+                with self.read() as txn:
+                    pieces.append(self._layout().stored_piece(txn, piece_id, named_by[piece_id]))
+            except CorruptBlockError as e:
+                damaged.append(e.message)
+        return count_references(pieces), piece_counts, damaged
 
+    def replace_refs(self, counts: dict[bytes, int], piece_counts: dict[bytes, int]) -> None:
+        """Rewrite `refs` and `piece_refs` whole, in one transaction (check --repair, from recount)."""
         def fill(txn):
-            txn.drop(refs, delete=False)
-            for digest, count in sorted(counts.items()):
-                txn.put(digest, REF.pack(count), db=refs)
+            for name, values in (("refs", counts), ("piece_refs", piece_counts)):
+                txn.drop(self._need(name), delete=False)
+                for key, count in sorted(values.items()):
+                    txn.put(key, REF.pack(count), db=self._need(name))
         self.write(fill)
 
     def unreferenced_blocks(self, per_transaction: int = 4096) -> Iterator[bytes]:
@@ -610,57 +628,37 @@ class Store:
             raise RpfsError(f"unknown VM {vm!r} in store {self.path} (VMs: {known})")
         raise RpfsError(f"VM {vm!r} has no recovery point {point_id!r} (latest: {latest})")
 
-    def block_map(self, map_key: bytes, checked: bool = True) -> bytes:
-        """A whole block map (32 bytes per block), checked against its tags unless told (check counts the
-        blocks a damaged map names too, so that no repair frees them); for scans that visit every block."""
+    def block_map(self, map_key: bytes) -> bytes:
+        """A whole block map (32 bytes per block), checked; for scans that visit every block anyway."""
         with self.read() as txn:
+            if self._maps is not None:
+                return self._layout().whole(txn, map_key)
             block_map = txn.get(map_key, db=self._dbs["maps"])
-            if block_map is None:
-                return b""
-            block_map = bytes(block_map)
-            tags = self._stored_tags(txn, map_key)
-        if checked:
-            self._check_map(map_key, block_map, tags)
-        return block_map
-
-    def check_map(self, map_key: bytes, block_map: bytes) -> None:
-        """Raise CorruptBlockError if a block map read with checked=False fails its tags."""
-        with self.read() as txn:
-            tags = self._stored_tags(txn, map_key)
-        self._check_map(map_key, block_map, tags)
-
-    def _check_map(self, map_key: bytes, block_map: bytes, tags: bytes) -> None:
-        if self.encrypted and not hmac.compare_digest(tags, self._map_tags(map_key, block_map)):
-            raise _map_damaged(map_key)
+            return b"" if block_map is None else bytes(block_map)
 
     def map_piece(self, map_key: bytes, piece: int) -> bytes:
-        """Entries piece*MAP_PIECE... of a block map (fewer at its end), checked against the piece's tag."""
-        start, size = piece * MAP_PIECE * DIGEST_SIZE, MAP_PIECE * DIGEST_SIZE
+        """Entries piece*MAP_PIECE... of a block map (fewer at its end), checked."""
         with self.read() as txn:
+            if self._maps is not None:
+                return self._layout().piece(txn, map_key, piece)
             block_map = txn.get(map_key, db=self._dbs["maps"])
             if block_map is None:
                 raise RpfsError("block map missing for " + map_key.decode().replace("\0", "/"))
-            found, length = bytes(block_map[start:start + size]), len(block_map)
-            tags = self._stored_tags(txn, map_key)
-        if start >= max(length, 1):
-            raise RpfsError(f"block {piece * MAP_PIECE} is beyond the block map of "
-                            + map_key.decode().replace("\0", "/"))
-        if self.encrypted and not hmac.compare_digest(tags[piece * 32:(piece + 1) * 32],
-                                                      self._map_tag(map_key, start, length, found)):
-            raise _map_damaged(map_key)
-        return found
+            return flat_map_piece(block_map, map_key, piece)
 
     def block_digest(self, map_key: bytes, index: int) -> bytes:
-        """The digest of one block of a disk, read in place from the block map (never loaded whole)."""
-        if self.encrypted:   # a whole piece is checked: kept, so a full restore checks each piece once
-            return self._pieces.digest(map_key, index, self.map_piece)
-        with self.read() as txn:
-            block_map = txn.get(map_key, db=self._dbs["maps"])
-            if block_map is None:
-                raise RpfsError("block map missing for " + map_key.decode().replace("\0", "/"))
-            return bytes(block_map[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE])
+        """The id of one block of a disk, from its piece of the block map (pieces are kept: a reader going
+        block by block fetches and checks each piece once)."""
+        return self._pieces.digest(map_key, index, self.map_piece)
 
-    # -- what encryption adds: sealed records, tagged block maps, key slots ------------------------
+    def _layout(self) -> BlockMaps:
+        if self._maps is None:
+            self._keys()   # an encrypted store opened without its key says so
+            raise RpfsError(f"store {self.path} has format version {self.format_version}; run a writing command on"
+                            " it once (e.g. rpfs backup) to upgrade it")
+        return self._maps
+
+    # -- what encryption adds: sealed records, key slots -----------------------------------------
     @property
     def master_key(self) -> bytes | None:
         """The unlocked master key, to hand to a process of rpfs's own (a daemon, a reader process)."""
@@ -683,21 +681,6 @@ class Store:
     def _put_point_record(self, txn, point: RecoveryPoint) -> None:
         key = self.point_key(point.vm, point.id)
         txn.put(key, self._seal("points", key, point.to_json()), db=self._dbs["points"])
-
-    def _map_tag(self, map_key: bytes, start: int, length: int, piece: bytes) -> bytes:
-        return self._keys().map_tag(map_key + b"\0" + MAP_TAG.pack(start, length) + piece)
-
-    def _map_tags(self, map_key: bytes, block_map: bytes) -> bytes:
-        """One tag per piece (an empty map has one too): a piece changed, moved or cut off is detected."""
-        size, view = MAP_PIECE * DIGEST_SIZE, memoryview(block_map)
-        return b"".join(self._map_tag(map_key, start, len(view), bytes(view[start:start + size]))
-                        for start in range(0, max(len(view), 1), size))
-
-    def _stored_tags(self, txn, map_key: bytes) -> bytes:
-        if not self.encrypted:
-            return b""
-        tags = txn.get(map_key, db=self._need("map_tags"))
-        return b"" if tags is None else bytes(tags)
 
     def key_lock(self) -> KeyLock:
         """The key slots (a damaged one is listed apart: the others still open the store)."""
@@ -800,11 +783,6 @@ class MapPieces:
         return piece[at * DIGEST_SIZE:(at + 1) * DIGEST_SIZE]
 
 
-def _map_damaged(map_key: bytes) -> CorruptBlockError:
-    where = map_key.decode(errors="replace").replace("\0", "/")
-    return CorruptBlockError(f"the block map of {where} fails authentication (changed, or moved from elsewhere)")
-
-
 def _holds_a_store(path: Path) -> bool:
     """True if path holds a store whose creation finished (an init killed half-way left none)."""
     try:
@@ -850,20 +828,3 @@ def _record(kind: str, name, value) -> dict:
     if not isinstance(record, dict):
         raise CorruptBlockError(f"the {kind} record {name!r} is damaged; rpfs check tells more")
     return record
-
-
-def count_references(block_maps: Iterable) -> dict[bytes, int]:
-    """digest -> how many of the block maps reference it: what `refs` must hold."""
-    counts: dict[bytes, int] = {}
-    for block_map in block_maps:
-        for digest in distinct_digests(block_map):
-            counts[digest] = counts.get(digest, 0) + 1
-    return counts
-
-
-def distinct_digests(block_map) -> set[bytes]:
-    """The distinct stored blocks a block map references (holes are not blocks)."""
-    view = memoryview(block_map)
-    found = {bytes(view[i:i + DIGEST_SIZE]) for i in range(0, len(view), DIGEST_SIZE)}
-    found.discard(HOLE)
-    return found

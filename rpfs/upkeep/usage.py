@@ -19,7 +19,8 @@ from pathlib import Path
 
 from rpfs.store import blob
 from rpfs.store.recovery_point import DIGEST_SIZE, HOLE
-from rpfs.store.store import Store, distinct_digests
+from rpfs.store.block_maps import distinct_digests
+from rpfs.store.store import Store
 
 
 @dataclass

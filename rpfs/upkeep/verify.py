@@ -10,7 +10,8 @@ from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.store.isolated import IsolatedStore
 from rpfs.store.leases import Lease
 from rpfs.store.recovery_point import RecoveryPoint
-from rpfs.store.store import Store, distinct_digests
+from rpfs.store.block_maps import distinct_digests
+from rpfs.store.store import Store
 
 
 @dataclass
