@@ -265,6 +265,11 @@ def test_attach_whole_disk_filesystem(area):
     try:
         assert [(a.name, a.partition, a.fstype, a.offset) for a in attached] == [("disk", None, "ext4", 0)]
         assert read_tree(dest / "disk") == files
+        # direct I/O (no second copy in the loop device's cache) and a read-ahead of one store block
+        source = next(m.source for m in mountinfo.read_mountinfo() if m.mountpoint == str(dest / "disk"))
+        loop = os.path.basename(source)
+        assert Path(f"/sys/block/{loop}/loop/dio").read_text().strip() == "1"
+        assert Path(f"/sys/block/{loop}/queue/read_ahead_kb").read_text().strip() == "1024"
     finally:
         detach(dest)
 

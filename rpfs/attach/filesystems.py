@@ -25,6 +25,8 @@ from rpfs.host.mountinfo import Mount, read_mountinfo
 from rpfs.host.tools import error_line, run_tool, run_tool_raw
 from rpfs.store.recovery_point import check_name
 
+LOOP_READ_AHEAD_KB = 1024   # one block of a store of the default block size
+
 # Per filesystem: options that keep the mount read-only and stop any journal/log replay.
 # nodev,nosuid: a backup's device nodes and setuid binaries must not become usable.
 MOUNT_OPTIONS: dict[str, str] = {
@@ -220,9 +222,26 @@ def _attach_target(image: Path, target: _Target, dest: Path) -> AttachedFilesyst
     except BaseException:
         _rollback_mount(mountpoint)
         raise
+    mounted = _attach_mount_at(mountpoint)
+    if mounted is not None:
+        _tune_loop(mounted)
     result.mountpoint = str(mountpoint)
     result.status = MOUNTED
     return result
+
+
+def _tune_loop(mount: Mount) -> None:
+    """Best effort, once mounted: direct I/O, so the loop device does not keep a second copy of what the
+    image's own file (an rpfs mount's page cache, say) keeps already, and a read-ahead of LOOP_READ_AHEAD_KB,
+    so a reader copying files out asks the image in large requests (the kernel's default is 128 KiB)."""
+    loop = re.fullmatch(r"/dev/(loop\d+)", mount.source)
+    if loop is None:
+        return
+    run_tool_raw(["losetup", "--direct-io=on", mount.source])   # refused on some files: stays buffered
+    try:
+        Path(f"/sys/block/{loop.group(1)}/queue/read_ahead_kb").write_text(str(LOOP_READ_AHEAD_KB))
+    except OSError:
+        pass
 
 
 def _probe(image: Path, offset: int, size: int) -> tuple[str | None, str | None]:
