@@ -334,6 +334,8 @@ def test_version_1_store_is_read_and_then_upgraded(tmp_path):
         assert blocks and set(blocks.values()) == {1}                 # its blocks, named by one piece
         assert read_all(upgraded, upgraded.point("vm2"), "e") == a.read_bytes()
         assert upgraded.recount() == (blocks, pieces, [])
+        upgraded._upgrade(1)   # what a second command that saw version 1 too does: nothing, it is done
+        assert upgraded.ref_counts() == (blocks, pieces) and upgraded.recount() == (blocks, pieces, [])
 
 
 def test_a_backup_of_an_unchanged_disk_adds_an_index_not_a_map(tmp_path):

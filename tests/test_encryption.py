@@ -97,7 +97,7 @@ def test_a_changed_block_map_or_a_moved_record_is_detected(tmp_path):
     rpfs("init", store=store)
     rpfs("backup", "vm", f"--disk=d={disk}", store=store)
     rpfs("backup", "vm2", f"--disk=d={write_image(tmp_path / 'e.img', 5, 2 * MiB)}", store=store)
-    with open_store(store) as s:
+    with open_store(store) as s:   # (each read below in a new handle: a handle keeps what it checked)
         point, other = s.point("vm"), s.point("vm2")
         key, other_key = s.map_key("vm", point.id, "d"), s.map_key("vm2", other.id, "d")
         with s.read() as txn:   # vm2's index put where vm's was: it does not open there
@@ -105,14 +105,16 @@ def test_a_changed_block_map_or_a_moved_record_is_detected(tmp_path):
             piece_id = s.codec.block_id(s.map_piece(key, 0))   # vm's map is one piece, named by no other
             piece = bytearray(txn.get(piece_id, db=s.db("pieces")))
         s.write(lambda txn: txn.put(key, other_index, db=s.db("maps")))
+    with open_store(store) as s:
         with pytest.raises(CorruptBlockError, match=f"block map index of vm/{point.id}/d fails authentication"):
             read_all(s, point, "d")
         s.write(lambda txn: txn.put(key, index, db=s.db("maps")))
+    with open_store(store) as s:
         assert read_all(s, point, "d") == disk.read_bytes()
         piece[-1] ^= 1                          # one bit of the sealed piece
         s.write(lambda txn: txn.put(piece_id, bytes(piece), db=s.db("pieces")))
     with open_store(store) as s, pytest.raises(CorruptBlockError, match="a piece of the block map of vm/.* fails auth"):
-        read_all(s, point, "d")   # (a new handle: a handle keeps the pieces it checked)
+        read_all(s, point, "d")
     done = rpfs("check", store=store, check=False)
     assert done.returncode == 4 and "a piece of the block map of vm" in done.stdout, done
     assert "fails authentication" in done.stdout and "repaired" not in rpfs("check", "--repair", store=store,

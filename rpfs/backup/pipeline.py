@@ -151,8 +151,14 @@ def _tracked_changes(store: Store, vm: str, sources: list[DiskSource],
             continue
         old = previous.snapshot.unchanged(disk.name, disk.size)
         same = extents.unchanged_blocks(old, source.fd, disk.size, source.size, store.block_size) if old else None
-        if same is not None:
-            found[source.name] = TrackedChanges(store.block_map(store.map_key(vm, previous.id, disk.name)), same)
+        if same is None:
+            continue
+        try:
+            previous_map = store.block_map(store.map_key(vm, previous.id, disk.name))
+        except RpfsError:   # a damaged map: this disk is read whole, as without change tracking
+            continue
+        if len(previous_map) == disk.blocks * DIGEST_SIZE:
+            found[source.name] = TrackedChanges(previous_map, same)
     return found
 
 

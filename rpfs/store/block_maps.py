@@ -16,6 +16,7 @@ reads as an error. Formats 1 and 2 kept whole maps in `maps`; they are read as t
 from __future__ import annotations
 
 import struct
+import threading
 from typing import Callable
 
 from rpfs.errors import CorruptBlockError, RpfsError
@@ -25,6 +26,7 @@ from rpfs.store.recovery_point import DIGEST_SIZE, HOLE
 MAP_PIECE = 1024                      # block map entries per piece (32 KiB)
 PIECE_BYTES = MAP_PIECE * DIGEST_SIZE
 COUNT = struct.Struct("<Q")           # an index: the entry count, then the piece ids
+INDEXES_KEPT = 64                     # opened indexes kept per store handle
 REF = struct.Struct("<I")
 
 
@@ -39,6 +41,8 @@ class BlockMaps:
         self._maps, self._pieces = dbs["maps"], dbs["pieces"]
         self._piece_refs, self._refs = dbs["piece_refs"], dbs["refs"]
         self._block_id, self._keyring = block_id, keyring
+        self._indexes: dict[bytes, tuple[int, list[bytes]]] = {}   # opened indexes (a map never changes)
+        self._indexes_lock = threading.Lock()
 
     # -- writing -------------------------------------------------------------------------------------
     def put(self, txn, map_key: bytes, block_map: bytes | memoryview) -> None:
@@ -52,6 +56,8 @@ class BlockMaps:
                 txn.put(piece_id, self._seal(b"pieces", piece_id, piece), db=self._pieces)
                 for digest in distinct_digests(piece):
                     _bump(txn, self._refs, digest, +1)
+            elif txn.get(piece_id, db=self._pieces) is None:   # counted but lost (damage): stored again
+                txn.put(piece_id, self._seal(b"pieces", piece_id, piece), db=self._pieces)
             txn.put(piece_id, REF.pack((REF.unpack(count)[0] if count is not None else 0) + 1), db=self._piece_refs)
         index = COUNT.pack(len(view) // DIGEST_SIZE) + b"".join(ids)
         txn.put(map_key, self._seal(b"maps", map_key, index), db=self._maps)
@@ -62,7 +68,10 @@ class BlockMaps:
         on a guess."""
         released = 0
         stored = txn.get(map_key, db=self._maps)
-        ids = set(self._index(map_key, stored)[1]) if stored is not None else set()
+        try:
+            ids = set(self._index(map_key, stored)[1]) if stored is not None else set()
+        except CorruptBlockError:   # a damaged index names nothing we can trust: it goes, counts stay
+            ids = set()
         for piece_id in ids:
             if _bump(txn, self._piece_refs, piece_id, -1) > 0:
                 continue
@@ -108,11 +117,21 @@ class BlockMaps:
         return self._piece(txn, piece_id, map_key)
 
     def _index(self, map_key: bytes, stored) -> tuple[int, list[bytes]]:
+        """The entry count and piece ids of an index, opened once per map (a reader asks once per piece)."""
+        with self._indexes_lock:
+            found = self._indexes.get(map_key)
+        if found is not None:
+            return found
         index = self._unseal(b"maps", map_key, stored, f"the block map index of {where(map_key)}")
         if len(index) < COUNT.size or (len(index) - COUNT.size) % DIGEST_SIZE:
             raise CorruptBlockError(f"the block map index of {where(map_key)} is damaged")
         ids = [bytes(index[at:at + DIGEST_SIZE]) for at in range(COUNT.size, len(index), DIGEST_SIZE)]
-        return COUNT.unpack_from(index)[0], ids
+        found = COUNT.unpack_from(index)[0], ids
+        with self._indexes_lock:
+            if len(self._indexes) >= INDEXES_KEPT:
+                self._indexes.clear()
+            self._indexes[map_key] = found
+        return found
 
     def _piece(self, txn, piece_id: bytes, map_key: bytes | None) -> bytes:
         of = f" of the block map of {where(map_key)}" if map_key else ""

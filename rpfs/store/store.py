@@ -243,11 +243,13 @@ class Store:
         def fill(txn):
             for name in DB_NAMES[len(V1_DB_NAMES):]:
                 self._dbs[name.decode()] = self._env.open_db(name, txn=txn, create=True)
-            maps = {bytes(k): bytes(v) for k, v in txn.cursor(db=self._dbs["maps"])}
+            if txn.get(b"format_version", db=self._dbs["meta"]) == str(FORMAT_VERSION).encode():
+                return   # another command upgraded it since we looked: its maps are indexes already
+            keys = [bytes(k) for k in txn.cursor(db=self._dbs["maps"]).iternext(values=False)]
             txn.drop(self._dbs["refs"], delete=False)
             layout = BlockMaps(self._dbs, BlockCodec("sha256").block_id, None)
-            for key, block_map in maps.items():
-                layout.put(txn, key, block_map)
+            for key in keys:   # one whole map in memory at a time
+                layout.put(txn, key, bytes(txn.get(key, db=self._dbs["maps"])))
             txn.put(b"map_layout", MAP_LAYOUT.encode(), db=self._dbs["meta"])
             txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=self._dbs["meta"])
         self.write(fill)
