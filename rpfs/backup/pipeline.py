@@ -281,29 +281,28 @@ class _BackupRun:
         if progress:
             progress(self.counts["read"], total)
 
-    def take_unchanged(self, d: int, index: int, digest: bytes) -> None:
-        """A block change tracking vouches for: the previous point's id, nothing read."""
+    def record(self, d: int, index: int, digest: bytes) -> int:
+        """Put a block's id in its disk's map and count it; returns its length, or 0 for a hole."""
         length = min(self.bs, self.sources[d].size - index * self.bs)
         self.counts["read"] += length
         self.maps[d][index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = digest
         if digest == HOLE:
             self.counts["zero"] += length
             self.records[d].zero_blocks += 1
-        else:
-            self.counts["unchanged"] += length
-            self.referenced[d].add(digest)
+            return 0
+        self.referenced[d].add(digest)
+        return length
+
+    def take_unchanged(self, d: int, index: int, digest: bytes) -> None:
+        """A block change tracking vouches for: the previous point's id, nothing read."""
+        self.counts["unchanged"] += self.record(d, index, digest)
 
     def take_hashed(self, d: int, index: int, fut: Future, pool: ThreadPoolExecutor) -> None:
         """Record one hashed block in its disk's map, and start compressing it if the store lacks it."""
         digest, data = fut.result()
-        length = min(self.bs, self.sources[d].size - index * self.bs)
-        self.counts["read"] += length
-        self.maps[d][index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = digest
-        if digest == HOLE:
-            self.counts["zero"] += length
-            self.records[d].zero_blocks += 1
+        length = self.record(d, index, digest)
+        if not length:
             return
-        self.referenced[d].add(digest)
         # The writer before the store: a batch leaves the writer only once it is in the store.
         if (digest in self.compressing or digest in self.batch or self.writer.holds(digest)
                 or self.store.has_block(digest)):
