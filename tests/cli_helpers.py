@@ -36,24 +36,26 @@ def open_store(path: Path, readonly: bool = False):
 
 
 PREVIOUS_RELEASE = "0351bf2"   # the last commit before format 3: it makes stores of format 2
+FORMAT_3_RELEASE = "e0736c4"   # the last commit before format 4: stores of format 3 (blobs not in frames)
 
 
-def previous_release(tmp_path: Path) -> Path:
-    """That release's rpfs package, unpacked from git history into tmp_path (for stores of format 2)."""
+def previous_release(tmp_path: Path, commit: str = PREVIOUS_RELEASE) -> Path:
+    """That release's rpfs package, unpacked from git history into tmp_path (for stores of older formats)."""
     from conftest import skip_or_fail_in_ci
-    old = tmp_path / "previous-rpfs"
+    old = tmp_path / f"rpfs-{commit}"
     old.mkdir()
-    archive = subprocess.run(["git", "archive", PREVIOUS_RELEASE, "rpfs"], cwd=REPO, capture_output=True)
+    archive = subprocess.run(["git", "archive", commit, "rpfs"], cwd=REPO, capture_output=True)
     if archive.returncode != 0:
-        skip_or_fail_in_ci(f"this checkout has no commit {PREVIOUS_RELEASE} to take the previous release from")
+        skip_or_fail_in_ci(f"this checkout has no commit {commit} to take an earlier release from")
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
     return old
 
 
-def previous_rpfs(old: Path, store: Path, *args: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RPFS_KEY_FILE", "RPFS_STORE")}
-    subprocess.run([sys.executable, "-m", "rpfs", "--store", str(store), *args], cwd=old, check=True,
-                   capture_output=True, env={**env, "PYTHONPATH": str(old)})
+def previous_rpfs(old: Path, store: Path, *args: str, keep_key: bool = False) -> subprocess.CompletedProcess:
+    """Run that release's rpfs on store (without the session's key file unless keep_key)."""
+    env = {k: v for k, v in os.environ.items() if k not in (() if keep_key else ("RPFS_KEY_FILE",)) + ("RPFS_STORE",)}
+    return subprocess.run([sys.executable, "-m", "rpfs", "--store", str(store), *args], cwd=old, check=True,
+                          capture_output=True, env={**env, "PYTHONPATH": str(old)})
 
 
 def is_mounted(path: Path) -> bool:

@@ -328,7 +328,7 @@ def test_version_1_store_is_read_and_then_upgraded(tmp_path):
         with pytest.raises(RpfsError, match="format version 1"):
             old.records("jobs") or old.get_record("jobs", "x")
     with open_store(tmp_path / "s") as upgraded:
-        assert upgraded.format_version == 3
+        assert upgraded.format_version == 4
         blocks, pieces = upgraded.ref_counts()
         assert len(pieces) == 1 and set(pieces.values()) == {3}      # one piece, named by three maps
         assert blocks and set(blocks.values()) == {1}                 # its blocks, named by one piece

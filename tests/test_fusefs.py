@@ -85,7 +85,7 @@ def test_corrupt_block_is_eio(fs):
     key = store.map_key("vm", point.id, "d")
     bad = next(i for i in range(point.disk("d").blocks) if store.block_digest(key, i) == digest)
     fh = call(ops.open, lookup_path(ops, "vm", point.id, "d.img"), os.O_RDONLY, None).fh
-    assert errno_of(ops.read, fh, bad * MiB, 4096) == errno.EIO
+    assert errno_of(ops.read, fh, (bad + 1) * MiB - 4096, 4096) == errno.EIO   # the damaged (last) frame
 
 
 def test_open_waits_for_a_prune_off_the_fuse_loop(tmp_path):

@@ -120,8 +120,8 @@ def test_corrupt_block_reads_as_eio(tmp_path):
     with mounted(store_dir, tmp_path / "mnt") as mnt:
         fd = os.open(mnt / "vm" / "latest" / "d.img", os.O_RDONLY)
         try:
-            with pytest.raises(OSError) as err:
-                os.pread(fd, 4096, bad[0] * MiB)
+            with pytest.raises(OSError) as err:   # the damaged byte is in the block's last frame
+                os.pread(fd, 4096, (bad[0] + 1) * MiB - 4096)
             assert err.value.errno == errno.EIO
             good = [i for i in range(3) if i not in bad]
             source = img.read_bytes()

@@ -1,14 +1,16 @@
 """Random-access reads of one disk of a recovery point: the one path from a block map to bytes.
 
 The FUSE mount and the full restore both read through ImageReader. Holes read as zeros without touching
-the store; stored blocks are decoded, checked against their digest, and kept in a BlockCache shared by
-all images, bounded in bytes, so memory does not grow with disk size.
+the store; stored blocks are decoded, each frame checked (blob.py), and kept in a BlockCache shared by
+all images, bounded in bytes, so memory does not grow with disk size. A random read decodes only the
+frames it needs and caches nothing (read_frames): a whole block would cost 16 times as much.
 """
 from __future__ import annotations
 
 import functools
 import threading
 from collections import OrderedDict
+from typing import Callable
 
 from rpfs.errors import CorruptBlockError
 from rpfs.store.recovery_point import HOLE, DiskRecord
@@ -48,10 +50,11 @@ class BlockCache:
         return self._bytes
 
 
-def load_block(store: Store, digest: bytes) -> bytes:
-    """Fetch, decode and verify one block: wrong data never leaves this function."""
+def load_block(store: Store, digest: bytes, start: int = 0, stop: int | None = None) -> bytes:
+    """Fetch, decode and check bytes [start, stop) of one block: wrong data never leaves this function."""
     try:
-        data = store.get_blob(digest, functools.partial(store.codec.decode, digest))
+        part = None if (start, stop) == (0, None) else (start, stop)
+        data = store.get_blob(digest, functools.partial(store.codec.read, digest, start=start, stop=stop), part)
     except CorruptBlockError as e:
         raise CorruptBlockError(f"block {digest.hex()}: {e.message}") from None
     if data is None:
@@ -115,19 +118,35 @@ class ImageReader:
 
     def read(self, offset: int, size: int) -> bytes:
         """Bytes at [offset, offset+size), short at the end of the disk. Raises CorruptBlockError."""
-        return self._read(offset, size, cached_only=False)
+        return self._read(offset, size, lambda index, start, stop: _part(self.load(index), start, stop))
 
     def read_cached(self, offset: int, size: int) -> bytes | None:
         """The same bytes if every block is a hole or cached (cheap enough to serve inline), else None."""
-        return self._read(offset, size, cached_only=True)
+        return self._read(offset, size, lambda index, start, stop: _part(self.peek(index), start, stop))
 
-    def _read(self, offset: int, size: int, cached_only: bool) -> bytes | None:
+    def read_frames(self, offset: int, size: int) -> bytes:
+        """The same bytes, decoding only the frames of uncached blocks they lie in, caching nothing."""
+        def part(index: int, start: int, stop: int) -> bytes:
+            digest = self.digest(index)
+            data = HOLE if digest == HOLE else self.cache.get(digest)
+            return _part(data, start, stop) if data is not None else load_block(self.store, digest, start, stop)
+        return self._read(offset, size, part)
+
+    def _read(self, offset: int, size: int, part: Callable[[int, int, int], bytes | None]) -> bytes | None:
+        """Join part(block index, start, stop) over the blocks the range touches; None if a part is None."""
         parts = []
         for index, start, stop in self._ranges(offset, size):
-            data = self.peek(index) if cached_only else self.load(index)
+            data = part(index, start, stop)
             if data is None:
                 return None
-            parts.append(bytes(stop - start) if data is HOLE else data[start:stop])
+            parts.append(data)
         if len(parts) == 1:
             return parts[0]
         return b"".join(parts)
+
+
+def _part(block: bytes | None, start: int, stop: int) -> bytes | None:
+    """Bytes [start, stop) of a block's data (zeros for HOLE); None stays None."""
+    if block is None:
+        return None
+    return bytes(stop - start) if block is HOLE else block[start:stop]

@@ -8,9 +8,10 @@ own, or the group `rpfs mount --allow-group` names. The mount has allow_other on
 these modes (default_permissions), so a member reads and everyone else gets EACCES.
 
 Concurrency: pyfuse3 runs handlers as trio tasks. Reads whose blocks are all cached (or holes) are
-answered inline; the rest go to worker threads (decompression and hashing release the GIL), bounded
-by a CapacityLimiter. Inode numbers are handed out on first lookup and never reused; the table grows
-with the number of recovery points seen, not with disk size.
+answered inline; the rest go to worker threads (decompression and hashing release the GIL), bounded by
+a CapacityLimiter: whole blocks, cached, for sequential readers; only the frames a random read needs.
+Inode numbers are handed out on first lookup and never reused; the table grows with the number of
+recovery points seen, not with disk size.
 """
 from __future__ import annotations
 
@@ -249,20 +250,26 @@ class RecoveryPointFS(pyfuse3.Operations):
             return self._infos[fh][off:off + size]
         reader = self._readers[fh]
         blocks = reader.blocks(off, size)
+        sequential = False
         if blocks:
             last = self._last_block.get(fh, -2)
-            if blocks[0] in (last, last + 1) and blocks[-1] > last and self._nursery is not None:
+            sequential = blocks[0] in (last, last + 1)
+            if sequential and blocks[-1] > last and self._nursery is not None:
                 # A sequential reader entered a new block: decode the next ones on the other core.
                 for ahead in range(blocks[-1] + 1, min(blocks[-1] + 1 + READ_AHEAD_BLOCKS, reader.block_count)):
                     self._nursery.start_soon(self._load_quietly, fh, ahead)
             self._last_block[fh] = blocks[-1]
         data = reader.read_cached(off, size)
+        if data is None and sequential:   # whole blocks, cached for the reads that follow
+            try:
+                for index in blocks:
+                    await self._load(fh, index)
+                data = reader.read_cached(off, size)  # None only if a tiny cache evicted a block meanwhile
+            except CorruptBlockError:
+                pass   # a damaged frame: read only the frames asked for, so that only its range fails
         if data is None:
-            for index in blocks:
-                await self._load(fh, index)
-            data = reader.read_cached(off, size)  # None only if a tiny cache evicted a block meanwhile
-        if data is None:
-            data = await trio.to_thread.run_sync(reader.read, off, size, limiter=self._limiter)
+            # A random read: decode only the frames it needs; a whole block would cost 16 times as much.
+            data = await trio.to_thread.run_sync(reader.read_frames, off, size, limiter=self._limiter)
         return data
 
     async def _load(self, fh: int, index: int) -> None:

@@ -1,10 +1,17 @@
-"""The framing of one stored block: a small header (magic, codec, flags, length, CRC-32) before the payload.
+"""The framing of one stored block: a small header (magic, codec, flags, frame size, length, CRC-32) before
+the payload.
 
 The header lets a verifier find rot without decoding or a key, and leaves room for later codecs (a new
-codec or flag value, never a reinterpretation of an old one). In an encrypted store the payload is sealed
-(flag SEALED): nonce + AES-256-GCM ciphertext of the (compressed) block + tag, with the block id and the
-header's first 12 bytes as associated data, so a blob moved to another id, or given another codec or
-length, does not open. A store is all sealed or all plain: anything else reads as damaged.
+codec or flag value, never a reinterpretation of an old one). Since store format 4 a block is stored in
+frames (CODEC_FRAMES): every 64 KiB of it compressed (or kept raw) on its own, behind a table of frames,
+so that a 4 KiB read decodes 64 KiB, not the whole block (README, Random reads). Each frame is checked on
+its own as it is read: by a CRC-32 of its raw bytes in a plain store, by its AES-256-GCM tag in an
+encrypted one (a CRC of plaintext would leak it). Full block-id checks are left to verify and check.
+
+In an encrypted store the payload is sealed (flag SEALED): nonce + AES-256-GCM ciphertext + tag per frame
+(per blob for the whole-block codecs of format 3), with the block id, the header's first 12 bytes and the
+frame's index and codec as associated data, so a frame moved to another block or place, or given another
+codec or length, does not open. A store is all sealed or all plain: anything else reads as damaged.
 """
 from __future__ import annotations
 
@@ -21,12 +28,16 @@ from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.store.crypto import SEAL_OVERHEAD, Keyring
 
 MAGIC = b"RPB1"
-HEADER = struct.Struct("<4sBBHI I")  # magic, codec, flags, reserved, raw length, crc32(payload)
+HEADER = struct.Struct("<4sBBHI I")  # magic, codec, flags, frame KiB (CODEC_FRAMES), raw length, crc32(payload)
 SEALED_PART = struct.Struct("<4sBBHI")   # the header but its CRC: what a sealed payload is bound to
+FRAME = struct.Struct("<BII")            # per frame: codec, stored length, crc32 of its raw bytes (0 if sealed)
+FRAME_PLACE = struct.Struct("<IB")       # what a sealed frame is bound to besides the header: index, codec
 FLAG_SEALED = 1
 CRC = struct.Struct("<I")
-CODEC_RAW = 0
-CODEC_ZSTD = 1
+CODEC_RAW = 0      # whole block, stored as it is (format 3)
+CODEC_ZSTD = 1     # whole block, one zstd frame (format 3)
+CODEC_FRAMES = 2   # format 4: a table of frames, each CODEC_RAW or CODEC_ZSTD
+FRAME_SIZE = 64 << 10   # measured: 4 KiB reads 2.5x faster than whole 1 MiB blocks, 0.9% more stored (README)
 DEFAULT_ZSTD_LEVEL = 1   # measured: ~15% faster backups than level 3 for ~2.5% more stored (README)
 
 _local = threading.local()
@@ -48,10 +59,18 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
+def _decompress(payload, raw_length: int) -> bytes:
+    try:
+        return _decompressor().decompress(payload, max_output_size=raw_length)
+    except zstandard.ZstdError as e:
+        raise CorruptBlockError(f"stored block does not decompress: {e}") from None
+
+
 @dataclass(frozen=True)
 class BlobHeader:
     codec: int
     flags: int
+    frame_kib: int
     raw_length: int
     crc32: int
 
@@ -59,10 +78,10 @@ class BlobHeader:
 def read_header(blob: bytes | memoryview) -> BlobHeader:
     if len(blob) < HEADER.size:
         raise CorruptBlockError("stored block is shorter than its header")
-    magic, codec, flags, _reserved, raw_length, crc = HEADER.unpack_from(blob)
+    magic, codec, flags, frame_kib, raw_length, crc = HEADER.unpack_from(blob)
     if magic != MAGIC:
         raise CorruptBlockError("stored block has a bad magic number")
-    return BlobHeader(codec, flags, raw_length, crc)
+    return BlobHeader(codec, flags, frame_kib, raw_length, crc)
 
 
 def check_crc(blob: bytes | memoryview) -> BlobHeader:
@@ -81,11 +100,63 @@ def _plain_ids(name: str):
     raise RpfsError(f"this rpfs does not know block ids of kind {name!r} (use a matching rpfs release)")
 
 
+class _Frames:
+    """The frame table of one CODEC_FRAMES blob: where each frame lies (offsets from the end of the header)."""
+
+    def __init__(self, header: BlobHeader, table):
+        self.size = header.frame_kib << 10
+        if self.size == 0:
+            raise CorruptBlockError("stored block has a frame size of 0")
+        self.raw_length = header.raw_length
+        self.count = -(-header.raw_length // self.size)
+        if len(table) < self.count * FRAME.size:
+            raise CorruptBlockError("stored block is shorter than its frame table")
+        self.entries = [FRAME.unpack_from(table, n * FRAME.size) for n in range(self.count)]
+        self.starts = [self.count * FRAME.size]
+        for _codec, stored, _check in self.entries:
+            self.starts.append(self.starts[-1] + stored)
+
+    @property
+    def head_size(self) -> int:
+        return HEADER.size + self.starts[0]
+
+    def covering(self, start: int, stop: int) -> range:
+        """The frames that bytes [start, stop) of the block lie in."""
+        return range(start // self.size, (stop - 1) // self.size + 1) if start < stop else range(0)
+
+    def raw_size(self, index: int) -> int:
+        return min(self.size, self.raw_length - index * self.size)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """What a range of a block needs of its blob: the header and frame table, and the stored frames from
+    index `first` on. A reader process sends this instead of a whole blob (store/isolated.py)."""
+    head: bytes | memoryview
+    first: int
+    frames: bytes | memoryview
+
+
+def cut(blob: bytes | memoryview, start: int, stop: int) -> Cut | bytes:
+    """The Cut of a blob for bytes [start, stop) of its block (a blob not in frames: all of it). Needs no
+    key: the frame table is plain. Whatever it holds is checked frame by frame when it is read."""
+    header = read_header(blob)
+    if header.codec != CODEC_FRAMES:
+        return bytes(blob)
+    view = memoryview(blob)
+    frames = _Frames(header, view[HEADER.size:])
+    needed = frames.covering(start, min(stop, header.raw_length))
+    if not needed:
+        return Cut(bytes(view[:frames.head_size]), 0, b"")
+    span = view[HEADER.size + frames.starts[needed[0]]:HEADER.size + frames.starts[needed[-1] + 1]]
+    return Cut(bytes(view[:frames.head_size]), needed[0], bytes(span))
+
+
 class BlockCodec:
     """A store's way from raw blocks to blobs and back: block ids, compression, and sealing when encrypted.
 
-    block_id: sha256 (stores of format 1 and 2), blake3 (format 3, unencrypted) or keyed blake3 (encrypted).
-    Thread-safe: compression contexts are per thread."""
+    block_id: sha256 (stores of format 1 and 2), blake3 (format 3 and later, unencrypted) or keyed blake3
+    (encrypted). Thread-safe: compression contexts are per thread."""
 
     def __init__(self, block_id: str, zstd_level: int = DEFAULT_ZSTD_LEVEL, keyring: Keyring | None = None):
         self.keyring, self.zstd_level = keyring, zstd_level
@@ -99,43 +170,124 @@ class BlockCodec:
             found = self._zero_ids[length] = self.block_id(bytes(length))
         return found
 
-    def encode(self, digest: bytes, raw: bytes | memoryview) -> bytes | bytearray:
-        """Frame a block, zstd-compressed when that makes it smaller, raw otherwise; sealed when encrypted."""
-        packed = _compressor(self.zstd_level).compress(raw)
-        codec, payload = (CODEC_ZSTD, packed) if len(packed) < len(raw) else (CODEC_RAW, raw)
-        if self.keyring is None:
-            head = SEALED_PART.pack(MAGIC, codec, 0, 0, len(raw))
-            return head + CRC.pack(zlib.crc32(payload)) + payload
-        head = SEALED_PART.pack(MAGIC, codec, FLAG_SEALED, 0, len(raw))
-        framed = bytearray(HEADER.size + len(payload) + SEAL_OVERHEAD)   # sealed in place: one copy of the block
+    def encode(self, digest: bytes, raw: bytes | memoryview) -> bytearray:
+        """Frame a block: each frame zstd-compressed when that makes it smaller, raw otherwise; sealed when
+        encrypted. Written into one buffer: no copy of the block beyond its compressed frames."""
+        raw = memoryview(raw)
+        sealed = self.keyring is not None
+        head = SEALED_PART.pack(MAGIC, CODEC_FRAMES, FLAG_SEALED if sealed else 0, FRAME_SIZE >> 10, len(raw))
+        compress = _compressor(self.zstd_level).compress
+        frames = []
+        for start in range(0, len(raw), FRAME_SIZE):
+            part = raw[start:start + FRAME_SIZE]
+            packed = compress(part)
+            frames.append((CODEC_ZSTD, packed) if len(packed) < len(part) else (CODEC_RAW, part))
+        overhead = SEAL_OVERHEAD if sealed else 0
+        table_end = HEADER.size + len(frames) * FRAME.size
+        framed = bytearray(table_end + sum(len(p) + overhead for _c, p in frames))
         framed[:SEALED_PART.size] = head
-        sealed = memoryview(framed)[HEADER.size:]
-        self.keyring.seal_block_into(payload, digest + head, sealed)
-        CRC.pack_into(framed, SEALED_PART.size, zlib.crc32(sealed))
+        view, at = memoryview(framed), table_end
+        for n, (codec, payload) in enumerate(frames):
+            stored = len(payload) + overhead
+            check = 0 if sealed else zlib.crc32(raw[n * FRAME_SIZE:(n + 1) * FRAME_SIZE])
+            FRAME.pack_into(framed, HEADER.size + n * FRAME.size, codec, stored, check)
+            if sealed:
+                self.keyring.seal_block_into(payload, digest + head + FRAME_PLACE.pack(n, codec),
+                                             view[at:at + stored])
+            else:
+                view[at:at + stored] = payload
+            at += stored
+        CRC.pack_into(framed, SEALED_PART.size, zlib.crc32(view[HEADER.size:]))
         return framed
 
-    def decode(self, digest: bytes, blob: bytes | memoryview) -> bytes:
-        """The raw block, opened when sealed and checked against its id: wrong bytes never leave here."""
+    def _checked_header(self, blob) -> BlobHeader:
         header = read_header(blob)
-        payload = memoryview(blob)[HEADER.size:]
         if header.flags & ~FLAG_SEALED:
             raise CorruptBlockError(f"stored block has unknown flags {header.flags:#x}")
         if bool(header.flags & FLAG_SEALED) != (self.keyring is not None):
             raise CorruptBlockError("stored block is sealed in an unencrypted store" if self.keyring is None
                                     else "stored block is not sealed in an encrypted store")
-        if self.keyring is not None:
-            payload = memoryview(self.keyring.unseal_block(payload, digest + bytes(blob[:SEALED_PART.size])))
-        if header.codec == CODEC_RAW:
-            raw = bytes(payload)
-        elif header.codec == CODEC_ZSTD:
-            try:
-                raw = _decompressor().decompress(payload, max_output_size=header.raw_length)
-            except zstandard.ZstdError as e:
-                raise CorruptBlockError(f"stored block does not decompress: {e}") from None
-        else:
+        if header.codec not in (CODEC_RAW, CODEC_ZSTD, CODEC_FRAMES):
             raise CorruptBlockError(f"stored block has unknown codec {header.codec}")
-        if len(raw) != header.raw_length:
-            raise CorruptBlockError("stored block decodes to the wrong length")
+        return header
+
+    def decode(self, digest: bytes, blob: bytes | memoryview) -> bytes:
+        """The raw block, opened when sealed and checked against its id: what verify and check trust."""
+        header = self._checked_header(blob)
+        if header.codec == CODEC_FRAMES:
+            raw = self._read_frames(digest, header, _whole_cut(header, blob), 0, header.raw_length)
+        else:
+            raw = self._read_whole(digest, blob, header, memoryview(blob)[HEADER.size:])
         if self.block_id(raw) != digest:
             raise CorruptBlockError("stored block does not match its digest")
         return raw
+
+    def read(self, digest: bytes, blob: bytes | memoryview | Cut, start: int = 0, stop: int | None = None) -> bytes:
+        """Bytes [start, stop) of the block, from its blob or a Cut of it, checked the cheap way: only the
+        frames they lie in are decoded, each against its CRC or tag (a whole block of format 3 against its
+        id). Wrong bytes never leave here."""
+        if not isinstance(blob, Cut):
+            header = self._checked_header(blob)
+            if header.codec != CODEC_FRAMES:
+                raw = self.decode(digest, blob)
+                stop = len(raw) if stop is None else min(stop, len(raw))
+                return raw if (start, stop) == (0, len(raw)) else raw[start:stop]
+            blob = _whole_cut(header, blob)
+        header = self._checked_header(blob.head)
+        if header.codec != CODEC_FRAMES:
+            raise CorruptBlockError("stored block was cut but is not in frames")
+        stop = header.raw_length if stop is None else min(stop, header.raw_length)
+        return self._read_frames(digest, header, blob, start, stop)
+
+    def _read_frames(self, digest: bytes, header: BlobHeader, blob: Cut, start: int, stop: int) -> bytes:
+        frames = _Frames(header, memoryview(blob.head)[HEADER.size:])
+        needed = frames.covering(start, stop)
+        if not needed:
+            return b""
+        stored = memoryview(blob.frames)
+        if not 0 <= blob.first <= needed[0]:
+            raise CorruptBlockError("stored block was cut without the frames asked for")
+        base = frames.starts[blob.first]
+        if frames.starts[needed[-1] + 1] - base > len(stored):
+            raise CorruptBlockError("stored block is shorter than its frame table says")
+        aad = digest + bytes(blob.head[:SEALED_PART.size])
+        parts = [self._open_frame(aad, frames, n, stored[frames.starts[n] - base:frames.starts[n + 1] - base])
+                 for n in needed]
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        skip = needed[0] * frames.size
+        return data if (start - skip, stop - skip) == (0, len(data)) else data[start - skip:stop - skip]
+
+    def _open_frame(self, aad: bytes, frames: _Frames, n: int, stored: memoryview) -> bytes:
+        codec, _length, check = frames.entries[n]
+        if self.keyring is not None:
+            stored = self.keyring.unseal_block(stored, aad + FRAME_PLACE.pack(n, codec))
+        size = frames.raw_size(n)
+        if codec == CODEC_ZSTD:
+            raw = _decompress(stored, size)
+        elif codec == CODEC_RAW:
+            raw = bytes(stored)
+        else:
+            raise CorruptBlockError(f"stored block has a frame of unknown codec {codec}")
+        if len(raw) != size:
+            raise CorruptBlockError("stored block has a frame of the wrong length")
+        if self.keyring is None and zlib.crc32(raw) != check:
+            raise CorruptBlockError(f"stored block's frame {n} fails its CRC-32 check")
+        return raw
+
+    def _read_whole(self, digest: bytes, blob, header: BlobHeader, payload: memoryview) -> bytes:
+        """A block of format 3: one payload, raw or one zstd frame, sealed whole when encrypted."""
+        if self.keyring is not None:
+            payload = memoryview(self.keyring.unseal_block(payload, digest + bytes(blob[:SEALED_PART.size])))
+        raw = bytes(payload) if header.codec == CODEC_RAW else _decompress(payload, header.raw_length)
+        if len(raw) != header.raw_length:
+            raise CorruptBlockError("stored block decodes to the wrong length")
+        return raw
+
+
+def _whole_cut(header: BlobHeader, blob: bytes | memoryview) -> Cut:
+    """A whole blob in frames seen as a Cut (no copy), its length checked against its frame table."""
+    view = memoryview(blob)
+    frames = _Frames(header, view[HEADER.size:])
+    if HEADER.size + frames.starts[-1] != len(view):
+        raise CorruptBlockError("stored block's frame table does not match its length")
+    return Cut(view[:frames.head_size], 0, view[frames.head_size:])

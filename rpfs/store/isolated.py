@@ -5,8 +5,9 @@ crash by SIGBUS (README, Reliability), which no Python code can catch. The mount
 daemons therefore never map the LMDB file themselves: each read is a request to a reader process
 (`python -m rpfs.store.isolated`), and a reader that crashes costs one read an EIO, not the mount. The
 daemon still decodes and verifies every block (serve/image.py), so a reader can never hand it wrong
-bytes unnoticed. verify reads through it too, so that it names the recovery points such a page damages
-instead of dying with them.
+bytes unnoticed. For a random read a reader sends only the frames the read needs (blob.Cut), not the
+whole blob: copying 1 MiB through the socket cost more than decoding 64 KiB. verify reads through it
+too, so that it names the recovery points such a page damages instead of dying with them.
 
 Block maps are fetched in pieces and kept (recovery points never change), so a sequential reader asks
 a reader process for a map piece once per MAP_PIECE blocks, not once per block. For an encrypted store
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from rpfs.errors import CorruptBlockError, RpfsError
-from rpfs.store.blob import BlockCodec
+from rpfs.store.blob import BlockCodec, Cut, cut
 from rpfs.store.crypto import Keyring
 from rpfs.store.key_slots import KeyChoice
 from rpfs.store.recovery_point import RecoveryPoint
@@ -40,7 +41,7 @@ SOCKET_BUFFER = 4 << 20
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)   # root may go past net.core.wmem_max
 # What a reader process answers; nothing else reaches the store from a request.
 REQUESTS = ("describe", "point", "latest_point_id", "vms", "point_ids", "has_point", "stored_bytes",
-            "blob", "map_piece", "block_map")
+            "blob", "blob_cut", "map_piece", "block_map")
 
 
 class IsolatedStore:
@@ -97,10 +98,12 @@ class IsolatedStore:
     def stored_bytes(self) -> int:
         return self._call("stored_bytes")
 
-    def get_blob(self, digest: bytes, decode: Callable[[memoryview], T] = bytes) -> T | None:
-        """A stored blob, decoded here: a reader process only copies it out of LMDB."""
-        stored = self._call("blob", digest)
-        return None if stored is None else decode(memoryview(stored))
+    def get_blob(self, digest: bytes, decode: Callable[[memoryview | Cut], T] = bytes,
+                 part: tuple[int, int] | None = None) -> T | None:
+        """A stored blob, decoded here: a reader process only copies it out of LMDB (with part, a range of
+        the block: only the frames it lies in, as a blob.Cut that decode takes instead of the blob)."""
+        stored = self._call("blob", digest) if part is None else self._call("blob_cut", digest, *part)
+        return None if stored is None else decode(stored if isinstance(stored, Cut) else memoryview(stored))
 
     def block_map(self, map_key: bytes) -> bytes:
         """A whole block map, for scans that visit every block anyway (verify)."""
@@ -210,6 +213,8 @@ def _answer(store: Store, request: str, args: tuple, connection: Connection) -> 
                 connection.send_bytes(stored)
                 return
             value = None
+    elif request == "blob_cut":
+        value = store.get_blob(args[0], lambda stored: cut(stored, *args[1:]))
     else:
         value = getattr(store, request)(*args)
     connection.send_bytes(pickle.dumps(("ok", value), protocol=pickle.HIGHEST_PROTOCOL))

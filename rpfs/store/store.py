@@ -1,12 +1,12 @@
 """The store: one directory holding an LMDB environment with blocks by digest and the recovery-point catalog.
 
-Layout (format version 3), one LMDB environment `STORE/data.mdb` with named databases:
-  meta     b"format_version" -> b"3", b"block_size" -> decimal bytes, b"created" -> ISO time,
+Layout (format version 4), one LMDB environment `STORE/data.mdb` with named databases:
+  meta     b"format_version" -> b"4", b"block_size" -> decimal bytes, b"created" -> ISO time,
            b"zstd_level" -> decimal (used by writers only; any level decodes the same way),
            b"last_point_id\0<vm>" -> the newest recovery point id the VM was given (never reused),
            b"encryption" -> b"aes-256-gcm" or b"none", b"block_id" -> b"blake3-keyed" or b"blake3",
            b"store_id" -> 16 random bytes (hex), b"key_check" -> hex (encrypted stores; crypto.py)
-  blocks   block id (32 bytes) -> framed blob (blob.py: sealed when encrypted)
+  blocks   block id (32 bytes) -> blob (blob.py: 64 KiB frames since format 4; sealed when encrypted)
   points   b"<vm>\\0<rp id>" -> recovery point JSON (recovery_point.py), sealed when encrypted
   maps     b"<vm>\\0<rp id>\\0<disk>" -> the index of a block map (32-byte block id per block, zeros for
            a hole), kept in content-addressed pieces shared between points (block_maps.py)
@@ -18,10 +18,12 @@ Layout (format version 3), one LMDB environment `STORE/data.mdb` with named data
 When encrypted, VM names, recovery point ids, disk names, policy names and job ids (the keys) stay
 readable, and so do block sizes and how many blocks are shared; every value is sealed or keyed.
 Version 1 and 2 stores (whole block maps in `maps`, counted per map; version 1 without refs, policies,
-protected, jobs) are read as they are by read-only commands and upgraded in place to version 3 (their maps
+protected, jobs) are read as they are by read-only commands and upgraded in place to version 4 (their maps
 cut into pieces, counts recounted; unencrypted, sha256 block ids kept), in one transaction, by the first
-writing command. A version 3 store of a development build that kept whole maps (no meta map_layout) is
-refused.
+writing command. Version 3 differs from 4 only in that its blobs are never in frames: it is read as it is
+and marked version 4 by the first writing command (its old blobs stay as they are: both decode), so an
+rpfs that knows no frames refuses it from then on. A version 3 store of a development build that kept
+whole maps (no meta map_layout) is refused.
 
 Every transaction is short: readers hold one for one lookup, so LMDB can reuse freed pages.
 
@@ -54,7 +56,8 @@ from rpfs.store.crypto import Keyring
 from rpfs.store.key_slots import KeyChoice, KeyLock, KeySlot, NewSlot, new_master_key
 from rpfs.store.recovery_point import DIGEST_SIZE, RecoveryPoint
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+PIECES_VERSIONS = (3, FORMAT_VERSION)   # block maps in pieces; 3: no blob in frames yet
 ENCRYPTION = "aes-256-gcm"
 MAP_LAYOUT = "pieces"
 MIN_ENCRYPTED_BLOCK_SIZE = 64 << 10   # 2^32 random GCM nonces per key (NIST) x 64 KiB = 256 TiB sealed
@@ -101,11 +104,11 @@ class Store:
         with self.read() as txn:
             meta = {bytes(k): bytes(v) for k, v in txn.cursor(db=self._dbs["meta"])}
         version = int(meta.get(b"format_version", b"0"))
-        if version not in (1, 2, FORMAT_VERSION):
+        if version not in (1, 2, *PIECES_VERSIONS):
             raise RpfsError(
                 f"store {path} has format version {version}; this rpfs reads versions 1 to {FORMAT_VERSION}"
                 " (use a matching rpfs release)")
-        if version == FORMAT_VERSION and meta.get(b"map_layout") != MAP_LAYOUT.encode():
+        if version in PIECES_VERSIONS and meta.get(b"map_layout") != MAP_LAYOUT.encode():
             raise RpfsError(f"store {path} was made by a development build of format 3 that kept whole block maps;"
                             " this rpfs cannot read it: back up into a new store")
         if version == 1 and not readonly:
@@ -117,8 +120,11 @@ class Store:
             version = FORMAT_VERSION
         elif version == 2:
             self._dbs.update(self._open_dbs(V2_DB_NAMES[len(V1_DB_NAMES):]))
-        elif version == FORMAT_VERSION:
+        elif version in PIECES_VERSIONS:
             self._dbs.update(self._open_dbs(DB_NAMES[len(V1_DB_NAMES):]))
+            if version == 3 and not readonly:
+                self._upgrade(version)
+                version = FORMAT_VERSION
         self.format_version = version   # a version 1 store opened read-only is read as it is
         self.block_size = int(meta[b"block_size"])
         self.zstd_level = int(meta.get(b"zstd_level", DEFAULT_ZSTD_LEVEL))
@@ -132,7 +138,7 @@ class Store:
             self.store_id = bytes.fromhex(self.meta.get("store_id", ""))
         except ValueError:
             raise RpfsError(f"store {path}: its id in meta is damaged") from None
-        if not self.encrypted and ("key_check" in self.meta or (version == FORMAT_VERSION and self.key_lock().slots)):
+        if not self.encrypted and ("key_check" in self.meta or (version in PIECES_VERSIONS and self.key_lock().slots)):
             raise RpfsError(f"store {path} says it is not encrypted, but it has key slots: its settings were changed"
                             " or damaged; it is not opened (rpfs info shows them)")
         self.keyring: Keyring | None = None
@@ -140,7 +146,7 @@ class Store:
             self.keyring = (keys or KeyChoice()).unlock(self.key_lock())
         locked = self.encrypted and self.keyring is None   # opened for its meta and key slots only
         self.codec = None if locked else BlockCodec(self.meta.get("block_id", "sha256"), self.zstd_level, self.keyring)
-        self._maps = BlockMaps(self._dbs, self.codec.block_id, self.keyring) if version == FORMAT_VERSION and \
+        self._maps = BlockMaps(self._dbs, self.codec.block_id, self.keyring) if version in PIECES_VERSIONS and \
             not locked else None   # None: whole maps of version 1 or 2, read as they are
 
     # -- opening -----------------------------------------------------------------------------------
@@ -164,7 +170,8 @@ class Store:
         if slots:
             meta_values["key_check"] = Keyring(master, store_id).check(_settings(meta_values)).hex()
             meta_values["last_slot_id"] = len(slots)
-        env = lmdb.open(str(path), map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES), subdir=True, mode=PRIVATE_FILE)
+        env = lmdb.open(str(path), map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES), subdir=True, mode=PRIVATE_FILE,
+                        metasync=False)
         try:
             with env.begin(write=True) as txn:
                 dbs = {name: env.open_db(name, txn=txn, create=True) for name in DB_NAMES}
@@ -175,6 +182,7 @@ class Store:
                 for slot in slots:
                     txn.put(slot.id.encode(), slot.to_json(), db=dbs[b"keys"])
                 txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=dbs[b"meta"])  # all else is there
+            env.sync(True)   # the meta page too (metasync=False: write())
         except BaseException:
             env.close()
             raise
@@ -219,7 +227,7 @@ class Store:
             raise permission_denied(f"cannot open store {path}", path) from None
         try:
             env = lmdb.open(str(path), max_dbs=len(DB_NAMES), subdir=True, readonly=readonly,
-                            create=False, map_size=INITIAL_MAP_SIZE, mode=PRIVATE_FILE)
+                            create=False, map_size=INITIAL_MAP_SIZE, mode=PRIVATE_FILE, metasync=False)
             return cls(path, env, readonly, keys, unlock)
         except lmdb.Error as e:
             if "Permission denied" in str(e):
@@ -238,13 +246,16 @@ class Store:
                 self._env.set_mapsize(0)   # no transaction of ours is open yet
 
     def _upgrade(self, version: int) -> None:
-        """Version 1 or 2 -> 3, in one transaction: add the new databases, cut every whole block map into
-        pieces and count everything anew. Blocks keep their sha256 ids; the store stays unencrypted."""
+        """Version 1, 2 or 3 -> 4, in one transaction. From 1 and 2: add the new databases, cut every whole
+        block map into pieces and count everything anew; blocks keep their sha256 ids, the store stays
+        unencrypted. From 3 only the version changes: blobs written from now on may be in frames."""
         def fill(txn):
             for name in DB_NAMES[len(V1_DB_NAMES):]:
                 self._dbs[name.decode()] = self._env.open_db(name, txn=txn, create=True)
-            if txn.get(b"format_version", db=self._dbs["meta"]) == str(FORMAT_VERSION).encode():
-                return   # another command upgraded it since we looked: its maps are indexes already
+            found = int(txn.get(b"format_version", db=self._dbs["meta"]))
+            if found in PIECES_VERSIONS:   # its maps are indexes already (another command may have upgraded it)
+                txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=self._dbs["meta"])
+                return
             keys = [bytes(k) for k in txn.cursor(db=self._dbs["maps"]).iternext(values=False)]
             txn.drop(self._dbs["refs"], delete=False)
             layout = BlockMaps(self._dbs, BlockCodec("sha256").block_id, None)
@@ -326,16 +337,22 @@ class Store:
             self._txn_idle.wait_for(lambda: self._txn_count == 0)
             self._env.set_mapsize(self._env.info()["map_size"] * 2)
 
-    def write(self, fill) -> None:
+    def write(self, fill, durable: bool = True) -> None:
         """Run fill(txn) in one write transaction, growing the map and retrying when it is full.
 
         fill must be repeatable: on MapFullError the whole transaction is aborted and run again.
-        A full disk aborts the transaction, so the store stays as it was.
+        A full disk aborts the transaction, so the store stays as it was. The environment is opened
+        without LMDB's meta-page sync (MDB_NOMETASYNC: each commit flushes its data pages once, and a
+        crash of the machine can at most undo the last commit, never damage the store); a durable
+        write then flushes the meta page too before it returns. durable=False is for blobs nothing
+        names yet: the transaction that names them is durable, and flushes theirs with its own.
         """
         while True:
             try:
                 with self._txn(write=True) as txn:
                     fill(txn)
+                if durable:
+                    self._env.sync(True)
                 return
             except lmdb.MapFullError:
                 self.grow_map()
@@ -363,9 +380,11 @@ class Store:
         return (info["last_pgno"] + 1) * stat["psize"]
 
     # -- blocks ------------------------------------------------------------------------------------
-    def get_blob(self, digest: bytes, decode: Callable[[memoryview], T] = bytes) -> T | None:
+    def get_blob(self, digest: bytes, decode: Callable[[memoryview], T] = bytes,
+                 part: tuple[int, int] | None = None) -> T | None:
         """A stored blob passed through decode while still in the map: decoding straight from LMDB's
-        pages saves copying it out first (one decode is short enough to hold the transaction)."""
+        pages saves copying it out first (one decode is short enough to hold the transaction). part: the
+        range of the block decode reads (IsolatedStore then sends only its frames; here all is mapped)."""
         with self.read() as txn:
             value = txn.get(digest, db=self._dbs["blocks"])
             return None if value is None else decode(value)
@@ -382,7 +401,8 @@ class Store:
 
     def put_blobs(self, blobs: dict[bytes, bytes], point: RecoveryPoint | None = None,
                   block_maps: dict[str, bytes] | None = None) -> None:
-        """One write transaction: the blobs, and the recovery point that needs them if given."""
+        """One write transaction: the blobs, and the recovery point that needs them if given (only that
+        one is flushed whole: blobs no point names yet are worth no wait on the disk, write())."""
         blocks = self._dbs["blocks"]
 
         def fill(txn):
@@ -390,7 +410,7 @@ class Store:
                 txn.put(digest, data, db=blocks, overwrite=False)
             if point is not None:
                 self.put_point(txn, point, block_maps or {})
-        self.write(fill)
+        self.write(fill, durable=point is not None)
 
     # -- writer lock -------------------------------------------------------------------------------
     @contextmanager
