@@ -85,9 +85,10 @@ class ExtentMap:
         return out
 
 
-def unchanged_blocks(old: Path, new_fd: int, old_size: int, new_size: int, block_size: int) -> set[int] | None:
-    """Indexes of the blocks of the new snapshot (open as new_fd) that are those of the old snapshot at
-    old; None when the two cannot be compared (not both regular files on one filesystem, no FIEMAP)."""
+def unchanged_blocks(old: Path, new_fd: int, old_size: int, new_size: int, block_size: int) -> bytearray | None:
+    """One flag per block of the new snapshot (open as new_fd), 1 where the block is that of the old snapshot
+    at old (a byte per block: 2 MiB for a 2 TiB disk, where a set of indexes took a hundred times that);
+    None when the two cannot be compared (not both regular files on one filesystem, no FIEMAP)."""
     try:
         old_fd = os.open(old, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -103,16 +104,16 @@ def unchanged_blocks(old: Path, new_fd: int, old_size: int, new_size: int, block
         os.close(old_fd)
     if not (before.ordered() and after.ordered()):   # not what FIEMAP promises: trust none of it
         return None
-    same = set()
+    same = bytearray(-(-new_size // block_size))
     common = min(old_size, new_size)
     for index in range(common // block_size):   # whole blocks both sizes cover (a cut-off last block is read)
         start = index * block_size
         segments = after.segments(start, start + block_size)
         if segments is not None and segments == before.segments(start, start + block_size):
-            same.add(index)
+            same[index] = 1
     if old_size == new_size and common % block_size:   # the same short last block
         index, start = common // block_size, common - common % block_size
         segments = after.segments(start, common)
         if segments is not None and segments == before.segments(start, common):
-            same.add(index)
+            same[index] = 1
     return same
