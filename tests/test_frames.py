@@ -12,7 +12,7 @@ from cli_helpers import FORMAT_3_RELEASE, mounted, open_store, previous_release,
 from test_backup import read_all, write_image
 
 from rpfs.errors import CorruptBlockError
-from rpfs.store.blob import CODEC_FRAMES, FRAME, FRAME_SIZE, HEADER, BlockCodec, check_crc, read_header
+from rpfs.store.blob import CODEC_FRAMES, FRAME, FRAME_SIZE, HEADER, BlockCodec, check_crc, cut, read_header
 from rpfs.store.crypto import Keyring
 
 MiB = 1 << 20
@@ -35,25 +35,45 @@ def test_any_range_of_a_block_reads_back_exactly(codec):
         for _ in range(40):
             start = rnd.randrange(size + 1)
             stop = rnd.randrange(start, size + 1)
-            assert codec.read(digest, blob, start, stop) == raw[start:stop]
+            assert codec.read(digest, blob, size, start, stop) == raw[start:stop]
 
 
 @pytest.mark.parametrize("codec", codecs(), ids=["plain", "sealed"])
 def test_a_flipped_bit_anywhere_is_an_error_never_wrong_bytes(codec):
-    """Every bit of a small blob, flipped in turn: each frame's CRC or tag (and the frame table) catch it."""
+    """Bits of a small blob flipped one at a time (every bit of its header and frame table, and 3,000
+    others): each frame's CRC or tag, the frame table and the length the block map gives catch each."""
     raw = random.Random(2).randbytes(FRAME_SIZE) + b"text " * (FRAME_SIZE // 5) + bytes(100)
     digest = codec.block_id(raw)
     blob = bytes(codec.encode(digest, raw))
     rnd = random.Random(3)
-    for position in rnd.sample(range(len(blob) * 8), 3000):
+    head_bits = (HEADER.size + 3 * FRAME.size) * 8
+    for position in [*range(head_bits), *rnd.sample(range(head_bits, len(blob) * 8), 3000)]:
         damaged = bytearray(blob)
         damaged[position // 8] ^= 1 << position % 8
         for start, stop in ((0, len(raw)), (10, 4106), (FRAME_SIZE + 7, FRAME_SIZE + 4000), (len(raw) - 50, len(raw))):
-            try:
-                got = codec.read(digest, bytes(damaged), start, stop)
-            except CorruptBlockError:
-                continue
-            assert got == raw[start:stop], f"wrong bytes after flipping bit {position}"
+            for as_read in (bytes(damaged), "cut"):   # whole in the daemon, or cut by a reader process
+                try:
+                    got = codec.read(digest, cut(damaged, start, stop) if as_read == "cut" else as_read, len(raw),
+                                     start, stop)
+                except CorruptBlockError:
+                    continue
+                assert got == raw[start:stop], f"wrong bytes after flipping bit {position}"
+
+
+@pytest.mark.parametrize("codec", codecs(), ids=["plain", "sealed"])
+def test_a_blob_under_another_id_or_of_another_length_does_not_read(codec):
+    """What a damaged LMDB page could hand over: another block's blob of the same length, or a bare header
+    that claims an empty block. Neither is read as this block."""
+    rnd = random.Random(5)
+    mine, other = rnd.randbytes(MiB), rnd.randbytes(MiB)
+    mine_id, other_id = codec.block_id(mine), codec.block_id(other)
+    other_blob = bytes(codec.encode(other_id, other))
+    for blob in (other_blob, cut(other_blob, 4096, 8192)):
+        with pytest.raises(CorruptBlockError):
+            codec.read(mine_id, blob, MiB, 4096, 8192)
+    header_only = bytearray(codec.encode(codec.block_id(b""), b""))
+    with pytest.raises(CorruptBlockError):
+        codec.read(mine_id, bytes(header_only), MiB, 4096, 8192)
 
 
 def test_a_frame_moved_to_another_place_does_not_open():
@@ -65,9 +85,9 @@ def test_a_frame_moved_to_another_place_does_not_open():
     frames = HEADER.size + 2 * FRAME.size
     half = (len(blob) - frames) // 2
     swapped = blob[:frames] + blob[frames + half:] + blob[frames:frames + half]
-    assert codec.read(digest, blob, 0, 10) == raw[:10]
+    assert codec.read(digest, blob, len(raw), 0, 10) == raw[:10]
     with pytest.raises(CorruptBlockError):
-        codec.read(digest, swapped, 0, 10)
+        codec.read(digest, swapped, len(raw), 0, 10)
 
 
 def test_random_reads_through_the_mount_match_the_image(tmp_path):

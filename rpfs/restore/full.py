@@ -1,6 +1,6 @@
 """Full restore: write a disk of a recovery point back to a file or a block device.
 
-Blocks are decoded and verified on worker threads through the same ImageReader the mount uses, and
+Blocks are decoded and checked (each frame, blob.py) on worker threads through the same ImageReader the mount uses, and
 written in order by one thread. A recovery point whose reflink snapshot is still kept (the
 instant-restore tier) is restored to a file on the same filesystem by cloning the snapshot instead.
 A file target is written through the partial-file protocol (partial.py): as `<target>.rpfs-partial`,

@@ -50,11 +50,13 @@ class BlockCache:
         return self._bytes
 
 
-def load_block(store: Store, digest: bytes, start: int = 0, stop: int | None = None) -> bytes:
-    """Fetch, decode and check bytes [start, stop) of one block: wrong data never leaves this function."""
+def load_block(store: Store, digest: bytes, length: int, start: int = 0, stop: int | None = None) -> bytes:
+    """Fetch, decode and check bytes [start, stop) of one block of `length` bytes: wrong data never leaves
+    this function."""
     try:
         part = None if (start, stop) == (0, None) else (start, stop)
-        data = store.get_blob(digest, functools.partial(store.codec.read, digest, start=start, stop=stop), part)
+        data = store.get_blob(digest, functools.partial(store.codec.read, digest, length=length, start=start,
+                                                        stop=stop), part)
     except CorruptBlockError as e:
         raise CorruptBlockError(f"block {digest.hex()}: {e.message}") from None
     if data is None:
@@ -91,6 +93,10 @@ class ImageReader:
             return range(0)
         return range(offset // self.block_size, (end - 1) // self.block_size + 1)
 
+    def block_length(self, index: int) -> int:
+        """Bytes of block index: a whole block but for a shorter last one."""
+        return min(self.block_size, self.size - index * self.block_size)
+
     def digest(self, index: int) -> bytes:
         """The digest of block index; the last one looked up is remembered (sequential reads ask again)."""
         last_index, last_digest = self._last_digest
@@ -107,7 +113,7 @@ class ImageReader:
             return HOLE
         data = self.cache.get(digest)
         if data is None:
-            data = load_block(self.store, digest)
+            data = load_block(self.store, digest, self.block_length(index))
             self.cache.put(digest, data)
         return data
 
@@ -129,7 +135,9 @@ class ImageReader:
         def part(index: int, start: int, stop: int) -> bytes:
             digest = self.digest(index)
             data = HOLE if digest == HOLE else self.cache.get(digest)
-            return _part(data, start, stop) if data is not None else load_block(self.store, digest, start, stop)
+            if data is not None:
+                return _part(data, start, stop)
+            return load_block(self.store, digest, self.block_length(index), start, stop)
         return self._read(offset, size, part)
 
     def _read(self, offset: int, size: int, part: Callable[[int, int, int], bytes | None]) -> bytes | None:

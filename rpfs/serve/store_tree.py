@@ -241,7 +241,7 @@ class RecoveryPointFS(pyfuse3.Operations):
                     raise pyfuse3.FUSEError(errno.ENOENT) from None   # pruned just now
                 raise
         # keep_cache=False (pyfuse3 defaults to True): each open reads through the daemon, which checks
-        # every block against its digest, not what the page cache kept from an earlier open.
+        # every frame it decodes (blob.py), not what the page cache kept from an earlier open.
         return pyfuse3.FileInfo(fh=inode, keep_cache=False)
 
     @fuse_errors

@@ -30,7 +30,7 @@ from rpfs.store.crypto import SEAL_OVERHEAD, Keyring
 MAGIC = b"RPB1"
 HEADER = struct.Struct("<4sBBHI I")  # magic, codec, flags, frame KiB (CODEC_FRAMES), raw length, crc32(payload)
 SEALED_PART = struct.Struct("<4sBBHI")   # the header but its CRC: what a sealed payload is bound to
-FRAME = struct.Struct("<BII")            # per frame: codec, stored length, crc32 of its raw bytes (0 if sealed)
+FRAME = struct.Struct("<BII")            # per frame: codec, stored length, check (below; 0 if sealed)
 FRAME_PLACE = struct.Struct("<IB")       # what a sealed frame is bound to besides the header: index, codec
 FLAG_SEALED = 1
 CRC = struct.Struct("<I")
@@ -189,11 +189,11 @@ class BlockCodec:
         view, at = memoryview(framed), table_end
         for n, (codec, payload) in enumerate(frames):
             stored = len(payload) + overhead
-            check = 0 if sealed else zlib.crc32(raw[n * FRAME_SIZE:(n + 1) * FRAME_SIZE])
+            place = digest + head + FRAME_PLACE.pack(n, codec)
+            check = 0 if sealed else _frame_check(place, raw[n * FRAME_SIZE:(n + 1) * FRAME_SIZE])
             FRAME.pack_into(framed, HEADER.size + n * FRAME.size, codec, stored, check)
             if sealed:
-                self.keyring.seal_block_into(payload, digest + head + FRAME_PLACE.pack(n, codec),
-                                             view[at:at + stored])
+                self.keyring.seal_block_into(payload, place, view[at:at + stored])
             else:
                 view[at:at + stored] = payload
             at += stored
@@ -222,22 +222,30 @@ class BlockCodec:
             raise CorruptBlockError("stored block does not match its digest")
         return raw
 
-    def read(self, digest: bytes, blob: bytes | memoryview | Cut, start: int = 0, stop: int | None = None) -> bytes:
-        """Bytes [start, stop) of the block, from its blob or a Cut of it, checked the cheap way: only the
-        frames they lie in are decoded, each against its CRC or tag (a whole block of format 3 against its
-        id). Wrong bytes never leave here."""
+    def read(self, digest: bytes, blob: bytes | memoryview | Cut, length: int, start: int = 0,
+             stop: int | None = None) -> bytes:
+        """Bytes [start, stop) of a block of `length` bytes (the block map says how long it is), from its
+        blob or a Cut of it, checked the cheap way: only the frames they lie in are decoded, each against
+        its CRC or tag, both bound to the block id and the frame's place (a whole block of format 3 against
+        its id). Exactly stop - start bytes or CorruptBlockError: wrong bytes never leave here."""
+        stop = length if stop is None else min(stop, length)
         if not isinstance(blob, Cut):
             header = self._checked_header(blob)
             if header.codec != CODEC_FRAMES:
                 raw = self.decode(digest, blob)
-                stop = len(raw) if stop is None else min(stop, len(raw))
+                if len(raw) != length:
+                    raise CorruptBlockError("stored block has the wrong length")
                 return raw if (start, stop) == (0, len(raw)) else raw[start:stop]
             blob = _whole_cut(header, blob)
         header = self._checked_header(blob.head)
         if header.codec != CODEC_FRAMES:
             raise CorruptBlockError("stored block was cut but is not in frames")
-        stop = header.raw_length if stop is None else min(stop, header.raw_length)
-        return self._read_frames(digest, header, blob, start, stop)
+        if header.raw_length != length:
+            raise CorruptBlockError("stored block has the wrong length")
+        data = self._read_frames(digest, header, blob, start, stop)
+        if len(data) != max(stop - start, 0):
+            raise CorruptBlockError("stored block reads short")
+        return data
 
     def _read_frames(self, digest: bytes, header: BlobHeader, blob: Cut, start: int, stop: int) -> bytes:
         frames = _Frames(header, memoryview(blob.head)[HEADER.size:])
@@ -270,7 +278,7 @@ class BlockCodec:
             raise CorruptBlockError(f"stored block has a frame of unknown codec {codec}")
         if len(raw) != size:
             raise CorruptBlockError("stored block has a frame of the wrong length")
-        if self.keyring is None and zlib.crc32(raw) != check:
+        if self.keyring is None and _frame_check(aad + FRAME_PLACE.pack(n, codec), raw) != check:
             raise CorruptBlockError(f"stored block's frame {n} fails its CRC-32 check")
         return raw
 
@@ -291,3 +299,9 @@ def _whole_cut(header: BlobHeader, blob: bytes | memoryview) -> Cut:
     if HEADER.size + frames.starts[-1] != len(view):
         raise CorruptBlockError("stored block's frame table does not match its length")
     return Cut(view[:frames.head_size], 0, view[frames.head_size:])
+
+
+def _frame_check(place: bytes, raw) -> int:
+    """A plain frame's CRC-32, seeded with its place (block id, header, index, codec): a frame or blob
+    read under another block's id, or at another place, fails it like damage does."""
+    return zlib.crc32(raw, zlib.crc32(place))

@@ -252,7 +252,10 @@ class Store:
         def fill(txn):
             for name in DB_NAMES[len(V1_DB_NAMES):]:
                 self._dbs[name.decode()] = self._env.open_db(name, txn=txn, create=True)
-            found = int(txn.get(b"format_version", db=self._dbs["meta"]))
+            found = int(txn.get(b"format_version", db=self._dbs["meta"]) or b"0")
+            if found > FORMAT_VERSION or found < 1:   # a newer rpfs upgraded it since we looked
+                raise RpfsError(f"store {self.path} has format version {found} now; this rpfs reads versions 1 to"
+                                f" {FORMAT_VERSION} (use a matching rpfs release)")
             if found in PIECES_VERSIONS:   # its maps are indexes already (another command may have upgraded it)
                 txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=self._dbs["meta"])
                 return
