@@ -8,9 +8,13 @@ own CPU where one serves the reads):
   copy-out   cp -a of all files through rpfs attach  vs  cp -a from the source image loop-mounted
   restore    rpfs restore of the disk to a sparse file  vs  cp --sparse=always of the source image + sync
              (rpfs restore fsyncs its file, so the cp baseline is synced too); both written beside the store
-Page cache is dropped before every timed step, then (unless --no-warm) a few GiB of memory are touched
-and freed just before the command starts: this VM hands freed memory back to its host, and a step that
-must fault it back in pays for it in system time (cold `cat` of the 1.5 GiB image: 0.9-1.0 s right
+Then (tools/bench_peers.py, unless --no-peers) rpfs next to restic, borg and bindfs doing the same jobs on a copy of
+the image on a reflink XFS (incremental backups with change tracking, store growth, restore, mounts, a loop device
+on each mount, fio), rpfs's own targets (change tracking on a --tracking-size-gib image, metadata of an unchanged
+1 TiB disk) and every target of issue 11 as a ratio, PASS or MISS.
+Page cache is dropped before every timed step (not before a warm one), then (unless --no-warm) a few GiB of
+memory are touched and freed just before the command starts: this VM hands freed memory back to its host, and a
+step that must fault it back in pays for it in system time (cold `cat` of the 1.5 GiB image: 0.9-1.0 s right
 after a warm-up, 2.2-3.4 s once freed memory has sat for 5 s). Runs still vary by ~30%: use --repeat 3
 for figures to compare. Everything mounted or attached is undone in a finally; the generated source
 image is kept in the cache directory for the next run.
@@ -136,14 +140,15 @@ def best_in_turns(repeat: int, steps: dict[str, Callable[[], Timing]]) -> dict[s
 
 
 class Conditions:
-    """What happens before every timed step: sync, drop the page cache, touch memory."""
+    """What happens before every timed step: sync, drop the page cache (not for a warm run), touch memory."""
 
     def __init__(self, warm_gib: float):
         self.warm_gib = warm_gib
 
-    def prepare(self) -> None:
+    def prepare(self, drop: bool = True) -> None:
         os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        if drop:
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
         if self.warm_gib > 0:
             touch = f"b = b'\\x5a' * {int(self.warm_gib * GiB)}; del b"
             subprocess.run([sys.executable, "-c", touch], check=True)
@@ -228,10 +233,10 @@ def attached(image: Path, dest: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def loop_mounted(image: Path, mountpoint: Path) -> Iterator[Path]:
-    """The source image's ext4, read-only, through an auto-clearing loop device."""
+def loop_mounted(image: Path, mountpoint: Path, options: str = "ro,noload") -> Iterator[Path]:
+    """The source image's ext4 (read-only unless options say "rw"), through an auto-clearing loop device."""
     mountpoint.mkdir(parents=True, exist_ok=True)
-    run(["mount", "-t", "ext4", "-o", "ro,noload,loop", str(image), str(mountpoint)])
+    run(["mount", "-t", "ext4", "-o", f"{options},loop", str(image), str(mountpoint)])
     try:
         yield mountpoint
     finally:
@@ -379,11 +384,16 @@ class Context:
     repeat: int
     cache_mb: int
     about: dict              # what the image holds (source_image)
+    cache_dir: Path = Path("/var/tmp/rpfs-bench")   # where source images are kept (the tracking image too)
+    peers: bool = True       # restic, borg and bindfs next to rpfs (tools/bench_peers.py)
+    tracking_gib: float = 4.0  # the image of the change-tracking target; 0: not measured
+    fio_seconds: int = 15
     results: dict = field(default_factory=dict)
     problems: list = field(default_factory=list)
 
-    def timed(self, label: str, cmd: list[str], nbytes: int | None = None, **kw) -> tuple[Timing, str]:
-        self.conditions.prepare()
+    def timed(self, label: str, cmd: list[str], nbytes: int | None = None, drop: bool = True,
+              **kw) -> tuple[Timing, str]:
+        self.conditions.prepare(drop)
         print(f"bench:   {label}", flush=True)
         return run_timed(label, cmd, self.image_bytes if nbytes is None else nbytes, **kw)
 
@@ -499,6 +509,8 @@ def step_copy(ctx: Context, store: Path) -> None:
     ctx.results["copy_files"] = files
     ctx.results["daemon_after_copy"] = {**memory, "cache_mb": ctx.cache_mb}
     compare_trees(ctx, out_rpfs, out_source)
+    shutil.rmtree(out_rpfs)     # both live in memory (tmpfs), which the later steps need
+    shutil.rmtree(out_source)
 
 
 def step_restore(ctx: Context, store: Path) -> None:
@@ -618,6 +630,8 @@ def print_report(ctx: Context) -> None:
     print(f"checks: image through mount matches source: {yes_no(r.get('mount_image_matches'))}; "
           f"attach copy identical to source copy: {yes_no(r.get('copies_identical'))}; "
           f"restored image equals source (cmp): {yes_no(r.get('restore_matches'))}")
+    import bench_peers
+    bench_peers.print_report(ctx)
     for problem in ctx.problems:
         print(f"!!! {problem}")
 
@@ -676,12 +690,19 @@ def results_json(ctx: Context) -> dict:
                  "rpfs_revision": git_revision(), "kernel": os.uname().release, "cpus": os.cpu_count(),
                  "references_mib_s": {k: {"name": n, "low": lo, "high": hi} for k, (n, lo, hi) in REFERENCES.items()},
                  "problems": ctx.problems}
-    for key, value in ctx.results.items():
-        if isinstance(value, dict) and all(isinstance(v, Timing) for v in value.values()):
-            out[key] = {name: t.as_dict() for name, t in value.items()}
-        else:
-            out[key] = value
+    out.update(jsonable(ctx.results))
     return out
+
+
+def jsonable(value):
+    """Results as JSON: every Timing, however deep in dicts and lists, as its dict."""
+    if isinstance(value, Timing):
+        return value.as_dict()
+    if isinstance(value, dict):
+        return {key: jsonable(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
 
 
 def git_revision() -> str:
@@ -700,10 +721,10 @@ def sweep(roots: list[Path], image: Path | None) -> list[str]:
         for point in mounts_under(root):
             subprocess.run(["umount", "-l", point], capture_output=True)
             swept.append(f"mount {point}")
-    if image is not None:
-        for line in run(["losetup", "-j", str(image)]).splitlines():
-            device = line.split(":")[0]
-            subprocess.run(["losetup", "-d", device], capture_output=True)
+    markers = [str(r) for r in roots] + ([str(image)] if image else [])
+    for line in run(["losetup", "-a"]).splitlines():
+        if any(m in line for m in markers):
+            subprocess.run(["losetup", "-d", line.split(":")[0]], capture_output=True)
             swept.append(f"loop device {line}")
     return swept
 
@@ -750,9 +771,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warm-gib", type=float, default=3.0, help="memory to touch before each step (default 3)")
     p.add_argument("--cache-mb", type=int, default=256, help="rpfs mount --cache-mb (default 256)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write every figure as JSON to FILE")
+    p.add_argument("--no-peers", dest="peers", action="store_false",
+                   help="leave out restic, borg and bindfs (installed from Debian on first use otherwise)")
+    p.add_argument("--tracking-size-gib", type=float, default=4.0,
+                   help="image of the change-tracking target (1%% changed; default 4; 0: leave it out)")
+    p.add_argument("--fio-seconds", type=int, default=15, help="each fio random-read run (default 15)")
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
+    if args.fio_seconds < 1:
+        p.error("--fio-seconds must be at least 1")
     return args
 
 
@@ -777,7 +805,9 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["RPFS_RUN_DIR"] = str(work / "run")   # daemon pid files and logs: ours, removed with work
             os.environ["RPFS_KEY_FILE"] = str(work / "key")  # the encrypted stores' key file (made by rpfs init)
             ctx = Context(image, image.stat().st_size, work, scratch,
-                          Conditions(0 if args.no_warm else args.warm_gib), args.repeat, args.cache_mb, about)
+                          Conditions(0 if args.no_warm else args.warm_gib), args.repeat, args.cache_mb, about,
+                          cache_dir=args.cache_dir, peers=args.peers, tracking_gib=args.tracking_size_gib,
+                          fio_seconds=args.fio_seconds)
             run_steps(ctx)
         except BenchError as e:
             print(f"bench: {e}", file=sys.stderr)
@@ -799,10 +829,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_steps(ctx: Context) -> None:
+    import bench_peers   # it builds on this module, so it is imported once this one is whole
     stores = step_backup(ctx)
     step_read(ctx, stores)
     step_copy(ctx, stores["encrypted"])
     step_restore(ctx, stores["encrypted"])
+    bench_peers.run_steps(ctx)
     check_daemon_logs(ctx, ctx.work / "run")
 
 
@@ -822,4 +854,5 @@ def finish_cleanup(roots: list[Path], image: Path | None, stack: ExitStack) -> i
     return code
 
 if __name__ == "__main__":
+    sys.modules["bench_lib"] = sys.modules[__name__]   # bench_peers imports this module: the same one, not a copy
     sys.exit(main())
