@@ -215,7 +215,7 @@ class BlockCodec:
         """The raw block, opened when sealed and checked against its id: what verify and check trust."""
         header = self._checked_header(blob)
         if header.codec == CODEC_FRAMES:
-            raw = self._read_frames(digest, header, _whole_cut(header, blob), 0, header.raw_length)
+            raw = self._read_frames(digest, *_whole_cut(header, blob), 0, header.raw_length)
         else:
             raw = self._read_whole(digest, blob, header, memoryview(blob)[HEADER.size:])
         if self.block_id(raw) != digest:
@@ -229,26 +229,26 @@ class BlockCodec:
         its CRC or tag, both bound to the block id and the frame's place (a whole block of format 3 against
         its id). Exactly stop - start bytes or CorruptBlockError: wrong bytes never leave here."""
         stop = length if stop is None else min(stop, length)
-        if not isinstance(blob, Cut):
-            header = self._checked_header(blob)
-            if header.codec != CODEC_FRAMES:
-                raw = self.decode(digest, blob)
-                if len(raw) != length:
-                    raise CorruptBlockError("stored block has the wrong length")
-                return raw if (start, stop) == (0, len(raw)) else raw[start:stop]
-            blob = _whole_cut(header, blob)
-        header = self._checked_header(blob.head)
+        header = self._checked_header(blob.head if isinstance(blob, Cut) else blob)
         if header.codec != CODEC_FRAMES:
-            raise CorruptBlockError("stored block was cut but is not in frames")
+            if isinstance(blob, Cut):
+                raise CorruptBlockError("stored block was cut but is not in frames")
+            raw = self.decode(digest, blob)
+            if len(raw) != length:
+                raise CorruptBlockError("stored block has the wrong length")
+            return raw if (start, stop) == (0, len(raw)) else raw[start:stop]
         if header.raw_length != length:
             raise CorruptBlockError("stored block has the wrong length")
-        data = self._read_frames(digest, header, blob, start, stop)
+        if isinstance(blob, Cut):
+            frames = _Frames(header, memoryview(blob.head)[HEADER.size:])
+        else:
+            blob, frames = _whole_cut(header, blob)
+        data = self._read_frames(digest, blob, frames, start, stop)
         if len(data) != max(stop - start, 0):
             raise CorruptBlockError("stored block reads short")
         return data
 
-    def _read_frames(self, digest: bytes, header: BlobHeader, blob: Cut, start: int, stop: int) -> bytes:
-        frames = _Frames(header, memoryview(blob.head)[HEADER.size:])
+    def _read_frames(self, digest: bytes, blob: Cut, frames: _Frames, start: int, stop: int) -> bytes:
         needed = frames.covering(start, stop)
         if not needed:
             return b""
@@ -292,13 +292,13 @@ class BlockCodec:
         return raw
 
 
-def _whole_cut(header: BlobHeader, blob: bytes | memoryview) -> Cut:
-    """A whole blob in frames seen as a Cut (no copy), its length checked against its frame table."""
+def _whole_cut(header: BlobHeader, blob: bytes | memoryview) -> tuple[Cut, _Frames]:
+    """A whole blob in frames seen as a Cut (no copy) and its frame table, checked against its length."""
     view = memoryview(blob)
     frames = _Frames(header, view[HEADER.size:])
     if HEADER.size + frames.starts[-1] != len(view):
         raise CorruptBlockError("stored block's frame table does not match its length")
-    return Cut(view[:frames.head_size], 0, view[frames.head_size:])
+    return Cut(view[:frames.head_size], 0, view[frames.head_size:]), frames
 
 
 def _frame_check(place: bytes, raw) -> int:
