@@ -17,7 +17,7 @@ from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.serve.image import BlockCache, ImageReader
 from rpfs.store import blob
 from rpfs.store.recovery_point import new_point_id
-from rpfs.store.store import Store
+from rpfs.store.store import FORMAT_VERSION, Store
 
 MiB = 1 << 20
 
@@ -328,7 +328,7 @@ def test_version_1_store_is_read_and_then_upgraded(tmp_path):
         with pytest.raises(RpfsError, match="format version 1"):
             old.records("jobs") or old.get_record("jobs", "x")
     with open_store(tmp_path / "s") as upgraded:
-        assert upgraded.format_version == 4
+        assert upgraded.format_version == FORMAT_VERSION
         blocks, pieces = upgraded.ref_counts()
         assert len(pieces) == 1 and set(pieces.values()) == {3}      # one piece, named by three maps
         assert blocks and set(blocks.values()) == {1}                 # its blocks, named by one piece

@@ -10,7 +10,7 @@ from test_backup import corrupt_one_block, read_all, write_image
 
 from rpfs.errors import CorruptBlockError
 from rpfs.store.key_slots import KeyChoice
-from rpfs.store.store import Store
+from rpfs.store.store import FORMAT_VERSION, Store
 
 MiB = 1 << 20
 SECRET = b"correct-horse-battery-staple-7f3a9c"
@@ -52,7 +52,7 @@ def test_a_secret_on_a_disk_is_in_no_byte_of_an_encrypted_store(tmp_path):
     assert SECRET not in store_bytes(tmp_path / "enc")
     assert b"vm" in store_bytes(tmp_path / "enc")         # VM names stay readable (README says so)
     info = rpfs("info", "--json", store=tmp_path / "enc", env=env_with()).stdout   # no key needed
-    assert '"encryption": "aes-256-gcm"' in info and '"format_version": 4' in info
+    assert '"encryption": "aes-256-gcm"' in info and '"format_version": 5' in info
     assert '"encryption": "none"' in rpfs("info", "--json", store=tmp_path / "plain").stdout
     with open_store(tmp_path / "enc", readonly=True) as store:
         assert read_all(store, store.point("vm"), "d") == disk.read_bytes()
@@ -197,7 +197,7 @@ def test_a_version_2_store_made_by_the_previous_release_is_read_then_upgraded(tm
     assert "format version  2" in rpfs("info", store=store, env=env_with()).stdout
     rpfs("backup", "vm", f"--disk=d={b}", store=store, env=env_with())
     info = rpfs("info", store=store, env=env_with()).stdout
-    assert "format version  4" in info and "encryption      none" in info and "block id        sha256" in info
+    assert f"format version  {FORMAT_VERSION}" in info and "encryption      none" in info and "block id        sha256" in info
     with Store.open(store, readonly=True) as s:
         first, second = s.points("vm")
         assert read_all(s, first, "d") == a.read_bytes() and read_all(s, second, "d") == b.read_bytes()
@@ -216,7 +216,7 @@ def test_a_killed_init_is_finished_by_the_same_init(tmp_path):
     env.close()
     rpfs("init", store=store)
     with Store.open(store, keys=session_keys()) as s:
-        assert s.encrypted and s.format_version == 4
+        assert s.encrypted and s.format_version == FORMAT_VERSION
     one_line_error(rpfs("init", store=store, check=False), "already holds a store")
     with pytest.raises(Exception, match="is encrypted"):
         Store.open(store, keys=KeyChoice())

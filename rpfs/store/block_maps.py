@@ -54,7 +54,7 @@ class BlockMaps:
             count = txn.get(piece_id, db=self._piece_refs)
             if count is None:
                 txn.put(piece_id, self._seal(b"pieces", piece_id, piece), db=self._pieces)
-                for digest in distinct_digests(piece):
+                for digest in sorted(distinct_digests(piece)):   # in key order: LMDB pages in turn
                     _bump(txn, self._refs, digest, +1)
             elif txn.get(piece_id, db=self._pieces) is None:   # counted but lost (damage): stored again
                 txn.put(piece_id, self._seal(b"pieces", piece_id, piece), db=self._pieces)
@@ -80,7 +80,7 @@ class BlockMaps:
             except CorruptBlockError:
                 piece = b""
             txn.delete(piece_id, db=self._pieces)
-            for digest in distinct_digests(piece):
+            for digest in sorted(distinct_digests(piece)):
                 released += _bump(txn, self._refs, digest, -1) == 0
         txn.delete(map_key, db=self._maps)
         return released

@@ -1,12 +1,16 @@
 """The store: one directory holding an LMDB environment with blocks by digest and the recovery-point catalog.
 
-Layout (format version 4), one LMDB environment `STORE/data.mdb` with named databases:
-  meta     b"format_version" -> b"4", b"block_size" -> decimal bytes, b"created" -> ISO time,
+Layout (format version 5), one LMDB environment `STORE/data.mdb` with named databases:
+  meta     b"format_version" -> b"5", b"block_size" -> decimal bytes, b"created" -> ISO time,
            b"zstd_level" -> decimal (used by writers only; any level decodes the same way),
            b"last_point_id\0<vm>" -> the newest recovery point id the VM was given (never reused),
            b"encryption" -> b"aes-256-gcm" or b"none", b"block_id" -> b"blake3-keyed" or b"blake3",
-           b"store_id" -> 16 random bytes (hex), b"key_check" -> hex (encrypted stores; crypto.py)
+           b"store_id" -> 16 random bytes (hex), b"key_check" -> hex (encrypted stores; crypto.py),
+           b"blob_sizes" -> b"all" (made at format 5: every blob has its record in `sizes`)
   blocks   block id (32 bytes) -> blob (blob.py: 64 KiB frames since format 4; sealed when encrypted)
+  sizes    block id -> "<II" little-endian: the blob's stored and raw length (since format 5), so that
+           what a backup, gc or usage counts is looked up in small records: py-lmdb touches every page
+           of a value it returns (its "preload"), so a length taken from `blocks` reads the whole blob
   points   b"<vm>\\0<rp id>" -> recovery point JSON (recovery_point.py), sealed when encrypted
   maps     b"<vm>\\0<rp id>\\0<disk>" -> the index of a block map (32-byte block id per block, zeros for
            a hole), kept in content-addressed pieces shared between points (block_maps.py)
@@ -18,11 +22,13 @@ Layout (format version 4), one LMDB environment `STORE/data.mdb` with named data
 When encrypted, VM names, recovery point ids, disk names, policy names and job ids (the keys) stay
 readable, and so do block sizes and how many blocks are shared; every value is sealed or keyed.
 Version 1 and 2 stores (whole block maps in `maps`, counted per map; version 1 without refs, policies,
-protected, jobs) are read as they are by read-only commands and upgraded in place to version 4 (their maps
+protected, jobs) are read as they are by read-only commands and upgraded in place to version 5 (their maps
 cut into pieces, counts recounted; unencrypted, sha256 block ids kept), in one transaction, by the first
-writing command. Version 3 differs from 4 only in that its blobs are never in frames: it is read as it is
-and marked version 4 by the first writing command (its old blobs stay as they are: both decode), so an
-rpfs that knows no frames refuses it from then on. A version 3 store of a development build that kept
+writing command. Version 3 differs from 4 only in that its blobs are never in frames, and 4 from 5 only in
+that it has no `sizes`: both are read as they are and marked version 5 by the first writing command (old
+blobs stay as they are: both decode; a blob without a size record is measured from `blocks`, slowly), so
+an rpfs that knows no frames or sizes refuses it from then on (an older one would delete blobs and keep
+their sizes). A version 3 store of a development build that kept
 whole maps (no meta map_layout) is refused.
 
 Every transaction is short: readers hold one for one lookup, so LMDB can reuse freed pages.
@@ -38,6 +44,7 @@ import fcntl
 import itertools
 import json
 import os
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -50,14 +57,14 @@ import lmdb
 
 from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.host.access import PRIVATE_FILE, make_private, make_private_folder, permission_denied
-from rpfs.store.blob import DEFAULT_ZSTD_LEVEL, BlockCodec
+from rpfs.store.blob import DEFAULT_ZSTD_LEVEL, BlockCodec, read_header
 from rpfs.store.block_maps import MAP_PIECE, REF, BlockMaps, count_references, flat_map_piece
 from rpfs.store.crypto import Keyring
 from rpfs.store.key_slots import KeyChoice, KeyLock, KeySlot, NewSlot, new_master_key
 from rpfs.store.recovery_point import DIGEST_SIZE, RecoveryPoint
 
-FORMAT_VERSION = 4
-PIECES_VERSIONS = (3, FORMAT_VERSION)   # block maps in pieces; 3: no blob in frames yet
+FORMAT_VERSION = 5
+PIECES_VERSIONS = (3, 4, FORMAT_VERSION)   # block maps in pieces; 3: no blob in frames yet; 3, 4: no sizes
 ENCRYPTION = "aes-256-gcm"
 MAP_LAYOUT = "pieces"
 MIN_ENCRYPTED_BLOCK_SIZE = 64 << 10   # 2^32 random GCM nonces per key (NIST) x 64 KiB = 256 TiB sealed
@@ -67,7 +74,9 @@ WRITER_WAIT_SECONDS = 600  # how long a backup waits for a running prune or gc, 
 LOW_SPACE = 128 << 20      # below this much free space, a failed write is taken for a full disk
 V1_DB_NAMES = (b"meta", b"blocks", b"points", b"maps")
 V2_DB_NAMES = V1_DB_NAMES + (b"refs", b"policies", b"protected", b"jobs")
-DB_NAMES = V2_DB_NAMES + (b"keys", b"pieces", b"piece_refs")
+V4_DB_NAMES = V2_DB_NAMES + (b"keys", b"pieces", b"piece_refs")
+DB_NAMES = V4_DB_NAMES + (b"sizes",)
+SIZES = struct.Struct("<II")   # a blob's stored and raw length, in `sizes`
 LAST_POINT_ID = b"last_point_id\0"   # + VM name, in meta: ids are never given twice (recovery_point.py)
 T = TypeVar("T")
 
@@ -121,11 +130,12 @@ class Store:
         elif version == 2:
             self._dbs.update(self._open_dbs(V2_DB_NAMES[len(V1_DB_NAMES):]))
         elif version in PIECES_VERSIONS:
-            self._dbs.update(self._open_dbs(DB_NAMES[len(V1_DB_NAMES):]))
-            if version == 3 and not readonly:
+            self._dbs.update(self._open_dbs((V4_DB_NAMES if version < 5 else DB_NAMES)[len(V1_DB_NAMES):]))
+            if version < FORMAT_VERSION and not readonly:
                 self._upgrade(version)
                 version = FORMAT_VERSION
         self.format_version = version   # a version 1 store opened read-only is read as it is
+        self._all_sizes = meta.get(b"blob_sizes") == b"all"   # made at format 5: no blob lacks a size record
         self.block_size = int(meta[b"block_size"])
         self.zstd_level = int(meta.get(b"zstd_level", DEFAULT_ZSTD_LEVEL))
         self.meta = {k.decode(): v.decode(errors="replace") for k, v in meta.items() if not k.startswith(LAST_POINT_ID)}
@@ -163,7 +173,7 @@ class Store:
         store_id, master = os.urandom(16), new_master_key()
         slots = [new.make(str(n), master, store_id) for n, new in enumerate(key_slots or [], start=1)]
         meta_values = {"block_size": block_size, "zstd_level": zstd_level, "store_id": store_id.hex(),
-                       "map_layout": MAP_LAYOUT,
+                       "map_layout": MAP_LAYOUT, "blob_sizes": "all",
                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        "encryption": ENCRYPTION if slots else "none",
                        "block_id": "blake3-keyed" if slots else "blake3"}
@@ -246,9 +256,10 @@ class Store:
                 self._env.set_mapsize(0)   # no transaction of ours is open yet
 
     def _upgrade(self, version: int) -> None:
-        """Version 1, 2 or 3 -> 4, in one transaction. From 1 and 2: add the new databases, cut every whole
-        block map into pieces and count everything anew; blocks keep their sha256 ids, the store stays
-        unencrypted. From 3 only the version changes: blobs written from now on may be in frames."""
+        """Version 1, 2, 3 or 4 -> 5, in one transaction. From 1 and 2: add the new databases, cut every
+        whole block map into pieces and count everything anew; blocks keep their sha256 ids, the store stays
+        unencrypted. From 3 and 4 the version changes and `sizes` is added: blobs written from now on may be
+        in frames and have their sizes recorded (those before are measured from `blocks` when asked)."""
         def fill(txn):
             for name in DB_NAMES[len(V1_DB_NAMES):]:
                 self._dbs[name.decode()] = self._env.open_db(name, txn=txn, create=True)
@@ -397,20 +408,34 @@ class Store:
         total, digests = 0, iter(digests)
         while chunk := list(itertools.islice(digests, per_transaction)):
             with self.read() as txn:
-                for digest in chunk:
-                    value = txn.get(digest, db=self._dbs["blocks"])
-                    total += 0 if value is None else len(value)
+                total += sum(self.blob_sizes(txn, digest)[0] for digest in chunk)
         return total
+
+    def blob_sizes(self, txn, digest: bytes) -> tuple[int, int]:
+        """(stored, raw) length of a stored blob, (0, 0) if there is none: from `sizes`, or for a blob an
+        older format stored without a size record, from the blob itself (reading it all: py-lmdb)."""
+        sizes = self._dbs.get("sizes")
+        found = txn.get(digest, db=sizes) if sizes is not None else None
+        if found is not None:
+            return SIZES.unpack(found)
+        blob = txn.get(digest, db=self._dbs["blocks"])
+        if blob is None:
+            return 0, 0
+        try:
+            return len(blob), read_header(blob).raw_length
+        except CorruptBlockError:   # a damaged header: its stored bytes still count (and gc removes it)
+            return len(blob), 0
 
     def put_blobs(self, blobs: dict[bytes, bytes], point: RecoveryPoint | None = None,
                   block_maps: dict[str, bytes] | None = None) -> None:
         """One write transaction: the blobs, and the recovery point that needs them if given (only that
         one is flushed whole: blobs no point names yet are worth no wait on the disk, write())."""
-        blocks = self._dbs["blocks"]
+        blocks, sizes = self._dbs["blocks"], self._dbs["sizes"]
 
         def fill(txn):
             for digest, data in blobs.items():
-                txn.put(digest, data, db=blocks, overwrite=False)
+                if txn.put(digest, data, db=blocks, overwrite=False):
+                    txn.put(digest, SIZES.pack(len(data), read_header(data).raw_length), db=sizes)
             if point is not None:
                 self.put_point(txn, point, block_maps or {})
         self.write(fill, durable=point is not None)
@@ -775,8 +800,22 @@ class Store:
         return removed[0]
 
     def has_block(self, digest: bytes) -> bool:
+        """From `sizes` (written and deleted with each blob): its small records sit on few pages, while a
+        lookup in `blocks` touches the blob's first page, a disk read of its own when the store is cold. A
+        store upgraded from format 3 or 4 may hold blobs without a size record: `blocks` answers there."""
+        sizes = self._dbs.get("sizes")   # none in a format 3 or 4 store opened read-only
         with self.read() as txn:
-            return txn.get(digest, db=self._dbs["blocks"]) is not None
+            if sizes is not None and txn.get(digest, db=sizes) is not None:
+                return True
+            return not self._all_sizes and txn.cursor(db=self._dbs["blocks"]).set_key(digest)
+
+    def remove_blob(self, txn, digest: bytes) -> int:
+        """Delete a blob and its size record in a write transaction; its stored length, 0 if none."""
+        stored = self.blob_sizes(txn, digest)[0]
+        if stored:
+            txn.delete(digest, db=self._dbs["blocks"])
+            txn.delete(digest, db=self._dbs["sizes"])
+        return stored
 
 
 def _settings(meta: dict) -> bytes:

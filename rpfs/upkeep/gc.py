@@ -27,10 +27,8 @@ def gc(store: Store) -> GcResult:
         def remove(txn):
             removed.clear()
             for digest in batch:
-                value = txn.get(digest, db=store.db("blocks"))
-                if value is not None:
-                    removed.append(len(value))
-                    txn.delete(digest, db=store.db("blocks"))
+                if stored := store.remove_blob(txn, digest):
+                    removed.append(stored)
 
         def commit():
             store.write(remove)

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rpfs.store import blob
 from rpfs.store.recovery_point import DIGEST_SIZE, HOLE
 from rpfs.store.block_maps import distinct_digests
 from rpfs.store.store import Store
@@ -79,15 +78,16 @@ def usage(store: Store) -> StoreUsage:
         latest[point.vm] = protected
     storage = {vm: 0.0 for vm in counts}   # a VM backed up since the first scan gets counted there
     with store.read() as txn:
-        for digest, stored in txn.cursor(db=store.db("blocks")):
-            result.stored_bytes += len(stored)
-            result.distinct_bytes += blob.read_header(stored).raw_length
+        for digest in txn.cursor(db=store.db("blocks")).iternext(keys=True, values=False):
+            stored, raw = store.blob_sizes(txn, digest)
+            result.stored_bytes += stored
+            result.distinct_bytes += raw
             vms = owners.get(bytes(digest))
             if not vms:
                 result.unreferenced_blocks += 1
                 continue
             for vm in vms:
-                storage[vm] = storage.get(vm, 0.0) + len(stored) / len(vms)
+                storage[vm] = storage.get(vm, 0.0) + stored / len(vms)
     snapshots = {vm: 0 for vm in counts}
     for point in store.points():
         for path in point.snapshot.paths.values() if point.snapshot else ():
