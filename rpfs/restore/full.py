@@ -25,6 +25,7 @@ from typing import Callable
 from rpfs.backup import snapshot
 from rpfs.errors import RpfsError
 from rpfs.host.disk_use import in_use
+from rpfs.host.libc import start_writeback
 from rpfs.host.tools import run_tool_raw
 from rpfs.restore.partial import PartialFile, check_free, refuse_link
 from rpfs.serve.image import BlockCache, ImageReader
@@ -33,6 +34,7 @@ from rpfs.store.recovery_point import HOLE, RecoveryPoint
 from rpfs.store.store import Store
 
 BLKZEROOUT = 0x127F   # zero a range: by discard/write-zeroes where the device guarantees zeros
+WRITEBACK_BYTES = 64 << 20   # written between two starts of writeback: the final fsync waits for little
 ProgressFn = Callable[[int, int], None]
 
 
@@ -145,10 +147,20 @@ def _clone_kept_snapshot(point: RecoveryPoint, disk_name: str, size: int, fd: in
 
 def _restore_blocks(reader: ImageReader, fd: int, path: Path, progress: ProgressFn | None,
                     workers: int | None, holes: Callable[[int, int, int], None] | None) -> int:
-    """Decode blocks on worker threads, write them in order to fd and sync; returns the data bytes written."""
+    """Decode blocks on worker threads, write them in order to fd and sync; returns the data bytes written.
+    Writeback is started every WRITEBACK_BYTES, so the disk writes while blocks decode."""
     workers = workers or (os.cpu_count() or 2)
     bs, size = reader.block_size, reader.size
-    written = 0
+    written = synced_to = 0
+
+    def write_next() -> None:
+        nonlocal written, synced_to
+        index, fut = window.popleft()
+        written += _write_block(fd, bs, size, index, fut, holes)
+        end = min((index + 1) * bs, size)
+        if end - synced_to >= WRITEBACK_BYTES:
+            start_writeback(fd, synced_to, end - synced_to)
+            synced_to = end
     try:
         window: deque = deque()
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpfs-restore") as pool:
@@ -156,11 +168,11 @@ def _restore_blocks(reader: ImageReader, fd: int, path: Path, progress: Progress
                 for index in range(reader.block_count):
                     window.append((index, pool.submit(reader.load, index)))
                     if len(window) >= 4 * workers:
-                        written += _write_block(fd, bs, size, *window.popleft(), holes)
+                        write_next()
                         if progress:
                             progress(min((index + 1 - len(window)) * bs, size), size)
                 while window:
-                    written += _write_block(fd, bs, size, *window.popleft(), holes)
+                    write_next()
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise

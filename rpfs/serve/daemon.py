@@ -7,7 +7,6 @@ line. A pid file per mountpoint in the run dir (run_dir.py) lets `rpfs umount` w
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -23,13 +22,13 @@ import pyfuse3
 import trio
 
 from rpfs.errors import RpfsError
+from rpfs.host.libc import few_malloc_arenas
 from rpfs.host.mountinfo import fstype_at, read_mountinfo
 from rpfs.host.tools import error_line, run_tool_raw
 from rpfs.host import run_dir
 
 FSTYPE = "fuse.rpfs"
 READY = b"ready\n"
-M_ARENA_MAX = -8   # glibc's mallopt parameter
 
 
 def _canonical(mountpoint: Path) -> Path:
@@ -61,7 +60,7 @@ class Filesystem:
 def serve(open_filesystem: Callable[[], Filesystem], mountpoint: Path, ready_fd: int | None = None,
           debug: bool = False, log_file: Path | None = None) -> None:
     """Mount and serve until unmounted or signalled; writes READY (or the error) to ready_fd."""
-    _few_malloc_arenas()
+    few_malloc_arenas()
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, filename=log_file,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log = logging.getLogger("rpfs.mount")
@@ -113,16 +112,6 @@ def serve(open_filesystem: Callable[[], Filesystem], mountpoint: Path, ready_fd:
         pid_path.unlink(missing_ok=True)
         log.info("unmounted %s", mountpoint)
         _remove_log_unless_it_has_news(log_file)
-
-
-def _few_malloc_arenas() -> None:
-    """glibc gives each worker thread a heap of its own, each keeping freed 1 MiB blocks for reuse, so a
-    daemon's memory grew with its cache and then some (tools/load). Two heaps for all threads cost no
-    measurable speed; mmapping every block instead (M_MMAP_THRESHOLD) cost a third of cold read speed."""
-    try:
-        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 2)
-    except (OSError, AttributeError):
-        pass   # not glibc: its allocator decides
 
 
 def _tell(ready_fd: int | None, answer: bytes) -> None:

