@@ -9,10 +9,9 @@ these modes (default_permissions), so a member reads and everyone else gets EACC
 
 Concurrency: pyfuse3 runs handlers as trio tasks. Reads whose blocks are all cached (or holes) are
 answered inline; the rest go to worker threads (decompression and hashing release the GIL), bounded by
-a CapacityLimiter: whole blocks, cached, for sequential readers and for a block random reads come back
-to; only the frames a random read needs otherwise. Inode numbers are handed out on first lookup and
-never reused (so images are opened with keep_cache); the table grows with the number of recovery points
-seen, not with disk size.
+a CapacityLimiter: whole blocks, cached, for sequential readers; only the frames a random read needs.
+Inode numbers are handed out on first lookup and never reused (so images are opened with keep_cache);
+the table grows with the number of recovery points seen, not with disk size.
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ import errno
 import json
 import os
 import stat
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -40,7 +38,6 @@ INFO = "info.json"       # beside the images: the recovery point's record (consi
 STABLE_TIMEOUT = 300.0   # recovery points never change: the kernel may cache their entries
 LIVE_TIMEOUT = 1.0       # VM folders and `latest` change as backups land
 READ_AHEAD_BLOCKS = 2    # blocks decoded ahead of a sequential reader, on the other core
-RECENT_BLOCKS = 64       # blocks of an image's last random reads, remembered: one read again is decoded whole
 FILE_MODE = 0o440        # root and the allowed group read; nobody writes (the mount is read-only)
 FOLDER_MODE = 0o550
 
@@ -80,7 +77,6 @@ class RecoveryPointFS(pyfuse3.Operations):
         self._limiter = trio.CapacityLimiter(read_threads)
         self._loading: dict[tuple[int, int], trio.Event] = {}    # blocks being decoded right now
         self._last_block: dict[int, int] = {}                    # per open image: last block read
-        self._recent: dict[int, OrderedDict[int, None]] = {}     # per open image: blocks random reads touched
         self._nursery: trio.Nursery | None = None                # set by the mount loop, for read-ahead
         self._mounted_ns = int(datetime.now().timestamp() * 1e9)
 
@@ -265,9 +261,7 @@ class RecoveryPointFS(pyfuse3.Operations):
                     self._nursery.start_soon(self._load_quietly, fh, ahead)
             self._last_block[fh] = blocks[-1]
         data = reader.read_cached(off, size)
-        if data is None and (sequential or self._read_again(fh, blocks)):   # whole blocks, cached for the reads
-            # that follow: a sequential reader's, or those of a filesystem on a loop device, which reads the
-            # files that share a block one after another
+        if data is None and sequential:   # whole blocks, cached for the reads that follow
             try:
                 for index in blocks:
                     await self._load(fh, index)
@@ -278,18 +272,6 @@ class RecoveryPointFS(pyfuse3.Operations):
             # A random read: decode only the frames it needs; a whole block would cost 16 times as much.
             data = await trio.to_thread.run_sync(reader.read_frames, off, size, limiter=self._limiter)
         return data
-
-    def _read_again(self, fh: int, blocks: range) -> bool:
-        """Whether a random read touches a block one of the last RECENT_BLOCKS random reads of the image
-        touched (by frames): a block read twice is read more, and is worth decoding whole once."""
-        recent = self._recent.setdefault(fh, OrderedDict())
-        again = any(index in recent for index in blocks)
-        for index in blocks:
-            recent[index] = None
-            recent.move_to_end(index)
-        while len(recent) > RECENT_BLOCKS:
-            recent.popitem(last=False)
-        return again
 
     async def _load(self, fh: int, index: int) -> None:
         """Bring one block into the cache, on a worker thread, once even if several reads want it."""
