@@ -35,7 +35,7 @@ from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.store import MapPieces, Store
 
 T = TypeVar("T")
-READERS = 3                # reader processes at most, 15 MiB each: one per core, one more waiting on the disk
+READERS = 5                # reader processes at most, 15 MiB each: the mount's 4 worker threads, and lookups
 MAP_PIECES_KEPT = 512      # at most 16 MiB of block map pieces kept
 SOCKET_BUFFER = 4 << 20
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)   # root may go past net.core.wmem_max

@@ -130,7 +130,7 @@ class Store:
         elif version == 2:
             self._dbs.update(self._open_dbs(V2_DB_NAMES[len(V1_DB_NAMES):]))
         elif version in PIECES_VERSIONS:
-            self._dbs.update(self._open_dbs((V4_DB_NAMES if version < 5 else DB_NAMES)[len(V1_DB_NAMES):]))
+            self._dbs.update(self._open_dbs((V4_DB_NAMES if version < FORMAT_VERSION else DB_NAMES)[len(V1_DB_NAMES):]))
             if version < FORMAT_VERSION and not readonly:
                 self._upgrade(version)
                 version = FORMAT_VERSION
@@ -416,7 +416,7 @@ class Store:
         older format stored without a size record, from the blob itself (reading it all: py-lmdb)."""
         sizes = self._dbs.get("sizes")
         found = txn.get(digest, db=sizes) if sizes is not None else None
-        if found is not None:
+        if found is not None and len(found) == SIZES.size:   # else damaged: measure the blob
             return SIZES.unpack(found)
         blob = txn.get(digest, db=self._dbs["blocks"])
         if blob is None:
@@ -800,22 +800,21 @@ class Store:
         return removed[0]
 
     def has_block(self, digest: bytes) -> bool:
-        """From `sizes` (written and deleted with each blob): its small records sit on few pages, while a
-        lookup in `blocks` touches the blob's first page, a disk read of its own when the store is cold. A
-        store upgraded from format 3 or 4 may hold blobs without a size record: `blocks` answers there."""
-        sizes = self._dbs.get("sizes")   # none in a format 3 or 4 store opened read-only
+        """In a store made at format 5, from `sizes` (written and deleted with each blob): its small records
+        sit on few pages, while a lookup in `blocks` touches the blob's first page, a disk read of its own
+        when the store is cold (checksum incremental after 5% of 2 GiB, cold: 4.6 -> 2.7 s). A store
+        upgraded from format 3 or 4 asks `blocks`: it may hold blobs without a size record, and an older
+        rpfs that had it open before the upgrade may delete a blob and leave its record."""
         with self.read() as txn:
-            if sizes is not None and txn.get(digest, db=sizes) is not None:
-                return True
-            return not self._all_sizes and txn.cursor(db=self._dbs["blocks"]).set_key(digest)
+            if self._all_sizes:
+                return txn.get(digest, db=self._dbs["sizes"]) is not None
+            return txn.cursor(db=self._dbs["blocks"]).set_key(digest)
 
-    def remove_blob(self, txn, digest: bytes) -> int:
-        """Delete a blob and its size record in a write transaction; its stored length, 0 if none."""
+    def remove_blob(self, txn, digest: bytes) -> int | None:
+        """Delete a blob and its size record in a write transaction; its stored length, None if none."""
         stored = self.blob_sizes(txn, digest)[0]
-        if stored:
-            txn.delete(digest, db=self._dbs["blocks"])
-            txn.delete(digest, db=self._dbs["sizes"])
-        return stored
+        txn.delete(digest, db=self._dbs["sizes"])
+        return stored if txn.delete(digest, db=self._dbs["blocks"]) else None
 
 
 def _settings(meta: dict) -> bytes:

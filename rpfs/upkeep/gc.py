@@ -27,7 +27,8 @@ def gc(store: Store) -> GcResult:
         def remove(txn):
             removed.clear()
             for digest in batch:
-                if stored := store.remove_blob(txn, digest):
+                stored = store.remove_blob(txn, digest)
+                if stored is not None:
                     removed.append(stored)
 
         def commit():
