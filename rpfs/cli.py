@@ -26,6 +26,7 @@ from rpfs.commands.restores import (
     cmd_restore,
 )
 from rpfs.commands.upkeep import cmd_check, cmd_compact, cmd_gc, cmd_pin, cmd_prune, cmd_usage, cmd_verify
+from rpfs.commands.vaults import cmd_vault
 from rpfs.errors import RpfsError
 from rpfs.host.access import permission_denied
 from rpfs.store.blob import DEFAULT_ZSTD_LEVEL
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rpfs", description="Recovery-point filesystem: back up disk images, mount and restore them.")
     parser.add_argument("--store", default=os.environ.get("RPFS_STORE"),
                         help="store directory (default: $RPFS_STORE)")
+    parser.add_argument("--vault", metavar="NAME",
+                        help="read recovery points from this vault (rpfs vault add) instead of the store: list,"
+                             " restore; works with no local store")
     key_help = ("key file of an encrypted store (default: $RPFS_KEY_FILE; else a passphrase from $RPFS_PASSPHRASE"
                 " or the terminal)")
     parser.add_argument("--key-file", metavar="PATH", help=key_help)
@@ -240,6 +244,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recovery_point")
         p.set_defaults(func=cmd_pin, pinned=pinned)
 
+    p = sub.add_parser("vault", help="vaults: recovery points off the host in an S3 bucket (add, list, remove, push)")
+    vaults = p.add_subparsers(dest="vault_action", required=True, metavar="ACTION", parser_class=_Parser)
+    v = vaults.add_parser("add", parents=[json_flag],
+                          help="name a vault: made from --store (the bucket is created if missing), or, with no"
+                               " store, one that a bucket already holds (disaster recovery)")
+    v.add_argument("name", help="the vault's name on this machine")
+    v.add_argument("--endpoint", required=True, metavar="URL", help="the S3 endpoint, e.g. http://127.0.0.1:7480")
+    v.add_argument("--bucket", required=True, help="the bucket (credentials: AWS_* variables or ~/.aws/credentials)")
+    v.add_argument("--prefix", help="a key prefix inside the bucket (default: none)")
+    vaults.add_parser("list", parents=[json_flag], help="the vaults named on this machine")
+    v = vaults.add_parser("remove", parents=[json_flag], help="forget a vault's name (its bucket is untouched)")
+    v.add_argument("name", help="the vault's name")
+    v = vaults.add_parser("push", parents=[json_flag], help="upload the recovery points the vault lacks")
+    v.add_argument("name", help="the vault's name")
+    v.add_argument("vm", nargs="?", help="only this VM's recovery points")
+    v.add_argument("recovery_point", nargs="?", help="only this recovery point of VM")
+    v.add_argument("--limit-mbps", type=_rate, default=0.0, metavar="MB/S",
+                   help="limit the upload to this many MB/s (default: no limit)")
+    v.add_argument("--pack-mib", type=int, default=128, help=argparse.SUPPRESS)   # tests: small packs
+    p.set_defaults(func=cmd_vault)
+
     p = sub.add_parser("instant-daemon")   # started by instant-restore; not for users
     p.add_argument("target")
     p.add_argument("mountpoint")
@@ -277,10 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FROM_VAULT = ("list", "restore")   # the commands --vault serves so far
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     take_passphrases(args)
     try:
+        if args.vault and args.command not in FROM_VAULT:
+            raise RpfsError(f"--vault: rpfs {args.command} does not read from a vault (from a vault: "
+                            + ", ".join(FROM_VAULT) + ")")
         return args.func(args)
     except RpfsError as e:
         print(f"rpfs: {e.message}", file=sys.stderr)

@@ -34,12 +34,10 @@ def cmd_backup(args) -> int:
 
 
 def cmd_list(args) -> int:
-    with open_store(args, readonly=True) as store:
-        points = store.points(args.vm)
-        if args.vm and not points:
-            store.point(args.vm)  # raises: unknown VM
+    points, where = _listed_points(args)
     if args.json:
-        print_json([{**p.to_dict(), "size": p.size, "stored_bytes": p.stored_bytes} for p in points])
+        print_json([{**p.to_dict(), "size": p.size, "stored_bytes": p.stored_bytes, "where": where[p.vm, p.id]}
+                    for p in points])
         return 0
     if not points:
         print("no recovery points yet (rpfs backup VM --disk NAME=PATH)")
@@ -49,13 +47,37 @@ def cmd_list(args) -> int:
         if p.vm != current_vm:
             current_vm = p.vm
             print(f"{p.vm}")
-        print(f"  {p.id}  {p.consistency:<12} size {human_bytes(p.size):>10}  stored {human_bytes(p.stored_bytes):>10}"
+        place = f"  {where[p.vm, p.id]:<5}" if args.vault else ""
+        print(f"  {p.id}{place}  {p.consistency:<12} size {human_bytes(p.size):>10}"
+              f"  stored {human_bytes(p.stored_bytes):>10}"
               f"  new {human_bytes(p.new_stored_bytes):>10}{_quiesce_note(p)}")
         for d in p.disks:
             tracking = f", {d.change_tracking}: read {human_bytes(d.read_bytes)}" if d.change_tracking else ""
             print(f"      {d.name + '.img':<16} size {human_bytes(d.size):>10}  stored {human_bytes(d.stored_bytes):>10}"
                   f"  {d.blocks} blocks, {d.zero_blocks} holes{tracking}")
     return 0
+
+
+def _listed_points(args) -> tuple[list, dict[tuple[str, str], str]]:
+    """The points of the store, or with --vault of the vault and of the store if there is one; and where each
+    lives: local, vault or both."""
+    local, held = [], []
+    if not args.vault or (args.store and Path(args.store, "data.mdb").exists()):
+        with open_store(args, readonly=True) as store:
+            local = store.points(args.vm)
+            if args.vm and not local and not args.vault:
+                store.point(args.vm)  # raises: unknown VM
+    if args.vault:
+        from rpfs.commands.vaults import open_vault
+        with open_vault(args) as vault:
+            held = vault.points(args.vm)
+            if args.vm and not held and not local:
+                vault.point(args.vm)  # raises: unknown VM
+    where = {(p.vm, p.id): "local" for p in local}
+    for p in held:
+        where[p.vm, p.id] = "both" if (p.vm, p.id) in where else "vault"
+    points = {(p.vm, p.id): p for p in [*held, *local]}   # the local record wins (pins, kept snapshots)
+    return [points[key] for key in sorted(points)], where
 
 
 def _quiesce_note(point) -> str:

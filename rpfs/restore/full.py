@@ -89,6 +89,8 @@ def restore_disk(store: Store, point: RecoveryPoint, disk_name: str, target: Pat
                  workers: int | None = None) -> RestoreSummary:
     disk = point.disk(disk_name)
     is_device = check_target(target, disk.size, force)
+    if not isinstance(store, Store):   # a vault (rpfs/vault): no local prune to hold off
+        return _restore(store, point, disk, target, is_device, discard, progress, workers)
     lease = Lease(store.path)   # prune must not delete the recovery point while it is being copied
     try:
         lease.take(store, point.vm, point.id)
@@ -114,7 +116,7 @@ def _restore(store: Store, point: RecoveryPoint, disk, target: Path, is_device: 
     else:
         partial = PartialFile.create(target)
         try:
-            if _clone_kept_snapshot(point, disk_name, disk.size, partial.fd):
+            if isinstance(store, Store) and _clone_kept_snapshot(point, disk_name, disk.size, partial.fd):
                 written = disk.size - disk.zero_blocks * disk.block_size   # about: the clone shares extents
                 if progress:
                     progress(disk.size, disk.size)

@@ -108,6 +108,13 @@ class BlockMaps:
             raise RpfsError(f"block {number * MAP_PIECE} is beyond the block map of {where(map_key)}")
         return self._piece(txn, ids[number], map_key)
 
+    def index(self, txn, map_key: bytes) -> tuple[int, list[bytes]]:
+        """The entry count and piece ids of a block map, checked."""
+        stored = txn.get(map_key, db=self._maps)
+        if stored is None:
+            raise RpfsError(f"block map missing for {where(map_key)}")
+        return self._index(map_key, stored)
+
     def piece_ids(self, txn, map_key: bytes) -> list[bytes]:
         stored = txn.get(map_key, db=self._maps)
         return [] if stored is None else self._index(map_key, stored)[1]

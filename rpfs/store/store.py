@@ -178,7 +178,7 @@ class Store:
                        "encryption": ENCRYPTION if slots else "none",
                        "block_id": "blake3-keyed" if slots else "blake3"}
         if slots:
-            meta_values["key_check"] = Keyring(master, store_id).check(_settings(meta_values)).hex()
+            meta_values["key_check"] = Keyring(master, store_id).check(key_settings(meta_values)).hex()
             meta_values["last_slot_id"] = len(slots)
         env = lmdb.open(str(path), map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES), subdir=True, mode=PRIVATE_FILE,
                         metasync=False)
@@ -696,6 +696,17 @@ class Store:
                 raise RpfsError("block map missing for " + map_key.decode().replace("\0", "/"))
             return flat_map_piece(block_map, map_key, piece)
 
+    def map_index(self, map_key: bytes) -> tuple[int, list[bytes]]:
+        """A block map's entry count and piece ids, checked (a vault push sends pieces as they are)."""
+        with self.read() as txn:
+            return self._layout().index(txn, map_key)
+
+    def stored_piece(self, piece_id: bytes) -> tuple[bytes, bytes]:
+        """A piece as stored (sealed when encrypted) and its checked entries."""
+        with self.read() as txn:
+            stored = txn.get(piece_id, db=self._dbs["pieces"])
+            return (b"", b"") if stored is None else (bytes(stored), self._layout().stored_piece(txn, piece_id, None))
+
     def block_digest(self, map_key: bytes, index: int) -> bytes:
         """The id of one block of a disk, from its piece of the block map (pieces are kept: a reader going
         block by block fetches and checks each piece once)."""
@@ -745,7 +756,7 @@ class Store:
             check_value = bytes.fromhex(self.meta.get("key_check", ""))
         except ValueError:
             check_value = b""
-        return KeyLock(self.path, self.store_id, _settings(self.meta), check_value, slots, damaged)
+        return KeyLock(self.path, self.store_id, key_settings(self.meta), check_value, slots, damaged)
 
     def add_key_slot(self, new: NewSlot, replacing: KeySlot | None = None) -> tuple[KeySlot, bool]:
         """Wrap the master key in a new slot, or in place of `replacing` if that slot is still as it was read
@@ -817,7 +828,7 @@ class Store:
         return stored if txn.delete(digest, db=self._dbs["blocks"]) else None
 
 
-def _settings(meta: dict) -> bytes:
+def key_settings(meta: dict) -> bytes:
     """What the key check binds: the settings that say how to read (and write) the store."""
     return "\0".join(str(meta.get(name, "")) for name in ("encryption", "block_id", "block_size")).encode()
 

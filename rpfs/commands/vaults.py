@@ -1,0 +1,86 @@
+"""`rpfs vault`: name a vault (add, list, remove) and push recovery points to it.
+
+boto3 takes half a second to import: only commands that talk to a vault import rpfs.vault.vault.
+"""
+from __future__ import annotations
+
+from rpfs.commands import key_choice, open_store, print_json
+from rpfs.commands.progress import ProgressBar, human_bytes
+from rpfs.errors import RpfsError
+from rpfs.upkeep.jobs import recorded
+from rpfs.vault import config as vault_configs
+from rpfs.vault.config import VaultConfig, checked, vault_config
+
+
+def cmd_vault(args) -> int:
+    return {"add": _add, "list": _list, "remove": _remove, "push": _push}[args.vault_action](args)
+
+
+def open_vault(args):
+    """The vault of --vault, unlocked with the key the command was given (the store's key: same slots)."""
+    from rpfs.vault.vault import Vault
+    return Vault.open(vault_config(args.vault), key_choice(args))
+
+
+def _add(args) -> int:
+    from rpfs.vault.vault import Vault, probe
+    config = checked(VaultConfig(args.name, args.endpoint, args.bucket, args.prefix or ""))
+    if args.name in vault_configs.vaults():
+        raise RpfsError(f"vault {args.name!r} exists already (rpfs vault list; rpfs vault remove {args.name} first"
+                        " to point the name elsewhere)")
+    if args.store:   # made from the store (or this store's vault adopted)
+        with open_store(args, readonly=True) as store:
+            vault = Vault.create(config, store)
+        what = f"made from store {args.store}" if vault.created else f"holding the vault of store {args.store}"
+    else:   # disaster recovery: the bucket must hold a vault; its key is asked when it is read
+        settings = probe(config)
+        what = f"holding a vault made {settings['created']} (no local store: rpfs --vault {args.name} list)"
+    vault_configs.save(config)
+    if args.json:
+        print_json({"name": config.name, "endpoint": config.endpoint, "bucket": config.bucket,
+                    "prefix": config.prefix})
+    else:
+        print(f"vault {config.name}: bucket {config.bucket} at {config.endpoint}, {what}")
+    return 0
+
+
+def _list(args) -> int:
+    found = vault_configs.vaults()
+    if args.json:
+        print_json([{"name": c.name, "endpoint": c.endpoint, "bucket": c.bucket, "prefix": c.prefix}
+                    for c in found.values()])
+    elif not found:
+        print("no vaults (rpfs vault add NAME --endpoint URL --bucket BUCKET)")
+    for c in found.values() if not args.json else ():
+        print(f"{c.name:<16} {c.endpoint}  bucket {c.bucket}" + (f"  prefix {c.prefix}" if c.prefix else ""))
+    return 0
+
+
+def _remove(args) -> int:
+    vault_configs.remove(args.name)
+    if not args.json:
+        print(f"vault {args.name} forgotten on this machine (its bucket and what it holds are untouched)")
+    return 0
+
+
+def _push(args) -> int:
+    from rpfs.vault.push import push
+    from rpfs.vault.vault import Vault
+    with open_store(args) as store:   # writable: the push is recorded as a job
+        vault = Vault.open(vault_config(args.name), key_choice(args))
+        points = store.points(args.vm) if args.recovery_point is None else [store.point(args.vm, args.recovery_point)]
+        if args.vm and not points:
+            store.point(args.vm)   # raises: unknown VM
+        with recorded(store, "push", args.vm) as job, ProgressBar(f"push to {args.name}", quiet=args.json) as bar:
+            summary = push(store, vault, points, progress=bar, bytes_per_second=args.limit_mbps * 1e6,
+                           pack_bytes=args.pack_mib << 20)
+            job.bytes_written = summary.uploaded_bytes
+            job.recovery_point = summary.pushed[-1] if summary.pushed else None
+    if args.json:
+        print_json({**summary.__dict__, "vault": args.name, "mib_per_second": round(summary.mib_per_second, 1)})
+        return 0
+    print(f"pushed {len(summary.pushed)} recovery point(s) to vault {args.name}"
+          f" ({len(summary.already)} already there): {human_bytes(summary.uploaded_bytes)} stored bytes uploaded"
+          f" in {summary.packs} pack(s), {summary.blobs} block(s), {summary.seconds:.1f} s"
+          f" ({summary.mib_per_second:.0f} MiB/s)")
+    return 0

@@ -1,0 +1,1 @@
+"""The vault: recovery points off the host, in an S3 bucket, read through the same image path as the store."""

@@ -1,0 +1,183 @@
+"""Pushing recovery points to a vault: only what it lacks goes up, packed, and a point appears only whole.
+
+For each recovery point (oldest first), the blobs its block maps name that the vault lacks, then its new
+map pieces, are streamed into packs of about PACK_BYTES: each pack is one object uploaded in parts, in
+parallel (s3.py), and exists only once complete; its index goes up after it. The point's manifest goes
+up last. A push killed at any moment leaves packs (whole, indexed or not) and no half point: the next
+push finds the indexed packs' blobs in the vault and sends only the rest.
+"""
+from __future__ import annotations
+
+import io
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from rpfs.errors import RpfsError
+from rpfs.store.block_maps import distinct_digests
+from rpfs.store.leases import Lease
+from rpfs.store.recovery_point import RecoveryPoint
+from rpfs.store.store import Store
+from rpfs.vault.vault import BLOB, PIECE, Vault, index_object, manifest_associated, pack_object, point_object, \
+    upload_key_slots
+
+PACK_BYTES = 128 << 20   # a pack's size: a vault of a few TB is tens of thousands of objects, not millions
+READ_BUFFER = 1 << 20
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class PushSummary:
+    pushed: list[str] = field(default_factory=list)      # "vm/id" of the points uploaded
+    already: list[str] = field(default_factory=list)     # in the vault before this push
+    blobs: int = 0
+    pieces: int = 0
+    packs: int = 0
+    uploaded_bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def mib_per_second(self) -> float:
+        return self.uploaded_bytes / (1 << 20) / self.seconds if self.seconds > 0 else 0.0
+
+
+def push(store: Store, vault: Vault, points: list[RecoveryPoint], progress: ProgressFn | None = None,
+         bytes_per_second: float = 0, pack_bytes: int = PACK_BYTES) -> PushSummary:
+    """Upload the given recovery points (those the vault lacks), oldest first; bytes_per_second limits the
+    upload (0: no limit)."""
+    if vault.store_id != store.store_id:
+        raise RpfsError(f"{vault.config.label} belongs to another store (id {vault.store_id.hex()}, this one"
+                        f" {store.store_id.hex()}); a vault takes the points of the store it was made from")
+    started, summary = time.monotonic(), PushSummary()
+    upload_key_slots(vault.bucket, store.key_lock().slots)   # the slots as they are now (key add/remove)
+    held = {(vm, point_id) for vm, point_id in vault.point_names()}
+    todo = []
+    for point in sorted(points, key=lambda p: (p.id, p.vm)):
+        (summary.already if (point.vm, point.id) in held else todo).append(point)
+    summary.already = [f"{p.vm}/{p.id}" for p in summary.already]
+    lease = Lease(store.path)   # prune must not delete a point while it goes up
+    try:
+        plans = []
+        for point in todo:
+            lease.take(store, point.vm, point.id)
+            plans.append(_plan(store, vault, point))
+        total = sum(store.blob_lengths(plan.blobs) for plan in plans)
+        done, since = 0, time.monotonic()
+
+        def sent(nbytes: int) -> None:
+            nonlocal done
+            done += nbytes
+            if progress:
+                progress(done, total)
+            if bytes_per_second:
+                time.sleep(max(0.0, done / bytes_per_second - (time.monotonic() - since)))
+        for plan in plans:
+            _upload(store, vault, plan, summary, sent, pack_bytes)
+            summary.pushed.append(f"{plan.point.vm}/{plan.point.id}")
+    finally:
+        lease.close()
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+@dataclass
+class _Plan:
+    point: RecoveryPoint
+    maps: dict[str, tuple[int, list[bytes]]]
+    blobs: list[bytes]       # blobs the vault lacks (every blob the point names is checked, not only new pieces')
+    pieces: list[bytes]      # pieces the vault lacks
+
+
+def _plan(store: Store, vault: Vault, point: RecoveryPoint) -> _Plan:
+    """What one point needs that the vault lacks. Every piece's blobs are looked up, also for pieces the
+    vault has: a piece uploaded by a push killed before its blobs' packs were indexed names blobs the
+    vault may lack."""
+    maps = {disk.name: store.map_index(store.map_key(point.vm, point.id, disk.name)) for disk in point.disks}
+    blobs: dict[bytes, None] = {}
+    pieces: dict[bytes, None] = {}
+    for _count, ids in maps.values():
+        for piece_id in dict.fromkeys(ids):
+            _stored, entries = store.stored_piece(piece_id)
+            if not entries and not _stored:
+                raise RpfsError(f"a piece of the block map of {point.vm}/{point.id} is missing from the local store"
+                                " (rpfs check)")
+            if not vault.has(PIECE, piece_id):
+                pieces[piece_id] = None
+            for digest in sorted(distinct_digests(entries)):
+                if digest not in blobs and not vault.has(BLOB, digest):
+                    blobs[digest] = None
+    return _Plan(point, maps, list(blobs), list(pieces))
+
+
+def _upload(store: Store, vault: Vault, plan: _Plan, summary: PushSummary, sent: Callable[[int], None],
+            pack_bytes: int) -> None:
+    """The plan's blobs and pieces in packs (each indexed once whole), then the manifest."""
+    entries = _entries(store, plan, sent)
+    while True:
+        first = next(entries, None)
+        if first is None:
+            break
+        pack = secrets.token_hex(16)
+        stream = _PackStream(first, entries, pack_bytes)
+        vault.bucket.put_stream(pack_object(pack), io.BufferedReader(stream, READ_BUFFER))
+        vault.bucket.put(index_object(pack), vault.seal_index(pack, stream.index))
+        vault.remember(pack, stream.index)
+        summary.packs += 1
+        summary.uploaded_bytes += stream.size
+        summary.blobs += sum(1 for kind, *_ in stream.index if kind == BLOB)
+        summary.pieces += sum(1 for kind, *_ in stream.index if kind == PIECE)
+    point = plan.point
+    manifest = {"point": point.to_json().decode(),
+                "maps": {disk: {"count": count, "pieces": [p.hex() for p in ids]}
+                         for disk, (count, ids) in plan.maps.items()}}
+    sealed = vault.keyring.seal_record(json.dumps(manifest).encode(), manifest_associated(point.vm, point.id))
+    vault.bucket.put(point_object(point.vm, point.id), sealed)
+
+
+def _entries(store: Store, plan: _Plan, sent: Callable[[int], None]) -> Iterator[tuple[bytes, bytes, bytes]]:
+    """(kind, id, bytes as stored) of what the plan uploads; every blob checked first (a damaged local blob
+    is refused, never copied to the vault)."""
+    where = f"{plan.point.vm}/{plan.point.id}"
+    for digest in plan.blobs:
+        blob = store.get_blob(digest)
+        if blob is None:
+            raise RpfsError(f"block {digest.hex()} of {where} is missing from the local store (rpfs check)")
+        store.codec.decode(digest, blob)   # raises CorruptBlockError for a damaged blob
+        yield BLOB, digest, blob
+        sent(len(blob))
+    for piece_id in plan.pieces:
+        stored, _entries_ = store.stored_piece(piece_id)
+        yield PIECE, piece_id, stored
+
+
+class _PackStream(io.RawIOBase):
+    """A pack as a stream: entries pulled one by one until the pack holds `limit` bytes; the index of what
+    it holds (kind, id, offset, length) grows as they are read."""
+
+    def __init__(self, first: tuple[bytes, bytes, bytes], rest: Iterator[tuple[bytes, bytes, bytes]], limit: int):
+        self._first, self._rest, self._limit = first, rest, limit
+        self._buffer = memoryview(b"")
+        self.index: list[tuple[bytes, bytes, int, int]] = []
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, out) -> int:
+        while not self._buffer:
+            if self.size >= self._limit:
+                return 0
+            entry, self._first = (self._first, None) if self._first is not None else (next(self._rest, None), None)
+            if entry is None:
+                return 0
+            kind, entry_id, data = entry
+            self.index.append((kind, entry_id, self.size, len(data)))
+            self.size += len(data)
+            self._buffer = memoryview(data)
+        n = min(len(out), len(self._buffer))
+        out[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n

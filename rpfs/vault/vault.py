@@ -1,0 +1,318 @@
+"""A vault: one store's recovery points in an S3 bucket, read through the same image path as the store.
+
+Objects (names under the vault's prefix; README, The vault):
+  rpfs-vault.json     format and settings (version, store id, encryption, block ids, block size, key check)
+  keys.json           the store's key slots: its master key wrapped for each key file, passphrase, recovery key
+  packs/<name>        blobs and block map pieces, sealed as in the store, one after another (PACK_BYTES)
+  index/<name>        what pack <name> holds: kind, id, offset, length per entry (sealed); written after the
+                      pack, so a pack without an index is an interrupted upload (never read, gc removes it)
+  points/<vm>/<id>    a recovery point's manifest (sealed): its record and, per disk, its block map's piece
+                      ids; written after every pack it needs is indexed: a point exists only whole
+A vault is bound to the store it was made from (same master key and block ids: blobs go up as they are,
+and only blobs the vault lacks go up); a vault only ever holds encrypted data.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable, TypeVar
+
+from rpfs.errors import CorruptBlockError, RpfsError
+from rpfs.store.blob import BlockCodec
+from rpfs.store.block_maps import where
+from rpfs.store.key_slots import KeyChoice, KeyLock, KeySlot
+from rpfs.store.recovery_point import RecoveryPoint
+from rpfs.store.store import MapPieces, Store, key_settings
+from rpfs.vault.config import VaultConfig
+from rpfs.vault.s3 import Bucket
+
+FORMAT = "rpfs-vault"
+FORMAT_VERSION = 1
+FORMAT_OBJECT = "rpfs-vault.json"
+KEYS_OBJECT = "keys.json"
+SETTINGS = ("encryption", "block_id", "block_size", "zstd_level")   # copied from the store's meta
+ENTRY = struct.Struct("<c32sQI")     # an index entry: kind (b"b" blob, b"p" piece), id, offset, length
+BLOB, PIECE = b"b", b"p"
+INDEX_READERS = 16                    # index objects fetched at once when a vault is opened
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Location:
+    pack: str
+    offset: int
+    length: int
+
+
+def pack_object(pack: str) -> str:
+    return f"packs/{pack}"
+
+
+def index_object(pack: str) -> str:
+    return f"index/{pack}"
+
+
+def point_object(vm: str, point_id: str) -> str:
+    return f"points/{vm}/{point_id}"
+
+
+class Vault:
+    """An opened vault. Reads are thread-safe; one push at a time writes (push.py)."""
+
+    def __init__(self, config: VaultConfig, bucket: Bucket, settings: dict, lock: KeyLock, keys: KeyChoice | None):
+        self.config, self.bucket, self.settings = config, bucket, settings
+        self.path = Path(config.label)   # what messages call it (as a store's path)
+        self.store_id = bytes.fromhex(settings["store_id"])
+        self.block_size = int(settings["block_size"])
+        self.encrypted = True
+        self.keyring = (keys or KeyChoice()).unlock(lock)
+        self.codec = BlockCodec(settings["block_id"], int(settings["zstd_level"]), self.keyring)
+        self._index: dict[tuple[bytes, bytes], Location] | None = None
+        self._index_lock = threading.Lock()
+        self._manifests: OrderedDict[str, tuple[RecoveryPoint, dict]] = OrderedDict()
+        self._pieces = MapPieces()
+        self.created = False   # by Vault.create, in this call
+
+    # -- making and opening ----------------------------------------------------------------------
+    @classmethod
+    def create(cls, config: VaultConfig, store: Store) -> "Vault":
+        """A vault for an encrypted store in the config's bucket (made if missing); a bucket that holds this
+        store's vault already is adopted, another store's or another format's refused."""
+        if not store.encrypted:
+            raise RpfsError(f"store {store.path} is not encrypted; a vault only ever holds encrypted data (back up"
+                            " into an encrypted store: rpfs init makes one by default)")
+        bucket = bucket_of(config)
+        bucket.ensure_bucket()
+        settings = {"format": FORMAT, "format_version": FORMAT_VERSION, "store_id": store.store_id.hex(),
+                    "key_check": store.meta["key_check"],
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    **{name: store.meta.get(name, "") for name in SETTINGS}}
+        found = _settings(bucket)
+        created = found is None
+        if found is not None:
+            if found["store_id"] != settings["store_id"]:
+                raise RpfsError(f"{config.label}: bucket {config.bucket} holds the vault of another store (id"
+                                f" {found['store_id']}); give another --bucket or --prefix")
+        else:
+            upload_key_slots(bucket, store.key_lock().slots)
+            bucket.put(FORMAT_OBJECT, json.dumps(settings, indent=2).encode())   # last: the vault exists now
+        vault = cls.open(config, KeyChoice(master=store.master_key))
+        vault.created = created
+        return vault
+
+    @classmethod
+    def open(cls, config: VaultConfig, keys: KeyChoice | None = None) -> "Vault":
+        bucket = bucket_of(config)
+        settings = probe(config, bucket)
+        raw = bucket.get(KEYS_OBJECT)
+        try:
+            slots = [KeySlot.from_json(json.dumps(slot).encode()) for slot in json.loads(raw or b"null")]
+            lock = KeyLock(Path(config.label), bytes.fromhex(settings["store_id"]), key_settings(settings),
+                           bytes.fromhex(settings["key_check"]), slots)
+        except (ValueError, TypeError, KeyError, CorruptBlockError):
+            raise RpfsError(f"{config.label}: its key slots ({KEYS_OBJECT}) are missing or damaged") from None
+        return cls(config, bucket, settings, lock, keys)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Vault":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- what the vault holds --------------------------------------------------------------------
+    def index(self) -> dict[tuple[bytes, bytes], Location]:
+        """(kind, id) -> where it is, from every pack's index (read once per opened vault)."""
+        with self._index_lock:
+            if self._index is None:
+                names = [name[len("index/"):] for name, _size in self.bucket.names("index/")]
+                found: dict[tuple[bytes, bytes], Location] = {}
+                with ThreadPoolExecutor(INDEX_READERS) as pool:
+                    for pack, entries in zip(names, pool.map(self._read_index, names)):
+                        found.update((key, Location(pack, offset, length)) for key, offset, length in entries)
+                self._index = found
+            return self._index
+
+    def _read_index(self, pack: str) -> list[tuple[tuple[bytes, bytes], int, int]]:
+        sealed = self.bucket.get(index_object(pack))
+        if sealed is None:
+            return []   # removed meanwhile (gc): its pack is going too
+        data = self._unseal(b"vault-index\0" + pack.encode(), sealed, f"the index of pack {pack}")
+        if len(data) % ENTRY.size:
+            raise RpfsError(f"{self.config.label}: the index of pack {pack} is damaged")
+        return [((kind, entry_id), offset, length) for kind, entry_id, offset, length in ENTRY.iter_unpack(data)]
+
+    def seal_index(self, pack: str, entries: Iterable[tuple[bytes, bytes, int, int]]) -> bytes:
+        return self.keyring.seal_record(b"".join(ENTRY.pack(*e) for e in entries), b"vault-index\0" + pack.encode())
+
+    def remember(self, pack: str, entries: Iterable[tuple[bytes, bytes, int, int]]) -> None:
+        """A pack this handle uploaded and indexed (push): its entries count as held from now on."""
+        index = self.index()
+        with self._index_lock:
+            index.update(((kind, entry_id), Location(pack, offset, length))
+                         for kind, entry_id, offset, length in entries)
+
+    def has(self, kind: bytes, entry_id: bytes) -> bool:
+        return (kind, entry_id) in self.index()
+
+    # -- recovery points -------------------------------------------------------------------------
+    def point_names(self) -> list[tuple[str, str]]:
+        """(vm, point id) of every manifest, oldest first per VM (ids sort by time)."""
+        found = []
+        for name, _size in self.bucket.names("points/"):
+            parts = name.split("/")
+            if len(parts) == 3:
+                found.append((parts[1], parts[2]))
+        return sorted(found)
+
+    def vms(self) -> list[str]:
+        return sorted({vm for vm, _id in self.point_names()})
+
+    def point_ids(self, vm: str) -> list[str]:
+        return [point_id for v, point_id in self.point_names() if v == vm]
+
+    def latest_point_id(self, vm: str) -> str | None:
+        ids = self.point_ids(vm)
+        return ids[-1] if ids else None
+
+    def points(self, vm: str | None = None) -> list[RecoveryPoint]:
+        names = [(v, p) for v, p in self.point_names() if vm is None or v == vm]
+        with ThreadPoolExecutor(INDEX_READERS) as pool:
+            return [point for point in pool.map(lambda name: self._manifest(*name)[0], names) if point is not None]
+
+    def has_point(self, vm: str, point_id: str) -> bool:
+        return self.bucket.get(point_object(vm, point_id)) is not None
+
+    def point(self, vm: str, point_id: str | None = None) -> RecoveryPoint:
+        """One recovery point by id, or the VM's latest (None or 'latest'), as Store.point."""
+        ids = self.point_ids(vm)
+        wanted = (ids[-1] if ids else None) if point_id in (None, "latest") else point_id
+        if wanted in ids:
+            point = self._manifest(vm, wanted)[0]
+            if point is not None:
+                return point
+        if not ids:
+            raise RpfsError(f"unknown VM {vm!r} in {self.config.label} (VMs: {', '.join(self.vms()) or 'none'})")
+        raise RpfsError(f"VM {vm!r} has no recovery point {point_id!r} in {self.config.label} (latest: {ids[-1]})")
+
+    def _manifest(self, vm: str, point_id: str) -> tuple[RecoveryPoint | None, dict]:
+        """A manifest's recovery point and block map indexes (disk -> (count, piece ids)), kept once read."""
+        name = point_object(vm, point_id)
+        found = self._manifests.get(name)
+        if found is not None:
+            return found
+        sealed = self.bucket.get(name)
+        if sealed is None:
+            return None, {}
+        data = self._unseal(manifest_associated(vm, point_id), sealed, f"the manifest of {vm}/{point_id}")
+        try:
+            manifest = json.loads(data)
+            point = RecoveryPoint.from_json(manifest["point"].encode())
+            maps = {disk: (entry["count"], [bytes.fromhex(p) for p in entry["pieces"]])
+                    for disk, entry in manifest["maps"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CorruptBlockError(f"{self.config.label}: the manifest of {vm}/{point_id} is damaged") from None
+        self._manifests[name] = (point, maps)
+        while len(self._manifests) > 256:
+            self._manifests.popitem(last=False)
+        return point, maps
+
+    # -- the image read path (as Store: serve/image.py) ------------------------------------------
+    @staticmethod
+    def map_key(vm: str, point_id: str, disk: str) -> bytes:
+        return Store.map_key(vm, point_id, disk)
+
+    def block_digest(self, map_key: bytes, index: int) -> bytes:
+        return self._pieces.digest(map_key, index, self.map_piece)
+
+    def map_piece(self, map_key: bytes, number: int) -> bytes:
+        vm, point_id, disk = map_key.decode().split("\0")
+        _point, maps = self._manifest(vm, point_id)
+        if disk not in maps:
+            raise RpfsError(f"block map missing for {where(map_key)} in {self.config.label}")
+        _count, ids = maps[disk]
+        if number >= len(ids):
+            raise RpfsError(f"block {number * 1024} is beyond the block map of {where(map_key)}")
+        return self.piece(ids[number], map_key)
+
+    def piece(self, piece_id: bytes, map_key: bytes | None = None) -> bytes:
+        """A block map piece by id, authenticated and checked against its id."""
+        of = f" of the block map of {where(map_key)}" if map_key else ""
+        stored = self._fetch(PIECE, piece_id)
+        if stored is None:
+            raise CorruptBlockError(f"a piece{of} is missing from {self.config.label} ({piece_id.hex()[:16]})")
+        piece = self._unseal(b"pieces\0" + piece_id, stored, f"a piece{of}")
+        if self.codec.block_id(piece) != piece_id:
+            raise CorruptBlockError(f"a piece{of} does not match its id ({piece_id.hex()[:16]})")
+        return piece
+
+    def get_blob(self, digest: bytes, decode: Callable[[memoryview], T] = bytes,
+                 part: tuple[int, int] | None = None) -> T | None:
+        """A blob by a ranged GET of its pack, passed through decode (which checks it), or None if the vault
+        has none."""
+        data = self._fetch(BLOB, digest)
+        return None if data is None else decode(memoryview(data))
+
+    def _fetch(self, kind: bytes, entry_id: bytes) -> bytes | None:
+        where_ = self.index().get((kind, entry_id))
+        if where_ is None:
+            return None
+        data = self.bucket.get(pack_object(where_.pack), where_.offset, where_.length)
+        if data is None:
+            raise CorruptBlockError(f"pack {where_.pack} is missing from {self.config.label}")
+        return data
+
+    def _unseal(self, associated: bytes, sealed: bytes, what: str) -> bytes:
+        try:
+            return self.keyring.unseal_record(sealed, associated)
+        except CorruptBlockError:
+            raise CorruptBlockError(f"{self.config.label}: {what} fails authentication (changed, damaged, or"
+                                    " moved from elsewhere)") from None
+
+
+def bucket_of(config: VaultConfig) -> Bucket:
+    return Bucket(config.label, config.endpoint, config.bucket, config.prefix)
+
+
+def probe(config: VaultConfig, bucket: Bucket | None = None) -> dict:
+    """The format record of the vault in config's bucket (no key needed), refused if there is none."""
+    settings = _settings(bucket or bucket_of(config))
+    if settings is None:
+        raise RpfsError(f"{config.label}: bucket {config.bucket} at {config.endpoint} holds no rpfs vault"
+                        " (rpfs vault add with --store makes one from a store)")
+    return settings
+
+
+def manifest_associated(vm: str, point_id: str) -> bytes:
+    return b"vault-points\0" + Store.point_key(vm, point_id)
+
+
+def upload_key_slots(bucket: Bucket, slots: list[KeySlot]) -> None:
+    bucket.put(KEYS_OBJECT, json.dumps([json.loads(slot.to_json()) for slot in slots], indent=2).encode())
+
+
+def _settings(bucket: Bucket) -> dict | None:
+    """The vault's format record, checked; None if the bucket holds no vault."""
+    raw = bucket.get(FORMAT_OBJECT)
+    if raw is None:
+        return None
+    try:
+        settings = json.loads(raw)
+        version = int(settings["format_version"]) if settings["format"] == FORMAT else None
+    except (ValueError, KeyError, TypeError):
+        version = None
+    if version is None:
+        raise RpfsError(f"{bucket.label}: {FORMAT_OBJECT} in bucket {bucket.name} is not an rpfs vault's format"
+                        " record (damaged, or another program's); nothing was changed")
+    if version != FORMAT_VERSION:
+        raise RpfsError(f"{bucket.label} has vault format version {version}; this rpfs reads version {FORMAT_VERSION}"
+                        " (use a matching rpfs release)")
+    return settings

@@ -1,0 +1,237 @@
+"""The vault against a real Ceph RADOS Gateway on 127.0.0.1 (tools/ceph): push, list, restore, disaster
+recovery, an interrupted push, damage and another format version."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from cli_helpers import REPO, rpfs
+from conftest import skip_or_fail_in_ci
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="session")
+def ceph():
+    """The gateway's environment (endpoint, credentials); Ceph is started if it is not running, and then
+    stopped again at the end of the session."""
+    if os.geteuid() != 0:
+        skip_or_fail_in_ci("the vault tests need root (they start Ceph)")
+    tool = REPO / "tools" / "ceph"
+    running = subprocess.run([tool, "status"], capture_output=True).returncode == 0
+    if not running:
+        started = subprocess.run([tool, "start"], capture_output=True, text=True, timeout=600)
+        if started.returncode != 0:
+            skip_or_fail_in_ci(f"tools/ceph start failed: {started.stderr[-2000:]}")
+    lines = subprocess.run([tool, "env"], capture_output=True, text=True, check=True).stdout.splitlines()
+    env = dict(line.removeprefix("export ").split("=", 1) for line in lines if line.startswith("export "))
+    try:
+        yield {k: v.strip('"') for k, v in env.items()}
+    finally:
+        if not running:
+            subprocess.run([tool, "stop"], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def vault_env(ceph, tmp_path, monkeypatch):
+    """A bucket of the test's own (emptied and removed afterwards) and a vault list in tmp_path."""
+    for name, value in ceph.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("RPFS_CONFIG", str(tmp_path / "etc"))
+    bucket = f"rpfs-test-{uuid.uuid4().hex[:12]}"
+    try:
+        yield {"endpoint": ceph["RPFS_S3_ENDPOINT"], "bucket": bucket}
+    finally:
+        s3 = _client(ceph["RPFS_S3_ENDPOINT"])
+        try:
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+                for item in page.get("Contents", []):
+                    s3.delete_object(Bucket=bucket, Key=item["Key"])
+            s3.delete_bucket(Bucket=bucket)
+        except s3.exceptions.NoSuchBucket:
+            pass
+
+
+def _client(endpoint: str):
+    import boto3
+    import botocore.config
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", config=botocore.config.Config(
+        s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
+        response_checksum_validation="when_required"))
+
+
+def _objects(env: dict, prefix: str = "") -> dict[str, int]:
+    s3 = _client(env["endpoint"])
+    found = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=env["bucket"], Prefix=prefix):
+        found.update({item["Key"]: item["Size"] for item in page.get("Contents", [])})
+    return found
+
+
+def _image(path: Path, seed: int, size_mib: int = 24) -> Path:
+    """An image of random data with holes: 1 MiB of random bytes every other MiB."""
+    import random
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size_mib << 20)
+        for mib in range(0, size_mib, 2):
+            f.seek(mib << 20)
+            f.write(rng.randbytes(1 << 20))
+    return path
+
+
+def _change(path: Path, seed: int, mib: list[int]) -> None:
+    import random
+    rng = random.Random(seed)
+    with open(path, "r+b") as f:
+        for at in mib:
+            f.seek(at << 20)
+            f.write(rng.randbytes(1 << 20))
+
+
+def _add(bucket: dict, store: Path | None = None, name: str = "offsite", **kwargs):
+    return rpfs("vault", "add", name, "--endpoint", bucket["endpoint"], "--bucket", bucket["bucket"], store=store,
+                **kwargs)
+
+
+def test_push_list_and_restore_from_the_vault_alone(vault_env, tmp_path):
+    store, disk = tmp_path / "store", _image(tmp_path / "os.img", 1)
+    rpfs("init", store=store)
+    rpfs("backup", "web", "--disk", f"os={disk}", store=store)
+    first_copy = disk.read_bytes()
+    _add(vault_env, store)
+    pushed = json.loads(rpfs("vault", "push", "offsite", "--json", store=store).stdout)
+    assert len(pushed["pushed"]) == 1 and pushed["blobs"] == 12 and pushed["packs"] == 1
+
+    _change(disk, 2, [0, 6])   # two stored blocks change: only they go up with the second point
+    rpfs("backup", "web", "--disk", f"os={disk}", store=store)
+    again = json.loads(rpfs("vault", "push", "offsite", "--json", store=store).stdout)
+    assert len(again["pushed"]) == 1 and len(again["already"]) == 1
+    assert again["blobs"] == 2 and again["pieces"] == 1
+    newest = json.loads(rpfs("list", "web", "--json", store=store).stdout)[-1]
+    new_stored = sum(d["new_stored_bytes"] for d in newest["disks"])
+    assert new_stored <= again["uploaded_bytes"] <= new_stored * 1.1 + (64 << 10)
+
+    listed = json.loads(rpfs("--vault", "offsite", "list", "--json", store=store).stdout)
+    assert [p["where"] for p in listed] == ["both", "both"]
+    local = json.loads(rpfs("list", "--json", store=store).stdout)
+    assert [p["where"] for p in local] == ["local", "local"]
+
+    # Nothing local is needed any more: no store at all, the vault and the key only.
+    first, second = (p["id"] for p in listed)
+    (store / "data.mdb").unlink()
+    listed = json.loads(rpfs("--vault", "offsite", "list", "--json").stdout)
+    assert [(p["id"], p["where"]) for p in listed] == [(first, "vault"), (second, "vault")]
+    rpfs("--vault", "offsite", "restore", "web", first, "--disk", "os", "--to", str(tmp_path / "first.img"))
+    rpfs("--vault", "offsite", "restore", "web", "--to", str(tmp_path / "latest"))
+    assert (tmp_path / "first.img").read_bytes() == first_copy
+    assert (tmp_path / "latest" / "os.img").read_bytes() == disk.read_bytes()
+    assert os.stat(tmp_path / "first.img").st_blocks * 512 < 14 << 20   # holes stay holes
+
+
+def test_disaster_recovery_on_a_new_machine_with_the_key_alone(vault_env, tmp_path, monkeypatch):
+    store, disk = tmp_path / "store", _image(tmp_path / "os.img", 3)
+    rpfs("init", store=store)
+    rpfs("backup", "db", "--disk", f"os={disk}", store=store)
+    _add(vault_env, store)
+    rpfs("vault", "push", "offsite", store=store)
+    key = Path(os.environ["RPFS_KEY_FILE"])
+
+    monkeypatch.setenv("RPFS_CONFIG", str(tmp_path / "new-machine"))
+    monkeypatch.delenv("RPFS_KEY_FILE")
+    added = _add(vault_env).stdout
+    assert "holding a vault" in added
+    no_key = rpfs("--vault", "offsite", "list", check=False)
+    assert no_key.returncode == 1 and "give --key-file" in no_key.stderr and "Traceback" not in no_key.stderr
+    wrong = tmp_path / "wrong.key"   # another store's key file
+    rpfs("init", "--key-file", str(wrong), store=tmp_path / "other")
+    refused = rpfs("--vault", "offsite", "--key-file", str(wrong), "list", check=False)
+    assert refused.returncode == 1 and "opens no key slot" in refused.stderr
+    rpfs("--vault", "offsite", "--key-file", str(key), "restore", "db", "--disk", "os", "--to",
+         str(tmp_path / "back.img"))
+    assert (tmp_path / "back.img").read_bytes() == disk.read_bytes()
+
+
+def test_an_interrupted_push_leaves_no_point_and_the_next_one_resumes(vault_env, tmp_path):
+    store, disk = tmp_path / "store", _image(tmp_path / "os.img", 4, size_mib=48)
+    rpfs("init", store=store)
+    rpfs("backup", "web", "--disk", f"os={disk}", store=store)
+    _add(vault_env, store)
+    env = {**os.environ}
+    env.pop("RPFS_STORE", None)
+    pushing = subprocess.Popen([sys.executable, "-m", "rpfs", "--store", str(store), "vault", "push", "offsite",
+                                "--limit-mbps", "8", "--pack-mib", "2"], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_objects(vault_env, "index/")) < 3:   # three packs whole and indexed
+            assert pushing.poll() is None, pushing.stderr.read()
+            assert time.monotonic() < deadline, "the push made no progress"
+            time.sleep(0.05)
+        pushing.send_signal(signal.SIGKILL)
+    finally:
+        pushing.kill()
+        pushing.wait()
+    kept = _objects(vault_env, "packs/")
+    assert not _objects(vault_env, "points/")   # no half point
+    assert json.loads(rpfs("--vault", "offsite", "list", "--json", store=store).stdout)[0]["where"] == "local"
+
+    resumed = json.loads(rpfs("vault", "push", "offsite", "--json", store=store).stdout)
+    assert len(resumed["pushed"]) == 1 and resumed["blobs"] < 24
+    after = _objects(vault_env, "packs/")
+    assert all(after.get(name) == size for name, size in kept.items()), "a finished pack was changed"
+    rpfs("--vault", "offsite", "restore", "web", "--disk", "os", "--to", str(tmp_path / "back.img"), store=store)
+    assert (tmp_path / "back.img").read_bytes() == disk.read_bytes()
+
+
+def test_a_damaged_pack_reads_as_an_error_never_as_wrong_bytes(vault_env, tmp_path):
+    store, disk = tmp_path / "store", _image(tmp_path / "os.img", 5)
+    rpfs("init", store=store)
+    rpfs("backup", "web", "--disk", f"os={disk}", store=store)
+    _add(vault_env, store)
+    rpfs("vault", "push", "offsite", store=store)
+    s3 = _client(vault_env["endpoint"])
+    (pack,) = _objects(vault_env, "packs/")
+    data = bytearray(s3.get_object(Bucket=vault_env["bucket"], Key=pack)["Body"].read())
+    data[len(data) // 2] ^= 1
+    s3.put_object(Bucket=vault_env["bucket"], Key=pack, Body=bytes(data))
+    failed = rpfs("--vault", "offsite", "restore", "web", "--disk", "os", "--to", str(tmp_path / "back.img"),
+                  check=False)
+    assert failed.returncode == 3 and "Traceback" not in failed.stderr, failed.stderr
+    assert not (tmp_path / "back.img").exists()
+
+
+def test_another_format_version_and_a_bucket_without_a_vault_are_refused(vault_env, tmp_path):
+    store = tmp_path / "store"
+    rpfs("init", store=store)
+    empty = _add(vault_env, check=False)   # no store given, and the bucket holds no vault
+    assert empty.returncode == 1 and "the bucket does not exist" in empty.stderr
+    _add(vault_env, store)
+    s3 = _client(vault_env["endpoint"])
+    record = json.loads(s3.get_object(Bucket=vault_env["bucket"], Key="rpfs-vault.json")["Body"].read())
+    s3.put_object(Bucket=vault_env["bucket"], Key="rpfs-vault.json",
+                  Body=json.dumps({**record, "format_version": 99}).encode())
+    refused = rpfs("--vault", "offsite", "list", check=False)
+    assert refused.returncode == 1 and "vault format version 99" in refused.stderr
+    assert "matching rpfs release" in refused.stderr
+
+
+def test_an_unencrypted_store_gets_no_vault_and_mistakes_are_one_line(vault_env, tmp_path):
+    store = tmp_path / "store"
+    rpfs("init", "--encryption", "none", store=store, env={k: v for k, v in os.environ.items()
+                                                             if k != "RPFS_KEY_FILE"})
+    plain = _add(vault_env, store, check=False, env={k: v for k, v in os.environ.items() if k != "RPFS_KEY_FILE"})
+    assert plain.returncode == 1 and "only ever holds encrypted data" in plain.stderr
+    unknown = rpfs("--vault", "nowhere", "list", check=False)
+    assert unknown.returncode == 1 and "unknown vault 'nowhere'" in unknown.stderr
+    other = rpfs("--vault", "nowhere", "gc", check=False)
+    assert other.returncode == 1 and "does not read from a vault" in other.stderr
+    bad = rpfs("vault", "add", "x", "--endpoint", "ftp://here", "--bucket", "b", check=False)
+    assert bad.returncode == 1 and "not an http(s) URL" in bad.stderr
