@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-FROM_VAULT = ("list", "restore")   # the commands --vault serves so far
+FROM_VAULT = ("list", "restore", "mount")   # the commands --vault serves so far
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -235,3 +235,33 @@ def test_an_unencrypted_store_gets_no_vault_and_mistakes_are_one_line(vault_env,
     assert other.returncode == 1 and "does not read from a vault" in other.stderr
     bad = rpfs("vault", "add", "x", "--endpoint", "ftp://here", "--bucket", "b", check=False)
     assert bad.returncode == 1 and "not an http(s) URL" in bad.stderr
+
+
+def test_mount_and_attach_from_the_vault_alone(vault_env, area):
+    """File-level restore with no local store: the vault mounted, its image attached, a file copied out."""
+    from cli_helpers import force_unmount, is_mounted
+    from diskimages import mkfs_ext4
+    store, disk = area / "store", area / "os.img"
+    disk.write_bytes(b"")
+    os.truncate(disk, 64 << 20)
+    mkfs_ext4(disk, {"etc/hostname": b"web01\n", "srv/index.html": os.urandom(3 << 20)})
+    rpfs("init", store=store)
+    rpfs("backup", "web", "--disk", f"os={disk}", store=store)
+    _add(vault_env, store)
+    rpfs("vault", "push", "offsite", store=store)
+    (store / "data.mdb").unlink()
+
+    mountpoint, dest = area / "mnt", area / "files"
+    mountpoint.mkdir()
+    rpfs("--vault", "offsite", "mount", str(mountpoint))
+    try:
+        image = mountpoint / "web" / "latest" / "os.img"
+        assert image.read_bytes() == disk.read_bytes()
+        rpfs("attach", str(image), str(dest))
+        try:
+            assert (dest / "disk" / "etc" / "hostname").read_bytes() == b"web01\n"
+        finally:
+            rpfs("detach", str(dest))
+    finally:
+        if is_mounted(mountpoint) and rpfs("umount", str(mountpoint), check=False).returncode != 0:
+            force_unmount(mountpoint)

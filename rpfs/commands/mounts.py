@@ -16,22 +16,35 @@ def cmd_mount(args) -> int:
         ready_fd = args.ready_fd
         master_key = key_choice(args).master   # handed down by `rpfs mount` (a daemon asks no passphrase)
         if master_key is None:   # rpfs mount --foreground, run by hand: unlocked here, once
-            with open_store(args, readonly=True) as store:
+            with _open_source(args) as store:
                 master_key = store.master_key
-        daemon.serve(lambda: store_mount.store_filesystem(Path(args.store or ""), cache_bytes, args.allow_group,
-                                                          master_key),
-                     mountpoint, ready_fd=ready_fd, debug=args.debug,
+        if args.vault:
+            from rpfs.vault.config import vault_config
+            config = vault_config(args.vault)
+            filesystem = lambda: store_mount.vault_filesystem(config, cache_bytes, args.allow_group, master_key)  # noqa: E731
+        else:
+            filesystem = lambda: store_mount.store_filesystem(Path(args.store or ""), cache_bytes,  # noqa: E731
+                                                              args.allow_group, master_key)
+        daemon.serve(filesystem, mountpoint, ready_fd=ready_fd, debug=args.debug,
                      log_file=Path(args.log_file) if args.log_file else None)
         return 0
-    with open_store(args, readonly=True) as store:   # fails here, in one line, when it cannot be opened
+    with _open_source(args) as store:   # fails here, in one line, when it cannot be opened
         pid = store_mount.start_store_daemon(store, Path(args.mountpoint), cache_bytes, args.allow_group)
     if args.json:
         print_json({"mountpoint": str(Path(args.mountpoint).resolve()), "pid": pid, "allow_group": args.allow_group})
     else:
         readers = f"root and group {args.allow_group}" if args.allow_group else "root only"
-        print(f"mounted {args.store} at {args.mountpoint} (daemon pid {pid}; readable by {readers});"
+        print(f"mounted {f'vault {args.vault}' if args.vault else args.store} at {args.mountpoint} (daemon pid {pid}; readable by {readers});"
               f" unmount with: rpfs umount {args.mountpoint}")
     return 0
+
+
+def _open_source(args):
+    """The vault of --vault, else the store, opened to read (and unlocked)."""
+    if args.vault:
+        from rpfs.commands.vaults import open_vault
+        return open_vault(args)
+    return open_store(args, readonly=True)
 
 
 def cmd_umount(args) -> int:

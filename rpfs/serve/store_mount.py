@@ -18,7 +18,11 @@ from rpfs.serve.image import BlockCache
 from rpfs.serve.store_tree import RecoveryPointFS
 from rpfs.store.isolated import IsolatedStore
 from rpfs.store.leases import Lease
+from rpfs.store.key_slots import KeyChoice
 from rpfs.store.store import Store
+from rpfs.vault.config import VaultConfig
+
+VAULT_READ_THREADS = 8   # ranged GETs wait on the network, not the CPU: more of them in flight
 
 
 def store_filesystem(store_path: Path, cache_bytes: int, allow_group: str | None = None,
@@ -41,13 +45,25 @@ def store_filesystem(store_path: Path, cache_bytes: int, allow_group: str | None
     return Filesystem(ops, options, close, start_tasks=ops.start_read_ahead)
 
 
-def start_store_daemon(store: Store, mountpoint: Path, cache_bytes: int, allow_group: str | None = None) -> int:
-    """Start `rpfs mount --foreground` in the background for an open (so unlocked) store; return its pid
-    once mounted."""
+def vault_filesystem(config: VaultConfig, cache_bytes: int, allow_group: str | None, master_key: bytes) -> Filesystem:
+    """The same tree over a vault: blocks fetched by ranged GETs into the block cache (bounded, in memory),
+    read ahead as locally. No lease: nothing local prunes a vault."""
+    from rpfs.vault.vault import Vault   # boto3: imported only by a vault's mount
+    group = group_id(allow_group) if allow_group else None
+    vault = Vault.open(config, KeyChoice(master=master_key))
+    ops = RecoveryPointFS(vault, BlockCache(cache_bytes), read_threads=VAULT_READ_THREADS, group=group)
+    options = {"ro"} | ({"allow_other", "default_permissions"} if group is not None else set())
+    return Filesystem(ops, options, vault.close, start_tasks=ops.start_read_ahead)
+
+
+def start_store_daemon(store, mountpoint: Path, cache_bytes: int, allow_group: str | None = None) -> int:
+    """Start `rpfs mount --foreground` in the background for an open (so unlocked) store or vault (rpfs.vault);
+    return its pid once mounted."""
     if allow_group:
         group_id(allow_group)   # an unknown group: said here, in one line
     mountpoint = check_mountpoint(mountpoint)
-    argv = ["--store", str(store.path), "mount", str(mountpoint), "--foreground", "--cache-mb", str(cache_bytes >> 20)]
+    source = ["--store", str(store.path)] if isinstance(store, Store) else ["--vault", store.config.name]
+    argv = [*source, "mount", str(mountpoint), "--foreground", "--cache-mb", str(cache_bytes >> 20)]
     if allow_group:
         argv += ["--allow-group", allow_group]
     return start_daemon(argv, mountpoint, store.block_size, store.master_key)

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Iterator
 
 from rpfs.errors import RpfsError
+from rpfs.host.processes import start_time
 from rpfs.store.store import Store
 
 KIND = "jobs"
@@ -39,20 +40,12 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _start_time(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
 @contextmanager
 def recorded(store: Store, kind: str, vm: str | None = None) -> Iterator[Job]:
     """Record a job around a with-block; the block fills in bytes and the recovery point."""
     started = _now()
     job = Job(id=f"{started.strftime('%Y%m%dT%H%M%S.%fZ')}-{os.getpid()}", kind=kind, vm=vm,
-              start=started.isoformat(timespec="seconds"), pid=os.getpid(), pid_start=_start_time(os.getpid()))
+              start=started.isoformat(timespec="seconds"), pid=os.getpid(), pid_start=start_time(os.getpid()))
     store.put_record(KIND, job.id, asdict(job))
     _forget_old_jobs(store, started)
     try:
@@ -81,7 +74,7 @@ def _job(record: dict) -> Job | None:
 
 def _running(job: Job) -> bool:
     """Still running: recorded so, and its process (the same one, not a reused pid) is alive."""
-    return job.status == "running" and _start_time(job.pid) == job.pid_start
+    return job.status == "running" and start_time(job.pid) == job.pid_start
 
 
 def _forget_old_jobs(store: Store, now: datetime) -> None:

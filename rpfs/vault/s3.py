@@ -7,6 +7,7 @@ operation requires them, and addressing is path-style (a bucket name in the host
 """
 from __future__ import annotations
 
+from datetime import datetime
 from typing import BinaryIO, Iterator
 
 import boto3
@@ -74,11 +75,16 @@ class Bucket:
 
     def names(self, under: str) -> Iterator[tuple[str, int]]:
         """(name, size) of every object whose name starts with `under`, in key order."""
+        for name, size, _modified in self.listing(under):
+            yield name, size
+
+    def listing(self, under: str) -> Iterator[tuple[str, int, datetime]]:
+        """(name, size, last modified by the gateway's clock) of every object whose name starts with `under`."""
         pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=self.key(under))
         with self._calling(f"list {under}"):
             for page in pages:
                 for item in page.get("Contents", []):
-                    yield item["Key"][len(self.prefix):], item["Size"]
+                    yield item["Key"][len(self.prefix):], item["Size"], item["LastModified"]
 
     def ensure_bucket(self) -> None:
         """Create the bucket unless it exists (ours already, or anyone's we may write to)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import struct
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ KEYS_OBJECT = "keys.json"
 SETTINGS = ("encryption", "block_id", "block_size", "zstd_level")   # copied from the store's meta
 ENTRY = struct.Struct("<c32sQI")     # an index entry: kind (b"b" blob, b"p" piece), id, offset, length
 BLOB, PIECE = b"b", b"p"
+LISTING_SECONDS = 1.0                # how long a listing of the manifests is reused
 INDEX_READERS = 16                    # index objects fetched at once when a vault is opened
 T = TypeVar("T")
 
@@ -78,6 +80,7 @@ class Vault:
         self._manifests: OrderedDict[str, tuple[RecoveryPoint, dict]] = OrderedDict()
         self._pieces = MapPieces()
         self.created = False   # by Vault.create, in this call
+        self._listing: tuple[float, list[tuple[str, str]]] = (-LISTING_SECONDS, [])
 
     # -- making and opening ----------------------------------------------------------------------
     @classmethod
@@ -118,6 +121,11 @@ class Vault:
         except (ValueError, TypeError, KeyError, CorruptBlockError):
             raise RpfsError(f"{config.label}: its key slots ({KEYS_OBJECT}) are missing or damaged") from None
         return cls(config, bucket, settings, lock, keys)
+
+    @property
+    def master_key(self) -> bytes:
+        """The unlocked master key, to hand to a daemon of rpfs's own (as Store.master_key)."""
+        return self.keyring.master
 
     def close(self) -> None:
         pass
@@ -165,13 +173,24 @@ class Vault:
 
     # -- recovery points -------------------------------------------------------------------------
     def point_names(self) -> list[tuple[str, str]]:
-        """(vm, point id) of every manifest, oldest first per VM (ids sort by time)."""
+        """(vm, point id) of every manifest, oldest first per VM (ids sort by time); one listing serves
+        the calls of the next LISTING_SECONDS (a mount asks for each lookup)."""
+        with self._index_lock:
+            listed, names = self._listing
+        if time.monotonic() - listed < LISTING_SECONDS:
+            return names
         found = []
         for name, _size in self.bucket.names("points/"):
             parts = name.split("/")
             if len(parts) == 3:
                 found.append((parts[1], parts[2]))
+        with self._index_lock:
+            self._listing = (time.monotonic(), sorted(found))
         return sorted(found)
+
+    def stored_bytes(self) -> int:
+        """Bytes of every blob and piece the vault's indexes name."""
+        return sum(location.length for location in self.index().values())
 
     def vms(self) -> list[str]:
         return sorted({vm for vm, _id in self.point_names()})
