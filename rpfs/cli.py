@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="store directory (default: $RPFS_STORE)")
     parser.add_argument("--vault", metavar="NAME",
                         help="read recovery points from this vault (rpfs vault add) instead of the store: list,"
-                             " restore; works with no local store")
+                             " restore, mount, verify; works with no local store")
     key_help = ("key file of an encrypted store (default: $RPFS_KEY_FILE; else a passphrase from $RPFS_PASSPHRASE"
                 " or the terminal)")
     parser.add_argument("--key-file", metavar="PATH", help=key_help)
@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recovery_point")
         p.set_defaults(func=cmd_pin, pinned=pinned)
 
-    p = sub.add_parser("vault", help="vaults: recovery points off the host in an S3 bucket (add, list, remove, push)")
+    p = sub.add_parser("vault", help="vaults: recovery points off the host in an S3 bucket (add, list, remove, push,"
+                                     " gc)")
     vaults = p.add_subparsers(dest="vault_action", required=True, metavar="ACTION", parser_class=_Parser)
     v = vaults.add_parser("add", parents=[json_flag],
                           help="name a vault: made from --store (the bucket is created if missing), or, with no"
@@ -263,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--limit-mbps", type=_rate, default=0.0, metavar="MB/S",
                    help="limit the upload to this many MB/s (default: no limit)")
     v.add_argument("--pack-mib", type=int, default=128, help=argparse.SUPPRESS)   # tests: small packs
+    v = vaults.add_parser("gc", parents=[json_flag],
+                          help="remove packs no manifest needs (in two runs: condemned by one, deleted by the next)")
+    v.add_argument("name", help="the vault's name")
     p.set_defaults(func=cmd_vault)
 
     p = sub.add_parser("instant-daemon")   # started by instant-restore; not for users
@@ -302,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-FROM_VAULT = ("list", "restore", "mount")   # the commands --vault serves so far
+FROM_VAULT = ("list", "restore", "mount", "verify")   # the commands --vault serves so far
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -265,3 +265,86 @@ def test_mount_and_attach_from_the_vault_alone(vault_env, area):
     finally:
         if is_mounted(mountpoint) and rpfs("umount", str(mountpoint), check=False).returncode != 0:
             force_unmount(mountpoint)
+
+
+def _gc(vault: str = "offsite") -> dict:
+    return json.loads(rpfs("vault", "gc", vault, "--json").stdout)
+
+
+def test_gc_removes_what_no_manifest_needs_in_two_runs(vault_env, tmp_path):
+    store, disk = tmp_path / "store", _image(tmp_path / "os.img", 6)
+    rpfs("init", store=store)
+    rpfs("backup", "web", "--disk", f"os={disk}", store=store)
+    _add(vault_env, store)
+    rpfs("vault", "push", "offsite", store=store)
+    old_packs = set(_objects(vault_env, "packs/"))
+    _change(disk, 7, list(range(0, 24, 2)))   # every stored block changes
+    rpfs("backup", "web", "--disk", f"os={disk}", store=store)
+    rpfs("vault", "push", "offsite", store=store)
+    first = sorted(k for k in _objects(vault_env, "points/"))[0]
+    _client(vault_env["endpoint"]).delete_object(Bucket=vault_env["bucket"], Key=first)   # as a vault prune does
+
+    assert _gc()["condemned_packs"] == 1
+    assert set(_objects(vault_env, "packs/")) >= old_packs   # only condemned: its index is gone
+    second = _gc()
+    assert second["deleted_packs"] == 1 and second["rescued_packs"] == 0
+    assert not old_packs & set(_objects(vault_env, "packs/"))
+    assert _gc()["condemned_packs"] == 0
+    rpfs("--vault", "offsite", "restore", "web", "--disk", "os", "--to", str(tmp_path / "back.img"))
+    assert (tmp_path / "back.img").read_bytes() == disk.read_bytes()
+
+
+def test_gc_while_a_push_runs_never_removes_what_the_push_needs(vault_env, tmp_path):
+    """The push relies on a pack no manifest needs when gc looks (its point was pruned): gc condemns it,
+    waits for the push, then finds the new manifest needing it and keeps it."""
+    store, disk = tmp_path / "store", _image(tmp_path / "os.img", 8, size_mib=48)
+    rpfs("init", store=store)
+    rpfs("backup", "web", "--disk", f"os={disk}", store=store)
+    _add(vault_env, store)
+    rpfs("vault", "push", "offsite", store=store)
+    s3 = _client(vault_env["endpoint"])
+    for name in _objects(vault_env, "points/"):
+        s3.delete_object(Bucket=vault_env["bucket"], Key=name)   # pruned: no manifest needs the pack now
+    _change(disk, 9, [0, 2, 4, 6, 8, 10])
+    rpfs("backup", "web", "--disk", f"os={disk}", store=store)   # shares 18 of its 24 blocks with that pack
+    env = {k: v for k, v in os.environ.items() if k != "RPFS_STORE"}
+    pushing = subprocess.Popen([sys.executable, "-m", "rpfs", "--store", str(store), "vault", "push", "offsite",
+                                "web", "--limit-mbps", "2", "--pack-mib", "1", "--json"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        indexes = len(_objects(vault_env, "index/"))
+        deadline = time.monotonic() + 60
+        while len(_objects(vault_env, "index/")) < indexes + 1:   # the push is under way
+            assert pushing.poll() is None, pushing.stderr.read()
+            assert time.monotonic() < deadline, "the push made no progress"
+            time.sleep(0.05)
+        condemned = _gc()
+        assert condemned["condemned_packs"] >= 2   # the old pack and the push's first, unneeded so far
+        waiting = _gc()
+        assert waiting["deleted_packs"] == 0 and any("push" in w for w in waiting["waiting_for"])
+        out, err = pushing.communicate(timeout=120)
+        assert pushing.returncode == 0, err
+    finally:
+        pushing.kill()
+        pushing.wait()
+    finished = _gc()
+    assert finished["rescued_packs"] >= 2 and finished["deleted_packs"] == 0
+    rpfs("--vault", "offsite", "restore", "web", "--disk", "os", "--to", str(tmp_path / "back.img"))
+    assert (tmp_path / "back.img").read_bytes() == disk.read_bytes()
+
+
+def test_verify_from_the_vault_names_the_damaged_point(vault_env, tmp_path):
+    store, disk = tmp_path / "store", _image(tmp_path / "os.img", 10)
+    rpfs("init", store=store)
+    rpfs("backup", "web", "--disk", f"os={disk}", store=store)
+    _add(vault_env, store)
+    rpfs("vault", "push", "offsite", store=store)
+    clean = json.loads(rpfs("--vault", "offsite", "verify", "--json").stdout)
+    assert clean["checked_blocks"] == 12 and not clean["damaged"]
+    s3 = _client(vault_env["endpoint"])
+    (pack,) = _objects(vault_env, "packs/")
+    data = bytearray(s3.get_object(Bucket=vault_env["bucket"], Key=pack)["Body"].read())
+    data[100] ^= 1   # inside the first blob
+    s3.put_object(Bucket=vault_env["bucket"], Key=pack, Body=bytes(data))
+    damaged = rpfs("--vault", "offsite", "verify", check=False)
+    assert damaged.returncode == 4 and "DAMAGED web/" in damaged.stdout, damaged.stdout + damaged.stderr

@@ -8,6 +8,8 @@ import getpass
 import json
 import os
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 from rpfs.errors import RpfsError
 from rpfs.store.key_slots import KeyChoice
@@ -38,6 +40,20 @@ def open_store(args, readonly: bool = False, unlock: bool = True) -> Store:
         raise RpfsError(f"store {args.store} is not encrypted, but --key-file was given: refused (run without"
                         " --key-file if this store is meant to be unencrypted)")
     return store
+
+
+@contextmanager
+def store_and_job(args, kind: str, vm: str | None) -> Iterator[tuple]:
+    """The store, with the command recorded as a job in it; or with --vault the vault (rpfs.vault), the job
+    recorded nowhere (the vault keeps no jobs, and there may be no store)."""
+    from rpfs.upkeep.jobs import Job, recorded
+    if args.vault:
+        from rpfs.commands.vaults import open_vault
+        with open_vault(args) as vault:
+            yield vault, Job(id="", kind=kind, vm=vm, start="")
+        return
+    with open_store(args) as store, recorded(store, kind, vm) as job:
+        yield store, job
 
 
 def key_choice(args) -> KeyChoice:

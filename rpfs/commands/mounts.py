@@ -34,7 +34,8 @@ def cmd_mount(args) -> int:
         print_json({"mountpoint": str(Path(args.mountpoint).resolve()), "pid": pid, "allow_group": args.allow_group})
     else:
         readers = f"root and group {args.allow_group}" if args.allow_group else "root only"
-        print(f"mounted {f'vault {args.vault}' if args.vault else args.store} at {args.mountpoint} (daemon pid {pid}; readable by {readers});"
+        source = f"vault {args.vault}" if args.vault else args.store
+        print(f"mounted {source} at {args.mountpoint} (daemon pid {pid}; readable by {readers});"
               f" unmount with: rpfs umount {args.mountpoint}")
     return 0
 

@@ -2,20 +2,17 @@
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
 
-from rpfs.commands import key_choice, open_store, print_json
+from rpfs.commands import key_choice, open_store, print_json, store_and_job
 from rpfs.commands.progress import ProgressBar, human_bytes
 from rpfs.errors import RpfsError
-from rpfs.upkeep.jobs import Job, recorded
 
 
 def cmd_restore(args) -> int:
     from rpfs.restore.full import check_target, restore_disk
-    with _restore_source(args) as (store, job):
+    with store_and_job(args, "restore", args.vm) as (store, job):
         point = store.point(args.vm, args.recovery_point)
         job.recovery_point = point.id
         if args.disk:
@@ -42,18 +39,6 @@ def cmd_restore(args) -> int:
         print(f"restored {s.vm}/{s.point_id}/{s.disk} to {s.target}: {human_bytes(s.size)} in {s.seconds:.1f} s"
               f" ({s.mb_per_second:.0f} MB/s; {human_bytes(s.written_bytes)} data, {human_bytes(s.hole_bytes)} holes)")
     return 0
-
-
-@contextmanager
-def _restore_source(args) -> Iterator[tuple]:
-    """The store (the restore recorded as its job), or with --vault the vault (nothing recorded: no store)."""
-    if args.vault:
-        from rpfs.commands.vaults import open_vault
-        with open_vault(args) as vault:
-            yield vault, Job(id="", kind="restore", vm=args.vm, start="")
-        return
-    with open_store(args) as store, recorded(store, "restore", args.vm) as job:
-        yield store, job
 
 
 def cmd_overlay(args) -> int:

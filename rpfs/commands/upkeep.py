@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from rpfs.commands import open_store, print_json
+from rpfs.commands import open_store, print_json, store_and_job
 from rpfs.commands.progress import ProgressBar, human_bytes
 from rpfs.store.leases import set_pinned
 from rpfs.upkeep.jobs import recorded
@@ -35,7 +35,7 @@ def cmd_compact(args) -> int:
 
 def cmd_verify(args) -> int:
     from rpfs.upkeep.verify import verify
-    with open_store(args) as store, recorded(store, "verify", args.vm) as job:
+    with store_and_job(args, "verify", args.vm) as (store, job):
         with ProgressBar("verify", quiet=args.json) as bar:
             result = verify(store, args.vm, args.recovery_point, args.sample, progress=bar)
         job.bytes_read = result.checked_bytes

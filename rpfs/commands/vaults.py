@@ -13,7 +13,7 @@ from rpfs.vault.config import VaultConfig, checked, vault_config
 
 
 def cmd_vault(args) -> int:
-    return {"add": _add, "list": _list, "remove": _remove, "push": _push}[args.vault_action](args)
+    return {"add": _add, "list": _list, "remove": _remove, "push": _push, "gc": _gc}[args.vault_action](args)
 
 
 def open_vault(args):
@@ -83,4 +83,22 @@ def _push(args) -> int:
           f" ({len(summary.already)} already there): {human_bytes(summary.uploaded_bytes)} stored bytes uploaded"
           f" in {summary.packs} pack(s), {summary.blobs} block(s), {summary.seconds:.1f} s"
           f" ({summary.mib_per_second:.0f} MiB/s)")
+    return 0
+
+
+def _gc(args) -> int:
+    from rpfs.vault.gc import gc
+    from rpfs.vault.vault import Vault
+    with Vault.open(vault_config(args.name), key_choice(args)) as vault:
+        summary = gc(vault)
+    if args.json:
+        print_json({**summary.__dict__, "vault": args.name})
+        return 0
+    print(f"vault {args.name}: deleted {summary.deleted_packs} pack(s) ({human_bytes(summary.deleted_bytes)}) that"
+          f" the last gc condemned, {summary.rescued_packs} rescued (a manifest needs them); condemned"
+          f" {summary.condemned_packs} pack(s) for the next gc")
+    for holder in summary.waiting_for:
+        print(f"  kept for now: the packs condemned before are waited on by {holder}")
+    for holder in summary.removed_locks:
+        print(f"  removed the lock of {holder} (its process is gone)")
     return 0

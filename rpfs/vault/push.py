@@ -20,6 +20,7 @@ from rpfs.store.block_maps import distinct_digests
 from rpfs.store.leases import Lease
 from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.store import Store
+from rpfs.vault.locks import VaultLock
 from rpfs.vault.vault import BLOB, PIECE, Vault, index_object, manifest_associated, pack_object, point_object, \
     upload_key_slots
 
@@ -52,8 +53,17 @@ def push(store: Store, vault: Vault, points: list[RecoveryPoint], progress: Prog
         raise RpfsError(f"{vault.config.label} belongs to another store (id {vault.store_id.hex()}, this one"
                         f" {store.store_id.hex()}); a vault takes the points of the store it was made from")
     started, summary = time.monotonic(), PushSummary()
-    upload_key_slots(vault.bucket, store.key_lock().slots)   # the slots as they are now (key add/remove)
-    held = {(vm, point_id) for vm, point_id in vault.point_names()}
+    with VaultLock(vault.bucket, "push") as lock:   # before any index is read (gc.py)
+        upload_key_slots(vault.bucket, store.key_lock().slots)   # the slots as they are now (key add/remove)
+        vault.index(fresh=True)
+        _push(store, vault, points, lock, summary, progress, bytes_per_second, pack_bytes)
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _push(store: Store, vault: Vault, points: list[RecoveryPoint], lock: VaultLock, summary: PushSummary,
+          progress: ProgressFn | None, bytes_per_second: float, pack_bytes: int) -> None:
+    held = {(vm, point_id) for vm, point_id in vault.point_names(fresh=True)}
     todo = []
     for point in sorted(points, key=lambda p: (p.id, p.vm)):
         (summary.already if (point.vm, point.id) in held else todo).append(point)
@@ -75,12 +85,10 @@ def push(store: Store, vault: Vault, points: list[RecoveryPoint], progress: Prog
             if bytes_per_second:
                 time.sleep(max(0.0, done / bytes_per_second - (time.monotonic() - since)))
         for plan in plans:
-            _upload(store, vault, plan, summary, sent, pack_bytes)
+            _upload(store, vault, plan, summary, sent, pack_bytes, lock)
             summary.pushed.append(f"{plan.point.vm}/{plan.point.id}")
     finally:
         lease.close()
-    summary.seconds = time.monotonic() - started
-    return summary
 
 
 @dataclass
@@ -113,7 +121,7 @@ def _plan(store: Store, vault: Vault, point: RecoveryPoint) -> _Plan:
 
 
 def _upload(store: Store, vault: Vault, plan: _Plan, summary: PushSummary, sent: Callable[[int], None],
-            pack_bytes: int) -> None:
+            pack_bytes: int, lock: VaultLock) -> None:
     """The plan's blobs and pieces in packs (each indexed once whole), then the manifest."""
     entries = _entries(store, plan, sent)
     while True:
@@ -125,6 +133,7 @@ def _upload(store: Store, vault: Vault, plan: _Plan, summary: PushSummary, sent:
         vault.bucket.put_stream(pack_object(pack), io.BufferedReader(stream, READ_BUFFER))
         vault.bucket.put(index_object(pack), vault.seal_index(pack, stream.index))
         vault.remember(pack, stream.index)
+        lock.refresh()
         summary.packs += 1
         summary.uploaded_bytes += stream.size
         summary.blobs += sum(1 for kind, *_ in stream.index if kind == BLOB)
@@ -134,6 +143,10 @@ def _upload(store: Store, vault: Vault, plan: _Plan, summary: PushSummary, sent:
                 "maps": {disk: {"count": count, "pieces": [p.hex() for p in ids]}
                          for disk, (count, ids) in plan.maps.items()}}
     sealed = vault.keyring.seal_record(json.dumps(manifest).encode(), manifest_associated(point.vm, point.id))
+    if vault.bucket.get(lock.name) is None:   # a gc took this push for dead: what it relies on may be condemned
+        raise RpfsError(f"{vault.config.label}: a vault gc took this push for a dead one (its lock went); nothing of"
+                        f" {point.vm}/{point.id} is visible: run the push again")
+    lock.refresh()
     vault.bucket.put(point_object(point.vm, point.id), sealed)
 
 

@@ -28,7 +28,7 @@ from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.store.blob import BlockCodec
 from rpfs.store.block_maps import where
 from rpfs.store.key_slots import KeyChoice, KeyLock, KeySlot
-from rpfs.store.recovery_point import RecoveryPoint
+from rpfs.store.recovery_point import DIGEST_SIZE, RecoveryPoint
 from rpfs.store.store import MapPieces, Store, key_settings
 from rpfs.vault.config import VaultConfig
 from rpfs.vault.s3 import Bucket
@@ -137,10 +137,10 @@ class Vault:
         self.close()
 
     # -- what the vault holds --------------------------------------------------------------------
-    def index(self) -> dict[tuple[bytes, bytes], Location]:
-        """(kind, id) -> where it is, from every pack's index (read once per opened vault)."""
+    def index(self, fresh: bool = False) -> dict[tuple[bytes, bytes], Location]:
+        """(kind, id) -> where it is, from every pack's index (read once per opened vault, or again if fresh)."""
         with self._index_lock:
-            if self._index is None:
+            if self._index is None or fresh:
                 names = [name[len("index/"):] for name, _size in self.bucket.names("index/")]
                 found: dict[tuple[bytes, bytes], Location] = {}
                 with ThreadPoolExecutor(INDEX_READERS) as pool:
@@ -153,6 +153,10 @@ class Vault:
         sealed = self.bucket.get(index_object(pack))
         if sealed is None:
             return []   # removed meanwhile (gc): its pack is going too
+        return self.index_entries(pack, sealed)
+
+    def index_entries(self, pack: str, sealed: bytes) -> list[tuple[tuple[bytes, bytes], int, int]]:
+        """A pack's index object opened: ((kind, id), offset, length) per entry."""
         data = self._unseal(b"vault-index\0" + pack.encode(), sealed, f"the index of pack {pack}")
         if len(data) % ENTRY.size:
             raise RpfsError(f"{self.config.label}: the index of pack {pack} is damaged")
@@ -172,12 +176,12 @@ class Vault:
         return (kind, entry_id) in self.index()
 
     # -- recovery points -------------------------------------------------------------------------
-    def point_names(self) -> list[tuple[str, str]]:
+    def point_names(self, fresh: bool = False) -> list[tuple[str, str]]:
         """(vm, point id) of every manifest, oldest first per VM (ids sort by time); one listing serves
-        the calls of the next LISTING_SECONDS (a mount asks for each lookup)."""
+        the calls of the next LISTING_SECONDS (a mount asks for each lookup) unless fresh."""
         with self._index_lock:
             listed, names = self._listing
-        if time.monotonic() - listed < LISTING_SECONDS:
+        if time.monotonic() - listed < LISTING_SECONDS and not fresh:
             return names
         found = []
         for name, _size in self.bucket.names("points/"):
@@ -222,6 +226,16 @@ class Vault:
             raise RpfsError(f"unknown VM {vm!r} in {self.config.label} (VMs: {', '.join(self.vms()) or 'none'})")
         raise RpfsError(f"VM {vm!r} has no recovery point {point_id!r} in {self.config.label} (latest: {ids[-1]})")
 
+    def manifest_maps(self, vm: str, point_id: str) -> dict[str, tuple[int, list[bytes]]]:
+        """disk -> (block count, piece ids) of a recovery point in the vault ({} if it has gone)."""
+        return self._manifest(vm, point_id)[1]
+
+    def delete_point(self, vm: str, point_id: str) -> None:
+        """Remove a recovery point from the vault (its manifest): gc frees what nothing else needs."""
+        self.bucket.delete(point_object(vm, point_id))
+        self._manifests.pop(point_object(vm, point_id), None)
+        self._listing = (-LISTING_SECONDS, [])
+
     def _manifest(self, vm: str, point_id: str) -> tuple[RecoveryPoint | None, dict]:
         """A manifest's recovery point and block map indexes (disk -> (count, piece ids)), kept once read."""
         name = point_object(vm, point_id)
@@ -261,6 +275,16 @@ class Vault:
         if number >= len(ids):
             raise RpfsError(f"block {number * 1024} is beyond the block map of {where(map_key)}")
         return self.piece(ids[number], map_key)
+
+    def block_map(self, map_key: bytes) -> bytes:
+        """A whole block map, every piece checked (verify)."""
+        vm, point_id, disk = map_key.decode().split("\0")
+        count, ids = self.manifest_maps(vm, point_id).get(disk, (0, []))
+        block_map = b"".join(self.piece(piece_id, map_key) for piece_id in ids)
+        if len(block_map) != count * DIGEST_SIZE:
+            raise CorruptBlockError(f"the block map of {where(map_key)} in {self.config.label} has"
+                                    f" {len(block_map) // DIGEST_SIZE} entries, its manifest says {count}")
+        return block_map
 
     def piece(self, piece_id: bytes, map_key: bytes | None = None) -> bytes:
         """A block map piece by id, authenticated and checked against its id."""

@@ -1,0 +1,148 @@
+"""Removing what no manifest needs from a vault, exactly, while pushes may run (S3 has no locks).
+
+A gc run does two things, in this order:
+1. It finishes the condemnation the previous run recorded in gc/condemned, if every push whose lock
+   was there when that run hid the packs has ended: it lists the manifests now, and deletes each
+   condemned pack none of them needs (one a manifest needs gets its index back: "rescued").
+2. It condemns: from the manifests listed now, the packs none of whose entries a manifest needs, and
+   packs without an index (interrupted uploads, or uploads in progress). It records them (with their
+   sealed indexes) in gc/condemned, deletes their indexes (so no push that starts from now on sees
+   their blobs), then lists the locks and records them too. The packs are deleted by the next run (1);
+   a pack condemned for having no index is spared if it has one by then (its push finished it).
+
+Why nothing a manifest needs is ever deleted: a push takes its lock before it reads any index, and
+writes a manifest only while its lock is there. Take a push that relies on a condemned pack: it read
+that pack's index before run (2) deleted it, so its lock was written before run (2) listed the locks.
+Either its lock was listed, and step (1) waits until it is gone, by which time its manifest, if it
+wrote one, is listed by step (1); or it had ended before the listing, manifest and all, and step (1)
+lists that manifest too. Either way step (1) sees every manifest that can name a condemned pack. A
+push that starts after the indexes were deleted never sees the condemned blobs and uploads its own.
+"""
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+
+from rpfs.errors import CorruptBlockError, RpfsError
+from rpfs.store.block_maps import distinct_digests
+from rpfs.vault.locks import VaultLock, locks
+from rpfs.vault.vault import BLOB, PIECE, Vault, index_object, pack_object
+
+CONDEMNED = "gc/condemned"
+
+
+@dataclass
+class GcSummary:
+    deleted_packs: int = 0
+    deleted_bytes: int = 0
+    condemned_packs: int = 0
+    rescued_packs: int = 0
+    waiting_for: list[str] = field(default_factory=list)   # live locks that keep the condemned packs
+    removed_locks: list[str] = field(default_factory=list)
+
+
+def gc(vault: Vault) -> GcSummary:
+    summary = GcSummary()
+    for lock in locks(vault.bucket):
+        if lock.kind == "gc" and not lock.dead():
+            raise RpfsError(f"{vault.config.label}: another gc is running ({lock.describe()}); try again later")
+        if lock.dead():
+            vault.bucket.delete(lock.name)
+            summary.removed_locks.append(lock.describe())
+    with VaultLock(vault.bucket, "gc"):
+        record = _record(vault)
+        if record is not None and record.get("locks") is None:   # the run before died while condemning
+            _hide(vault, record)
+        if record is not None:
+            _finish(vault, record, summary)
+        if not summary.waiting_for:
+            _condemn(vault, summary)
+    return summary
+
+
+def _needed(vault: Vault) -> set[tuple[bytes, bytes]]:
+    """Every (kind, id) a manifest listed now needs: its pieces and the blobs they name."""
+    needed: set[tuple[bytes, bytes]] = set()
+    for vm, point_id in vault.point_names(fresh=True):
+        for _count, piece_ids in vault.manifest_maps(vm, point_id).values():
+            for piece_id in piece_ids:
+                if (PIECE, piece_id) in needed:
+                    continue
+                needed.add((PIECE, piece_id))
+                try:
+                    piece = vault.piece(piece_id)
+                except CorruptBlockError:
+                    continue   # its blobs cannot be known: packs holding them stay (their ids are unreadable)
+                needed.update((BLOB, digest) for digest in distinct_digests(piece))
+    return needed
+
+
+def _condemn(vault: Vault, summary: GcSummary) -> None:
+    needed = _needed(vault)
+    by_pack: dict[str, list[tuple[bytes, bytes]]] = {}
+    for key, location in vault.index(fresh=True).items():
+        by_pack.setdefault(location.pack, []).append(key)
+    indexed = {name[len("index/"):] for name, _size in vault.bucket.names("index/")}
+    condemned: dict[str, str | None] = {}
+    for name, _size in vault.bucket.names("packs/"):
+        pack = name[len("packs/"):]
+        if pack not in indexed:
+            condemned[pack] = None   # an interrupted upload, or an index a crashed gc deleted
+        elif not any(key in needed for key in by_pack.get(pack, [])):
+            sealed = vault.bucket.get(index_object(pack))
+            condemned[pack] = base64.b64encode(sealed).decode() if sealed is not None else None
+    if not condemned:
+        return
+    record = {"packs": condemned, "locks": None}
+    vault.bucket.put(CONDEMNED, json.dumps(record).encode())
+    _hide(vault, record)
+    summary.condemned_packs = len(condemned)
+
+
+def _hide(vault: Vault, record: dict) -> None:
+    """Delete the condemned packs' indexes, then record the locks there are from then on. A pack condemned
+    for having no index keeps it if one appears: a running push may be about to write it."""
+    for pack, sealed in record["packs"].items():
+        if sealed is not None:
+            vault.bucket.delete(index_object(pack))
+    record["locks"] = [lock.name for lock in locks(vault.bucket) if lock.kind != "gc"]
+    vault.bucket.put(CONDEMNED, json.dumps(record).encode())
+
+
+def _finish(vault: Vault, record: dict, summary: GcSummary) -> None:
+    live = {lock.name: lock for lock in locks(vault.bucket)}
+    waiting = [live[name].describe() for name in record["locks"] if name in live]
+    if waiting:
+        summary.waiting_for = waiting
+        return
+    needed = _needed(vault)
+    sizes = dict(vault.bucket.names("packs/"))
+    indexed = {name[len("index/"):] for name, _size in vault.bucket.names("index/")}
+    for pack, sealed in record["packs"].items():
+        if sealed is None and pack in indexed:
+            continue   # its push indexed it after all: the next gc judges it like any other
+        entries = vault.index_entries(pack, base64.b64decode(sealed)) if sealed else []
+        if any(key in needed for key, _offset, _length in entries):
+            vault.bucket.put(index_object(pack), base64.b64decode(sealed))   # a manifest needs it after all
+            summary.rescued_packs += 1
+            continue
+        if pack_object(pack) in sizes:
+            vault.bucket.delete(pack_object(pack))
+            summary.deleted_packs += 1
+            summary.deleted_bytes += sizes[pack_object(pack)]
+    vault.bucket.delete(CONDEMNED)
+
+
+def _record(vault: Vault) -> dict | None:
+    raw = vault.bucket.get(CONDEMNED)
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+        if not isinstance(record.get("packs"), dict):
+            raise ValueError
+        return record
+    except (ValueError, AttributeError):
+        raise RpfsError(f"{vault.config.label}: {CONDEMNED} is damaged; nothing was deleted (remove it to start"
+                        " gc afresh: its packs are condemned again)") from None
