@@ -182,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--consistency-config", metavar="TOML")
     p.add_argument("--allow-live", choices=["yes", "no"])
     p.add_argument("--replace", action="store_true", help="import over an existing policy")
+    p.add_argument("--vault", dest="policy_vault", metavar="NAME",
+                   help="push each new recovery point to this vault (rpfs vault add); '' for none")
+    for period in ("last", "daily", "weekly", "monthly", "yearly"):
+        p.add_argument(f"--vault-keep-{period}", type=int, metavar="N",
+                       help="what the vault keeps (as --keep-*); none given: every point" if period == "last" else None)
     p.set_defaults(func=cmd_policy)
 
     p = sub.add_parser("protect", parents=[json_flag], help="protect a VM with a policy")
@@ -245,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_pin, pinned=pinned)
 
     p = sub.add_parser("vault", help="vaults: recovery points off the host in an S3 bucket (add, list, remove, push,"
-                                     " gc)")
+                                     " prune, gc)")
     vaults = p.add_subparsers(dest="vault_action", required=True, metavar="ACTION", parser_class=_Parser)
     v = vaults.add_parser("add", parents=[json_flag],
                           help="name a vault: made from --store (the bucket is created if missing), or, with no"
@@ -264,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--limit-mbps", type=_rate, default=0.0, metavar="MB/S",
                    help="limit the upload to this many MB/s (default: no limit)")
     v.add_argument("--pack-mib", type=int, default=128, help=argparse.SUPPRESS)   # tests: small packs
+    v = vaults.add_parser("prune", parents=[json_flag],
+                          help="delete the vault's points its policies' vault retention no longer keeps")
+    v.add_argument("name", help="the vault's name")
+    v.add_argument("vm", nargs="?", help="only this VM")
+    v.add_argument("--dry-run", action="store_true", help="list what would be deleted and why the rest is kept")
     v = vaults.add_parser("gc", parents=[json_flag],
                           help="remove packs no manifest needs (in two runs: condemned by one, deleted by the next)")
     v.add_argument("name", help="the vault's name")

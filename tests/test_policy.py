@@ -182,3 +182,13 @@ def test_check_name():
     for bad in ("", "-x", "a/b", "a b", "ü"):
         with pytest.raises(RpfsError, match="invalid policy name"):
             check_name(bad)
+
+
+def test_vault_section_round_trips_and_is_checked():
+    text = FULL + '[vault]\nname = "offsite"\ndaily = 30\nmonthly = 12\n'
+    policy = policy_from_toml(text, "p.toml")
+    assert policy.vault == "offsite" and policy.vault_retention == Retention(daily=30, monthly=12)
+    assert policy_from_dict(json.loads(json.dumps(policy_to_dict(policy)))) == policy
+    assert policy_from_toml(FULL + '[vault]\nname = "offsite"\n', "p.toml").vault_retention is None   # keeps all
+    assert refused(FULL + '[vault]\ndaily = 3\n') == (16, '[vault] needs name = "..." (a vault of rpfs vault add)')
+    assert refused(FULL + '[vault]\nname = "offsite"\nhourly = 3\n')[0] == 18

@@ -348,3 +348,34 @@ def test_verify_from_the_vault_names_the_damaged_point(vault_env, tmp_path):
     s3.put_object(Bucket=vault_env["bucket"], Key=pack, Body=bytes(data))
     damaged = rpfs("--vault", "offsite", "verify", check=False)
     assert damaged.returncode == 4 and "DAMAGED web/" in damaged.stdout, damaged.stdout + damaged.stderr
+
+
+def test_a_policy_pushes_each_backup_and_the_vault_keeps_its_own_count(vault_env, tmp_path):
+    """Two tiers, two retentions: the store keeps the last 1, the vault the last 2; `run` pushes, prunes both
+    and starts the vault's gc."""
+    store, disk = tmp_path / "store", _image(tmp_path / "os.img", 11)
+    rpfs("init", store=store)
+    _add(vault_env, store)
+    rpfs("policy", "create", "hourly", "--every-hours", "1", "--keep-last", "1", "--vault", "offsite",
+         "--vault-keep-last", "2", store=store)
+    shown = rpfs("policy", "show", "hourly", store=store).stdout
+    assert "vault offsite keeps last 2" in shown
+    rpfs("protect", "web", "--policy", "hourly", "--disk", f"os={disk}", store=store)
+    ran = json.loads(rpfs("run", "--stagger-seconds", "0", "--json", store=store).stdout)   # due: never backed up
+    assert ran["backed_up"] == ["web"] and not ran["push_failed"] and len(ran["pushed"]["web"]) == 1
+    for round_ in range(2):   # more points, pushed by hand (the policy's next slot is an hour away)
+        time.sleep(1.1)       # one point per second at most
+        _change(disk, 20 + round_, [2 * round_])
+        rpfs("backup", "web", "--disk", f"os={disk}", store=store)
+    rpfs("vault", "push", "offsite", store=store)
+    ids = [p["id"] for p in json.loads(rpfs("list", "--json", store=store).stdout)]
+    ran = json.loads(rpfs("run", "--stagger-seconds", "0", "--json", store=store).stdout)   # not due: prunes
+    assert ran["not_due"] == ["web"] and ran["vault_pruned"] == {"offsite/web": ids[:1]}
+    local = json.loads(rpfs("list", "--json", store=store).stdout)
+    assert [p["id"] for p in local] == ids[-1:]
+    listed = json.loads(rpfs("--vault", "offsite", "list", "--json", store=store).stdout)
+    assert [(p["id"], p["where"]) for p in listed] == [(ids[1], "vault"), (ids[2], "both")]
+    jobs = json.loads(rpfs("jobs", "--json", store=store).stdout)["jobs"]
+    assert sum(1 for j in jobs if j["kind"] == "push" and j["status"] == "succeeded") == 2
+    assert any(j["kind"] == "gc" for j in jobs)   # the vault's, started by the vault prune
+    rpfs("--vault", "offsite", "restore", "web", ids[1], "--disk", "os", "--to", str(tmp_path / "back.img"))

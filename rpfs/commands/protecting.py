@@ -37,6 +37,14 @@ def _policy_from_args(args, base: dict | None) -> dict:
         d["consistency_config"] = str(Path(args.consistency_config).absolute()) if args.consistency_config else None
     if args.allow_live is not None:
         d["options"]["allow_live"] = args.allow_live == "yes"
+    if args.policy_vault is not None:
+        d["vault"] = args.policy_vault or None   # "": no vault any more
+        if d["vault"] is None:
+            d["vault_retention"] = None
+    for key in ("keep_last", "daily", "weekly", "monthly", "yearly"):
+        value = getattr(args, f"vault_keep_{key.removeprefix('keep_')}")
+        if value is not None:
+            d["vault_retention"] = {**(d.get("vault_retention") or {}), key: value}
     return d
 
 
@@ -77,8 +85,13 @@ def _policy_action(args) -> int:
         when = {"daily": f"daily at {sch.at}", "weekly": f"{','.join(sch.weekdays)} at {sch.at}",
                 "hourly": f"every {sch.every_hours} h"}[sch.kind]
         keep = ", ".join(f"{k.removeprefix('keep_')} {v}" for k, v in asdict(p.retention).items() if v)
+        vault = ""
+        if p.vault:
+            kept = ", ".join(f"{k.removeprefix('keep_')} {v}" for k, v in asdict(p.vault_retention).items() if v) \
+                if p.vault_retention else "every point"
+            vault = f"; vault {p.vault} keeps {kept}"
         print(f"{p.name}: {when} UTC; keep {keep}; snapshot kept {p.keep_snapshot_days:g} day(s)"
-              f"{'; consistency ' + p.consistency_config if p.consistency_config else ''}")
+              f"{'; consistency ' + p.consistency_config if p.consistency_config else ''}{vault}")
     return 0
 
 
@@ -127,9 +140,15 @@ def cmd_run(args) -> int:
         print(f"backed up: {', '.join(result.backed_up) or 'none'}; not due: {len(result.not_due)}")
         for vm, ids in result.pruned.items():
             print(f"pruned {vm}: {', '.join(ids)}")
+        for vm, ids in result.pushed.items():
+            print(f"pushed {vm}: {', '.join(ids) or 'nothing new'}")
+        for where, ids in result.vault_pruned.items():
+            print(f"pruned in vault {where}: {', '.join(ids)}")
         for vm, error in result.failed.items():
             print(f"FAILED {vm}: {error}")
-    return 1 if result.failed else 0
+        for vm, error in result.push_failed.items():
+            print(f"FAILED vault step of {vm}: {error} (the points stay local; the next run pushes them)")
+    return 1 if result.failed or result.push_failed else 0
 
 
 def _timer_key_file(args) -> str | None:

@@ -13,7 +13,8 @@ from rpfs.vault.config import VaultConfig, checked, vault_config
 
 
 def cmd_vault(args) -> int:
-    return {"add": _add, "list": _list, "remove": _remove, "push": _push, "gc": _gc}[args.vault_action](args)
+    return {"add": _add, "list": _list, "remove": _remove, "push": _push, "prune": _prune,
+            "gc": _gc}[args.vault_action](args)
 
 
 def open_vault(args):
@@ -101,4 +102,26 @@ def _gc(args) -> int:
         print(f"  kept for now: the packs condemned before are waited on by {holder}")
     for holder in summary.removed_locks:
         print(f"  removed the lock of {holder} (its process is gone)")
+    return 0
+
+
+def _prune(args) -> int:
+    from rpfs.policy.offsite import open_vault as policy_vault, prune_vault, vault_retentions
+    from rpfs.policy.protection import get_policy, protections
+    with open_store(args, readonly=args.dry_run) as store:
+        policies = {vm: get_policy(store, p.policy) for vm, p in protections(store).items()}
+        retentions = vault_retentions(store, policies).get(args.name, {})
+        with policy_vault(args.name, store) as vault:
+            results = prune_vault(vault, retentions, args.vm, dry_run=args.dry_run)
+    if args.json:
+        print_json([r.__dict__ for r in results])
+        return 0
+    if not results:
+        print(f"no policy keeps a vault retention for vault {args.name}: it keeps every point")
+    for r in results:
+        verb = "would delete" if args.dry_run else "deleted"
+        print(f"{r.vm}: {verb} {', '.join(r.pruned) or 'nothing'} in vault {args.name}; kept "
+              + ", ".join(f"{point_id} ({why})" for point_id, why in sorted(r.kept.items())))
+    if not args.dry_run and any(r.pruned for r in results):
+        print(f"(rpfs vault gc {args.name}, run twice, frees the space)")
     return 0

@@ -13,6 +13,10 @@ People write policies by hand in TOML, so a bad file is refused with the line of
     config = "/etc/rpfs/web01.toml"   # pre/post scripts and freeze (backup/quiesce.py)
     [options]
     allow_live = false
+    [vault]
+    name = "offsite"            # push each new point to this vault (rpfs vault add)
+    daily = 30                  # what the vault keeps (as [retention]); none: it keeps every point
+    monthly = 12
 
 The store keeps policies as JSON (policy_to_dict); policy_from_dict checks them again on the way in.
 """
@@ -38,6 +42,7 @@ TOML_KEYS: dict[str, tuple[str, ...]] = {
     "snapshot": ("keep_days",),
     "consistency": ("config",),
     "options": tuple(OPTION_TYPES),
+    "vault": ("name",) + RETENTION_RULES,
 }
 TOML_SCHEDULE_KINDS = {"daily": "daily", "weekdays": "weekly", "every_hours": "hourly"}   # key -> kind
 
@@ -71,6 +76,8 @@ class Policy:
     keep_snapshot_days: float = 0           # keep the newest reflink snapshot this long; 0: delete it at once
     consistency_config: str | None = None   # path of a quiesce TOML (pre/post scripts, freeze)
     options: dict = field(default_factory=dict)   # backup options; the known keys are OPTION_TYPES
+    vault: str | None = None                # push each new recovery point to this vault
+    vault_retention: Retention | None = None   # what the vault keeps; None: every point
 
 
 class _Problem(Exception):
@@ -118,10 +125,21 @@ def _policy_from_tables(raw: dict, lines: dict[tuple[str, ...], int]) -> Policy:
     retention = _retention(raw.get("retention", {}), ("retention",))
     keep_days = raw.get("snapshot", {}).get("keep_days", 0)
     config = raw.get("consistency", {}).get("config")
+    vault, vault_retention = _vault(raw.get("vault"), ("vault",))
     return Policy(name=name, schedule=schedule, retention=retention,
                   keep_snapshot_days=_keep_days(keep_days, ("snapshot", "keep_days")),
                   consistency_config=None if config is None else _config_path(config, ("consistency", "config")),
-                  options=_options(raw.get("options", {}), ("options",)))
+                  options=_options(raw.get("options", {}), ("options",)), vault=vault, vault_retention=vault_retention)
+
+
+def _vault(table: dict | None, path: tuple[str, ...]) -> tuple[str | None, Retention | None]:
+    """[vault]: its name and, if any rule is given, what it keeps."""
+    if table is None:
+        return None, None
+    if "name" not in table:
+        raise _Problem("[vault] needs name = \"...\" (a vault of rpfs vault add)", path)
+    rules = {k: v for k, v in table.items() if k != "name"}
+    return _name(table["name"], path + ("name",)), _retention(rules, path) if rules else None
 
 
 def _check_layout(raw: dict, lines: dict[tuple[str, ...], int]) -> None:
@@ -186,7 +204,8 @@ def policy_from_dict(d: dict) -> Policy:
 def _policy_from_dict(d: dict) -> Policy:
     if not isinstance(d, dict):
         raise _Problem(f"a policy must be an object, not {_describe(d)}")
-    known = ("name", "schedule", "retention", "keep_snapshot_days", "consistency_config", "options")
+    known = ("name", "schedule", "retention", "keep_snapshot_days", "consistency_config", "options", "vault",
+             "vault_retention")
     for key in d:
         if key not in known:
             raise _Problem(f"unknown field {key!r}", (key,))
@@ -209,10 +228,15 @@ def _policy_from_dict(d: dict) -> Policy:
         if kind == "weekly":
             parsed.weekdays = _weekdays(schedule.get("weekdays"), ("schedule", "weekdays"))
     config = d.get("consistency_config")
+    vault, vault_retention = d.get("vault"), d.get("vault_retention")
+    if vault_retention is not None and vault is None:
+        raise _Problem("a vault retention without a vault", ("vault_retention",))
     return Policy(name=_name(d["name"], ("name",)), schedule=parsed, retention=_retention(d["retention"], ("retention",)),
                   keep_snapshot_days=_keep_days(d.get("keep_snapshot_days", 0), ("keep_snapshot_days",)),
                   consistency_config=None if config is None else _config_path(config, ("consistency_config",)),
-                  options=_options(d.get("options", {}), ("options",)))
+                  options=_options(d.get("options", {}), ("options",)),
+                  vault=None if vault is None else _name(vault, ("vault",)),
+                  vault_retention=None if vault_retention is None else _retention(vault_retention, ("vault_retention",)))
 
 
 # --- values, shared by both readers ----------------------------------------------------------------

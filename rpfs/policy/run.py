@@ -1,8 +1,9 @@
-"""`rpfs run`: every backup that is due, then prune.
+"""`rpfs run`: every backup that is due (each pushed to its policy's vault), then prune, local and vault.
 
 Due is worked out from each VM's last successful backup (schedule.py), so a missed slot is caught up.
 VMs due at once run one at a time in a staggered order (the store has one writer); one VM's failure
-does not stop the others, nor the prune that follows.
+does not stop the others, nor the prune that follows. A push that fails leaves the point local only;
+the next run pushes it with the next one (a push sends every point the vault lacks).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from rpfs.backup.pipeline import BackupOptions, backup
 from rpfs.backup.quiesce import load_config
 from rpfs.errors import RpfsError
+from rpfs.policy import offsite
 from rpfs.policy.protection import get_policy, protections, retentions
 from rpfs.policy.prune import prune
 from rpfs.policy.schedule import is_due, stagger
@@ -27,6 +29,9 @@ class RunResult:
     not_due: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     pruned: dict[str, list[str]] = field(default_factory=dict)
+    pushed: dict[str, list[str]] = field(default_factory=dict)        # vm -> ids now in its vault too
+    push_failed: dict[str, str] = field(default_factory=dict)         # vm -> why its push failed
+    vault_pruned: dict[str, list[str]] = field(default_factory=dict)  # "vault/vm" -> ids deleted there
 
 
 def run(store: Store, now: datetime | None = None, stagger_seconds: float = 0.0, progress_for=None) -> RunResult:
@@ -63,6 +68,10 @@ def run(store: Store, now: datetime | None = None, stagger_seconds: float = 0.0,
             result.failed[vm] = e.message
         except Exception as e:   # one VM's trouble must not stop the others, nor the prune
             result.failed[vm] = f"{type(e).__name__}: {e}"
+        else:
+            if policy.vault:
+                _guarded(result.push_failed, vm, lambda: result.pushed.update(
+                    {vm: offsite.push_new_points(store, vm, policy)}))
     policies = retentions(store)
     if policies:
         with jobs.recorded(store, "prune") as job:
@@ -70,4 +79,16 @@ def run(store: Store, now: datetime | None = None, stagger_seconds: float = 0.0,
                 if pruned.pruned:
                     result.pruned[pruned.vm] = pruned.pruned
             job.bytes_written = sum(len(v) for v in result.pruned.values())
+    by_vm = {vm: get_policy(store, protection.policy) for vm, protection in protections(store).items()}
+    _guarded(result.push_failed, "vault prune", lambda: result.vault_pruned.update(offsite.upkeep_vaults(store, by_vm)))
     return result
+
+
+def _guarded(failures: dict[str, str], what: str, step) -> None:
+    """Run a vault step; a failure (the gateway down, above all) is recorded, and the run goes on."""
+    try:
+        step()
+    except RpfsError as e:
+        failures[what] = e.message
+    except Exception as e:
+        failures[what] = f"{type(e).__name__}: {e}"

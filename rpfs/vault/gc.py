@@ -61,6 +61,11 @@ def gc(vault: Vault) -> GcSummary:
     return summary
 
 
+def pending(vault: Vault) -> bool:
+    """True while packs condemned by a run wait for the next one."""
+    return vault.bucket.get(CONDEMNED) is not None
+
+
 def _needed(vault: Vault) -> set[tuple[bytes, bytes]]:
     """Every (kind, id) a manifest listed now needs: its pieces and the blobs they name."""
     needed: set[tuple[bytes, bytes]] = set()
