@@ -262,10 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     vaults.add_parser("list", parents=[json_flag], help="the vaults named on this machine")
     v = vaults.add_parser("remove", parents=[json_flag], help="forget a vault's name (its bucket is untouched)")
     v.add_argument("name", help="the vault's name")
-    v = vaults.add_parser("push", parents=[json_flag], help="upload the recovery points the vault lacks")
+    v = vaults.add_parser("push", parents=[json_flag],
+                          help="upload the recovery points newer than each VM's newest in the vault")
     v.add_argument("name", help="the vault's name")
     v.add_argument("vm", nargs="?", help="only this VM's recovery points")
-    v.add_argument("recovery_point", nargs="?", help="only this recovery point of VM")
+    v.add_argument("recovery_point", nargs="?",
+                   help="only this recovery point of VM (also one older than the VM's newest in the vault)")
     v.add_argument("--limit-mbps", type=_rate, default=0.0, metavar="MB/S",
                    help="limit the upload to this many MB/s (default: no limit)")
     v.add_argument("--pack-mib", type=int, default=128, help=argparse.SUPPRESS)   # tests: small packs

@@ -147,7 +147,7 @@ def test_disaster_recovery_on_a_new_machine_with_the_key_alone(vault_env, tmp_pa
     monkeypatch.setenv("RPFS_CONFIG", str(tmp_path / "new-machine"))
     monkeypatch.delenv("RPFS_KEY_FILE")
     added = _add(vault_env).stdout
-    assert "holding a vault" in added
+    assert "holding the vault of store id" in added
     no_key = rpfs("--vault", "offsite", "list", check=False)
     assert no_key.returncode == 1 and "give --key-file" in no_key.stderr and "Traceback" not in no_key.stderr
     wrong = tmp_path / "wrong.key"   # another store's key file
@@ -157,6 +157,13 @@ def test_disaster_recovery_on_a_new_machine_with_the_key_alone(vault_env, tmp_pa
     rpfs("--vault", "offsite", "--key-file", str(key), "restore", "db", "--disk", "os", "--to",
          str(tmp_path / "back.img"))
     assert (tmp_path / "back.img").read_bytes() == disk.read_bytes()
+
+    s3 = _client(vault_env["endpoint"])   # someone replaces the vault: refused, not read
+    record = json.loads(s3.get_object(Bucket=vault_env["bucket"], Key="rpfs-vault.json")["Body"].read())
+    s3.put_object(Bucket=vault_env["bucket"], Key="rpfs-vault.json",
+                  Body=json.dumps({**record, "store_id": "00" * 16}).encode())
+    replaced = rpfs("--vault", "offsite", "--key-file", str(key), "list", check=False)
+    assert replaced.returncode == 1 and "now holds another vault" in replaced.stderr
 
 
 def test_an_interrupted_push_leaves_no_point_and_the_next_one_resumes(vault_env, tmp_path):
@@ -295,21 +302,26 @@ def test_gc_removes_what_no_manifest_needs_in_two_runs(vault_env, tmp_path):
 
 
 def test_gc_while_a_push_runs_never_removes_what_the_push_needs(vault_env, tmp_path):
-    """The push relies on a pack no manifest needs when gc looks (its point was pruned): gc condemns it,
-    waits for the push, then finds the new manifest needing it and keeps it."""
+    """The push relies on packs no manifest needs when gc looks (their point was pruned): an unchanged disk's
+    blobs and block map piece, in packs of their own. gc condemns them, waits for the push, then finds the
+    new manifest needing them and keeps every one."""
     store, disk = tmp_path / "store", _image(tmp_path / "os.img", 8, size_mib=48)
+    data = _image(tmp_path / "data.img", 12, size_mib=12)
+    disks = ["--disk", f"os={disk}", "--disk", f"data={data}"]
     rpfs("init", store=store)
-    rpfs("backup", "web", "--disk", f"os={disk}", store=store)
+    rpfs("backup", "web", *disks, store=store)
     _add(vault_env, store)
-    rpfs("vault", "push", "offsite", store=store)
+    rpfs("vault", "push", "offsite", "--pack-mib", "1", store=store)
     s3 = _client(vault_env["endpoint"])
     for name in _objects(vault_env, "points/"):
-        s3.delete_object(Bucket=vault_env["bucket"], Key=name)   # pruned: no manifest needs the pack now
-    _change(disk, 9, [0, 2, 4, 6, 8, 10])
-    rpfs("backup", "web", "--disk", f"os={disk}", store=store)   # shares 18 of its 24 blocks with that pack
+        s3.delete_object(Bucket=vault_env["bucket"], Key=name)   # pruned: no manifest needs any pack now
+    assert not _objects(vault_env, "points/")
+    _change(disk, 9, [0, 2, 4, 6, 8, 10, 12, 14])
+    rpfs("backup", "web", *disks, store=store)   # data unchanged: its piece and blobs are in the old packs
+    newest = json.loads(rpfs("list", "--json", store=store).stdout)[-1]["id"]
     env = {k: v for k, v in os.environ.items() if k != "RPFS_STORE"}
     pushing = subprocess.Popen([sys.executable, "-m", "rpfs", "--store", str(store), "vault", "push", "offsite",
-                                "web", "--limit-mbps", "2", "--pack-mib", "1", "--json"], cwd=REPO, env=env,
+                                "web", newest, "--limit-mbps", "1", "--pack-mib", "1", "--json"], cwd=REPO, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         indexes = len(_objects(vault_env, "index/"))
@@ -319,7 +331,7 @@ def test_gc_while_a_push_runs_never_removes_what_the_push_needs(vault_env, tmp_p
             assert time.monotonic() < deadline, "the push made no progress"
             time.sleep(0.05)
         condemned = _gc()
-        assert condemned["condemned_packs"] >= 2   # the old pack and the push's first, unneeded so far
+        assert condemned["condemned_packs"] >= 3   # the old packs and the push's first, unneeded so far
         waiting = _gc()
         assert waiting["deleted_packs"] == 0 and any("push" in w for w in waiting["waiting_for"])
         out, err = pushing.communicate(timeout=120)
@@ -328,9 +340,37 @@ def test_gc_while_a_push_runs_never_removes_what_the_push_needs(vault_env, tmp_p
         pushing.kill()
         pushing.wait()
     finished = _gc()
-    assert finished["rescued_packs"] >= 2 and finished["deleted_packs"] == 0
-    rpfs("--vault", "offsite", "restore", "web", "--disk", "os", "--to", str(tmp_path / "back.img"))
-    assert (tmp_path / "back.img").read_bytes() == disk.read_bytes()
+    # kept: the 16 unchanged blocks of os, the 6 of data, the old pieces, the push's first pack; deleted: the
+    # 8 blocks the new point replaced (one per pack, as --pack-mib 1 made them)
+    assert finished["rescued_packs"] >= 23 and finished["deleted_packs"] == 8, finished
+    assert not json.loads(rpfs("--vault", "offsite", "verify", "--json").stdout)["damaged"]
+    rpfs("--vault", "offsite", "restore", "web", "--to", str(tmp_path / "back"))
+    assert (tmp_path / "back" / "os.img").read_bytes() == disk.read_bytes()
+    assert (tmp_path / "back" / "data.img").read_bytes() == data.read_bytes()
+
+
+def test_a_push_a_gc_took_for_dead_writes_no_manifest(vault_env, tmp_path):
+    store, disk = tmp_path / "store", _image(tmp_path / "os.img", 13)
+    rpfs("init", store=store)
+    rpfs("backup", "web", "--disk", f"os={disk}", store=store)
+    _add(vault_env, store)
+    env = {k: v for k, v in os.environ.items() if k != "RPFS_STORE"}
+    pushing = subprocess.Popen([sys.executable, "-m", "rpfs", "--store", str(store), "vault", "push", "offsite",
+                                "--limit-mbps", "2", "--pack-mib", "1"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (held := _objects(vault_env, "locks/")):
+            assert pushing.poll() is None and time.monotonic() < deadline, pushing.stderr.read()
+            time.sleep(0.05)
+        (lock,) = held
+        _client(vault_env["endpoint"]).put_object(Bucket=vault_env["bucket"], Key="dead/" + lock, Body=b"")
+        _out, err = pushing.communicate(timeout=120)
+    finally:
+        pushing.kill()
+        pushing.wait()
+    assert pushing.returncode == 1 and "took this push for a dead one" in err and "Traceback" not in err, err
+    assert not _objects(vault_env, "points/") and not _objects(vault_env, "locks/")
 
 
 def test_verify_from_the_vault_names_the_damaged_point(vault_env, tmp_path):
@@ -351,15 +391,15 @@ def test_verify_from_the_vault_names_the_damaged_point(vault_env, tmp_path):
 
 
 def test_a_policy_pushes_each_backup_and_the_vault_keeps_its_own_count(vault_env, tmp_path):
-    """Two tiers, two retentions: the store keeps the last 1, the vault the last 2; `run` pushes, prunes both
-    and starts the vault's gc."""
+    """Two tiers, two retentions: the store keeps the last 3, the vault the last 1; `run` pushes, prunes both
+    and starts the vault's gc; what the vault pruned is never pushed again."""
     store, disk = tmp_path / "store", _image(tmp_path / "os.img", 11)
     rpfs("init", store=store)
     _add(vault_env, store)
-    rpfs("policy", "create", "hourly", "--every-hours", "1", "--keep-last", "1", "--vault", "offsite",
-         "--vault-keep-last", "2", store=store)
+    rpfs("policy", "create", "hourly", "--every-hours", "1", "--keep-last", "3", "--vault", "offsite",
+         "--vault-keep-last", "1", store=store)
     shown = rpfs("policy", "show", "hourly", store=store).stdout
-    assert "vault offsite keeps last 2" in shown
+    assert "vault offsite keeps last 1" in shown
     rpfs("protect", "web", "--policy", "hourly", "--disk", f"os={disk}", store=store)
     ran = json.loads(rpfs("run", "--stagger-seconds", "0", "--json", store=store).stdout)   # due: never backed up
     assert ran["backed_up"] == ["web"] and not ran["push_failed"] and len(ran["pushed"]["web"]) == 1
@@ -367,15 +407,16 @@ def test_a_policy_pushes_each_backup_and_the_vault_keeps_its_own_count(vault_env
         time.sleep(1.1)       # one point per second at most
         _change(disk, 20 + round_, [2 * round_])
         rpfs("backup", "web", "--disk", f"os={disk}", store=store)
-    rpfs("vault", "push", "offsite", store=store)
+        rpfs("vault", "push", "offsite", store=store)
     ids = [p["id"] for p in json.loads(rpfs("list", "--json", store=store).stdout)]
     ran = json.loads(rpfs("run", "--stagger-seconds", "0", "--json", store=store).stdout)   # not due: prunes
-    assert ran["not_due"] == ["web"] and ran["vault_pruned"] == {"offsite/web": ids[:1]}
-    local = json.loads(rpfs("list", "--json", store=store).stdout)
-    assert [p["id"] for p in local] == ids[-1:]
+    assert ran["not_due"] == ["web"] and ran["vault_pruned"] == {"offsite/web": ids[:2]}
     listed = json.loads(rpfs("--vault", "offsite", "list", "--json", store=store).stdout)
-    assert [(p["id"], p["where"]) for p in listed] == [(ids[1], "vault"), (ids[2], "both")]
+    assert [(p["id"], p["where"]) for p in listed] == [(ids[0], "local"), (ids[1], "local"), (ids[2], "both")]
+    again = json.loads(rpfs("vault", "push", "offsite", "--json", store=store).stdout)
+    assert again["pushed"] == [] and len(again["already"]) == 3   # the vault pruned them: not sent again
     jobs = json.loads(rpfs("jobs", "--json", store=store).stdout)["jobs"]
-    assert sum(1 for j in jobs if j["kind"] == "push" and j["status"] == "succeeded") == 2
+    assert sum(1 for j in jobs if j["kind"] == "push" and j["status"] == "succeeded") == 4
     assert any(j["kind"] == "gc" for j in jobs)   # the vault's, started by the vault prune
-    rpfs("--vault", "offsite", "restore", "web", ids[1], "--disk", "os", "--to", str(tmp_path / "back.img"))
+    rpfs("--vault", "offsite", "restore", "web", ids[2], "--disk", "os", "--to", str(tmp_path / "back.img"))
+    assert (tmp_path / "back.img").read_bytes() == disk.read_bytes()

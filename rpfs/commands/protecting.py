@@ -146,8 +146,9 @@ def cmd_run(args) -> int:
             print(f"pruned in vault {where}: {', '.join(ids)}")
         for vm, error in result.failed.items():
             print(f"FAILED {vm}: {error}")
-        for vm, error in result.push_failed.items():
-            print(f"FAILED vault step of {vm}: {error} (the points stay local; the next run pushes them)")
+        for step, error in result.push_failed.items():
+            print(f"FAILED {step}: {error}" + ("" if step == "vault prune" else
+                                                " (the points stay local; the next run pushes them)"))
     return 1 if result.failed or result.push_failed else 0
 
 

@@ -32,10 +32,13 @@ def _add(args) -> int:
     if args.store:   # made from the store (or this store's vault adopted)
         with open_store(args, readonly=True) as store:
             vault = Vault.create(config, store)
+        settings = vault.settings
         what = f"made from store {args.store}" if vault.created else f"holding the vault of store {args.store}"
     else:   # disaster recovery: the bucket must hold a vault; its key is asked when it is read
         settings = probe(config)
-        what = f"holding a vault made {settings['created']} (no local store: rpfs --vault {args.name} list)"
+        what = (f"holding the vault of store id {settings['store_id']}, made {settings['created']} (compare the"
+                f" id with rpfs info of the lost store, or its paper key; then: rpfs --vault {args.name} list)")
+    config.store_id, config.key_check = settings["store_id"], settings["key_check"]
     vault_configs.save(config)
     if args.json:
         print_json({"name": config.name, "endpoint": config.endpoint, "bucket": config.bucket,
@@ -74,16 +77,16 @@ def _push(args) -> int:
             store.point(args.vm)   # raises: unknown VM
         with recorded(store, "push", args.vm) as job, ProgressBar(f"push to {args.name}", quiet=args.json) as bar:
             summary = push(store, vault, points, progress=bar, bytes_per_second=args.limit_mbps * 1e6,
-                           pack_bytes=args.pack_mib << 20)
+                           pack_bytes=args.pack_mib << 20, named=args.recovery_point is not None)
             job.bytes_written = summary.uploaded_bytes
             job.recovery_point = summary.pushed[-1] if summary.pushed else None
     if args.json:
         print_json({**summary.__dict__, "vault": args.name, "mib_per_second": round(summary.mib_per_second, 1)})
         return 0
     print(f"pushed {len(summary.pushed)} recovery point(s) to vault {args.name}"
-          f" ({len(summary.already)} already there): {human_bytes(summary.uploaded_bytes)} stored bytes uploaded"
-          f" in {summary.packs} pack(s), {summary.blobs} block(s), {summary.seconds:.1f} s"
-          f" ({summary.mib_per_second:.0f} MiB/s)")
+          f" ({len(summary.already)} there already, or older than its newest):"
+          f" {human_bytes(summary.uploaded_bytes)} stored bytes uploaded in {summary.packs} pack(s),"
+          f" {summary.blobs} block(s), {summary.seconds:.1f} s ({summary.mib_per_second:.0f} MiB/s)")
     return 0
 
 

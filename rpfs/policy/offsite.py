@@ -34,8 +34,8 @@ def open_vault(name: str, store: Store):
 
 
 def push_new_points(store: Store, vm: str, policy: Policy) -> list[str]:
-    """Push the VM's recovery points the policy's vault lacks (the new one, and any an earlier run failed to
-    push); recorded as a push job. Returns the ids pushed."""
+    """Push the VM's recovery points newer than its newest in the policy's vault (the new one, and any an
+    earlier run failed to push; never one the vault pruned); recorded as a push job. Returns the ids pushed."""
     from rpfs.vault.push import push
     with jobs.recorded(store, "push", vm) as job, open_vault(policy.vault, store) as vault:
         summary = push(store, vault, store.points(vm))

@@ -30,7 +30,7 @@ class RunResult:
     failed: dict[str, str] = field(default_factory=dict)
     pruned: dict[str, list[str]] = field(default_factory=dict)
     pushed: dict[str, list[str]] = field(default_factory=dict)        # vm -> ids now in its vault too
-    push_failed: dict[str, str] = field(default_factory=dict)         # vm -> why its push failed
+    push_failed: dict[str, str] = field(default_factory=dict)         # "push of vm", "vault prune" -> why it failed
     vault_pruned: dict[str, list[str]] = field(default_factory=dict)  # "vault/vm" -> ids deleted there
 
 
@@ -70,7 +70,7 @@ def run(store: Store, now: datetime | None = None, stagger_seconds: float = 0.0,
             result.failed[vm] = f"{type(e).__name__}: {e}"
         else:
             if policy.vault:
-                _guarded(result.push_failed, vm, lambda: result.pushed.update(
+                _guarded(result.push_failed, f"push of {vm}", lambda: result.pushed.update(
                     {vm: offsite.push_new_points(store, vm, policy)}))
     policies = retentions(store)
     if policies:

@@ -26,6 +26,8 @@ class VaultConfig:
     endpoint: str
     bucket: str
     prefix: str = ""
+    store_id: str = ""     # the vault as it was when added: a bucket that holds another one since is refused
+    key_check: str = ""
 
     @property
     def label(self) -> str:

@@ -26,10 +26,8 @@ from dataclasses import dataclass, field
 
 from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.store.block_maps import distinct_digests
-from rpfs.vault.locks import VaultLock, locks
-from rpfs.vault.vault import BLOB, PIECE, Vault, index_object, pack_object
-
-CONDEMNED = "gc/condemned"
+from rpfs.vault.locks import VaultLock, bury, locks, remove_old_tombstones
+from rpfs.vault.vault import BLOB, CONDEMNED, PIECE, Vault, index_object, pack_object
 
 
 @dataclass
@@ -48,8 +46,9 @@ def gc(vault: Vault) -> GcSummary:
         if lock.kind == "gc" and not lock.dead():
             raise RpfsError(f"{vault.config.label}: another gc is running ({lock.describe()}); try again later")
         if lock.dead():
-            vault.bucket.delete(lock.name)
+            bury(vault.bucket, lock)
             summary.removed_locks.append(lock.describe())
+    remove_old_tombstones(vault.bucket)
     with VaultLock(vault.bucket, "gc"):
         record = _record(vault)
         if record is not None and record.get("locks") is None:   # the run before died while condemning
@@ -76,17 +75,19 @@ def _needed(vault: Vault) -> set[tuple[bytes, bytes]]:
                     continue
                 needed.add((PIECE, piece_id))
                 try:
-                    piece = vault.piece(piece_id)
-                except CorruptBlockError:
-                    continue   # its blobs cannot be known: packs holding them stay (their ids are unreadable)
+                    piece = vault.piece(piece_id)   # also from a condemned pack (Vault._fetch)
+                except CorruptBlockError as e:
+                    raise RpfsError(f"{vault.config.label}: {e.message}; gc deleted nothing (what the recovery point"
+                                    f" {vm}/{point_id} needs cannot be known: rpfs --vault ... verify)") from None
                 needed.update((BLOB, digest) for digest in distinct_digests(piece))
     return needed
 
 
 def _condemn(vault: Vault, summary: GcSummary) -> None:
+    index = vault.index(fresh=True)   # first: what step (1) rescued is in it, and the record is gone
     needed = _needed(vault)
     by_pack: dict[str, list[tuple[bytes, bytes]]] = {}
-    for key, location in vault.index(fresh=True).items():
+    for key, location in index.items():
         by_pack.setdefault(location.pack, []).append(key)
     indexed = {name[len("index/"):] for name, _size in vault.bucket.names("index/")}
     condemned: dict[str, str | None] = {}
@@ -111,6 +112,7 @@ def _hide(vault: Vault, record: dict) -> None:
     for pack, sealed in record["packs"].items():
         if sealed is not None:
             vault.bucket.delete(index_object(pack))
+    record["uploads"] = vault.bucket.unfinished_uploads("packs/")   # before the locks: their pushes are listed
     record["locks"] = [lock.name for lock in locks(vault.bucket) if lock.kind != "gc"]
     vault.bucket.put(CONDEMNED, json.dumps(record).encode())
 
@@ -125,8 +127,8 @@ def _finish(vault: Vault, record: dict, summary: GcSummary) -> None:
     sizes = dict(vault.bucket.names("packs/"))
     indexed = {name[len("index/"):] for name, _size in vault.bucket.names("index/")}
     for pack, sealed in record["packs"].items():
-        if sealed is None and pack in indexed:
-            continue   # its push indexed it after all: the next gc judges it like any other
+        if pack in indexed:
+            continue   # rescued by a run that then stopped, or indexed by its push after all: visible, kept
         entries = vault.index_entries(pack, base64.b64decode(sealed)) if sealed else []
         if any(key in needed for key, _offset, _length in entries):
             vault.bucket.put(index_object(pack), base64.b64decode(sealed))   # a manifest needs it after all
@@ -136,6 +138,8 @@ def _finish(vault: Vault, record: dict, summary: GcSummary) -> None:
             vault.bucket.delete(pack_object(pack))
             summary.deleted_packs += 1
             summary.deleted_bytes += sizes[pack_object(pack)]
+    for name, upload_id in record.get("uploads", []):   # their pushes have ended: nobody completes them now
+        vault.bucket.abort_upload(name, upload_id)
     vault.bucket.delete(CONDEMNED)
 
 

@@ -33,7 +33,7 @@ ProgressFn = Callable[[int, int], None]
 @dataclass
 class PushSummary:
     pushed: list[str] = field(default_factory=list)      # "vm/id" of the points uploaded
-    already: list[str] = field(default_factory=list)     # in the vault before this push
+    already: list[str] = field(default_factory=list)     # in the vault, or older than the VM's newest there
     blobs: int = 0
     pieces: int = 0
     packs: int = 0
@@ -46,9 +46,10 @@ class PushSummary:
 
 
 def push(store: Store, vault: Vault, points: list[RecoveryPoint], progress: ProgressFn | None = None,
-         bytes_per_second: float = 0, pack_bytes: int = PACK_BYTES) -> PushSummary:
-    """Upload the given recovery points (those the vault lacks), oldest first; bytes_per_second limits the
-    upload (0: no limit)."""
+         bytes_per_second: float = 0, pack_bytes: int = PACK_BYTES, named: bool = False) -> PushSummary:
+    """Upload the given recovery points the vault lacks, oldest first: those newer than the VM's newest in
+    the vault (older ones were pruned there, or skipped: the vault keeps its own retention), or, named, each
+    one it lacks. bytes_per_second limits the upload (0: no limit)."""
     if vault.store_id != store.store_id:
         raise RpfsError(f"{vault.config.label} belongs to another store (id {vault.store_id.hex()}, this one"
                         f" {store.store_id.hex()}); a vault takes the points of the store it was made from")
@@ -56,17 +57,19 @@ def push(store: Store, vault: Vault, points: list[RecoveryPoint], progress: Prog
     with VaultLock(vault.bucket, "push") as lock:   # before any index is read (gc.py)
         upload_key_slots(vault.bucket, store.key_lock().slots)   # the slots as they are now (key add/remove)
         vault.index(fresh=True)
-        _push(store, vault, points, lock, summary, progress, bytes_per_second, pack_bytes)
+        _push(store, vault, points, lock, summary, progress, bytes_per_second, pack_bytes, named)
     summary.seconds = time.monotonic() - started
     return summary
 
 
 def _push(store: Store, vault: Vault, points: list[RecoveryPoint], lock: VaultLock, summary: PushSummary,
-          progress: ProgressFn | None, bytes_per_second: float, pack_bytes: int) -> None:
-    held = {(vm, point_id) for vm, point_id in vault.point_names(fresh=True)}
+          progress: ProgressFn | None, bytes_per_second: float, pack_bytes: int, named: bool) -> None:
+    held = vault.point_names(fresh=True)
+    newest = {vm: point_id for vm, point_id in held}   # sorted: each VM's newest comes last
     todo = []
     for point in sorted(points, key=lambda p: (p.id, p.vm)):
-        (summary.already if (point.vm, point.id) in held else todo).append(point)
+        there = (point.vm, point.id) in held or (not named and point.id < newest.get(point.vm, ""))
+        (summary.already if there else todo).append(point)
     summary.already = [f"{p.vm}/{p.id}" for p in summary.already]
     lease = Lease(store.path)   # prune must not delete a point while it goes up
     try:
@@ -143,10 +146,7 @@ def _upload(store: Store, vault: Vault, plan: _Plan, summary: PushSummary, sent:
                 "maps": {disk: {"count": count, "pieces": [p.hex() for p in ids]}
                          for disk, (count, ids) in plan.maps.items()}}
     sealed = vault.keyring.seal_record(json.dumps(manifest).encode(), manifest_associated(point.vm, point.id))
-    if vault.bucket.get(lock.name) is None:   # a gc took this push for dead: what it relies on may be condemned
-        raise RpfsError(f"{vault.config.label}: a vault gc took this push for a dead one (its lock went); nothing of"
-                        f" {point.vm}/{point.id} is visible: run the push again")
-    lock.refresh()
+    lock.refresh()   # raises if a gc took this push for dead: what it relies on may be condemned
     vault.bucket.put(point_object(point.vm, point.id), sealed)
 
 

@@ -20,7 +20,7 @@ from rpfs.errors import RpfsError
 RETRIES = 6                 # attempts per request (boto3's standard mode backs off between them)
 PART_BYTES = 16 << 20       # multipart part size of a streamed upload
 PARTS_IN_FLIGHT = 4         # parts uploaded at once: a push holds about PART_BYTES x (this + 2) in memory
-MISSING = ("NoSuchKey", "404", "NotFound")
+MISSING = ("NoSuchKey", "404", "NotFound", "NoSuchUpload")
 
 
 class Bucket:
@@ -85,6 +85,23 @@ class Bucket:
             for page in pages:
                 for item in page.get("Contents", []):
                     yield item["Key"][len(self.prefix):], item["Size"], item["LastModified"]
+
+    def unfinished_uploads(self, under: str) -> list[tuple[str, str]]:
+        """(name, upload id) of the multipart uploads under `under` that were started and never completed
+        nor aborted (a killed push leaves one: its parts take space but no listing shows them)."""
+        found = []
+        with self._calling(f"list the unfinished uploads under {under}"):
+            for page in self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.name,
+                                                                                      Prefix=self.key(under)):
+                found += [(u["Key"][len(self.prefix):], u["UploadId"]) for u in page.get("Uploads", [])]
+        return found
+
+    def abort_upload(self, name: str, upload_id: str) -> None:
+        try:
+            with self._calling(f"abort the upload of {name}"):
+                self._client.abort_multipart_upload(Bucket=self.name, Key=self.key(name), UploadId=upload_id)
+        except _Missing:
+            pass   # completed or aborted meanwhile
 
     def ensure_bucket(self) -> None:
         """Create the bucket unless it exists (ours already, or anyone's we may write to)."""

@@ -13,6 +13,7 @@ and only blobs the vault lacks go up); a vault only ever holds encrypted data.
 """
 from __future__ import annotations
 
+import base64
 import json
 import struct
 import threading
@@ -28,7 +29,7 @@ from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.store.blob import BlockCodec
 from rpfs.store.block_maps import where
 from rpfs.store.key_slots import KeyChoice, KeyLock, KeySlot
-from rpfs.store.recovery_point import DIGEST_SIZE, RecoveryPoint
+from rpfs.store.recovery_point import DIGEST_SIZE, NAME_RE, RecoveryPoint
 from rpfs.store.store import MapPieces, Store, key_settings
 from rpfs.vault.config import VaultConfig
 from rpfs.vault.s3 import Bucket
@@ -36,6 +37,7 @@ from rpfs.vault.s3 import Bucket
 FORMAT = "rpfs-vault"
 FORMAT_VERSION = 1
 FORMAT_OBJECT = "rpfs-vault.json"
+CONDEMNED = "gc/condemned"           # gc.py
 KEYS_OBJECT = "keys.json"
 SETTINGS = ("encryption", "block_id", "block_size", "zstd_level")   # copied from the store's meta
 ENTRY = struct.Struct("<c32sQI")     # an index entry: kind (b"b" blob, b"p" piece), id, offset, length
@@ -76,6 +78,7 @@ class Vault:
         self.keyring = (keys or KeyChoice()).unlock(lock)
         self.codec = BlockCodec(settings["block_id"], int(settings["zstd_level"]), self.keyring)
         self._index: dict[tuple[bytes, bytes], Location] | None = None
+        self._index_read = 0.0
         self._index_lock = threading.Lock()
         self._manifests: OrderedDict[str, tuple[RecoveryPoint, dict]] = OrderedDict()
         self._pieces = MapPieces()
@@ -113,6 +116,10 @@ class Vault:
     def open(cls, config: VaultConfig, keys: KeyChoice | None = None) -> "Vault":
         bucket = bucket_of(config)
         settings = probe(config, bucket)
+        if config.store_id and (config.store_id, config.key_check) != (settings["store_id"], settings["key_check"]):
+            raise RpfsError(f"{config.label}: bucket {config.bucket} now holds another vault (store id"
+                            f" {settings['store_id']}, it held {config.store_id} when added); refused: someone may"
+                            " have replaced it (rpfs vault remove, then add it again if this is expected)")
         raw = bucket.get(KEYS_OBJECT)
         try:
             slots = [KeySlot.from_json(json.dumps(slot).encode()) for slot in json.loads(raw or b"null")]
@@ -146,8 +153,22 @@ class Vault:
                 with ThreadPoolExecutor(INDEX_READERS) as pool:
                     for pack, entries in zip(names, pool.map(self._read_index, names)):
                         found.update((key, Location(pack, offset, length)) for key, offset, length in entries)
-                self._index = found
+                self._index, self._index_read = found, time.monotonic()
             return self._index
+
+    def _condemned_index(self) -> dict[tuple[bytes, bytes], Location]:
+        """The entries of the packs gc/condemned lists (for reads only: a push must never rely on them)."""
+        raw = self.bucket.get(CONDEMNED)
+        try:
+            packs = json.loads(raw)["packs"] if raw is not None else {}
+        except (ValueError, KeyError, TypeError):
+            return {}
+        found = {}
+        for pack, sealed in packs.items():
+            if sealed:
+                found.update((key, Location(pack, offset, length))
+                             for key, offset, length in self.index_entries(pack, base64.b64decode(sealed)))
+        return found
 
     def _read_index(self, pack: str) -> list[tuple[tuple[bytes, bytes], int, int]]:
         sealed = self.bucket.get(index_object(pack))
@@ -186,8 +207,8 @@ class Vault:
         found = []
         for name, _size in self.bucket.names("points/"):
             parts = name.split("/")
-            if len(parts) == 3:
-                found.append((parts[1], parts[2]))
+            if len(parts) == 3 and NAME_RE.fullmatch(parts[1]) and NAME_RE.fullmatch(parts[2]):
+                found.append((parts[1], parts[2]))   # anything else is no manifest of ours: ignored
         with self._index_lock:
             self._listing = (time.monotonic(), sorted(found))
         return sorted(found)
@@ -305,7 +326,14 @@ class Vault:
         return None if data is None else decode(memoryview(data))
 
     def _fetch(self, kind: bytes, entry_id: bytes) -> bytes | None:
+        """An entry's bytes by a ranged GET; None if no index names it. An entry missing from the index read
+        at open (a long mount) is looked up again in a fresh one, then among the packs a gc condemned (their
+        indexes hidden until the next gc rescues or deletes them: readers may still use them)."""
         where_ = self.index().get((kind, entry_id))
+        if where_ is None and time.monotonic() - self._index_read > LISTING_SECONDS:
+            where_ = self.index(fresh=True).get((kind, entry_id))
+        if where_ is None:
+            where_ = self._condemned_index().get((kind, entry_id))
         if where_ is None:
             return None
         data = self.bucket.get(pack_object(where_.pack), where_.offset, where_.length)
