@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,40 @@ def _add(bucket: dict, store: Path | None = None, name: str = "offsite", **kwarg
                 **kwargs)
 
 
+def _vault_of_one_backup(bucket: dict, tmp_path: Path, seed: int, push: bool = True, **image) -> tuple[Path, Path]:
+    """A store with one backup of VM web (disk os: an image of seed), its vault `offsite`, pushed if push."""
+    store, disk = tmp_path / "store", _image(tmp_path / "os.img", seed, **image)
+    rpfs("init", store=store)
+    rpfs("backup", "web", "--disk", f"os={disk}", store=store)
+    _add(bucket, store)
+    if push:
+        rpfs("vault", "push", "offsite", store=store)
+    return store, disk
+
+
+@contextmanager
+def _pushing(store: Path, *args: str):
+    """`rpfs vault push offsite ARGS` running in the background; killed afterwards whatever happens."""
+    env = {k: v for k, v in os.environ.items() if k != "RPFS_STORE"}
+    process = subprocess.Popen([sys.executable, "-m", "rpfs", "--store", str(store), "vault", "push", "offsite",
+                                *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def _wait_until(ready, process: subprocess.Popen, timeout: float = 60):
+    """Poll ready() until it returns something true (returned); the push must still run meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not (found := ready()):
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, "the push made no progress"
+        time.sleep(0.05)
+    return found
+
+
 def test_push_list_and_restore_from_the_vault_alone(vault_env, tmp_path):
     store, disk = tmp_path / "store", _image(tmp_path / "os.img", 1)
     rpfs("init", store=store)
@@ -167,25 +202,10 @@ def test_disaster_recovery_on_a_new_machine_with_the_key_alone(vault_env, tmp_pa
 
 
 def test_an_interrupted_push_leaves_no_point_and_the_next_one_resumes(vault_env, tmp_path):
-    store, disk = tmp_path / "store", _image(tmp_path / "os.img", 4, size_mib=48)
-    rpfs("init", store=store)
-    rpfs("backup", "web", "--disk", f"os={disk}", store=store)
-    _add(vault_env, store)
-    env = {**os.environ}
-    env.pop("RPFS_STORE", None)
-    pushing = subprocess.Popen([sys.executable, "-m", "rpfs", "--store", str(store), "vault", "push", "offsite",
-                                "--limit-mbps", "8", "--pack-mib", "2"], cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while len(_objects(vault_env, "index/")) < 3:   # three packs whole and indexed
-            assert pushing.poll() is None, pushing.stderr.read()
-            assert time.monotonic() < deadline, "the push made no progress"
-            time.sleep(0.05)
+    store, disk = _vault_of_one_backup(vault_env, tmp_path, 4, push=False, size_mib=48)
+    with _pushing(store, "--limit-mbps", "8", "--pack-mib", "2") as pushing:
+        _wait_until(lambda: len(_objects(vault_env, "index/")) >= 3, pushing)   # three packs whole and indexed
         pushing.send_signal(signal.SIGKILL)
-    finally:
-        pushing.kill()
-        pushing.wait()
     kept = _objects(vault_env, "packs/")
     assert not _objects(vault_env, "points/")   # no half point
     assert json.loads(rpfs("--vault", "offsite", "list", "--json", store=store).stdout)[0]["where"] == "local"
@@ -199,11 +219,7 @@ def test_an_interrupted_push_leaves_no_point_and_the_next_one_resumes(vault_env,
 
 
 def test_a_damaged_pack_reads_as_an_error_never_as_wrong_bytes(vault_env, tmp_path):
-    store, disk = tmp_path / "store", _image(tmp_path / "os.img", 5)
-    rpfs("init", store=store)
-    rpfs("backup", "web", "--disk", f"os={disk}", store=store)
-    _add(vault_env, store)
-    rpfs("vault", "push", "offsite", store=store)
+    store, disk = _vault_of_one_backup(vault_env, tmp_path, 5)
     s3 = _client(vault_env["endpoint"])
     (pack,) = _objects(vault_env, "packs/")
     data = bytearray(s3.get_object(Bucket=vault_env["bucket"], Key=pack)["Body"].read())
@@ -279,11 +295,7 @@ def _gc(vault: str = "offsite") -> dict:
 
 
 def test_gc_removes_what_no_manifest_needs_in_two_runs(vault_env, tmp_path):
-    store, disk = tmp_path / "store", _image(tmp_path / "os.img", 6)
-    rpfs("init", store=store)
-    rpfs("backup", "web", "--disk", f"os={disk}", store=store)
-    _add(vault_env, store)
-    rpfs("vault", "push", "offsite", store=store)
+    store, disk = _vault_of_one_backup(vault_env, tmp_path, 6)
     old_packs = set(_objects(vault_env, "packs/"))
     _change(disk, 7, list(range(0, 24, 2)))   # every stored block changes
     rpfs("backup", "web", "--disk", f"os={disk}", store=store)
@@ -319,26 +331,15 @@ def test_gc_while_a_push_runs_never_removes_what_the_push_needs(vault_env, tmp_p
     _change(disk, 9, [0, 2, 4, 6, 8, 10, 12, 14])
     rpfs("backup", "web", *disks, store=store)   # data unchanged: its piece and blobs are in the old packs
     newest = json.loads(rpfs("list", "--json", store=store).stdout)[-1]["id"]
-    env = {k: v for k, v in os.environ.items() if k != "RPFS_STORE"}
-    pushing = subprocess.Popen([sys.executable, "-m", "rpfs", "--store", str(store), "vault", "push", "offsite",
-                                "web", newest, "--limit-mbps", "1", "--pack-mib", "1", "--json"], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        indexes = len(_objects(vault_env, "index/"))
-        deadline = time.monotonic() + 60
-        while len(_objects(vault_env, "index/")) < indexes + 1:   # the push is under way
-            assert pushing.poll() is None, pushing.stderr.read()
-            assert time.monotonic() < deadline, "the push made no progress"
-            time.sleep(0.05)
+    indexes = len(_objects(vault_env, "index/"))
+    with _pushing(store, "web", newest, "--limit-mbps", "1", "--pack-mib", "1") as pushing:
+        _wait_until(lambda: len(_objects(vault_env, "index/")) > indexes, pushing)   # the push is under way
         condemned = _gc()
         assert condemned["condemned_packs"] >= 3   # the old packs and the push's first, unneeded so far
         waiting = _gc()
         assert waiting["deleted_packs"] == 0 and any("push" in w for w in waiting["waiting_for"])
-        out, err = pushing.communicate(timeout=120)
+        _out, err = pushing.communicate(timeout=120)
         assert pushing.returncode == 0, err
-    finally:
-        pushing.kill()
-        pushing.wait()
     finished = _gc()
     # kept: the 16 unchanged blocks of os, the 6 of data, the old pieces, the push's first pack; deleted: the
     # 8 blocks the new point replaced (one per pack, as --pack-mib 1 made them)
@@ -350,35 +351,17 @@ def test_gc_while_a_push_runs_never_removes_what_the_push_needs(vault_env, tmp_p
 
 
 def test_a_push_a_gc_took_for_dead_writes_no_manifest(vault_env, tmp_path):
-    store, disk = tmp_path / "store", _image(tmp_path / "os.img", 13)
-    rpfs("init", store=store)
-    rpfs("backup", "web", "--disk", f"os={disk}", store=store)
-    _add(vault_env, store)
-    env = {k: v for k, v in os.environ.items() if k != "RPFS_STORE"}
-    pushing = subprocess.Popen([sys.executable, "-m", "rpfs", "--store", str(store), "vault", "push", "offsite",
-                                "--limit-mbps", "2", "--pack-mib", "1"], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not (held := _objects(vault_env, "locks/")):
-            assert pushing.poll() is None and time.monotonic() < deadline, pushing.stderr.read()
-            time.sleep(0.05)
-        (lock,) = held
+    store, disk = _vault_of_one_backup(vault_env, tmp_path, 13, push=False)
+    with _pushing(store, "--limit-mbps", "2", "--pack-mib", "1") as pushing:
+        (lock,) = _wait_until(lambda: _objects(vault_env, "locks/"), pushing)
         _client(vault_env["endpoint"]).put_object(Bucket=vault_env["bucket"], Key="dead/" + lock, Body=b"")
         _out, err = pushing.communicate(timeout=120)
-    finally:
-        pushing.kill()
-        pushing.wait()
     assert pushing.returncode == 1 and "took this push for a dead one" in err and "Traceback" not in err, err
     assert not _objects(vault_env, "points/") and not _objects(vault_env, "locks/")
 
 
 def test_verify_from_the_vault_names_the_damaged_point(vault_env, tmp_path):
-    store, disk = tmp_path / "store", _image(tmp_path / "os.img", 10)
-    rpfs("init", store=store)
-    rpfs("backup", "web", "--disk", f"os={disk}", store=store)
-    _add(vault_env, store)
-    rpfs("vault", "push", "offsite", store=store)
+    store, disk = _vault_of_one_backup(vault_env, tmp_path, 10)
     clean = json.loads(rpfs("--vault", "offsite", "verify", "--json").stdout)
     assert clean["checked_blocks"] == 12 and not clean["damaged"]
     s3 = _client(vault_env["endpoint"])
@@ -419,4 +402,25 @@ def test_a_policy_pushes_each_backup_and_the_vault_keeps_its_own_count(vault_env
     assert sum(1 for j in jobs if j["kind"] == "push" and j["status"] == "succeeded") == 4
     assert any(j["kind"] == "gc" for j in jobs)   # the vault's, started by the vault prune
     rpfs("--vault", "offsite", "restore", "web", ids[2], "--disk", "os", "--to", str(tmp_path / "back.img"))
+    assert (tmp_path / "back.img").read_bytes() == disk.read_bytes()
+
+
+def test_the_gateway_stopped_in_the_middle_of_a_push(vault_env, tmp_path):
+    """One clear line, nothing half-visible; once the gateway is back the push resumes and finishes."""
+    store, disk = _vault_of_one_backup(vault_env, tmp_path, 14, push=False)
+    tool = REPO / "tools" / "ceph"
+    try:
+        with _pushing(store, "--limit-mbps", "2", "--pack-mib", "1") as pushing:
+            _wait_until(lambda: len(_objects(vault_env, "index/")) >= 2, pushing)
+            subprocess.run([tool, "stop"], check=True, capture_output=True, timeout=120)
+            _out, err = pushing.communicate(timeout=180)
+    finally:
+        subprocess.run([tool, "start"], capture_output=True, timeout=300)
+    lines = err.strip().splitlines()
+    assert pushing.returncode == 1 and len(lines) == 1 and lines[0].startswith("rpfs: vault offsite"), err
+    assert "127.0.0.1:7480" in err and "Traceback" not in err
+    assert not _objects(vault_env, "points/")
+    resumed = json.loads(rpfs("vault", "push", "offsite", "--json", store=store).stdout)
+    assert len(resumed["pushed"]) == 1 and resumed["blobs"] < 12
+    rpfs("--vault", "offsite", "restore", "web", "--disk", "os", "--to", str(tmp_path / "back.img"))
     assert (tmp_path / "back.img").read_bytes() == disk.read_bytes()
