@@ -151,7 +151,7 @@ def _restore_blocks(reader: ImageReader, fd: int, path: Path, progress: Progress
                     workers: int | None, holes: Callable[[int, int, int], None] | None) -> int:
     """Decode blocks on worker threads, write them in order to fd and sync; returns the data bytes written.
     Writeback is started every WRITEBACK_BYTES, so the disk writes while blocks decode."""
-    workers = workers or (os.cpu_count() or 2)
+    workers = workers or reader.store.parallel_reads or (os.cpu_count() or 2)
     bs, size = reader.block_size, reader.size
     written = synced_to = 0
 

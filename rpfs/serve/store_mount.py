@@ -22,8 +22,6 @@ from rpfs.store.key_slots import KeyChoice
 from rpfs.store.store import Store
 from rpfs.vault.config import VaultConfig
 
-VAULT_READ_THREADS = 8   # ranged GETs wait on the network, not the CPU: more of them in flight
-
 
 def store_filesystem(store_path: Path, cache_bytes: int, allow_group: str | None = None,
                      master_key: bytes | None = None) -> Filesystem:
@@ -51,7 +49,7 @@ def vault_filesystem(config: VaultConfig, cache_bytes: int, allow_group: str | N
     from rpfs.vault.vault import Vault   # boto3: imported only by a vault's mount
     group = group_id(allow_group) if allow_group else None
     vault = Vault.open(config, KeyChoice(master=master_key))
-    ops = RecoveryPointFS(vault, BlockCache(cache_bytes), read_threads=VAULT_READ_THREADS, group=group)
+    ops = RecoveryPointFS(vault, BlockCache(cache_bytes), read_threads=vault.parallel_reads, group=group)
     options = {"ro"} | ({"allow_other", "default_permissions"} if group is not None else set())
     return Filesystem(ops, options, vault.close, start_tasks=ops.start_read_ahead)
 

@@ -88,6 +88,8 @@ def _is_disk_full(e: lmdb.Error) -> bool:
 class Store:
     """A handle on one store directory. Thread-safe: any thread may read; one writer (see writer_lock)."""
 
+    parallel_reads: int | None = None   # blocks a restore reads at once (None: one per core; a vault: more)
+
     def __init__(self, path: Path, env: lmdb.Environment, readonly: bool, keys: KeyChoice | None = None,
                  unlock: bool = True):
         self.path = path

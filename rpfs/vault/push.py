@@ -11,7 +11,9 @@ from __future__ import annotations
 import io
 import json
 import secrets
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -24,6 +26,7 @@ from rpfs.vault.locks import VaultLock
 from rpfs.vault.vault import BLOB, PIECE, Vault, index_object, manifest_associated, pack_object, point_object, \
     upload_key_slots
 
+PACKS_IN_FLIGHT = 2     # a pack's last parts go up while the next one is read: memory about twice s3.py's
 PACK_BYTES = 128 << 20   # a pack's size: a vault of a few TB is tens of thousands of objects, not millions
 READ_BUFFER = 1 << 20
 
@@ -125,22 +128,30 @@ def _plan(store: Store, vault: Vault, point: RecoveryPoint) -> _Plan:
 
 def _upload(store: Store, vault: Vault, plan: _Plan, summary: PushSummary, sent: Callable[[int], None],
             pack_bytes: int, lock: VaultLock) -> None:
-    """The plan's blobs and pieces in packs (each indexed once whole), then the manifest."""
+    """The plan's blobs and pieces in packs (each indexed once whole), then the manifest. The next pack
+    starts as soon as the one before has been read whole, while its last parts still go up: waiting for
+    each pack to finish made 32 MiB packs half as fast as one big one."""
     entries = _entries(store, plan, sent)
-    while True:
-        first = next(entries, None)
-        if first is None:
-            break
-        pack = secrets.token_hex(16)
-        stream = _PackStream(first, entries, pack_bytes)
+
+    def send(pack: str, stream: _PackStream) -> _PackStream:
         vault.bucket.put_stream(pack_object(pack), io.BufferedReader(stream, READ_BUFFER))
         vault.bucket.put(index_object(pack), vault.seal_index(pack, stream.index))
         vault.remember(pack, stream.index)
-        lock.refresh()
-        summary.packs += 1
-        summary.uploaded_bytes += stream.size
-        summary.blobs += sum(1 for kind, *_ in stream.index if kind == BLOB)
-        summary.pieces += sum(1 for kind, *_ in stream.index if kind == PIECE)
+        return stream
+
+    with ThreadPoolExecutor(PACKS_IN_FLIGHT, thread_name_prefix="rpfs-pack") as pool:
+        sending: list[Future] = []
+        while (first := next(entries, None)) is not None:
+            stream = _PackStream(first, entries, pack_bytes)
+            sending.append(pool.submit(send, secrets.token_hex(16), stream))
+            while not stream.read_whole.wait(0.05):   # the entries are read by one pack at a time
+                if sending[-1].done():
+                    sending[-1].result()   # its upload failed before reading it all: raises
+            while len(sending) >= PACKS_IN_FLIGHT:
+                _count(sending.pop(0).result(), summary)
+            lock.refresh()
+        for future in sending:
+            _count(future.result(), summary)
     point = plan.point
     manifest = {"point": point.to_json().decode(),
                 "maps": {disk: {"count": count, "pieces": [p.hex() for p in ids]}
@@ -148,6 +159,13 @@ def _upload(store: Store, vault: Vault, plan: _Plan, summary: PushSummary, sent:
     sealed = vault.keyring.seal_record(json.dumps(manifest).encode(), manifest_associated(point.vm, point.id))
     lock.refresh()   # raises if a gc took this push for dead: what it relies on may be condemned
     vault.bucket.put(point_object(point.vm, point.id), sealed)
+
+
+def _count(stream: "_PackStream", summary: PushSummary) -> None:
+    summary.packs += 1
+    summary.uploaded_bytes += stream.size
+    summary.blobs += sum(1 for kind, *_ in stream.index if kind == BLOB)
+    summary.pieces += sum(1 for kind, *_ in stream.index if kind == PIECE)
 
 
 def _entries(store: Store, plan: _Plan, sent: Callable[[int], None]) -> Iterator[tuple[bytes, bytes, bytes]]:
@@ -175,6 +193,7 @@ class _PackStream(io.RawIOBase):
         self._buffer = memoryview(b"")
         self.index: list[tuple[bytes, bytes, int, int]] = []
         self.size = 0
+        self.read_whole = threading.Event()   # set at its end: the next pack may take the entries
 
     def readable(self) -> bool:
         return True
@@ -182,9 +201,11 @@ class _PackStream(io.RawIOBase):
     def readinto(self, out) -> int:
         while not self._buffer:
             if self.size >= self._limit:
+                self.read_whole.set()
                 return 0
             entry, self._first = (self._first, None) if self._first is not None else (next(self._rest, None), None)
             if entry is None:
+                self.read_whole.set()
                 return 0
             kind, entry_id, data = entry
             self.index.append((kind, entry_id, self.size, len(data)))

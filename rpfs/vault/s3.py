@@ -18,8 +18,8 @@ from boto3.s3.transfer import TransferConfig
 from rpfs.errors import RpfsError
 
 RETRIES = 6                 # attempts per request (boto3's standard mode backs off between them)
-PART_BYTES = 16 << 20       # multipart part size of a streamed upload
-PARTS_IN_FLIGHT = 4         # parts uploaded at once: a push holds about PART_BYTES x (this + 2) in memory
+PART_BYTES = 8 << 20        # multipart part size of a streamed upload
+PARTS_IN_FLIGHT = 6         # parts of one object uploaded at once: about PART_BYTES x (this + 1) in memory
 MISSING = ("NoSuchKey", "404", "NotFound", "NoSuchUpload")
 
 
@@ -41,7 +41,7 @@ class Bucket:
         self._transfer = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES,
                                         max_concurrency=PARTS_IN_FLIGHT, max_io_queue=PARTS_IN_FLIGHT,
                                         use_threads=True)
-        self._transfer.max_in_memory_upload_chunks = PARTS_IN_FLIGHT + 2   # s3transfer's knob; boto3 hides it
+        self._transfer.max_in_memory_upload_chunks = PARTS_IN_FLIGHT + 1   # s3transfer's knob; boto3 hides it
 
     def key(self, name: str) -> str:
         return self.prefix + name

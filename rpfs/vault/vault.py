@@ -69,6 +69,8 @@ def point_object(vm: str, point_id: str) -> str:
 class Vault:
     """An opened vault. Reads are thread-safe; one push at a time writes (push.py)."""
 
+    parallel_reads = 16   # ranged GETs wait on the network, not the CPU: a restore or mount keeps this many going
+
     def __init__(self, config: VaultConfig, bucket: Bucket, settings: dict, lock: KeyLock, keys: KeyChoice | None):
         self.config, self.bucket, self.settings = config, bucket, settings
         self.path = Path(config.label)   # what messages call it (as a store's path)
