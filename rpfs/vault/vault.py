@@ -234,9 +234,6 @@ class Vault:
         with ThreadPoolExecutor(INDEX_READERS) as pool:
             return [point for point in pool.map(lambda name: self._manifest(*name)[0], names) if point is not None]
 
-    def has_point(self, vm: str, point_id: str) -> bool:
-        return self.bucket.get(point_object(vm, point_id)) is not None
-
     def point(self, vm: str, point_id: str | None = None) -> RecoveryPoint:
         """One recovery point by id, or the VM's latest (None or 'latest'), as Store.point."""
         ids = self.point_ids(vm)
