@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-FROM_VAULT = ("list", "restore", "mount", "verify")   # the commands --vault serves so far
+FROM_VAULT = ("list", "restore", "instant-restore", "mount", "attach", "verify")   # the commands --vault serves so far
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -288,6 +288,40 @@ def test_mount_and_attach_from_the_vault_alone(vault_env, area):
     finally:
         if is_mounted(mountpoint) and rpfs("umount", str(mountpoint), check=False).returncode != 0:
             force_unmount(mountpoint)
+    attached = json.loads(rpfs("--vault", "offsite", "attach", "web", str(dest), "--json").stdout)   # the whole VM
+    try:
+        assert [d["disk"] for d in attached["disks"]] == ["os"]
+        assert (dest / "os" / "disk" / "srv" / "index.html").stat().st_size == 3 << 20
+    finally:
+        rpfs("detach", str(dest))
+
+
+def test_instant_restore_from_the_vault_alone_keeps_its_point_until_copied(vault_env, area):
+    """A writable image at once with no local store; written while it copies; the point pruned meanwhile and
+    gc run twice: its hold keeps every pack; once whole, the hold goes and gc frees the packs."""
+    store, disk = _vault_of_one_backup(vault_env, area, 15)
+    (store / "data.mdb").unlink()
+    expected, written = bytearray(disk.read_bytes()), b"written while it copies"
+    expected[5 << 20:(5 << 20) + len(written)] = written
+    target = area / "back.img"
+    job = json.loads(rpfs("--vault", "offsite", "instant-restore", "web", "--disk", "os", "--to", str(target),
+                          "--copy-mbps", "2", "--json").stdout)
+    try:
+        assert job["vault"] == "offsite" and len(_objects(vault_env, "holds/")) == 1
+        with open(job["image"], "r+b") as image:
+            image.seek(5 << 20)
+            image.write(written)
+            image.flush()
+            os.fsync(image.fileno())
+        [point] = _objects(vault_env, "points/")
+        _client(vault_env["endpoint"]).delete_object(Bucket=vault_env["bucket"], Key=point)   # as a prune does
+        assert _gc()["condemned_packs"] == 0 and _gc()["deleted_packs"] == 0
+        done = json.loads(rpfs("instant-wait", str(target), "--json").stdout)
+        assert done["state"] == "complete" and target.read_bytes() == bytes(expected)
+        assert not _objects(vault_env, "holds/")   # released once whole
+    finally:
+        rpfs("instant-stop", str(target), check=False)
+    assert _gc()["condemned_packs"] == 1 and _gc()["deleted_packs"] == 1
 
 
 def _gc(vault: str = "offsite") -> dict:

@@ -42,6 +42,14 @@ def open_store(args, readonly: bool = False, unlock: bool = True) -> Store:
     return store
 
 
+def open_source(args):
+    """The vault of --vault, else the store, opened to read (and unlocked)."""
+    if args.vault:
+        from rpfs.commands.vaults import open_vault
+        return open_vault(args)
+    return open_store(args, readonly=True)
+
+
 @contextmanager
 def store_and_job(args, kind: str, vm: str | None) -> Iterator[tuple]:
     """The store, with the command recorded as a job in it; or with --vault the vault (rpfs.vault), the job

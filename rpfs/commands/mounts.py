@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from rpfs.commands import key_choice, open_store, print_json
+from rpfs.commands import key_choice, open_source, print_json
 from rpfs.commands.progress import human_bytes
 
 
@@ -16,7 +16,7 @@ def cmd_mount(args) -> int:
         ready_fd = args.ready_fd
         master_key = key_choice(args).master   # handed down by `rpfs mount` (a daemon asks no passphrase)
         if master_key is None:   # rpfs mount --foreground, run by hand: unlocked here, once
-            with _open_source(args) as store:
+            with open_source(args) as store:
                 master_key = store.master_key
         if args.vault:
             from rpfs.vault.config import vault_config
@@ -28,7 +28,7 @@ def cmd_mount(args) -> int:
         daemon.serve(filesystem, mountpoint, ready_fd=ready_fd, debug=args.debug,
                      log_file=Path(args.log_file) if args.log_file else None)
         return 0
-    with _open_source(args) as store:   # fails here, in one line, when it cannot be opened
+    with open_source(args) as store:   # fails here, in one line, when it cannot be opened
         pid = store_mount.start_store_daemon(store, Path(args.mountpoint), cache_bytes, args.allow_group)
     if args.json:
         print_json({"mountpoint": str(Path(args.mountpoint).resolve()), "pid": pid, "allow_group": args.allow_group})
@@ -38,14 +38,6 @@ def cmd_mount(args) -> int:
         print(f"mounted {source} at {args.mountpoint} (daemon pid {pid}; readable by {readers});"
               f" unmount with: rpfs umount {args.mountpoint}")
     return 0
-
-
-def _open_source(args):
-    """The vault of --vault, else the store, opened to read (and unlocked)."""
-    if args.vault:
-        from rpfs.commands.vaults import open_vault
-        return open_vault(args)
-    return open_store(args, readonly=True)
 
 
 def cmd_umount(args) -> int:
@@ -62,12 +54,12 @@ def cmd_attach(args) -> int:
     """An image file or device, or VM[/ID] of the store (every disk of that recovery point)."""
     from rpfs.attach import filesystems as attach_mod
     source = Path(args.source)
-    if source.exists() or not args.store:
+    if source.exists() or not (args.store or args.vault):
         found = {"": attach_mod.attach(source, Path(args.dest))}
     else:
         from rpfs.attach.vm import attach_point
         vm, _, point_id = args.source.partition("/")
-        with open_store(args, readonly=True) as store:
+        with open_source(args) as store:
             point = store.point(vm, point_id or None)
             found = attach_point(store, point, Path(args.dest))
     if args.json:

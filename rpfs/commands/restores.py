@@ -5,7 +5,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from rpfs.commands import key_choice, open_store, print_json, store_and_job
+from rpfs.commands import key_choice, open_source, open_store, print_json, store_and_job
 from rpfs.commands.progress import ProgressBar, human_bytes
 from rpfs.errors import RpfsError
 
@@ -57,7 +57,7 @@ def cmd_overlay(args) -> int:
 
 def cmd_instant_restore(args) -> int:
     from rpfs.restore import instant
-    with open_store(args, readonly=True) as store:
+    with open_source(args) as store:
         point = store.point(args.vm, args.recovery_point)
         job = instant.start(store, point, args.disk, Path(args.to), args.copy_mbps)
     if not args.json:

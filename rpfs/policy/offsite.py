@@ -51,10 +51,15 @@ def prune_vault(vault, retentions: dict[str, Retention], vm: str | None = None,
         raise RpfsError(f"VM {vm!r} has no vault retention in its policy, so the vault keeps all its points"
                         " (rpfs policy update NAME --vault-keep-daily N ...)")
     results = []
+    held = {(hold.vm, hold.point_id): hold.target for hold in vault.holds()}
     for name in [vm] if vm else sorted(retentions):
         points = vault.points(name)
-        kept_ids, reasons = select_kept([(p.id, datetime.fromisoformat(p.time), p.pinned) for p in points],
-                                        retentions[name])
+        kept_ids, reasons = select_kept([(p.id, datetime.fromisoformat(p.time), p.pinned or (name, p.id) in held)
+                                         for p in points], retentions[name])
+        for point in points:
+            if (name, point.id) in held and not point.pinned:
+                reasons[point.id] = reasons[point.id].replace("pinned", f"held by an instant restore into"
+                                                                          f" {held[(name, point.id)]}")
         result = VaultPrune(vault=vault.config.name, vm=name, kept=reasons,
                             pruned=[p.id for p in points if p.id not in kept_ids])
         if not dry_run:

@@ -16,8 +16,6 @@ import os
 import stat
 import struct
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,7 +26,7 @@ from rpfs.host.disk_use import in_use
 from rpfs.host.libc import start_writeback
 from rpfs.host.tools import run_tool_raw
 from rpfs.restore.partial import PartialFile, check_free, refuse_link
-from rpfs.serve.image import BlockCache, ImageReader
+from rpfs.serve.image import BlockCache, ImageReader, loaded_in_order
 from rpfs.store.leases import Lease
 from rpfs.store.recovery_point import HOLE, RecoveryPoint
 from rpfs.store.store import Store
@@ -155,29 +153,15 @@ def _restore_blocks(reader: ImageReader, fd: int, path: Path, progress: Progress
     bs, size = reader.block_size, reader.size
     written = synced_to = 0
 
-    def write_next() -> None:
-        nonlocal written, synced_to
-        index, fut = window.popleft()
-        written += _write_block(fd, bs, size, index, fut, holes)
-        end = min((index + 1) * bs, size)
-        if end - synced_to >= WRITEBACK_BYTES:
-            start_writeback(fd, synced_to, end - synced_to)
-            synced_to = end
     try:
-        window: deque = deque()
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpfs-restore") as pool:
-            try:
-                for index in range(reader.block_count):
-                    window.append((index, pool.submit(reader.load, index)))
-                    if len(window) >= 4 * workers:
-                        write_next()
-                        if progress:
-                            progress(min((index + 1 - len(window)) * bs, size), size)
-                while window:
-                    write_next()
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+        for index, data in loaded_in_order(reader, range(reader.block_count), workers):
+            written += _write_block(fd, bs, size, index, data, holes)
+            end = min((index + 1) * bs, size)
+            if end - synced_to >= WRITEBACK_BYTES:
+                start_writeback(fd, synced_to, end - synced_to)
+                synced_to = end
+            if progress:
+                progress(end, size)
         os.fsync(fd)
         if progress:
             progress(size, size)
@@ -186,8 +170,7 @@ def _restore_blocks(reader: ImageReader, fd: int, path: Path, progress: Progress
     return written
 
 
-def _write_block(fd: int, bs: int, size: int, index: int, fut, holes) -> int:
-    data = fut.result()
+def _write_block(fd: int, bs: int, size: int, index: int, data: bytes, holes) -> int:
     offset = index * bs
     if data is HOLE:
         if holes is not None:

@@ -4,6 +4,8 @@ The daemon mounts a one-file FUSE filesystem in the run dir (run_dir.instant_fil
 writable image (writable_image.WritableImage); a background thread copies the missing blocks into the target.
 A registry file beside the mountpoint lets `rpfs jobs` list instant restores, and their progress is
 read from the target's state file, so it shows even when no daemon runs.
+The source is a store (a hold file in its leases keeps the point from prune) or a vault (a hold object
+in the vault keeps the point from prune and its blocks from gc: vault/vault.py).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from rpfs.errors import RpfsError
 from rpfs.host.mountinfo import fstype_at
@@ -29,12 +32,13 @@ from rpfs.serve import daemon
 from rpfs.serve.image import BlockCache
 from rpfs.serve.writable_tree import WritableImageFS
 from rpfs.store.isolated import IsolatedStore
+from rpfs.store.key_slots import KeyChoice
 from rpfs.store.leases import LEASE_DIR, Lease, hold, release_hold
 from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.store import Store
 
 CACHE_BYTES = 64 << 20
-REGISTERED = ("target", "image", "mountpoint", "vm", "point_id", "disk", "blocks", "store")
+REGISTERED = ("target", "image", "mountpoint", "vm", "point_id", "disk", "blocks", "store", "vault")
 
 
 @dataclass
@@ -46,6 +50,7 @@ class InstantJob:
     point_id: str
     disk: str
     store: str = ""
+    vault: str = ""            # the vault's name when the copy comes from a vault (store is "" then)
     state: str = ""            # copying | stopped | complete | discarded
     copied_blocks: int = 0
     blocks: int = 0
@@ -56,34 +61,69 @@ def instant_filesystem(target: Path, copy_bytes_per_second: float = 0,
                        master_key: bytes | None = None) -> daemon.Filesystem:
     """What the daemon serves: the writable image, with the copy running beside it."""
     source = read_source(target)
-    store = IsolatedStore.open(source.store, master_key)   # a damaged LMDB page crashes a reader, not the daemon
-    image = lease = None
-    try:
-        hold_name = run_dir.instant_files(target)[0].stem
-        image = WritableImage(target, store, BlockCache(CACHE_BYTES),   # once whole, prune may have the point
-                              on_complete=lambda: release_hold(store.path, hold_name))
-        lease = Lease(store.path)   # prune must not delete the recovery point while it is copied
-        lease.take(store, source.vm, source.point_id)
+    hold_name = run_dir.instant_files(target)[0].stem
+    store, release, close_source = _open_source(source, hold_name, master_key)
+    try:   # once whole, prune may have the point: on_complete releases the hold
+        image = WritableImage(target, store, BlockCache(CACHE_BYTES), on_complete=release)
     except BaseException:
-        for opened in (lease, image, store):
-            if opened is not None:
-                opened.close()
+        close_source()
         raise
 
     def close() -> None:
         image.close()
-        lease.close()
-        store.close()
+        close_source()
     return daemon.Filesystem(WritableImageFS(image, f"{source.disk}.img"), set(), close,
                              lambda stop: image.hydrate(stop, copy_bytes_per_second))
 
 
-def start(store: Store, point: RecoveryPoint, disk_name: str, target: Path, copy_mbps: float = 0) -> InstantJob:
-    """Create the target (or resume an unfinished one) and start its daemon; returns once it serves."""
+def _open_source(source: InstantSource, hold_name: str, master_key: bytes | None
+                 ) -> tuple[object, Callable[[], None], Callable[[], None]]:
+    """(the store or vault to read, what releases the hold, what closes it) for the daemon."""
+    if source.vault:
+        from rpfs.vault.config import vault_config
+        from rpfs.vault.vault import Vault
+        vault = Vault.open(vault_config(source.vault), KeyChoice(master=master_key))
+        vault.adopt_hold(hold_name)   # the point as held: prune may have deleted its manifest meanwhile
+        return vault, lambda: vault.release_hold(hold_name), vault.close
+    store = IsolatedStore.open(source.store, master_key)   # a damaged LMDB page crashes a reader, not the daemon
+    try:
+        lease = Lease(store.path)   # prune must not delete the recovery point while it is copied
+        lease.take(store, source.vm, source.point_id)
+    except BaseException:
+        store.close()
+        raise
+
+    def close() -> None:
+        lease.close()
+        store.close()
+    return store, lambda: release_hold(store.path, hold_name), close
+
+
+def _take_hold(store, name: str, point: RecoveryPoint, target: Path) -> bool:
+    """Keep the point until the copy is done: in the store (leases) or in the vault. True if new."""
+    if isinstance(store, Store):
+        return hold(store, name, point.vm, point.id, target)
+    store.hold(name, point.vm, point.id, str(target))
+    return True
+
+
+def _release_hold(store_path: str, vault: str, name: str) -> None:
+    if vault:
+        from rpfs.vault.vault import release_hold as release_vault_hold
+        release_vault_hold(vault, name)
+    elif store_path:
+        release_hold(Path(store_path), name)
+
+
+def start(store, point: RecoveryPoint, disk_name: str, target: Path, copy_mbps: float = 0) -> InstantJob:
+    """Create the target (or resume an unfinished one) and start its daemon; returns once it serves.
+    store: a Store, or a Vault (rpfs.vault) to restore from the vault."""
     target = Path(os.path.abspath(target))
     disk = point.disk(disk_name)
-    source = InstantSource(store=str(store.path.resolve()), vm=point.vm, point_id=point.id, disk=disk.name,
-                           size=disk.size, block_size=disk.block_size)
+    in_store = isinstance(store, Store)
+    source = InstantSource(store=str(store.path.resolve()) if in_store else "", vm=point.vm, point_id=point.id,
+                           disk=disk.name, size=disk.size, block_size=disk.block_size,
+                           vault="" if in_store else store.config.name)
     registry, mountpoint = run_dir.instant_files(target)
     settle(target)
     existing = unfinished_source(target)   # read once: the copy may complete (and the state file go) meanwhile
@@ -93,12 +133,12 @@ def start(store: Store, point: RecoveryPoint, disk_name: str, target: Path, copy
                 (earlier.vm, earlier.point_id, earlier.disk) == (point.vm, point.id, disk.name):
             return _with_progress(earlier)   # the same command again, after the copy finished: it is done
         # prune keeps the point until the copy is done
-        new_hold = hold(store, registry.stem, point.vm, point.id, target)
+        new_hold = _take_hold(store, registry.stem, point, target)
         try:
             create(target, source)
         except BaseException:
             if new_hold:
-                release_hold(store.path, registry.stem)
+                _release_hold(source.store, source.vault, registry.stem)
             raise
     elif (existing.vm, existing.point_id, existing.disk) != (source.vm, source.point_id, source.disk):
         raise RpfsError(f"{target} is an unfinished instant restore of {existing.vm}/{existing.point_id}/"
@@ -106,7 +146,8 @@ def start(store: Store, point: RecoveryPoint, disk_name: str, target: Path, copy
     # Resuming keeps the hold its first run took; none is taken anew: a missing hold means the copy
     # has just completed (the hold goes first), and a new one would then outlive it.
     job = InstantJob(target=str(target), image=str(mountpoint / f"{disk.name}.img"), mountpoint=str(mountpoint),
-                     vm=point.vm, point_id=point.id, disk=disk.name, blocks=source.blocks, store=source.store)
+                     vm=point.vm, point_id=point.id, disk=disk.name, blocks=source.blocks, store=source.store,
+                     vault=source.vault)
     if daemon.daemon_pid(Path(job.mountpoint)) is not None:
         return _with_progress(job)   # already served (the same command run again): nothing more to start
     if fstype_at(str(mountpoint)) is not None:
@@ -199,8 +240,7 @@ def stop(target: Path) -> InstantJob:
     job = _with_progress(job)
     if job.state in ("complete", "discarded"):
         registry, mountpoint = run_dir.instant_files(Path(job.target))
-        if job.store:
-            release_hold(Path(job.store), registry.stem)
+        _release_hold(job.store, job.vault, registry.stem)
         registry.unlink(missing_ok=True)
         try:
             mountpoint.rmdir()
@@ -248,6 +288,10 @@ def discard(target: Path, store_path: Path | None = None, wait_seconds: float = 
         if path.exists():
             release_hold(path.parent.parent, registry.stem)
             removed.append(str(path))
+    vault = source.vault if source else job.vault if job else ""
+    if vault:
+        _release_hold("", vault, registry.stem)
+        removed.append(f"its hold in vault {vault}")
     try:
         mountpoint.rmdir()
     except FileNotFoundError:

@@ -31,7 +31,7 @@ from typing import Callable
 from rpfs.errors import RpfsError
 from rpfs.host.files import fsync_folder, write_whole
 from rpfs.restore.partial import PartialFile, open_existing, state_path
-from rpfs.serve.image import BlockCache, ImageReader
+from rpfs.serve.image import BlockCache, ImageReader, loaded_in_order
 from rpfs.store.recovery_point import HOLE
 from rpfs.store.store import Store
 
@@ -48,6 +48,7 @@ class InstantSource:
     disk: str
     size: int
     block_size: int
+    vault: str = ""   # the vault's name when the copy comes from a vault (store is "" then)
 
     @property
     def blocks(self) -> int:
@@ -67,7 +68,7 @@ def read_source(target: Path) -> InstantSource:
     finally:
         os.close(fd)
     fields_ok = source is not None and all(isinstance(getattr(source, k), str)
-                                           for k in ("store", "vm", "point_id", "disk"))
+                                           for k in ("store", "vm", "point_id", "disk", "vault"))
     if not fields_ok or not all(type(v) is int and v > 0 for v in (source.size, source.block_size)):
         raise RpfsError(f"{state_path(target)} is damaged; it is not an rpfs instant-restore state file")
     return source
@@ -235,14 +236,13 @@ class WritableImage:
         pending: list[int] = []
         pending_bytes = copied = 0
         started = time.monotonic()
-        for index in range(self.source.blocks):
+        missing = (index for index in range(self.source.blocks) if not self.present(index))
+        workers = getattr(self.reader.store, "parallel_reads", None) or 1   # a vault: many GETs at once
+        for index, block in loaded_in_order(self.reader, missing, workers):   # decoded outside the lock
             if bytes_per_second and stop.wait(max(0.0, copied / bytes_per_second - (time.monotonic() - started))):
                 break
             if stop.is_set():
                 break
-            if self.present(index):
-                continue
-            block = self.reader.load(index)       # decode outside the lock: user writes go on
             with self._lock:
                 if self.present(index):
                     continue

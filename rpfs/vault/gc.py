@@ -66,10 +66,15 @@ def pending(vault: Vault) -> bool:
 
 
 def _needed(vault: Vault) -> set[tuple[bytes, bytes]]:
-    """Every (kind, id) a manifest listed now needs: its pieces and the blobs they name."""
+    """Every (kind, id) a manifest listed now needs, or a hold's copy of one (an instant restore copying a
+    point prune may have deleted): their pieces and the blobs they name. Manifests are listed before holds:
+    a hold is written, then its manifest checked to be there (Vault.hold), so a point whose manifest this
+    listing missed (deleted before it) had its hold written before the holds are listed."""
     needed: set[tuple[bytes, bytes]] = set()
-    for vm, point_id in vault.point_names(fresh=True):
-        for _count, piece_ids in vault.manifest_maps(vm, point_id).values():
+    maps = [(vm, point_id, vault.manifest_maps(vm, point_id)) for vm, point_id in vault.point_names(fresh=True)]
+    maps += [(hold.vm, hold.point_id, vault.held_maps(hold)) for hold in vault.holds()]
+    for vm, point_id, disks in maps:
+        for _count, piece_ids in disks.values():
             for piece_id in piece_ids:
                 if (PIECE, piece_id) in needed:
                     continue

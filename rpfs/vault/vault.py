@@ -8,6 +8,8 @@ Objects (names under the vault's prefix; README, The vault):
                       pack, so a pack without an index is an interrupted upload (never read, gc removes it)
   points/<vm>/<id>    a recovery point's manifest (sealed): its record and, per disk, its block map's piece
                       ids; written after every pack it needs is indexed: a point exists only whole
+  holds/<name>        an instant restore from the vault in progress: its point and a copy of its sealed
+                      manifest, so that prune skips the point and gc keeps what it needs even if it goes
 A vault is bound to the store it was made from (same master key and block ids: blobs go up as they are,
 and only blobs the vault lacks go up); a vault only ever holds encrypted data.
 """
@@ -31,7 +33,8 @@ from rpfs.store.block_maps import where
 from rpfs.store.key_slots import KeyChoice, KeyLock, KeySlot
 from rpfs.store.recovery_point import DIGEST_SIZE, NAME_RE, RecoveryPoint
 from rpfs.store.store import MapPieces, Store, key_settings
-from rpfs.vault.config import VaultConfig
+from rpfs.vault.config import VaultConfig, vault_config
+from rpfs.vault.locks import machine_id
 from rpfs.vault.s3 import Bucket
 
 FORMAT = "rpfs-vault"
@@ -66,6 +69,21 @@ def point_object(vm: str, point_id: str) -> str:
     return f"points/{vm}/{point_id}"
 
 
+def hold_object(name: str) -> str:
+    """A hold of this machine (two machines may restore into the same path: their holds differ)."""
+    return f"holds/{machine_id().split('-')[0][:16]}-{name}"
+
+
+@dataclass(frozen=True)
+class Hold:
+    """An unfinished instant restore's claim on a recovery point of the vault."""
+    name: str
+    vm: str
+    point_id: str
+    target: str
+    manifest: bytes   # the point's sealed manifest, as it was when the hold was taken
+
+
 class Vault:
     """An opened vault. Reads are thread-safe; one push at a time writes (push.py)."""
 
@@ -83,6 +101,7 @@ class Vault:
         self._index_read = 0.0
         self._index_lock = threading.Lock()
         self._manifests: OrderedDict[str, tuple[RecoveryPoint, dict]] = OrderedDict()
+        self._held: dict[str, tuple[RecoveryPoint, dict]] = {}   # manifests adopted from holds: never evicted
         self._pieces = MapPieces()
         self.created = False   # by Vault.create, in this call
         self._listing: tuple[float, list[tuple[str, str]]] = (-LISTING_SECONDS, [])
@@ -236,6 +255,9 @@ class Vault:
 
     def point(self, vm: str, point_id: str | None = None) -> RecoveryPoint:
         """One recovery point by id, or the VM's latest (None or 'latest'), as Store.point."""
+        held = self._held.get(point_object(vm, point_id or ""))
+        if held is not None:
+            return held[0]
         ids = self.point_ids(vm)
         wanted = (ids[-1] if ids else None) if point_id in (None, "latest") else point_id
         if wanted in ids:
@@ -259,12 +281,18 @@ class Vault:
     def _manifest(self, vm: str, point_id: str) -> tuple[RecoveryPoint | None, dict]:
         """A manifest's recovery point and block map indexes (disk -> (count, piece ids)), kept once read."""
         name = point_object(vm, point_id)
-        found = self._manifests.get(name)
+        found = self._manifests.get(name) or self._held.get(name)
         if found is not None:
             return found
         sealed = self.bucket.get(name)
         if sealed is None:
             return None, {}
+        self._manifests[name] = found = self._open_manifest(vm, point_id, sealed)
+        while len(self._manifests) > 256:
+            self._manifests.popitem(last=False)
+        return found
+
+    def _open_manifest(self, vm: str, point_id: str, sealed: bytes) -> tuple[RecoveryPoint, dict]:
         data = self._unseal(manifest_associated(vm, point_id), sealed, f"the manifest of {vm}/{point_id}")
         try:
             manifest = json.loads(data)
@@ -273,10 +301,53 @@ class Vault:
                     for disk, entry in manifest["maps"].items()}
         except (ValueError, KeyError, TypeError, AttributeError):
             raise CorruptBlockError(f"{self.config.label}: the manifest of {vm}/{point_id} is damaged") from None
-        self._manifests[name] = (point, maps)
-        while len(self._manifests) > 256:
-            self._manifests.popitem(last=False)
         return point, maps
+
+    # -- holds: recovery points an instant restore still copies -----------------------------------
+    def hold(self, name: str, vm: str, point_id: str, target: str) -> None:
+        """Claim a point for an instant restore: prune skips it and gc keeps what it needs (gc.py reads a
+        hold's manifest as a manifest) until release_hold. Checked again once written: a point pruned
+        before that may already have lost its packs, and is refused."""
+        sealed = self.bucket.get(point_object(vm, point_id))
+        if sealed is not None:
+            self.bucket.put(hold_object(name), json.dumps({"vm": vm, "point": point_id, "target": target,
+                                                           "manifest": base64.b64encode(sealed).decode()}).encode())
+            if self.bucket.get(point_object(vm, point_id)) is not None:
+                return
+            self.release_hold(name)
+        raise RpfsError(f"recovery point {vm}/{point_id} no longer exists in {self.config.label} (just pruned)")
+
+    def release_hold(self, name: str) -> None:
+        self.bucket.delete(hold_object(name))
+
+    def holds(self) -> list[Hold]:
+        """Every hold in the vault (a damaged one stops the caller: what it keeps cannot be known)."""
+        found = []
+        for object_name, _size in self.bucket.names("holds/"):
+            raw = self.bucket.get(object_name)
+            if raw is None:
+                continue   # released meanwhile
+            try:
+                record = json.loads(raw)
+                found.append(Hold(object_name[len("holds/"):], str(record["vm"]), str(record["point"]),
+                                  str(record["target"]), base64.b64decode(record["manifest"])))
+            except (ValueError, KeyError, TypeError):
+                raise RpfsError(f"{self.config.label}: {object_name} is damaged; nothing was changed (delete it"
+                                " if no instant restore from this vault is unfinished)") from None
+        return found
+
+    def held_maps(self, hold: Hold) -> dict[str, tuple[int, list[bytes]]]:
+        """disk -> (block count, piece ids) of a held point, from the hold's own copy of its manifest."""
+        return self._open_manifest(hold.vm, hold.point_id, hold.manifest)[1]
+
+    def adopt_hold(self, name: str) -> None:
+        """Read the held point from the hold's manifest from now on, whether or not prune deleted its own."""
+        for hold in self.holds():
+            if f"holds/{hold.name}" == hold_object(name):
+                self._held[point_object(hold.vm, hold.point_id)] = self._open_manifest(hold.vm, hold.point_id,
+                                                                                       hold.manifest)
+                return
+        raise RpfsError(f"{self.config.label} has no hold {name} (the instant restore was discarded?)")
 
     # -- the image read path (as Store: serve/image.py) ------------------------------------------
     @staticmethod
@@ -359,6 +430,11 @@ def probe(config: VaultConfig, bucket: Bucket | None = None) -> dict:
         raise RpfsError(f"{config.label}: bucket {config.bucket} at {config.endpoint} holds no rpfs vault"
                         " (rpfs vault add with --store makes one from a store)")
     return settings
+
+
+def release_hold(vault_name: str, name: str) -> None:
+    """Release this machine's hold knowing only the vault's name (no key needed: instant-stop, discard)."""
+    bucket_of(vault_config(vault_name)).delete(hold_object(name))
 
 
 def manifest_associated(vm: str, point_id: str) -> bytes:
