@@ -24,9 +24,10 @@ from rpfs.backup import snapshot
 from rpfs.errors import RpfsError
 from rpfs.host.disk_use import in_use
 from rpfs.host.libc import start_writeback
+from rpfs.host.threads import in_order
 from rpfs.host.tools import run_tool_raw
 from rpfs.restore.partial import PartialFile, check_free, refuse_link
-from rpfs.serve.image import BlockCache, ImageReader, loaded_in_order
+from rpfs.serve.image import BlockCache, ImageReader
 from rpfs.store.leases import Lease
 from rpfs.store.recovery_point import HOLE, RecoveryPoint
 from rpfs.store.store import Store
@@ -154,7 +155,7 @@ def _restore_blocks(reader: ImageReader, fd: int, path: Path, progress: Progress
     written = synced_to = 0
 
     try:
-        for index, data in loaded_in_order(reader, range(reader.block_count), workers):
+        for index, data in in_order(reader.load, range(reader.block_count), workers, ahead=4 * workers):
             written += _write_block(fd, bs, size, index, data, holes)
             end = min((index + 1) * bs, size)
             if end - synced_to >= WRITEBACK_BYTES:

@@ -30,8 +30,9 @@ from typing import Callable
 
 from rpfs.errors import RpfsError
 from rpfs.host.files import fsync_folder, write_whole
+from rpfs.host.threads import in_order
 from rpfs.restore.partial import PartialFile, open_existing, state_path
-from rpfs.serve.image import BlockCache, ImageReader, loaded_in_order
+from rpfs.serve.image import BlockCache, ImageReader
 from rpfs.store.recovery_point import HOLE
 from rpfs.store.store import Store
 
@@ -238,7 +239,7 @@ class WritableImage:
         started = time.monotonic()
         missing = (index for index in range(self.source.blocks) if not self.present(index))
         workers = getattr(self.reader.store, "parallel_reads", None) or 1   # a vault: many GETs at once
-        for index, block in loaded_in_order(self.reader, missing, workers):   # decoded outside the lock
+        for index, block in in_order(self.reader.load, missing, workers, ahead=4 * workers):   # outside the lock
             if bytes_per_second and stop.wait(max(0.0, copied / bytes_per_second - (time.monotonic() - started))):
                 break
             if stop.is_set():

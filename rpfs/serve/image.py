@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator
+from collections import OrderedDict
+from typing import Callable
 
 from rpfs.errors import CorruptBlockError
 from rpfs.host.libc import give_back_freed_memory
@@ -169,21 +168,3 @@ def _part(block: bytes | None, start: int, stop: int) -> bytes | None:
         return None
     return bytes(stop - start) if block is HOLE else block[start:stop]
 
-
-def loaded_in_order(reader: ImageReader, indexes: Iterable[int], workers: int) -> Iterator[tuple[int, bytes]]:
-    """(index, block data or HOLE) for each index in order, loaded by `workers` threads up to 4 * workers
-    blocks ahead of the caller (restore, instant restore's copy: a vault keeps many ranged GETs going)."""
-    window: deque = deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpfs-load") as pool:
-        try:
-            for index in indexes:
-                window.append((index, pool.submit(reader.load, index)))
-                if len(window) >= 4 * workers:
-                    index, loading = window.popleft()
-                    yield index, loading.result()
-            while window:
-                index, loading = window.popleft()
-                yield index, loading.result()
-        except BaseException:   # also the caller stopping early (GeneratorExit)
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise

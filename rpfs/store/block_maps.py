@@ -189,6 +189,14 @@ def distinct_digests(block_map) -> set[bytes]:
     return found
 
 
+def digests_in_order(block_map) -> list[bytes]:
+    """The distinct stored blocks a block map (or a piece of one) references, in the order of the disk."""
+    view = memoryview(block_map)
+    found = dict.fromkeys(bytes(view[i:i + DIGEST_SIZE]) for i in range(0, len(view), DIGEST_SIZE))
+    found.pop(HOLE, None)
+    return list(found)
+
+
 def count_references(block_maps) -> dict[bytes, int]:
     """block id -> how many of the given maps (or pieces) reference it."""
     counts: dict[bytes, int] = {}

@@ -35,6 +35,7 @@ from rpfs.store.recovery_point import DIGEST_SIZE, NAME_RE, RecoveryPoint
 from rpfs.store.store import MapPieces, Store, key_settings
 from rpfs.vault.config import VaultConfig, vault_config
 from rpfs.vault.locks import machine_id
+from rpfs.vault.runs import RunReader
 from rpfs.vault.s3 import Bucket
 
 FORMAT = "rpfs-vault"
@@ -103,6 +104,7 @@ class Vault:
         self._manifests: OrderedDict[str, tuple[RecoveryPoint, dict]] = OrderedDict()
         self._held: dict[str, tuple[RecoveryPoint, dict]] = {}   # manifests adopted from holds: never evicted
         self._pieces = MapPieces()
+        self._runs = RunReader(self._read_pack, self.index)
         self.created = False   # by Vault.create, in this call
         self._listing: tuple[float, list[tuple[str, str]]] = (-LISTING_SECONDS, [])
 
@@ -391,11 +393,12 @@ class Vault:
     def get_blob(self, digest: bytes, decode: Callable[[memoryview], T] = bytes,
                  part: tuple[int, int] | None = None) -> T | None:
         """A blob by a ranged GET of its pack, passed through decode (which checks it), or None if the vault
-        has none."""
-        data = self._fetch(BLOB, digest)
+        has none. A whole blob comes with the blobs after it in its pack (runs.py: a reader going through a
+        disk asks for them next)."""
+        data = self._fetch(BLOB, digest, in_runs=part is None)
         return None if data is None else decode(memoryview(data))
 
-    def _fetch(self, kind: bytes, entry_id: bytes) -> bytes | None:
+    def _fetch(self, kind: bytes, entry_id: bytes, in_runs: bool = False) -> bytes | None:
         """An entry's bytes by a ranged GET; None if no index names it. An entry missing from the index read
         at open (a long mount) is looked up again in a fresh one, then among the packs a gc condemned (their
         indexes hidden until the next gc rescues or deletes them: readers may still use them)."""
@@ -406,9 +409,14 @@ class Vault:
             where_ = self._condemned_index().get((kind, entry_id))
         if where_ is None:
             return None
-        data = self.bucket.get(pack_object(where_.pack), where_.offset, where_.length)
+        if in_runs:
+            return self._runs.read((kind, entry_id), where_)
+        return self._read_pack(where_.pack, where_.offset, where_.length)
+
+    def _read_pack(self, pack: str, offset: int, length: int) -> bytes:
+        data = self.bucket.get(pack_object(pack), offset, length)
         if data is None:
-            raise CorruptBlockError(f"pack {where_.pack} is missing from {self.config.label}")
+            raise CorruptBlockError(f"pack {pack} is missing from {self.config.label}")
         return data
 
     def _unseal(self, associated: bytes, sealed: bytes, what: str) -> bytes:
