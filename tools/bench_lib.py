@@ -11,7 +11,9 @@ own CPU where one serves the reads):
 Then (tools/bench_peers.py, unless --no-peers) rpfs next to restic, borg and bindfs doing the same jobs on a copy of
 the image on a reflink XFS (incremental backups with change tracking, store growth, restore, mounts, a loop device
 on each mount, fio), rpfs's own targets (change tracking on a --tracking-size-gib image, metadata of an unchanged
-1 TiB disk) and every target of issue 11 as a ratio, PASS or MISS.
+1 TiB disk) and every target of issue 11 as a ratio, PASS or MISS. Then (tools/bench-vault, unless --no-vault)
+the vault's figures of issue 12 on an image of the same size: push and restore against the Ceph gateway next to
+plain boto3 transfers of the same bytes, and an incremental push.
 Page cache is dropped before every timed step (not before a warm one), then (unless --no-warm) a few GiB of
 memory are touched and freed just before the command starts: this VM hands freed memory back to its host, and a
 step that must fault it back in pays for it in system time (cold `cat` of the 1.5 GiB image: 0.9-1.0 s right
@@ -776,6 +778,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tracking-size-gib", type=float, default=4.0,
                    help="image of the change-tracking target (1%% changed; default 4; 0: leave it out)")
     p.add_argument("--fio-seconds", type=int, default=15, help="each fio random-read run (default 15)")
+    p.add_argument("--no-vault", dest="vault", action="store_false",
+                   help="leave out the vault's figures (tools/bench-vault: push and restore against the Ceph"
+                        " gateway of tools/ceph, started and stopped for it)")
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
@@ -821,11 +826,23 @@ def main(argv: list[str] | None = None) -> int:
             code = finish_cleanup(roots, image, stack) or code
     if ctx is not None:
         print_report(ctx)
+        vault = vault_figures(args.size_gib) if args.vault and code == 0 else None
+        if vault is None and args.vault and code == 0:
+            ctx.problems.append("tools/bench-vault failed (its output is above)")
         if args.json:
-            args.json.write_text(json.dumps(results_json(ctx), indent=2, default=str) + "\n")
+            args.json.write_text(json.dumps({**results_json(ctx), "vault": vault}, indent=2, default=str) + "\n")
             print(f"bench: figures written to {args.json}")
         code = code or (1 if ctx.problems else 0)
     return code
+
+
+def vault_figures(size_gib: float) -> dict | None:
+    """tools/bench-vault on an image of the same size (it prints its own report); its figures, None if it failed."""
+    print()
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        done = subprocess.run([str(Path(__file__).parent / "bench-vault"), "--size-gib", str(size_gib),
+                               "--json", out.name])
+        return json.loads(Path(out.name).read_text()) if done.returncode == 0 else None
 
 
 def run_steps(ctx: Context) -> None:
