@@ -2,6 +2,7 @@
 recovery, an interrupted push, damage and another format version."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -294,6 +295,74 @@ def test_mount_and_attach_from_the_vault_alone(vault_env, area):
         assert (dest / "os" / "disk" / "srv" / "index.html").stat().st_size == 3 << 20
     finally:
         rpfs("detach", str(dest))
+
+
+def test_random_reads_through_the_vault_mount_fetch_frames_and_a_damaged_frame_fails_alone(vault_env, area):
+    """A random 4 KiB read fetches only the frames it needs (blob.Cut by ranged GETs); a frame damaged in its
+    pack is EIO for its range, while the rest of its block still reads right."""
+    from cli_helpers import force_unmount, is_mounted, session_keys
+    from rpfs.vault.config import vault_config
+    from rpfs.vault.vault import BLOB, Vault
+    store, disk = _vault_of_one_backup(vault_env, area, 16)
+    with Vault.open(vault_config("offsite"), session_keys()) as vault:
+        point = vault.point("web")
+        where = vault.index()[(BLOB, vault.block_digest(vault.map_key("web", point.id, "os"), 0))]
+    s3 = _client(vault_env["endpoint"])
+    key = f"packs/{where.pack}"
+    data = bytearray(s3.get_object(Bucket=vault_env["bucket"], Key=key)["Body"].read())
+    data[where.offset + where.length - 10] ^= 1   # in the last 64 KiB frame of block 0
+    s3.put_object(Bucket=vault_env["bucket"], Key=key, Body=bytes(data))
+    want = disk.read_bytes()
+
+    mountpoint = area / "mnt"
+    mountpoint.mkdir()
+    rpfs("--vault", "offsite", "mount", str(mountpoint))
+    try:
+        fd = os.open(mountpoint / "web" / "latest" / "os.img", os.O_RDONLY)
+        try:
+            for offset in (8 << 20, 2 << 20, 8192, (6 << 20) + 70000):   # random reads, block 0's included
+                assert os.pread(fd, 4096, offset) == want[offset:offset + 4096]
+            with pytest.raises(OSError) as failed:
+                os.pread(fd, 4096, (1 << 20) - 4096)
+            assert failed.value.errno == errno.EIO
+            assert os.pread(fd, 4096, 4096) == want[4096:8192]   # block 0 but its last frame: still right
+        finally:
+            os.close(fd)
+    finally:
+        if is_mounted(mountpoint) and rpfs("umount", str(mountpoint), check=False).returncode != 0:
+            force_unmount(mountpoint)
+
+
+def test_a_vault_opened_again_fetches_only_indexes_it_has_not_seen(vault_env, tmp_path):
+    """Index objects are kept locally (sealed; opened each time): a second open GETs none, a damaged copy is
+    fetched again, and the copy of an index gc removed is forgotten."""
+    from cli_helpers import session_keys
+    from rpfs.vault.config import vault_config
+    from rpfs.vault.index_cache import IndexCache
+    from rpfs.vault.vault import Vault
+    store, disk = _vault_of_one_backup(vault_env, tmp_path, 17, push=False)
+    rpfs("vault", "push", "offsite", "--pack-mib", "2", store=store)
+    packs = len(_objects(vault_env, "index/"))
+    assert packs >= 5
+
+    def index_gets() -> tuple[int, dict]:
+        with Vault.open(vault_config("offsite"), session_keys()) as vault:
+            fetched, get = [], vault.bucket.get
+            vault.bucket.get = lambda name, *a: (fetched.append(name), get(name, *a))[1]
+            index = vault.index()
+            return sum(1 for name in fetched if name.startswith("index/")), index
+    first = index_gets()
+    assert first[0] == 0   # the push kept a copy of each index it wrote
+    folder = IndexCache(vault_config("offsite")).folder
+    copies = sorted(folder.iterdir())
+    assert len(copies) == packs
+    damaged = bytearray(copies[0].read_bytes())
+    damaged[-1] ^= 1
+    copies[0].write_bytes(damaged)   # fails authentication: fetched again
+    again = index_gets()
+    assert again == (1, first[1])
+    rpfs("vault", "remove", "offsite")
+    assert not folder.exists()
 
 
 def test_instant_restore_from_the_vault_alone_keeps_its_point_until_copied(vault_env, area):

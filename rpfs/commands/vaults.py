@@ -61,7 +61,10 @@ def _list(args) -> int:
 
 
 def _remove(args) -> int:
+    from rpfs.vault.index_cache import IndexCache
+    config = vault_config(args.name)
     vault_configs.remove(args.name)
+    IndexCache(config).drop()
     if not args.json:
         print(f"vault {args.name} forgotten on this machine (its bucket and what it holds are untouched)")
     return 0

@@ -140,16 +140,36 @@ class Cut:
 def cut(blob: bytes | memoryview, start: int, stop: int) -> Cut | bytes:
     """The Cut of a blob for bytes [start, stop) of its block (a blob not in frames: all of it). Needs no
     key: the frame table is plain. Whatever it holds is checked frame by frame when it is read."""
-    header = read_header(blob)
-    if header.codec != CODEC_FRAMES:
+    span = frame_span(blob, start, stop)
+    if span is None:
         return bytes(blob)
+    head_size, first, at, size = span
     view = memoryview(blob)
-    frames = _Frames(header, view[HEADER.size:])
+    return Cut(bytes(view[:head_size]), first, bytes(view[at:at + size]))
+
+
+def head_size(head: bytes | memoryview) -> int | None:
+    """How many of a blob's first bytes hold its header and frame table, from its header alone (None: the
+    blob is not in frames, it is read whole). A vault reads that much first, then only the frames it needs."""
+    header = read_header(head)
+    if header.codec != CODEC_FRAMES or header.frame_kib == 0:
+        return None
+    return HEADER.size + -(-header.raw_length // (header.frame_kib << 10)) * FRAME.size
+
+
+def frame_span(head: bytes | memoryview, start: int, stop: int) -> tuple[int, int, int, int] | None:
+    """Where the stored frames that bytes [start, stop) of a block need lie in its blob, from the blob's
+    first head_size() bytes (or more): (head size, first frame, offset in the blob, length). None if the
+    blob is not in frames."""
+    header = read_header(head)
+    if header.codec != CODEC_FRAMES:
+        return None
+    frames = _Frames(header, memoryview(head)[HEADER.size:])
     needed = frames.covering(start, min(stop, header.raw_length))
     if not needed:
-        return Cut(bytes(view[:frames.head_size]), 0, b"")
-    span = view[HEADER.size + frames.starts[needed[0]]:HEADER.size + frames.starts[needed[-1] + 1]]
-    return Cut(bytes(view[:frames.head_size]), needed[0], bytes(span))
+        return frames.head_size, 0, frames.head_size, 0
+    first, end = frames.starts[needed[0]], frames.starts[needed[-1] + 1]
+    return frames.head_size, needed[0], HEADER.size + first, end - first
 
 
 class BlockCodec:

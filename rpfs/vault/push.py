@@ -23,7 +23,7 @@ from rpfs.store.leases import Lease
 from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.store import Store
 from rpfs.vault.locks import VaultLock
-from rpfs.vault.vault import BLOB, PIECE, Vault, index_object, manifest_associated, pack_object, point_object, \
+from rpfs.vault.vault import BLOB, PIECE, Vault, manifest_associated, pack_object, point_object, \
     upload_key_slots
 
 PACKS_IN_FLIGHT = 2     # a pack's last parts go up while the next one is read: memory about twice s3.py's
@@ -135,8 +135,7 @@ def _upload(store: Store, vault: Vault, plan: _Plan, summary: PushSummary, sent:
 
     def send(pack: str, stream: _PackStream) -> _PackStream:
         vault.bucket.put_stream(pack_object(pack), stream)
-        vault.bucket.put(index_object(pack), vault.seal_index(pack, stream.index))
-        vault.remember(pack, stream.index)
+        vault.add_index(pack, stream.index)
         return stream
 
     with ThreadPoolExecutor(PACKS_IN_FLIGHT, thread_name_prefix="rpfs-pack") as pool:

@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
 from rpfs.errors import CorruptBlockError, RpfsError
-from rpfs.store.blob import BlockCodec
+from rpfs.store.blob import BlockCodec, Cut, frame_span, head_size
 from rpfs.store.block_maps import where
 from rpfs.store.key_slots import KeyChoice, KeyLock, KeySlot
 from rpfs.store.recovery_point import DIGEST_SIZE, NAME_RE, RecoveryPoint
 from rpfs.store.store import MapPieces, Store, key_settings
 from rpfs.vault.config import VaultConfig, vault_config
+from rpfs.vault.index_cache import IndexCache
 from rpfs.vault.locks import machine_id
 from rpfs.vault.runs import RunReader
 from rpfs.vault.s3 import Bucket
@@ -48,6 +49,8 @@ ENTRY = struct.Struct("<c32sQI")     # an index entry: kind (b"b" blob, b"p" pie
 BLOB, PIECE = b"b", b"p"
 LISTING_SECONDS = 1.0                # how long a listing of the manifests is reused
 INDEX_READERS = 16                    # index objects fetched at once when a vault is opened
+HEAD_BYTES = 4096                     # first GET of a blob for a random read: header and frame table
+HEADS_KEPT = 65536                    # blob heads kept (about 170 bytes each for a 1 MiB block)
 T = TypeVar("T")
 
 
@@ -101,10 +104,12 @@ class Vault:
         self._index: dict[tuple[bytes, bytes], Location] | None = None
         self._index_read = 0.0
         self._index_lock = threading.Lock()
+        self._index_copies = IndexCache(config)
         self._manifests: OrderedDict[str, tuple[RecoveryPoint, dict]] = OrderedDict()
         self._held: dict[str, tuple[RecoveryPoint, dict]] = {}   # manifests adopted from holds: never evicted
         self._pieces = MapPieces()
         self._runs = RunReader(self._read_pack, self.index)
+        self._heads: OrderedDict[bytes, bytes] = OrderedDict()   # blob heads by block id, for random reads
         self.created = False   # by Vault.create, in this call
         self._listing: tuple[float, list[tuple[str, str]]] = (-LISTING_SECONDS, [])
 
@@ -177,6 +182,7 @@ class Vault:
                     for pack, entries in zip(names, pool.map(self._read_index, names)):
                         found.update((key, Location(pack, offset, length)) for key, offset, length in entries)
                 self._index, self._index_read = found, time.monotonic()
+                self._index_copies.keep_only(set(names))
             return self._index
 
     def _condemned_index(self) -> dict[tuple[bytes, bytes], Location]:
@@ -194,10 +200,19 @@ class Vault:
         return found
 
     def _read_index(self, pack: str) -> list[tuple[tuple[bytes, bytes], int, int]]:
+        """A listed pack's index: from the local copy if it opens (index_cache.py), else by a GET (and kept)."""
+        copy = self._index_copies.get(pack)
+        if copy is not None:
+            try:
+                return self.index_entries(pack, copy)
+            except (RpfsError, CorruptBlockError):
+                pass   # a damaged or changed copy: fetched again
         sealed = self.bucket.get(index_object(pack))
         if sealed is None:
             return []   # removed meanwhile (gc): its pack is going too
-        return self.index_entries(pack, sealed)
+        entries = self.index_entries(pack, sealed)
+        self._index_copies.put(pack, sealed)
+        return entries
 
     def index_entries(self, pack: str, sealed: bytes) -> list[tuple[tuple[bytes, bytes], int, int]]:
         """A pack's index object opened: ((kind, id), offset, length) per entry."""
@@ -209,8 +224,11 @@ class Vault:
     def seal_index(self, pack: str, entries: Iterable[tuple[bytes, bytes, int, int]]) -> bytes:
         return self.keyring.seal_record(b"".join(ENTRY.pack(*e) for e in entries), b"vault-index\0" + pack.encode())
 
-    def remember(self, pack: str, entries: Iterable[tuple[bytes, bytes, int, int]]) -> None:
-        """A pack this handle uploaded and indexed (push): its entries count as held from now on."""
+    def add_index(self, pack: str, entries: list[tuple[bytes, bytes, int, int]]) -> None:
+        """Index a pack this handle uploaded whole (push): its entries count as held from now on."""
+        sealed = self.seal_index(pack, entries)
+        self.bucket.put(index_object(pack), sealed)
+        self._index_copies.put(pack, sealed)
         index = self.index()
         with self._index_lock:
             index.update(((kind, entry_id), Location(pack, offset, length))
@@ -392,21 +410,58 @@ class Vault:
 
     def get_blob(self, digest: bytes, decode: Callable[[memoryview], T] = bytes,
                  part: tuple[int, int] | None = None) -> T | None:
-        """A blob by a ranged GET of its pack, passed through decode (which checks it), or None if the vault
+        """A blob by ranged GETs of its pack, passed through decode (which checks it), or None if the vault
         has none. A whole blob comes with the blobs after it in its pack (runs.py: a reader going through a
-        disk asks for them next)."""
-        data = self._fetch(BLOB, digest, in_runs=part is None)
+        disk asks for them next); part (start, stop of the block) fetches only the frames it lies in."""
+        if part is not None:
+            found = self._cut(digest, *part)
+            return None if found is None else decode(found)
+        data = self._fetch(BLOB, digest, in_runs=True)
         return None if data is None else decode(memoryview(data))
 
-    def _fetch(self, kind: bytes, entry_id: bytes, in_runs: bool = False) -> bytes | None:
-        """An entry's bytes by a ranged GET; None if no index names it. An entry missing from the index read
-        at open (a long mount) is looked up again in a fresh one, then among the packs a gc condemned (their
-        indexes hidden until the next gc rescues or deletes them: readers may still use them)."""
+    def _cut(self, digest: bytes, start: int, stop: int) -> Cut | bytes | None:
+        """What bytes [start, stop) of a block need of its blob (blob.Cut): its header and frame table (kept
+        for the next read of that block), then one ranged GET of the frames they lie in."""
+        where_ = self._locate(BLOB, digest)
+        if where_ is None:
+            return None
+        with self._index_lock:
+            head = self._heads.get(digest)
+        if head is None:
+            head = self._read_pack(where_.pack, where_.offset, min(where_.length, HEAD_BYTES))
+            needed = head_size(head)
+            if needed is None:   # not in frames (a block of format 3): read whole
+                return self._read_pack(where_.pack, where_.offset, where_.length)
+            if len(head) < needed <= where_.length:
+                head = self._read_pack(where_.pack, where_.offset, needed)
+            head = bytes(head[:needed])
+            with self._index_lock:
+                self._heads[digest] = head
+                while len(self._heads) > HEADS_KEPT:
+                    self._heads.popitem(last=False)
+        span = frame_span(head, start, stop)
+        if span is None:
+            return self._read_pack(where_.pack, where_.offset, where_.length)
+        _size, first, at, length = span
+        if at + length > where_.length:
+            raise CorruptBlockError(f"block {digest.hex()}: its frame table points past its blob")
+        frames = self._read_pack(where_.pack, where_.offset + at, length) if length else b""
+        return Cut(head, first, frames)
+
+    def _locate(self, kind: bytes, entry_id: bytes) -> Location | None:
+        """Where an entry lies; None if no index names it. An entry missing from the index read at open (a
+        long mount) is looked up again in a fresh one, then among the packs a gc condemned (their indexes
+        hidden until the next gc rescues or deletes them: readers may still use them)."""
         where_ = self.index().get((kind, entry_id))
         if where_ is None and time.monotonic() - self._index_read > LISTING_SECONDS:
             where_ = self.index(fresh=True).get((kind, entry_id))
         if where_ is None:
             where_ = self._condemned_index().get((kind, entry_id))
+        return where_
+
+    def _fetch(self, kind: bytes, entry_id: bytes, in_runs: bool = False) -> bytes | None:
+        """An entry's bytes by a ranged GET (in a run: runs.py); None if no index names it."""
+        where_ = self._locate(kind, entry_id)
         if where_ is None:
             return None
         if in_runs:

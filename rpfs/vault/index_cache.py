@@ -1,0 +1,70 @@
+"""A local copy of a vault's index objects: opening a vault of thousands of packs reads only the indexes it
+has not seen before (one GET each), not all of them again.
+
+An index never changes once written (gc deletes it, or puts the same bytes back), so a copy is good for
+as long as the vault lists its index. Copies are kept sealed as in the vault and opened (authenticated)
+on every use: a damaged or changed copy fails and is fetched again. Writing one is best effort (a
+read-only or full /var/cache only costs GETs). RPFS_CACHE overrides the folder (default /var/cache/rpfs).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+from rpfs.host.access import make_private_folder
+from rpfs.host.files import write_whole
+from rpfs.vault.config import VaultConfig
+
+DEFAULT_CACHE = "/var/cache/rpfs"
+PACK_NAME = re.compile(r"[0-9a-f]{32}")   # what a push names its packs; anything else is not cached
+
+
+class IndexCache:
+    def __init__(self, config: VaultConfig):
+        where = hashlib.sha256(f"{config.endpoint}\0{config.bucket}\0{config.prefix}".encode()).hexdigest()[:24]
+        self.folder = Path(os.environ.get("RPFS_CACHE") or DEFAULT_CACHE) / "vault-index" / where
+        self._made = False
+
+    def get(self, pack: str) -> bytes | None:
+        if not PACK_NAME.fullmatch(pack):
+            return None
+        try:
+            fd = os.open(self.folder / pack, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            with os.fdopen(fd, "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def put(self, pack: str, sealed: bytes) -> None:
+        if not PACK_NAME.fullmatch(pack):
+            return
+        try:
+            if not self._made:
+                make_private_folder(self.folder)
+                self._made = True
+            write_whole(self.folder / pack, sealed)
+        except OSError:
+            pass
+
+    def keep_only(self, packs: set[str]) -> None:
+        """Forget the copies of indexes the vault no longer lists (their packs are gone, or condemned)."""
+        try:
+            names = os.listdir(self.folder)
+        except OSError:
+            return
+        for name in names:
+            if name not in packs:
+                try:
+                    os.unlink(self.folder / name)
+                except OSError:
+                    pass
+
+    def drop(self) -> None:
+        """Remove every copy (the vault's name is forgotten)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
