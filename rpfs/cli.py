@@ -51,10 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="store directory (default: $RPFS_STORE)")
     parser.add_argument("--vault", metavar="NAME",
                         help="read recovery points from this vault (rpfs vault add) instead of the store: list,"
-                             " restore, mount, verify; works with no local store")
+                             " restore, instant-restore, mount, attach, verify; works with no local store")
     key_help = ("key file of an encrypted store (default: $RPFS_KEY_FILE; else a passphrase from $RPFS_PASSPHRASE"
                 " or the terminal)")
     parser.add_argument("--key-file", metavar="PATH", help=key_help)
+    parser.add_argument("--recovery-key", metavar="FILE",
+                        help="open the store or vault with the recovery private key (X25519, PEM) instead: for"
+                             " disaster recovery when the key file and passphrase are lost")
     # Every subcommand takes --key-file too (before or after its own arguments) and --json.
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     json_flag = _Parser(add_help=False)

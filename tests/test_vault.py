@@ -202,6 +202,32 @@ def test_disaster_recovery_on_a_new_machine_with_the_key_alone(vault_env, tmp_pa
     assert replaced.returncode == 1 and "now holds another vault" in replaced.stderr
 
 
+def test_disaster_recovery_with_the_passphrase_or_the_recovery_private_key(vault_env, tmp_path, monkeypatch):
+    """The key file is lost with the machine: the vault's copy of the key slots opens with the store's
+    passphrase, or with the recovery private key kept offline."""
+    private, public = tmp_path / "recovery.pem", tmp_path / "recovery.pub"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "X25519", "-out", str(private)], check=True)
+    subprocess.run(["openssl", "pkey", "-in", str(private), "-pubout", "-out", str(public)], check=True)
+    private.chmod(0o600)
+    store, disk = tmp_path / "store", _image(tmp_path / "os.img", 18)
+    rpfs("init", "--recovery-public-key", str(public), store=store)
+    rpfs("key", "add", "--new-passphrase", store=store, env={**os.environ, "RPFS_NEW_PASSPHRASE": "pass phrase"})
+    rpfs("backup", "db", "--disk", f"os={disk}", store=store)
+    _add(vault_env, store)
+    rpfs("vault", "push", "offsite", store=store)
+
+    monkeypatch.setenv("RPFS_CONFIG", str(tmp_path / "new-machine"))
+    monkeypatch.delenv("RPFS_KEY_FILE")
+    _add(vault_env)
+    with_passphrase = {**os.environ, "RPFS_PASSPHRASE": "pass phrase"}
+    rpfs("--vault", "offsite", "restore", "db", "--disk", "os", "--to", str(tmp_path / "a.img"), env=with_passphrase)
+    rpfs("--vault", "offsite", "--recovery-key", str(private), "restore", "db", "--disk", "os", "--to",
+         str(tmp_path / "b.img"))
+    assert (tmp_path / "a.img").read_bytes() == (tmp_path / "b.img").read_bytes() == disk.read_bytes()
+    wrong = rpfs("--vault", "offsite", "list", check=False, env={**os.environ, "RPFS_PASSPHRASE": "wrong"})
+    assert wrong.returncode == 1 and "wrong passphrase" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
 def test_an_interrupted_push_leaves_no_point_and_the_next_one_resumes(vault_env, tmp_path):
     store, disk = _vault_of_one_backup(vault_env, tmp_path, 4, push=False, size_mib=48)
     with _pushing(store, "--limit-mbps", "8", "--pack-mib", "2") as pushing:

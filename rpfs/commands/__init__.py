@@ -75,7 +75,8 @@ def key_choice(args) -> KeyChoice:
             choice = KeyChoice(master=pipe.read(64))
     else:
         choice = KeyChoice(key_file=getattr(args, "key_file", None) or os.environ.get("RPFS_KEY_FILE"),
-                           passphrase=asked_once(args, "RPFS_PASSPHRASE", "passphrase of the store: "))
+                           passphrase=asked_once(args, "RPFS_PASSPHRASE", "passphrase of the store: "),
+                           private_key_file=getattr(args, "recovery_key", None))
     args._key_choice = choice
     return choice
 

@@ -135,18 +135,24 @@ class KeyLock:
     check_value: bytes
     slots: list[KeySlot]
     damaged: list[str] = field(default_factory=list)
+    what: str = ""                               # how messages name it (default: "store PATH")
+    hint: str = "rpfs info shows its slots"      # where a user sees its slots
+
+    @property
+    def label(self) -> str:
+        return self.what or f"store {self.store}"
 
     def keyring(self, master: bytes, from_slot: bool = False) -> Keyring:
         """The keyring of a master key, refused unless it is this store's and the store's settings are
         the ones it was made with (a store switched to "unencrypted" behind our back is refused)."""
         if len(master) != KEY_SIZE:
-            raise RpfsError(f"that is not a master key of store {self.store}")
+            raise RpfsError(f"that is not a master key of {self.label}")
         keyring = Keyring(master, self.store_id)
         if not hmac.compare_digest(keyring.check(self.settings), self.check_value):
             if from_slot:   # the slot proved the key: what changed is the store's meta
-                raise RpfsError(f"store {self.store}: its settings (encryption, block ids, block size) or key check"
+                raise RpfsError(f"{self.label}: its settings (encryption, block ids, block size) or key check"
                                 " were changed or damaged; it is not opened (rpfs info shows them)")
-            raise RpfsError(f"that key is not the master key of store {self.store}")
+            raise RpfsError(f"that key is not the master key of {self.label}")
         return keyring
 
     def open_slot(self, slot: KeySlot, kek: Callable[[], bytes]) -> Keyring | None:
@@ -178,15 +184,14 @@ class KeyChoice:
             return lock.keyring(self.master)
         if self.private_key_file:
             return self._first(lock, _recovery_slots(lock, self.private_key_file), f"{self.private_key_file} opens"
-                               f" no recovery slot of store {lock.store} (rpfs info shows its slots)")
+                               f" no recovery slot of {lock.label} ({lock.hint})")
         if self.paper is not None:
             return lock.keyring(parse_paper(self.paper))
         refused = None
         if self.key_file:
             try:
                 tries = self._key_file_slots(lock)
-                refused = (f"key file {self.key_file} opens no key slot of store {lock.store}"
-                           " (rpfs info shows its slots)")
+                refused = f"key file {self.key_file} opens no key slot of {lock.label} ({lock.hint})"
             except RpfsError as e:   # no such file, a mode others may read...: said, or a passphrase is tried
                 tries, refused = [], e.message
                 if self.passphrase is None:
@@ -195,14 +200,14 @@ class KeyChoice:
                 return self._first(lock, tries, refused)
         if self.passphrase is not None:   # also after a key file (RPFS_KEY_FILE) that is not this store's
             if not lock.of_kind("passphrase"):
-                raise RpfsError(refused or f"store {lock.store} has no passphrase slot: give --key-file PATH"
+                raise RpfsError(refused or f"{lock.label} has no passphrase slot: give --key-file PATH"
                                 " (or RPFS_KEY_FILE)")
             passphrase = self.passphrase()
             tries = [(slot, lambda slot=slot: _scrypt(passphrase, bytes.fromhex(slot.salt), slot.kdf))
                      for slot in lock.of_kind("passphrase")]
-            wrong = f"wrong passphrase for store {lock.store}"
+            wrong = f"wrong passphrase for {lock.label}"
             return self._first(lock, tries, f"{refused}, and {wrong}" if refused else wrong)
-        raise RpfsError(f"store {lock.store} is encrypted: give --key-file PATH (or RPFS_KEY_FILE) or a passphrase"
+        raise RpfsError(f"{lock.label} is encrypted: give --key-file PATH (or RPFS_KEY_FILE) or a passphrase"
                         " (RPFS_PASSPHRASE, or on a terminal)")
 
     def _key_file_slots(self, lock: KeyLock) -> list:

@@ -152,7 +152,8 @@ class Vault:
         try:
             slots = [KeySlot.from_json(json.dumps(slot).encode()) for slot in json.loads(raw or b"null")]
             lock = KeyLock(Path(config.label), bytes.fromhex(settings["store_id"]), key_settings(settings),
-                           bytes.fromhex(settings["key_check"]), slots)
+                           bytes.fromhex(settings["key_check"]), slots, what=config.label,
+                           hint="the vault holds the store's key slots as of its last push")
         except (ValueError, TypeError, KeyError, CorruptBlockError):
             raise RpfsError(f"{config.label}: its key slots ({KEYS_OBJECT}) are missing or damaged") from None
         return cls(config, bucket, settings, lock, keys)
