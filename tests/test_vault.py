@@ -442,6 +442,30 @@ def test_gc_removes_what_no_manifest_needs_in_two_runs(vault_env, tmp_path):
     assert (tmp_path / "back.img").read_bytes() == disk.read_bytes()
 
 
+def test_gc_repacks_a_pack_whose_needed_blocks_take_less_than_half_of_it(vault_env, tmp_path):
+    """10 of the first point's 12 blocks change, then it is pruned: its pack holds 2 needed blocks. gc copies
+    them into a new pack (indexed first), condemns the old one, and the next run deletes it."""
+    store, disk = _vault_of_one_backup(vault_env, tmp_path, 19)
+    (old_pack,) = _objects(vault_env, "packs/")
+    _change(disk, 20, list(range(0, 20, 2)))
+    rpfs("backup", "web", "--disk", f"os={disk}", store=store)
+    rpfs("vault", "push", "offsite", store=store)
+    first = sorted(_objects(vault_env, "points/"))[0]
+    _client(vault_env["endpoint"]).delete_object(Bucket=vault_env["bucket"], Key=first)   # as a vault prune does
+
+    ran = _gc()
+    assert ran["repacked_packs"] == 1 and ran["condemned_packs"] == 1
+    assert (2 << 20) < ran["repacked_bytes"] < (3 << 20)   # the 2 blocks still needed (random data: 1 MiB each)
+    rpfs("--vault", "offsite", "restore", "web", "--disk", "os", "--to", str(tmp_path / "between.img"))
+    assert (tmp_path / "between.img").read_bytes() == disk.read_bytes()
+    assert _gc()["deleted_packs"] == 1 and old_pack not in _objects(vault_env, "packs/")
+    again = _gc()
+    assert again["repacked_packs"] == again["condemned_packs"] == 0   # the new pack is full: left alone
+    rpfs("--vault", "offsite", "verify")
+    rpfs("--vault", "offsite", "restore", "web", "--disk", "os", "--to", str(tmp_path / "back.img"))
+    assert (tmp_path / "back.img").read_bytes() == disk.read_bytes()
+
+
 def test_gc_while_a_push_runs_never_removes_what_the_push_needs(vault_env, tmp_path):
     """The push relies on packs no manifest needs when gc looks (their point was pruned): an unchanged disk's
     blobs and block map piece, in packs of their own. gc condemns them, waits for the push, then finds the

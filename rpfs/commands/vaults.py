@@ -103,7 +103,9 @@ def _gc(args) -> int:
         return 0
     print(f"vault {args.name}: deleted {summary.deleted_packs} pack(s) ({human_bytes(summary.deleted_bytes)}) that"
           f" the last gc condemned, {summary.rescued_packs} rescued (a manifest needs them); condemned"
-          f" {summary.condemned_packs} pack(s) for the next gc")
+          f" {summary.condemned_packs} pack(s) for the next gc"
+          + (f", of which {summary.repacked_packs} half-empty ({human_bytes(summary.repacked_bytes)} still needed"
+             " copied into new packs)" if summary.repacked_packs else ""))
     for holder in summary.waiting_for:
         print(f"  kept for now: the packs condemned before are waited on by {holder}")
     for holder in summary.removed_locks:

@@ -3,12 +3,15 @@
 A gc run does two things, in this order:
 1. It finishes the condemnation the previous run recorded in gc/condemned, if every push whose lock
    was there when that run hid the packs has ended: it lists the manifests now, and deletes each
-   condemned pack none of them needs (one a manifest needs gets its index back: "rescued").
-2. It condemns: from the manifests listed now, the packs none of whose entries a manifest needs, and
-   packs without an index (interrupted uploads, or uploads in progress). It records them (with their
-   sealed indexes) in gc/condemned, deletes their indexes (so no push that starts from now on sees
-   their blobs), then lists the locks and records them too. The packs are deleted by the next run (1);
-   a pack condemned for having no index is spared if it has one by then (its push finished it).
+   condemned pack whose needed entries are all in a pack that has an index; one holding a needed entry
+   no indexed pack holds gets its index back ("rescued").
+2. It condemns: from the manifests listed now, the packs that hold no needed entry (each entry counts
+   in one pack only, the one the index names, even if a crash left it in two), and packs without an
+   index (interrupted uploads, or uploads in progress); and it repacks: a pack whose needed entries take
+   less than REPACK_BELOW of it has them copied (checked) into new packs, indexed, and is condemned too.
+   It records them (with their sealed indexes) in gc/condemned, deletes their indexes (so no push that
+   starts from now on sees their blobs), then lists the locks and records them too. The packs are
+   deleted by the next run (1); a pack condemned for having no index is spared if it has one by then.
 
 Why nothing a manifest needs is ever deleted: a push takes its lock before it reads any index, and
 writes a manifest only while its lock is there. Take a push that relies on a condemned pack: it read
@@ -17,6 +20,8 @@ Either its lock was listed, and step (1) waits until it is gone, by which time i
 wrote one, is listed by step (1); or it had ended before the listing, manifest and all, and step (1)
 lists that manifest too. Either way step (1) sees every manifest that can name a condemned pack. A
 push that starts after the indexes were deleted never sees the condemned blobs and uploads its own.
+Manifests name entries, not packs: an entry is needed from a condemned pack only if no indexed pack
+holds it, and a repack indexes its new packs before it condemns the old ones.
 """
 from __future__ import annotations
 
@@ -25,9 +30,14 @@ import json
 from dataclasses import dataclass, field
 
 from rpfs.errors import CorruptBlockError, RpfsError
+from rpfs.host.threads import in_order
 from rpfs.store.block_maps import distinct_digests
 from rpfs.vault.locks import VaultLock, bury, locks, remove_old_tombstones
-from rpfs.vault.vault import BLOB, CONDEMNED, PIECE, Vault, index_object, pack_object
+from rpfs.vault.packs import PACK_BYTES, upload_packs
+from rpfs.vault.vault import BLOB, CONDEMNED, PIECE, Location, Vault, index_object, pack_object
+
+REPACK_BELOW = 0.5     # a pack whose needed entries take less than this share of it is repacked
+REPACK_READERS = 16    # entries of half-empty packs fetched at once
 
 
 @dataclass
@@ -36,11 +46,13 @@ class GcSummary:
     deleted_bytes: int = 0
     condemned_packs: int = 0
     rescued_packs: int = 0
+    repacked_packs: int = 0      # half-empty packs whose needed entries were copied into new packs
+    repacked_bytes: int = 0      # bytes copied
     waiting_for: list[str] = field(default_factory=list)   # live locks that keep the condemned packs
     removed_locks: list[str] = field(default_factory=list)
 
 
-def gc(vault: Vault) -> GcSummary:
+def gc(vault: Vault, pack_bytes: int = PACK_BYTES) -> GcSummary:
     summary = GcSummary()
     for lock in locks(vault.bucket):
         if lock.kind == "gc" and not lock.dead():
@@ -49,14 +61,14 @@ def gc(vault: Vault) -> GcSummary:
             bury(vault.bucket, lock)
             summary.removed_locks.append(lock.describe())
     remove_old_tombstones(vault.bucket)
-    with VaultLock(vault.bucket, "gc"):
+    with VaultLock(vault.bucket, "gc") as lock:
         record = _record(vault)
         if record is not None and record.get("locks") is None:   # the run before died while condemning
             _hide(vault, record)
         if record is not None:
             _finish(vault, record, summary)
         if not summary.waiting_for:
-            _condemn(vault, summary)
+            _condemn(vault, summary, lock, pack_bytes)
     return summary
 
 
@@ -88,19 +100,31 @@ def _needed(vault: Vault) -> set[tuple[bytes, bytes]]:
     return needed
 
 
-def _condemn(vault: Vault, summary: GcSummary) -> None:
+def _condemn(vault: Vault, summary: GcSummary, lock: VaultLock, pack_bytes: int) -> None:
     index = vault.index(fresh=True)   # first: what step (1) rescued is in it, and the record is gone
     needed = _needed(vault)
-    by_pack: dict[str, list[tuple[bytes, bytes]]] = {}
-    for key, location in index.items():
-        by_pack.setdefault(location.pack, []).append(key)
+    by_pack: dict[str, list[tuple[tuple[bytes, bytes], Location]]] = {}
+    for key, location in index.items():   # each entry in the one pack the index names
+        if key in needed:
+            by_pack.setdefault(location.pack, []).append((key, location))
     indexed = {name[len("index/"):] for name, _size in vault.bucket.names("index/")}
     condemned: dict[str, str | None] = {}
-    for name, _size in vault.bucket.names("packs/"):
+    half_empty: list[str] = []
+    for name, size in vault.bucket.names("packs/"):   # listed before any repack: new packs are not in it
         pack = name[len("packs/"):]
         if pack not in indexed:
             condemned[pack] = None   # an interrupted upload, or an index a crashed gc deleted
-        elif not any(key in needed for key in by_pack.get(pack, [])):
+        elif pack not in by_pack:
+            condemned[pack] = ""
+        elif sum(location.length for _key, location in by_pack[pack]) < REPACK_BELOW * size:
+            half_empty.append(pack)
+    if half_empty:   # copied and indexed before the old packs are condemned
+        summary.repacked_bytes = _repack(vault, [entry for pack in half_empty for entry in by_pack[pack]],
+                                         lock, pack_bytes)
+        summary.repacked_packs = len(half_empty)
+        condemned.update(dict.fromkeys(half_empty, ""))
+    for pack, sealed in condemned.items():
+        if sealed == "":
             sealed = vault.bucket.get(index_object(pack))
             condemned[pack] = base64.b64encode(sealed).decode() if sealed is not None else None
     if not condemned:
@@ -109,6 +133,23 @@ def _condemn(vault: Vault, summary: GcSummary) -> None:
     vault.bucket.put(CONDEMNED, json.dumps(record).encode())
     _hide(vault, record)
     summary.condemned_packs = len(condemned)
+
+
+def _repack(vault: Vault, entries: list[tuple[tuple[bytes, bytes], Location]], lock: VaultLock,
+            pack_bytes: int) -> int:
+    """Copy entries (each checked whole: a damaged one stops gc before anything is condemned) into new
+    packs, indexed once whole; returns the bytes copied."""
+    def read(entry: tuple[tuple[bytes, bytes], Location]) -> bytes:
+        (kind, entry_id), location = entry
+        try:
+            return vault.read_checked(kind, entry_id, location)
+        except CorruptBlockError as e:
+            raise RpfsError(f"{vault.config.label}: {e.message}; gc condemned nothing (rpfs --vault ... verify"
+                            " names the points that need it)") from None
+    ordered = sorted(entries, key=lambda entry: (entry[1].pack, entry[1].offset))   # disk order kept
+    copied = ((kind, entry_id, data) for ((kind, entry_id), _where), data
+              in in_order(read, ordered, REPACK_READERS, ahead=2 * REPACK_READERS))
+    return sum(pack.size for pack in upload_packs(vault, copied, pack_bytes, lock))
 
 
 def _hide(vault: Vault, record: dict) -> None:
@@ -129,13 +170,14 @@ def _finish(vault: Vault, record: dict, summary: GcSummary) -> None:
         summary.waiting_for = waiting
         return
     needed = _needed(vault)
+    available = vault.index(fresh=True)   # the indexed packs' entries: condemned packs' are not in it
     sizes = dict(vault.bucket.names("packs/"))
     indexed = {name[len("index/"):] for name, _size in vault.bucket.names("index/")}
     for pack, sealed in record["packs"].items():
         if pack in indexed:
             continue   # rescued by a run that then stopped, or indexed by its push after all: visible, kept
         entries = vault.index_entries(pack, base64.b64decode(sealed)) if sealed else []
-        if any(key in needed for key, _offset, _length in entries):
+        if any(key in needed and key not in available for key, _offset, _length in entries):
             vault.bucket.put(index_object(pack), base64.b64decode(sealed))   # a manifest needs it after all
             summary.rescued_packs += 1
             continue

@@ -9,10 +9,7 @@ push finds the indexed packs' blobs in the vault and sends only the rest.
 from __future__ import annotations
 
 import json
-import secrets
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -23,11 +20,10 @@ from rpfs.store.leases import Lease
 from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.store import Store
 from rpfs.vault.locks import VaultLock
-from rpfs.vault.vault import BLOB, PIECE, Vault, manifest_associated, pack_object, point_object, \
+from rpfs.vault.packs import PACK_BYTES, PackStream, upload_packs
+from rpfs.vault.vault import BLOB, PIECE, Vault, manifest_associated, point_object, \
     upload_key_slots
 
-PACKS_IN_FLIGHT = 2     # a pack's last parts go up while the next one is read: memory about twice s3.py's
-PACK_BYTES = 128 << 20   # a pack's size: a vault of a few TB is tens of thousands of objects, not millions
 CHECKERS = 2            # threads reading and checking blobs ahead of the upload (page faults, zstd, AES, BLAKE3)
 
 ProgressFn = Callable[[int, int], None]
@@ -128,29 +124,9 @@ def _plan(store: Store, vault: Vault, point: RecoveryPoint) -> _Plan:
 
 def _upload(store: Store, vault: Vault, plan: _Plan, summary: PushSummary, sent: Callable[[int], None],
             pack_bytes: int, lock: VaultLock) -> None:
-    """The plan's blobs and pieces in packs (each indexed once whole), then the manifest. The next pack
-    starts as soon as the one before has been read whole, while its last parts still go up: waiting for
-    each pack to finish made 32 MiB packs half as fast as one big one."""
-    entries = _entries(store, plan, sent)
-
-    def send(pack: str, stream: _PackStream) -> _PackStream:
-        vault.bucket.put_stream(pack_object(pack), stream)
-        vault.add_index(pack, stream.index)
-        return stream
-
-    with ThreadPoolExecutor(PACKS_IN_FLIGHT, thread_name_prefix="rpfs-pack") as pool:
-        sending: list[Future] = []
-        while (first := next(entries, None)) is not None:
-            stream = _PackStream(first, entries, pack_bytes)
-            sending.append(pool.submit(send, secrets.token_hex(16), stream))
-            while not stream.read_whole.wait(0.05):   # the entries are read by one pack at a time
-                if sending[-1].done():
-                    sending[-1].result()   # its upload failed before reading it all: raises
-            while len(sending) >= PACKS_IN_FLIGHT:
-                _count(sending.pop(0).result(), summary)
-            lock.refresh()
-        for future in sending:
-            _count(future.result(), summary)
+    """The plan's blobs and pieces in packs (each indexed once whole), then the manifest."""
+    for pack in upload_packs(vault, _entries(store, plan, sent), pack_bytes, lock):
+        _count(pack, summary)
     point = plan.point
     manifest = {"point": point.to_json().decode(),
                 "maps": {disk: {"count": count, "pieces": [p.hex() for p in ids]}
@@ -160,7 +136,7 @@ def _upload(store: Store, vault: Vault, plan: _Plan, summary: PushSummary, sent:
     vault.bucket.put(point_object(point.vm, point.id), sealed)
 
 
-def _count(stream: "_PackStream", summary: PushSummary) -> None:
+def _count(stream: PackStream, summary: PushSummary) -> None:
     summary.packs += 1
     summary.uploaded_bytes += stream.size
     summary.blobs += sum(1 for kind, *_ in stream.index if kind == BLOB)
@@ -182,46 +158,3 @@ def _entries(store: Store, plan: _Plan, sent: Callable[[int], None]) -> Iterator
     for piece_id in plan.pieces:
         stored, _entries_ = store.stored_piece(piece_id)
         yield PIECE, piece_id, stored
-
-
-class _PackStream:
-    """A pack as a stream (what boto3's upload reads, a part at a time): entries pulled one by one until the
-    pack holds `limit` bytes; the index of what it holds (kind, id, offset, length) grows as they are read.
-    read() joins whole entries into a part: each byte is copied once on its way (copies were a fifth of
-    a push's CPU)."""
-
-    def __init__(self, first: tuple[bytes, bytes, bytes], rest: Iterator[tuple[bytes, bytes, bytes]], limit: int):
-        self._first, self._rest, self._limit = first, rest, limit
-        self._left = memoryview(b"")   # of the entry read last, what no part took yet
-        self.index: list[tuple[bytes, bytes, int, int]] = []
-        self.size = 0
-        self.read_whole = threading.Event()   # set at its end: the next pack may take the entries
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def read(self, amount: int = -1) -> bytes:
-        parts, wanted = [], amount if amount >= 0 else 1 << 62
-        while wanted > 0 and (self._left or self._next_entry()):
-            taken = self._left[:wanted]
-            parts.append(taken)
-            self._left = self._left[len(taken):]
-            wanted -= len(taken)
-        return b"".join(parts)
-
-    def _next_entry(self) -> bool:
-        """Take the next entry into the pack; False at the pack's end (its size reached, or no entries left)."""
-        entry = None
-        if self.size < self._limit:
-            entry, self._first = (self._first, None) if self._first is not None else (next(self._rest, None), None)
-        if entry is None:
-            self.read_whole.set()
-            return False
-        kind, entry_id, data = entry
-        self.index.append((kind, entry_id, self.size, len(data)))
-        self.size += len(data)
-        self._left = memoryview(data)
-        return True

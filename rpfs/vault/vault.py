@@ -404,10 +404,26 @@ class Vault:
         stored = self._fetch(PIECE, piece_id)
         if stored is None:
             raise CorruptBlockError(f"a piece{of} is missing from {self.config.label} ({piece_id.hex()[:16]})")
+        return self._open_piece(piece_id, stored, of)
+
+    def _open_piece(self, piece_id: bytes, stored: bytes, of: str = "") -> bytes:
         piece = self._unseal(b"pieces\0" + piece_id, stored, f"a piece{of}")
         if self.codec.block_id(piece) != piece_id:
             raise CorruptBlockError(f"a piece{of} does not match its id ({piece_id.hex()[:16]})")
         return piece
+
+    def read_checked(self, kind: bytes, entry_id: bytes, where_: Location) -> bytes:
+        """An entry's bytes as stored, at a known place, checked whole (gc copies it into a new pack: a
+        damaged one must not be copied as if it were good). Raises CorruptBlockError."""
+        data = self._read_pack(where_.pack, where_.offset, where_.length)
+        if kind == PIECE:
+            self._open_piece(entry_id, data)
+        else:
+            try:
+                self.codec.decode(entry_id, data)
+            except CorruptBlockError as e:
+                raise CorruptBlockError(f"block {entry_id.hex()} in pack {where_.pack}: {e.message}") from None
+        return data
 
     def get_blob(self, digest: bytes, decode: Callable[[memoryview], T] = bytes,
                  part: tuple[int, int] | None = None) -> T | None:
