@@ -5,6 +5,8 @@ An index never changes once written (gc deletes it, or puts the same bytes back)
 as long as the vault lists its index. Copies are kept sealed as in the vault and opened (authenticated)
 on every use: a damaged or changed copy fails and is fetched again. Writing one is best effort (a
 read-only or full /var/cache only costs GETs). RPFS_CACHE overrides the folder (default /var/cache/rpfs).
+The folders are used only while each is a real folder of this user's (never a link someone planted), and
+only names a push gives packs are ever read, written or removed there.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 from rpfs.host.access import make_private_folder
@@ -28,8 +31,19 @@ class IndexCache:
         self.folder = Path(os.environ.get("RPFS_CACHE") or DEFAULT_CACHE) / "vault-index" / where
         self._made = False
 
+    def _ours(self) -> bool:
+        """The folder and the two above it are real folders of this user's."""
+        for folder in (self.folder, self.folder.parent, self.folder.parent.parent):
+            try:
+                st = os.lstat(folder)
+            except OSError:
+                return False
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                return False
+        return True
+
     def get(self, pack: str) -> bytes | None:
-        if not PACK_NAME.fullmatch(pack):
+        if not PACK_NAME.fullmatch(pack) or not self._ours():
             return None
         try:
             fd = os.open(self.folder / pack, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -46,20 +60,23 @@ class IndexCache:
             return
         try:
             if not self._made:
+                if any(os.path.islink(f) for f in (self.folder, self.folder.parent, self.folder.parent.parent)):
+                    return
                 make_private_folder(self.folder)
                 self._made = True
-            write_whole(self.folder / pack, sealed)
+            if self._ours():
+                write_whole(self.folder / pack, sealed)
         except OSError:
             pass
 
     def keep_only(self, packs: set[str]) -> None:
         """Forget the copies of indexes the vault no longer lists (their packs are gone, or condemned)."""
         try:
-            names = os.listdir(self.folder)
+            names = os.listdir(self.folder) if self._ours() else []
         except OSError:
             return
         for name in names:
-            if name not in packs:
+            if PACK_NAME.fullmatch(name) and name not in packs:
                 try:
                     os.unlink(self.folder / name)
                 except OSError:
@@ -67,4 +84,5 @@ class IndexCache:
 
     def drop(self) -> None:
         """Remove every copy (the vault's name is forgotten)."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self._ours():
+            shutil.rmtree(self.folder, ignore_errors=True)   # rmtree does not follow links inside

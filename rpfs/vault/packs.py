@@ -24,22 +24,28 @@ def upload_packs(vault: Vault, entries: Iterator[tuple[bytes, bytes, bytes]], pa
     after each pack (gc.py: a lock nobody refreshes for an hour is taken for dead)."""
     def send(pack: str, stream: PackStream) -> PackStream:
         vault.bucket.put_stream(pack_object(pack), stream)
+        lock.refresh()   # a push a gc took for dead indexes nothing more: gc may be deleting its packs
         vault.add_index(pack, stream.index)
         return stream
 
-    with ThreadPoolExecutor(PACKS_IN_FLIGHT, thread_name_prefix="rpfs-pack") as pool:
-        sending: list[Future] = []
-        while (first := next(entries, None)) is not None:
-            stream = PackStream(first, entries, pack_bytes)
-            sending.append(pool.submit(send, secrets.token_hex(16), stream))
-            while not stream.read_whole.wait(0.05):   # the entries are read by one pack at a time
-                if sending[-1].done():
-                    sending[-1].result()   # its upload failed before reading it all: raises
-            while len(sending) >= PACKS_IN_FLIGHT:
-                yield sending.pop(0).result()
-            lock.refresh()
-        for future in sending:
-            yield future.result()
+    try:
+        with ThreadPoolExecutor(PACKS_IN_FLIGHT, thread_name_prefix="rpfs-pack") as pool:
+            sending: list[Future] = []
+            while (first := next(entries, None)) is not None:
+                stream = PackStream(first, entries, pack_bytes)
+                sending.append(pool.submit(send, secrets.token_hex(16), stream))
+                while not stream.read_whole.wait(0.05):   # the entries are read by one pack at a time
+                    if sending[-1].done():
+                        sending[-1].result()   # its upload failed before reading it all: raises
+                while len(sending) >= PACKS_IN_FLIGHT:
+                    yield sending.pop(0).result()
+                lock.refresh()
+            for future in sending:
+                yield future.result()
+    finally:   # no upload runs now: stop the entries' own threads (push reads the store on them) here
+        close = getattr(entries, "close", None)
+        if close is not None:
+            close()
 
 
 class PackStream:

@@ -4,7 +4,9 @@ A push sends each point's blobs in disk order, so a reader going through a disk 
 read-ahead, an instant restore's copy, verify) asks for a pack's entries one after another. Fetching each
 alone costs a request apiece (about 3 ms of CPU in boto3, and a round trip); a run of up to RUN_BYTES costs
 one. Entries are views of the run's buffer, not copies (copying 1 MiB costs more than decoding it: fresh
-pages). Entries fetched before they are asked for wait in a bounded cache (an entry nobody asks for is
+pages); a waiting view keeps its whole buffer, so the bound counts whole buffers. A run takes entries of
+the kind asked for only (keys are (kind, id)): the pieces at a pack's end are never read this way.
+Entries fetched before they are asked for wait in a bounded cache (an entry nobody asks for is
 dropped, oldest first); a reader asking for an entry that is on its way waits for that GET instead of
 starting its own. Only whole-entry reads go by runs: a random read of a few frames fetches just those.
 """
@@ -30,7 +32,8 @@ class RunReader:
         self._run_bytes, self._waiting_bytes = run_bytes, waiting_bytes
         self._lock = threading.Lock()
         self._waiting: OrderedDict[Hashable, bytes] = OrderedDict()   # fetched, not yet asked for
-        self._waiting_total = 0
+        self._waiting_total = 0                                        # bytes of the buffers they keep
+        self._buffers: dict[int, list[int]] = {}                       # id of a buffer -> [views waiting, size]
         self._coming: dict[Hashable, Future] = {}                     # on their way, in someone's run
         self._layout: tuple[tuple[int, int], dict[str, list[tuple[int, int, Hashable]]]] = ((0, -1), {})
 
@@ -54,8 +57,16 @@ class RunReader:
         """Under the lock: an entry fetched ahead, now asked for."""
         data = self._waiting.pop(key, None)
         if data is not None:
-            self._waiting_total -= len(data)
+            self._let_go(data)
         return data
+
+    def _let_go(self, view: memoryview) -> None:
+        """Under the lock: a view leaves the cache; its buffer stops counting once no view of it waits."""
+        counted = self._buffers[id(view.obj)]
+        counted[0] -= 1
+        if counted[0] == 0:
+            del self._buffers[id(view.obj)]
+            self._waiting_total -= counted[1]
 
     def _wait_for(self, key: Hashable, location, coming: Future) -> bytes:
         """Another reader's run brings the entry: take it once there (or fetch it alone if that GET failed
@@ -86,13 +97,16 @@ class RunReader:
         coming.set_result(None)
         return raw[location.offset - start:location.offset - start + location.length]
 
-    def _keep(self, key: Hashable, data: bytes) -> None:
+    def _keep(self, key: Hashable, view: memoryview) -> None:
         """Under the lock: an entry fetched ahead, the oldest dropped beyond waiting_bytes."""
-        self._waiting[key] = data
-        self._waiting_total += len(data)
+        counted = self._buffers.setdefault(id(view.obj), [0, len(view.obj)])
+        if counted[0] == 0:
+            self._waiting_total += counted[1]
+        counted[0] += 1
+        self._waiting[key] = view
         while self._waiting_total > self._waiting_bytes:
             _key, old = self._waiting.popitem(last=False)
-            self._waiting_total -= len(old)
+            self._let_go(old)
 
     def _plan(self, key: Hashable, location) -> list[tuple[Hashable, int, int]]:
         """Under the lock: the entry and those right after it in its pack that nobody has fetched or is
@@ -105,7 +119,7 @@ class RunReader:
         size, end = location.length, location.offset + location.length
         for offset, length, entry_key in entries[at + 1:]:
             if offset != end or size + length > self._run_bytes or entry_key in self._coming \
-                    or entry_key in self._waiting:
+                    or entry_key in self._waiting or entry_key[0] != key[0]:
                 break
             run.append((entry_key, offset, length))
             size, end = size + length, end + length

@@ -54,6 +54,10 @@ HEADS_KEPT = 65536                    # blob heads kept (about 170 bytes each fo
 T = TypeVar("T")
 
 
+class PackMissing(CorruptBlockError):
+    """A pack the index named is gone (deleted by gc after a repack, or lost)."""
+
+
 @dataclass(frozen=True)
 class Location:
     pack: str
@@ -109,7 +113,7 @@ class Vault:
         self._held: dict[str, tuple[RecoveryPoint, dict]] = {}   # manifests adopted from holds: never evicted
         self._pieces = MapPieces()
         self._runs = RunReader(self._read_pack, self.index)
-        self._heads: OrderedDict[bytes, bytes] = OrderedDict()   # blob heads by block id, for random reads
+        self._heads: OrderedDict[tuple[str, int], bytes] = OrderedDict()   # blob heads by place: random reads
         self.created = False   # by Vault.create, in this call
         self._listing: tuple[float, list[tuple[str, str]]] = (-LISTING_SECONDS, [])
 
@@ -439,11 +443,11 @@ class Vault:
     def _cut(self, digest: bytes, start: int, stop: int) -> Cut | bytes | None:
         """What bytes [start, stop) of a block need of its blob (blob.Cut): its header and frame table (kept
         for the next read of that block), then one ranged GET of the frames they lie in."""
-        where_ = self._locate(BLOB, digest)
-        if where_ is None:
-            return None
-        with self._index_lock:
-            head = self._heads.get(digest)
+        return self._located(BLOB, digest, lambda where_: self._cut_at(where_, digest, start, stop))
+
+    def _cut_at(self, where_: Location, digest: bytes, start: int, stop: int) -> Cut | bytes:
+        with self._index_lock:   # heads by place, not by id: another copy of a block is sealed anew
+            head = self._heads.get((where_.pack, where_.offset))
         if head is None:
             head = self._read_pack(where_.pack, where_.offset, min(where_.length, HEAD_BYTES))
             needed = head_size(head)
@@ -453,7 +457,7 @@ class Vault:
                 head = self._read_pack(where_.pack, where_.offset, needed)
             head = bytes(head[:needed])
             with self._index_lock:
-                self._heads[digest] = head
+                self._heads[(where_.pack, where_.offset)] = head
                 while len(self._heads) > HEADS_KEPT:
                     self._heads.popitem(last=False)
         span = frame_span(head, start, stop)
@@ -478,17 +482,30 @@ class Vault:
 
     def _fetch(self, kind: bytes, entry_id: bytes, in_runs: bool = False) -> bytes | None:
         """An entry's bytes by a ranged GET (in a run: runs.py); None if no index names it."""
+        if in_runs:
+            return self._located(kind, entry_id, lambda where_: self._runs.read((kind, entry_id), where_))
+        return self._located(kind, entry_id, lambda where_: self._read_pack(where_.pack, where_.offset,
+                                                                            where_.length))
+
+    def _located(self, kind: bytes, entry_id: bytes, read: Callable[[Location], T]) -> T | None:
+        """read(where the entry lies), None if no index names it. If its pack has gone since this handle read
+        the index (a long mount or instant restore: gc repacked the entry, then deleted the old pack), the
+        entry is looked up once more and read where it is now."""
         where_ = self._locate(kind, entry_id)
         if where_ is None:
             return None
-        if in_runs:
-            return self._runs.read((kind, entry_id), where_)
-        return self._read_pack(where_.pack, where_.offset, where_.length)
+        try:
+            return read(where_)
+        except PackMissing:
+            moved = self.index(fresh=True).get((kind, entry_id)) or self._condemned_index().get((kind, entry_id))
+            if moved is None or moved == where_:
+                raise
+            return read(moved)
 
     def _read_pack(self, pack: str, offset: int, length: int) -> bytes:
         data = self.bucket.get(pack_object(pack), offset, length)
         if data is None:
-            raise CorruptBlockError(f"pack {pack} is missing from {self.config.label}")
+            raise PackMissing(f"pack {pack} is missing from {self.config.label}")
         return data
 
     def _unseal(self, associated: bytes, sealed: bytes, what: str) -> bytes:
