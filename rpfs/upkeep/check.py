@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import lmdb
+
 from rpfs.attach.filesystems import has_attached
 from rpfs.attach.vm import release_attach
 from rpfs.backup import snapshot
@@ -30,7 +32,7 @@ from rpfs.store.store import WRITER_WAIT_SECONDS, Store
 
 @dataclass
 class Problem:
-    kind: str                 # map | refs | block | snapshot | hold | lease | run-dir | instant
+    kind: str                 # map | refs | block | records | snapshot | hold | lease | run-dir | instant
     what: str                 # one line, for the user
     repaired: bool = False
     repair: Callable[[], None] | None = field(default=None, repr=False, compare=False)
@@ -56,6 +58,7 @@ def check(store: Store, read_data: bool = False, repair: bool = False, progress=
         result.problems += [Problem("map", f"{message} (rpfs verify names the recovery point)") for message in damaged]
         result.problems += _refs(store, counts, piece_counts, can_repair=not damaged)
         result.problems += _blocks(store, counts, read_data, result, progress)
+        result.problems += _records(store)
         result.problems += _snapshots(store, points)
         result.problems += _holds(store, {(p.vm, p.id) for p in points})
         result.problems += [Problem("lease", f"lease file {path} of a reader that died",
@@ -107,6 +110,21 @@ def _blocks(store: Store, counts: dict[bytes, int], read_data: bool, result: Che
                                              " (rpfs verify names the recovery points that need it)"))
         if progress:
             progress(n, len(counts))
+    return problems
+
+
+def _records(store: Store) -> list[Problem]:
+    """The tables of JSON records (policies, protected VMs, jobs) read whole, keys in order: a damaged
+    B-tree page there fails every command that reads the table (each command records a job)."""
+    problems = []
+    for kind in ("policies", "protected", "jobs"):
+        try:
+            names = list(store.records(kind))
+        except (lmdb.Error, CorruptBlockError) as e:
+            problems.append(Problem("records", f"the {kind} table cannot be read whole: {getattr(e, 'message', e)}"))
+            continue
+        if names != sorted(set(names)):
+            problems.append(Problem("records", f"the {kind} table is damaged: its records are out of order"))
     return problems
 
 

@@ -11,13 +11,18 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Iterator
 
-from rpfs.errors import RpfsError
+import lmdb
+
+from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.host.processes import start_time
 from rpfs.store.store import Store
 
 KIND = "jobs"
 KEEP_JOBS = 1000          # the newest finished jobs kept; older ones are forgotten (`rpfs run` adds a
 KEEP_DAYS = 90            # prune every 15 minutes), and so is any finished job older than this
+TRIMMED_BY = {"backup", "prune", "gc", "push"}   # the writers forget old jobs; a restore, verify or check
+# reads nothing of the job table: a damaged page there (bit rot) must not fail or crash them (LMDB aborts
+# on some damaged B-tree pages: no exception to catch), nor let a restore fail where verify finds nothing
 
 
 @dataclass
@@ -46,8 +51,12 @@ def recorded(store: Store, kind: str, vm: str | None = None) -> Iterator[Job]:
     started = _now()
     job = Job(id=f"{started.strftime('%Y%m%dT%H%M%S.%fZ')}-{os.getpid()}", kind=kind, vm=vm,
               start=started.isoformat(timespec="seconds"), pid=os.getpid(), pid_start=start_time(os.getpid()))
-    store.put_record(KIND, job.id, asdict(job))
-    _forget_old_jobs(store, started)
+    logged = _log(store, job)
+    if logged and kind in TRIMMED_BY:
+        try:
+            _forget_old_jobs(store, started)
+        except (lmdb.Error, CorruptBlockError):
+            pass   # a job table that cannot be read whole: rpfs check reports it; the command goes on
     try:
         yield job
         job.status = "succeeded"
@@ -62,7 +71,19 @@ def recorded(store: Store, kind: str, vm: str | None = None) -> Iterator[Job]:
         raise
     finally:
         job.end = _now().isoformat(timespec="seconds")
+        if logged:
+            _log(store, job)
+
+
+def _log(store: Store, job: Job) -> bool:
+    """Write the job's record. The job table is a log, not data: damage in it (bit rot in its B-tree pages
+    or records) must not refuse the command it records, least of all a restore of intact data: the
+    command goes on unrecorded (rpfs check reports the table; a failing command still says one line)."""
+    try:
         store.put_record(KIND, job.id, asdict(job))
+        return True
+    except (lmdb.Error, RpfsError):
+        return False
 
 
 def _job(record: dict) -> Job | None:
