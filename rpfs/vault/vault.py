@@ -114,6 +114,7 @@ class Vault:
         self._pieces = MapPieces()
         self._runs = RunReader(self._read_pack, self.index)
         self._heads: OrderedDict[tuple[str, int], bytes] = OrderedDict()   # blob heads by place: random reads
+        self._heads_lock = threading.Lock()   # not the index's: an index reload must not stall random reads
         self.created = False   # by Vault.create, in this call
         self._listing: tuple[float, list[tuple[str, str]]] = (-LISTING_SECONDS, [])
 
@@ -349,17 +350,22 @@ class Vault:
         """Every hold in the vault (a damaged one stops the caller: what it keeps cannot be known)."""
         found = []
         for object_name, _size in self.bucket.names("holds/"):
-            raw = self.bucket.get(object_name)
-            if raw is None:
-                continue   # released meanwhile
-            try:
-                record = json.loads(raw)
-                found.append(Hold(object_name[len("holds/"):], str(record["vm"]), str(record["point"]),
-                                  str(record["target"]), base64.b64decode(record["manifest"])))
-            except (ValueError, KeyError, TypeError):
-                raise RpfsError(f"{self.config.label}: {object_name} is damaged; nothing was changed (delete it"
-                                " if no instant restore from this vault is unfinished)") from None
+            hold = self._hold(object_name)
+            if hold is not None:   # else released meanwhile
+                found.append(hold)
         return found
+
+    def _hold(self, object_name: str) -> Hold | None:
+        raw = self.bucket.get(object_name)
+        if raw is None:
+            return None
+        try:
+            record = json.loads(raw)
+            return Hold(object_name[len("holds/"):], str(record["vm"]), str(record["point"]), str(record["target"]),
+                        base64.b64decode(record["manifest"]))
+        except (ValueError, KeyError, TypeError):
+            raise RpfsError(f"{self.config.label}: {object_name} is damaged; nothing was changed (delete it if no"
+                            " instant restore from this vault is unfinished)") from None
 
     def held_maps(self, hold: Hold) -> dict[str, tuple[int, list[bytes]]]:
         """disk -> (block count, piece ids) of a held point, from the hold's own copy of its manifest."""
@@ -367,12 +373,10 @@ class Vault:
 
     def adopt_hold(self, name: str) -> None:
         """Read the held point from the hold's manifest from now on, whether or not prune deleted its own."""
-        for hold in self.holds():
-            if f"holds/{hold.name}" == hold_object(name):
-                self._held[point_object(hold.vm, hold.point_id)] = self._open_manifest(hold.vm, hold.point_id,
-                                                                                       hold.manifest)
-                return
-        raise RpfsError(f"{self.config.label} has no hold {name} (the instant restore was discarded?)")
+        hold = self._hold(hold_object(name))
+        if hold is None:
+            raise RpfsError(f"{self.config.label} has no hold {name} (the instant restore was discarded?)")
+        self._held[point_object(hold.vm, hold.point_id)] = self._open_manifest(hold.vm, hold.point_id, hold.manifest)
 
     # -- the image read path (as Store: serve/image.py) ------------------------------------------
     @staticmethod
@@ -446,7 +450,7 @@ class Vault:
         return self._located(BLOB, digest, lambda where_: self._cut_at(where_, digest, start, stop))
 
     def _cut_at(self, where_: Location, digest: bytes, start: int, stop: int) -> Cut | bytes:
-        with self._index_lock:   # heads by place, not by id: another copy of a block is sealed anew
+        with self._heads_lock:   # heads by place, not by id: another copy of a block is sealed anew
             head = self._heads.get((where_.pack, where_.offset))
         if head is None:
             head = self._read_pack(where_.pack, where_.offset, min(where_.length, HEAD_BYTES))
@@ -456,7 +460,7 @@ class Vault:
             if len(head) < needed <= where_.length:
                 head = self._read_pack(where_.pack, where_.offset, needed)
             head = bytes(head[:needed])
-            with self._index_lock:
+            with self._heads_lock:
                 self._heads[(where_.pack, where_.offset)] = head
                 while len(self._heads) > HEADS_KEPT:
                     self._heads.popitem(last=False)
