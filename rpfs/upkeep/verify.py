@@ -11,6 +11,7 @@ from rpfs.store.isolated import IsolatedStore
 from rpfs.store.leases import Lease
 from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.block_maps import distinct_digests
+from rpfs.store.recovery_point import DIGEST_SIZE
 from rpfs.store.store import Store
 
 
@@ -64,6 +65,11 @@ def _verify(store: IsolatedStore, points: list[RecoveryPoint], sample_percent: f
                 block_map = store.block_map(store.map_key(p.vm, p.id, d.name))
             except CorruptBlockError as e:
                 damaged_maps.setdefault(f"{p.vm}/{p.id}", []).append(f"{d.name}: block map: {e.message}")
+                continue
+            if len(block_map) != d.blocks * DIGEST_SIZE:   # none at all (b""), as a restore finds it, or short
+                damaged_maps.setdefault(f"{p.vm}/{p.id}", []).append(
+                    f"{d.name}: block map: {len(block_map) // DIGEST_SIZE} entries for {d.blocks} blocks"
+                    + (" (missing)" if not block_map else ""))
                 continue
             for digest in distinct_digests(block_map):
                 users.setdefault(digest, []).append((f"{p.vm}/{p.id}", d.name))
