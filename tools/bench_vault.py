@@ -186,7 +186,14 @@ def report(r: dict) -> None:
     for what, ratio, ok in (("push / plain upload >= 0.80", push, push >= 0.8),
                             ("restore (stored bytes) / plain download >= 0.80", restore, restore >= 0.8),
                             ("incremental uploaded / new stored <= 1.10", inc["ratio"], inc["ratio"] <= 1.1)):
-        print(f"  {what:<50} {ratio:6.2f}  {'PASS' if ok else 'MISS'}")
+        print(f"  {what:<61} {ratio:6.2f}  {'PASS' if ok else 'MISS'}")
+    cores = os.cpu_count() or 1
+    print(f"bounds on this machine ({cores} cores, the gateway on them too):")
+    for what, plain, step in (("push", r["plain_upload"], r["push"]), ("restore", r["plain_download"], r["restore"])):
+        best = plain["wall"] / max(plain["wall"], step["machine_cpu"] / cores)
+        print(f"  {what + ' with every core busy all along (machine CPU / cores)':<61} {best:6.2f}")
+    local = r["push"]["bytes"] / MiB / r["local_restore"]["wall"] / r["plain_download"]["mib_per_second"]
+    print(f"  {'restore from the local store, no network (stored bytes)':<61} {local:6.2f}")
 
 
 if __name__ == "__main__":
