@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target")
     p.add_argument("--discard", action="store_true",
                    help="also abandon it: remove the unfinished copy (and the writes made to it), its state"
-                        " file, its hold on the recovery point and its record; a complete FILE is kept")
+                        " file, its hold on the recovery point and its record; a complete FILE is kept"
+                        " (rpfs --vault NAME instant-stop --discard: also a vault hold left with no record)")
     p.set_defaults(func=cmd_instant_stop)
 
     p = sub.add_parser("jobs", parents=[json_flag],
@@ -321,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-FROM_VAULT = ("list", "restore", "instant-restore", "mount", "attach", "verify")   # the commands --vault serves so far
+FROM_VAULT = ("list", "restore", "instant-restore", "instant-stop", "mount", "attach", "verify")   # --vault serves
 
 
 def main(argv: list[str] | None = None) -> int:

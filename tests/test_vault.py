@@ -419,6 +419,23 @@ def test_instant_restore_from_the_vault_alone_keeps_its_point_until_copied(vault
     assert _gc()["condemned_packs"] == 1 and _gc()["deleted_packs"] == 1
 
 
+def test_a_hold_left_by_a_start_killed_before_its_state_file_is_discarded_by_name(vault_env, area):
+    """instant-restore takes its vault hold, then writes the target's state: killed in between, only the
+    hold is left. Found from the target and --vault alone."""
+    from rpfs.host.run_dir import instant_files
+    from rpfs.vault.vault import hold_object
+    _vault_of_one_backup(vault_env, area, 16)
+    target = area / "never.img"
+    held = hold_object(instant_files(target)[0].stem)
+    _client(vault_env["endpoint"]).put_object(Bucket=vault_env["bucket"], Key=held, Body=b"{}")
+    refused = rpfs("instant-stop", "--discard", str(target), check=False)
+    assert refused.returncode == 1 and "no instant restore into" in refused.stderr
+    done = json.loads(rpfs("--vault", "offsite", "instant-stop", "--discard", str(target), "--json").stdout)
+    assert done["removed"] == ["its hold in vault offsite"] and not _objects(vault_env, "holds/")
+    again = rpfs("--vault", "offsite", "instant-stop", "--discard", str(target), check=False)
+    assert again.returncode == 1 and "no instant restore into" in again.stderr
+
+
 def _gc(vault: str = "offsite") -> dict:
     return json.loads(rpfs("vault", "gc", vault, "--json").stdout)
 

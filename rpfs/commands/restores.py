@@ -116,7 +116,8 @@ def cmd_instant_stop(args) -> int:
 
 def _discard(args) -> int:
     from rpfs.restore import instant
-    done = instant.discard(Path(args.target), Path(args.store) if args.store else None)
+    done = instant.discard(Path(args.target), Path(args.store) if args.store else None,
+                           vault_name=args.vault or "")
     if args.json:
         print_json(asdict(done))
         return 0

@@ -107,6 +107,11 @@ def _take_hold(store, name: str, point: RecoveryPoint, target: Path) -> bool:
     return True
 
 
+def _vault_holds(vault: str, name: str) -> bool:
+    from rpfs.vault.vault import has_hold
+    return has_hold(vault, name)
+
+
 def _release_hold(store_path: str, vault: str, name: str) -> None:
     if vault:
         from rpfs.vault.vault import release_hold as release_vault_hold
@@ -260,12 +265,14 @@ class Discarded:
     disk: str = ""
 
 
-def discard(target: Path, store_path: Path | None = None, wait_seconds: float = 10.0) -> Discarded:
+def discard(target: Path, store_path: Path | None = None, wait_seconds: float = 10.0,
+            vault_name: str = "") -> Discarded:
     """Abandon an instant restore: stop serving it, then remove its copy (unless complete), its hold and
     its record, in that order, so that a kill at any moment leaves what running it again finishes.
 
-    Found from the target alone: the record and the hold are named after its path, the store comes from
-    the state file, the record or store_path (the record is gone after a reboot, /run being a tmpfs)."""
+    Found from the target alone: the record and the hold are named after its path, the store or vault
+    comes from the state file, the record, or store_path / vault_name (the record is gone after a reboot,
+    /run being a tmpfs; a start killed between taking its hold and writing its state left only the hold)."""
     target = Path(os.path.abspath(target))
     registry, mountpoint = run_dir.instant_files(target)
     job = _registered(registry)
@@ -276,7 +283,9 @@ def discard(target: Path, store_path: Path | None = None, wait_seconds: float = 
         pass   # a damaged state file: the restore cannot resume, so it can still be discarded
     stores = [s for s in (source.store if source else "", job.store if job else "", store_path or "") if s]
     held = [Path(s) / LEASE_DIR / f"hold-{registry.stem}" for s in dict.fromkeys(map(os.path.abspath, stores))]
-    if job is None and not state_path(target).exists() and not any(h.exists() for h in held):
+    vault = source.vault if source else job.vault if job else vault_name
+    if job is None and not state_path(target).exists() and not any(h.exists() for h in held) \
+            and not (vault and _vault_holds(vault, registry.stem)):
         raise RpfsError(f"no instant restore into {target} (see rpfs jobs)")
     if fstype_at(str(mountpoint)) is not None:
         daemon.unmount(mountpoint)    # refused while the image is in use (a loop device, a VM)
@@ -288,7 +297,6 @@ def discard(target: Path, store_path: Path | None = None, wait_seconds: float = 
         if path.exists():
             release_hold(path.parent.parent, registry.stem)
             removed.append(str(path))
-    vault = source.vault if source else job.vault if job else ""
     if vault:
         _release_hold("", vault, registry.stem)
         removed.append(f"its hold in vault {vault}")

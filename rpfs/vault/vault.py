@@ -533,6 +533,12 @@ def probe(config: VaultConfig, bucket: Bucket | None = None) -> dict:
     return settings
 
 
+def has_hold(vault_name: str, name: str) -> bool:
+    """Whether this machine holds a point under that name (no key needed: discard)."""
+    wanted = hold_object(name)
+    return any(found == wanted for found, _size in bucket_of(vault_config(vault_name)).names(wanted))
+
+
 def release_hold(vault_name: str, name: str) -> None:
     """Release this machine's hold knowing only the vault's name (no key needed: instant-stop, discard)."""
     bucket_of(vault_config(vault_name)).delete(hold_object(name))
