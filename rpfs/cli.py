@@ -45,8 +45,20 @@ def _rate(text: str) -> float:
     return value
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("rpfs")
+    except PackageNotFoundError:   # run from a source tree that was never installed
+        return "(not installed)"
+
+
+UNITS = {"daily": "days", "weekly": "weeks", "monthly": "months", "yearly": "years"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rpfs", description="Recovery-point filesystem: back up disk images, mount and restore them.")
+    parser.add_argument("--version", action="version", version=f"rpfs {_version()}")
     parser.add_argument("--store", default=os.environ.get("RPFS_STORE"),
                         help="store directory (default: $RPFS_STORE)")
     parser.add_argument("--vault", metavar="NAME",
@@ -59,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="open the store or vault with the recovery private key (X25519, PEM) instead: for"
                              " disaster recovery when the key file and passphrase are lost")
     # Every subcommand takes --key-file too (before or after its own arguments) and --json.
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
     json_flag = _Parser(add_help=False)
     json_flag.add_argument("--json", action="store_true", help="print machine-readable JSON")
     json_flag.add_argument("--key-file", metavar="PATH", default=argparse.SUPPRESS, help=key_help)
@@ -105,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_key)
 
     p = sub.add_parser("backup", parents=[json_flag], help="back up the disks of a VM into a new recovery point")
-    p.add_argument("vm")
-    p.add_argument("--disk", action="append", default=[], metavar="NAME=PATH",
+    p.add_argument("vm", help="the VM's name (a new one is created by its first backup)")
+    p.add_argument("--disk", action="append", required=True, metavar="NAME=PATH",
                    help="a disk of the VM: an image file or a block device (repeat for each disk)")
     p.add_argument("--consistency-config", metavar="TOML",
                    help="pre/post scripts and filesystems to freeze for the snapshot (see README)")
@@ -117,15 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("list", parents=[json_flag], help="list VMs, recovery points and disks")
-    p.add_argument("vm", nargs="?")
+    p.add_argument("vm", nargs="?", help="only this VM's recovery points (default: every VM)")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("snapshots", parents=[json_flag], help="kept reflink snapshots (the instant-restore tier)")
-    p.add_argument("vm", nargs="?")
+    p.add_argument("vm", nargs="?", help="only this VM's snapshots (default: every VM)")
     p.set_defaults(func=cmd_snapshots)
 
     p = sub.add_parser("restore", parents=[json_flag], help="write a recovery point's disks back (full restore)")
-    p.add_argument("vm")
+    p.add_argument("vm", help="the VM whose recovery point it is")
     p.add_argument("recovery_point", nargs="?", help="recovery point id (default: the latest)")
     p.add_argument("--to", required=True, metavar="PATH",
                    help="folder for DISK.img files; with --disk, the file or block device to write")
@@ -136,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("overlay", parents=[json_flag],
                        help="a qcow2 overlay over a recovery point's image in the store mount (the VM way)")
-    p.add_argument("vm")
+    p.add_argument("vm", help="the VM whose recovery point it is")
     p.add_argument("recovery_point", nargs="?", help="recovery point id (default: the latest, recorded by its id)")
     p.add_argument("--disk", required=True, help="the disk the overlay is for")
     p.add_argument("--mount", required=True, metavar="MOUNTPOINT", help="where the store is mounted (rpfs mount)")
@@ -145,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("instant-restore", parents=[json_flag],
                        help="a writable disk image at once, copied out of the store in the background")
-    p.add_argument("vm")
+    p.add_argument("vm", help="the VM whose recovery point it is")
     p.add_argument("recovery_point", nargs="?", help="recovery point id (default: the latest)")
     p.add_argument("--disk", required=True, help="the disk to restore")
     p.add_argument("--to", required=True, metavar="PATH", help="the image file the copy ends up in")
@@ -155,12 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_instant_restore)
 
     p = sub.add_parser("instant-wait", parents=[json_flag], help="wait until an instant restore's copy is complete")
-    p.add_argument("target")
+    p.add_argument("target", metavar="FILE", help="the instant restore's target (its --to)")
     p.set_defaults(func=cmd_instant_wait)
 
     p = sub.add_parser("instant-stop", parents=[json_flag],
                        help="stop serving an instant restore's image (an unfinished copy stays resumable)")
-    p.add_argument("target")
+    p.add_argument("target", metavar="FILE", help="the instant restore's target (its --to)")
     p.add_argument("--discard", action="store_true",
                    help="also abandon it: remove the unfinished copy (and the writes made to it), its state"
                         " file, its hold on the recovery point and its record; a complete FILE is kept"
@@ -173,36 +185,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("policy", parents=[json_flag], help="protection policies: schedule, retention, snapshots")
-    p.add_argument("action", choices=["create", "update", "import", "list", "show", "delete"])
+    p.add_argument("action", choices=["create", "update", "import", "list", "show", "delete"],
+                   help="what to do: create or update one from the options below, import a TOML file, list"
+                        " them, show or delete one")
     p.add_argument("name", nargs="?", help="policy name (for import: the TOML file)")
-    p.add_argument("--daily", metavar="HH:MM")
-    p.add_argument("--weekdays", metavar="mon,thu")
-    p.add_argument("--at", metavar="HH:MM")
-    p.add_argument("--every-hours", type=int, metavar="N")
-    p.add_argument("--keep-last", type=int)
+    p.add_argument("--daily", metavar="HH:MM", help="back up every day at this time")
+    p.add_argument("--weekdays", metavar="mon,thu", help="back up on these days (at --at)")
+    p.add_argument("--at", metavar="HH:MM", help="the time of day for --weekdays")
+    p.add_argument("--every-hours", type=int, metavar="N", help="back up every N hours")
+    p.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N recovery points")
     for period in ("daily", "weekly", "monthly", "yearly"):
-        p.add_argument(f"--keep-{period}", type=int, metavar="N")
-    p.add_argument("--keep-snapshot-days", type=float)
-    p.add_argument("--consistency-config", metavar="TOML")
-    p.add_argument("--allow-live", choices=["yes", "no"])
+        p.add_argument(f"--keep-{period}", type=int, metavar="N",
+                       help=f"keep the newest recovery point of each of the last N {UNITS[period]}")
+    p.add_argument("--keep-snapshot-days", type=float, metavar="DAYS",
+                   help="keep each backup's reflink snapshot this many days (the instant-restore tier)")
+    p.add_argument("--consistency-config", metavar="TOML", help="pre/post scripts and filesystems to freeze")
+    p.add_argument("--allow-live", choices=["yes", "no"],
+                   help="back up a disk in use that cannot be snapshotted (recorded as inconsistent)")
     p.add_argument("--replace", action="store_true", help="import over an existing policy")
     p.add_argument("--vault", dest="policy_vault", metavar="NAME",
                    help="push each new recovery point to this vault (rpfs vault add); '' for none")
     for period in ("last", "daily", "weekly", "monthly", "yearly"):
         p.add_argument(f"--vault-keep-{period}", type=int, metavar="N",
-                       help="what the vault keeps (as --keep-*); none given: every point" if period == "last" else None)
+                       help="what the vault keeps (as --keep-*); none given: every point" if period == "last"
+                       else f"as --keep-{period}, in the vault")
     p.set_defaults(func=cmd_policy)
 
     p = sub.add_parser("protect", parents=[json_flag], help="protect a VM with a policy")
-    p.add_argument("vm")
-    p.add_argument("--policy", required=True)
-    p.add_argument("--disk", action="append", default=[], metavar="NAME=PATH")
+    p.add_argument("vm", help="the VM's name")
+    p.add_argument("--policy", required=True, help="the policy's name (rpfs policy list)")
+    p.add_argument("--disk", action="append", default=[], metavar="NAME=PATH",
+                   help="a disk of the VM: an image file or a block device (repeat for each disk)")
     p.add_argument("--temporary-disk", action="append", default=[], metavar="NAME=PATH",
                    help="a disk that is never backed up nor counted (like a VM's temporary disk)")
     p.set_defaults(func=cmd_protect)
 
     p = sub.add_parser("unprotect", parents=[json_flag], help="stop protecting a VM")
-    p.add_argument("vm")
+    p.add_argument("vm", help="the VM's name")
     p.add_argument("--keep-data", action="store_true", help="its recovery points stay restorable")
     p.add_argument("--delete-data", action="store_true", help="delete its recovery points")
     p.set_defaults(func=cmd_unprotect)
@@ -213,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("prune", parents=[json_flag], help="delete recovery points the policies no longer keep")
-    p.add_argument("vm", nargs="?")
+    p.add_argument("vm", nargs="?", help="only this VM (default: every protected VM)")
     p.add_argument("--dry-run", action="store_true", help="list what would be pruned and why the rest is kept")
     p.set_defaults(func=cmd_prune)
 
@@ -231,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compact)
 
     p = sub.add_parser("verify", parents=[json_flag], help="read every referenced block and check its digest")
-    p.add_argument("vm", nargs="?")
-    p.add_argument("recovery_point", nargs="?")
+    p.add_argument("vm", nargs="?", help="only this VM (default: every VM)")
+    p.add_argument("recovery_point", nargs="?", help="only this recovery point of VM")
     p.add_argument("--sample", type=float, default=100.0, metavar="PERCENT", help="check a random sample")
     p.set_defaults(func=cmd_verify)
 
@@ -248,9 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, pinned in (("pin", True), ("unpin", False)):
         p = sub.add_parser(name, parents=[json_flag],
-                           help=f"{'protect a recovery point against' if pinned else 'allow again'} pruning")
-        p.add_argument("vm")
-        p.add_argument("recovery_point")
+                           help="keep a recovery point whatever the policy says" if pinned
+                           else "let the policy prune a pinned recovery point again")
+        p.add_argument("vm", help="the VM's name")
+        p.add_argument("recovery_point", help="the recovery point's id (rpfs list)")
         p.set_defaults(func=cmd_pin, pinned=pinned)
 
     p = sub.add_parser("vault", help="vaults: recovery points off the host in an S3 bucket (add, list, remove, push,"
@@ -295,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_instant_daemon)
 
     p = sub.add_parser("mount", parents=[json_flag], help="mount the store read-only (FUSE)")
-    p.add_argument("mountpoint")
+    p.add_argument("mountpoint", help="an empty folder to mount on")
     p.add_argument("--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--cache-mb", type=int, default=256, help="decoded-block cache size in MiB (default 256)")
     p.add_argument("--allow-group", metavar="GROUP",
@@ -306,18 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("umount", parents=[json_flag], help="unmount a store mount (also one whose daemon died)")
-    p.add_argument("mountpoint")
+    p.add_argument("mountpoint", help="where it is mounted")
     p.set_defaults(func=cmd_umount)
 
     p = sub.add_parser("attach", parents=[json_flag],
                        help="mount every filesystem of a disk image, or of every disk of VM[/ID], read-only")
     p.add_argument("source", metavar="IMAGE|VM[/ID]",
                    help="an image file or block device; or a VM of the store, optionally /ID (default: latest)")
-    p.add_argument("dest")
+    p.add_argument("dest", help="the folder to mount the filesystems on (made if missing)")
     p.set_defaults(func=cmd_attach)
 
     p = sub.add_parser("detach", parents=[json_flag], help="undo rpfs attach")
-    p.add_argument("dest")
+    p.add_argument("dest", help="the folder given to rpfs attach")
     p.set_defaults(func=cmd_detach)
     return parser
 
@@ -326,6 +346,17 @@ FROM_VAULT = ("list", "restore", "instant-restore", "instant-stop", "mount", "at
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()   # here, not at exit: a closed pipe is then one more BrokenPipeError
+    except BrokenPipeError:   # `rpfs list | head`: the reader has what it wanted; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # Python's last flush must not fail
+        return 141   # what a shell reports for a command ended by SIGPIPE
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     take_passphrases(args)
     try:
@@ -333,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             raise RpfsError(f"--vault: rpfs {args.command} does not read from a vault (from a vault: "
                             + ", ".join(FROM_VAULT) + ")")
         return args.func(args)
+    except BrokenPipeError:
+        raise   # main's: not an error of the command
     except RpfsError as e:
         print(f"rpfs: {e.message}", file=sys.stderr)
         return e.exit_code

@@ -79,7 +79,7 @@ def test_bad_disks_change_nothing(store, tmp_path):
         (["backup", "vm", "--disk", f"d={tmp_path}/missing.img"], "does not exist"),
         (["backup", "vm", "--disk", f"d={unreadable}"], "not an image file"),
         (["backup", "vm", "--disk", "nonsense"], "NAME=PATH"),
-        (["backup", "vm"], "at least one --disk"),
+        (["backup", "vm"], "arguments are required: --disk"),
         (["backup", "../vm", "--disk", "d=/etc/hostname"], "invalid VM name"),
         (["list", "nosuchvm"], "unknown VM"),
     ]:
@@ -176,3 +176,45 @@ def test_an_interrupt_after_the_commit_says_the_point_exists(store, tmp_path, mo
     [point] = json.loads(rpfs("list", "--json", store=store).stdout)
     created = f"recovery point vm/{point['id']} was created before the interrupt"
     assert capsys.readouterr().err == f"rpfs: interrupted; {created}\n"
+
+
+def _commands(parser, path=()):
+    """(command words, its parser) for every command and subcommand users can run."""
+    import argparse
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            shown = {choice.dest for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                if name in shown:
+                    yield from _commands(sub, path + (name,))
+
+
+def test_every_command_s_help_explains_every_argument():
+    """What an admin reads first: `rpfs COMMAND --help` says what each argument is, positionals too."""
+    import argparse
+
+    from rpfs.cli import build_parser
+    commands = list(_commands(build_parser()))
+    assert len(commands) > 40 and ("instant-daemon",) not in [path for path, _ in commands]   # internal
+    for path, parser in commands:
+        shown = rpfs(*path, "--help").stdout
+        for action in parser._actions:
+            if action.help is None and not isinstance(action, argparse._SubParsersAction):
+                raise AssertionError(f"rpfs {' '.join(path)}: {action.dest} has no help")
+            if action.help not in (None, "==SUPPRESS=="):
+                assert " ".join(action.help.split()) in " ".join(shown.split()), (path, action.dest)
+    assert "instant-daemon" not in rpfs("--help").stdout
+    usage = rpfs("backup", "--help").stdout.split("\n\n")[0]
+    assert "--disk NAME=PATH" in usage and "[--disk" not in usage   # required, and shown so
+
+
+def test_version_and_a_reader_that_stops_early(store, tmp_path):
+    """`rpfs list | head -1` ends quietly (status 141, as if by SIGPIPE), never with "rpfs: Broken pipe"."""
+    assert rpfs("--version").stdout.strip().startswith("rpfs ")
+    write_image(tmp_path / "d.img", 1, 4 * MiB)
+    rpfs("backup", "web", "--disk", f"os={tmp_path / 'd.img'}", store=store)
+    reader = subprocess.Popen([sys.executable, "-m", "rpfs", "--store", str(store), "list"], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader.stdout.close()   # before it writes a line: its output meets a closed pipe
+    assert reader.wait(timeout=30) == 141 and reader.stderr.read() == b""
