@@ -218,3 +218,21 @@ def test_version_and_a_reader_that_stops_early(store, tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     reader.stdout.close()   # before it writes a line: its output meets a closed pipe
     assert reader.wait(timeout=30) == 141 and reader.stderr.read() == b""
+
+
+def test_a_refused_command_leaves_jobs_unchanged(store, tmp_path):
+    """A typo, an existing target, an unknown VM: nothing happened, so nothing is recorded as a job."""
+    write_image(tmp_path / "d.img", 2, 4 * MiB)
+    rpfs("backup", "web", "--disk", f"os={tmp_path / 'd.img'}", store=store)
+    before = json.loads(rpfs("jobs", "--json", store=store).stdout)["jobs"]
+    (tmp_path / "there.img").write_bytes(b"x")
+    for args in (["restore", "web", "--disk", "os", "--to", str(tmp_path / "there.img")],
+                 ["restore", "nosuch", "--disk", "os", "--to", str(tmp_path / "new.img")],
+                 ["restore", "web", "--disk", "nosuch", "--to", str(tmp_path / "new.img")],
+                 ["verify", "nosuch"],
+                 ["backup", "web", "--disk", f"os={tmp_path / 'missing.img'}"]):
+        assert rpfs(*args, store=store, check=False).returncode != 0, args
+    assert json.loads(rpfs("jobs", "--json", store=store).stdout)["jobs"] == before
+    rpfs("restore", "web", "--disk", "os", "--to", str(tmp_path / "new.img"), store=store)
+    after = json.loads(rpfs("jobs", "--json", store=store).stdout)["jobs"]
+    assert [j["kind"] for j in after if j not in before] == ["restore"]

@@ -93,8 +93,10 @@ class BackupOptions:
 
 
 def backup(store: Store, vm: str, disk_specs: list[tuple[str, str]], progress: ProgressFn | None = None,
-           workers: int | None = None, options: BackupOptions | None = None) -> tuple[RecoveryPoint, BackupSummary]:
-    """Quiesce and snapshot, thaw, read the snapshots, commit the recovery point, then drop the snapshots."""
+           workers: int | None = None, options: BackupOptions | None = None,
+           started: Callable[[], None] | None = None) -> tuple[RecoveryPoint, BackupSummary]:
+    """Quiesce and snapshot, thaw, read the snapshots, commit the recovery point, then drop the snapshots.
+    started() is called once every check passed and the work starts (the CLI records the job then)."""
     check_name("VM", vm)
     options = options or BackupOptions()
     if not 0 <= options.keep_snapshot_days <= MAX_KEEP_DAYS:   # also refuses nan
@@ -103,6 +105,8 @@ def backup(store: Store, vm: str, disk_specs: list[tuple[str, str]], progress: P
     for name, path in disks.items():   # every disk readable before anything is quiesced
         DiskSource.open(name, path).close()
     with store.writer_lock(f"backup of {vm}", wait_seconds=WRITER_WAIT_SECONDS, refuse=_another_backup):
+        if started:
+            started()
         kept = {Path(p) for point in store.points(vm) if point.snapshot for p in point.snapshot.paths.values()}
         snapshot.delete(snapshot.orphans(disks.values(), vm, kept))   # under the writer lock: none is in the making
         when = datetime.now(timezone.utc)

@@ -52,15 +52,16 @@ def open_source(args):
 
 @contextmanager
 def store_and_job(args, kind: str, vm: str | None) -> Iterator[tuple]:
-    """The store, with the command recorded as a job in it; or with --vault the vault (rpfs.vault), the job
-    recorded nowhere (the vault keeps no jobs, and there may be no store)."""
+    """The store, with the command recorded as a job in it once it calls job.begin() (jobs.py: a refused
+    command is no job); or with --vault the vault (rpfs.vault), the job recorded nowhere (the vault keeps
+    no jobs, and there may be no store)."""
     from rpfs.upkeep.jobs import Job, recorded
     if args.vault:
         from rpfs.commands.vaults import open_vault
         with open_vault(args) as vault:
             yield vault, Job(id="", kind=kind, vm=vm, start="")
         return
-    with open_store(args) as store, recorded(store, kind, vm) as job:
+    with open_store(args) as store, recorded(store, kind, vm, begun=False) as job:
         yield store, job
 
 

@@ -15,9 +15,9 @@ def cmd_backup(args) -> int:
     disks = parse_disk_specs(args.disk)
     options = BackupOptions(consistency=load_config(Path(args.consistency_config)) if args.consistency_config else None,
                             allow_live=args.allow_live, keep_snapshot_days=args.keep_snapshot_days)
-    with open_store(args) as store, recorded(store, "backup", args.vm) as job:
+    with open_store(args) as store, recorded(store, "backup", args.vm, begun=False) as job:
         with ProgressBar(f"backup {args.vm}", quiet=args.json) as bar:
-            point, summary = backup(store, args.vm, disks, progress=bar, options=options)
+            point, summary = backup(store, args.vm, disks, progress=bar, options=options, started=job.begin)
         job.bytes_read, job.bytes_written, job.recovery_point = summary.bytes_read, summary.stored_bytes, point.id
     if args.json:
         print_json({**asdict(summary), "mb_per_second": round(summary.mb_per_second, 1),

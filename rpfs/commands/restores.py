@@ -17,6 +17,7 @@ def cmd_restore(args) -> int:
         job.recovery_point = point.id
         if args.disk:
             jobs = [(point.disk(args.disk).name, Path(args.to))]
+            check_target(Path(args.to), point.disk(args.disk).size, args.force)
         else:
             folder = Path(args.to)
             if folder.exists() and not folder.is_dir():
@@ -25,6 +26,7 @@ def cmd_restore(args) -> int:
             for name, target in jobs:   # refuse before writing anything
                 folder.mkdir(parents=True, exist_ok=True)
                 check_target(target, point.disk(name).size, args.force)
+        job.begin()   # refused before this (unknown VM, point or disk, an existing target): no job
         summaries = []
         for name, target in jobs:
             with ProgressBar(f"restore {name}", quiet=args.json) as bar:

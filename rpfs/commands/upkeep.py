@@ -36,6 +36,9 @@ def cmd_compact(args) -> int:
 def cmd_verify(args) -> int:
     from rpfs.upkeep.verify import verify
     with store_and_job(args, "verify", args.vm) as (store, job):
+        if args.vm:
+            store.point(args.vm, args.recovery_point)   # raises for an unknown VM or point: no job
+        job.begin()
         with ProgressBar("verify", quiet=args.json) as bar:
             result = verify(store, args.vm, args.recovery_point, args.sample, progress=bar)
         job.bytes_read = result.checked_bytes

@@ -1,5 +1,9 @@
 """Jobs: every backup, restore, prune, gc and verify is recorded in the store while it runs and after.
 
+A command refused before its work starts (an unknown VM, an existing target, a backup already running)
+is not a job: nothing happened, and `rpfs jobs` must not fill with such failures. A command says when its
+work starts (Job.begin); the record is written from then on.
+
 A job whose process died shows as failed, not as running forever: the record keeps the pid and the
 process start time (/proc/PID/stat), so a reused pid is not mistaken for the job.
 """
@@ -40,23 +44,38 @@ class Job:
     pid: int = 0
     pid_start: str = ""
 
+    def begin(self) -> None:
+        """The command's checks are done and its work starts: record it from now on (once)."""
+        starting, self._starting = getattr(self, "_starting", None), None
+        if starting is not None:
+            starting()
+
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
 @contextmanager
-def recorded(store: Store, kind: str, vm: str | None = None) -> Iterator[Job]:
-    """Record a job around a with-block; the block fills in bytes and the recovery point."""
-    started = _now()
-    job = Job(id=f"{started.strftime('%Y%m%dT%H%M%S.%fZ')}-{os.getpid()}", kind=kind, vm=vm,
-              start=started.isoformat(timespec="seconds"), pid=os.getpid(), pid_start=start_time(os.getpid()))
-    logged = _log(store, job)
-    if logged and kind in TRIMMED_BY:
-        try:
-            _forget_old_jobs(store, started)
-        except (lmdb.Error, CorruptBlockError):
-            pass   # a job table that cannot be read whole: rpfs check reports it; the command goes on
+def recorded(store: Store, kind: str, vm: str | None = None, begun: bool = True) -> Iterator[Job]:
+    """Record a job around a with-block; the block fills in bytes and the recovery point. Not begun, the
+    block calls job.begin() once its checks pass: refused before that, nothing is recorded."""
+    logged = False
+    job = Job(id="", kind=kind, vm=vm, start="", pid=os.getpid(), pid_start=start_time(os.getpid()))
+
+    def starting() -> None:
+        nonlocal logged
+        started = _now()
+        job.id = f"{started.strftime('%Y%m%dT%H%M%S.%fZ')}-{os.getpid()}"
+        job.start = started.isoformat(timespec="seconds")
+        logged = _log(store, job)
+        if logged and kind in TRIMMED_BY:
+            try:
+                _forget_old_jobs(store, started)
+            except (lmdb.Error, CorruptBlockError):
+                pass   # a job table that cannot be read whole: rpfs check reports it; the command goes on
+    job._starting = starting
+    if begun:
+        job.begin()
     try:
         yield job
         job.status = "succeeded"
