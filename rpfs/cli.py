@@ -143,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for DISK.img files; with --disk, the file or block device to write")
     p.add_argument("--disk", help="restore only this disk")
     p.add_argument("--force", action="store_true", help="replace an existing file")
-    p.add_argument("--discard", action="store_true", help="discard holes on a block device instead of writing zeros")
+    p.add_argument("--discard", action="store_true",
+                   help="on a block device, free the disk's holes where the device guarantees they then read as"
+                        " zeros (a loop device's file, a thin device), write zeros where it does not; the summary"
+                        " says which was done")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("overlay", parents=[json_flag],

@@ -239,6 +239,32 @@ def test_restore_onto_a_block_device(vm, tmp_path, kernel, discard):
 
 
 @pytest.mark.timeout(120)
+def test_discard_on_a_loop_device_frees_its_backing_file(tmp_path, kernel):
+    """What the admin did: a disk mostly holes restored with --discard onto a loop device over a fully
+    allocated file: the file shrinks (plain BLKZEROOUT kept it allocated), and every byte reads right."""
+    store = tmp_path / "store"
+    rpfs("init", "--encryption", "none", store=store)
+    disk = tmp_path / "sparse.img"
+    with open(disk, "wb") as f:
+        f.truncate(32 * MiB)
+        f.seek(3 * MiB)
+        f.write(os.urandom(2 * MiB))
+    rpfs("backup", "vm", "--disk", f"os={disk}", store=store)
+    backing = tmp_path / "device.img"
+    backing.write_bytes(b"\xff" * (32 * MiB))
+    assert backing.stat().st_blocks * 512 >= 32 * MiB
+    with loop_device(backing) as device:
+        done = json.loads(rpfs("restore", "vm", "--disk", "os", "--to", str(device), "--discard", "--json",
+                               store=store).stdout)["disks"][0]
+        assert done["discarded_bytes"] == 30 * MiB and done["zeroed_bytes"] == 0
+        with open(device, "rb") as f:
+            assert f.read(32 * MiB) == disk.read_bytes()
+        said = rpfs("restore", "vm", "--disk", "os", "--to", str(device), "--discard", store=store).stdout
+        assert "30.0 MiB discarded, 0 B zeroed" in said
+    assert backing.stat().st_blocks * 512 <= 3 * MiB   # the data and a little: the holes are freed
+
+
+@pytest.mark.timeout(120)
 def test_too_small_or_mounted_device_is_refused(vm, tmp_path, kernel):
     store, _ = vm
     small = tmp_path / "small.img"

@@ -38,8 +38,11 @@ def cmd_restore(args) -> int:
                      "disks": [{**asdict(s), "mb_per_second": round(s.mb_per_second, 1)} for s in summaries]})
         return 0
     for s in summaries:
+        device = f": {human_bytes(s.discarded_bytes)} discarded, {human_bytes(s.zeroed_bytes)} zeroed" \
+            if s.discarded_bytes or s.zeroed_bytes else ""
         print(f"restored {s.vm}/{s.point_id}/{s.disk} to {s.target}: {human_bytes(s.size)} in {s.seconds:.1f} s"
-              f" ({s.mb_per_second:.0f} MB/s; {human_bytes(s.written_bytes)} data, {human_bytes(s.hole_bytes)} holes)")
+              f" ({s.mb_per_second:.0f} MB/s; {human_bytes(s.written_bytes)} data, {human_bytes(s.hole_bytes)} holes"
+              f"{device})")
     return 0
 
 

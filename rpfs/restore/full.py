@@ -23,7 +23,7 @@ from typing import Callable
 from rpfs.backup import snapshot
 from rpfs.errors import RpfsError
 from rpfs.host.disk_use import in_use
-from rpfs.host.libc import start_writeback
+from rpfs.host.libc import punch_hole, start_writeback
 from rpfs.host.threads import in_order
 from rpfs.host.tools import run_tool_raw
 from rpfs.restore.partial import PartialFile, check_free, refuse_link
@@ -47,6 +47,8 @@ class RestoreSummary:
     written_bytes: int      # data blocks written
     hole_bytes: int         # holes: left sparse in a file, zeroed or discarded on a device
     seconds: float
+    discarded_bytes: int = 0   # of the holes, on a device with --discard: freed, and read back as zeros
+    zeroed_bytes: int = 0      # of the holes, on a device: zeros written (--discard: where it cannot free)
 
     @property
     def mb_per_second(self) -> float:
@@ -103,13 +105,14 @@ def _restore(store: Store, point: RecoveryPoint, disk, target: Path, is_device: 
     disk_name = disk.name
     started = time.monotonic()
     reader = ImageReader(store, BlockCache(0), point.vm, point.id, disk)
+    holes = DeviceHoles(discard)
     if is_device:
         try:
             fd = os.open(target, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)   # EBUSY while the device is mounted
         except OSError as e:
             raise RpfsError(f"cannot open {target} for writing: {e.strerror}") from None
         try:
-            written = _restore_blocks(reader, fd, target, progress, workers, holes=_discard if discard else _zero_fill)
+            written = _restore_blocks(reader, fd, target, progress, workers, holes=holes)
         finally:
             os.close(fd)
     else:
@@ -129,6 +132,7 @@ def _restore(store: Store, point: RecoveryPoint, disk, target: Path, is_device: 
         partial.close()
     return RestoreSummary(vm=point.vm, point_id=point.id, disk=disk.name, target=str(target), size=disk.size,
                           written_bytes=written, hole_bytes=disk.size - written,
+                          discarded_bytes=holes.discarded, zeroed_bytes=holes.zeroed,
                           seconds=time.monotonic() - started)
 
 
@@ -181,16 +185,28 @@ def _write_block(fd: int, bs: int, size: int, index: int, data: bytes, holes) ->
     return len(data)
 
 
-def _zero_fill(fd: int, offset: int, length: int) -> None:
-    os.pwrite(fd, bytes(length), offset)
+class DeviceHoles:
+    """What a device gets where the disk has holes: zeros written; with discard, the range freed where the
+    device guarantees it then reads back as zeros (fallocate PUNCH_HOLE: a loop device's backing file
+    shrinks, a thin device frees it), zeros where it does not (BLKDISCARD alone guarantees nothing). Counts
+    which was done, for the summary."""
 
+    def __init__(self, discard: bool):
+        self.discard, self.discarded, self.zeroed = discard, 0, 0
 
-def _discard(fd: int, offset: int, length: int) -> None:
-    """BLKZEROOUT, not BLKDISCARD: a discarded range need not read back as zeros."""
-    try:
-        fcntl.ioctl(fd, BLKZEROOUT, struct.pack("QQ", offset, length))
-    except OSError:
-        _zero_fill(fd, offset, length)
+    def __call__(self, fd: int, offset: int, length: int) -> None:
+        if self.discard:
+            try:
+                punch_hole(fd, offset, length)
+                self.discarded += length
+                return
+            except OSError:
+                self.discard = False   # the device cannot: zeros for the rest, without asking again
+        try:
+            fcntl.ioctl(fd, BLKZEROOUT, struct.pack("QQ", offset, length))   # zeros, kept allocated
+        except OSError:
+            os.pwrite(fd, bytes(length), offset)
+        self.zeroed += length
 
 
 def _signature(device: Path) -> str | None:
