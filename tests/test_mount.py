@@ -55,6 +55,22 @@ def test_images_read_back_identical(vm, tmp_path):
     assert not is_mounted(tmp_path / "mnt")
 
 
+def test_du_and_a_sparse_cp_of_an_image_see_its_holes(vm, tmp_path):
+    """What the admin did: `du` of the VM in the mount shows what is stored, not 512 MiB per sparse image;
+    `cp --sparse=auto` of latest/sparse.img writes a sparse copy with the same bytes."""
+    import subprocess
+    store, disks = vm
+    with mounted(store, tmp_path / "mnt") as mnt:
+        du = int(subprocess.run(["du", "-sk", str(mnt / "vm1")], capture_output=True, text=True,
+                                check=True).stdout.split()[0])
+        assert du < 8 * 1024   # 5 MiB of odd data and 70 KB of sparse data, stored: not 517 MiB
+        image = mnt / "vm1" / "latest" / "sparse.img"
+        assert image.stat().st_size == 512 * MiB and image.stat().st_blocks * 512 < 1 * MiB
+        copy = tmp_path / "copy.img"
+        subprocess.run(["cp", "--sparse=auto", str(image), str(copy)], check=True)
+    assert copy.stat().st_blocks * 512 < 4 * MiB and copy.read_bytes() == disks["sparse"].read_bytes()
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(offset=st.integers(0, 5 * MiB + 20000), length=st.integers(0, 2 * MiB))
 def test_random_reads_through_mount(offset, length, mounted_vm):

@@ -161,7 +161,7 @@ class RecoveryPointFS(pyfuse3.Operations):
             point = self._point(node.vm, node.point_id)
             size = point.disk(node.disk).size
             attrs.st_mode, attrs.st_nlink, attrs.st_size = stat.S_IFREG | FILE_MODE, 1, size
-            attrs.st_blocks = -(-size // 512)
+            attrs.st_blocks = -(-_stored(point.disk(node.disk)) // 512)
             mtime, timeout = _ns(point.time), STABLE_TIMEOUT
         elif node.kind == "info":
             point = self._point(node.vm, node.point_id)
@@ -320,3 +320,11 @@ class RecoveryPointFS(pyfuse3.Operations):
         stats.f_bfree = stats.f_bavail = 0
         stats.f_namemax = 255
         return stats
+
+
+def _stored(disk) -> int:
+    """What an image takes: the bytes the store holds for its blocks, holes nothing (so `du` adds up what
+    is stored, and `cp --sparse=auto` sees a sparse file and leaves holes where the image reads zeros);
+    a point recorded before stored sizes were: its bytes that are not holes. Never more than its size."""
+    stored = disk.stored_bytes or disk.size - disk.zero_blocks * disk.block_size
+    return max(0, min(stored, disk.size))
