@@ -223,7 +223,7 @@ def test_discard_abandons_an_unfinished_instant_restore(tmp_path, cleanup):
         busy = rpfs("instant-stop", str(target), "--discard", check=False)
     finally:
         run("losetup", "-d", loop)
-    assert busy.returncode == 1 and "busy" in busy.stderr and busy.stderr.count("\n") == 1
+    assert busy.returncode == 1 and f"busy: used by {loop}" in busy.stderr and busy.stderr.count("\n") == 1
     assert state_path(target).exists() and list(holds(store))
 
     done = json.loads(rpfs("instant-stop", str(target), "--discard", "--json").stdout)

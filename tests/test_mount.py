@@ -71,6 +71,25 @@ def test_du_and_a_sparse_cp_of_an_image_see_its_holes(vm, tmp_path):
     assert copy.stat().st_blocks * 512 < 4 * MiB and copy.read_bytes() == disks["sparse"].read_bytes()
 
 
+def test_a_busy_unmount_names_the_process_holding_an_image(vm, tmp_path):
+    """What the admin met: umount while a program has an image open says which program, by pid."""
+    import subprocess
+    store, _ = vm
+    with mounted(store, tmp_path / "mnt") as mnt:
+        image = mnt / "vm1" / "latest" / "odd.img"
+        holder = subprocess.Popen(["bash", "-c", 'exec 3<"$1"; echo ready; exec sleep 60', "-", str(image)],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline() == "ready\n"
+            busy = rpfs("umount", str(mnt), check=False)
+            assert busy.returncode == 1 and busy.stderr.count("\n") == 1, busy.stderr
+            assert f"busy: used by sleep (pid {holder.pid})" in busy.stderr, busy.stderr
+        finally:
+            holder.kill()
+            holder.wait()
+        rpfs("umount", str(mnt))
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(offset=st.integers(0, 5 * MiB + 20000), length=st.integers(0, 2 * MiB))
 def test_random_reads_through_mount(offset, length, mounted_vm):

@@ -35,6 +35,44 @@ def in_use(path: Path) -> str | None:
     return None
 
 
+def users_under(folder: str) -> list[str]:
+    """Who keeps a mount busy: processes with a file, folder or mapping under it ('name (pid N)') and loop
+    devices over a file in it. Only /proc and /sys are read: nothing under the folder is touched (its
+    daemon may be dead)."""
+    inside = folder.rstrip("/") + "/"
+
+    def under(name: str) -> bool:
+        return name == folder or name.startswith(inside)
+    found = []
+    for backing in sorted(Path("/sys/block").glob("loop*/loop/backing_file")):
+        try:
+            if under(backing.read_text().strip()):
+                found.append(f"/dev/{backing.parent.parent.name}")
+        except OSError:
+            continue
+    me = os.getpid()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == me:
+            continue
+        try:
+            links = [proc / "cwd", proc / "root", *(proc / "fd").iterdir()]
+            names = [_link(link) for link in links]
+            names += [line.split(None, 5)[5].strip() for line in (proc / "maps").read_text().splitlines()
+                      if len(line.split(None, 5)) == 6]
+            if any(under(name) for name in names if name):
+                found.append(f"{(proc / 'comm').read_text().strip()} (pid {proc.name})")
+        except OSError:
+            continue   # gone meanwhile, or not ours to read
+    return found
+
+
+def _link(link: Path) -> str:
+    try:
+        return os.readlink(link)
+    except OSError:
+        return ""
+
+
 def _open_for_writing(real: str) -> str | None:
     """A process (other than this one) that has the file open for writing, as 'name (pid N)'."""
     me = os.getpid()

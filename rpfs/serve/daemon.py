@@ -22,6 +22,7 @@ import pyfuse3
 import trio
 
 from rpfs.errors import RpfsError
+from rpfs.host.disk_use import users_under
 from rpfs.host.libc import few_malloc_arenas
 from rpfs.host.mountinfo import fstype_at, read_mountinfo
 from rpfs.host.tools import error_line, run_tool_raw
@@ -230,8 +231,9 @@ def unmount(mountpoint: Path, timeout: float = 10.0) -> None:
     if done.returncode != 0:
         message = error_line(done.stderr) or "fusermount3 failed"
         if "busy" in message.lower():
-            raise RpfsError(f"{mountpoint} is busy: a process or a loop device still uses it"
-                            " (rpfs detach what you attached from it, then retry)")
+            users = users_under(str(mountpoint))
+            raise RpfsError(f"{mountpoint} is busy: {'used by ' + ', '.join(users) if users else 'in use'}"
+                            " (stop those processes, rpfs detach what you attached from it, then retry)")
         # A dead daemon leaves an unreachable mount that fusermount may refuse: detach it lazily.
         if run_tool_raw(["umount", "-l", str(mountpoint)]).returncode != 0:
             raise RpfsError(f"cannot unmount {mountpoint}: {message}")
