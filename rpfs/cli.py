@@ -38,6 +38,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"rpfs: {message} (see rpfs --help)\n")
 
 
+def _mode(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file mode in octal, 0-777 (e.g. 640)")
+    return value
+
+
 def _rate(text: str) -> float:
     value = float(text)
     if not 0 <= value < float("inf"):   # also refuses nan
@@ -147,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on a block device, free the disk's holes where the device guarantees they then read as"
                         " zeros (a loop device's file, a thin device), write zeros where it does not; the summary"
                         " says which was done")
+    p.add_argument("--mode", type=_mode, metavar="OCTAL",
+                   help="the mode of a restored image file (default 600: root's alone, whatever the backed-up"
+                        " file's mode was; a disk image holds everything on the disk)")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("overlay", parents=[json_flag],

@@ -55,6 +55,18 @@ def test_restore_every_disk_to_a_folder(vm, tmp_path):
     assert not list((tmp_path / "out").glob("*.rpfs-partial"))
 
 
+def test_a_restored_image_is_root_s_alone_unless_mode_says(vm, tmp_path):
+    store, disks = vm
+    name = sorted(disks)[0]
+    rpfs("restore", "vm", "--disk", name, "--to", str(tmp_path / "a.img"), store=store)
+    rpfs("restore", "vm", "--disk", name, "--to", str(tmp_path / "b.img"), "--mode", "640", store=store)
+    assert (tmp_path / "a.img").stat().st_mode & 0o7777 == 0o600
+    assert (tmp_path / "b.img").stat().st_mode & 0o7777 == 0o640 and same_file(tmp_path / "b.img", disks[name])
+    bad = rpfs("restore", "vm", "--disk", name, "--to", str(tmp_path / "c.img"), "--mode", "4755", store=store,
+               check=False)
+    assert bad.returncode == 2 and "not a file mode" in bad.stderr and not (tmp_path / "c.img").exists()
+
+
 def test_holes_stay_holes(vm, tmp_path):
     store, disks = vm
     restored = tmp_path / "restored-sparse.img"

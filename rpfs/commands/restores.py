@@ -17,7 +17,8 @@ def cmd_restore(args) -> int:
         job.recovery_point = point.id
         if args.disk:
             jobs = [(point.disk(args.disk).name, Path(args.to))]
-            check_target(Path(args.to), point.disk(args.disk).size, args.force)
+            if check_target(Path(args.to), point.disk(args.disk).size, args.force) and args.mode is not None:
+                raise RpfsError(f"--mode: {args.to} is a block device; its mode is not the restore's to set")
         else:
             folder = Path(args.to)
             if folder.exists() and not folder.is_dir():
@@ -31,7 +32,7 @@ def cmd_restore(args) -> int:
         for name, target in jobs:
             with ProgressBar(f"restore {name}", quiet=args.json) as bar:
                 summaries.append(restore_disk(store, point, name, target, force=args.force,
-                                              discard=args.discard, progress=bar))
+                                              discard=args.discard, progress=bar, mode=args.mode))
             job.bytes_written += summaries[-1].written_bytes
     if args.json:
         print_json({"vm": point.vm, "recovery_point": point.id,

@@ -87,21 +87,21 @@ def check_target(target: Path, size: int, force: bool) -> bool:
 
 def restore_disk(store: Store, point: RecoveryPoint, disk_name: str, target: Path, *, force: bool = False,
                  discard: bool = False, progress: ProgressFn | None = None,
-                 workers: int | None = None) -> RestoreSummary:
+                 workers: int | None = None, mode: int | None = None) -> RestoreSummary:
     disk = point.disk(disk_name)
     is_device = check_target(target, disk.size, force)
     if not isinstance(store, Store):   # a vault (rpfs/vault): no local prune to hold off
-        return _restore(store, point, disk, target, is_device, discard, progress, workers)
+        return _restore(store, point, disk, target, is_device, discard, progress, workers, mode)
     lease = Lease(store.path)   # prune must not delete the recovery point while it is being copied
     try:
         lease.take(store, point.vm, point.id)
-        return _restore(store, point, disk, target, is_device, discard, progress, workers)
+        return _restore(store, point, disk, target, is_device, discard, progress, workers, mode)
     finally:
         lease.close()
 
 
 def _restore(store: Store, point: RecoveryPoint, disk, target: Path, is_device: bool, discard: bool,
-             progress: ProgressFn | None, workers: int | None) -> RestoreSummary:
+             progress: ProgressFn | None, workers: int | None, mode: int | None) -> RestoreSummary:
     disk_name = disk.name
     started = time.monotonic()
     reader = ImageReader(store, BlockCache(0), point.vm, point.id, disk)
@@ -125,6 +125,8 @@ def _restore(store: Store, point: RecoveryPoint, disk, target: Path, is_device: 
             else:
                 os.ftruncate(partial.fd, disk.size)   # a sparse file of the right size: holes are never written
                 written = _restore_blocks(reader, partial.fd, partial.path, progress, workers, holes=None)
+            if mode is not None:
+                os.fchmod(partial.fd, mode)   # before it gets its name: never readable wider than asked
             partial.finish()
         except BaseException:
             partial.discard()
