@@ -184,6 +184,25 @@ def test_prune_keeps_the_point_of_an_unfinished_instant_restore(tmp_path, cleanu
     assert json.loads(rpfs("prune", "--json", store=store).stdout)[0]["pruned"] == [first]
 
 
+def test_instant_wait_says_what_to_do_when_something_still_runs_on_the_image(tmp_path, cleanup):
+    """A VM on the served image stays on the daemon after the copy: instant-wait names it and says what to do."""
+    store, _source = backed_up_disk(tmp_path, 8)
+    target = tmp_path / "restored.img"
+    job = start_instant(store, target, cleanup)
+    holder = subprocess.Popen(["bash", "-c", 'exec 3<>"$1"; echo ready; exec sleep 60', "-", job["image"]],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "ready\n"
+        said = rpfs("instant-wait", str(target)).stdout
+        assert f"sleep (pid {holder.pid}) still use(s) {job['image']}" in said, said
+        assert f"start it on {target}, then rpfs instant-stop {target}" in said
+    finally:
+        holder.kill()
+        holder.wait()
+    said = rpfs("instant-wait", str(target)).stdout
+    assert said.startswith(f"copy complete: {target} is a standalone image (stop serving")
+
+
 def test_run_again_as_the_copy_completes_returns_the_finished_job(tmp_path, cleanup, monkeypatch):
     """The same instant-restore run again reads the state file just before the copy completes: it returns
     the finished job and leaves no hold behind (found by tools/chaos)."""

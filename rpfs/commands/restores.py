@@ -77,7 +77,7 @@ def cmd_instant_restore(args) -> int:
     if args.json:
         print_json(asdict(job))
     elif args.wait:
-        print(f"copy complete: {job.target} is a standalone image", file=sys.stderr)
+        print(_complete(job), file=sys.stderr)
     return 0
 
 
@@ -99,8 +99,20 @@ def cmd_instant_wait(args) -> int:
     if args.json:
         print_json(asdict(job))
     else:
-        print(f"copy complete: {job.target} is a standalone image (stop serving it: rpfs instant-stop {job.target})")
+        print(_complete(job))
     return 0
+
+
+def _complete(job) -> str:
+    """What a complete copy means for whoever runs on the served image: it still goes through the daemon
+    (pyfuse3 cannot hand the file to the kernel: README, Instant restore)."""
+    from rpfs.host.disk_use import users_under
+    done = f"copy complete: {job.target} is a standalone image"
+    users = users_under(job.mountpoint) if job.pid else []   # still served
+    if not users:
+        return f"{done} (stop serving {job.image}: rpfs instant-stop {job.target})"
+    return (f"{done}, but {', '.join(users)} still use(s) {job.image}, whose reads and writes go through the rpfs"
+            f" daemon: shut the VM down (or detach), start it on {job.target}, then rpfs instant-stop {job.target}")
 
 
 def cmd_instant_stop(args) -> int:
