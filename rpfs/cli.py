@@ -51,7 +51,7 @@ def _mode(text: str) -> int:
 def _rate(text: str) -> float:
     value = float(text)
     if not 0 <= value < float("inf"):   # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text!r} is not a rate in MB/s (0: no limit)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate in MiB/s (0: no limit)")
     return value
 
 
@@ -178,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk", required=True, help="the disk to restore")
     p.add_argument("--to", required=True, metavar="PATH", help="the image file the copy ends up in")
     p.add_argument("--wait", action="store_true", help="return only when the copy is complete")
-    p.add_argument("--copy-mbps", type=_rate, default=0.0, metavar="MB/S",
-                   help="limit the background copy to this many MB/s (default: no limit)")
+    p.add_argument("--copy-mbps", type=_rate, default=0.0, metavar="MIB/S",
+                   help="limit the background copy to this many MiB/s (default: no limit)")
     p.set_defaults(func=cmd_instant_restore)
 
     p = sub.add_parser("instant-wait", parents=[json_flag], help="wait until an instant restore's copy is complete")
@@ -308,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("vm", nargs="?", help="only this VM's recovery points")
     v.add_argument("recovery_point", nargs="?",
                    help="only this recovery point of VM (also one older than the VM's newest in the vault)")
-    v.add_argument("--limit-mbps", type=_rate, default=0.0, metavar="MB/S",
-                   help="limit the upload to this many MB/s (default: no limit)")
+    v.add_argument("--limit-mbps", type=_rate, default=0.0, metavar="MIB/S",
+                   help="limit the upload to this many MiB/s of stored bytes (default: no limit)")
     v.add_argument("--pack-mib", type=int, default=128, help=argparse.SUPPRESS)   # tests: small packs
     v = vaults.add_parser("prune", parents=[json_flag],
                           help="delete the vault's points its policies' vault retention no longer keeps")

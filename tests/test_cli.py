@@ -236,3 +236,22 @@ def test_a_refused_command_leaves_jobs_unchanged(store, tmp_path):
     rpfs("restore", "web", "--disk", "os", "--to", str(tmp_path / "new.img"), store=store)
     after = json.loads(rpfs("jobs", "--json", store=store).stdout)["jobs"]
     assert [j["kind"] for j in after if j not in before] == ["restore"]
+
+
+def test_one_unit_everywhere_and_raw_or_stored_said(store, tmp_path):
+    """The backup summary, list, restore and jobs speak MiB and MiB/s, and say raw or stored; a rate counts
+    what was read, not holes; a restore's job says what it restored."""
+    disk = tmp_path / "d.img"
+    with open(disk, "wb") as f:
+        f.truncate(64 * MiB)
+        f.write(os.urandom(4 * MiB))
+    said = rpfs("backup", "web", "--disk", f"os={disk}", store=store).stdout
+    assert "MiB/s" in said and "MB/s" not in said and "raw: new 4.0 MiB" in said and "holes 60.0 MiB" in said
+    assert "read 4.0 MiB from the disk(s)" in said and "stored: " in said
+    summary = json.loads(rpfs("backup", "web", "--disk", f"os={disk}", "--json", store=store).stdout)
+    assert "mib_per_second" in summary and "mb_per_second" not in summary
+    assert "new stored" in rpfs("list", store=store).stdout
+    restored = rpfs("restore", "web", "--disk", "os", "--to", str(tmp_path / "r.img"), store=store).stdout
+    assert "MiB/s of image; raw: 4.0 MiB data, 60.0 MiB holes" in restored
+    jobs = rpfs("jobs", store=store).stdout
+    assert "restored 4.0 MiB of data (raw)" in jobs and "read 4.0 MiB from the disks, stored" in jobs

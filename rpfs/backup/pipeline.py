@@ -65,8 +65,9 @@ class BackupSummary:
     disk_bytes_read: int = 0  # bytes really read from the disks
 
     @property
-    def mb_per_second(self) -> float:
-        return self.bytes_read / 1e6 / self.seconds if self.seconds > 0 else 0.0
+    def mib_per_second(self) -> float:
+        """Bytes really read from the disks per second (holes and unchanged blocks are not read)."""
+        return self.disk_bytes_read / (1 << 20) / self.seconds if self.seconds > 0 else 0.0
 
 
 def parse_disk_specs(specs: list[str]) -> list[tuple[str, str]]:

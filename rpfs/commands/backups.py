@@ -18,18 +18,17 @@ def cmd_backup(args) -> int:
     with open_store(args) as store, recorded(store, "backup", args.vm, begun=False) as job:
         with ProgressBar(f"backup {args.vm}", quiet=args.json) as bar:
             point, summary = backup(store, args.vm, disks, progress=bar, options=options, started=job.begin)
-        job.bytes_read, job.bytes_written, job.recovery_point = summary.bytes_read, summary.stored_bytes, point.id
+        job.bytes_read, job.bytes_written, job.recovery_point = summary.disk_bytes_read, summary.stored_bytes, point.id
     if args.json:
-        print_json({**asdict(summary), "mb_per_second": round(summary.mb_per_second, 1),
+        print_json({**asdict(summary), "mib_per_second": round(summary.mib_per_second, 1),
                      "recovery_point": point.to_dict()})
         return 0
     s = summary
-    print(f"recovery point {s.vm}/{s.point_id} ({point.consistency}): {s.disks} disk(s), {human_bytes(s.bytes_read)} read in "
-          f"{s.seconds:.1f} s ({s.mb_per_second:.0f} MB/s)")
-    print(f"  new {human_bytes(s.new_bytes)}, deduplicated {human_bytes(s.deduplicated_bytes)}, "
-          f"zero {human_bytes(s.zero_bytes)}, unchanged {human_bytes(s.unchanged_bytes)} (not read: change tracking);"
-          f" stored {human_bytes(s.stored_bytes)} after compression; read {human_bytes(s.disk_bytes_read)} from"
-          f" the disk(s)")
+    print(f"recovery point {s.vm}/{s.point_id} ({point.consistency}): {s.disks} disk(s) of"
+          f" {human_bytes(s.bytes_read)} in {s.seconds:.1f} s; read {human_bytes(s.disk_bytes_read)} from the disk(s), {s.mib_per_second:.0f} MiB/s")
+    print(f"  raw: new {human_bytes(s.new_bytes)}, deduplicated {human_bytes(s.deduplicated_bytes)},"
+          f" holes {human_bytes(s.zero_bytes)}, unchanged {human_bytes(s.unchanged_bytes)} (not read: change"
+          f" tracking); stored: {human_bytes(s.stored_bytes)} new after compression")
     return 0
 
 
@@ -50,7 +49,7 @@ def cmd_list(args) -> int:
         place = f"  {where[p.vm, p.id]:<5}" if args.vault else ""
         print(f"  {p.id}{place}  {p.consistency:<12} size {human_bytes(p.size):>10}"
               f"  stored {human_bytes(p.stored_bytes):>10}"
-              f"  new {human_bytes(p.new_stored_bytes):>10}{_quiesce_note(p)}")
+              f"  new stored {human_bytes(p.new_stored_bytes):>10}{_quiesce_note(p)}")
         for d in p.disks:
             tracking = f", {d.change_tracking}: read {human_bytes(d.read_bytes)}" if d.change_tracking else ""
             print(f"      {d.name + '.img':<16} size {human_bytes(d.size):>10}  stored {human_bytes(d.stored_bytes):>10}"

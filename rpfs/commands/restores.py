@@ -33,16 +33,18 @@ def cmd_restore(args) -> int:
             with ProgressBar(f"restore {name}", quiet=args.json) as bar:
                 summaries.append(restore_disk(store, point, name, target, force=args.force,
                                               discard=args.discard, progress=bar, mode=args.mode))
+            job.bytes_read += summaries[-1].written_bytes   # raw bytes of data blocks read from the store
             job.bytes_written += summaries[-1].written_bytes
     if args.json:
         print_json({"vm": point.vm, "recovery_point": point.id,
-                     "disks": [{**asdict(s), "mb_per_second": round(s.mb_per_second, 1)} for s in summaries]})
+                     "disks": [{**asdict(s), "mib_per_second": round(s.mib_per_second, 1)} for s in summaries]})
         return 0
     for s in summaries:
         device = f": {human_bytes(s.discarded_bytes)} discarded, {human_bytes(s.zeroed_bytes)} zeroed" \
             if s.discarded_bytes or s.zeroed_bytes else ""
         print(f"restored {s.vm}/{s.point_id}/{s.disk} to {s.target}: {human_bytes(s.size)} in {s.seconds:.1f} s"
-              f" ({s.mb_per_second:.0f} MB/s; {human_bytes(s.written_bytes)} data, {human_bytes(s.hole_bytes)} holes"
+              f" ({s.mib_per_second:.0f} MiB/s of image; raw: {human_bytes(s.written_bytes)} data,"
+              f" {human_bytes(s.hole_bytes)} holes"
               f"{device})")
     return 0
 
@@ -86,7 +88,8 @@ def cmd_instant_daemon(args) -> int:
     from rpfs.serve import daemon
     target = Path(args.target)
     master_key = key_choice(args).master   # handed down by instant-restore
-    daemon.serve(lambda: instant.instant_filesystem(target, args.copy_mbps * 1e6, master_key), Path(args.mountpoint),
+    rate = args.copy_mbps * (1 << 20)
+    daemon.serve(lambda: instant.instant_filesystem(target, rate, master_key), Path(args.mountpoint),
                  ready_fd=args.ready_fd,
                 log_file=Path(args.log_file) if args.log_file else None)
     return 0
@@ -145,6 +148,17 @@ def _discard(args) -> int:
     return 0
 
 
+def _moved(job) -> str:
+    """What a job moved, in words of its kind, raw or stored said."""
+    read, written = human_bytes(job.bytes_read), human_bytes(job.bytes_written)
+    return {"backup": f"read {read} from the disks, stored {written}",
+            "restore": f"restored {written} of data (raw)",
+            "verify": f"checked {read} of distinct blocks (raw)",
+            "push": f"uploaded {written} stored",
+            "gc": f"freed {written} stored",
+            "prune": f"pruned {job.bytes_written} point(s)"}.get(job.kind, "")
+
+
 def cmd_jobs(args) -> int:
     from rpfs.restore import instant
     from rpfs.upkeep.jobs import list_jobs
@@ -161,8 +175,7 @@ def cmd_jobs(args) -> int:
     if not store_jobs and not found:
         print("no jobs" + ("" if args.store else " (give --store to see backups, restores, prune, gc, verify)"))
     for j in store_jobs:
-        moved = f"read {human_bytes(j.bytes_read)}, wrote {human_bytes(j.bytes_written)}"
-        print(f"{j.id}  {j.kind:<8} {j.vm or '-':<12} {j.status:<10} {j.start} -> {j.end or '...'}  {moved}"
+        print(f"{j.id}  {j.kind:<8} {j.vm or '-':<12} {j.status:<10} {j.start} -> {j.end or '...'}  {_moved(j)}"
               f"{'  ' + j.recovery_point if j.recovery_point else ''}{'  error: ' + j.error if j.error else ''}")
     for j in found:
         percent = 100.0 * j.copied_blocks / j.blocks if j.blocks else 100.0

@@ -79,7 +79,7 @@ def _push(args) -> int:
         if args.vm and not points:
             store.point(args.vm)   # raises: unknown VM
         with recorded(store, "push", args.vm) as job, ProgressBar(f"push to {args.name}", quiet=args.json) as bar:
-            summary = push(store, vault, points, progress=bar, bytes_per_second=args.limit_mbps * 1e6,
+            summary = push(store, vault, points, progress=bar, bytes_per_second=args.limit_mbps * (1 << 20),
                            pack_bytes=args.pack_mib << 20, named=args.recovery_point is not None)
             job.bytes_written = summary.uploaded_bytes
             job.recovery_point = summary.pushed[-1] if summary.pushed else None

@@ -61,7 +61,7 @@ def run(store: Store, now: datetime | None = None, stagger_seconds: float = 0.0,
             with jobs.recorded(store, "backup", vm) as job:
                 point, summary = backup(store, vm, list(protection.disks.items()),
                                         progress=progress_for(vm) if progress_for else None, options=options)
-                job.bytes_read, job.bytes_written, job.recovery_point = (summary.bytes_read, summary.stored_bytes,
+                job.bytes_read, job.bytes_written, job.recovery_point = (summary.disk_bytes_read, summary.stored_bytes,
                                                                          point.id)
             result.backed_up.append(vm)
         except RpfsError as e:

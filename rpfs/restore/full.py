@@ -51,8 +51,9 @@ class RestoreSummary:
     zeroed_bytes: int = 0      # of the holes, on a device: zeros written (--discard: where it cannot free)
 
     @property
-    def mb_per_second(self) -> float:
-        return self.size / 1e6 / self.seconds if self.seconds > 0 else 0.0
+    def mib_per_second(self) -> float:
+        """Image bytes (holes included) per second."""
+        return self.size / (1 << 20) / self.seconds if self.seconds > 0 else 0.0
 
 
 def check_target(target: Path, size: int, force: bool) -> bool:
