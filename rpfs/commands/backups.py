@@ -25,7 +25,8 @@ def cmd_backup(args) -> int:
         return 0
     s = summary
     print(f"recovery point {s.vm}/{s.point_id} ({point.consistency}): {s.disks} disk(s) of"
-          f" {human_bytes(s.bytes_read)} in {s.seconds:.1f} s; read {human_bytes(s.disk_bytes_read)} from the disk(s), {s.mib_per_second:.0f} MiB/s")
+          f" {human_bytes(s.bytes_read)} in {s.seconds:.1f} s; read {human_bytes(s.disk_bytes_read)} from the"
+          f" disk(s), {s.mib_per_second:.0f} MiB/s")
     print(f"  raw: new {human_bytes(s.new_bytes)}, deduplicated {human_bytes(s.deduplicated_bytes)},"
           f" holes {human_bytes(s.zero_bytes)}, unchanged {human_bytes(s.unchanged_bytes)} (not read: change"
           f" tracking); stored: {human_bytes(s.stored_bytes)} new after compression")
