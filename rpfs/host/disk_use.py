@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Iterator
 
 from rpfs.host.mountinfo import read_mountinfo
 
@@ -50,17 +51,14 @@ def users_under(folder: str) -> list[str]:
                 found.append(f"/dev/{backing.parent.parent.name}")
         except OSError:
             continue
-    me = os.getpid()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == me:
-            continue
+    for proc in _other_processes():
         try:
             links = [proc / "cwd", proc / "root", *(proc / "fd").iterdir()]
             names = [_link(link) for link in links]
             names += [line.split(None, 5)[5].strip() for line in (proc / "maps").read_text().splitlines()
                       if len(line.split(None, 5)) == 6]
             if any(under(name) for name in names if name):
-                found.append(f"{(proc / 'comm').read_text().strip()} (pid {proc.name})")
+                found.append(_named(proc))
         except OSError:
             continue   # gone meanwhile, or not ours to read
     return found
@@ -73,12 +71,19 @@ def _link(link: Path) -> str:
         return ""
 
 
+def _other_processes() -> Iterator[Path]:
+    """/proc/PID of every process but this one."""
+    me = str(os.getpid())
+    return (proc for proc in Path("/proc").iterdir() if proc.name.isdigit() and proc.name != me)
+
+
+def _named(proc: Path) -> str:
+    return f"{(proc / 'comm').read_text().strip()} (pid {proc.name})"
+
+
 def _open_for_writing(real: str) -> str | None:
     """A process (other than this one) that has the file open for writing, as 'name (pid N)'."""
-    me = os.getpid()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == me:
-            continue
+    for proc in _other_processes():
         try:
             for fd in (proc / "fd").iterdir():
                 try:
@@ -88,7 +93,7 @@ def _open_for_writing(real: str) -> str | None:
                 except (OSError, IndexError, ValueError):
                     continue
                 if flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
-                    return f"{(proc / 'comm').read_text().strip()} (pid {proc.name})"
+                    return _named(proc)
         except OSError:
             continue
     return None
