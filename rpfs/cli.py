@@ -299,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--endpoint", required=True, metavar="URL", help="the S3 endpoint, e.g. http://127.0.0.1:7480")
     v.add_argument("--bucket", required=True, help="the bucket (credentials: AWS_* variables or ~/.aws/credentials)")
     v.add_argument("--prefix", help="a key prefix inside the bucket (default: none)")
+    v.add_argument("--fingerprint", metavar="XXXX-XXXX-...",
+                   help="the store fingerprint kept with your paper or recovery key (rpfs init printed it): a vault"
+                        " that shows another is refused")
     vaults.add_parser("list", parents=[json_flag], help="the vaults named on this machine")
     v = vaults.add_parser("remove", parents=[json_flag], help="forget a vault's name (its bucket is untouched)")
     v.add_argument("name", help="the vault's name")

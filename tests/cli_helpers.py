@@ -32,7 +32,9 @@ def session_keys():
 def open_store(path: Path, readonly: bool = False):
     """Store.open with the tests' key, for a store made by `rpfs init` (encrypted) or Store.init (not)."""
     from rpfs.store.store import Store
-    return Store.open(path, readonly=readonly, keys=session_keys())
+    with Store.open(path, readonly=True, unlock=False) as found:   # a key given to a plain store is refused
+        encrypted = found.encrypted
+    return Store.open(path, readonly=readonly, keys=session_keys() if encrypted else None)
 
 
 PREVIOUS_RELEASE = "0351bf2"   # the last commit before format 3: it makes stores of format 2

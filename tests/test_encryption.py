@@ -45,15 +45,15 @@ def store_bytes(store: Path) -> bytes:
 def test_a_secret_on_a_disk_is_in_no_byte_of_an_encrypted_store(tmp_path):
     disk = disk_with_secret(tmp_path / "d.img")
     rpfs("init", store=tmp_path / "enc")
-    rpfs("init", "--encryption", "none", store=tmp_path / "plain")
+    rpfs("init", "--encryption", "none", store=tmp_path / "plain", env=env_with())
     for store in ("enc", "plain"):
-        rpfs("backup", "vm", f"--disk=d={disk}", store=tmp_path / store)
+        rpfs("backup", "vm", f"--disk=d={disk}", store=tmp_path / store, env=None if store == "enc" else env_with())
     assert SECRET in store_bytes(tmp_path / "plain")      # the search finds what is there
     assert SECRET not in store_bytes(tmp_path / "enc")
     assert b"vm" in store_bytes(tmp_path / "enc")         # VM names stay readable (README says so)
     info = rpfs("info", "--json", store=tmp_path / "enc", env=env_with()).stdout   # no key needed
     assert '"encryption": "aes-256-gcm"' in info and '"format_version": 5' in info
-    assert '"encryption": "none"' in rpfs("info", "--json", store=tmp_path / "plain").stdout
+    assert '"encryption": "none"' in rpfs("info", "--json", store=tmp_path / "plain", env=env_with()).stdout
     with open_store(tmp_path / "enc", readonly=True) as store:
         assert read_all(store, store.point("vm"), "d") == disk.read_bytes()
 
@@ -251,9 +251,66 @@ def test_a_store_switched_to_unencrypted_or_given_other_settings_is_not_opened(t
     one_line_error(rpfs("backup", "vm", f"--disk=d={write_image(tmp_path / 'd.img', 1, MiB)}", store=store,
                         check=False), "says it is not encrypted, but it has key slots")
     plain = tmp_path / "plain"
-    rpfs("init", "--encryption", "none", store=plain)
+    rpfs("init", "--encryption", "none", store=plain, env=env_with())
     one_line_error(rpfs("--key-file", os.environ["RPFS_KEY_FILE"], "list", store=plain, check=False),
-                   "is not encrypted, but --key-file was given")
+                   "says it is not encrypted, but a key was given")
+
+
+def test_a_key_given_in_any_way_to_a_store_switched_to_unencrypted_is_refused(tmp_path):
+    """Whoever can write the store's files switches it to "unencrypted" whole (no key check, no slots): a
+    key given by option, environment variable or passphrase is refused, so nothing is written in the clear."""
+    import lmdb
+    store, disk = tmp_path / "s", disk_with_secret(tmp_path / "d.img")
+    rpfs("init", store=store, env=env_with(RPFS_PASSPHRASE=PASSPHRASE, RPFS_KEY_FILE=os.environ["RPFS_KEY_FILE"]))
+    env = lmdb.open(str(store), max_dbs=16)
+    with env.begin(write=True) as txn:
+        meta, keys = env.open_db(b"meta", txn=txn), env.open_db(b"keys", txn=txn)
+        txn.put(b"encryption", b"none", db=meta)
+        txn.put(b"block_id", b"blake3", db=meta)
+        txn.delete(b"key_check", db=meta)
+        txn.drop(keys, delete=False)
+    env.close()
+    backup = ("backup", "new", f"--disk=d={disk}")
+    one_line_error(rpfs("--key-file", os.environ["RPFS_KEY_FILE"], *backup, store=store, check=False),
+                   "says it is not encrypted, but a key was given")
+    one_line_error(rpfs(*backup, store=store, check=False), "says it is not encrypted, but a key was given")
+    one_line_error(rpfs(*backup, store=store, check=False, env=env_with(RPFS_PASSPHRASE=PASSPHRASE)),
+                   "says it is not encrypted, but a key was given")
+    assert SECRET not in store_bytes(store)
+    one_line_error(rpfs("init", "--encryption", "none", store=tmp_path / "p", check=False),
+                   "--encryption none makes a store without a key, but a key was given")
+
+
+def test_the_store_fingerprint_is_shown_where_it_must_be_kept_and_read_back(tmp_path):
+    """init, info, the paper key and a new recovery slot show the same fingerprint; the paper still reads."""
+    store = tmp_path / "s"
+    made = rpfs("init", store=store).stdout
+    fingerprint = made.split("store fingerprint: ")[1].split()[0]
+    assert len(fingerprint) == 29 and fingerprint.count("-") == 5
+    assert __import__("json").loads(rpfs("info", "--json", store=store, env=env_with()).stdout)["fingerprint"] \
+        == fingerprint
+    page = rpfs("key", "export", "--paper", store=store).stdout
+    assert f"Store fingerprint: {fingerprint}" in page
+    rpfs("key", "recover", "--paper", "-", "--new-key-file", str(tmp_path / "k"), store=store, env=env_with(),
+         input=page)
+    private, public = tmp_path / "recovery.pem", tmp_path / "recovery.pub"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "X25519", "-out", str(private)], check=True)
+    subprocess.run(["openssl", "pkey", "-in", str(private), "-pubout", "-out", str(public)], check=True)
+    added = rpfs("key", "add", "--recovery-public-key", str(public), store=store).stdout
+    assert f"store fingerprint: {fingerprint}" in added
+    other = tmp_path / "other"
+    assert fingerprint not in rpfs("init", store=other).stdout
+
+
+def test_a_key_slot_of_deeply_nested_json_is_a_damaged_slot(tmp_path):
+    store = tmp_path / "s"
+    rpfs("init", store=store, env=env_with(RPFS_PASSPHRASE=PASSPHRASE))
+    with Store.open(store, keys=KeyChoice(passphrase=lambda: PASSPHRASE.encode())) as s:
+        from rpfs.store.key_slots import NewSlot
+        s.add_key_slot(NewSlot("key-file", os.urandom(32)))
+        s.write(lambda txn: txn.put(b"2", b"[" * 100000, db=s.db("keys")))
+    info = rpfs("info", "--json", store=store, env=env_with())
+    assert '"damaged_key_slots"' in info.stdout and "Traceback" not in info.stderr
 
 
 def test_slots_are_never_overwritten_or_reused_and_a_damaged_one_locks_nobody_out(tmp_path):

@@ -19,7 +19,6 @@ from rpfs.policy.policies import Retention
 from rpfs.policy.prune import delete_points, prune
 from rpfs.policy.run import run
 from rpfs.store.leases import Lease, leased_points, set_pinned
-from rpfs.store.store import Store
 from rpfs.upkeep.gc import gc
 from rpfs.upkeep.jobs import Job
 from rpfs.upkeep.verify import verify
@@ -86,9 +85,9 @@ def test_protect_and_policy_errors(store, tmp_path):
 
 def test_run_backs_up_what_is_due(tmp_path):
     disk = random_disk(tmp_path / "d.img", 2)
-    with Store.init(tmp_path / "s") as store:
-        rpfs("policy", "create", "six", "--every-hours", "6", "--keep-last", "5", store=store.path)
-        rpfs("protect", "vm", "--policy", "six", f"--disk=d={disk}", store=store.path)
+    rpfs("init", store=tmp_path / "s")
+    rpfs("policy", "create", "six", "--every-hours", "6", "--keep-last", "5", store=tmp_path / "s")
+    rpfs("protect", "vm", "--policy", "six", f"--disk=d={disk}", store=tmp_path / "s")
     with open_store(tmp_path / "s") as store:
         now = datetime.now(timezone.utc)
         assert run(store, now=now).backed_up == ["vm"]
@@ -200,8 +199,7 @@ def test_backups_prune_gc_and_mount_reads_concurrently(tmp_path, kernel):
     contents: dict[str, bytes] = {}
     stop = threading.Event()
     errors: list[str] = []
-    with Store.init(store_dir):
-        pass
+    rpfs("init", store=store_dir)
     with open_store(store_dir) as store:
         def backups():
             for i in range(8):
@@ -260,8 +258,7 @@ def test_a_pruned_id_is_not_given_again_under_a_mount(tmp_path, kernel, monkeypa
     frozen = type("Frozen", (datetime,), {"now": staticmethod(lambda tz=None: moment)})
     monkeypatch.setattr(pipeline, "datetime", frozen)
     store_dir, disk = tmp_path / "store", tmp_path / "d.img"
-    with Store.init(store_dir):
-        pass
+    rpfs("init", store=store_dir)
     with open_store(store_dir) as store, mounted(store_dir, tmp_path / "mnt") as mnt:
         contents = {}
         for i in range(4):

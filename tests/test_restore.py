@@ -255,7 +255,7 @@ def test_discard_on_a_loop_device_frees_its_backing_file(tmp_path, kernel):
     """What the admin did: a disk mostly holes restored with --discard onto a loop device over a fully
     allocated file: the file shrinks (plain BLKZEROOUT kept it allocated), and every byte reads right."""
     store = tmp_path / "store"
-    rpfs("init", "--encryption", "none", store=store)
+    rpfs("init", store=store)
     disk = tmp_path / "sparse.img"
     with open(disk, "wb") as f:
         f.truncate(32 * MiB)

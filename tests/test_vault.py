@@ -98,9 +98,9 @@ def _change(path: Path, seed: int, mib: list[int]) -> None:
             f.write(rng.randbytes(1 << 20))
 
 
-def _add(bucket: dict, store: Path | None = None, name: str = "offsite", **kwargs):
-    return rpfs("vault", "add", name, "--endpoint", bucket["endpoint"], "--bucket", bucket["bucket"], store=store,
-                **kwargs)
+def _add(bucket: dict, store: Path | None = None, name: str = "offsite", *extra: str, **kwargs):
+    return rpfs("vault", "add", name, "--endpoint", bucket["endpoint"], "--bucket", bucket["bucket"], *extra,
+                store=store, **kwargs)
 
 
 def _vault_of_one_backup(bucket: dict, tmp_path: Path, seed: int, push: bool = True, **image) -> tuple[Path, Path]:
@@ -594,3 +594,139 @@ def test_the_gateway_stopped_in_the_middle_of_a_push(vault_env, tmp_path):
     assert len(resumed["pushed"]) == 1 and resumed["blobs"] < 12
     rpfs("--vault", "offsite", "restore", "web", "--disk", "os", "--to", str(tmp_path / "back.img"))
     assert (tmp_path / "back.img").read_bytes() == disk.read_bytes()
+
+
+def test_a_push_of_several_points_uploads_each_shared_block_once(vault_env, tmp_path):
+    """Four backups of a 64 MiB disk (32 MiB of data, 1 MiB changed between them), then one push: within
+    10% of what the store holds goes up, not a near copy of the disk per point."""
+    store, disk = _vault_of_one_backup(vault_env, tmp_path, 30, push=False, size_mib=64)
+    for n, mib in enumerate([2, 10, 20]):
+        _change(disk, 31 + n, [mib])
+        rpfs("backup", "web", "--disk", f"os={disk}", store=store)
+    pushed = json.loads(rpfs("vault", "push", "offsite", "--json", store=store).stdout)
+    stored = sum(d["new_stored_bytes"] for p in json.loads(rpfs("list", "--json", store=store).stdout)
+                 for d in p["disks"])
+    assert len(pushed["pushed"]) == 4 and pushed["blobs"] == 32 + 3
+    assert stored <= pushed["uploaded_bytes"] <= stored * 1.1, (pushed, stored)
+    for point in json.loads(rpfs("--vault", "offsite", "list", "--json").stdout)[::3]:
+        rpfs("--vault", "offsite", "restore", "web", point["id"], "--disk", "os", "--to", str(tmp_path / point["id"]))
+    assert (tmp_path / point["id"]).read_bytes() == disk.read_bytes()
+
+
+def _slot_of(store: Path, key_file: Path) -> str:
+    return next(s["id"] for s in json.loads(rpfs("key", "list", "--json", store=store).stdout)
+                if s["note"] == str(key_file))
+
+
+def test_a_removed_key_stops_opening_the_vault_at_once_or_at_the_next_push(vault_env, tmp_path):
+    store, _disk = _vault_of_one_backup(vault_env, tmp_path, 32)
+    second, third = tmp_path / "second.key", tmp_path / "third.key"
+    rpfs("key", "add", "--new-key-file", str(second), store=store)
+    rpfs("key", "add", "--new-key-file", str(third), store=store)
+    assert rpfs("--vault", "offsite", "--key-file", str(second), "list", "--json").returncode == 0
+
+    removed = rpfs("key", "remove", _slot_of(store, second), store=store)
+    assert "vault offsite: its key slots updated" in removed.stdout
+    refused = rpfs("--vault", "offsite", "--key-file", str(second), "list", check=False)
+    assert refused.returncode == 1 and "opens no key slot" in refused.stderr
+
+    listed = Path(os.environ["RPFS_CONFIG"]) / "vaults.json"   # the vault cannot be reached for a while
+    reachable = listed.read_text()
+    listed.write_text(reachable.replace(vault_env["endpoint"], "http://127.0.0.1:9"))
+    unreached = rpfs("key", "remove", _slot_of(store, third), store=store)
+    assert "vault offsite was not updated" in unreached.stderr and "Traceback" not in unreached.stderr
+    config = json.loads(listed.read_text())["offsite"]
+    listed.write_text(json.dumps({"offsite": {**json.loads(reachable)["offsite"], "keys_behind": config["keys_behind"]}}))
+    behind = rpfs("--vault", "offsite", "--key-file", str(third), "list")
+    assert "holds key slots older than its store's" in behind.stderr
+    rpfs("vault", "push", "offsite", store=store)   # the next command that reaches it sends the slots first
+    refused = rpfs("--vault", "offsite", "--key-file", str(third), "list", check=False)
+    assert refused.returncode == 1 and "opens no key slot" in refused.stderr
+    assert not json.loads(listed.read_text())["offsite"]["keys_behind"]
+
+
+def test_a_vault_forged_for_the_recovery_public_key_is_told_by_its_fingerprint(vault_env, tmp_path, monkeypatch):
+    """Someone who can write the bucket wraps a master key of their own for the (public) recovery key and
+    copies the store id: the recovery private key opens their vault, but its fingerprint is not the store's;
+    copying the store's key check as well makes the fingerprint match and the vault no longer open."""
+    from rpfs.store.crypto import Keyring
+    from rpfs.store.key_slots import NewSlot, read_public_key
+    from rpfs.store.store import key_settings
+    private, public = tmp_path / "recovery.pem", tmp_path / "recovery.pub"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "X25519", "-out", str(private)], check=True)
+    subprocess.run(["openssl", "pkey", "-in", str(private), "-pubout", "-out", str(public)], check=True)
+    private.chmod(0o600)
+    store, disk = tmp_path / "store", _image(tmp_path / "os.img", 33)
+    fingerprint = rpfs("init", "--recovery-public-key", str(public), store=store).stdout \
+        .split("store fingerprint: ")[1].split()[0]
+    rpfs("backup", "db", "--disk", f"os={disk}", store=store)
+    _add(vault_env, store)
+    rpfs("vault", "push", "offsite", store=store)
+
+    s3, bucket = _client(vault_env["endpoint"]), vault_env["bucket"]
+    genuine = {name: s3.get_object(Bucket=bucket, Key=name)["Body"].read() for name in ("rpfs-vault.json", "keys.json")}
+    record = json.loads(genuine["rpfs-vault.json"])
+    store_id, master = bytes.fromhex(record["store_id"]), os.urandom(32)
+    forged_slot = NewSlot("recovery", read_public_key(public)).make("1", master, store_id)
+    own_check = Keyring(master, store_id).check(key_settings(record)).hex()
+    s3.put_object(Bucket=bucket, Key="keys.json", Body=json.dumps([json.loads(forged_slot.to_json())]).encode())
+    s3.put_object(Bucket=bucket, Key="rpfs-vault.json", Body=json.dumps({**record, "key_check": own_check}).encode())
+
+    monkeypatch.setenv("RPFS_CONFIG", str(tmp_path / "new-machine"))
+    monkeypatch.delenv("RPFS_KEY_FILE")
+    shown = _add(vault_env).stdout
+    assert "store fingerprint" in shown and fingerprint not in shown   # shown, and not the store's
+    rpfs("vault", "remove", "offsite")
+    refused = _add(vault_env, None, "offsite", "--fingerprint", fingerprint.lower().replace("-", " "), check=False)
+    assert refused.returncode == 1 and "it is not the vault of your store" in refused.stderr
+    assert not json.loads(rpfs("vault", "list", "--json").stdout)
+
+    s3.put_object(Bucket=bucket, Key="rpfs-vault.json", Body=genuine["rpfs-vault.json"])   # the store's check copied
+    rpfs("vault", "add", "offsite", "--endpoint", vault_env["endpoint"], "--bucket", bucket, "--fingerprint",
+         fingerprint)
+    forged = rpfs("--vault", "offsite", "--recovery-key", str(private), "list", check=False)
+    assert forged.returncode == 1 and "key check were changed" in forged.stderr
+
+    s3.put_object(Bucket=bucket, Key="keys.json", Body=genuine["keys.json"])   # the real vault opens
+    listed = json.loads(rpfs("--vault", "offsite", "--recovery-key", str(private), "list", "--json").stdout)
+    assert [p["vm"] for p in listed] == ["db"]
+
+
+def test_a_store_switched_to_unencrypted_is_refused_by_its_vault_record(vault_env, tmp_path):
+    import lmdb
+    store, disk = _vault_of_one_backup(vault_env, tmp_path, 34)
+    env = lmdb.open(str(store), max_dbs=16)
+    with env.begin(write=True) as txn:
+        meta = env.open_db(b"meta", txn=txn)
+        txn.put(b"encryption", b"none", db=meta)
+        txn.put(b"block_id", b"blake3", db=meta)
+        txn.delete(b"key_check", db=meta)
+        txn.drop(env.open_db(b"keys", txn=txn), delete=False)
+    env.close()
+    no_key = {k: v for k, v in os.environ.items() if k != "RPFS_KEY_FILE"}
+    for args in (("vault", "push", "offsite"), ("backup", "new", "--disk", f"os={disk}")):
+        refused = rpfs(*args, store=store, check=False, env=no_key)
+        assert refused.returncode == 1 and "vault offsite recorded it as encrypted" in refused.stderr, refused.stderr
+
+
+def test_crafted_vault_records_are_one_line_and_change_nothing(vault_env, tmp_path):
+    """An unsealed gc record (as someone who may write but not delete would plant to make gc delete a
+    needed pack's index) is refused; JSON nested too deeply is "damaged", never a traceback."""
+    store, disk = _vault_of_one_backup(vault_env, tmp_path, 35)
+    s3, bucket = _client(vault_env["endpoint"]), vault_env["bucket"]
+    indexes = _objects(vault_env, "index/")
+    (pack,) = (name.split("/")[1] for name in indexes)
+    s3.put_object(Bucket=bucket, Key="gc/condemned", Body=json.dumps({"packs": {pack: ""}, "locks": []}).encode())
+    refused = rpfs("vault", "gc", "offsite", check=False)
+    assert refused.returncode == 1 and "damaged or was not written by this vault's gc" in refused.stderr
+    assert _objects(vault_env, "index/") == indexes and f"packs/{pack}" in _objects(vault_env, "packs/")
+    s3.delete_object(Bucket=bucket, Key="gc/condemned")
+    rpfs("--vault", "offsite", "restore", "web", "--disk", "os", "--to", str(tmp_path / "back.img"))
+    assert (tmp_path / "back.img").read_bytes() == disk.read_bytes()
+
+    for name, expected in (("keys.json", "are missing or damaged"), ("rpfs-vault.json", "not an rpfs vault's")):
+        kept = s3.get_object(Bucket=bucket, Key=name)["Body"].read()
+        s3.put_object(Bucket=bucket, Key=name, Body=b"[" * 100000)
+        done = rpfs("--vault", "offsite", "list", check=False)
+        assert done.returncode == 1 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
+        s3.put_object(Bucket=bucket, Key=name, Body=kept)

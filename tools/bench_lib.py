@@ -110,7 +110,7 @@ def run_timed(label: str, cmd: list[str], nbytes: int, daemon_pid: int | None = 
     daemon_before = process_cpu(daemon_pid)
     start = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+                          stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, env=environment(cmd))
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     daemon_after = process_cpu(daemon_pid)
@@ -157,8 +157,19 @@ class Conditions:
 
 
 # -- shell helpers -----------------------------------------------------------------------------------
+PLAIN_STORE = "store-unencrypted"   # the unencrypted store's folder name (step_backup)
+
+
+def environment(cmd: list[str]) -> dict:
+    """The bench's environment, whose RPFS_KEY_FILE opens the encrypted stores; without it for a command on
+    the unencrypted store, which refuses any key given (README, Encryption and keys)."""
+    cmd = [str(part) for part in cmd]
+    plain = "--store" in cmd[:-1] and Path(cmd[cmd.index("--store") + 1]).name == PLAIN_STORE
+    return {k: v for k, v in os.environ.items() if not (plain and k == "RPFS_KEY_FILE")}
+
+
 def run(cmd: list[str], capture: bool = True) -> str:
-    proc = subprocess.run(cmd, capture_output=capture, text=True, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(cmd, capture_output=capture, text=True, stdin=subprocess.DEVNULL, env=environment(cmd))
     if proc.returncode != 0:
         detail = (proc.stderr or "").strip()[-500:] if capture else ""
         raise BenchError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}): {detail}")
@@ -410,7 +421,7 @@ def step_backup(ctx: Context) -> dict[str, Path]:
         def once() -> Timing:
             if kind in stores:
                 shutil.rmtree(stores[kind])
-            store = stores[kind] = ctx.work / f"store-{kind}"
+            store = stores[kind] = ctx.work / f"store-{kind}"   # PLAIN_STORE for the unencrypted one
             rpfs(store, "init", *init_args)
             timing, out = ctx.timed(f"rpfs backup ({kind})", [str(RPFS), "--store", str(store), "backup", VM,
                                                               "--disk", f"{DISK}={ctx.image}", "--json"], capture=True)

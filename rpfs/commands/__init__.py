@@ -31,14 +31,17 @@ def take_passphrases(args) -> None:
 
 
 def open_store(args, readonly: bool = False, unlock: bool = True) -> Store:
-    """The store of --store, unlocked with the key the command was given when it is encrypted. A key file
-    given on the command line for a store that is not encrypted is refused: the timer's service names
-    one, and a store switched to "unencrypted" behind its back must not get backups in the clear."""
+    """The store of --store, unlocked with the key the command was given when it is encrypted (a key given
+    to a store that says it is not encrypted is refused by Store.open). A store that says so while a vault
+    of this machine recorded it as encrypted is refused too: its settings were changed behind our back."""
     store = Store.open(args.store, readonly=readonly, keys=key_choice(args), unlock=unlock)
-    if unlock and getattr(args, "key_file", None) and not store.encrypted:
-        store.close()
-        raise RpfsError(f"store {args.store} is not encrypted, but --key-file was given: refused (run without"
-                        " --key-file if this store is meant to be unencrypted)")
+    if not store.encrypted and store.store_id:
+        from rpfs.vault.config import vaults
+        for config in vaults().values():
+            if config.store_id == store.store_id.hex() and config.key_check:
+                store.close()
+                raise RpfsError(f"store {args.store} says it is not encrypted, but vault {config.name} recorded it"
+                                " as encrypted when it was added: its settings were changed; it is not opened")
     return store
 
 
@@ -77,7 +80,8 @@ def key_choice(args) -> KeyChoice:
     else:
         choice = KeyChoice(key_file=getattr(args, "key_file", None) or os.environ.get("RPFS_KEY_FILE"),
                            passphrase=asked_once(args, "RPFS_PASSPHRASE", "passphrase of the store: "),
-                           private_key_file=getattr(args, "recovery_key", None))
+                           private_key_file=getattr(args, "recovery_key", None),
+                           passphrase_given="RPFS_PASSPHRASE" in getattr(args, "passphrases", {}))
     args._key_choice = choice
     return choice
 

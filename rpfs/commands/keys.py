@@ -68,6 +68,9 @@ def cmd_init(args) -> int:
             slots.append(_new_key_file(key_file))   # made last: a refused init leaves no new key file
     elif args.recovery_public_key:
         raise RpfsError("--recovery-public-key is for an encrypted store")
+    elif key_choice(args).given:
+        raise RpfsError("--encryption none makes a store without a key, but a key was given (--key-file,"
+                        " RPFS_KEY_FILE or RPFS_PASSPHRASE): give none, or leave out --encryption none")
     with Store.init(Path(args.store), block_size, args.zstd_level, key_slots=slots) as store:
         if args.json:
             print_json(_describe(store))
@@ -75,8 +78,10 @@ def cmd_init(args) -> int:
             print(f"initialised store {store.path} (block size {human_bytes(store.block_size)},"
                   f" zstd level {store.zstd_level}, {_encryption_line(store)})")
             if store.encrypted:
+                print(f"store fingerprint: {store.key_lock().fingerprint}")
                 print("keep a copy of the key safe: without a key slot you can open, the backups cannot be read"
-                      " (rpfs key export --paper; rpfs key add --recovery-public-key)", file=sys.stderr)
+                      " (rpfs key export --paper; rpfs key add --recovery-public-key); write the fingerprint down"
+                      " with it: a vault recovered without this store must show the same", file=sys.stderr)
     return 0
 
 
@@ -94,6 +99,7 @@ def _describe(store: Store) -> dict:
                  "store_id": store.store_id.hex() or None, "file_bytes": store.stored_bytes()}
     if store.encrypted:
         lock = store.key_lock()
+        described["fingerprint"] = lock.fingerprint
         described["key_slots"] = [_slot_record(s) for s in lock.slots]
         if lock.damaged:
             described["damaged_key_slots"] = lock.damaged
@@ -153,12 +159,43 @@ def _one_new_slot(args) -> NewSlot:
 
 def _added(args, store: Store, new: NewSlot, replacing: KeySlot | None = None) -> int:
     slot, added = store.add_key_slot(new, replacing)
+    fingerprint = store.key_lock().fingerprint
     if args.json:
-        print_json({**_slot_record(slot), "added": added})
-    else:
-        done = "already opens" if not added else "changed" if replacing else "added"
-        print(f"{done} key slot {slot.id} ({slot.kind}{', ' + slot.note if slot.note else ''})")
+        print_json({**_slot_record(slot), "added": added, "store_fingerprint": fingerprint,
+                    "vaults": _update_vaults(store, quiet=True)})
+        return 0
+    done = "already opens" if not added else "changed" if replacing else "added"
+    print(f"{done} key slot {slot.id} ({slot.kind}{', ' + slot.note if slot.note else ''})")
+    if slot.kind == "recovery":
+        print(f"store fingerprint: {fingerprint} (keep it with the recovery private key: a vault recovered with"
+              " that key must show the same; rpfs vault add --fingerprint checks it)")
+    _update_vaults(store)
     return 0
+
+
+def _update_vaults(store: Store, quiet: bool = False) -> dict[str, str]:
+    """Send the store's key slots, as they are now, to every vault of it named on this machine: a removed
+    slot must stop opening the vaults too. A vault that cannot be reached is marked behind in the vault
+    list and said; the next command that reaches it with the store (push, prune, rpfs run) updates it first.
+    Returns vault name -> "updated" or why not."""
+    from rpfs.vault.config import vaults
+    mine = [c for c in vaults().values() if c.store_id == store.store_id.hex()]
+    if not mine:
+        return {}
+    from rpfs.vault.keys import send_key_slots
+    results = {}
+    for config in mine:
+        error = send_key_slots(config, store)
+        results[config.name] = error or "updated"
+        if quiet:
+            continue
+        if error is None:
+            print(f"vault {config.name}: its key slots updated")
+        else:
+            print(f"vault {config.name} was not updated ({error}): it still holds the old key slots, so a removed"
+                  f" key still opens it, until the next rpfs vault push {config.name} (or rpfs run) reaches it",
+                  file=sys.stderr)
+    return results
 
 
 def _key_add(args) -> int:
@@ -170,11 +207,12 @@ def _key_add(args) -> int:
 def _key_remove(args) -> int:
     with open_store(args) as store:
         slot = store.remove_key_slot(args.slot)
-    if args.json:
-        print_json(_slot_record(slot))
-    else:
+        if args.json:
+            print_json({**_slot_record(slot), "vaults": _update_vaults(store, quiet=True)})
+            return 0
         print(f"removed key slot {slot.id} ({slot.kind}); no data was rewritten")
-        print(WIPE_HINT, file=sys.stderr)
+        _update_vaults(store)
+    print(WIPE_HINT, file=sys.stderr)
     return 0
 
 
@@ -204,7 +242,7 @@ def _key_export(args) -> int:
     with open_store(args, readonly=True) as store:
         if not store.encrypted:
             raise RpfsError(f"store {store.path} is not encrypted: it has no key to export")
-        text = paper_text(store.master_key, store.path, store.store_id)
+        text = paper_text(store.master_key, store.path, store.store_id, store.key_lock().fingerprint)
     if args.json:
         print_json({"store": str(store.path), "paper": text})
     else:

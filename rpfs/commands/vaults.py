@@ -4,9 +4,12 @@ boto3 takes half a second to import: only commands that talk to a vault import r
 """
 from __future__ import annotations
 
+import sys
+
 from rpfs.commands import key_choice, open_store, print_json
 from rpfs.commands.progress import ProgressBar, human_bytes
 from rpfs.errors import RpfsError
+from rpfs.store.key_slots import same_fingerprint, store_fingerprint
 from rpfs.upkeep.jobs import recorded
 from rpfs.vault import config as vault_configs
 from rpfs.vault.config import VaultConfig, checked, vault_config
@@ -19,8 +22,12 @@ def cmd_vault(args) -> int:
 
 def open_vault(args):
     """The vault of --vault, unlocked with the key the command was given (the store's key: same slots)."""
+    from rpfs.vault.keys import behind_warning
     from rpfs.vault.vault import Vault
-    return Vault.open(vault_config(args.vault), key_choice(args))
+    config = vault_config(args.vault)
+    if (warning := behind_warning(config)) is not None:
+        print(warning, file=sys.stderr)
+    return Vault.open(config, key_choice(args))
 
 
 def _add(args) -> int:
@@ -36,16 +43,33 @@ def _add(args) -> int:
         what = f"made from store {args.store}" if vault.created else f"holding the vault of store {args.store}"
     else:   # disaster recovery: the bucket must hold a vault; its key is asked when it is read
         settings = probe(config)
-        what = (f"holding the vault of store id {settings['store_id']}, made {settings['created']} (compare the"
-                f" id with rpfs info of the lost store, or its paper key; then: rpfs --vault {args.name} list)")
+        what = (f"holding the vault of store id {settings['store_id']}, made {settings['created']}")
+    fingerprint = _fingerprint(settings)
+    if args.fingerprint and not same_fingerprint(args.fingerprint, fingerprint):
+        raise RpfsError(f"{config.label}: bucket {config.bucket} holds a vault whose store fingerprint is"
+                        f" {fingerprint}, not {args.fingerprint}: it is not the vault of your store (replaced or"
+                        " forged?); nothing was added")
+    if not args.store and not args.fingerprint:
+        what += (f"; store fingerprint {fingerprint}: compare it with the one kept with your paper key or recovery"
+                 f" key (or give it with --fingerprint) before you trust it; then: rpfs --vault {args.name} list")
+    elif not args.store:
+        what += f"; store fingerprint {fingerprint} matches; then: rpfs --vault {args.name} list"
     config.store_id, config.key_check = settings["store_id"], settings["key_check"]
     vault_configs.save(config)
     if args.json:
         print_json({"name": config.name, "endpoint": config.endpoint, "bucket": config.bucket,
-                    "prefix": config.prefix})
+                    "prefix": config.prefix, "store_id": config.store_id, "fingerprint": fingerprint})
     else:
         print(f"vault {config.name}: bucket {config.bucket} at {config.endpoint}, {what}")
     return 0
+
+
+def _fingerprint(settings: dict) -> str:
+    """The store fingerprint a vault's format record shows (each unlock checks its key check: key_slots)."""
+    try:
+        return store_fingerprint(bytes.fromhex(settings["store_id"]), bytes.fromhex(settings["key_check"]))
+    except (ValueError, KeyError, TypeError):
+        raise RpfsError("the vault's format record has no readable store id or key check (damaged)") from None
 
 
 def _list(args) -> int:

@@ -27,10 +27,15 @@ class VaultPrune:
 
 
 def open_vault(name: str, store: Store):
-    """A policy's vault, unlocked with the store's own master key (the vault holds the store's key slots)."""
+    """A policy's vault, unlocked with the store's own master key (the vault holds the store's key slots);
+    sent the store's key slots first if a key change could not reach it (vault/keys.py)."""
     from rpfs.vault.config import vault_config
+    from rpfs.vault.keys import send_key_slots
     from rpfs.vault.vault import Vault
-    return Vault.open(vault_config(name), KeyChoice(master=store.master_key))
+    config = vault_config(name)
+    if config.keys_behind:
+        send_key_slots(config, store)   # still behind if it fails: the open below says why
+    return Vault.open(config, KeyChoice(master=store.master_key))
 
 
 def push_new_points(store: Store, vm: str, policy: Policy) -> list[str]:

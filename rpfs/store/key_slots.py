@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.host.access import owner_name
 from rpfs.host.files import create_whole
+from rpfs.host.untrusted import parse_json
 from rpfs.store.crypto import KEY_SIZE, Keyring, derive_key, seal, unseal
 
 KINDS = ("passphrase", "key-file", "recovery")
@@ -61,7 +62,7 @@ class KeySlot:
     @classmethod
     def from_json(cls, data) -> "KeySlot":
         try:
-            return cls(**json.loads(bytes(data)))
+            return cls(**parse_json(bytes(data)))
         except (ValueError, TypeError) as e:
             raise CorruptBlockError(f"a key slot is damaged ({e})") from None
 
@@ -121,6 +122,23 @@ def key_fingerprint(key: bytes, store_id: bytes) -> str:
     return derive_key(key, store_id, "key fingerprint")[:8].hex()
 
 
+def store_fingerprint(store_id: bytes, check_value: bytes) -> str:
+    """What tells this store, and a vault made from it, from a forgery: derived from the key check, which
+    only the master key makes (Keyring.check) and every unlock verifies. Anyone may wrap a master key of
+    their own for the recovery public key (it is handed around) and copy the store id; they cannot make
+    their vault show this store's fingerprint and still open. 120 bits, as base32 groups to read aloud."""
+    digest = blake3.blake3(b"rpfs store fingerprint\0" + store_id + b"\0" + check_value).digest()[:15]
+    text = base64.b32encode(digest).decode()
+    return "-".join(text[i:i + 4] for i in range(0, len(text), 4))
+
+
+def same_fingerprint(given: str, fingerprint: str) -> bool:
+    """Whether a fingerprint typed back in (any case, spaces or dashes, 0/1/8 for O/I/B) is this one."""
+    def compact(text: str) -> str:
+        return "".join(text.upper().translate(_LOOKALIKES).replace("-", " ").split())
+    return hmac.compare_digest(compact(given), compact(fingerprint))
+
+
 def new_master_key() -> bytes:
     return os.urandom(KEY_SIZE)
 
@@ -141,6 +159,10 @@ class KeyLock:
     @property
     def label(self) -> str:
         return self.what or f"store {self.store}"
+
+    @property
+    def fingerprint(self) -> str:
+        return store_fingerprint(self.store_id, self.check_value)
 
     def keyring(self, master: bytes, from_slot: bool = False) -> Keyring:
         """The keyring of a master key, refused unless it is this store's and the store's settings are
@@ -178,6 +200,14 @@ class KeyChoice:
     private_key_file: str | None = None
     paper: str | None = field(default=None, repr=False)
     opened: KeySlot | None = None   # the slot that opened the store (key passwd changes that one)
+    passphrase_given: bool = False  # the passphrase came with the command (environment), not only askable
+
+    @property
+    def given(self) -> bool:
+        """Whether the command came with a key (a terminal that could be asked does not count): a store that
+        says it is not encrypted refuses one (Store: it may have been switched to "unencrypted")."""
+        return bool(self.key_file or self.master or self.private_key_file or self.paper is not None
+                    or self.passphrase_given)
 
     def unlock(self, lock: KeyLock) -> Keyring:
         if self.master is not None:
@@ -316,14 +346,16 @@ def _recovery_slots(lock: KeyLock, private_key_file: str) -> list:
 
 
 # -- the master key on paper -------------------------------------------------------------------------
-def paper_text(master: bytes, store: Path, store_id: bytes) -> str:
-    """The master key as groups of base32 with a checksum group, to be typed back in (key recover --paper)."""
+def paper_text(master: bytes, store: Path, store_id: bytes, fingerprint: str) -> str:
+    """The master key as groups of base32 with a checksum group, to be typed back in (key recover --paper),
+    and the store's fingerprint (a vault recovered without the store must show it)."""
     encoded = base64.b32encode(master + _paper_check(master)).decode().rstrip("=")
     groups = [encoded[i:i + PAPER_GROUP] for i in range(0, len(encoded), PAPER_GROUP)]
     lines = [" ".join(groups[i:i + 8]) for i in range(0, len(groups), 8)]
     return (f"rpfs master key of store {store} (id {store_id.hex()})\n"
             "Whoever has this page can read every backup in that store: keep it locked away.\n"
-            "Type it back in with: rpfs key recover --paper FILE (spaces and case do not matter)\n\n"
+            "Type it back in with: rpfs key recover --paper FILE (spaces and case do not matter)\n"
+            f"Store fingerprint: {fingerprint} (a vault you recover from must show the same)\n\n"
             + "\n".join(lines) + "\n")
 
 

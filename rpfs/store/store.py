@@ -153,6 +153,11 @@ class Store:
         if not self.encrypted and ("key_check" in self.meta or (version in PIECES_VERSIONS and self.key_lock().slots)):
             raise RpfsError(f"store {path} says it is not encrypted, but it has key slots: its settings were changed"
                             " or damaged; it is not opened (rpfs info shows them)")
+        if not self.encrypted and unlock and keys is not None and keys.given:
+            raise RpfsError(f"store {path} says it is not encrypted, but a key was given (a key file, passphrase or"
+                            " master key): refused, since its settings may have been changed to write backups in"
+                            " the clear (rpfs info); give no key (no --key-file, RPFS_KEY_FILE or RPFS_PASSPHRASE)"
+                            " if it is meant to be unencrypted")
         self.keyring: Keyring | None = None
         if self.encrypted and unlock:
             self.keyring = (keys or KeyChoice()).unlock(self.key_lock())
@@ -198,7 +203,7 @@ class Store:
         except BaseException:
             env.close()
             raise
-        return cls(path, env, readonly=False, keys=KeyChoice(master=master))
+        return cls(path, env, readonly=False, keys=KeyChoice(master=master if slots else None))
 
     @staticmethod
     def refuse_init(path: Path, block_size: int, zstd_level: int, encrypted: bool) -> None:

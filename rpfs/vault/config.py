@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 from rpfs.errors import RpfsError
 from rpfs.host.access import make_private_folder, open_trusted
 from rpfs.host.files import write_whole
+from rpfs.host.untrusted import parse_json
 from rpfs.store.recovery_point import NAME_RE
 
 DEFAULT_CONFIG = "/etc/rpfs"
@@ -28,6 +29,7 @@ class VaultConfig:
     prefix: str = ""
     store_id: str = ""     # the vault as it was when added: a bucket that holds another one since is refused
     key_check: str = ""
+    keys_behind: str = ""  # when a key change of the store could not be sent to the vault (vault/keys.py)
 
     @property
     def label(self) -> str:
@@ -47,7 +49,7 @@ def vaults() -> dict[str, VaultConfig]:
     try:
         with os.fdopen(fd, "rb") as f:
             fd = -1
-            found = json.loads(f.read())
+            found = parse_json(f.read())
         return {name: VaultConfig(**entry) for name, entry in found.items()}
     except (ValueError, TypeError, AttributeError):
         raise RpfsError(f"{path} is damaged (not the vault list rpfs writes); fix or remove it") from None

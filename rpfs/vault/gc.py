@@ -26,7 +26,6 @@ holds it, and a repack indexes its new packs before it condemns the old ones.
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass, field
 
 from rpfs.errors import CorruptBlockError, RpfsError
@@ -130,7 +129,7 @@ def _condemn(vault: Vault, summary: GcSummary, lock: VaultLock, pack_bytes: int)
     if not condemned:
         return
     record = {"packs": condemned, "locks": None}
-    vault.bucket.put(CONDEMNED, json.dumps(record).encode())
+    vault.put_condemned(record)
     _hide(vault, record)
     summary.condemned_packs = len(condemned)
 
@@ -160,7 +159,7 @@ def _hide(vault: Vault, record: dict) -> None:
             vault.bucket.delete(index_object(pack))
     record["uploads"] = vault.bucket.unfinished_uploads("packs/")   # before the locks: their pushes are listed
     record["locks"] = [lock.name for lock in locks(vault.bucket) if lock.kind != "gc"]
-    vault.bucket.put(CONDEMNED, json.dumps(record).encode())
+    vault.put_condemned(record)
 
 
 def _finish(vault: Vault, record: dict, summary: GcSummary) -> None:
@@ -191,14 +190,9 @@ def _finish(vault: Vault, record: dict, summary: GcSummary) -> None:
 
 
 def _record(vault: Vault) -> dict | None:
-    raw = vault.bucket.get(CONDEMNED)
-    if raw is None:
-        return None
     try:
-        record = json.loads(raw)
-        if not isinstance(record.get("packs"), dict):
-            raise ValueError
-        return record
-    except (ValueError, AttributeError):
-        raise RpfsError(f"{vault.config.label}: {CONDEMNED} is damaged; nothing was deleted (remove it to start"
-                        " gc afresh: its packs are condemned again)") from None
+        return vault.condemned()
+    except CorruptBlockError:
+        raise RpfsError(f"{vault.config.label}: {CONDEMNED} is damaged or was not written by this vault's gc (an"
+                        " older rpfs wrote it unsealed); nothing was deleted. Remove it to start gc afresh: its"
+                        " packs are condemned again") from None

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 
 from rpfs.errors import RpfsError
 from rpfs.host.processes import start_time
+from rpfs.host.untrusted import parse_json
 from rpfs.vault.s3 import Bucket
 
 STALE_SECONDS = 3600          # a lock nobody refreshed for this long is taken for a dead writer's
@@ -98,7 +99,7 @@ def locks(bucket: Bucket) -> list[LockInfo]:
         raw = bucket.get(name)
         age = (now - modified).total_seconds()
         try:
-            record = json.loads(raw or b"{}")
+            record = parse_json(raw or b"{}")
             found.append(LockInfo(name, str(record["kind"]), str(record["host"]), str(record.get("machine", "")),
                                   int(record["pid"]), str(record["pid_start"]), age))
         except (ValueError, KeyError, TypeError):   # damaged or half-gone: alive until stale

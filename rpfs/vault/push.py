@@ -19,6 +19,7 @@ from rpfs.store.block_maps import digests_in_order
 from rpfs.store.leases import Lease
 from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.store import Store
+from rpfs.vault.keys import sent_key_slots
 from rpfs.vault.locks import VaultLock
 from rpfs.vault.packs import PACK_BYTES, PackStream, upload_packs
 from rpfs.vault.vault import BLOB, PIECE, Vault, manifest_associated, point_object, \
@@ -52,9 +53,15 @@ def push(store: Store, vault: Vault, points: list[RecoveryPoint], progress: Prog
     if vault.store_id != store.store_id:
         raise RpfsError(f"{vault.config.label} belongs to another store (id {vault.store_id.hex()}, this one"
                         f" {store.store_id.hex()}); a vault takes the points of the store it was made from")
+    changed = [name for name in ("encryption", "block_id", "block_size", "key_check")
+               if str(store.meta.get(name, "")) != str(vault.settings.get(name, ""))]
+    if changed or (vault.config.key_check and vault.config.key_check != store.meta.get("key_check")):
+        raise RpfsError(f"store {store.path} differs from what {vault.config.label} recorded of it when it was added"
+                        f" ({', '.join(changed or ['key_check'])}): its settings were changed; nothing was pushed")
     started, summary = time.monotonic(), PushSummary()
     with VaultLock(vault.bucket, "push") as lock:   # before any index is read (gc.py)
         upload_key_slots(vault.bucket, store.key_lock().slots)   # the slots as they are now (key add/remove)
+        sent_key_slots(vault.config)
         vault.index(fresh=True)
         _push(store, vault, points, lock, summary, progress, bytes_per_second, pack_bytes, named)
     summary.seconds = time.monotonic() - started
@@ -72,10 +79,10 @@ def _push(store: Store, vault: Vault, points: list[RecoveryPoint], lock: VaultLo
     summary.already = [f"{p.vm}/{p.id}" for p in summary.already]
     lease = Lease(store.path)   # prune must not delete a point while it goes up
     try:
-        plans = []
+        plans, planned = [], _Planned()
         for point in todo:
             lease.take(store, point.vm, point.id)
-            plans.append(_plan(store, vault, point))
+            plans.append(_plan(store, vault, point, planned))
         total = sum(store.blob_lengths(plan.blobs) for plan in plans)
         done, since = 0, time.monotonic()
 
@@ -94,6 +101,15 @@ def _push(store: Store, vault: Vault, points: list[RecoveryPoint], lock: VaultLo
 
 
 @dataclass
+class _Planned:
+    """What the plans of one push upload already: a blob or piece named by several points goes up once,
+    with the first (oldest) of them, whose packs are indexed before its manifest and so before the later
+    points' manifests."""
+    blobs: set[bytes] = field(default_factory=set)
+    pieces: set[bytes] = field(default_factory=set)
+
+
+@dataclass
 class _Plan:
     point: RecoveryPoint
     maps: dict[str, tuple[int, list[bytes]]]
@@ -101,10 +117,10 @@ class _Plan:
     pieces: list[bytes]      # pieces the vault lacks
 
 
-def _plan(store: Store, vault: Vault, point: RecoveryPoint) -> _Plan:
-    """What one point needs that the vault lacks. Every piece's blobs are looked up, also for pieces the
-    vault has: a piece uploaded by a push killed before its blobs' packs were indexed names blobs the
-    vault may lack."""
+def _plan(store: Store, vault: Vault, point: RecoveryPoint, planned: _Planned) -> _Plan:
+    """What one point needs that neither the vault nor an earlier plan of this push has. Every piece's blobs
+    are looked up, also for pieces the vault has: a piece uploaded by a push killed before its blobs' packs
+    were indexed names blobs the vault may lack."""
     maps = {disk.name: store.map_index(store.map_key(point.vm, point.id, disk.name)) for disk in point.disks}
     blobs: dict[bytes, None] = {}
     pieces: dict[bytes, None] = {}
@@ -114,11 +130,13 @@ def _plan(store: Store, vault: Vault, point: RecoveryPoint) -> _Plan:
             if not entries and not _stored:
                 raise RpfsError(f"a piece of the block map of {point.vm}/{point.id} is missing from the local store"
                                 " (rpfs check)")
-            if not vault.has(PIECE, piece_id):
+            if piece_id not in planned.pieces and not vault.has(PIECE, piece_id):
                 pieces[piece_id] = None
             for digest in digests_in_order(entries):   # disk order: a restore reads them in runs (runs.py)
-                if digest not in blobs and not vault.has(BLOB, digest):
+                if digest not in blobs and digest not in planned.blobs and not vault.has(BLOB, digest):
                     blobs[digest] = None
+    planned.blobs.update(blobs)
+    planned.pieces.update(pieces)
     return _Plan(point, maps, list(blobs), list(pieces))
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
 from rpfs.errors import CorruptBlockError, RpfsError
+from rpfs.host.untrusted import parse_json
 from rpfs.store.blob import BlockCodec, Cut, frame_span, head_size
 from rpfs.store.block_maps import where
 from rpfs.store.key_slots import KeyChoice, KeyLock, KeySlot
@@ -43,6 +44,7 @@ FORMAT = "rpfs-vault"
 FORMAT_VERSION = 1
 FORMAT_OBJECT = "rpfs-vault.json"
 CONDEMNED = "gc/condemned"           # gc.py
+CONDEMNED_ASSOCIATED = b"vault-gc\0condemned"
 KEYS_OBJECT = "keys.json"
 SETTINGS = ("encryption", "block_id", "block_size", "zstd_level")   # copied from the store's meta
 ENTRY = struct.Struct("<c32sQI")     # an index entry: kind (b"b" blob, b"p" piece), id, offset, length
@@ -155,7 +157,7 @@ class Vault:
                             " have replaced it (rpfs vault remove, then add it again if this is expected)")
         raw = bucket.get(KEYS_OBJECT)
         try:
-            slots = [KeySlot.from_json(json.dumps(slot).encode()) for slot in json.loads(raw or b"null")]
+            slots = [KeySlot.from_json(json.dumps(slot).encode()) for slot in parse_json(raw or b"null")]
             lock = KeyLock(Path(config.label), bytes.fromhex(settings["store_id"]), key_settings(settings),
                            bytes.fromhex(settings["key_check"]), slots, what=config.label,
                            hint="the vault holds the store's key slots as of its last push")
@@ -191,12 +193,30 @@ class Vault:
                 self._index_copies.keep_only(set(names))
             return self._index
 
+    def condemned(self) -> dict | None:
+        """gc's record of the packs it condemned (gc.py), or None if there is none. Sealed like every record:
+        whoever may write the bucket but not delete from it must not make gc delete a needed pack's index.
+        Raises CorruptBlockError if it does not open (damaged, forged, or written unsealed by an older rpfs)."""
+        raw = self.bucket.get(CONDEMNED)
+        if raw is None:
+            return None
+        data = self._unseal(CONDEMNED_ASSOCIATED, raw, CONDEMNED)
+        try:
+            record = parse_json(data)
+            if not isinstance(record.get("packs"), dict):
+                raise ValueError
+        except (ValueError, AttributeError):
+            raise CorruptBlockError(f"{self.config.label}: {CONDEMNED} is damaged") from None
+        return record
+
+    def put_condemned(self, record: dict) -> None:
+        self.bucket.put(CONDEMNED, self.keyring.seal_record(json.dumps(record).encode(), CONDEMNED_ASSOCIATED))
+
     def _condemned_index(self) -> dict[tuple[bytes, bytes], Location]:
         """The entries of the packs gc/condemned lists (for reads only: a push must never rely on them)."""
-        raw = self.bucket.get(CONDEMNED)
         try:
-            packs = json.loads(raw)["packs"] if raw is not None else {}
-        except (ValueError, KeyError, TypeError):
+            packs = (self.condemned() or {"packs": {}})["packs"]
+        except CorruptBlockError:
             return {}
         found = {}
         for pack, sealed in packs.items():
@@ -360,7 +380,7 @@ class Vault:
         if raw is None:
             return None
         try:
-            record = json.loads(raw)
+            record = parse_json(raw)
             return Hold(object_name[len("holds/"):], str(record["vm"]), str(record["point"]), str(record["target"]),
                         base64.b64decode(record["manifest"]))
         except (ValueError, KeyError, TypeError):
@@ -558,7 +578,7 @@ def _settings(bucket: Bucket) -> dict | None:
     if raw is None:
         return None
     try:
-        settings = json.loads(raw)
+        settings = parse_json(raw)
         version = int(settings["format_version"]) if settings["format"] == FORMAT else None
     except (ValueError, KeyError, TypeError):
         version = None
