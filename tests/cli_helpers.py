@@ -40,6 +40,7 @@ def open_store(path: Path, readonly: bool = False):
 PREVIOUS_RELEASE = "0351bf2"   # the last commit before format 3: it makes stores of format 2
 FORMAT_3_RELEASE = "e0736c4"   # the last commit before format 4: stores of format 3 (blobs not in frames)
 FORMAT_4_RELEASE = "bbf5837"   # the last commit before format 5: stores of format 4 (no blob size records)
+FORMAT_5_RELEASE = "2dd800b"   # the last commit before format 6: stores of format 5 (no blob with a key of its own)
 
 
 def previous_release(tmp_path: Path, commit: str = PREVIOUS_RELEASE) -> Path:

@@ -56,5 +56,5 @@ def test_rpfs_runs_from_a_fresh_virtualenv(wheel, tmp_path):
     assert Path(where).is_relative_to(venv), where
     assert "usage: rpfs" in run(venv / "bin" / "rpfs", "--help", cwd=tmp_path).stdout
     done = run(venv / "bin" / "rpfs", "--store", tmp_path / "store", "init", "--json", cwd=tmp_path)
-    assert '"format_version": 5' in done.stdout and (tmp_path / "store" / "data.mdb").exists()
+    assert '"format_version": 6' in done.stdout and (tmp_path / "store" / "data.mdb").exists()
     assert "usage: rpfs" in run(python, "-m", "rpfs", "--help", cwd=tmp_path).stdout   # how daemons start

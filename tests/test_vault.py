@@ -264,6 +264,7 @@ def test_another_format_version_and_a_bucket_without_a_vault_are_refused(vault_e
     empty = _add(vault_env, check=False)   # no store given, and the bucket holds no vault
     assert empty.returncode == 1 and "the bucket does not exist" in empty.stderr
     _add(vault_env, store)
+    assert _vault_version(vault_env) == 2   # a store of format 6: blobs with keys of their own go up
     s3 = _client(vault_env["endpoint"])
     record = json.loads(s3.get_object(Bucket=vault_env["bucket"], Key="rpfs-vault.json")["Body"].read())
     s3.put_object(Bucket=vault_env["bucket"], Key="rpfs-vault.json",
@@ -271,6 +272,64 @@ def test_another_format_version_and_a_bucket_without_a_vault_are_refused(vault_e
     refused = rpfs("--vault", "offsite", "list", check=False)
     assert refused.returncode == 1 and "vault format version 99" in refused.stderr
     assert "matching rpfs release" in refused.stderr
+
+
+def _vault_version(env: dict) -> int:
+    s3 = _client(env["endpoint"])
+    return json.loads(s3.get_object(Bucket=env["bucket"], Key="rpfs-vault.json")["Body"].read())["format_version"]
+
+
+def test_a_vault_of_version_1_is_read_raised_by_a_push_of_blobs_with_keys_of_their_own_and_refused_by_its_release(
+        vault_env, tmp_path):
+    """The last release of store format 5 makes a store and its vault (version 1); this rpfs reads that vault,
+    and its first push from the store (now format 6) raises the vault to 2 before any blob sealed under a
+    key of its own goes up; both kinds of blob read back from the vault alone, whole and by frames; that
+    release then refuses the vault with its one line."""
+    from cli_helpers import FORMAT_5_RELEASE, previous_release, previous_rpfs, session_keys
+
+    from rpfs.store.blob import FLAG_BLOCK_KEY, read_header
+    from rpfs.vault.config import vault_config
+    from rpfs.vault.vault import BLOB, Vault
+    old = previous_release(tmp_path, FORMAT_5_RELEASE)
+    store, disk = tmp_path / "store", _image(tmp_path / "os.img", 5)
+    previous_rpfs(old, store, "init", keep_key=True)
+    previous_rpfs(old, store, "backup", "web", "--disk", f"os={disk}", keep_key=True)
+    copies = [disk.read_bytes()]
+    previous_rpfs(old, store, "vault", "add", "offsite", "--endpoint", vault_env["endpoint"], "--bucket",
+                  vault_env["bucket"], keep_key=True)
+    previous_rpfs(old, store, "vault", "push", "offsite", keep_key=True)
+    assert _vault_version(vault_env) == 1
+    assert len(json.loads(rpfs("--vault", "offsite", "list", "--json").stdout)) == 1
+    assert _vault_version(vault_env) == 1   # reading changes nothing
+
+    _change(disk, 6, [0, 6])
+    copies.append(disk.read_bytes())
+    rpfs("backup", "web", "--disk", f"os={disk}", store=store)   # the store is marked format 6
+    rpfs("vault", "push", "offsite", store=store)
+    assert _vault_version(vault_env) == 2
+    (store / "data.mdb").unlink()   # from the vault alone from here on
+    flags = []
+    with Vault.open(vault_config("offsite"), session_keys()) as vault:
+        for point, want in zip(vault.points("web"), copies):
+            block_map = vault.block_map(vault.map_key("web", point.id, "os"))
+            for n in range(0, len(block_map) // 32):
+                digest = block_map[n * 32:(n + 1) * 32]
+                if digest == bytes(32):
+                    continue
+                where = vault.index()[(BLOB, digest)]
+                flags.append(read_header(vault._read_pack(where.pack, where.offset, 16)).flags)
+                for start, stop in ((0, 1 << 20), (4096, 8192), (200000, 300000)):   # whole, then by frames
+                    got = vault.get_blob(digest, lambda blob: vault.codec.read(digest, blob, 1 << 20, start, stop),
+                                         part=None if (start, stop) == (0, 1 << 20) else (start, stop))
+                    assert got == want[(n << 20) + start:(n << 20) + stop]
+    assert flags.count(1) == 12 + 10 and flags.count(1 | FLAG_BLOCK_KEY) == 2   # the second point's two new blocks
+    rpfs("--vault", "offsite", "restore", "web", "--disk", "os", "--to", str(tmp_path / "latest.img"))
+    assert (tmp_path / "latest.img").read_bytes() == copies[1]
+    env = {k: v for k, v in os.environ.items() if k != "RPFS_STORE"}
+    refused = subprocess.run([sys.executable, "-m", "rpfs", "--vault", "offsite", "list"], cwd=old, capture_output=True,
+                             text=True, env={**env, "PYTHONPATH": str(old)})
+    assert refused.returncode == 1 and "vault format version 2; this rpfs reads version 1" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
 
 
 def test_an_unencrypted_store_gets_no_vault_and_mistakes_are_one_line(vault_env, tmp_path):

@@ -12,6 +12,10 @@ In an encrypted store the payload is sealed (flag SEALED): nonce + AES-256-GCM c
 (per blob for the whole-block codecs of format 3), with the block id, the header's first 12 bytes and the
 frame's index and codec as associated data, so a frame moved to another block or place, or given another
 codec or length, does not open. A store is all sealed or all plain: anything else reads as damaged.
+Since store format 6 a sealed blob also has flag BLOCK_KEY: its frames are sealed under a key derived
+from its block id (crypto.py: why), not the store-wide blocks key of older blobs, which still read. The
+flags are part of the associated data, so a flag flipped reads as damaged like any other change, and an
+unknown flag reads as damaged too (an older rpfs reads a new blob so: hence the format version).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 
 import blake3
 import zstandard
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.store.crypto import SEAL_OVERHEAD, Keyring
@@ -33,6 +38,8 @@ SEALED_PART = struct.Struct("<4sBBHI")   # the header but its CRC: what a sealed
 FRAME = struct.Struct("<BII")            # per frame: codec, stored length, check (below; 0 if sealed)
 FRAME_PLACE = struct.Struct("<IB")       # what a sealed frame is bound to besides the header: index, codec
 FLAG_SEALED = 1
+FLAG_BLOCK_KEY = 2      # format 6: sealed under the block's own key (Keyring.blob_key), not the store-wide one
+KNOWN_FLAGS = FLAG_SEALED | FLAG_BLOCK_KEY
 CRC = struct.Struct("<I")
 CODEC_RAW = 0      # whole block, stored as it is (format 3)
 CODEC_ZSTD = 1     # whole block, one zstd frame (format 3)
@@ -195,7 +202,9 @@ class BlockCodec:
         encrypted. Written into one buffer: no copy of the block beyond its compressed frames."""
         raw = memoryview(raw)
         sealed = self.keyring is not None
-        head = SEALED_PART.pack(MAGIC, CODEC_FRAMES, FLAG_SEALED if sealed else 0, FRAME_SIZE >> 10, len(raw))
+        flags = FLAG_SEALED | FLAG_BLOCK_KEY if sealed else 0
+        head = SEALED_PART.pack(MAGIC, CODEC_FRAMES, flags, FRAME_SIZE >> 10, len(raw))
+        key = self.keyring.blob_key(digest) if sealed else None
         compress = _compressor(self.zstd_level).compress
         frames = []
         for start in range(0, len(raw), FRAME_SIZE):
@@ -213,7 +222,7 @@ class BlockCodec:
             check = 0 if sealed else _frame_check(place, raw[n * FRAME_SIZE:(n + 1) * FRAME_SIZE])
             FRAME.pack_into(framed, HEADER.size + n * FRAME.size, codec, stored, check)
             if sealed:
-                self.keyring.seal_block_into(payload, place, view[at:at + stored])
+                self.keyring.seal_block_into(key, payload, place, view[at:at + stored])
             else:
                 view[at:at + stored] = payload
             at += stored
@@ -222,7 +231,7 @@ class BlockCodec:
 
     def _checked_header(self, blob) -> BlobHeader:
         header = read_header(blob)
-        if header.flags & ~FLAG_SEALED:
+        if header.flags & ~KNOWN_FLAGS or header.flags == FLAG_BLOCK_KEY:
             raise CorruptBlockError(f"stored block has unknown flags {header.flags:#x}")
         if bool(header.flags & FLAG_SEALED) != (self.keyring is not None):
             raise CorruptBlockError("stored block is sealed in an unencrypted store" if self.keyring is None
@@ -231,11 +240,17 @@ class BlockCodec:
             raise CorruptBlockError(f"stored block has unknown codec {header.codec}")
         return header
 
+    def _key(self, digest: bytes, header: BlobHeader) -> AESGCM | None:
+        """The key a checked blob's payload opens with (None: a plain store)."""
+        if self.keyring is None:
+            return None
+        return self.keyring.blob_key(digest if header.flags & FLAG_BLOCK_KEY else None)
+
     def decode(self, digest: bytes, blob: bytes | memoryview) -> bytes:
         """The raw block, opened when sealed and checked against its id: what verify and check trust."""
         header = self._checked_header(blob)
         if header.codec == CODEC_FRAMES:
-            raw = self._read_frames(digest, *_whole_cut(header, blob), 0, header.raw_length)
+            raw = self._read_frames(digest, header, *_whole_cut(header, blob), 0, header.raw_length)
         else:
             raw = self._read_whole(digest, blob, header, memoryview(blob)[HEADER.size:])
         if self.block_id(raw) != digest:
@@ -263,12 +278,13 @@ class BlockCodec:
             frames = _Frames(header, memoryview(blob.head)[HEADER.size:])
         else:
             blob, frames = _whole_cut(header, blob)
-        data = self._read_frames(digest, blob, frames, start, stop)
+        data = self._read_frames(digest, header, blob, frames, start, stop)
         if len(data) != max(stop - start, 0):
             raise CorruptBlockError("stored block reads short")
         return data
 
-    def _read_frames(self, digest: bytes, blob: Cut, frames: _Frames, start: int, stop: int) -> bytes:
+    def _read_frames(self, digest: bytes, header: BlobHeader, blob: Cut, frames: _Frames, start: int,
+                     stop: int) -> bytes:
         needed = frames.covering(start, stop)
         if not needed:
             return b""
@@ -278,17 +294,17 @@ class BlockCodec:
         base = frames.starts[blob.first]
         if frames.starts[needed[-1] + 1] - base > len(stored):
             raise CorruptBlockError("stored block is shorter than its frame table says")
-        aad = digest + bytes(blob.head[:SEALED_PART.size])
-        parts = [self._open_frame(aad, frames, n, stored[frames.starts[n] - base:frames.starts[n + 1] - base])
+        aad, key = digest + bytes(blob.head[:SEALED_PART.size]), self._key(digest, header)
+        parts = [self._open_frame(aad, key, frames, n, stored[frames.starts[n] - base:frames.starts[n + 1] - base])
                  for n in needed]
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         skip = needed[0] * frames.size
         return data if (start - skip, stop - skip) == (0, len(data)) else data[start - skip:stop - skip]
 
-    def _open_frame(self, aad: bytes, frames: _Frames, n: int, stored: memoryview) -> bytes:
+    def _open_frame(self, aad: bytes, key: AESGCM | None, frames: _Frames, n: int, stored: memoryview) -> bytes:
         codec, _length, check = frames.entries[n]
-        if self.keyring is not None:
-            stored = self.keyring.unseal_block(stored, aad + FRAME_PLACE.pack(n, codec))
+        if key is not None:
+            stored = self.keyring.unseal_block(key, stored, aad + FRAME_PLACE.pack(n, codec))
         size = frames.raw_size(n)
         if codec == CODEC_ZSTD:
             raw = _decompress(stored, size)
@@ -304,8 +320,9 @@ class BlockCodec:
 
     def _read_whole(self, digest: bytes, blob, header: BlobHeader, payload: memoryview) -> bytes:
         """A block of format 3: one payload, raw or one zstd frame, sealed whole when encrypted."""
-        if self.keyring is not None:
-            payload = memoryview(self.keyring.unseal_block(payload, digest + bytes(blob[:SEALED_PART.size])))
+        key = self._key(digest, header)
+        if key is not None:
+            payload = memoryview(self.keyring.unseal_block(key, payload, digest + bytes(blob[:SEALED_PART.size])))
         raw = bytes(payload) if header.codec == CODEC_RAW else _decompress(payload, header.raw_length)
         if len(raw) != header.raw_length:
             raise CorruptBlockError("stored block decodes to the wrong length")

@@ -1,13 +1,14 @@
 """The store: one directory holding an LMDB environment with blocks by digest and the recovery-point catalog.
 
-Layout (format version 5), one LMDB environment `STORE/data.mdb` with named databases:
-  meta     b"format_version" -> b"5", b"block_size" -> decimal bytes, b"created" -> ISO time,
+Layout (format version 6), one LMDB environment `STORE/data.mdb` with named databases:
+  meta     b"format_version" -> b"6", b"block_size" -> decimal bytes, b"created" -> ISO time,
            b"zstd_level" -> decimal (used by writers only; any level decodes the same way),
            b"last_point_id\0<vm>" -> the newest recovery point id the VM was given (never reused),
            b"encryption" -> b"aes-256-gcm" or b"none", b"block_id" -> b"blake3-keyed" or b"blake3",
            b"store_id" -> 16 random bytes (hex), b"key_check" -> hex (encrypted stores; crypto.py),
            b"blob_sizes" -> b"all" (made at format 5: every blob has its record in `sizes`)
-  blocks   block id (32 bytes) -> blob (blob.py: 64 KiB frames since format 4; sealed when encrypted)
+  blocks   block id (32 bytes) -> blob (blob.py: 64 KiB frames since format 4; sealed when encrypted,
+           since format 6 under a key of its block's own: crypto.py)
   sizes    block id -> "<II" little-endian: the blob's stored and raw length (since format 5), so that
            what a backup, gc or usage counts is looked up in small records: py-lmdb touches every page
            of a value it returns (its "preload"), so a length taken from `blocks` reads the whole blob
@@ -22,13 +23,14 @@ Layout (format version 5), one LMDB environment `STORE/data.mdb` with named data
 When encrypted, VM names, recovery point ids, disk names, policy names and job ids (the keys) stay
 readable, and so do block sizes and how many blocks are shared; every value is sealed or keyed.
 Version 1 and 2 stores (whole block maps in `maps`, counted per map; version 1 without refs, policies,
-protected, jobs) are read as they are by read-only commands and upgraded in place to version 5 (their maps
+protected, jobs) are read as they are by read-only commands and upgraded in place to version 6 (their maps
 cut into pieces, counts recounted; unencrypted, sha256 block ids kept), in one transaction, by the first
-writing command. Version 3 differs from 4 only in that its blobs are never in frames, and 4 from 5 only in
-that it has no `sizes`: both are read as they are and marked version 5 by the first writing command (old
-blobs stay as they are: both decode; a blob without a size record is measured from `blocks`, slowly), so
-an rpfs that knows no frames or sizes refuses it from then on (an older one would delete blobs and keep
-their sizes). A version 3 store of a development build that kept
+writing command. Version 3 differs from 4 only in that its blobs are never in frames, 4 from 5 only in
+that it has no `sizes`, and 5 from 6 only in that no sealed blob has a key of its own (flag BLOCK_KEY,
+blob.py): all are read as they are and marked version 6 by the first writing command (old blobs stay as
+they are: all decode; a blob without a size record is measured from `blocks`, slowly), so an rpfs that
+knows no frames, sizes or block keys refuses it from then on (an older one would delete blobs and keep
+their sizes, or read new blobs as damaged). A version 3 store of a development build that kept
 whole maps (no meta map_layout) is refused.
 
 Every transaction is short: readers hold one for one lookup, so LMDB can reuse freed pages.
@@ -63,11 +65,14 @@ from rpfs.store.crypto import Keyring
 from rpfs.store.key_slots import KeyChoice, KeyLock, KeySlot, NewSlot, new_master_key
 from rpfs.store.recovery_point import DIGEST_SIZE, RecoveryPoint
 
-FORMAT_VERSION = 5
-PIECES_VERSIONS = (3, 4, FORMAT_VERSION)   # block maps in pieces; 3: no blob in frames yet; 3, 4: no sizes
+FORMAT_VERSION = 6
+PIECES_VERSIONS = (3, 4, 5, FORMAT_VERSION)   # block maps in pieces; 3: no blob in frames yet; 3, 4: no sizes;
+                                              # 3 to 5: no blob with a key of its own
+SIZES_VERSION = 5                             # the first with `sizes`
 ENCRYPTION = "aes-256-gcm"
 MAP_LAYOUT = "pieces"
-MIN_ENCRYPTED_BLOCK_SIZE = 64 << 10   # 2^32 random GCM nonces per key (NIST) x 64 KiB = 256 TiB sealed
+MIN_ENCRYPTED_BLOCK_SIZE = 64 << 10   # 2^32 random GCM nonces per key (NIST): the records key seals one per new
+                                      # map piece, which needs a changed block: 256 TiB changed at 64 KiB at worst
 DEFAULT_BLOCK_SIZE = 1 << 20
 INITIAL_MAP_SIZE = 1 << 30
 WRITER_WAIT_SECONDS = 600  # how long a backup waits for a running prune or gc, and they for each other
@@ -132,7 +137,7 @@ class Store:
         elif version == 2:
             self._dbs.update(self._open_dbs(V2_DB_NAMES[len(V1_DB_NAMES):]))
         elif version in PIECES_VERSIONS:
-            self._dbs.update(self._open_dbs((V4_DB_NAMES if version < FORMAT_VERSION else DB_NAMES)[len(V1_DB_NAMES):]))
+            self._dbs.update(self._open_dbs((V4_DB_NAMES if version < SIZES_VERSION else DB_NAMES)[len(V1_DB_NAMES):]))
             if version < FORMAT_VERSION and not readonly:
                 self._upgrade(version)
                 version = FORMAT_VERSION
@@ -211,8 +216,9 @@ class Store:
         if block_size < 4096 or block_size > (64 << 20) or block_size & (block_size - 1):
             raise RpfsError("--block-size must be a power of two between 4 KiB and 64 MiB")
         if encrypted and block_size < MIN_ENCRYPTED_BLOCK_SIZE:
-            raise RpfsError("an encrypted store needs --block-size 64K or more: AES-GCM with random nonces is safe"
-                            " for 2^32 blocks per key, 256 TiB at 64 KiB (or use --encryption none)")
+            raise RpfsError("an encrypted store needs --block-size 64K or more: each new block map piece takes a"
+                            " random AES-GCM nonce of one key, safe for 2^32, and may hold one changed block: 256 TiB"
+                            " at 64 KiB (or use --encryption none)")
         if not 1 <= zstd_level <= 19:
             raise RpfsError("--zstd-level must be between 1 and 19")
         try:
@@ -263,10 +269,11 @@ class Store:
                 self._env.set_mapsize(0)   # no transaction of ours is open yet
 
     def _upgrade(self, version: int) -> None:
-        """Version 1, 2, 3 or 4 -> 5, in one transaction. From 1 and 2: add the new databases, cut every
-        whole block map into pieces and count everything anew; blocks keep their sha256 ids, the store stays
-        unencrypted. From 3 and 4 the version changes and `sizes` is added: blobs written from now on may be
-        in frames and have their sizes recorded (those before are measured from `blocks` when asked)."""
+        """Version 1 to 5 -> 6, in one transaction. From 1 and 2: add the new databases, cut every whole
+        block map into pieces and count everything anew; blocks keep their sha256 ids, the store stays
+        unencrypted. From 3 to 5 the version changes and `sizes` is added if missing: blobs written from now
+        on may be in frames, have their sizes recorded and (sealed) keys of their own (those before are
+        measured from `blocks` when asked, and open with the store-wide blocks key)."""
         def fill(txn):
             for name in DB_NAMES[len(V1_DB_NAMES):]:
                 self._dbs[name.decode()] = self._env.open_db(name, txn=txn, create=True)

@@ -62,6 +62,7 @@ def push(store: Store, vault: Vault, points: list[RecoveryPoint], progress: Prog
     with VaultLock(vault.bucket, "push") as lock:   # before any index is read (gc.py)
         upload_key_slots(vault.bucket, store.key_lock().slots)   # the slots as they are now (key add/remove)
         sent_key_slots(vault.config)
+        vault.raise_version_for(store)   # before any blob with a key of its own goes up
         vault.index(fresh=True)
         _push(store, vault, points, lock, summary, progress, bytes_per_second, pack_bytes, named)
     summary.seconds = time.monotonic() - started

@@ -12,6 +12,11 @@ Objects (names under the vault's prefix; README, The vault):
                       manifest, so that prune skips the point and gc keeps what it needs even if it goes
 A vault is bound to the store it was made from (same master key and block ids: blobs go up as they are,
 and only blobs the vault lacks go up); a vault only ever holds encrypted data.
+
+Vault format 2 differs from 1 only in that its blobs may be sealed under keys of their own (store format
+6, blob.py FLAG_BLOCK_KEY), which an rpfs that reads only version 1 would take for damage. So the version
+follows the store: a vault of a format 6 store is 2 (made so, or raised by the first push from it, before
+any blob goes up), and an older rpfs refuses it with one clear line; this rpfs reads both.
 """
 from __future__ import annotations
 
@@ -41,7 +46,9 @@ from rpfs.vault.runs import RunReader
 from rpfs.vault.s3 import Bucket
 
 FORMAT = "rpfs-vault"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                   # 2: blobs may have keys of their own (above)
+READ_VERSIONS = (1, FORMAT_VERSION)
+BLOCK_KEYS_STORE_FORMAT = 6          # the store format whose blobs may have keys of their own
 FORMAT_OBJECT = "rpfs-vault.json"
 CONDEMNED = "gc/condemned"           # gc.py
 CONDEMNED_ASSOCIATED = b"vault-gc\0condemned"
@@ -130,7 +137,7 @@ class Vault:
                             " into an encrypted store: rpfs init makes one by default)")
         bucket = bucket_of(config)
         bucket.ensure_bucket()
-        settings = {"format": FORMAT, "format_version": FORMAT_VERSION, "store_id": store.store_id.hex(),
+        settings = {"format": FORMAT, "format_version": vault_version_for(store), "store_id": store.store_id.hex(),
                     "key_check": store.meta["key_check"],
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     **{name: store.meta.get(name, "") for name in SETTINGS}}
@@ -164,6 +171,14 @@ class Vault:
         except (ValueError, TypeError, KeyError, CorruptBlockError):
             raise RpfsError(f"{config.label}: its key slots ({KEYS_OBJECT}) are missing or damaged") from None
         return cls(config, bucket, settings, lock, keys)
+
+    def raise_version_for(self, store: Store) -> None:
+        """Mark the vault with the version that reads the blobs of store (push, before any goes up)."""
+        wanted = vault_version_for(store)
+        found = _settings(self.bucket) or self.settings
+        if int(found["format_version"]) < wanted:
+            self.settings = {**found, "format_version": wanted}
+            self.bucket.put(FORMAT_OBJECT, json.dumps(self.settings, indent=2).encode())
 
     @property
     def master_key(self) -> bytes:
@@ -540,6 +555,11 @@ class Vault:
                                     " moved from elsewhere)") from None
 
 
+def vault_version_for(store: Store) -> int:
+    """The vault version whose readers read every blob of store: 2 once blobs may have keys of their own."""
+    return FORMAT_VERSION if store.format_version >= BLOCK_KEYS_STORE_FORMAT else 1
+
+
 def bucket_of(config: VaultConfig) -> Bucket:
     return Bucket(config.label, config.endpoint, config.bucket, config.prefix)
 
@@ -585,7 +605,7 @@ def _settings(bucket: Bucket) -> dict | None:
     if version is None:
         raise RpfsError(f"{bucket.label}: {FORMAT_OBJECT} in bucket {bucket.name} is not an rpfs vault's format"
                         " record (damaged, or another program's); nothing was changed")
-    if version != FORMAT_VERSION:
-        raise RpfsError(f"{bucket.label} has vault format version {version}; this rpfs reads version {FORMAT_VERSION}"
-                        " (use a matching rpfs release)")
+    if version not in READ_VERSIONS:
+        raise RpfsError(f"{bucket.label} has vault format version {version}; this rpfs reads versions"
+                        f" {READ_VERSIONS[0]} to {FORMAT_VERSION} (use a matching rpfs release)")
     return settings
