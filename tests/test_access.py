@@ -398,3 +398,127 @@ def test_what_a_tool_creates_is_roots_alone_from_the_start(tmp_path):
     from rpfs.host.tools import run_tool
     run_tool(["touch", str(tmp_path / "made-by-a-tool")])
     assert mode(tmp_path / "made-by-a-tool") == 0o600
+
+
+# -- places root makes, tightens, writes or mounts over ------------------------------------------------
+@pytest.fixture
+def shared_folders(open_area):
+    """(a folder anyone may write, a sticky one like /tmp, a folder of root's that a link may point at)."""
+    shared, sticky, victim = open_area / "shared", open_area / "sticky", open_area / "victim"
+    for folder, folder_mode in ((shared, 0o777), (sticky, 0o1777), (victim, 0o755)):
+        folder.mkdir()
+        folder.chmod(folder_mode)
+    (victim / "keep").write_text("root's")
+    return shared, sticky, victim
+
+
+def planted_link(link: Path, points_to: Path) -> Path:
+    """A link nobody makes, as any user could in a folder they may write."""
+    done = as_nobody("ln", "-s", str(points_to), str(link))
+    assert done.returncode == 0, done.stderr
+    assert link.is_symlink() and link.lstat().st_uid == 65534
+    return link
+
+
+def refused(done: subprocess.CompletedProcess, *why: str) -> None:
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("rpfs: refusing "), done.stderr
+    assert all(part in done.stderr for part in why), done.stderr
+
+
+def test_init_through_a_link_nobody_planted_is_refused(shared_folders):
+    shared, sticky, victim = shared_folders
+    for folder, why in ((sticky, "is a symbolic link"), (shared, f"{shared} is writable by anyone (mode 0777)")):
+        link = planted_link(folder / "store", victim)
+        refused(rpfs("init", store=link, check=False), f"refusing store {link}:", why)
+        assert mode(victim) == 0o755 and sorted(p.name for p in victim.iterdir()) == ["keep"]
+        link.unlink()
+        assert not as_nobody("mkdir", str(link)).returncode   # a folder of nobody's where root's store would go
+        refused(rpfs("init", store=link, check=False), f"refusing store {link}:")
+        assert list(link.iterdir()) == []
+
+
+def test_a_store_in_a_folder_another_user_can_write_is_refused(shared_folders, tmp_path):
+    shared, sticky, _ = shared_folders
+    store = shared / "store"
+    refused(rpfs("init", store=store, check=False), f"refusing store {store}: {shared} is writable by anyone")
+    assert not store.exists()
+    theirs = shared.parent / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)
+    refused(rpfs("init", store=theirs / "store", check=False),
+            f"{theirs} is writable by nobody (uid 65534), its owner")
+    assert list(theirs.iterdir()) == []
+    rpfs("init", store=tmp_path / "store")
+    (tmp_path / "store").rename(store)   # a store someone moved there: nobody could swap it, so not even read
+    refused(rpfs("list", store=store, check=False), f"refusing store {store}:")
+
+
+def test_a_sticky_folder_with_roots_own_entry_is_fine(shared_folders, tmp_path):
+    _, sticky, _ = shared_folders   # like /tmp: nobody else may rename or remove what root makes in it
+    image = write_image(tmp_path / "d.img", 7, MiB)
+    store = sticky / "store"
+    rpfs("init", store=store)
+    rpfs("backup", "vm", f"--disk=d={image}", store=store)
+    rpfs("restore", "vm", "--to", str(sticky / "restored"), store=store)
+    assert sha256(sticky / "restored" / "d.img") == sha256(image)
+    (sticky / "restored" / "d.img").unlink()
+    os.chown(sticky / "restored", 65534, 65534)   # the same name, nobody's: refused
+    refused(rpfs("restore", "vm", "--to", str(sticky / "restored"), store=store, check=False),
+            f"{sticky}/restored is owned by nobody (uid 65534), in {sticky}, which others can write")
+    assert list((sticky / "restored").iterdir()) == []
+
+
+def test_attach_to_a_link_nobody_planted_is_refused(shared_folders, backed_up, tmp_path):
+    shared, sticky, victim = shared_folders
+    store, _ = backed_up
+    image = make_whole_disk_ext4(tmp_path / "fs.img", random_files(5, count=3))
+    empty = victim / "empty"   # attach takes an empty folder: it would be made 0700 and mounted in
+    empty.mkdir(mode=0o755)
+    link = planted_link(sticky / "dest", empty)
+    for source, extra in ((str(image), {}), ("vm", {"store": store})):   # an image; a whole VM of the store
+        refused(rpfs("attach", source, str(link), check=False, **extra),
+                f"refusing attach destination {link}: it is a symbolic link")
+        assert mode(empty) == 0o755 and list(empty.iterdir()) == []
+        assert leftover_kernel_state(victim) == ([], [])
+    refused(rpfs("attach", str(image), str(shared / "dest"), check=False), f"{shared} is writable by anyone")
+    assert list(shared.iterdir()) == []
+
+
+def test_restores_mounts_and_overlays_in_a_folder_another_user_can_write_are_refused(shared_folders, backed_up):
+    shared, _, _ = shared_folders
+    store, _ = backed_up
+    why = f"{shared} is writable by anyone (mode 0777)"
+    refused(rpfs("restore", "vm", "--to", str(shared / "restored"), store=store, check=False),
+            f"refusing restore folder {shared}/restored: {why}")
+    refused(rpfs("restore", "vm", "--disk", "d", "--to", str(shared / "d.img"), store=store, check=False),
+            f"refusing restore target {shared}/d.img: {why}")
+    refused(rpfs("instant-restore", "vm", "--disk", "d", "--to", str(shared / "d.img"), store=store, check=False),
+            f"refusing instant restore target {shared}/d.img: {why}")
+    refused(rpfs("overlay", "vm", "--disk", "d", "--mount", str(shared), "--to", str(shared / "d.qcow2"),
+                 store=store, check=False), f"refusing overlay {shared}/d.qcow2: {why}")
+    (shared / "mnt").mkdir()
+    refused(rpfs("mount", str(shared / "mnt"), store=store, check=False),
+            f"refusing mountpoint {shared}/mnt: {why}")
+    assert [p.name for p in shared.iterdir()] == ["mnt"] and not (shared / "mnt").is_mount()
+
+
+def test_links_of_roots_on_the_way_are_followed_and_group_writable_folders_refused(tmp_path):
+    from rpfs.host.access import check_trusted_place
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "via").symlink_to(real)   # as /var/run -> /run
+    check_trusted_place(tmp_path / "via" / "store", "store")
+    check_trusted_place(tmp_path / "via" / ".." / "via" / "store", "store")
+    with pytest.raises(RpfsError, match=r"^refusing store .*/via: it is a symbolic link \(give the real path\)"):
+        check_trusted_place(tmp_path / "via", "store")
+    check_trusted_place(tmp_path / "via", "restore target", final_link=True)   # a device's /dev/disk/by-id link
+    os.lchown(tmp_path / "via", 65534, 65534)
+    with pytest.raises(RpfsError, match=r"/via is a symbolic link owned by nobody \(uid 65534\)"):
+        check_trusted_place(tmp_path / "via" / "store", "store")
+    real.chmod(0o2775)
+    os.chown(real, 0, grp.getgrnam("nogroup").gr_gid)
+    with pytest.raises(RpfsError, match=r"/real is writable by group nogroup \(mode 2775\)"):
+        check_trusted_place(real / "store", "store")
+    for default in ("/run/rpfs", "/etc/rpfs", "/var/cache/rpfs/vault-index/0123"):   # rpfs's own places
+        check_trusted_place(Path(default), "default")

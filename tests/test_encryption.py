@@ -334,6 +334,38 @@ def test_slots_are_never_overwritten_or_reused_and_a_damaged_one_locks_nobody_ou
     assert '"damaged_key_slots"' in rpfs("info", "--json", store=store, env=env_with()).stdout
 
 
+
+def test_a_slot_asking_more_scrypt_work_than_rpfs_makes_is_damaged_and_never_tried(tmp_path):
+    """Anyone who can edit the keys could make every unlock take gigabytes and minutes: the KDF parameters
+    are read before any key is checked, so only what rpfs writes (or at most twice its work) is tried."""
+    import json
+    import shutil
+    import time
+
+    import lmdb
+    made = tmp_path / "made"
+    rpfs("init", store=made, env=env_with(RPFS_PASSPHRASE=PASSPHRASE))     # slot 1: passphrase
+    key_file = tmp_path / "k.key"
+    rpfs("key", "add", "--new-key-file", str(key_file), store=made, env=env_with(RPFS_PASSPHRASE=PASSPHRASE))
+    for n in (1 << 19, 1 << 24):   # 512 MiB (what an earlier guard let through), 16 GiB
+        store = tmp_path / f"n{n}"
+        shutil.copytree(made, store)
+        env = lmdb.open(str(store), max_dbs=16)
+        with env.begin(write=True) as txn:
+            keys = env.open_db(b"keys", txn=txn, create=False)
+            slot = json.loads(txn.get(b"1", db=keys))
+            slot["kdf"]["n"] = n
+            txn.put(b"1", json.dumps(slot, sort_keys=True).encode(), db=keys)
+        env.close()
+        info = json.loads(rpfs("info", "--json", store=store, env=env_with()).stdout)
+        assert info["damaged_key_slots"] == ["1"] and [s["kind"] for s in info["key_slots"]] == ["key-file"]
+        started = time.monotonic()
+        done = rpfs("list", store=store, env=env_with(RPFS_PASSPHRASE=PASSPHRASE), check=False)
+        assert time.monotonic() - started < 10   # scrypt of 512 MiB alone takes seconds; of 16 GiB, minutes
+        one_line_error(done, f"store {store} has no passphrase slot (damaged key slots, never tried: 1;")
+        rpfs("list", store=store, env=env_with(RPFS_KEY_FILE=str(key_file)))   # the other slot opens it
+
+
 def test_the_paper_key_reads_back_from_the_whole_page_in_any_case(tmp_path):
     store = tmp_path / "s"
     rpfs("init", store=store)

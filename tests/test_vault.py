@@ -227,6 +227,18 @@ def test_disaster_recovery_with_the_passphrase_or_the_recovery_private_key(vault
     wrong = rpfs("--vault", "offsite", "list", check=False, env={**os.environ, "RPFS_PASSPHRASE": "wrong"})
     assert wrong.returncode == 1 and "wrong passphrase" in wrong.stderr and "Traceback" not in wrong.stderr
 
+    s3 = _client(vault_env["endpoint"])   # someone edits keys.json to ask 16 GiB of scrypt: never tried
+    slots = json.loads(s3.get_object(Bucket=vault_env["bucket"], Key="keys.json")["Body"].read())
+    for slot in slots:
+        if slot["kind"] == "passphrase":
+            slot["kdf"]["n"] = 1 << 24
+    s3.put_object(Bucket=vault_env["bucket"], Key="keys.json", Body=json.dumps(slots).encode())
+    started = time.monotonic()
+    heavy = rpfs("--vault", "offsite", "list", check=False, env=with_passphrase)
+    assert time.monotonic() - started < 10 and heavy.returncode == 1 and heavy.stderr.count("\n") == 1
+    assert "has no passphrase slot (damaged key slots, never tried: " in heavy.stderr, heavy.stderr
+    rpfs("--vault", "offsite", "--recovery-key", str(private), "list")   # the other slot still opens it
+
 
 def test_an_interrupted_push_leaves_no_point_and_the_next_one_resumes(vault_env, tmp_path):
     store, disk = _vault_of_one_backup(vault_env, tmp_path, 4, push=False, size_mib=48)

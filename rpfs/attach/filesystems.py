@@ -20,7 +20,7 @@ from typing import Collection
 
 from rpfs.attach.partitions import read_partitions
 from rpfs.errors import RpfsError
-from rpfs.host.access import PRIVATE_FOLDER, make_private_folder
+from rpfs.host.access import PRIVATE_FOLDER, check_trusted_place, make_private_folder
 from rpfs.host.mountinfo import Mount, read_mountinfo
 from rpfs.host.tools import error_line, run_tool, run_tool_raw
 from rpfs.store.recovery_point import check_name
@@ -292,7 +292,8 @@ def _prepare_dest(dest: Path, images: list[Path], disk_names: Collection[str] = 
     """Make sure dest is an empty directory, or holds only what an attach of these same images made there
     (the same attach, run again after a kill or not: it completes, and gives the same answer); return the
     topmost directory we created, if any."""
-    if dest.exists() or dest.is_symlink():
+    check_trusted_place(dest, "attach destination")   # never a link: the folder is tightened and mounted over
+    if dest.exists():
         if not dest.is_dir():
             raise RpfsError(f"{dest} exists and is not a directory")
         if os.path.ismount(dest):
@@ -303,13 +304,13 @@ def _prepare_dest(dest: Path, images: list[Path], disk_names: Collection[str] = 
             raise RpfsError(f"{dest} already has something attached; detach it first")
         if not all(_made_by_attach(path, disk_names) for path in dest.iterdir()):
             raise RpfsError(f"{dest} is not empty; choose an empty directory")
-        make_private_folder(Path(os.path.realpath(dest)))   # before anything is mounted in it
+        make_private_folder(dest, "attach destination")   # before anything is mounted in it
         return None
     topmost = dest
     while not topmost.parent.exists():
         topmost = topmost.parent
     try:
-        make_private_folder(dest)
+        make_private_folder(dest, "attach destination")
     except OSError as e:
         raise RpfsError(f"cannot create {dest}: {e.strerror or e}") from None
     return topmost

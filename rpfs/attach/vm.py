@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rpfs.attach.filesystems import AttachedFilesystem, attach_disks, detach, has_attached
 from rpfs.errors import RpfsError
+from rpfs.host.access import check_trusted_place
 from rpfs.host.mountinfo import fstype_at
 from rpfs.host import run_dir
 from rpfs.serve import daemon
@@ -23,6 +24,7 @@ from rpfs.store.store import Store
 def attach_point(store: Store, point: RecoveryPoint, dest: Path) -> dict[str, list[AttachedFilesystem]]:
     """Run again (after a kill, or not), it completes what the earlier run attached, through its store mount."""
     dest = Path(os.path.abspath(dest))
+    check_trusted_place(dest, "attach destination")   # before a store mount is started for it
     registry, store_mount = run_dir.attach_files(dest)
     if registry.exists() and not _serving(store_mount):
         if has_attached(dest):

@@ -8,6 +8,7 @@ from pathlib import Path
 from rpfs.commands import key_choice, open_source, open_store, print_json, store_and_job
 from rpfs.commands.progress import ProgressBar, human_bytes
 from rpfs.errors import RpfsError
+from rpfs.host.access import check_trusted_place
 
 
 def cmd_restore(args) -> int:
@@ -21,12 +22,13 @@ def cmd_restore(args) -> int:
                 raise RpfsError(f"--mode: {args.to} is a block device; its mode is not the restore's to set")
         else:
             folder = Path(args.to)
+            check_trusted_place(folder, "restore folder")
             if folder.exists() and not folder.is_dir():
                 raise RpfsError(f"{folder} is not a folder (to restore one disk to a file, add --disk NAME)")
             jobs = [(d.name, folder / f"{d.name}.img") for d in point.disks]
             for name, target in jobs:   # refuse before writing anything
                 folder.mkdir(parents=True, exist_ok=True)
-                check_target(target, point.disk(name).size, args.force)
+                check_target(target, point.disk(name).size, args.force)   # the folder checked again, now made
         job.begin()   # refused before this (unknown VM, point or disk, an existing target): no job
         summaries = []
         for name, target in jobs:

@@ -6,6 +6,9 @@
 - Trusted: a file root runs (pre/post scripts) or obeys (their config) is reached through folders only
   root can change, as OpenSSH's StrictModes checks, every link on the way is root's, and it is used
   through the descriptor that was checked, so a swap after the check changes nothing.
+- Trusted places: where root creates, tightens, writes or mounts over what a user named (a store, an
+  attach destination, a restore target, a mountpoint) is no link and lies in folders only root can
+  change (check_trusted_place), so nobody else can point root at something of their choosing.
 """
 from __future__ import annotations
 
@@ -57,14 +60,18 @@ def permission_denied(what: str, path: Path) -> RpfsError:
     return RpfsError(f"{what}: permission denied ({it} is {whose})")
 
 
-def make_private_folder(folder: Path) -> Path:
-    """Create folder (and its missing parents) 0700, or tighten the existing one to 0700."""
-    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+def make_private_folder(folder: Path, what: str = "folder") -> Path:
+    """Create folder (and its missing parents) 0700, or tighten the existing one to 0700; refused in a place
+    another user could have prepared (check_trusted_place). Checked again once made: a name another user
+    took in a sticky folder between the check and our mkdir is theirs, and refused then, before the chmod."""
+    check_trusted_place(folder, what)
+    missing = [p for p in [folder, *folder.parents] if not os.path.lexists(p)]
     for path in reversed(missing):
         try:
             os.mkdir(path, PRIVATE_FOLDER)
         except FileExistsError:
             pass
+    check_trusted_place(folder, what)
     if stat.S_IMODE(os.stat(folder).st_mode) != PRIVATE_FOLDER:
         os.chmod(folder, PRIVATE_FOLDER)
     return folder
@@ -221,3 +228,84 @@ def _open_file_checked(dir_fd: int, name: str, what: str, path: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+# -- trusted places: where root creates, tightens, writes or mounts over what a user named ---------------
+def check_trusted_place(path: Path, what: str, final_link: bool = False) -> None:
+    """Refuse a place another user could have prepared or could swap: the path itself is a link (root would
+    act on whatever it points to; final_link lets a link of root's through, as /dev/disk/by-id/... for a
+    device), a link on the way is not root's, or a folder on the way is writable by someone else. A
+    sticky folder writable by all (/tmp) is fine when what is next in it is root's (nobody else may rename
+    or remove that) or not there yet (root makes it: make_private_folder checks again once it is made).
+
+    Once this passes, nobody but root can change the way to the place, so the path can be used after it.
+    Only what this user can look up is checked: one who cannot reach the place is told by the command."""
+    shown = Path(os.path.abspath(path))
+    todo = [p for p in str(shown).split("/") if p not in ("", ".")]
+    folder = "/"
+    try:
+        open_to_others = _place_folder(os.lstat(folder), folder, what, shown)
+        links = 0
+        while todo:
+            name = todo.pop(0)
+            if name == "..":
+                folder = os.path.dirname(folder)   # folder is real: every link before it was resolved by hand
+                open_to_others = _place_folder(os.lstat(folder), folder, what, shown)
+                continue
+            here = os.path.join(folder, name)
+            try:
+                st = os.lstat(here)
+            except (FileNotFoundError, NotADirectoryError):
+                return   # root makes it (or the command says it is not there)
+            if stat.S_ISLNK(st.st_mode):
+                if not todo and not final_link:
+                    raise _untrusted_place(what, shown, f"{'it' if here == str(shown) else here} is a symbolic"
+                                           " link (give the real path)")
+                if not _trusted_owner(st.st_uid):
+                    raise _untrusted_place(what, shown, f"{here} is a symbolic link owned by {_whose(st.st_uid)}")
+                links += 1
+                if links > MAX_LINKS:
+                    raise _untrusted_place(what, shown, "too many links on the way")
+                target = os.readlink(here)
+                if target.startswith("/"):
+                    folder = "/"
+                    open_to_others = _place_folder(os.lstat(folder), folder, what, shown)
+                todo[:0] = [p for p in target.split("/") if p not in ("", ".")]
+                continue
+            if open_to_others and not _trusted_owner(st.st_uid):
+                raise _untrusted_place(what, shown, f"{here} is owned by {_whose(st.st_uid)}, in {folder},"
+                                       " which others can write")
+            if not todo or not stat.S_ISDIR(st.st_mode):
+                return   # the place itself: root's to make or change (or the command says it is no folder)
+            open_to_others = _place_folder(st, here, what, shown)
+            folder = here
+    except PermissionError:
+        return
+
+
+def _place_folder(st: os.stat_result, folder: str, what: str, path: Path) -> bool:
+    """Refuse a folder on the way that someone else could change; True if it is sticky and others can
+    write it (then what is next in it must be root's)."""
+    if not _trusted_owner(st.st_uid):
+        raise _untrusted_place(what, path, f"{folder} is writable by {_whose(st.st_uid)}, its owner")
+    writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if writable and not st.st_mode & stat.S_ISVTX:
+        who = "anyone" if st.st_mode & stat.S_IWOTH else f"group {_group_name(st.st_gid)}"
+        raise _untrusted_place(what, path, f"{folder} is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})")
+    return bool(writable)
+
+
+def _untrusted_place(what: str, path: Path, why: str) -> RpfsError:
+    return RpfsError(f"refusing {what} {path}: {why}; choose a place only root can change")
+
+
+def _whose(uid: int) -> str:
+    name = owner_name(uid)
+    return name if name.startswith("uid ") else f"{name} (uid {uid})"
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return f"gid {gid}"

@@ -24,7 +24,7 @@ import stat
 from pathlib import Path
 
 from rpfs.errors import RpfsError
-from rpfs.host.access import PRIVATE_FOLDER
+from rpfs.host.access import PRIVATE_FOLDER, check_trusted_place
 from rpfs.host.files import write_whole
 
 def root() -> Path:
@@ -63,6 +63,7 @@ def open_freeze_lock(mountpoint: str) -> int:
 def make_folder(folder: Path) -> Path:
     """Create a folder of the run dir (and the run dir), 0700; refuse one that is a link or not ours."""
     mode = PRIVATE_FOLDER
+    check_trusted_place(root(), "run dir")   # the folders above it too (RPFS_RUN_DIR may move it anywhere)
     for path in reversed([folder, *[p for p in folder.parents if p == root() or root() in p.parents]]):
         try:
             os.mkdir(path, mode)

@@ -22,6 +22,7 @@ from typing import Callable
 
 from rpfs.backup import snapshot
 from rpfs.errors import RpfsError
+from rpfs.host.access import check_trusted_place
 from rpfs.host.disk_use import in_use
 from rpfs.host.libc import punch_hole, start_writeback
 from rpfs.host.threads import in_order
@@ -57,7 +58,9 @@ class RestoreSummary:
 
 
 def check_target(target: Path, size: int, force: bool) -> bool:
-    """Refuse a target that would lose data or cannot hold the disk; True for a block device."""
+    """Refuse a target that would lose data or cannot hold the disk, or in a place another user could
+    prepare (a link of root's is let through for a device: /dev/disk/by-id/...); True for a block device."""
+    check_trusted_place(target, "restore target", final_link=True)
     if target.is_block_device():
         device_size = _device_size(target)
         if device_size < size:

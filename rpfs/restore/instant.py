@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from rpfs.errors import RpfsError
+from rpfs.host.access import check_trusted_place
 from rpfs.host.mountinfo import fstype_at
 from rpfs.restore.partial import abandon, in_use, settle, state_path
 from rpfs.restore.writable_image import (
@@ -124,6 +125,7 @@ def start(store, point: RecoveryPoint, disk_name: str, target: Path, copy_mbps: 
     """Create the target (or resume an unfinished one) and start its daemon; returns once it serves.
     store: a Store, or a Vault (rpfs.vault) to restore from the vault."""
     target = Path(os.path.abspath(target))
+    check_trusted_place(target, "instant restore target")
     disk = point.disk(disk_name)
     in_store = isinstance(store, Store)
     source = InstantSource(store=str(store.path.resolve()) if in_store else "", vm=point.vm, point_id=point.id,

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from rpfs.errors import RpfsError
+from rpfs.host.access import check_trusted_place
 from rpfs.host.mountinfo import fstype_at
 from rpfs.host.tools import run_tool
 from rpfs.serve.daemon import FSTYPE
@@ -20,6 +21,7 @@ from rpfs.store.store import Store
 
 def create_overlay(store: Store, point: RecoveryPoint, disk_name: str, mount: Path, target: Path) -> Path:
     """Create target (qcow2) backed by the point's own image under mount; returns the backing path."""
+    check_trusted_place(target, "overlay")   # made, then chmodded, by name
     disk = point.disk(disk_name)
     mount = Path(os.path.realpath(mount))
     if fstype_at(str(mount)) != FSTYPE:

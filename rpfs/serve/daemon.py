@@ -22,6 +22,7 @@ import pyfuse3
 import trio
 
 from rpfs.errors import RpfsError
+from rpfs.host.access import check_trusted_place
 from rpfs.host.disk_use import users_under
 from rpfs.host.libc import few_malloc_arenas
 from rpfs.host.mountinfo import fstype_at, read_mountinfo
@@ -38,6 +39,9 @@ def _canonical(mountpoint: Path) -> Path:
 
 
 def check_mountpoint(mountpoint: Path) -> Path:
+    """The mountpoint, refused if another user could have put it there: mount(2) follows a link, so one
+    planted at the mountpoint would have root mount over any folder (/etc) the planter chose."""
+    check_trusted_place(mountpoint, "mountpoint")
     mountpoint = _canonical(mountpoint)
     if not mountpoint.exists():
         raise RpfsError(f"mountpoint {mountpoint} does not exist (create it with mkdir)")

@@ -1,7 +1,10 @@
 """Key slots: the master key of an encrypted store, wrapped once for each way in (as LUKS does).
 
 A slot wraps the master key with AES-256-GCM under a key-encryption key (KEK) made from:
-  passphrase  scrypt(passphrase, random salt; n=2^17, r=8, p=1: 128 MiB and about 0.5 s here)
+  passphrase  scrypt(passphrase, random salt; n=2^17, r=8, p=1: 128 MiB and about 0.5 s here). A slot
+              asking more than n=2^18, r=8, p=1 is damaged and never tried: the parameters are read before
+              any key is checked, so whoever can edit a slot could otherwise make each unlock take
+              gigabytes and minutes
   key-file    HKDF-SHA-256 of the 32 random bytes of a root-only key file (for unattended backups)
   recovery    HKDF-SHA-256 of an X25519 exchange between a one-time key and a recovery public key, whose
               private key is kept offline: only it opens this slot (the key-encryption key of Azure's model)
@@ -38,6 +41,7 @@ from rpfs.store.crypto import KEY_SIZE, Keyring, derive_key, seal, unseal
 
 KINDS = ("passphrase", "key-file", "recovery")
 SCRYPT = {"n": 1 << 17, "r": 8, "p": 1}
+SCRYPT_MOST = {"n": 1 << 18, "r": 8, "p": 1}   # twice the work rpfs asks, for a later rpfs; no more
 KEY_FILE_HEADER = "# rpfs key file: whoever reads it reads the store; keep it root's alone (mode 0600)\n"
 PAPER_GROUP = 4
 _LOOKALIKES = str.maketrans("018", "OIB")   # base32 has no 0, 1 or 8: what was typed for O, I and B
@@ -62,9 +66,13 @@ class KeySlot:
     @classmethod
     def from_json(cls, data) -> "KeySlot":
         try:
-            return cls(**parse_json(bytes(data)))
+            slot = cls(**parse_json(bytes(data)))
         except (ValueError, TypeError) as e:
             raise CorruptBlockError(f"a key slot is damaged ({e})") from None
+        if slot.kind == "passphrase" and not scrypt_bounded(slot.kdf):
+            raise CorruptBlockError(f"key slot {slot.id} is damaged (its scrypt parameters {slot.kdf} are beyond"
+                                    f" what rpfs makes: {SCRYPT_MOST} at most)")
+        return slot
 
     def associated(self, store_id: bytes) -> bytes:
         fields = {k: v for k, v in asdict(self).items() if k != "wrapped"}
@@ -111,8 +119,19 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def scrypt_bounded(kdf) -> bool:
+    """Parameters rpfs could have written: scrypt, n a power of two, and no more work than SCRYPT_MOST."""
+    if not isinstance(kdf, dict) or kdf.get("name") != "scrypt":
+        return False
+    n, r, p = (kdf.get(k) for k in ("n", "r", "p"))
+    if not all(type(v) is int for v in (n, r, p)):
+        return False
+    return 2 <= n <= SCRYPT_MOST["n"] and n & (n - 1) == 0 and 1 <= r <= SCRYPT_MOST["r"] and \
+        1 <= p <= SCRYPT_MOST["p"]
+
+
 def _scrypt(passphrase: bytes, salt: bytes, kdf: dict) -> bytes:
-    if not (2 <= kdf["n"] <= 1 << 20 and 1 <= kdf["r"] <= 32 and 1 <= kdf["p"] <= 16):
+    if not scrypt_bounded(kdf):
         raise ValueError("scrypt parameters out of range: a damaged slot")   # never gigabytes on a damaged slot
     return Scrypt(salt=salt, length=KEY_SIZE, n=kdf["n"], r=kdf["r"], p=kdf["p"]).derive(passphrase)
 
@@ -230,7 +249,9 @@ class KeyChoice:
                 return self._first(lock, tries, refused)
         if self.passphrase is not None:   # also after a key file (RPFS_KEY_FILE) that is not this store's
             if not lock.of_kind("passphrase"):
-                raise RpfsError(refused or f"{lock.label} has no passphrase slot: give --key-file PATH"
+                damaged = f" (damaged key slots, never tried: {', '.join(lock.damaged)}; {lock.hint})" \
+                    if lock.damaged else ""
+                raise RpfsError(refused or f"{lock.label} has no passphrase slot{damaged}: give --key-file PATH"
                                 " (or RPFS_KEY_FILE)")
             passphrase = self.passphrase()
             tries = [(slot, lambda slot=slot: _scrypt(passphrase, bytes.fromhex(slot.salt), slot.kdf))

@@ -58,7 +58,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import lmdb
 
 from rpfs.errors import CorruptBlockError, RpfsError
-from rpfs.host.access import PRIVATE_FILE, make_private, make_private_folder, permission_denied
+from rpfs.host.access import PRIVATE_FILE, check_trusted_place, make_private, make_private_folder, permission_denied
 from rpfs.store.blob import DEFAULT_ZSTD_LEVEL, BlockCodec, read_header
 from rpfs.store.block_maps import MAP_PIECE, REF, BlockMaps, count_references, flat_map_piece
 from rpfs.store.crypto import Keyring
@@ -179,7 +179,7 @@ class Store:
         transaction: a store killed while it is made is made again by the same command."""
         cls.refuse_init(path, block_size, zstd_level, encrypted=bool(key_slots))
         try:
-            make_private_folder(path)
+            make_private_folder(path, "store")
         except PermissionError:
             raise permission_denied(f"cannot create store {path}", path) from None
         store_id, master = os.urandom(16), new_master_key()
@@ -213,6 +213,7 @@ class Store:
     @staticmethod
     def refuse_init(path: Path, block_size: int, zstd_level: int, encrypted: bool) -> None:
         """Raise what init would refuse, before anything is made (a key file above all)."""
+        check_trusted_place(path, "store")
         if block_size < 4096 or block_size > (64 << 20) or block_size & (block_size - 1):
             raise RpfsError("--block-size must be a power of two between 4 KiB and 64 MiB")
         if encrypted and block_size < MIN_ENCRYPTED_BLOCK_SIZE:
@@ -237,6 +238,7 @@ class Store:
         if not path:
             raise RpfsError("no store given: use --store DIR or set RPFS_STORE")
         path = Path(path)
+        check_trusted_place(path, "store")   # readers too: root trusts no store another user could swap
         try:
             if not path.is_dir():
                 raise RpfsError(f"store {path} does not exist (create it with: rpfs --store {path} init)")

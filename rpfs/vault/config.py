@@ -86,7 +86,7 @@ def save(config: VaultConfig) -> None:
     folder = config_folder()
     found = vaults()
     found[config.name] = config
-    make_private_folder(folder)
+    make_private_folder(folder, "config folder")
     data = json.dumps({name: asdict(c) for name, c in sorted(found.items())}, indent=2).encode() + b"\n"
     write_whole(folder / "vaults.json", data, durable=True)
 

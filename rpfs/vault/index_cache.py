@@ -17,6 +17,7 @@ import shutil
 import stat
 from pathlib import Path
 
+from rpfs.errors import RpfsError
 from rpfs.host.access import make_private_folder
 from rpfs.host.files import write_whole
 from rpfs.vault.config import VaultConfig
@@ -62,11 +63,11 @@ class IndexCache:
             if not self._made:
                 if any(os.path.islink(f) for f in (self.folder, self.folder.parent, self.folder.parent.parent)):
                     return
-                make_private_folder(self.folder)
+                make_private_folder(self.folder, "index cache")
                 self._made = True
             if self._ours():
                 write_whole(self.folder / pack, sealed)
-        except OSError:
+        except (OSError, RpfsError):   # a cache in a place another user could change is not written
             pass
 
     def keep_only(self, packs: set[str]) -> None:

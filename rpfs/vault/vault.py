@@ -164,11 +164,16 @@ class Vault:
                             " have replaced it (rpfs vault remove, then add it again if this is expected)")
         raw = bucket.get(KEYS_OBJECT)
         try:
-            slots = [KeySlot.from_json(json.dumps(slot).encode()) for slot in parse_json(raw or b"null")]
+            slots, damaged = [], []
+            for record in parse_json(raw or b"null"):
+                try:
+                    slots.append(KeySlot.from_json(json.dumps(record).encode()))
+                except CorruptBlockError:   # the others still open it, as a store's (Store.key_lock)
+                    damaged.append(str(record.get("id", "?")) if isinstance(record, dict) else "?")
             lock = KeyLock(Path(config.label), bytes.fromhex(settings["store_id"]), key_settings(settings),
-                           bytes.fromhex(settings["key_check"]), slots, what=config.label,
+                           bytes.fromhex(settings["key_check"]), slots, damaged, what=config.label,
                            hint="the vault holds the store's key slots as of its last push")
-        except (ValueError, TypeError, KeyError, CorruptBlockError):
+        except (ValueError, TypeError, KeyError):
             raise RpfsError(f"{config.label}: its key slots ({KEYS_OBJECT}) are missing or damaged") from None
         return cls(config, bucket, settings, lock, keys)
 
