@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from rpfs.errors import CorruptBlockError, RpfsError
+from rpfs.host.libc import no_core_dumps
 from rpfs.host.python_child import start_python
 from rpfs.store.blob import BlockCodec, Cut, cut
 from rpfs.store.crypto import Keyring
@@ -227,6 +228,7 @@ _HEADER_BYTES_FOLLOW = pickle.dumps(("bytes", None))
 def serve_reads(path: str, fd: int) -> None:
     """A reader process: answer requests until the daemon closes its end (or dies)."""
     connection = Connection(fd)
+    no_core_dumps()   # a reader may die of SIGBUS (a damaged page) holding the master key: no core file
     try:
         master = connection.recv_bytes()
         store = Store.open(path, readonly=True, keys=KeyChoice(master=master or None))

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.host.access import owner_name
 from rpfs.host.files import create_whole
+from rpfs.host.libc import no_core_dumps
 from rpfs.store.crypto import KEY_SIZE, Keyring, derive_key, seal, unseal
 
 KINDS = ("passphrase", "key-file", "recovery")
@@ -122,6 +123,7 @@ def key_fingerprint(key: bytes, store_id: bytes) -> str:
 
 
 def new_master_key() -> bytes:
+    no_core_dumps()   # this process holds a master key from now on (README, Encryption and keys)
     return os.urandom(KEY_SIZE)
 
 
@@ -180,6 +182,7 @@ class KeyChoice:
     opened: KeySlot | None = None   # the slot that opened the store (key passwd changes that one)
 
     def unlock(self, lock: KeyLock) -> Keyring:
+        no_core_dumps()   # before any key is read: a crash from now on must not write it to a core file
         if self.master is not None:
             return lock.keyring(self.master)
         if self.private_key_file:
