@@ -82,6 +82,7 @@ def test_systemd_units():
     service, timer = units["rpfs.service"], units["rpfs.timer"]
     assert set(units) == {"rpfs.service", "rpfs.timer"}
     assert "Type=oneshot\n" in service
+    assert "WorkingDirectory=/\n" in service   # nothing of the folder `rpfs schedule` ran in
     assert "ExecStart=/usr/local/bin/rpfs --store /var/lib/rpfs run\n" in service
     assert "OnCalendar=*:0/15\n" in timer
     assert "Persistent=true\n" in timer and "RandomizedDelaySec=60\n" in timer

@@ -1,4 +1,4 @@
-"""The freeze watchdog: `python -m rpfs.backup.freeze_watchdog MAX_SECONDS MOUNTPOINT...`.
+"""The freeze watchdog: `python -I -m rpfs.backup.freeze_watchdog MAX_SECONDS MOUNTPOINT...`.
 
 Started before a freeze, in its own session, with a pipe on stdin. It prints "armed", then reads:
 "frozen" (every filesystem is frozen: the window of MAX_SECONDS starts now), "thawed" (done), or the

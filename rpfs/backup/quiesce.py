@@ -23,7 +23,6 @@ import fcntl
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import tomllib
@@ -36,6 +35,7 @@ from rpfs.backup.freeze_watchdog import FREEZE_CALL_SECONDS
 from rpfs.errors import RpfsError
 from rpfs.host import run_dir
 from rpfs.host.access import open_trusted
+from rpfs.host.python_child import start_python
 
 SCRIPT_KEYS = {"path", "args", "timeout_seconds", "retries", "continue_on_failure"}
 FREEZE_KEYS = {"mountpoints", "max_seconds"}
@@ -201,9 +201,10 @@ def frozen(mountpoints: list[str], max_seconds: float) -> Iterator["FreezeWindow
         return
     locks = _freeze_locks(mountpoints, FREEZE_CALL_SECONDS + max_seconds)
     try:
-        watchdog = subprocess.Popen([sys.executable, "-m", "rpfs.backup.freeze_watchdog", str(max_seconds),
-                                     *mountpoints], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    start_new_session=True, pass_fds=locks)   # it holds them until it exits
+        watchdog = start_python("rpfs.backup.freeze_watchdog",
+                                [str(max_seconds), *(os.path.abspath(m) for m in mountpoints)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                start_new_session=True, pass_fds=locks)   # it holds them until it exits
     finally:
         for fd in locks:
             os.close(fd)

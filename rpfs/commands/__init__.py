@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from rpfs.errors import RpfsError
+from rpfs.host.libc import erase_environment_value, no_core_dumps
 from rpfs.store.key_slots import KeyChoice
 from rpfs.store.store import Store
 
@@ -26,8 +27,15 @@ PASSPHRASE_VARIABLES = ("RPFS_PASSPHRASE", "RPFS_NEW_PASSPHRASE")
 
 def take_passphrases(args) -> None:
     """Move the passphrases out of the environment into args: no process rpfs starts (daemons, readers,
-    pre/post scripts, qemu) inherits them."""
-    args.passphrases = {name: os.fsencode(os.environ.pop(name)) for name in PASSPHRASE_VARIABLES if name in os.environ}
+    pre/post scripts, qemu) inherits them, and /proc/PID/environ no longer shows them (README, Encryption
+    and keys: what remains). A process given one dumps no core."""
+    args.passphrases = {}
+    for name in PASSPHRASE_VARIABLES:
+        if name in os.environ:
+            no_core_dumps()
+            args.passphrases[name] = os.fsencode(os.environ[name])
+            erase_environment_value(name)   # the copy the kernel shows; pop only unsets it
+            os.environ.pop(name)
 
 
 def open_store(args, readonly: bool = False, unlock: bool = True) -> Store:
@@ -75,6 +83,7 @@ def key_choice(args) -> KeyChoice:
         return cached
     key_fd = getattr(args, "key_fd", None)
     if key_fd is not None:
+        no_core_dumps()   # a daemon, about to read the master key
         with os.fdopen(key_fd, "rb") as pipe:
             choice = KeyChoice(master=pipe.read(64))
     else:

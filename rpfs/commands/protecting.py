@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from rpfs.commands import key_choice, open_store, print_json
 from rpfs.commands.progress import ProgressBar
 from rpfs.errors import RpfsError
+from rpfs.host.python_child import python_command
 from rpfs.store.key_slots import KeyChoice
 
 
@@ -174,7 +174,7 @@ def cmd_schedule(args) -> int:
     if not args.store:
         raise RpfsError("no store given: use --store DIR or set RPFS_STORE")
     key_file = _timer_key_file(args)
-    units = systemd_units(shlex.join([sys.executable, "-m", "rpfs"]), str(Path(args.store).absolute()), args.interval,
+    units = systemd_units(shlex.join(python_command("rpfs")), str(Path(args.store).absolute()), args.interval,
                           key_file)
     if args.print or not args.install:
         for name, text in units.items():

@@ -1,14 +1,17 @@
 """The few glibc calls Python has no binding for: how much memory a process keeps, when written data
-starts for the disk, and punching holes in a device. The first two are hints: without glibc (another C
-library) they do nothing."""
+starts for the disk, punching holes in a device, erasing a secret from the environment block, and no core
+dumps. The memory and writeback calls are hints: without glibc (another C library) they do nothing."""
 from __future__ import annotations
 
 import ctypes
 import errno
 import os
+import resource
 
 M_ARENA_MAX = -8                 # mallopt parameter
 SYNC_FILE_RANGE_WRITE = 2        # start writeback of the range's dirty pages, do not wait
+
+PR_SET_DUMPABLE = 4              # prctl option
 
 try:
     _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -52,3 +55,33 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     """Start writing a range's dirty pages now (sync_file_range), so that a long write streams to the disk
     instead of piling up dirty pages for one long fsync at its end."""
     _call("sync_file_range", fd, ctypes.c_int64(offset), ctypes.c_int64(length), SYNC_FILE_RANGE_WRITE)
+
+
+def erase_environment_value(name: str) -> None:
+    """Overwrite the value of environment variable `name` with zeros where the C library keeps it, before
+    it is unset. For a variable the process was started with, that is the block on the initial stack that
+    the kernel shows in /proc/PID/environ: unsetenv (os.environ.pop) only unlinks it and leaves it readable
+    there for as long as the process lives. Python's own copy (os.environ) is not reached."""
+    if _LIBC is None:
+        return
+    getenv, strlen = _LIBC.getenv, _LIBC.strlen
+    getenv.restype, getenv.argtypes = ctypes.c_void_p, [ctypes.c_char_p]
+    strlen.restype, strlen.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
+    address = getenv(os.fsencode(name))
+    if address:
+        ctypes.memset(address, 0, strlen(address))
+
+
+def no_core_dumps() -> None:
+    """For a process that holds (or is about to hold) a master key or a passphrase: a crash (a SIGBUS on a
+    damaged LMDB page, a bug in a C library) must not write its memory anywhere. Not dumpable: the kernel
+    dumps nothing (with the default fs.suid_dumpable=0), not even to a core_pattern helper, which
+    RLIMIT_CORE does not bind; and no process of the same user may ptrace it or read /proc/PID/mem. The soft
+    RLIMIT_CORE of 0 covers fs.suid_dumpable=2: no core file, and systemd-coredump or apport, told the
+    limit, keep nothing. The hard limit stays: children (pre/post scripts) inherit the soft 0 but may raise
+    it; an exec makes them dumpable again."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
+    if _LIBC is not None and _LIBC.prctl(PR_SET_DUMPABLE, *(ctypes.c_ulong(0),) * 4) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"prctl(PR_SET_DUMPABLE): {os.strerror(code)}")

@@ -56,7 +56,7 @@ def stagger(vms: list[str], spread_seconds: int) -> dict[str, float]:
 def systemd_units(rpfs_command: str, store: str, interval: str = "*:0/15",
                   key_file: str | None = None) -> dict[str, str]:
     """The text of rpfs.service and rpfs.timer. `rpfs_command` is a command line (shell quoting), e.g.
-    "/usr/local/bin/rpfs" or "/usr/bin/python3 -m rpfs"; `interval` is a systemd OnCalendar expression;
+    "/usr/local/bin/rpfs" or "/usr/bin/python3 -I -m rpfs"; `interval` is a systemd OnCalendar expression;
     key_file: the key file of an encrypted store (a timer has nobody to type a passphrase)."""
     for what, value in (("rpfs command", rpfs_command), ("store", store), ("interval", interval),
                         ("key file", key_file or "-")):
@@ -73,6 +73,7 @@ def systemd_units(rpfs_command: str, store: str, interval: str = "*:0/15",
                "\n"
                "[Service]\n"
                "Type=oneshot\n"
+               "WorkingDirectory=/\n"   # nothing of the folder `rpfs schedule` ran in (host/python_child.py)
                f"ExecStart={exec_start}\n")
     timer = ("[Unit]\n"
              "Description=rpfs: check for due backups\n"

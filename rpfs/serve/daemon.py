@@ -1,9 +1,10 @@
 """Running a FUSE filesystem (the store tree, an instant restore's image): in the foreground, or as a
 background daemon.
 
-`rpfs mount` starts a fresh Python process (not a fork: LMDB environments and trio must not cross a
-fork) with --foreground and a pipe; it returns once the daemon writes "ready" (mounted) or an error
-line. A pid file per mountpoint in the run dir (run_dir.py) lets `rpfs umount` wait for the daemon to end.
+`rpfs mount` starts a fresh Python process (`python -I -m rpfs`, host/python_child.py; not a fork: LMDB
+environments and trio must not cross a fork) with --foreground and a pipe; it returns once the daemon
+writes "ready" (mounted) or an error line. A pid file per mountpoint in the run dir (run_dir.py) lets
+`rpfs umount` wait for the daemon to end.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ from rpfs.host.access import check_trusted_place
 from rpfs.host.disk_use import users_under
 from rpfs.host.libc import few_malloc_arenas
 from rpfs.host.mountinfo import fstype_at, read_mountinfo
+from rpfs.host.python_child import start_python
 from rpfs.host.tools import error_line, run_tool_raw
 from rpfs.host import run_dir
 
@@ -177,17 +178,17 @@ def start_daemon(argv: list[str], mountpoint: Path, block_size: int, master_key:
     log_file = run_dir.daemon_files(mountpoint)[1]
     log_fd = run_dir.open_log(log_file)
     read_end, write_end = os.pipe()
-    cmd = [sys.executable, "-m", "rpfs", *argv, "--ready-fd", str(write_end), "--log-file", str(log_file)]
+    arguments = [*argv, "--ready-fd", str(write_end), "--log-file", str(log_file)]
     passed = [write_end]
     if master_key is not None:
         key_read, key_write = os.pipe()
         os.write(key_write, master_key)   # far below a pipe's buffer: never blocks
         os.close(key_write)
         passed.append(key_read)
-        cmd += ["--key-fd", str(key_read)]
+        arguments += ["--key-fd", str(key_read)]
     try:
-        daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-                                  pass_fds=passed, start_new_session=True)
+        daemon = start_python("rpfs", arguments, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                              pass_fds=passed, start_new_session=True)
     except BaseException:
         os.close(read_end)
         raise

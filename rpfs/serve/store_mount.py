@@ -10,6 +10,7 @@ that group's members read (default_permissions; modes in store_tree.py) and refu
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from rpfs.host.access import group_id
@@ -60,7 +61,7 @@ def start_store_daemon(store, mountpoint: Path, cache_bytes: int, allow_group: s
     if allow_group:
         group_id(allow_group)   # an unknown group: said here, in one line
     mountpoint = check_mountpoint(mountpoint)
-    source = ["--store", str(store.path)] if isinstance(store, Store) else ["--vault", store.config.name]
+    source = ["--store", os.path.abspath(store.path)] if isinstance(store, Store) else ["--vault", store.config.name]
     argv = [*source, "mount", str(mountpoint), "--foreground", "--cache-mb", str(cache_bytes >> 20)]
     if allow_group:
         argv += ["--allow-group", allow_group]

@@ -3,11 +3,11 @@
 LMDB 0.9 has no checksums on its own pages: a damaged B-tree page can make the process that reads it
 crash by SIGBUS (README, Reliability), which no Python code can catch. The mount and instant-restore
 daemons therefore never map the LMDB file themselves: each read is a request to a reader process
-(`python -m rpfs.store.isolated`), and a reader that crashes costs one read an EIO, not the mount. The
-daemon still decodes and verifies every block (serve/image.py), so a reader can never hand it wrong
-bytes unnoticed. For a random read a reader sends only the frames the read needs (blob.Cut), not the
-whole blob: copying 1 MiB through the socket cost more than decoding 64 KiB. verify reads through it
-too, so that it names the recovery points such a page damages instead of dying with them.
+(`python -I -m rpfs.store.isolated`, host/python_child.py), and a reader that crashes costs one read an
+EIO, not the mount. The daemon still decodes and verifies every block (serve/image.py), so a reader can
+never hand it wrong bytes unnoticed. For a random read a reader sends only the frames the read needs
+(blob.Cut), not the whole blob: copying 1 MiB through the socket cost more than decoding 64 KiB. verify
+reads through it too, so that it names the recovery points such a page damages instead of dying with them.
 
 Block maps are fetched in pieces and kept (recovery points never change), so a sequential reader asks
 a reader process for a map piece once per MAP_PIECE blocks, not once per block. For an encrypted store
@@ -16,6 +16,7 @@ in its environment); it checks map pieces and opens records, and the daemon open
 """
 from __future__ import annotations
 
+import os
 import pickle
 import queue
 import signal
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from rpfs.errors import CorruptBlockError, RpfsError
+from rpfs.host.libc import no_core_dumps
+from rpfs.host.python_child import start_python
 from rpfs.store.blob import BlockCodec, Cut, cut
 from rpfs.store.crypto import Keyring
 from rpfs.store.key_slots import KeyChoice
@@ -165,9 +168,8 @@ class _Reader:
             except OSError:
                 pass
         try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "rpfs.store.isolated", str(path), str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+            self.process = start_python("rpfs.store.isolated", [os.path.abspath(path), str(theirs.fileno())],
+                                        pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
         self.connection = Connection(mine.detach())
@@ -226,6 +228,7 @@ _HEADER_BYTES_FOLLOW = pickle.dumps(("bytes", None))
 def serve_reads(path: str, fd: int) -> None:
     """A reader process: answer requests until the daemon closes its end (or dies)."""
     connection = Connection(fd)
+    no_core_dumps()   # a reader may die of SIGBUS (a damaged page) holding the master key: no core file
     try:
         master = connection.recv_bytes()
         store = Store.open(path, readonly=True, keys=KeyChoice(master=master or None))

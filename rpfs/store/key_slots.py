@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.host.access import owner_name
 from rpfs.host.files import create_whole
+from rpfs.host.libc import no_core_dumps
 from rpfs.host.untrusted import parse_json
 from rpfs.store.crypto import KEY_SIZE, Keyring, derive_key, seal, unseal
 
@@ -159,6 +160,7 @@ def same_fingerprint(given: str, fingerprint: str) -> bool:
 
 
 def new_master_key() -> bytes:
+    no_core_dumps()   # this process holds a master key from now on (README, Encryption and keys)
     return os.urandom(KEY_SIZE)
 
 
@@ -229,6 +231,7 @@ class KeyChoice:
                     or self.passphrase_given)
 
     def unlock(self, lock: KeyLock) -> Keyring:
+        no_core_dumps()   # before any key is read: a crash from now on must not write it to a core file
         if self.master is not None:
             return lock.keyring(self.master)
         if self.private_key_file:
