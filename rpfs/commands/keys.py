@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from rpfs.commands import asked_once, key_choice, open_store, print_json
 from rpfs.commands.progress import human_bytes
@@ -158,33 +160,52 @@ def _one_new_slot(args) -> NewSlot:
 
 
 def _added(args, store: Store, new: NewSlot, replacing: KeySlot | None = None) -> int:
-    slot, added = store.add_key_slot(new, replacing)
+    with _vaults_marked_behind(store) as vaults:
+        slot, added = store.add_key_slot(new, replacing)
     fingerprint = store.key_lock().fingerprint
     if args.json:
         print_json({**_slot_record(slot), "added": added, "store_fingerprint": fingerprint,
-                    "vaults": _update_vaults(store, quiet=True)})
+                    "vaults": _update_vaults(store, vaults, quiet=True)})
         return 0
     done = "already opens" if not added else "changed" if replacing else "added"
     print(f"{done} key slot {slot.id} ({slot.kind}{', ' + slot.note if slot.note else ''})")
     if slot.kind == "recovery":
         print(f"store fingerprint: {fingerprint} (keep it with the recovery private key: a vault recovered with"
               " that key must show the same; rpfs vault add --fingerprint checks it)")
-    _update_vaults(store)
+    _update_vaults(store, vaults)
     return 0
 
 
-def _update_vaults(store: Store, quiet: bool = False) -> dict[str, str]:
-    """Send the store's key slots, as they are now, to every vault of it named on this machine: a removed
-    slot must stop opening the vaults too. A vault that cannot be reached is marked behind in the vault
-    list and said; the next command that reaches it with the store (push, prune, rpfs run) updates it first.
-    Returns vault name -> "updated" or why not."""
+@contextmanager
+def _vaults_marked_behind(store: Store) -> Iterator[list]:
+    """The vaults of the store named on this machine, marked behind in the vault list while its key slots
+    change: a command killed between the change and the upload leaves them marked (vault/keys.py); a change
+    refused unmarks those it marked."""
     from rpfs.vault.config import vaults
     mine = [c for c in vaults().values() if c.store_id == store.store_id.hex()]
     if not mine:
+        yield mine
+        return
+    from rpfs.vault.keys import mark_behind, sent_key_slots
+    marked = mark_behind(mine)
+    try:
+        yield mine
+    except BaseException:
+        for config in marked:
+            sent_key_slots(config)   # nothing changed: as in step as before
+        raise
+
+
+def _update_vaults(store: Store, vaults: list, quiet: bool = False) -> dict[str, str]:
+    """Send the store's key slots, as they are now, to each of its vaults: a removed slot must stop opening
+    the vaults too. A vault that cannot be reached stays marked behind and is named; the next command that
+    reaches it with the store (push, prune, rpfs run) updates it first. Returns vault name -> "updated" or
+    why not."""
+    if not vaults:
         return {}
     from rpfs.vault.keys import send_key_slots
     results = {}
-    for config in mine:
+    for config in vaults:
         error = send_key_slots(config, store)
         results[config.name] = error or "updated"
         if quiet:
@@ -206,12 +227,13 @@ def _key_add(args) -> int:
 
 def _key_remove(args) -> int:
     with open_store(args) as store:
-        slot = store.remove_key_slot(args.slot)
+        with _vaults_marked_behind(store) as vaults:
+            slot = store.remove_key_slot(args.slot)
         if args.json:
-            print_json({**_slot_record(slot), "vaults": _update_vaults(store, quiet=True)})
+            print_json({**_slot_record(slot), "vaults": _update_vaults(store, vaults, quiet=True)})
             return 0
         print(f"removed key slot {slot.id} ({slot.kind}); no data was rewritten")
-        _update_vaults(store)
+        _update_vaults(store, vaults)
     print(WIPE_HINT, file=sys.stderr)
     return 0
 

@@ -3,9 +3,10 @@
 The vault holds the store's key slots (keys.json) so that a machine without the store opens it with the
 store's key file, passphrase or recovery private key. So a slot removed from the store must go from every
 vault of it at once, or a leaked key file that was removed would still open them: every key change sends
-the slots to each vault of the store named on this machine. A vault it cannot reach is marked behind in
-the vault list (config.keys_behind); push, prune and `rpfs run` send the slots first whenever they reach
-it, and reading it without the store says it is behind.
+the slots to each vault of the store named on this machine. Each vault is marked behind in the vault list
+(config.keys_behind) before the change and unmarked once the slots are sent, so one that could not be
+reached, or a command killed in between, leaves the mark: push, prune and `rpfs run` send the slots first
+whenever they reach it, and reading it without the store says it is behind.
 """
 from __future__ import annotations
 
@@ -28,10 +29,24 @@ def send_key_slots(config: VaultConfig, store: Store) -> str | None:
             raise RpfsError(f"bucket {config.bucket} holds another store's vault now")
         upload_key_slots(bucket, store.key_lock().slots)
     except RpfsError as e:
-        _mark(config, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        _mark(config, config.keys_behind or _now())
         return e.message
     _mark(config, "")
     return None
+
+
+def mark_behind(configs: list[VaultConfig]) -> list[VaultConfig]:
+    """Mark vaults behind before a key change of their store: so a command killed after the change but
+    before the upload leaves them marked, and the next push sends the slots (and readers are warned).
+    Returns those it marked (the others were behind already)."""
+    marked = [config for config in configs if not config.keys_behind]
+    for config in marked:
+        _mark(config, _now())
+    return marked
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def sent_key_slots(config: VaultConfig) -> None:
