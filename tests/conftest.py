@@ -9,6 +9,7 @@ import pytest
 # gets a run dir of its own below its tmp_path (private_run_dir), this one is for what runs outside tests.
 os.environ.setdefault("RPFS_RUN_DIR", tempfile.mkdtemp(prefix="rpfs-test-run-"))
 os.environ.setdefault("RPFS_CACHE", tempfile.mkdtemp(prefix="rpfs-test-cache-"))   # vaults' index copies
+os.environ.setdefault("RPFS_CONFIG", tempfile.mkdtemp(prefix="rpfs-test-config-"))   # not /etc/rpfs
 # Stores made by `rpfs init` are encrypted, as a user's are: every test runs on the encrypted format with
 # this key file (made by the first init), unless it asks for --encryption none or another key.
 os.environ.setdefault("RPFS_KEY_FILE", os.path.join(tempfile.mkdtemp(prefix="rpfs-test-key-"), "key"))

@@ -276,6 +276,8 @@ def test_a_key_given_in_any_way_to_a_store_switched_to_unencrypted_is_refused(tm
     one_line_error(rpfs(*backup, store=store, check=False), "says it is not encrypted, but a key was given")
     one_line_error(rpfs(*backup, store=store, check=False, env=env_with(RPFS_PASSPHRASE=PASSPHRASE)),
                    "says it is not encrypted, but a key was given")
+    one_line_error(rpfs(*backup, store=store, check=False, env=env_with()),   # no key: nothing asked either
+                   "this machine opened it encrypted before")
     assert SECRET not in store_bytes(store)
     one_line_error(rpfs("init", "--encryption", "none", store=tmp_path / "p", check=False),
                    "--encryption none makes a store without a key, but a key was given")
@@ -287,12 +289,13 @@ def test_the_store_fingerprint_is_shown_where_it_must_be_kept_and_read_back(tmp_
     made = rpfs("init", store=store).stdout
     fingerprint = made.split("store fingerprint: ")[1].split()[0]
     assert len(fingerprint) == 29 and fingerprint.count("-") == 5
-    assert __import__("json").loads(rpfs("info", "--json", store=store, env=env_with()).stdout)["fingerprint"] \
-        == fingerprint
+    info = __import__("json").loads(rpfs("info", "--json", store=store, env=env_with()).stdout)
+    assert info["store_fingerprint"] == fingerprint
     page = rpfs("key", "export", "--paper", store=store).stdout
     assert f"Store fingerprint: {fingerprint}" in page
+    written_down = page + f"\n{fingerprint}\n"   # the fingerprint on a line of its own is no part of the key
     rpfs("key", "recover", "--paper", "-", "--new-key-file", str(tmp_path / "k"), store=store, env=env_with(),
-         input=page)
+         input=written_down)
     private, public = tmp_path / "recovery.pem", tmp_path / "recovery.pub"
     subprocess.run(["openssl", "genpkey", "-algorithm", "X25519", "-out", str(private)], check=True)
     subprocess.run(["openssl", "pkey", "-in", str(private), "-pubout", "-out", str(public)], check=True)

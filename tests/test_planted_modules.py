@@ -134,8 +134,9 @@ def test_vault_push_and_mount_from_a_planted_folder(planted, vault_env, area):  
 def test_the_timer_runs_rpfs_isolated_from_its_folder(planted, tmp_path):
     folder, _ = planted
     store = tmp_path / "store"
-    rpfs("init", "--encryption", "none", store=store)
+    rpfs("init", store=store)
     units = run_in(folder, "schedule", "--print", store=store).stdout
     interpreter = CLI.read_text().splitlines()[0].removeprefix("#!")   # the console script's
-    assert f"ExecStart={interpreter} -I -m rpfs --store {store} run\n" in units
+    assert f"ExecStart={interpreter} -I -m rpfs --store {store} --key-file {os.environ['RPFS_KEY_FILE']} run\n" \
+        in units
     assert "WorkingDirectory=/\n" in units

@@ -706,11 +706,15 @@ def test_a_removed_key_stops_opening_the_vault_at_once_or_at_the_next_push(vault
     listed.write_text(reachable.replace(vault_env["endpoint"], "http://127.0.0.1:9"))
     unreached = rpfs("key", "remove", _slot_of(store, third), store=store)
     assert "vault offsite was not updated" in unreached.stderr and "Traceback" not in unreached.stderr
+    fourth = tmp_path / "fourth.key"   # a key the vault has never seen
+    rpfs("key", "add", "--new-key-file", str(fourth), store=store)
     config = json.loads(listed.read_text())["offsite"]
     listed.write_text(json.dumps({"offsite": {**json.loads(reachable)["offsite"], "keys_behind": config["keys_behind"]}}))
     behind = rpfs("--vault", "offsite", "--key-file", str(third), "list")
     assert "holds key slots older than its store's" in behind.stderr
-    rpfs("vault", "push", "offsite", store=store)   # the next command that reaches it sends the slots first
+    # the next command that reaches it sends the slots first, even given a key the vault lacks
+    rpfs("--key-file", str(fourth), "vault", "push", "offsite", store=store)
+    assert rpfs("--vault", "offsite", "--key-file", str(fourth), "list").returncode == 0
     refused = rpfs("--vault", "offsite", "--key-file", str(third), "list", check=False)
     assert refused.returncode == 1 and "opens no key slot" in refused.stderr
     assert not json.loads(listed.read_text())["offsite"]["keys_behind"]
@@ -750,6 +754,8 @@ def test_a_vault_forged_for_the_recovery_public_key_is_told_by_its_fingerprint(v
     rpfs("vault", "remove", "offsite")
     refused = _add(vault_env, None, "offsite", "--fingerprint", fingerprint.lower().replace("-", " "), check=False)
     assert refused.returncode == 1 and "it is not the vault of your store" in refused.stderr
+    pasted = _add(vault_env, None, "offsite", "--fingerprint", fingerprint.replace("-", "\u2013"), check=False)
+    assert pasted.returncode == 1 and "Traceback" not in pasted.stderr   # en dashes from a document
     assert not json.loads(rpfs("vault", "list", "--json").stdout)
 
     s3.put_object(Bucket=bucket, Key="rpfs-vault.json", Body=genuine["rpfs-vault.json"])   # the store's check copied
@@ -775,6 +781,9 @@ def test_a_store_switched_to_unencrypted_is_refused_by_its_vault_record(vault_en
         txn.drop(env.open_db(b"keys", txn=txn), delete=False)
     env.close()
     no_key = {k: v for k, v in os.environ.items() if k != "RPFS_KEY_FILE"}
+    refused = rpfs("vault", "push", "offsite", store=store, check=False, env=no_key)
+    assert refused.returncode == 1 and "this machine opened it encrypted before" in refused.stderr
+    (Path(os.environ["RPFS_CONFIG"]) / "encrypted-stores.json").unlink()   # say, the store moved: the vault tells
     for args in (("vault", "push", "offsite"), ("backup", "new", "--disk", f"os={disk}")):
         refused = rpfs(*args, store=store, check=False, env=no_key)
         assert refused.returncode == 1 and "vault offsite recorded it as encrypted" in refused.stderr, refused.stderr
@@ -782,19 +791,36 @@ def test_a_store_switched_to_unencrypted_is_refused_by_its_vault_record(vault_en
 
 def test_crafted_vault_records_are_one_line_and_change_nothing(vault_env, tmp_path):
     """An unsealed gc record (as someone who may write but not delete would plant to make gc delete a
-    needed pack's index) is refused; JSON nested too deeply is "damaged", never a traceback."""
+    needed pack's index, or as an older rpfs left it) deletes nothing: the sealed indexes it keeps are put
+    back, then it goes. A sealed one that does not open stops gc. JSON nested too deeply is "damaged"."""
     store, disk = _vault_of_one_backup(vault_env, tmp_path, 35)
     s3, bucket = _client(vault_env["endpoint"]), vault_env["bucket"]
     indexes = _objects(vault_env, "index/")
-    (pack,) = (name.split("/")[1] for name in indexes)
-    s3.put_object(Bucket=bucket, Key="gc/condemned", Body=json.dumps({"packs": {pack: ""}, "locks": []}).encode())
-    refused = rpfs("vault", "gc", "offsite", check=False)
-    assert refused.returncode == 1 and "damaged or was not written by this vault's gc" in refused.stderr
+    ((index_name, _size),) = indexes.items()
+    pack = index_name.split("/")[1]
+    sealed_index = s3.get_object(Bucket=bucket, Key=index_name)["Body"].read()
+    s3.delete_object(Bucket=bucket, Key=index_name)   # as an older gc left it: index hidden, record unsealed
+    legacy = {"packs": {pack: __import__("base64").b64encode(sealed_index).decode()}, "locks": []}
+    s3.put_object(Bucket=bucket, Key="gc/condemned", Body=json.dumps(legacy).encode())
+    assert _gc()["deleted_packs"] == 0
     assert _objects(vault_env, "index/") == indexes and f"packs/{pack}" in _objects(vault_env, "packs/")
+    assert "gc/condemned" not in _objects(vault_env, "gc/")
+    s3.put_object(Bucket=bucket, Key="gc/condemned", Body=b"\0" * 64)
+    refused = rpfs("vault", "gc", "offsite", check=False)
+    assert refused.returncode == 1 and "gc/condemned is damaged" in refused.stderr and "Traceback" not in refused.stderr
     s3.delete_object(Bucket=bucket, Key="gc/condemned")
     rpfs("--vault", "offsite", "restore", "web", "--disk", "os", "--to", str(tmp_path / "back.img"))
     assert (tmp_path / "back.img").read_bytes() == disk.read_bytes()
 
+    wrong = _add(vault_env, store, "elsewhere", "--prefix", "elsewhere", "--fingerprint", "AAAA-" * 5 + "AAAA",
+                 check=False)
+    assert wrong.returncode == 1 and "has the fingerprint" in wrong.stderr and not _objects(vault_env, "elsewhere/")
+    record = json.loads(s3.get_object(Bucket=bucket, Key="rpfs-vault.json")["Body"].read())
+    s3.put_object(Bucket=bucket, Key="rpfs-vault.json",
+                  Body=json.dumps({k: v for k, v in record.items() if k != "store_id"}).encode())
+    done = rpfs("--vault", "offsite", "list", check=False)
+    assert done.returncode == 1 and "not an rpfs vault's" in done.stderr and "Traceback" not in done.stderr
+    s3.put_object(Bucket=bucket, Key="rpfs-vault.json", Body=json.dumps(record).encode())
     for name, expected in (("keys.json", "are missing or damaged"), ("rpfs-vault.json", "not an rpfs vault's")):
         kept = s3.get_object(Bucket=bucket, Key=name)["Body"].read()
         s3.put_object(Bucket=bucket, Key=name, Body=b"[" * 100000)

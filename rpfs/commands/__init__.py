@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from rpfs.errors import RpfsError
+from rpfs.host.known_stores import config_folder, remember_encrypted, was_encrypted
 from rpfs.host.libc import erase_environment_value, no_core_dumps
 from rpfs.store.key_slots import KeyChoice
 from rpfs.store.store import Store
@@ -43,14 +44,29 @@ def open_store(args, readonly: bool = False, unlock: bool = True) -> Store:
     to a store that says it is not encrypted is refused by Store.open). A store that says so while a vault
     of this machine recorded it as encrypted is refused too: its settings were changed behind our back."""
     store = Store.open(args.store, readonly=readonly, keys=key_choice(args), unlock=unlock)
-    if not store.encrypted and store.store_id:
-        from rpfs.vault.config import vaults
-        for config in vaults().values():
-            if config.store_id == store.store_id.hex() and config.key_check:
-                store.close()
-                raise RpfsError(f"store {args.store} says it is not encrypted, but vault {config.name} recorded it"
-                                " as encrypted when it was added: its settings were changed; it is not opened")
+    if store.encrypted and store.keyring is not None:
+        remember_encrypted(store.path, store.store_id.hex())
+    elif not store.encrypted:
+        try:
+            _refuse_if_known_encrypted(store)
+        except BaseException:
+            store.close()
+            raise
     return store
+
+
+def _refuse_if_known_encrypted(store: Store) -> None:
+    """A store that says it is not encrypted where this machine opened an encrypted one, or that a vault
+    here recorded as encrypted, had its settings changed behind our back (host/known_stores.py)."""
+    if was_encrypted(store.path):
+        raise RpfsError(f"store {store.path} says it is not encrypted, but this machine opened it encrypted before"
+                        f" ({config_folder() / 'encrypted-stores.json'}): its settings were changed; it is not"
+                        " opened (rpfs init of a new store there clears the record)")
+    from rpfs.vault.config import vaults
+    for config in vaults().values():
+        if store.store_id and config.store_id == store.store_id.hex() and config.key_check:
+            raise RpfsError(f"store {store.path} says it is not encrypted, but vault {config.name} recorded it as"
+                            " encrypted when it was added: its settings were changed; it is not opened")
 
 
 def open_source(args):

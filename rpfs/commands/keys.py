@@ -15,6 +15,7 @@ from typing import Iterator
 from rpfs.commands import asked_once, key_choice, open_store, print_json
 from rpfs.commands.progress import human_bytes
 from rpfs.errors import RpfsError
+from rpfs.host.known_stores import forget, remember_encrypted
 from rpfs.store.key_slots import KeyChoice, KeySlot, NewSlot, key_file_key, paper_text, read_public_key
 from rpfs.store.store import Store
 
@@ -74,6 +75,10 @@ def cmd_init(args) -> int:
         raise RpfsError("--encryption none makes a store without a key, but a key was given (--key-file,"
                         " RPFS_KEY_FILE or RPFS_PASSPHRASE): give none, or leave out --encryption none")
     with Store.init(Path(args.store), block_size, args.zstd_level, key_slots=slots) as store:
+        if store.encrypted:   # what was recorded of an older store at this path is no more
+            remember_encrypted(store.path, store.store_id.hex())
+        else:
+            forget(store.path)
         if args.json:
             print_json(_describe(store))
         else:
@@ -101,7 +106,7 @@ def _describe(store: Store) -> dict:
                  "store_id": store.store_id.hex() or None, "file_bytes": store.stored_bytes()}
     if store.encrypted:
         lock = store.key_lock()
-        described["fingerprint"] = lock.fingerprint
+        described["store_fingerprint"] = lock.fingerprint   # as the store says (no key: unchecked)
         described["key_slots"] = [_slot_record(s) for s in lock.slots]
         if lock.damaged:
             described["damaged_key_slots"] = lock.damaged

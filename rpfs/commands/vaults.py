@@ -9,7 +9,7 @@ import sys
 from rpfs.commands import key_choice, open_store, print_json
 from rpfs.commands.progress import ProgressBar, human_bytes
 from rpfs.errors import RpfsError
-from rpfs.store.key_slots import same_fingerprint, store_fingerprint
+from rpfs.store.key_slots import KeyChoice, same_fingerprint, store_fingerprint
 from rpfs.upkeep.jobs import recorded
 from rpfs.vault import config as vault_configs
 from rpfs.vault.config import VaultConfig, checked, vault_config
@@ -38,6 +38,10 @@ def _add(args) -> int:
                         " to point the name elsewhere)")
     if args.store:   # made from the store (or this store's vault adopted)
         with open_store(args, readonly=True) as store:
+            if args.fingerprint and store.encrypted and not same_fingerprint(args.fingerprint,
+                                                                             store.key_lock().fingerprint):
+                raise RpfsError(f"store {args.store} has the fingerprint {store.key_lock().fingerprint}, not"
+                                f" {args.fingerprint}; nothing was added")
             vault = Vault.create(config, store)
         settings = vault.settings
         what = f"made from store {args.store}" if vault.created else f"holding the vault of store {args.store}"
@@ -58,7 +62,7 @@ def _add(args) -> int:
     vault_configs.save(config)
     if args.json:
         print_json({"name": config.name, "endpoint": config.endpoint, "bucket": config.bucket,
-                    "prefix": config.prefix, "store_id": config.store_id, "fingerprint": fingerprint})
+                    "prefix": config.prefix, "store_id": config.store_id, "store_fingerprint": fingerprint})
     else:
         print(f"vault {config.name}: bucket {config.bucket} at {config.endpoint}, {what}")
     return 0
@@ -98,7 +102,9 @@ def _push(args) -> int:
     from rpfs.vault.push import push
     from rpfs.vault.vault import Vault
     with open_store(args) as store:   # writable: the push is recorded as a job
-        vault = Vault.open(vault_config(args.name), key_choice(args))
+        # opened with the store's master key, not the command's: after a key change the vault missed (its
+        # slots behind), the new key file or passphrase opens no slot there, and this push must send them
+        vault = Vault.open(vault_config(args.name), KeyChoice(master=store.master_key))
         points = store.points(args.vm) if args.recovery_point is None else [store.point(args.vm, args.recovery_point)]
         if args.vm and not points:
             store.point(args.vm)   # raises: unknown VM

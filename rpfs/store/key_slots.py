@@ -47,6 +47,7 @@ KEY_FILE_HEADER = "# rpfs key file: whoever reads it reads the store; keep it ro
 PAPER_GROUP = 4
 _LOOKALIKES = str.maketrans("018", "OIB")   # base32 has no 0, 1 or 8: what was typed for O, I and B
 _PAPER_WORD = re.compile(r"[A-Z2-7]{1,4}")
+_FINGERPRINT_LINE = re.compile(r"([A-Z2-7]{4}-){5}[A-Z2-7]{4}")   # store_fingerprint's shape
 
 
 @dataclass
@@ -154,8 +155,8 @@ def store_fingerprint(store_id: bytes, check_value: bytes) -> str:
 
 def same_fingerprint(given: str, fingerprint: str) -> bool:
     """Whether a fingerprint typed back in (any case, spaces or dashes, 0/1/8 for O/I/B) is this one."""
-    def compact(text: str) -> str:
-        return "".join(text.upper().translate(_LOOKALIKES).replace("-", " ").split())
+    def compact(text: str) -> bytes:   # anything not ASCII (a dash pasted from a document) matches nothing
+        return "".join(text.upper().translate(_LOOKALIKES).replace("-", " ").split()).encode(errors="replace")
     return hmac.compare_digest(compact(given), compact(fingerprint))
 
 
@@ -392,6 +393,8 @@ def parse_paper(text: str) -> bytes:
     characters (any case, look-alikes read as what they look like), whatever else the text holds."""
     groups = []
     for line in text.upper().translate(_LOOKALIKES).splitlines():
+        if _FINGERPRINT_LINE.fullmatch(line.strip()):
+            continue   # the store fingerprint, written down on the same page: not part of the key
         words = line.replace("-", " ").split()
         if words and all(_PAPER_WORD.fullmatch(word) for word in words):
             groups += words

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 from rpfs.errors import RpfsError
 from rpfs.host.files import write_whole
+from rpfs.host.untrusted import parse_json
 from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.store import Store
 
@@ -123,7 +124,7 @@ def holds(store_path: Path) -> dict[str, tuple[str, str, str | None]]:
     found = {}
     for path in sorted((store_path / LEASE_DIR).glob("hold-*")):
         try:
-            [entry] = json.loads(path.read_text())
+            [entry] = parse_json(path.read_text())
             found[path.name.removeprefix("hold-")] = (str(entry[0]), str(entry[1]), entry[2] if len(entry) > 2 else None)
         except (OSError, ValueError, TypeError, IndexError):
             raise RpfsError(f"cannot read the lease {path}; nothing was pruned (rpfs check --repair)") from None
@@ -174,7 +175,7 @@ def _lease_files(store_path: Path) -> Iterator[tuple[Path, int, bool]]:
 def _read_points(fd: int, path: Path) -> list:
     for _ in range(20):
         try:
-            return json.loads(os.pread(fd, 1 << 20, 0) or b"[]")
+            return parse_json(os.pread(fd, 1 << 20, 0) or b"[]")
         except ValueError:   # caught in the middle of a rewrite
             time.sleep(0.01)
     raise RpfsError(f"cannot read the lease {path}; nothing was pruned")

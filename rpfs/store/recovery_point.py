@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rpfs.errors import CorruptBlockError, RpfsError
+from rpfs.host.untrusted import parse_json
 
 DIGEST_SIZE = 32
 HOLE = bytes(DIGEST_SIZE)
@@ -111,7 +112,7 @@ class RecoveryPoint:
     def from_json(cls, data: bytes) -> "RecoveryPoint":
         """The record as stored; a damaged one (bit rot) is an RpfsError, never a half-read record."""
         try:
-            raw = json.loads(bytes(data))
+            raw = parse_json(bytes(data))
             known = set(DiskRecord.__dataclass_fields__)   # a field a later rpfs added is left out, not fatal
             disks = [DiskRecord(**{k: v for k, v in d.items() if k in known}) for d in raw.pop("disks")]
             snapshot = raw.pop("snapshot", None)

@@ -59,6 +59,7 @@ import lmdb
 
 from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.host.access import PRIVATE_FILE, check_trusted_place, make_private, make_private_folder, permission_denied
+from rpfs.host.untrusted import parse_json
 from rpfs.store.blob import DEFAULT_ZSTD_LEVEL, BlockCodec, read_header
 from rpfs.store.block_maps import MAP_PIECE, REF, BlockMaps, count_references, flat_map_piece
 from rpfs.store.crypto import Keyring
@@ -912,7 +913,7 @@ def _hold_open_lock(path: Path) -> int:
 def _record(kind: str, name, value) -> dict:
     """A JSON record as stored; a damaged one (bit rot) is an error naming it, never a traceback."""
     try:
-        record = json.loads(bytes(value))
+        record = parse_json(bytes(value))
     except (ValueError, UnicodeDecodeError):
         record = None
     if not isinstance(record, dict):

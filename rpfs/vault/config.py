@@ -9,17 +9,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from urllib.parse import urlparse
 
 from rpfs.errors import RpfsError
 from rpfs.host.access import make_private_folder, open_trusted
 from rpfs.host.files import write_whole
+from rpfs.host.known_stores import config_folder
 from rpfs.host.untrusted import parse_json
 from rpfs.store.recovery_point import NAME_RE
-
-DEFAULT_CONFIG = "/etc/rpfs"
-
 
 @dataclass
 class VaultConfig:
@@ -34,10 +31,6 @@ class VaultConfig:
     @property
     def label(self) -> str:
         return f"vault {self.name}"
-
-
-def config_folder() -> Path:
-    return Path(os.environ.get("RPFS_CONFIG") or DEFAULT_CONFIG)
 
 
 def vaults() -> dict[str, VaultConfig]:

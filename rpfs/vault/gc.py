@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.host.threads import in_order
+from rpfs.host.untrusted import parse_json
 from rpfs.store.block_maps import distinct_digests
 from rpfs.vault.locks import VaultLock, bury, locks, remove_old_tombstones
 from rpfs.vault.packs import PACK_BYTES, upload_packs
@@ -193,6 +194,34 @@ def _record(vault: Vault) -> dict | None:
     try:
         return vault.condemned()
     except CorruptBlockError:
-        raise RpfsError(f"{vault.config.label}: {CONDEMNED} is damaged or was not written by this vault's gc (an"
-                        " older rpfs wrote it unsealed); nothing was deleted. Remove it to start gc afresh: its"
-                        " packs are condemned again") from None
+        if _rescue_unsealed(vault):
+            return None
+        raise RpfsError(f"{vault.config.label}: {CONDEMNED} is damaged (it does not open with the vault's key);"
+                        " nothing was deleted, and gc cannot go on while it is there") from None
+
+
+def _rescue_unsealed(vault: Vault) -> bool:
+    """A record written unsealed (by an rpfs before records were sealed, or planted) is trusted to delete
+    nothing, but the indexes it keeps are sealed each: every listed pack that still exists gets its index
+    back if that opens, then the record goes. The next runs condemn again what no manifest needs. False if
+    it is no such record. Run again after a kill, it does the same."""
+    try:
+        packs = parse_json(vault.bucket.get(CONDEMNED) or b"")["packs"]
+        if not isinstance(packs, dict):
+            return False
+    except (ValueError, KeyError, TypeError):
+        return False
+    existing = {name for name, _size in vault.bucket.names("packs/")}
+    indexed = {name[len("index/"):] for name, _size in vault.bucket.names("index/")}
+    for pack, sealed in packs.items():
+        if not (isinstance(pack, str) and isinstance(sealed, str) and sealed) or pack in indexed \
+                or pack_object(pack) not in existing:
+            continue
+        try:
+            index = base64.b64decode(sealed)
+            vault.index_entries(pack, index)
+        except (ValueError, RpfsError, CorruptBlockError):
+            continue
+        vault.bucket.put(index_object(pack), index)
+    vault.bucket.delete(CONDEMNED)
+    return True

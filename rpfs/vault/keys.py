@@ -16,6 +16,7 @@ from rpfs.errors import RpfsError
 from rpfs.store.store import Store
 from rpfs.vault import config as vault_configs
 from rpfs.vault.config import VaultConfig
+from rpfs.vault.s3 import Bucket
 from rpfs.vault.vault import bucket_of, probe, upload_key_slots
 
 
@@ -47,6 +48,20 @@ def mark_behind(configs: list[VaultConfig]) -> list[VaultConfig]:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def send_current_slots(store: Store, config: VaultConfig, bucket: Bucket) -> None:
+    """Put the store's key slots in the vault (push: at its start and its end), then read them again until
+    what was put is what the store holds: a key change committed meanwhile, whose own upload may have come
+    before this one, is not overwritten by older slots."""
+    sent = None
+    for _ in range(5):
+        slots = store.key_lock().slots
+        if slots == sent:
+            break
+        upload_key_slots(bucket, slots)
+        sent = slots
+    sent_key_slots(config)
 
 
 def sent_key_slots(config: VaultConfig) -> None:

@@ -19,11 +19,10 @@ from rpfs.store.block_maps import digests_in_order
 from rpfs.store.leases import Lease
 from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.store import Store
-from rpfs.vault.keys import sent_key_slots
+from rpfs.vault.keys import send_current_slots
 from rpfs.vault.locks import VaultLock
 from rpfs.vault.packs import PACK_BYTES, PackStream, upload_packs
-from rpfs.vault.vault import BLOB, PIECE, Vault, manifest_associated, point_object, \
-    upload_key_slots
+from rpfs.vault.vault import BLOB, PIECE, Vault, manifest_associated, point_object
 
 CHECKERS = 2            # threads reading and checking blobs ahead of the upload (page faults, zstd, AES, BLAKE3)
 
@@ -60,11 +59,11 @@ def push(store: Store, vault: Vault, points: list[RecoveryPoint], progress: Prog
                         f" ({', '.join(changed or ['key_check'])}): its settings were changed; nothing was pushed")
     started, summary = time.monotonic(), PushSummary()
     with VaultLock(vault.bucket, "push") as lock:   # before any index is read (gc.py)
-        upload_key_slots(vault.bucket, store.key_lock().slots)   # the slots as they are now (key add/remove)
-        sent_key_slots(vault.config)
+        send_current_slots(store, vault.config, vault.bucket)   # the slots as they are now (keys.py)
         vault.raise_version_for(store)   # before any blob with a key of its own goes up
         vault.index(fresh=True)
         _push(store, vault, points, lock, summary, progress, bytes_per_second, pack_bytes, named)
+        send_current_slots(store, vault.config, vault.bucket)   # a key changed during the push
     summary.seconds = time.monotonic() - started
     return summary
 

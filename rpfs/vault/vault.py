@@ -605,7 +605,11 @@ def _settings(bucket: Bucket) -> dict | None:
     try:
         settings = parse_json(raw)
         version = int(settings["format_version"]) if settings["format"] == FORMAT else None
-    except (ValueError, KeyError, TypeError):
+        bytes.fromhex(settings["store_id"]), bytes.fromhex(settings["key_check"])   # what every use needs
+        int(settings["block_size"]), int(settings["zstd_level"])
+        if not all(isinstance(settings[name], str) for name in ("created", "encryption", "block_id")):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, AttributeError):
         version = None
     if version is None:
         raise RpfsError(f"{bucket.label}: {FORMAT_OBJECT} in bucket {bucket.name} is not an rpfs vault's format"
