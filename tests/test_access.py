@@ -345,11 +345,11 @@ def test_scripts_and_configs_others_could_change_are_refused(backed_up, tmp_path
     others_link = tmp_path / "link.sh"
     others_link.symlink_to(pre)
     os.lchown(others_link, 65534, 65534)
-    cases = [(0o777, 0, cfg, f"folder {scripts} is writable by group or others (mode 0777)"),
-             (0o770, 0, cfg, f"folder {scripts} is writable by group or others (mode 0770)"),
-             (0o700, 65534, cfg, f"folder {scripts} is not root's (it is nobody's)"),
+    cases = [(0o777, 0, cfg, f"{scripts} is writable by anyone (mode 0777)"),   # as check_trusted_place says
+             (0o770, 0, cfg, f"{scripts} is writable by group root (mode 0770)"),
+             (0o700, 65534, cfg, f"{scripts} is writable by nobody (uid 65534), its owner"),
              (0o700, 0, root_file(tmp_path / "l.toml", f'[pre]\npath = "{others_link}"\n', 0o600),
-              f"the link {others_link} is not root's (it is nobody's)")]
+              f"{others_link} is a symbolic link owned by nobody (uid 65534)")]
     for folder_mode, owner, config, why in cases:
         scripts.chmod(folder_mode)
         os.chown(scripts, owner, owner)
@@ -365,7 +365,7 @@ def test_scripts_and_configs_others_could_change_are_refused(backed_up, tmp_path
     done = rpfs("backup", "vm", f"--disk=d={image}", "--consistency-config", str(in_the_open), store=store,
                 check=False)
     assert done.returncode == 1
-    assert f"consistency config {in_the_open}: folder {open_configs} is writable" in done.stderr
+    assert f"refusing consistency config {in_the_open}: {open_configs} is writable by anyone" in done.stderr
     assert len(json.loads(rpfs("list", "--json", store=store).stdout)) == 1   # nothing was backed up
 
     sticky = tmp_path / "sticky"   # like /tmp: writable by all, but nobody else can rename root's entries

@@ -135,18 +135,6 @@ def _trusted_owner(uid: int) -> bool:
     return uid in (0, os.geteuid())
 
 
-def check_trusted_folder(st: os.stat_result, folder: str, what: str, path: Path) -> None:
-    """A folder root may trust: root's, and writable by nobody else. A sticky folder (/tmp) may be writable
-    by all, since nobody else can then rename or remove root's entries in it; each entry is checked."""
-    if not _trusted_owner(st.st_uid):
-        raise RpfsError(f"{what} {path}: folder {folder} is not root's (it is {owner_name(st.st_uid)}'s);"
-                        " every folder on the way must be root's and writable by nobody else; refusing to use it")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
-        raise RpfsError(f"{what} {path}: folder {folder} is writable by group or others (mode "
-                        f"{stat.S_IMODE(st.st_mode):04o}); every folder on the way must be writable by root"
-                        " only; refusing to use it")
-
-
 def open_trusted(path: Path, what: str) -> int:
     """Open a file root will run or read as instructions, read-only; refused unless it is a regular file of
     root's that nobody else can write, reached through folders and links only root can change.
@@ -172,8 +160,7 @@ def open_trusted(path: Path, what: str) -> int:
             if stat.S_ISLNK(st.st_mode):
                 link = "/" + "/".join([*where, name])
                 if not _trusted_owner(st.st_uid):
-                    raise RpfsError(f"{what} {shown}: the link {link} is not root's (it is"
-                                    f" {owner_name(st.st_uid)}'s); refusing to follow it")
+                    raise _untrusted_place(what, shown, f"{link} is a symbolic link owned by {_whose(st.st_uid)}")
                 links += 1
                 if links > MAX_LINKS:
                     raise RpfsError(f"{what} {shown}: too many links on the way")
@@ -204,7 +191,7 @@ def _open_folder_checked(dir_fd: int | None, name: str, folder: str, what: str, 
     except OSError as e:
         raise RpfsError(f"{what} {path}: cannot open {folder}: {e.strerror}") from None
     try:
-        check_trusted_folder(os.fstat(fd), folder, what, path)
+        _check_folder(os.fstat(fd), folder, what, path)
     except BaseException:
         os.close(fd)
         raise
@@ -244,13 +231,13 @@ def check_trusted_place(path: Path, what: str, final_link: bool = False) -> None
     todo = [p for p in str(shown).split("/") if p not in ("", ".")]
     folder = "/"
     try:
-        open_to_others = _place_folder(os.lstat(folder), folder, what, shown)
+        open_to_others = _check_folder(os.lstat(folder), folder, what, shown)
         links = 0
         while todo:
             name = todo.pop(0)
             if name == "..":
                 folder = os.path.dirname(folder)   # folder is real: every link before it was resolved by hand
-                open_to_others = _place_folder(os.lstat(folder), folder, what, shown)
+                open_to_others = _check_folder(os.lstat(folder), folder, what, shown)
                 continue
             here = os.path.join(folder, name)
             try:
@@ -269,7 +256,7 @@ def check_trusted_place(path: Path, what: str, final_link: bool = False) -> None
                 target = os.readlink(here)
                 if target.startswith("/"):
                     folder = "/"
-                    open_to_others = _place_folder(os.lstat(folder), folder, what, shown)
+                    open_to_others = _check_folder(os.lstat(folder), folder, what, shown)
                 todo[:0] = [p for p in target.split("/") if p not in ("", ".")]
                 continue
             if open_to_others and not _trusted_owner(st.st_uid):
@@ -277,26 +264,34 @@ def check_trusted_place(path: Path, what: str, final_link: bool = False) -> None
                                        " which others can write")
             if not todo or not stat.S_ISDIR(st.st_mode):
                 return   # the place itself: root's to make or change (or the command says it is no folder)
-            open_to_others = _place_folder(st, here, what, shown)
+            open_to_others = _check_folder(st, here, what, shown)
             folder = here
     except PermissionError:
         return
 
 
-def _place_folder(st: os.stat_result, folder: str, what: str, path: Path) -> bool:
-    """Refuse a folder on the way that someone else could change; True if it is sticky and others can
-    write it (then what is next in it must be root's)."""
+def _check_folder(st: os.stat_result, folder: str, what: str, path: Path) -> bool:
+    """The folder rule, for places and for files root runs or obeys alike: a folder on the way is root's and
+    writable by nobody else; True if it is sticky and others can write it (then what is next in it must be
+    root's, since nobody else may rename or remove that)."""
     if not _trusted_owner(st.st_uid):
         raise _untrusted_place(what, path, f"{folder} is writable by {_whose(st.st_uid)}, its owner")
     writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     if writable and not st.st_mode & stat.S_ISVTX:
-        who = "anyone" if st.st_mode & stat.S_IWOTH else f"group {_group_name(st.st_gid)}"
-        raise _untrusted_place(what, path, f"{folder} is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})")
+        raise _untrusted_place(what, path, f"{folder} is writable by {_writers(st)} ({_mode(st)})")
     return bool(writable)
 
 
 def _untrusted_place(what: str, path: Path, why: str) -> RpfsError:
     return RpfsError(f"refusing {what} {path}: {why}; choose a place only root can change")
+
+
+def _writers(st: os.stat_result) -> str:
+    return "anyone" if st.st_mode & stat.S_IWOTH else f"group {_group_name(st.st_gid)}"
+
+
+def _mode(st: os.stat_result) -> str:
+    return f"mode {stat.S_IMODE(st.st_mode):04o}"
 
 
 def _whose(uid: int) -> str:
