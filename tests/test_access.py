@@ -510,10 +510,15 @@ def test_links_of_roots_on_the_way_are_followed_and_group_writable_folders_refus
     (tmp_path / "via").symlink_to(real)   # as /var/run -> /run
     check_trusted_place(tmp_path / "via" / "store", "store")
     check_trusted_place(tmp_path / "via" / ".." / "via" / "store", "store")
-    with pytest.raises(RpfsError, match=r"^refusing store .*/via: it is a symbolic link \(give the real path\)"):
-        check_trusted_place(tmp_path / "via", "store")
-    check_trusted_place(tmp_path / "via", "restore target", final_link=True)   # a device's /dev/disk/by-id link
+    check_trusted_place(tmp_path / "via", "store", private=True)   # root's, in a folder only root can change
+    real.chmod(0o777)   # and where it leads is checked as the place itself
+    with pytest.raises(RpfsError, match=r"^refusing store .*/via: .*/real is writable by anyone \(mode 0777\);"
+                                        r" root writes in it, so it must be root's and writable by root only$"):
+        check_trusted_place(tmp_path / "via", "store", private=True)
+    real.chmod(0o755)
     os.lchown(tmp_path / "via", 65534, 65534)
+    with pytest.raises(RpfsError, match=r"/via: it is a symbolic link owned by nobody \(uid 65534\)"):
+        check_trusted_place(tmp_path / "via", "store")
     with pytest.raises(RpfsError, match=r"/via is a symbolic link owned by nobody \(uid 65534\)"):
         check_trusted_place(tmp_path / "via" / "store", "store")
     real.chmod(0o2775)
@@ -522,7 +527,6 @@ def test_links_of_roots_on_the_way_are_followed_and_group_writable_folders_refus
         check_trusted_place(real / "store", "store")
     for default in ("/run/rpfs", "/etc/rpfs", "/var/cache/rpfs/vault-index/0123"):   # rpfs's own places
         check_trusted_place(Path(default), "default")
-
 
 
 # -- places root writes in: root's alone, and no link at what LMDB opens ---------------------------------
@@ -601,3 +605,31 @@ def test_attach_to_a_folder_of_someone_elses_or_that_others_can_write_is_refused
         assert list(dest.iterdir()) == []
         os.chown(dest, 0, 0)
         dest.chmod(0o755)
+
+
+def test_dot_dot_is_taken_from_where_a_link_leads_not_from_its_spelling(shared_folders):
+    shared, sticky, victim = shared_folders
+    (victim / "sub").mkdir()
+    evil = planted_link(sticky / "evil", victim / "sub")   # sticky/evil/.. is victim, not sticky
+    store = Path(f"{evil}/../store")
+    refused(rpfs("init", store=store, check=False),
+            f"refusing store {store}: {evil} is a symbolic link owned by nobody")
+    assert sorted(p.name for p in victim.iterdir()) == ["keep", "sub"] and not (sticky / "store").exists()
+
+
+def test_a_link_of_roots_to_the_store_in_a_folder_only_root_can_change_is_followed(shared_folders, tmp_path):
+    _, sticky, _ = shared_folders
+    image = write_image(tmp_path / "d.img", 7, MiB)
+    real = tmp_path / "data" / "rpfs"
+    link = tmp_path / "srv-rpfs"   # as /srv/rpfs -> /data/rpfs
+    link.symlink_to(real)
+    rpfs("init", store=link)
+    assert mode(real) == 0o700 and (real / "data.mdb").exists() and link.is_symlink()
+    rpfs("backup", "vm", f"--disk=d={image}", store=link)
+    assert len(json.loads(rpfs("list", "--json", store=link).stdout)) == 1
+    os.lchown(link, 65534, 65534)   # the same link, another user's: refused
+    refused(rpfs("list", store=link, check=False), f"refusing store {link}: it is a symbolic link owned by nobody")
+    in_the_open = sticky / "store"   # root's link, but in a folder anyone may write: give the real path
+    in_the_open.symlink_to(real)
+    refused(rpfs("list", store=in_the_open, check=False),
+            f"refusing store {in_the_open}: it is a symbolic link in {sticky}, which others can write")

@@ -7,9 +7,9 @@
   root can change, as OpenSSH's StrictModes checks, every link on the way is root's, and it is used
   through the descriptor that was checked, so a swap after the check changes nothing.
 - Trusted places: where root creates, tightens, writes or mounts over what a user named (a store, an
-  attach destination, a restore target, a mountpoint) is no link and lies in folders only root can
-  change (check_trusted_place), so nobody else can point root at something of their choosing; a place
-  root writes in is root's and writable by root alone, and what root opens there by name is no link
+  attach destination, a restore target, a mountpoint) is reached through folders only root can change and
+  links of root's (check_trusted_place), so nobody else can point root at something of their choosing; a
+  place root writes in is root's and writable by root alone, and what root opens there by name is no link
   (check_own_entry).
 """
 from __future__ import annotations
@@ -66,9 +66,11 @@ def make_private_folder(folder: Path, what: str = "folder") -> Path:
     """Create folder (and its missing parents) 0700, or tighten the existing one to 0700; refused in a place
     another user could have prepared, or when it is someone else's or others can write it
     (check_trusted_place, private). Checked again once made: a name another user took in a sticky folder
-    between the check and our mkdir is theirs, and refused then, before the chmod."""
+    between the check and our mkdir is theirs, and refused then, before the chmod. A link of root's to it
+    (checked) is followed: what is missing is made where it leads."""
     check_trusted_place(folder, what, private=True)
-    missing = [p for p in [folder, *folder.parents] if not os.path.lexists(p)]
+    real = Path(os.path.realpath(folder))
+    missing = [p for p in [real, *real.parents] if not os.path.lexists(p)]
     for path in reversed(missing):
         try:
             os.mkdir(path, PRIVATE_FOLDER)
@@ -221,19 +223,22 @@ def _open_file_checked(dir_fd: int, name: str, what: str, path: Path) -> int:
 
 
 # -- trusted places: where root creates, tightens, writes or mounts over what a user named ---------------
-def check_trusted_place(path: Path, what: str, final_link: bool = False, private: bool = False) -> None:
-    """Refuse a place another user could have prepared or could swap: the path itself is a link (root would
-    act on whatever it points to; final_link lets a link of root's through, as /dev/disk/by-id/... for a
-    device), a link on the way is not root's, or a folder on the way is writable by someone else. A
-    sticky folder writable by all (/tmp) is fine when what is next in it is root's (nobody else may rename
-    or remove that) or not there yet (root makes it: make_private_folder checks again once it is made).
+def check_trusted_place(path: Path, what: str, private: bool = False) -> None:
+    """Refuse a place another user could have prepared or could swap: a link on the way (the place itself
+    included) is another user's or, for the place itself, lies in a folder others can write; or a folder on
+    the way is writable by someone else. A sticky folder writable by all (/tmp) is fine when what is next in
+    it is root's (nobody else may rename or remove that) or not there yet (root makes it: make_private_folder
+    checks again once it is made). Links of root's are followed, and where they lead is checked the same way.
 
     private: root writes in the place itself (a store, an attach DEST, a restore folder), so when it exists
     it must be root's and writable by nobody else, sticky or not: every name in it is then root's to give.
 
-    Once this passes, nobody but root can change the way to the place, so the path can be used after it.
-    Only what this user can look up is checked: one who cannot reach the place is told by the command."""
-    shown = Path(os.path.abspath(path))
+    The path is taken as the kernel takes it: `..` goes up from the real folder reached so far (through the
+    links followed), never from the spelling. Once this passes, nobody but root can change the way to the
+    place, so the path can be used after it. Only what this user can look up is checked: one who cannot
+    reach the place is told by the command."""
+    given = os.fspath(path)
+    shown = Path(given if given.startswith("/") else f"{os.getcwd()}/{given}")
     todo = [p for p in str(shown).split("/") if p not in ("", ".")]
     folder = "/"
     try:
@@ -252,10 +257,11 @@ def check_trusted_place(path: Path, what: str, final_link: bool = False, private
             except (FileNotFoundError, NotADirectoryError):
                 return   # root makes it (or the command says it is not there)
             if stat.S_ISLNK(st.st_mode):
-                if not todo and not final_link:
-                    raise _untrusted_place(what, shown, f"{it} is a symbolic link (give the real path)")
                 if not _trusted_owner(st.st_uid):
-                    raise _untrusted_place(what, shown, f"{here} is a symbolic link owned by {_whose(st.st_uid)}")
+                    raise _untrusted_place(what, shown, f"{it} is a symbolic link owned by {_whose(st.st_uid)}")
+                if not todo and open_to_others:   # root's, but named in a folder anyone may write: give the real path
+                    raise _untrusted_place(what, shown, f"{it} is a symbolic link in {folder}, which others can"
+                                           " write (give the real path)")
                 links += 1
                 if links > MAX_LINKS:
                     raise _untrusted_place(what, shown, "too many links on the way")
