@@ -345,11 +345,11 @@ def test_scripts_and_configs_others_could_change_are_refused(backed_up, tmp_path
     others_link = tmp_path / "link.sh"
     others_link.symlink_to(pre)
     os.lchown(others_link, 65534, 65534)
-    cases = [(0o777, 0, cfg, f"folder {scripts} is writable by group or others (mode 0777)"),
-             (0o770, 0, cfg, f"folder {scripts} is writable by group or others (mode 0770)"),
-             (0o700, 65534, cfg, f"folder {scripts} is not root's (it is nobody's)"),
+    cases = [(0o777, 0, cfg, f"{scripts} is writable by anyone (mode 0777)"),   # as check_trusted_place says
+             (0o770, 0, cfg, f"{scripts} is writable by group root (mode 0770)"),
+             (0o700, 65534, cfg, f"{scripts} is writable by nobody (uid 65534), its owner"),
              (0o700, 0, root_file(tmp_path / "l.toml", f'[pre]\npath = "{others_link}"\n', 0o600),
-              f"the link {others_link} is not root's (it is nobody's)")]
+              f"{others_link} is a symbolic link owned by nobody (uid 65534)")]
     for folder_mode, owner, config, why in cases:
         scripts.chmod(folder_mode)
         os.chown(scripts, owner, owner)
@@ -365,7 +365,7 @@ def test_scripts_and_configs_others_could_change_are_refused(backed_up, tmp_path
     done = rpfs("backup", "vm", f"--disk=d={image}", "--consistency-config", str(in_the_open), store=store,
                 check=False)
     assert done.returncode == 1
-    assert f"consistency config {in_the_open}: folder {open_configs} is writable" in done.stderr
+    assert f"refusing consistency config {in_the_open}: {open_configs} is writable by anyone" in done.stderr
     assert len(json.loads(rpfs("list", "--json", store=store).stdout)) == 1   # nothing was backed up
 
     sticky = tmp_path / "sticky"   # like /tmp: writable by all, but nobody else can rename root's entries
@@ -510,10 +510,15 @@ def test_links_of_roots_on_the_way_are_followed_and_group_writable_folders_refus
     (tmp_path / "via").symlink_to(real)   # as /var/run -> /run
     check_trusted_place(tmp_path / "via" / "store", "store")
     check_trusted_place(tmp_path / "via" / ".." / "via" / "store", "store")
-    with pytest.raises(RpfsError, match=r"^refusing store .*/via: it is a symbolic link \(give the real path\)"):
-        check_trusted_place(tmp_path / "via", "store")
-    check_trusted_place(tmp_path / "via", "restore target", final_link=True)   # a device's /dev/disk/by-id link
+    check_trusted_place(tmp_path / "via", "store", private=True)   # root's, in a folder only root can change
+    real.chmod(0o777)   # and where it leads is checked as the place itself
+    with pytest.raises(RpfsError, match=r"^refusing store .*/via: .*/real is writable by anyone \(mode 0777\);"
+                                        r" root writes in it, so it must be root's and writable by root only$"):
+        check_trusted_place(tmp_path / "via", "store", private=True)
+    real.chmod(0o755)
     os.lchown(tmp_path / "via", 65534, 65534)
+    with pytest.raises(RpfsError, match=r"/via: it is a symbolic link owned by nobody \(uid 65534\)"):
+        check_trusted_place(tmp_path / "via", "store")
     with pytest.raises(RpfsError, match=r"/via is a symbolic link owned by nobody \(uid 65534\)"):
         check_trusted_place(tmp_path / "via" / "store", "store")
     real.chmod(0o2775)
@@ -522,3 +527,109 @@ def test_links_of_roots_on_the_way_are_followed_and_group_writable_folders_refus
         check_trusted_place(real / "store", "store")
     for default in ("/run/rpfs", "/etc/rpfs", "/var/cache/rpfs/vault-index/0123"):   # rpfs's own places
         check_trusted_place(Path(default), "default")
+
+
+# -- places root writes in: root's alone, and no link at what LMDB opens ---------------------------------
+def test_a_store_folder_of_someone_elses_or_that_others_can_write_is_refused(shared_folders, backed_up):
+    _, _, victim = shared_folders   # victim: root's, 0755, in a folder only root can change
+    theirs = victim / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)   # nobody's own empty folder: they could plant lock.mdb in it at any time
+    refused(rpfs("init", store=theirs, check=False), f"refusing store {theirs}: it is owned by nobody (uid 65534)")
+    assert list(theirs.iterdir()) == [] and mode(theirs) == 0o700
+    open_to_all = victim / "open"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o777)   # root's, but anyone may make names in it (sticky or not)
+    for folder_mode in (0o777, 0o1777, 0o770):
+        open_to_all.chmod(folder_mode)
+        refused(rpfs("init", store=open_to_all, check=False), f"refusing store {open_to_all}: it is writable by",
+                f"(mode {folder_mode:04o}); root writes in it, so it must be root's and writable by root only")
+        assert list(open_to_all.iterdir()) == []
+    store, _ = backed_up
+    for change, why in ((lambda: os.chown(store, 65534, 65534), "it is owned by nobody (uid 65534)"),
+                        (lambda: store.chmod(0o777), "it is writable by anyone (mode 0777)")):
+        change()
+        for command in ("list", "verify"):   # readers too: LMDB writes lock.mdb
+            refused(rpfs(command, store=store, check=False), f"refusing store {store}: {why}")
+        os.chown(store, 0, 0)
+        store.chmod(0o755)   # root's, and nobody else writes: fine (as an older rpfs made it)
+        rpfs("list", store=store)
+
+
+def test_a_link_at_the_stores_lmdb_files_is_never_written_through(backed_up, tmp_path):
+    store, image = backed_up
+    victim = tmp_path / "shadow"
+    victim.write_bytes(b"root:secret\n")
+    lock = store / "lock.mdb"
+    lock.unlink()
+    lock.symlink_to(victim)   # root's own link, in root's own 0700 store: still never followed
+    for command in (["list"], ["verify"], ["backup", "vm", f"--disk=d={image}"]):
+        refused(rpfs(*command, store=store, check=False),
+                f"refusing store {store}: {lock} is a symbolic link; root opens it by name, so it must be a"
+                " regular file of root's")
+        assert victim.read_bytes() == b"root:secret\n"
+    lock.unlink()
+    new = tmp_path / "new"
+    new.mkdir(mode=0o700)
+    for name in ("data.mdb", "lock.mdb"):
+        (new / name).symlink_to(victim)
+        refused(rpfs("init", store=new, check=False), f"refusing store {new}: {new / name} is a symbolic link")
+        assert victim.read_bytes() == b"root:secret\n"
+        (new / name).unlink()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "precious").write_text("mine")
+    (store / "compact.tmp").symlink_to(kept)   # compact empties its work folder, by name
+    refused(rpfs("compact", store=store, check=False), f"{store}/compact.tmp is a symbolic link")
+    assert (kept / "precious").read_text() == "mine"
+    (store / "compact.tmp").unlink()
+    rpfs("compact", store=store)
+    assert len(json.loads(rpfs("list", "--json", store=store).stdout)) == 1
+
+
+def test_attach_to_a_folder_of_someone_elses_or_that_others_can_write_is_refused(shared_folders, backed_up, tmp_path):
+    _, _, victim = shared_folders
+    store, _ = backed_up
+    image = make_whole_disk_ext4(tmp_path / "fs.img", random_files(5, count=3))
+    dest = victim / "dest"   # nobody could swap dest/disk for a link between its mkdir and the mount
+    dest.mkdir(mode=0o755)
+    for change, why in ((lambda: os.chown(dest, 65534, 65534), "it is owned by nobody (uid 65534)"),
+                        (lambda: dest.chmod(0o1777), "it is writable by anyone (mode 1777)")):
+        change()
+        for source, extra in ((str(image), {}), ("vm", {"store": store})):   # an image; a whole VM of the store
+            refused(rpfs("attach", source, str(dest), check=False, **extra),
+                    f"refusing attach destination {dest}: {why}")
+            assert list(dest.iterdir()) == [] and leftover_kernel_state(victim) == ([], [])
+        refused(rpfs("restore", "vm", "--to", str(dest), store=store, check=False),   # a full restore too
+                f"refusing restore folder {dest}: {why}")
+        assert list(dest.iterdir()) == []
+        os.chown(dest, 0, 0)
+        dest.chmod(0o755)
+
+
+def test_dot_dot_is_taken_from_where_a_link_leads_not_from_its_spelling(shared_folders):
+    shared, sticky, victim = shared_folders
+    (victim / "sub").mkdir()
+    evil = planted_link(sticky / "evil", victim / "sub")   # sticky/evil/.. is victim, not sticky
+    store = Path(f"{evil}/../store")
+    refused(rpfs("init", store=store, check=False),
+            f"refusing store {store}: {evil} is a symbolic link owned by nobody")
+    assert sorted(p.name for p in victim.iterdir()) == ["keep", "sub"] and not (sticky / "store").exists()
+
+
+def test_a_link_of_roots_to_the_store_in_a_folder_only_root_can_change_is_followed(shared_folders, tmp_path):
+    _, sticky, _ = shared_folders
+    image = write_image(tmp_path / "d.img", 7, MiB)
+    real = tmp_path / "data" / "rpfs"
+    link = tmp_path / "srv-rpfs"   # as /srv/rpfs -> /data/rpfs
+    link.symlink_to(real)
+    rpfs("init", store=link)
+    assert mode(real) == 0o700 and (real / "data.mdb").exists() and link.is_symlink()
+    rpfs("backup", "vm", f"--disk=d={image}", store=link)
+    assert len(json.loads(rpfs("list", "--json", store=link).stdout)) == 1
+    os.lchown(link, 65534, 65534)   # the same link, another user's: refused
+    refused(rpfs("list", store=link, check=False), f"refusing store {link}: it is a symbolic link owned by nobody")
+    in_the_open = sticky / "store"   # root's link, but in a folder anyone may write: give the real path
+    in_the_open.symlink_to(real)
+    refused(rpfs("list", store=in_the_open, check=False),
+            f"refusing store {in_the_open}: it is a symbolic link in {sticky}, which others can write")

@@ -292,7 +292,7 @@ def _prepare_dest(dest: Path, images: list[Path], disk_names: Collection[str] = 
     """Make sure dest is an empty directory, or holds only what an attach of these same images made there
     (the same attach, run again after a kill or not: it completes, and gives the same answer); return the
     topmost directory we created, if any."""
-    check_trusted_place(dest, "attach destination")   # never a link: the folder is tightened and mounted over
+    check_trusted_place(dest, "attach destination", private=True)   # never a link: the folder is tightened and mounted over
     if dest.exists():
         if not dest.is_dir():
             raise RpfsError(f"{dest} exists and is not a directory")

@@ -24,7 +24,7 @@ from rpfs.store.store import Store
 def attach_point(store: Store, point: RecoveryPoint, dest: Path) -> dict[str, list[AttachedFilesystem]]:
     """Run again (after a kill, or not), it completes what the earlier run attached, through its store mount."""
     dest = Path(os.path.abspath(dest))
-    check_trusted_place(dest, "attach destination")   # before a store mount is started for it
+    check_trusted_place(dest, "attach destination", private=True)   # before a store mount is started for it
     registry, store_mount = run_dir.attach_files(dest)
     if registry.exists() and not _serving(store_mount):
         if has_attached(dest):

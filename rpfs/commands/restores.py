@@ -22,7 +22,7 @@ def cmd_restore(args) -> int:
                 raise RpfsError(f"--mode: {args.to} is a block device; its mode is not the restore's to set")
         else:
             folder = Path(args.to)
-            check_trusted_place(folder, "restore folder")
+            check_trusted_place(folder, "restore folder", private=True)   # root writes in it
             if folder.exists() and not folder.is_dir():
                 raise RpfsError(f"{folder} is not a folder (to restore one disk to a file, add --disk NAME)")
             jobs = [(d.name, folder / f"{d.name}.img") for d in point.disks]

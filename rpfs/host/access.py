@@ -7,8 +7,10 @@
   root can change, as OpenSSH's StrictModes checks, every link on the way is root's, and it is used
   through the descriptor that was checked, so a swap after the check changes nothing.
 - Trusted places: where root creates, tightens, writes or mounts over what a user named (a store, an
-  attach destination, a restore target, a mountpoint) is no link and lies in folders only root can
-  change (check_trusted_place), so nobody else can point root at something of their choosing.
+  attach destination, a restore target, a mountpoint) is reached through folders only root can change and
+  links of root's (check_trusted_place), so nobody else can point root at something of their choosing; a
+  place root writes in is root's and writable by root alone, and what root opens there by name is no link
+  (check_own_entry).
 """
 from __future__ import annotations
 
@@ -62,16 +64,19 @@ def permission_denied(what: str, path: Path) -> RpfsError:
 
 def make_private_folder(folder: Path, what: str = "folder") -> Path:
     """Create folder (and its missing parents) 0700, or tighten the existing one to 0700; refused in a place
-    another user could have prepared (check_trusted_place). Checked again once made: a name another user
-    took in a sticky folder between the check and our mkdir is theirs, and refused then, before the chmod."""
-    check_trusted_place(folder, what)
-    missing = [p for p in [folder, *folder.parents] if not os.path.lexists(p)]
+    another user could have prepared, or when it is someone else's or others can write it
+    (check_trusted_place, private). Checked again once made: a name another user took in a sticky folder
+    between the check and our mkdir is theirs, and refused then, before the chmod. A link of root's to it
+    (checked) is followed: what is missing is made where it leads."""
+    check_trusted_place(folder, what, private=True)
+    real = Path(os.path.realpath(folder))
+    missing = [p for p in [real, *real.parents] if not os.path.lexists(p)]
     for path in reversed(missing):
         try:
             os.mkdir(path, PRIVATE_FOLDER)
         except FileExistsError:
             pass
-    check_trusted_place(folder, what)
+    check_trusted_place(folder, what, private=True)
     if stat.S_IMODE(os.stat(folder).st_mode) != PRIVATE_FOLDER:
         os.chmod(folder, PRIVATE_FOLDER)
     return folder
@@ -135,18 +140,6 @@ def _trusted_owner(uid: int) -> bool:
     return uid in (0, os.geteuid())
 
 
-def check_trusted_folder(st: os.stat_result, folder: str, what: str, path: Path) -> None:
-    """A folder root may trust: root's, and writable by nobody else. A sticky folder (/tmp) may be writable
-    by all, since nobody else can then rename or remove root's entries in it; each entry is checked."""
-    if not _trusted_owner(st.st_uid):
-        raise RpfsError(f"{what} {path}: folder {folder} is not root's (it is {owner_name(st.st_uid)}'s);"
-                        " every folder on the way must be root's and writable by nobody else; refusing to use it")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
-        raise RpfsError(f"{what} {path}: folder {folder} is writable by group or others (mode "
-                        f"{stat.S_IMODE(st.st_mode):04o}); every folder on the way must be writable by root"
-                        " only; refusing to use it")
-
-
 def open_trusted(path: Path, what: str) -> int:
     """Open a file root will run or read as instructions, read-only; refused unless it is a regular file of
     root's that nobody else can write, reached through folders and links only root can change.
@@ -172,8 +165,7 @@ def open_trusted(path: Path, what: str) -> int:
             if stat.S_ISLNK(st.st_mode):
                 link = "/" + "/".join([*where, name])
                 if not _trusted_owner(st.st_uid):
-                    raise RpfsError(f"{what} {shown}: the link {link} is not root's (it is"
-                                    f" {owner_name(st.st_uid)}'s); refusing to follow it")
+                    raise _untrusted_place(what, shown, f"{link} is a symbolic link owned by {_whose(st.st_uid)}")
                 links += 1
                 if links > MAX_LINKS:
                     raise RpfsError(f"{what} {shown}: too many links on the way")
@@ -204,7 +196,7 @@ def _open_folder_checked(dir_fd: int | None, name: str, folder: str, what: str, 
     except OSError as e:
         raise RpfsError(f"{what} {path}: cannot open {folder}: {e.strerror}") from None
     try:
-        check_trusted_folder(os.fstat(fd), folder, what, path)
+        _check_folder(os.fstat(fd), folder, what, path)
     except BaseException:
         os.close(fd)
         raise
@@ -231,72 +223,125 @@ def _open_file_checked(dir_fd: int, name: str, what: str, path: Path) -> int:
 
 
 # -- trusted places: where root creates, tightens, writes or mounts over what a user named ---------------
-def check_trusted_place(path: Path, what: str, final_link: bool = False) -> None:
-    """Refuse a place another user could have prepared or could swap: the path itself is a link (root would
-    act on whatever it points to; final_link lets a link of root's through, as /dev/disk/by-id/... for a
-    device), a link on the way is not root's, or a folder on the way is writable by someone else. A
-    sticky folder writable by all (/tmp) is fine when what is next in it is root's (nobody else may rename
-    or remove that) or not there yet (root makes it: make_private_folder checks again once it is made).
+def check_trusted_place(path: Path, what: str, private: bool = False) -> None:
+    """Refuse a place another user could have prepared or could swap: a link on the way (the place itself
+    included) is another user's or, for the place itself, lies in a folder others can write; or a folder on
+    the way is writable by someone else. A sticky folder writable by all (/tmp) is fine when what is next in
+    it is root's (nobody else may rename or remove that) or not there yet (root makes it: make_private_folder
+    checks again once it is made). Links of root's are followed, and where they lead is checked the same way.
 
-    Once this passes, nobody but root can change the way to the place, so the path can be used after it.
-    Only what this user can look up is checked: one who cannot reach the place is told by the command."""
-    shown = Path(os.path.abspath(path))
+    private: root writes in the place itself (a store, an attach DEST, a restore folder), so when it exists
+    it must be root's and writable by nobody else, sticky or not: every name in it is then root's to give.
+
+    The path is taken as the kernel takes it: `..` goes up from the real folder reached so far (through the
+    links followed), never from the spelling. Once this passes, nobody but root can change the way to the
+    place, so the path can be used after it. Only what this user can look up is checked: one who cannot
+    reach the place is told by the command."""
+    given = os.fspath(path)
+    shown = Path(given if given.startswith("/") else f"{os.getcwd()}/{given}")
     todo = [p for p in str(shown).split("/") if p not in ("", ".")]
     folder = "/"
     try:
-        open_to_others = _place_folder(os.lstat(folder), folder, what, shown)
+        open_to_others = _check_folder(os.lstat(folder), folder, what, shown)
         links = 0
         while todo:
             name = todo.pop(0)
             if name == "..":
                 folder = os.path.dirname(folder)   # folder is real: every link before it was resolved by hand
-                open_to_others = _place_folder(os.lstat(folder), folder, what, shown)
+                open_to_others = _check_folder(os.lstat(folder), folder, what, shown)
                 continue
             here = os.path.join(folder, name)
+            it = "it" if here == str(shown) else here
             try:
                 st = os.lstat(here)
             except (FileNotFoundError, NotADirectoryError):
                 return   # root makes it (or the command says it is not there)
             if stat.S_ISLNK(st.st_mode):
-                if not todo and not final_link:
-                    raise _untrusted_place(what, shown, f"{'it' if here == str(shown) else here} is a symbolic"
-                                           " link (give the real path)")
                 if not _trusted_owner(st.st_uid):
-                    raise _untrusted_place(what, shown, f"{here} is a symbolic link owned by {_whose(st.st_uid)}")
+                    raise _untrusted_place(what, shown, f"{it} is a symbolic link owned by {_whose(st.st_uid)}")
+                if not todo and open_to_others:   # root's, but named in a folder anyone may write: give the real path
+                    raise _untrusted_place(what, shown, f"{it} is a symbolic link in {folder}, which others can"
+                                           " write (give the real path)")
                 links += 1
                 if links > MAX_LINKS:
                     raise _untrusted_place(what, shown, "too many links on the way")
                 target = os.readlink(here)
                 if target.startswith("/"):
                     folder = "/"
-                    open_to_others = _place_folder(os.lstat(folder), folder, what, shown)
+                    open_to_others = _check_folder(os.lstat(folder), folder, what, shown)
                 todo[:0] = [p for p in target.split("/") if p not in ("", ".")]
                 continue
             if open_to_others and not _trusted_owner(st.st_uid):
                 raise _untrusted_place(what, shown, f"{here} is owned by {_whose(st.st_uid)}, in {folder},"
                                        " which others can write")
-            if not todo or not stat.S_ISDIR(st.st_mode):
-                return   # the place itself: root's to make or change (or the command says it is no folder)
-            open_to_others = _place_folder(st, here, what, shown)
+            if not todo:
+                break   # the place itself
+            if not stat.S_ISDIR(st.st_mode):
+                return   # the command says it is no folder
+            open_to_others = _check_folder(st, here, what, shown)
             folder = here
+        else:
+            here, st = folder, os.lstat(folder)   # the place is a folder reached by `..` (or /)
+        if private:
+            _check_private(st, "it" if here == str(shown) else here, what, shown)
     except PermissionError:
         return
 
 
-def _place_folder(st: os.stat_result, folder: str, what: str, path: Path) -> bool:
-    """Refuse a folder on the way that someone else could change; True if it is sticky and others can
-    write it (then what is next in it must be root's)."""
+def _check_folder(st: os.stat_result, folder: str, what: str, path: Path) -> bool:
+    """The folder rule, for places and for files root runs or obeys alike: a folder on the way is root's and
+    writable by nobody else; True if it is sticky and others can write it (then what is next in it must be
+    root's, since nobody else may rename or remove that)."""
     if not _trusted_owner(st.st_uid):
         raise _untrusted_place(what, path, f"{folder} is writable by {_whose(st.st_uid)}, its owner")
     writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     if writable and not st.st_mode & stat.S_ISVTX:
-        who = "anyone" if st.st_mode & stat.S_IWOTH else f"group {_group_name(st.st_gid)}"
-        raise _untrusted_place(what, path, f"{folder} is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})")
+        raise _untrusted_place(what, path, f"{folder} is writable by {_writers(st)} ({_mode(st)})")
     return bool(writable)
 
 
-def _untrusted_place(what: str, path: Path, why: str) -> RpfsError:
-    return RpfsError(f"refusing {what} {path}: {why}; choose a place only root can change")
+def _check_private(st: os.stat_result, it: str, what: str, path: Path) -> None:
+    """A place root writes in: root's, and writable by nobody else (a sticky bit does not help here: what
+    another user makes in it is theirs to swap)."""
+    if not _trusted_owner(st.st_uid):
+        why = f"{it} is owned by {_whose(st.st_uid)}"
+    elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        why = f"{it} is writable by {_writers(st)} ({_mode(st)})"
+    else:
+        return
+    raise _untrusted_place(what, path, why, "root writes in it, so it must be root's and writable by root only")
+
+
+def check_own_entry(path: Path, what: str, folder: bool = False) -> None:
+    """Refuse a file (or folder) that root opens by name in a place of its own, unless absent or a real one
+    of root's: a link there (lock.mdb -> /etc/shadow) would have root write where it points."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    kind, is_kind = ("folder", stat.S_ISDIR) if folder else ("regular file", stat.S_ISREG)
+    if stat.S_ISLNK(st.st_mode):
+        why = "is a symbolic link"
+    elif not is_kind(st.st_mode):
+        why = f"is no {kind}"
+    elif not _trusted_owner(st.st_uid):
+        why = f"is owned by {_whose(st.st_uid)}"
+    else:
+        return
+    raise RpfsError(f"refusing {what}: {path} {why}; root opens it by name, so it must be a {kind} of root's"
+                    " (remove it)")
+
+
+def _untrusted_place(what: str, path: Path, why: str, advice: str = "choose a place only root can change") -> RpfsError:
+    return RpfsError(f"refusing {what} {path}: {why}; {advice}")
+
+
+def _writers(st: os.stat_result) -> str:
+    return "anyone" if st.st_mode & stat.S_IWOTH else f"group {_group_name(st.st_gid)}"
+
+
+def _mode(st: os.stat_result) -> str:
+    return f"mode {stat.S_IMODE(st.st_mode):04o}"
 
 
 def _whose(uid: int) -> str:

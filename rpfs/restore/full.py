@@ -60,7 +60,7 @@ class RestoreSummary:
 def check_target(target: Path, size: int, force: bool) -> bool:
     """Refuse a target that would lose data or cannot hold the disk, or in a place another user could
     prepare (a link of root's is let through for a device: /dev/disk/by-id/...); True for a block device."""
-    check_trusted_place(target, "restore target", final_link=True)
+    check_trusted_place(target, "restore target")
     if target.is_block_device():
         device_size = _device_size(target)
         if device_size < size:

@@ -58,7 +58,8 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import lmdb
 
 from rpfs.errors import CorruptBlockError, RpfsError
-from rpfs.host.access import PRIVATE_FILE, check_trusted_place, make_private, make_private_folder, permission_denied
+from rpfs.host.access import PRIVATE_FILE, check_own_entry, check_trusted_place, make_private, make_private_folder, \
+    permission_denied
 from rpfs.host.untrusted import parse_json
 from rpfs.store.blob import DEFAULT_ZSTD_LEVEL, BlockCodec, read_header
 from rpfs.store.block_maps import MAP_PIECE, REF, BlockMaps, count_references, flat_map_piece
@@ -89,6 +90,13 @@ T = TypeVar("T")
 
 def _is_disk_full(e: lmdb.Error) -> bool:
     return isinstance(e, lmdb.DiskError) or "No space left" in str(e) or getattr(e, "errno", None) == errno.ENOSPC
+
+
+def _check_lmdb_files(path: Path) -> None:
+    """LMDB opens lock.mdb (read-only commands too) and data.mdb read-write, creating them, and follows links:
+    each must be absent or a regular file of root's, or root would write its header where a link points."""
+    for name in ("data.mdb", "lock.mdb"):
+        check_own_entry(path / name, f"store {path}")
 
 
 class Store:
@@ -183,6 +191,7 @@ class Store:
             make_private_folder(path, "store")
         except PermissionError:
             raise permission_denied(f"cannot create store {path}", path) from None
+        _check_lmdb_files(path)
         store_id, master = os.urandom(16), new_master_key()
         slots = [new.make(str(n), master, store_id) for n, new in enumerate(key_slots or [], start=1)]
         meta_values = {"block_size": block_size, "zstd_level": zstd_level, "store_id": store_id.hex(),
@@ -214,7 +223,7 @@ class Store:
     @staticmethod
     def refuse_init(path: Path, block_size: int, zstd_level: int, encrypted: bool) -> None:
         """Raise what init would refuse, before anything is made (a key file above all)."""
-        check_trusted_place(path, "store")
+        check_trusted_place(path, "store", private=True)
         if block_size < 4096 or block_size > (64 << 20) or block_size & (block_size - 1):
             raise RpfsError("--block-size must be a power of two between 4 KiB and 64 MiB")
         if encrypted and block_size < MIN_ENCRYPTED_BLOCK_SIZE:
@@ -239,12 +248,13 @@ class Store:
         if not path:
             raise RpfsError("no store given: use --store DIR or set RPFS_STORE")
         path = Path(path)
-        check_trusted_place(path, "store")   # readers too: root trusts no store another user could swap
+        check_trusted_place(path, "store", private=True)   # readers too: root trusts no store another user could swap
         try:
             if not path.is_dir():
                 raise RpfsError(f"store {path} does not exist (create it with: rpfs --store {path} init)")
             if not os.access(path, os.R_OK | os.X_OK):
                 raise PermissionError
+            _check_lmdb_files(path)
             if not (path / "data.mdb").exists():
                 raise RpfsError(f"{path} is not an rpfs store (create one with: rpfs --store {path} init)")
             if not readonly:

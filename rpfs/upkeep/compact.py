@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from rpfs.errors import RpfsError
-from rpfs.host.access import PRIVATE_FILE
+from rpfs.host.access import PRIVATE_FILE, check_own_entry
 from rpfs.host.files import fsync_folder
 from rpfs.store.store import WRITER_WAIT_SECONDS, Store
 
@@ -19,6 +19,7 @@ def compact(store: Store) -> tuple[int, int]:
             raise RpfsError(f"store {store.path} is open in another process (a mount, a backup?); close it first")
         before = (store.path / "data.mdb").stat().st_size
         work = store.path / "compact.tmp"
+        check_own_entry(work, f"store {store.path}", folder=True)   # its leftovers are removed, by name
         work.mkdir(mode=0o700, exist_ok=True)
         for leftover in work.glob("*"):   # a compact that was killed: nobody else has the store open
             leftover.unlink()
