@@ -35,3 +35,17 @@ def test_the_command_reference_is_the_parsers():
     result = subprocess.run([sys.executable, str(REPO / "tools" / "docs-reference"), "--check"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_code_map_names_every_module():
+    """Every module file of rpfs/ is named in docs/design/layers.md (as `store/blob.py`); a folder's
+    __init__.py by its folder (`rpfs/store/`), unless named itself. A new module without its line fails."""
+    page = CODE_MAP.read_text()
+    named = set(re.findall(r"`([\w/]+\.py)`", page))
+    missing = []
+    for path in sorted((REPO / "rpfs").rglob("*.py")):
+        module = path.relative_to(REPO / "rpfs").as_posix()
+        folder_named = path.name == "__init__.py" and f"`{path.parent.relative_to(REPO).as_posix()}/`" in page
+        if module not in named and not (folder_named or module == "__init__.py"):
+            missing.append(module)
+    assert not missing, f"modules missing from the code map ({CODE_MAP.relative_to(REPO)}): {missing}"
