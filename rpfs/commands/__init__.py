@@ -28,8 +28,8 @@ PASSPHRASE_VARIABLES = ("RPFS_PASSPHRASE", "RPFS_NEW_PASSPHRASE")
 
 def take_passphrases(args) -> None:
     """Move the passphrases out of the environment into args: no process rpfs starts (daemons, readers,
-    pre/post scripts, qemu) inherits them, and /proc/PID/environ no longer shows them (README, Encryption
-    and keys: what remains). A process given one dumps no core."""
+    pre/post scripts, qemu) inherits them, and /proc/PID/environ no longer shows them (docs/manual/encryption.md:
+    what remains). A process given one dumps no core."""
     args.passphrases = {}
     for name in PASSPHRASE_VARIABLES:
         if name in os.environ:

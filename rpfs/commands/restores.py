@@ -110,7 +110,7 @@ def cmd_instant_wait(args) -> int:
 
 def _complete(job) -> str:
     """What a complete copy means for whoever runs on the served image: it still goes through the daemon
-    (pyfuse3 cannot hand the file to the kernel: README, Instant restore)."""
+    (pyfuse3 cannot hand the file to the kernel: docs/manual/restore.md)."""
     from rpfs.host.disk_use import users_under
     done = f"copy complete: {job.target} is a standalone image"
     users = users_under(job.mountpoint) if job.pid else []   # still served

@@ -4,7 +4,7 @@ the payload.
 The header lets a verifier find rot without decoding or a key, and leaves room for later codecs (a new
 codec or flag value, never a reinterpretation of an old one). Since store format 4 a block is stored in
 frames (CODEC_FRAMES): every 64 KiB of it compressed (or kept raw) on its own, behind a table of frames,
-so that a 4 KiB read decodes 64 KiB, not the whole block (README, Random reads). Each frame is checked on
+so that a 4 KiB read decodes 64 KiB, not the whole block (docs/design/blob-frames.md). Each frame is checked on
 its own as it is read: by a CRC-32 of its raw bytes in a plain store, by its AES-256-GCM tag in an
 encrypted one (a CRC of plaintext would leak it). Full block-id checks are left to verify and check.
 
@@ -44,8 +44,8 @@ CRC = struct.Struct("<I")
 CODEC_RAW = 0      # whole block, stored as it is (format 3)
 CODEC_ZSTD = 1     # whole block, one zstd frame (format 3)
 CODEC_FRAMES = 2   # format 4: a table of frames, each CODEC_RAW or CODEC_ZSTD
-FRAME_SIZE = 64 << 10   # measured: 4 KiB reads 2.5x faster than whole 1 MiB blocks, 0.9% more stored (README)
-DEFAULT_ZSTD_LEVEL = 1   # measured: ~15% faster backups than level 3 for ~2.5% more stored (README)
+FRAME_SIZE = 64 << 10   # measured: 4 KiB reads 2.5x faster than whole 1 MiB blocks, 0.9% more stored (docs/design/blob-frames.md)
+DEFAULT_ZSTD_LEVEL = 1   # measured: ~15% faster backups than level 3 for ~2.5% more stored (docs/dev/benchmarks.md)
 
 _local = threading.local()
 

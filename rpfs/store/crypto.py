@@ -1,9 +1,9 @@
-"""The keys of an encrypted store and what each does; every primitive comes from a library (README, Encryption).
+"""The keys of an encrypted store and what each does; every primitive comes from a library (docs/design/encryption.md).
 
 A store has one random 32-byte master key. Each purpose has a key of its own, derived from it with
 HKDF-SHA-256 (salt: the store's random id), so no key ever serves two purposes or two stores:
   block ids   keyed BLAKE3 of the raw block: without the key nobody can test whether a block is stored
-              (3.4 times the speed of HMAC-SHA-256 on this CPU, measured: README)
+              (3.4 times the speed of HMAC-SHA-256 on this CPU, measured: docs/design/encryption.md)
   blocks      AES-256-GCM, a random 96-bit nonce per frame, the block id and frame header as associated data;
               since store format 6 under a key of the blob's own (below), before under this key
   block keys  keyed BLAKE3 of a block id: the AES-256-GCM key of that block's blobs (store format 6)
@@ -19,11 +19,11 @@ chance under 2^-32); every 64 KiB frame takes one, so one key for all blobs ran 
 over a store's life, whatever the block size. Since format 6 a blob is sealed under
 block_key = keyed BLAKE3(block keys, block id): BLAKE3's keyed mode is a PRF, and a PRF of a random key
 over a label is a KDF (the shape of HKDF-Expand and NIST SP 800-108); with its AES context 1.8 us per blob
-here, HKDF-SHA-256 4.9 us, sealing 1 MiB 312 us (README, tools/bench-block-keys). The block id is a keyed hash of the block's content, so a key seals only the frames of
+here, HKDF-SHA-256 4.9 us, sealing 1 MiB 312 us (docs/design/encryption.md, tools/bench-block-keys). The block id is a keyed hash of the block's content, so a key seals only the frames of
 one content (16 at 1 MiB blocks), again each time the same content is stored after gc freed it: its
 nonce bound is per block, and there is no store-wide limit on blobs left to count. The catalog records
 key still seals one record per new block map piece (block_maps.py): that is why an encrypted store's
-blocks stay 64 KiB or more (README, Primitives).
+blocks stay 64 KiB or more (docs/design/encryption.md).
 """
 from __future__ import annotations
 

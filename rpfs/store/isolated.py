@@ -1,7 +1,7 @@
 """A read-only store whose LMDB reads run in child processes, for the long-running daemons and verify.
 
 LMDB 0.9 has no checksums on its own pages: a damaged B-tree page can make the process that reads it
-crash by SIGBUS (README, Reliability), which no Python code can catch. The mount and instant-restore
+crash by SIGBUS (docs/design/reader-processes.md), which no Python code can catch. The mount and instant-restore
 daemons therefore never map the LMDB file themselves: each read is a request to a reader process
 (`python -I -m rpfs.store.isolated`, host/python_child.py), and a reader that crashes costs one read an
 EIO, not the mount. The daemon still decodes and verifies every block (serve/image.py), so a reader can

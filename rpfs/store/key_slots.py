@@ -161,7 +161,7 @@ def same_fingerprint(given: str, fingerprint: str) -> bool:
 
 
 def new_master_key() -> bytes:
-    no_core_dumps()   # this process holds a master key from now on (README, Encryption and keys)
+    no_core_dumps()   # this process holds a master key from now on (docs/manual/encryption.md)
     return os.urandom(KEY_SIZE)
 
 

@@ -1,6 +1,6 @@
 """A vault: one store's recovery points in an S3 bucket, read through the same image path as the store.
 
-Objects (names under the vault's prefix; README, The vault):
+Objects (names under the vault's prefix; docs/design/vault.md):
   rpfs-vault.json     format and settings (version, store id, encryption, block ids, block size, key check)
   keys.json           the store's key slots: its master key wrapped for each key file, passphrase, recovery key
   packs/<name>        blobs and block map pieces, sealed as in the store, one after another (PACK_BYTES)
