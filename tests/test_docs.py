@@ -49,3 +49,13 @@ def test_the_code_map_names_every_module():
         if module not in named and not (folder_named or module == "__init__.py"):
             missing.append(module)
     assert not missing, f"modules missing from the code map ({CODE_MAP.relative_to(REPO)}): {missing}"
+
+
+def test_the_readme_is_short_and_its_links_lead_somewhere():
+    """The README is the door (under 200 lines); the manual, design and dev pages hold the rest."""
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) < 200
+    targets = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme)
+    assert any(t.startswith("docs/manual/") for t in targets)
+    missing = [t for t in targets if not t.startswith("http") and not (REPO / t).exists()]
+    assert not missing, f"README links to files that do not exist: {missing}"
