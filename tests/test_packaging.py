@@ -30,6 +30,7 @@ def wheel(tmp_path_factory) -> Path:
     shutil.copytree(REPO / "rpfs", source / "rpfs", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source)
+    shutil.copytree(REPO / "man", source / "man")
     out = tmp_path_factory.mktemp("wheel")
     run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", out, source,
         cwd=source)
@@ -41,6 +42,12 @@ def test_the_wheel_holds_every_module(wheel):
     in_tree = {str(p.relative_to(REPO)) for p in (REPO / "rpfs").rglob("*.py")}
     in_wheel = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}
     assert in_tree - in_wheel == set()
+
+
+def test_the_wheel_installs_the_man_page(wheel):
+    """man/rpfs.1 (tools/docs-reference) goes to share/man/man1, where `man rpfs` finds it in the prefix."""
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(name.endswith(".data/data/share/man/man1/rpfs.1") for name in names), names
 
 
 def test_rpfs_runs_from_a_fresh_virtualenv(wheel, tmp_path):
@@ -55,6 +62,7 @@ def test_rpfs_runs_from_a_fresh_virtualenv(wheel, tmp_path):
     where = run(python, "-c", "import rpfs.cli; print(rpfs.cli.__file__)", cwd=tmp_path).stdout.strip()
     assert Path(where).is_relative_to(venv), where
     assert "usage: rpfs" in run(venv / "bin" / "rpfs", "--help", cwd=tmp_path).stdout
+    assert "rpfs init" in (venv / "share" / "man" / "man1" / "rpfs.1").read_text()   # `man rpfs`
     done = run(venv / "bin" / "rpfs", "--store", tmp_path / "store", "init", "--json", cwd=tmp_path)
     assert '"format_version": 6' in done.stdout and (tmp_path / "store" / "data.mdb").exists()
     assert "usage: rpfs" in run(python, "-m", "rpfs", "--help", cwd=tmp_path).stdout   # how daemons start
