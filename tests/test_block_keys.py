@@ -158,6 +158,6 @@ def test_a_format_5_store_is_read_then_upgraded_and_refused_by_its_release(tmp_p
 
 
 def test_an_encrypted_store_still_refuses_blocks_under_64k(tmp_path):
-    """The blobs no longer need it, the map pieces (sealed under one key, one nonce each) do (README)."""
+    """The blobs no longer need it, the map pieces (sealed under one key, one nonce each) do (docs/design/encryption.md)."""
     done = rpfs("init", "--block-size", "16K", store=tmp_path / "s", check=False)
     assert done.returncode == 1 and "64K or more" in done.stderr and "Traceback" not in done.stderr

@@ -50,7 +50,7 @@ def test_a_secret_on_a_disk_is_in_no_byte_of_an_encrypted_store(tmp_path):
         rpfs("backup", "vm", f"--disk=d={disk}", store=tmp_path / store, env=None if store == "enc" else env_with())
     assert SECRET in store_bytes(tmp_path / "plain")      # the search finds what is there
     assert SECRET not in store_bytes(tmp_path / "enc")
-    assert b"vm" in store_bytes(tmp_path / "enc")         # VM names stay readable (README says so)
+    assert b"vm" in store_bytes(tmp_path / "enc")         # VM names stay readable (docs/manual/encryption.md says so)
     info = rpfs("info", "--json", store=tmp_path / "enc", env=env_with()).stdout   # no key needed
     assert '"encryption": "aes-256-gcm"' in info and '"format_version": 6' in info
     assert '"encryption": "none"' in rpfs("info", "--json", store=tmp_path / "plain", env=env_with()).stdout

@@ -161,7 +161,7 @@ def test_a_format_3_store_is_read_then_upgraded_and_refused_by_its_release(tmp_p
 
 
 def test_frames_cost_little_space(tmp_path):
-    """The frame table and per-frame zstd cost under 2% on a mixed image (measured 0.9%: README)."""
+    """The frame table and per-frame zstd cost under 2% on a mixed image (measured 0.9%: docs/design/blob-frames.md)."""
     image: Path = write_image(tmp_path / "d.img", 10, 8 * MiB)
     data = image.read_bytes()
     plain = BlockCodec("blake3")
