@@ -14,7 +14,7 @@ import lmdb
 
 from rpfs.commands import backups, keys, mounts, protecting, restores, take_passphrases, upkeep, vaults
 from rpfs.commands.arguments import Parser
-from rpfs.errors import RpfsError
+from rpfs.errors import EXIT_CLOSED_PIPE, EXIT_INTERRUPTED, EXIT_USER_ERROR, RpfsError
 from rpfs.host.access import permission_denied
 
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()   # here, not at exit: a closed pipe is then one more BrokenPipeError
     except BrokenPipeError:   # `rpfs list | head`: the reader has what it wanted; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # Python's last flush must not fail
-        return 141   # what a shell reports for a command ended by SIGPIPE
+        return EXIT_CLOSED_PIPE
 
 
 def _main(argv: list[str] | None) -> int:
@@ -83,11 +83,11 @@ def _main(argv: list[str] | None) -> int:
         named = isinstance(e.filename, str) and e.filename
         line = permission_denied(e.filename, Path(e.filename)).message if named else "permission denied"
         print(f"rpfs: {line}", file=sys.stderr)
-        return 1
+        return EXIT_USER_ERROR
     except (OSError, lmdb.Error) as e:  # the system said no (permissions, a read-only disk...): one line
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         print(f"rpfs: {getattr(e, 'strerror', None) or e}{where}", file=sys.stderr)
-        return 1
+        return EXIT_USER_ERROR
     except KeyboardInterrupt as e:
         created = getattr(e, "recovery_point", None)
         if args.command != "backup":
@@ -97,4 +97,4 @@ def _main(argv: list[str] | None) -> int:
         else:
             what = "no recovery point was created"
         print(f"rpfs: interrupted; {what}", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from rpfs.errors import EXIT_USAGE
+
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):
-        self.exit(2, f"rpfs: {message} (see rpfs --help)\n")
+        self.exit(EXIT_USAGE, f"rpfs: {message} (see rpfs --help)\n")
 
 
 def octal_mode(text: str) -> int:

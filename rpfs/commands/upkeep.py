@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 from rpfs.commands import open_store, print_json, store_and_job
 from rpfs.commands.progress import ProgressBar, human_bytes
+from rpfs.errors import EXIT_OK, EXIT_PROBLEMS_FOUND
 from rpfs.store.leases import set_pinned
 from rpfs.upkeep.jobs import recorded
 
@@ -52,7 +53,7 @@ def cmd_verify(args) -> int:
               f"{f' ({args.sample:g}% sample)' if args.sample < 100 else ''}")
         for point, problems in result.damaged.items():
             print(f"DAMAGED {point}: {len(problems)} bad block reference(s); first: {problems[0]}")
-    return 4 if result.damaged else 0
+    return EXIT_PROBLEMS_FOUND if result.damaged else EXIT_OK
 
 
 def cmd_check(args) -> int:
@@ -71,7 +72,7 @@ def cmd_check(args) -> int:
         print(f"checked {result.recovery_points} recovery point(s), {result.checked_blocks} block(s)"
               f"{' (content read and hashed)' if args.read_data else ' (frames and CRCs)'}: "
               + (f"{len(result.unrepaired)} problem(s)" if result.unrepaired else "no problem left"))
-    return 4 if result.unrepaired else 0
+    return EXIT_PROBLEMS_FOUND if result.unrepaired else EXIT_OK
 
 
 def cmd_usage(args) -> int:
