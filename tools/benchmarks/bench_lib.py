@@ -8,7 +8,7 @@ own CPU where one serves the reads):
   copy-out   cp -a of all files through rpfs attach  vs  cp -a from the source image loop-mounted
   restore    rpfs restore of the disk to a sparse file  vs  cp --sparse=always of the source image + sync
              (rpfs restore fsyncs its file, so the cp baseline is synced too); both written beside the store
-Then (tools/bench_peers.py, unless --no-peers) rpfs next to restic, borg and bindfs doing the same jobs on a copy of
+Then (tools/benchmarks/bench_peers.py, unless --no-peers) rpfs next to restic, borg and bindfs doing the same jobs on a copy of
 the image on a reflink XFS (incremental backups with change tracking, store growth, restore, mounts, a loop device
 on each mount, fio), rpfs's own targets (change tracking on a --tracking-size-gib image, metadata of an unchanged
 1 TiB disk) and every target of issue 11 as a ratio, PASS or MISS. Then (tools/bench-vault, unless --no-vault)
@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 RPFS = REPO / ".venv" / "bin" / "rpfs"
 MiB = 1 << 20
 GiB = 1 << 30
@@ -398,7 +398,7 @@ class Context:
     cache_mb: int
     about: dict              # what the image holds (source_image)
     cache_dir: Path = Path("/var/tmp/rpfs-bench")   # where source images are kept (the tracking image too)
-    peers: bool = True       # restic, borg and bindfs next to rpfs (tools/bench_peers.py)
+    peers: bool = True       # restic, borg and bindfs next to rpfs (tools/benchmarks/bench_peers.py)
     tracking_gib: float = 4.0  # the image of the change-tracking target; 0: not measured
     fio_seconds: int = 15
     results: dict = field(default_factory=dict)
@@ -851,7 +851,7 @@ def vault_figures(size_gib: float) -> dict | None:
     """tools/bench-vault on an image of the same size (it prints its own report); its figures, None if it failed."""
     print()
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        done = subprocess.run([str(Path(__file__).parent / "bench-vault"), "--size-gib", str(size_gib),
+        done = subprocess.run([str(REPO / "tools" / "bench-vault"), "--size-gib", str(size_gib),
                                "--json", out.name])
         return json.loads(Path(out.name).read_text()) if done.returncode == 0 else None
 
