@@ -1,10 +1,32 @@
+"""tools/bench: runs the rpfs steps (bench_lib.py), then its peers' (bench_peers.py), and reports both.
+
+bench_peers builds on bench_lib; this module, on top of both, is the only one that knows the two.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+import bench_lib
+import bench_peers
+from bench_lib import (REPO, BenchError, Conditions, Context, check_daemon_logs, leftovers, remove_dir,
+                       results_json, source_image, step_backup, step_copy, step_read, step_restore, sweep)
+
+
 def interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
 # -- main --------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="tools/bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="tools/bench", description=bench_lib.__doc__.split("\n")[0])
     p.add_argument("--size-gib", type=float, default=1.5, help="source image size (default 1.5)")
     p.add_argument("--cache-dir", type=Path, default=Path("/var/tmp/rpfs-bench"),
                    help="where the generated image is kept, and the stores live during the run")
@@ -87,7 +109,6 @@ def vault_figures(size_gib: float) -> dict | None:
 
 
 def run_steps(ctx: Context) -> None:
-    import bench_peers   # it builds on this module, so it is imported once this one is whole
     stores = step_backup(ctx)
     step_read(ctx, stores)
     step_copy(ctx, stores["encrypted"])
@@ -111,6 +132,12 @@ def finish_cleanup(roots: list[Path], image: Path | None, stack: ExitStack) -> i
         code = 1
     return code
 
+def print_report(ctx: Context) -> None:
+    bench_lib.print_report(ctx)
+    bench_peers.print_report(ctx)
+    for problem in ctx.problems:
+        print(f"!!! {problem}")
+
+
 if __name__ == "__main__":
-    sys.modules["bench_lib"] = sys.modules[__name__]   # bench_peers imports this module: the same one, not a copy
     sys.exit(main())

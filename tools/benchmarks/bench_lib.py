@@ -23,18 +23,16 @@ image is kept in the cache directory for the next run.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -643,10 +641,6 @@ def print_report(ctx: Context) -> None:
     print(f"checks: image through mount matches source: {yes_no(r.get('mount_image_matches'))}; "
           f"attach copy identical to source copy: {yes_no(r.get('copies_identical'))}; "
           f"restored image equals source (cmp): {yes_no(r.get('restore_matches'))}")
-    import bench_peers
-    bench_peers.print_report(ctx)
-    for problem in ctx.problems:
-        print(f"!!! {problem}")
 
 
 def yes_no(value) -> str:
