@@ -69,3 +69,19 @@ def area(kernel, tmp_path):
         assert leftover_kernel_state(tmp_path) == ([], []), "attach/detach leaked kernel state"
     finally:
         release_kernel_state(tmp_path)
+
+
+@pytest.fixture
+def store_path(tmp_path):
+    """The folder of a new store made by `rpfs init` (encrypted, with the tests' key file)."""
+    from cli_helpers import rpfs
+    rpfs("init", store=tmp_path / "store")
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def opened_store(tmp_path):
+    """A new unencrypted store, made and opened in this process (rpfs.store.store.Store)."""
+    from rpfs.store.store import Store
+    with Store.init(tmp_path / "store") as store:
+        yield store

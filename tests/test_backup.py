@@ -49,58 +49,52 @@ def read_all(store: Store, point, disk: str) -> bytes:
     return reader.read(0, reader.size + 1)
 
 
-@pytest.fixture
-def store(tmp_path):
-    with Store.init(tmp_path / "store") as s:
-        yield s
-
-
-def test_backup_reads_back_identical(store, tmp_path):
+def test_backup_reads_back_identical(opened_store, tmp_path):
     a = write_image(tmp_path / "a.img", 1, 9 * MiB + 12345)
     b = write_image(tmp_path / "b.img", 2, 4 * MiB)
     empty = tmp_path / "empty.img"
     empty.touch()
-    point, summary = backup(store, "vm1", [("a", str(a)), ("b", str(b)), ("empty", str(empty))])
+    point, summary = backup(opened_store, "vm1", [("a", str(a)), ("b", str(b)), ("empty", str(empty))])
     assert point.consistency == "crash"
     assert summary.bytes_read == a.stat().st_size + b.stat().st_size
     for name, path in (("a", a), ("b", b), ("empty", empty)):
-        assert read_all(store, point, name) == path.read_bytes()
-    assert [p.id for p in store.points("vm1")] == [point.id]
+        assert read_all(opened_store, point, name) == path.read_bytes()
+    assert [p.id for p in opened_store.points("vm1")] == [point.id]
 
 
-def test_sparse_image_stores_only_data(store, tmp_path):
+def test_sparse_image_stores_only_data(opened_store, tmp_path):
     sparse = tmp_path / "sparse.img"
     with open(sparse, "wb") as f:
         f.truncate(1 << 30)
         f.seek(300 * MiB)
         f.write(b"x" * 5000)
-    point, summary = backup(store, "vm", [("d", str(sparse))])
+    point, summary = backup(opened_store, "vm", [("d", str(sparse))])
     disk = point.disk("d")
     assert disk.blocks == 1024 and disk.zero_blocks == 1023 and disk.new_blocks == 1
     assert summary.zero_bytes == (1 << 30) - MiB
-    reader = ImageReader(store, BlockCache(), "vm", point.id, disk)
+    reader = ImageReader(opened_store, BlockCache(), "vm", point.id, disk)
     assert reader.read(300 * MiB - 10, 5020) == bytes(10) + b"x" * 5000 + bytes(10)
 
 
-def test_second_backup_stores_only_changed_blocks(store, tmp_path):
+def test_second_backup_stores_only_changed_blocks(opened_store, tmp_path):
     img = write_image(tmp_path / "d.img", 3, 32 * MiB)
-    backup(store, "vm", [("d", str(img))])
-    before = store.stored_bytes()
+    backup(opened_store, "vm", [("d", str(img))])
+    before = opened_store.stored_bytes()
     with open(img, "r+b") as f:
         for offset in (1 * MiB + 7, 20 * MiB + 4096):
             f.seek(offset)
             f.write(os.urandom(1000))
-    point, summary = backup(store, "vm", [("d", str(img))])
+    point, summary = backup(opened_store, "vm", [("d", str(img))])
     assert summary.new_bytes == 2 * MiB
     assert point.disk("d").new_blocks == 2
-    assert store.stored_bytes() - before < 3 * MiB
-    assert read_all(store, point, "d") == img.read_bytes()
+    assert opened_store.stored_bytes() - before < 3 * MiB
+    assert read_all(opened_store, point, "d") == img.read_bytes()
 
 
-def test_two_vms_dedup_against_each_other(store, tmp_path):
+def test_two_vms_dedup_against_each_other(opened_store, tmp_path):
     img = write_image(tmp_path / "base.img", 4, 16 * MiB)
-    backup(store, "web01", [("os", str(img))])
-    _, summary = backup(store, "web02", [("os", str(img))])
+    backup(opened_store, "web01", [("os", str(img))])
+    _, summary = backup(opened_store, "web02", [("os", str(img))])
     assert summary.new_bytes == 0 and summary.stored_bytes == 0
     assert summary.deduplicated_bytes + summary.zero_bytes == img.stat().st_size
 
@@ -133,17 +127,17 @@ def corrupt_one_block(store: Store, point, disk: str) -> bytes:
     return digest
 
 
-def test_corrupt_block_is_an_error_not_wrong_data(store, tmp_path):
+def test_corrupt_block_is_an_error_not_wrong_data(opened_store, tmp_path):
     img = write_image(tmp_path / "d.img", 6, 4 * MiB)
-    point, _ = backup(store, "vm", [("d", str(img))])
-    digest = corrupt_one_block(store, point, "d")
+    point, _ = backup(opened_store, "vm", [("d", str(img))])
+    digest = corrupt_one_block(opened_store, point, "d")
     with pytest.raises(CorruptBlockError):
-        read_all(store, point, "d")
+        read_all(opened_store, point, "d")
     with pytest.raises(CorruptBlockError):
-        blob.check_crc(store.get_blob(digest))
+        blob.check_crc(opened_store.get_blob(digest))
 
 
-def test_interrupted_backup_leaves_no_recovery_point(store, tmp_path, monkeypatch):
+def test_interrupted_backup_leaves_no_recovery_point(opened_store, tmp_path, monkeypatch):
     img = write_image(tmp_path / "d.img", 7, 8 * MiB)
     import rpfs.backup.source as source
     real_read = source.DiskSource.read_block
@@ -157,11 +151,11 @@ def test_interrupted_backup_leaves_no_recovery_point(store, tmp_path, monkeypatc
 
     monkeypatch.setattr(source.DiskSource, "read_block", failing_read)
     with pytest.raises(KeyboardInterrupt):
-        backup(store, "vm", [("d", str(img))])
-    assert store.points() == []
+        backup(opened_store, "vm", [("d", str(img))])
+    assert opened_store.points() == []
     monkeypatch.setattr(source.DiskSource, "read_block", real_read)
-    point, _ = backup(store, "vm", [("d", str(img))])
-    assert read_all(store, point, "d") == img.read_bytes()
+    point, _ = backup(opened_store, "vm", [("d", str(img))])
+    assert read_all(opened_store, point, "d") == img.read_bytes()
 
 
 def test_map_grows_by_itself(tmp_path, monkeypatch):
@@ -196,18 +190,18 @@ def test_point_ids_are_never_given_twice():
     assert new_point_id(when + timedelta(seconds=1), {"2026-11-25T170003Z-4"}) == "2026-11-25T170004Z"
 
 
-def test_a_pruned_points_id_stays_used(store, tmp_path):
-    first, _ = backup(store, "vm", [("d", str(write_image(tmp_path / "d.img", 1, 2 * MiB)))])
-    store.write(lambda txn: store.delete_point(txn, first))
-    assert store.points("vm") == [] and store.last_point_ids("vm") == {first.id}
-    second, _ = backup(store, "vm", [("d", str(tmp_path / "d.img"))])
+def test_a_pruned_points_id_stays_used(opened_store, tmp_path):
+    first, _ = backup(opened_store, "vm", [("d", str(write_image(tmp_path / "d.img", 1, 2 * MiB)))])
+    opened_store.write(lambda txn: opened_store.delete_point(txn, first))
+    assert opened_store.points("vm") == [] and opened_store.last_point_ids("vm") == {first.id}
+    second, _ = backup(opened_store, "vm", [("d", str(tmp_path / "d.img"))])
     assert second.id > first.id
 
 
-def test_second_writer_is_refused(store):
-    with writer_lock_held(store.path, "backup of vm1"):
+def test_second_writer_is_refused(opened_store):
+    with writer_lock_held(opened_store.path, "backup of vm1"):
         with pytest.raises(RpfsError, match="busy.*backup of vm1"):
-            with store.writer_lock("backup of vm2"):
+            with opened_store.writer_lock("backup of vm2"):
                 pass
 
 
@@ -222,22 +216,22 @@ def test_bad_disk_specs(specs, message):
         parse_disk_specs(specs)
 
 
-def test_unreadable_or_missing_disk(store, tmp_path):
+def test_unreadable_or_missing_disk(opened_store, tmp_path):
     with pytest.raises(RpfsError, match="does not exist"):
-        backup(store, "vm", [("d", str(tmp_path / "nope.img"))])
+        backup(opened_store, "vm", [("d", str(tmp_path / "nope.img"))])
     with pytest.raises(RpfsError, match="not an image file"):
-        backup(store, "vm", [("d", str(tmp_path))])
-    assert store.points() == []
+        backup(opened_store, "vm", [("d", str(tmp_path))])
+    assert opened_store.points() == []
 
 
-def test_unknown_vm_and_point(store, tmp_path):
+def test_unknown_vm_and_point(opened_store, tmp_path):
     img = write_image(tmp_path / "d.img", 8, MiB)
-    point, _ = backup(store, "vm", [("d", str(img))])
+    point, _ = backup(opened_store, "vm", [("d", str(img))])
     with pytest.raises(RpfsError, match="unknown VM"):
-        store.point("nope")
+        opened_store.point("nope")
     with pytest.raises(RpfsError, match="no recovery point"):
-        store.point("vm", "2000-01-01T000000Z")
-    assert store.point("vm", "latest").id == point.id
+        opened_store.point("vm", "2000-01-01T000000Z")
+    assert opened_store.point("vm", "latest").id == point.id
 
 
 READER = """
@@ -293,7 +287,7 @@ def test_a_store_opened_while_another_process_grows_the_map(tmp_path):
         assert read_all(store, store.point("vm"), "d") == img.read_bytes()
 
 
-def test_disk_that_grows_and_shrinks(store, tmp_path):
+def test_disk_that_grows_and_shrinks(opened_store, tmp_path):
     img = write_image(tmp_path / "d.img", 9, 3 * MiB + 10)
     sizes, points = [3 * MiB + 10, 5 * MiB + 77, 2 * MiB - 1], []
     for size in sizes:
@@ -301,11 +295,11 @@ def test_disk_that_grows_and_shrinks(store, tmp_path):
             f.truncate(size)
             f.seek(size - 1)
             f.write(b"\x01")
-        point, _ = backup(store, "vm", [("d", str(img))])
+        point, _ = backup(opened_store, "vm", [("d", str(img))])
         points.append((point, img.read_bytes()))
     for point, data in points:
         assert point.disk("d").size == len(data)
-        assert read_all(store, point, "d") == data
+        assert read_all(opened_store, point, "d") == data
 
 
 def test_version_1_store_is_read_and_then_upgraded(tmp_path):

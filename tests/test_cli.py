@@ -22,12 +22,6 @@ def assert_one_line_error(done: subprocess.CompletedProcess, message: str) -> No
     assert "Traceback" not in done.stderr
 
 
-@pytest.fixture
-def store(tmp_path):
-    rpfs("init", store=tmp_path / "store")
-    return tmp_path / "store"
-
-
 def test_store_from_environment(tmp_path):
     env = {**os.environ, "RPFS_STORE": str(tmp_path / "envstore")}
     cmd = [sys.executable, "-m", "rpfs"]
@@ -36,14 +30,14 @@ def test_store_from_environment(tmp_path):
     assert done.returncode == 0 and json.loads(done.stdout) == []
 
 
-def test_backup_and_list_json(store, tmp_path):
+def test_backup_and_list_json(store_path, tmp_path):
     img = write_image(tmp_path / "d.img", 21, 3 * MiB + 5)
-    summary = json.loads(rpfs("backup", "web01", f"--disk=os={img}", "--json", store=store).stdout)
+    summary = json.loads(rpfs("backup", "web01", f"--disk=os={img}", "--json", store=store_path).stdout)
     assert summary["bytes_read"] == 3 * MiB + 5 and summary["recovery_point"]["consistency"] == "crash"
-    listed = json.loads(rpfs("list", "web01", "--json", store=store).stdout)
+    listed = json.loads(rpfs("list", "web01", "--json", store=store_path).stdout)
     assert [p["id"] for p in listed] == [summary["point_id"]]
     assert listed[0]["disks"][0]["size"] == 3 * MiB + 5
-    assert "web01" in rpfs("list", store=store).stdout
+    assert "web01" in rpfs("list", store=store_path).stdout
 
 
 @pytest.mark.parametrize("args, message", [
@@ -62,8 +56,8 @@ def test_uninitialised_store(tmp_path):
     assert_one_line_error(rpfs("list", store=tmp_path, check=False), "not an rpfs store")
 
 
-def test_init_twice(store):
-    assert_one_line_error(rpfs("init", store=store, check=False), "already holds a store")
+def test_init_twice(store_path):
+    assert_one_line_error(rpfs("init", store=store_path, check=False), "already holds a store")
 
 
 def test_bad_block_size(tmp_path):
@@ -72,7 +66,7 @@ def test_bad_block_size(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-def test_bad_disks_change_nothing(store, tmp_path):
+def test_bad_disks_change_nothing(store_path, tmp_path):
     unreadable = tmp_path / "dir"
     unreadable.mkdir()
     for args, message in [
@@ -83,14 +77,14 @@ def test_bad_disks_change_nothing(store, tmp_path):
         (["backup", "../vm", "--disk", "d=/etc/hostname"], "invalid VM name"),
         (["list", "nosuchvm"], "unknown VM"),
     ]:
-        assert_one_line_error(rpfs(*args, store=store, check=False), message)
-    assert json.loads(rpfs("list", "--json", store=store).stdout) == []
+        assert_one_line_error(rpfs(*args, store=store_path, check=False), message)
+    assert json.loads(rpfs("list", "--json", store=store_path).stdout) == []
 
 
-def test_second_writer_is_refused(store, tmp_path):
+def test_second_writer_is_refused(store_path, tmp_path):
     img = write_image(tmp_path / "d.img", 22, MiB)
-    with writer_lock_held(store, "backup of vm9"):
-        assert_one_line_error(rpfs("backup", "vm", f"--disk=d={img}", store=store, check=False),
+    with writer_lock_held(store_path, "backup of vm9"):
+        assert_one_line_error(rpfs("backup", "vm", f"--disk=d={img}", store=store_path, check=False),
                               "busy: backup of vm9")
 
 
@@ -111,11 +105,11 @@ def _wait_for_committed_blocks(store: Path, proc: subprocess.Popen, min_bytes: i
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
-def test_interrupted_backup_leaves_no_recovery_point(store, tmp_path, how):
+def test_interrupted_backup_leaves_no_recovery_point(store_path, tmp_path, how):
     img = random_disk(tmp_path / "big.img", 600)
-    proc = _start_backup(store, img)
+    proc = _start_backup(store_path, img)
     try:
-        _wait_for_committed_blocks(store, proc, 70 * MiB)
+        _wait_for_committed_blocks(store_path, proc, 70 * MiB)
         proc.send_signal(how)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -125,10 +119,10 @@ def test_interrupted_backup_leaves_no_recovery_point(store, tmp_path, how):
     assert proc.returncode != 0
     if how == signal.SIGINT:
         assert "interrupted; no recovery point was created" in err and "Traceback" not in err
-    assert json.loads(rpfs("list", "--json", store=store).stdout) == []
-    summary = json.loads(rpfs("backup", "vm", f"--disk=d={img}", "--json", store=store).stdout)
+    assert json.loads(rpfs("list", "--json", store=store_path).stdout) == []
+    summary = json.loads(rpfs("backup", "vm", f"--disk=d={img}", "--json", store=store_path).stdout)
     assert summary["deduplicated_bytes"] >= 64 * MiB  # the blocks committed before the interruption are reused
-    assert len(json.loads(rpfs("list", "--json", store=store).stdout)) == 1
+    assert len(json.loads(rpfs("list", "--json", store=store_path).stdout)) == 1
 
 
 @pytest.mark.timeout(120)
@@ -164,7 +158,7 @@ def test_names_with_a_trailing_newline_are_refused(tmp_path):
     assert json.loads(rpfs("list", "--json", store=store).stdout) == []
 
 
-def test_an_interrupt_after_the_commit_says_the_point_exists(store, tmp_path, monkeypatch, capsys):
+def test_an_interrupt_after_the_commit_says_the_point_exists(store_path, tmp_path, monkeypatch, capsys):
     import rpfs.backup.pipeline as pipeline
     from rpfs.cli import main
 
@@ -172,8 +166,8 @@ def test_an_interrupt_after_the_commit_says_the_point_exists(store, tmp_path, mo
         raise KeyboardInterrupt
     monkeypatch.setattr(pipeline, "_keep_or_delete_snapshots", interrupted)
     disk = random_disk(tmp_path / "d.img", 1)
-    assert main(["--store", str(store), "backup", "vm", f"--disk=d={disk}"]) == 130
-    [point] = json.loads(rpfs("list", "--json", store=store).stdout)
+    assert main(["--store", str(store_path), "backup", "vm", f"--disk=d={disk}"]) == 130
+    [point] = json.loads(rpfs("list", "--json", store=store_path).stdout)
     created = f"recovery point vm/{point['id']} was created before the interrupt"
     assert capsys.readouterr().err == f"rpfs: interrupted; {created}\n"
 
@@ -209,49 +203,49 @@ def test_every_command_s_help_explains_every_argument():
     assert "--disk NAME=PATH" in usage and "[--disk" not in usage   # required, and shown so
 
 
-def test_version_and_a_reader_that_stops_early(store, tmp_path):
+def test_version_and_a_reader_that_stops_early(store_path, tmp_path):
     """`rpfs list | head -1` ends quietly (status 141, as if by SIGPIPE), never with "rpfs: Broken pipe"."""
     assert rpfs("--version").stdout.strip().startswith("rpfs ")
     write_image(tmp_path / "d.img", 1, 4 * MiB)
-    rpfs("backup", "web", "--disk", f"os={tmp_path / 'd.img'}", store=store)
-    reader = subprocess.Popen([sys.executable, "-m", "rpfs", "--store", str(store), "list"], cwd=REPO,
+    rpfs("backup", "web", "--disk", f"os={tmp_path / 'd.img'}", store=store_path)
+    reader = subprocess.Popen([sys.executable, "-m", "rpfs", "--store", str(store_path), "list"], cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     reader.stdout.close()   # before it writes a line: its output meets a closed pipe
     assert reader.wait(timeout=30) == 141 and reader.stderr.read() == b""
 
 
-def test_a_refused_command_leaves_jobs_unchanged(store, tmp_path):
+def test_a_refused_command_leaves_jobs_unchanged(store_path, tmp_path):
     """A typo, an existing target, an unknown VM: nothing happened, so nothing is recorded as a job."""
     write_image(tmp_path / "d.img", 2, 4 * MiB)
-    rpfs("backup", "web", "--disk", f"os={tmp_path / 'd.img'}", store=store)
-    before = json.loads(rpfs("jobs", "--json", store=store).stdout)["jobs"]
+    rpfs("backup", "web", "--disk", f"os={tmp_path / 'd.img'}", store=store_path)
+    before = json.loads(rpfs("jobs", "--json", store=store_path).stdout)["jobs"]
     (tmp_path / "there.img").write_bytes(b"x")
     for args in (["restore", "web", "--disk", "os", "--to", str(tmp_path / "there.img")],
                  ["restore", "nosuch", "--disk", "os", "--to", str(tmp_path / "new.img")],
                  ["restore", "web", "--disk", "nosuch", "--to", str(tmp_path / "new.img")],
                  ["verify", "nosuch"],
                  ["backup", "web", "--disk", f"os={tmp_path / 'missing.img'}"]):
-        assert rpfs(*args, store=store, check=False).returncode != 0, args
-    assert json.loads(rpfs("jobs", "--json", store=store).stdout)["jobs"] == before
-    rpfs("restore", "web", "--disk", "os", "--to", str(tmp_path / "new.img"), store=store)
-    after = json.loads(rpfs("jobs", "--json", store=store).stdout)["jobs"]
+        assert rpfs(*args, store=store_path, check=False).returncode != 0, args
+    assert json.loads(rpfs("jobs", "--json", store=store_path).stdout)["jobs"] == before
+    rpfs("restore", "web", "--disk", "os", "--to", str(tmp_path / "new.img"), store=store_path)
+    after = json.loads(rpfs("jobs", "--json", store=store_path).stdout)["jobs"]
     assert [j["kind"] for j in after if j not in before] == ["restore"]
 
 
-def test_one_unit_everywhere_and_raw_or_stored_said(store, tmp_path):
+def test_one_unit_everywhere_and_raw_or_stored_said(store_path, tmp_path):
     """The backup summary, list, restore and jobs speak MiB and MiB/s, and say raw or stored; a rate counts
     what was read, not holes; a restore's job says what it restored."""
     disk = tmp_path / "d.img"
     with open(disk, "wb") as f:
         f.truncate(64 * MiB)
         f.write(os.urandom(4 * MiB))
-    said = rpfs("backup", "web", "--disk", f"os={disk}", store=store).stdout
+    said = rpfs("backup", "web", "--disk", f"os={disk}", store=store_path).stdout
     assert "MiB/s" in said and "MB/s" not in said and "raw: new 4.0 MiB" in said and "holes 60.0 MiB" in said
     assert "read 4.0 MiB from the disk(s)" in said and "stored: " in said
-    summary = json.loads(rpfs("backup", "web", "--disk", f"os={disk}", "--json", store=store).stdout)
+    summary = json.loads(rpfs("backup", "web", "--disk", f"os={disk}", "--json", store=store_path).stdout)
     assert "mib_per_second" in summary and "mb_per_second" not in summary
-    assert "new stored" in rpfs("list", store=store).stdout
-    restored = rpfs("restore", "web", "--disk", "os", "--to", str(tmp_path / "r.img"), store=store).stdout
+    assert "new stored" in rpfs("list", store=store_path).stdout
+    restored = rpfs("restore", "web", "--disk", "os", "--to", str(tmp_path / "r.img"), store=store_path).stdout
     assert "MiB/s of image; raw: 4.0 MiB data, 60.0 MiB holes" in restored
-    jobs = rpfs("jobs", store=store).stdout
+    jobs = rpfs("jobs", store=store_path).stdout
     assert "restored 4.0 MiB of data (raw)" in jobs and "read 4.0 MiB from the disks, stored" in jobs

@@ -1,4 +1,5 @@
-"""One module per group of `rpfs` subcommands; each command is a small function taking the parsed args.
+"""One module per group of `rpfs` subcommands; each command is a small function taking the parsed args, and
+each module's add_parsers adds its commands' parsers (rpfs/cli.py calls them; arguments.py: what they share).
 
 User mistakes raise RpfsError and end as one line on stderr (rpfs/cli.py); only bugs print a traceback.
 """

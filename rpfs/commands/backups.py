@@ -1,6 +1,7 @@
 """Commands that create and describe recovery points: backup, list, snapshots."""
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict
 from pathlib import Path
 
@@ -114,3 +115,26 @@ def cmd_snapshots(args) -> int:
         for disk, info in f["disks"].items():
             print(f"    {disk}: {info['path']}{'' if info['exists'] else '  (missing)'}")
     return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    """The parsers of backup, list and snapshots; parents give every command --json and --key-file."""
+    p = sub.add_parser("backup", parents=parents, help="back up the disks of a VM into a new recovery point")
+    p.add_argument("vm", help="the VM's name (a new one is created by its first backup)")
+    p.add_argument("--disk", action="append", required=True, metavar="NAME=PATH",
+                   help="a disk of the VM: an image file or a block device (repeat for each disk)")
+    p.add_argument("--consistency-config", metavar="TOML",
+                   help="pre/post scripts and filesystems to freeze for the snapshot (docs/manual/backup.md)")
+    p.add_argument("--allow-live", action="store_true",
+                   help="back up a disk in use that cannot be snapshotted (recorded as inconsistent)")
+    p.add_argument("--keep-snapshot-days", type=float, default=0.0, metavar="DAYS",
+                   help="keep the newest reflink snapshot this many days (default 0: delete it after the backup)")
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("list", parents=parents, help="list VMs, recovery points and disks")
+    p.add_argument("vm", nargs="?", help="only this VM's recovery points (default: every VM)")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("snapshots", parents=parents, help="kept reflink snapshots (the instant-restore tier)")
+    p.add_argument("vm", nargs="?", help="only this VM's snapshots (default: every VM)")
+    p.set_defaults(func=cmd_snapshots)

@@ -6,6 +6,7 @@ New passphrases come from RPFS_NEW_PASSPHRASE or are asked twice on the terminal
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from contextlib import contextmanager
@@ -13,11 +14,13 @@ from pathlib import Path
 from typing import Iterator
 
 from rpfs.commands import asked_once, key_choice, open_store, print_json
+from rpfs.commands.arguments import Parser
 from rpfs.commands.progress import human_bytes
 from rpfs.errors import RpfsError
 from rpfs.host.known_stores import forget, remember_encrypted
+from rpfs.store.blob import DEFAULT_ZSTD_LEVEL
 from rpfs.store.key_slots import KeyChoice, KeySlot, NewSlot, key_file_key, paper_text, read_public_key
-from rpfs.store.store import Store
+from rpfs.store.store import DEFAULT_BLOCK_SIZE, ENCRYPTION, Store
 
 MIN_PASSPHRASE = 8
 
@@ -296,3 +299,45 @@ def _read_text(path: str) -> str:
         return Path(path).read_text(errors="replace")
     except OSError as e:
         raise RpfsError(f"cannot read {path}: {e.strerror}") from None
+
+
+def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    """The parsers of init, info and key; parents give every command --json and --key-file."""
+    p = sub.add_parser("init", parents=parents, help="create a store")
+    p.add_argument("--block-size", default=str(DEFAULT_BLOCK_SIZE), help="block size (default 1M)")
+    p.add_argument("--zstd-level", type=int, default=DEFAULT_ZSTD_LEVEL,
+                   help=f"compression level for new blocks, 1-19 (default {DEFAULT_ZSTD_LEVEL}: fastest)")
+    p.add_argument("--encryption", choices=[ENCRYPTION, "none"], default=ENCRYPTION,
+                   help=f"encrypt blocks and catalog (default {ENCRYPTION}); the key: --key-file PATH (made if"
+                        " missing) and/or a passphrase ($RPFS_PASSPHRASE or the terminal)")
+    p.add_argument("--recovery-public-key", metavar="FILE",
+                   help="also wrap the key for this X25519 public key (PEM); its private key, kept offline,"
+                        " recovers the store (rpfs key recover)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("info", parents=parents,
+                       help="what a store is: format, encryption, key slots (no key needed)")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("key", help="the keys of an encrypted store: list, add, remove, passwd, export, recover")
+    keys = p.add_subparsers(dest="key_action", required=True, metavar="ACTION", parser_class=Parser)
+    keys.add_parser("list", parents=parents, help="the key slots (no key needed)")
+    new_slot = Parser(add_help=False)
+    new_slot.add_argument("--new-key-file", metavar="PATH", help="a key file (made, mode 0600, if missing)")
+    new_slot.add_argument("--new-passphrase", action="store_true",
+                          help="a passphrase ($RPFS_NEW_PASSPHRASE, or asked twice on the terminal)")
+    k = keys.add_parser("add", parents=[*parents, new_slot], help="add a key slot (opened with a key you have)")
+    k.add_argument("--recovery-public-key", metavar="FILE",
+                   help="a recovery slot for this X25519 public key (PEM); keep its private key offline")
+    k = keys.add_parser("remove", parents=parents, help="remove a key slot (never the last one)")
+    k.add_argument("slot", help="the slot id (rpfs key list)")
+    k = keys.add_parser("passwd", parents=parents, help="change a passphrase (its slot, nothing else)")
+    k.add_argument("slot", nargs="?", help="the passphrase slot (default: the one your passphrase opens)")
+    k = keys.add_parser("export", parents=parents, help="print the master key (to print on paper and lock away)")
+    k.add_argument("--paper", action="store_true", required=True, help="as text with a checksum, to type back in")
+    k = keys.add_parser("recover", parents=[*parents, new_slot],
+                        help="add a key file or passphrase, opening the store with the recovery private key or paper")
+    k.add_argument("--private-key", metavar="FILE", help="the recovery private key (X25519, PEM)")
+    k.add_argument("--paper", metavar="FILE", help="the paper key as typed back in ('-': standard input)")
+    k.set_defaults(recovery_public_key=None)
+    p.set_defaults(func=cmd_key)

@@ -1,6 +1,7 @@
 """Commands that mount and attach: mount, umount, attach, detach."""
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict
 from pathlib import Path
 
@@ -84,3 +85,32 @@ def cmd_detach(args) -> int:
     else:
         print(f"detached {len(undone)} filesystem(s) from {args.dest}")
     return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    """The parsers of mount, umount, attach and detach; parents give every command --json and --key-file."""
+    p = sub.add_parser("mount", parents=parents, help="mount the store read-only (FUSE)")
+    p.add_argument("mountpoint", help="an empty folder to mount on")
+    p.add_argument("--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("--cache-mb", type=int, default=256, help="decoded-block cache size in MiB (default 256)")
+    p.add_argument("--allow-group", metavar="GROUP",
+                   help="let this group's members read the images too (default: root only)")
+    p.add_argument("--debug", action="store_true", help="log every error in detail")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--log-file", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", parents=parents, help="unmount a store mount (also one whose daemon died)")
+    p.add_argument("mountpoint", help="where it is mounted")
+    p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("attach", parents=parents,
+                       help="mount every filesystem of a disk image, or of every disk of VM[/ID], read-only")
+    p.add_argument("source", metavar="IMAGE|VM[/ID]",
+                   help="an image file or block device; or a VM of the store, optionally /ID (default: latest)")
+    p.add_argument("dest", help="the folder to mount the filesystems on (made if missing)")
+    p.set_defaults(func=cmd_attach)
+
+    p = sub.add_parser("detach", parents=parents, help="undo rpfs attach")
+    p.add_argument("dest", help="the folder given to rpfs attach")
+    p.set_defaults(func=cmd_detach)

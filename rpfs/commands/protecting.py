@@ -1,6 +1,7 @@
 """Commands that make rpfs run itself: policy, protect, unprotect, run, schedule."""
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -10,6 +11,8 @@ from rpfs.commands.progress import ProgressBar
 from rpfs.errors import RpfsError
 from rpfs.host.python_child import python_command
 from rpfs.store.key_slots import KeyChoice
+
+UNITS = {"daily": "days", "weekly": "weeks", "monthly": "months", "yearly": "years"}
 
 
 def _policy_from_args(args, base: dict | None) -> dict:
@@ -193,3 +196,60 @@ def cmd_schedule(args) -> int:
                 raise RpfsError(f"wrote the units to {folder}, but {' '.join(cmd)} failed: {done.stderr.strip()}")
     print(f"installed {', '.join(units)} in {folder}")
     return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    """The parsers of policy, protect, unprotect, run and schedule; parents give every command --json and --key-file."""
+    p = sub.add_parser("policy", parents=parents, help="protection policies: schedule, retention, snapshots")
+    p.add_argument("action", choices=["create", "update", "import", "list", "show", "delete"],
+                   help="what to do: create or update one from the options below, import a TOML file, list"
+                        " them, show or delete one")
+    p.add_argument("name", nargs="?", help="policy name (for import: the TOML file)")
+    p.add_argument("--daily", metavar="HH:MM", help="back up every day at this time")
+    p.add_argument("--weekdays", metavar="mon,thu", help="back up on these days (at --at)")
+    p.add_argument("--at", metavar="HH:MM", help="the time of day for --weekdays")
+    p.add_argument("--every-hours", type=int, metavar="N", help="back up every N hours")
+    p.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N recovery points")
+    for period in ("daily", "weekly", "monthly", "yearly"):
+        p.add_argument(f"--keep-{period}", type=int, metavar="N",
+                       help=f"keep the newest recovery point of each of the last N {UNITS[period]}")
+    p.add_argument("--keep-snapshot-days", type=float, metavar="DAYS",
+                   help="keep each backup's reflink snapshot this many days (the instant-restore tier)")
+    p.add_argument("--consistency-config", metavar="TOML", help="pre/post scripts and filesystems to freeze")
+    p.add_argument("--allow-live", choices=["yes", "no"],
+                   help="back up a disk in use that cannot be snapshotted (recorded as inconsistent)")
+    p.add_argument("--replace", action="store_true", help="import over an existing policy")
+    p.add_argument("--vault", dest="policy_vault", metavar="NAME",
+                   help="push each new recovery point to this vault (rpfs vault add); '' for none")
+    for period in ("last", "daily", "weekly", "monthly", "yearly"):
+        p.add_argument(f"--vault-keep-{period}", type=int, metavar="N",
+                       help="what the vault keeps (as --keep-*); none given: every point" if period == "last"
+                       else f"as --keep-{period}, in the vault")
+    p.set_defaults(func=cmd_policy)
+
+    p = sub.add_parser("protect", parents=parents, help="protect a VM with a policy")
+    p.add_argument("vm", help="the VM's name")
+    p.add_argument("--policy", required=True, help="the policy's name (rpfs policy list)")
+    p.add_argument("--disk", action="append", default=[], metavar="NAME=PATH",
+                   help="a disk of the VM: an image file or a block device (repeat for each disk)")
+    p.add_argument("--temporary-disk", action="append", default=[], metavar="NAME=PATH",
+                   help="a disk that is never backed up nor counted (like a VM's temporary disk)")
+    p.set_defaults(func=cmd_protect)
+
+    p = sub.add_parser("unprotect", parents=parents, help="stop protecting a VM")
+    p.add_argument("vm", help="the VM's name")
+    p.add_argument("--keep-data", action="store_true", help="its recovery points stay restorable")
+    p.add_argument("--delete-data", action="store_true", help="delete its recovery points")
+    p.set_defaults(func=cmd_unprotect)
+
+    p = sub.add_parser("run", parents=parents, help="every backup that is due, then prune (for a timer)")
+    p.add_argument("--stagger-seconds", type=float, default=60.0,
+                   help="spread the starts of VMs due at once over this many seconds (default 60)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("schedule", parents=parents, help="systemd service and timer that run `rpfs run`")
+    p.add_argument("--install", action="store_true", help="write and enable the units")
+    p.add_argument("--print", action="store_true", help="print the units")
+    p.add_argument("--interval", default="*:0/15", help="systemd OnCalendar of the checks (default every 15 min)")
+    p.add_argument("--unit-dir", default="/etc/systemd/system", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_schedule)

@@ -1,11 +1,13 @@
 """Commands that bring data back: restore, instant-restore (and its daemon), instant-wait, instant-stop, jobs."""
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from rpfs.commands import key_choice, open_source, open_store, print_json, store_and_job
+from rpfs.commands.arguments import octal_mode, rate
 from rpfs.commands.progress import ProgressBar, human_bytes
 from rpfs.errors import RpfsError
 from rpfs.host.access import check_trusted_place
@@ -184,3 +186,69 @@ def cmd_jobs(args) -> int:
         print(f"instant-restore {j.vm}/{j.point_id}/{j.disk} -> {j.target}: {j.state} {percent:.1f}%"
               f" ({j.copied_blocks}/{j.blocks} blocks){'  image ' + j.image if j.state != 'stopped' else ''}")
     return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    """The parsers of restore, overlay, instant-restore, instant-wait, instant-stop, jobs and instant-daemon; parents give every command --json and --key-file."""
+    p = sub.add_parser("restore", parents=parents, help="write a recovery point's disks back (full restore)")
+    p.add_argument("vm", help="the VM whose recovery point it is")
+    p.add_argument("recovery_point", nargs="?", help="recovery point id (default: the latest)")
+    p.add_argument("--to", required=True, metavar="PATH",
+                   help="folder for DISK.img files; with --disk, the file or block device to write")
+    p.add_argument("--disk", help="restore only this disk")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.add_argument("--discard", action="store_true",
+                   help="on a block device, free the disk's holes where the device guarantees they then read as"
+                        " zeros (a loop device's file, a thin device), write zeros where it does not; the summary"
+                        " says which was done")
+    p.add_argument("--mode", type=octal_mode, metavar="OCTAL",
+                   help="the mode of a restored image file (default 600: root's alone, whatever the backed-up"
+                        " file's mode was; a disk image holds everything on the disk)")
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("overlay", parents=parents,
+                       help="a qcow2 overlay over a recovery point's image in the store mount (the VM way)")
+    p.add_argument("vm", help="the VM whose recovery point it is")
+    p.add_argument("recovery_point", nargs="?", help="recovery point id (default: the latest, recorded by its id)")
+    p.add_argument("--disk", required=True, help="the disk the overlay is for")
+    p.add_argument("--mount", required=True, metavar="MOUNTPOINT", help="where the store is mounted (rpfs mount)")
+    p.add_argument("--to", required=True, metavar="FILE.qcow2", help="the overlay to create")
+    p.set_defaults(func=cmd_overlay)
+
+    p = sub.add_parser("instant-restore", parents=parents,
+                       help="a writable disk image at once, copied out of the store in the background")
+    p.add_argument("vm", help="the VM whose recovery point it is")
+    p.add_argument("recovery_point", nargs="?", help="recovery point id (default: the latest)")
+    p.add_argument("--disk", required=True, help="the disk to restore")
+    p.add_argument("--to", required=True, metavar="PATH", help="the image file the copy ends up in")
+    p.add_argument("--wait", action="store_true", help="return only when the copy is complete")
+    p.add_argument("--copy-mbps", type=rate, default=0.0, metavar="MIB/S",
+                   help="limit the background copy to this many MiB/s (default: no limit)")
+    p.set_defaults(func=cmd_instant_restore)
+
+    p = sub.add_parser("instant-wait", parents=parents, help="wait until an instant restore's copy is complete")
+    p.add_argument("target", metavar="FILE", help="the instant restore's target (its --to)")
+    p.set_defaults(func=cmd_instant_wait)
+
+    p = sub.add_parser("instant-stop", parents=parents,
+                       help="stop serving an instant restore's image (an unfinished copy stays resumable)")
+    p.add_argument("target", metavar="FILE", help="the instant restore's target (its --to)")
+    p.add_argument("--discard", action="store_true",
+                   help="also abandon it: remove the unfinished copy (and the writes made to it), its state"
+                        " file, its hold on the recovery point and its record; a complete FILE is kept"
+                        " (rpfs --vault NAME instant-stop --discard: also a vault hold left with no record)")
+    p.set_defaults(func=cmd_instant_stop)
+
+    p = sub.add_parser("jobs", parents=parents,
+                       help="backups, restores, prune, gc and verify recorded in the store; instant restores")
+    p.add_argument("--running", action="store_true", help="only jobs still running")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("instant-daemon")   # started by instant-restore; not for users
+    p.add_argument("target")
+    p.add_argument("mountpoint")
+    p.add_argument("--copy-mbps", type=rate, default=0.0)
+    p.add_argument("--ready-fd", type=int)
+    p.add_argument("--log-file")
+    p.add_argument("--key-fd", type=int)
+    p.set_defaults(func=cmd_instant_daemon)

@@ -1,10 +1,12 @@
 """Commands that keep a store healthy: gc, compact, verify, usage, pin/unpin, prune."""
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict
 
 from rpfs.commands import open_store, print_json, store_and_job
 from rpfs.commands.progress import ProgressBar, human_bytes
+from rpfs.errors import EXIT_OK, EXIT_PROBLEMS_FOUND
 from rpfs.store.leases import set_pinned
 from rpfs.upkeep.jobs import recorded
 
@@ -51,7 +53,7 @@ def cmd_verify(args) -> int:
               f"{f' ({args.sample:g}% sample)' if args.sample < 100 else ''}")
         for point, problems in result.damaged.items():
             print(f"DAMAGED {point}: {len(problems)} bad block reference(s); first: {problems[0]}")
-    return 4 if result.damaged else 0
+    return EXIT_PROBLEMS_FOUND if result.damaged else EXIT_OK
 
 
 def cmd_check(args) -> int:
@@ -70,7 +72,7 @@ def cmd_check(args) -> int:
         print(f"checked {result.recovery_points} recovery point(s), {result.checked_blocks} block(s)"
               f"{' (content read and hashed)' if args.read_data else ' (frames and CRCs)'}: "
               + (f"{len(result.unrepaired)} problem(s)" if result.unrepaired else "no problem left"))
-    return 4 if result.unrepaired else 0
+    return EXIT_PROBLEMS_FOUND if result.unrepaired else EXIT_OK
 
 
 def cmd_usage(args) -> int:
@@ -125,3 +127,41 @@ def cmd_prune(args) -> int:
             for point_id, why in sorted(r.kept.items()):
                 print(f"  keeps        {point_id}  ({why})")
     return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    """The parsers of prune, gc, compact, verify, check, usage, pin and unpin; parents give every command --json and --key-file."""
+    p = sub.add_parser("prune", parents=parents, help="delete recovery points the policies no longer keep")
+    p.add_argument("vm", nargs="?", help="only this VM (default: every protected VM)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be pruned and why the rest is kept")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("gc", parents=parents, help="remove blocks no recovery point references")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("compact", parents=parents, help="rewrite the store file compacted (no mounts may be open)")
+    p.set_defaults(func=cmd_compact)
+
+    p = sub.add_parser("verify", parents=parents, help="read every referenced block and check its digest")
+    p.add_argument("vm", nargs="?", help="only this VM (default: every VM)")
+    p.add_argument("recovery_point", nargs="?", help="only this recovery point of VM")
+    p.add_argument("--sample", type=float, default=100.0, metavar="PERCENT", help="check a random sample")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("check", parents=parents,
+                       help="check refs, every referenced block and what killed processes left; exit 4 on problems")
+    p.add_argument("--read-data", action="store_true", help="also decode every referenced block and check its digest")
+    p.add_argument("--repair", action="store_true",
+                   help="rebuild refs from the block maps and remove leftovers (never deletes a block)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("usage", parents=parents, help="protected instance size and backup storage per VM")
+    p.set_defaults(func=cmd_usage)
+
+    for name, pinned in (("pin", True), ("unpin", False)):
+        p = sub.add_parser(name, parents=parents,
+                           help="keep a recovery point whatever the policy says" if pinned
+                           else "let the policy prune a pinned recovery point again")
+        p.add_argument("vm", help="the VM's name")
+        p.add_argument("recovery_point", help="the recovery point's id (rpfs list)")
+        p.set_defaults(func=cmd_pin, pinned=pinned)

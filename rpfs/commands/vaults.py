@@ -4,9 +4,11 @@ boto3 takes half a second to import: only commands that talk to a vault import r
 """
 from __future__ import annotations
 
+import argparse
 import sys
 
 from rpfs.commands import key_choice, open_store, print_json
+from rpfs.commands.arguments import Parser, rate
 from rpfs.commands.progress import ProgressBar, human_bytes
 from rpfs.errors import RpfsError
 from rpfs.store.key_slots import KeyChoice, same_fingerprint, store_fingerprint
@@ -163,3 +165,41 @@ def _prune(args) -> int:
     if not args.dry_run and any(r.pruned for r in results):
         print(f"(rpfs vault gc {args.name}, run twice, frees the space)")
     return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    """The parsers of vault; parents give every command --json and --key-file."""
+    p = sub.add_parser("vault", help="vaults: recovery points off the host in an S3 bucket (add, list, remove, push,"
+                                     " prune, gc)")
+    vaults = p.add_subparsers(dest="vault_action", required=True, metavar="ACTION", parser_class=Parser)
+    v = vaults.add_parser("add", parents=parents,
+                          help="name a vault: made from --store (the bucket is created if missing), or, with no"
+                               " store, one that a bucket already holds (disaster recovery)")
+    v.add_argument("name", help="the vault's name on this machine")
+    v.add_argument("--endpoint", required=True, metavar="URL", help="the S3 endpoint, e.g. http://127.0.0.1:7480")
+    v.add_argument("--bucket", required=True, help="the bucket (credentials: AWS_* variables or ~/.aws/credentials)")
+    v.add_argument("--prefix", help="a key prefix inside the bucket (default: none)")
+    v.add_argument("--fingerprint", metavar="XXXX-XXXX-...",
+                   help="the store fingerprint kept with your paper or recovery key (rpfs init printed it): a vault"
+                        " that shows another is refused")
+    vaults.add_parser("list", parents=parents, help="the vaults named on this machine")
+    v = vaults.add_parser("remove", parents=parents, help="forget a vault's name (its bucket is untouched)")
+    v.add_argument("name", help="the vault's name")
+    v = vaults.add_parser("push", parents=parents,
+                          help="upload the recovery points newer than each VM's newest in the vault")
+    v.add_argument("name", help="the vault's name")
+    v.add_argument("vm", nargs="?", help="only this VM's recovery points")
+    v.add_argument("recovery_point", nargs="?",
+                   help="only this recovery point of VM (also one older than the VM's newest in the vault)")
+    v.add_argument("--limit-mbps", type=rate, default=0.0, metavar="MIB/S",
+                   help="limit the upload to this many MiB/s of stored bytes (default: no limit)")
+    v.add_argument("--pack-mib", type=int, default=128, help=argparse.SUPPRESS)   # tests: small packs
+    v = vaults.add_parser("prune", parents=parents,
+                          help="delete the vault's points its policies' vault retention no longer keeps")
+    v.add_argument("name", help="the vault's name")
+    v.add_argument("vm", nargs="?", help="only this VM")
+    v.add_argument("--dry-run", action="store_true", help="list what would be deleted and why the rest is kept")
+    v = vaults.add_parser("gc", parents=parents,
+                          help="remove packs no manifest needs (in two runs: condemned by one, deleted by the next)")
+    v.add_argument("name", help="the vault's name")
+    p.set_defaults(func=cmd_vault)

@@ -9,7 +9,6 @@ HKDF-SHA-256 (salt: the store's random id), so no key ever serves two purposes o
   block keys  keyed BLAKE3 of a block id: the AES-256-GCM key of that block's blobs (store format 6)
   records     AES-256-GCM over catalog records (recovery points, policies, protections, jobs), their
               database and key as associated data: a record moved or changed does not open
-  block maps  keyed BLAKE3 tags over pieces of each map (maps hold keyed ids only, so they stay readable)
   key check   keyed BLAKE3 of the store id and its settings (encryption, block id kind, block size): tells
               a master key typed in from paper from a wrong one, and a store whose settings were changed
               (say, to "unencrypted", so that new backups would be written in the clear) from its own
@@ -84,7 +83,6 @@ class Keyring:
         self._blocks = AESGCM(derive_key(master, store_id, "blocks"))   # blobs of formats 3 to 5
         self._block_keys = derive_key(master, store_id, "block keys")
         self._records = AESGCM(derive_key(master, store_id, "catalog records"))
-        self._map_key = derive_key(master, store_id, "block maps")
         self._check_key = derive_key(master, store_id, "key check")
 
     def check(self, settings: bytes) -> bytes:
@@ -114,6 +112,3 @@ class Keyring:
     def unseal_record(self, sealed, associated: bytes) -> bytes:
         return unseal(self._records, sealed, associated, "catalog record " + associated.decode(errors="replace")
                       .replace("\0", "/"))
-
-    def map_tag(self, data: bytes) -> bytes:
-        return blake3.blake3(data, key=self._map_key).digest()

@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from rpfs.errors import CorruptBlockError, RpfsError
+from rpfs.errors import EXIT_CORRUPT, CorruptBlockError, RpfsError
 from rpfs.host.libc import no_core_dumps
 from rpfs.host.python_child import start_python
 from rpfs.store.blob import BlockCodec, Cut, cut
@@ -133,7 +133,7 @@ class IsolatedStore:
         if kind == "ok":
             return value
         exit_code, message = value
-        raise CorruptBlockError(message) if exit_code == 3 else RpfsError(message, exit_code)
+        raise CorruptBlockError(message) if exit_code == EXIT_CORRUPT else RpfsError(message, exit_code)
 
     def _take_reader(self) -> "_Reader":
         """An idle reader, a new one while there are fewer than READERS, or the next one put back."""

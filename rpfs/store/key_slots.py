@@ -40,7 +40,6 @@ from rpfs.host.libc import no_core_dumps
 from rpfs.host.untrusted import parse_json
 from rpfs.store.crypto import KEY_SIZE, Keyring, derive_key, seal, unseal
 
-KINDS = ("passphrase", "key-file", "recovery")
 SCRYPT = {"n": 1 << 17, "r": 8, "p": 1}
 SCRYPT_MOST = {"n": 1 << 18, "r": 8, "p": 1}   # twice the work rpfs asks, for a later rpfs; no more
 KEY_FILE_HEADER = "# rpfs key file: whoever reads it reads the store; keep it root's alone (mode 0600)\n"

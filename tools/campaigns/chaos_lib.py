@@ -1,7 +1,7 @@
 """What the crash campaign (tools/chaos) works on, apart from rpfs: the kernel objects it creates below its
 work folder, the VM's disk, the writer inside an instant-restore image, and LMDB's page layout.
 
-    python tools/chaos_lib.py writer IMAGE LOG    # the writer process the campaign starts and kills
+    python tools/campaigns/chaos_lib.py writer IMAGE LOG    # the writer process the campaign starts and kills
 
 Every kernel object is made below the work folder and undone by Workbench.close, whatever happened.
 """

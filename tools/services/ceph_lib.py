@@ -1,8 +1,8 @@
 """The parts of tools/ceph that talk HTTP or JSON: the S3 user's credentials file and the readiness probe.
 
-    python3 tools/ceph_lib.py credentials CONF UID FILE   # the user's keys (made on first use) into FILE
-    python3 tools/ceph_lib.py probe ENDPOINT [--credentials FILE]
-    python3 tools/ceph_lib.py wait ENDPOINT --timeout S [--credentials FILE] [--pid-file P ...]
+    python3 tools/services/ceph_lib.py credentials CONF UID FILE   # the user's keys (made on first use) into FILE
+    python3 tools/services/ceph_lib.py probe ENDPOINT [--credentials FILE]
+    python3 tools/services/ceph_lib.py wait ENDPOINT --timeout S [--credentials FILE] [--pid-file P ...]
 
 Standard library only: it runs with the system python3 that ceph-common needs anyway, before any venv exists.
 The probe is a real S3 ListBuckets signed with SigV4, so "ready" means the gateway, its pools and the user work.

@@ -31,7 +31,7 @@ Jobs, every tool in turns (with --repeat N, N turns and each tool's fastest run)
                     read-ahead; the others losetup -r with the kernel's defaults), its ext4 mounted read-only:
                     cp -a of every file, then fio 4 KiB random reads with --direct=1, QD1 and QD16 (libaio)
   tracking target   rpfs only, a second image (--tracking-size-gib, 4 by default): full backup, a 1% change, the
-                    tracked incremental; then once more with the page cache kept (as the README's figure was taken)
+                    tracked incremental; then once more with the page cache kept (as the figure in docs/dev/benchmarks.md was taken)
 Copies, restored images and images read through the mounts are checked against the source (untimed).
 """
 from __future__ import annotations
@@ -753,7 +753,7 @@ def step_tracking(ctx: Context, xfs: Path, image: Path) -> None:
         full = turns(ctx.repeat, {"rpfs": full_backup_once(ctx, tool, source)})["full"]["rpfs"]
         step = incremental(ctx, [tool], source, TRACKING_CHANGE, ctx.work / "change")
         written = change_files(source, ctx.work / "change", TRACKING_CHANGE, random.Random("warm"))
-        warm = backup(ctx, tool, source, "incremental, page cache kept", drop=False)   # as the README measured
+        warm = backup(ctx, tool, source, "incremental, page cache kept", drop=False)   # as docs/dev/benchmarks.md measured
         ctx.results["tracking"] = {"image_bytes": source.stat().st_size, "full": full, **step,
                                    "warm": {"written_bytes": written, "timing": warm}}
     finally:

@@ -8,7 +8,7 @@ own CPU where one serves the reads):
   copy-out   cp -a of all files through rpfs attach  vs  cp -a from the source image loop-mounted
   restore    rpfs restore of the disk to a sparse file  vs  cp --sparse=always of the source image + sync
              (rpfs restore fsyncs its file, so the cp baseline is synced too); both written beside the store
-Then (tools/bench_peers.py, unless --no-peers) rpfs next to restic, borg and bindfs doing the same jobs on a copy of
+Then (tools/benchmarks/bench_peers.py, unless --no-peers) rpfs next to restic, borg and bindfs doing the same jobs on a copy of
 the image on a reflink XFS (incremental backups with change tracking, store growth, restore, mounts, a loop device
 on each mount, fio), rpfs's own targets (change tracking on a --tracking-size-gib image, metadata of an unchanged
 1 TiB disk) and every target of issue 11 as a ratio, PASS or MISS. Then (tools/bench-vault, unless --no-vault)
@@ -23,23 +23,21 @@ image is kept in the cache directory for the next run.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 RPFS = REPO / ".venv" / "bin" / "rpfs"
 MiB = 1 << 20
 GiB = 1 << 30
@@ -162,7 +160,7 @@ PLAIN_STORE = "store-unencrypted"   # the unencrypted store's folder name (step_
 
 def environment(cmd: list[str]) -> dict:
     """The bench's environment, whose RPFS_KEY_FILE opens the encrypted stores; without it for a command on
-    the unencrypted store, which refuses any key given (README, Encryption and keys)."""
+    the unencrypted store, which refuses any key given (docs/manual/encryption.md)."""
     cmd = [str(part) for part in cmd]
     plain = "--store" in cmd[:-1] and Path(cmd[cmd.index("--store") + 1]).name == PLAIN_STORE
     return {k: v for k, v in os.environ.items() if not (plain and k == "RPFS_KEY_FILE")}
@@ -398,7 +396,7 @@ class Context:
     cache_mb: int
     about: dict              # what the image holds (source_image)
     cache_dir: Path = Path("/var/tmp/rpfs-bench")   # where source images are kept (the tracking image too)
-    peers: bool = True       # restic, borg and bindfs next to rpfs (tools/bench_peers.py)
+    peers: bool = True       # restic, borg and bindfs next to rpfs (tools/benchmarks/bench_peers.py)
     tracking_gib: float = 4.0  # the image of the change-tracking target; 0: not measured
     fio_seconds: int = 15
     results: dict = field(default_factory=dict)
@@ -643,10 +641,6 @@ def print_report(ctx: Context) -> None:
     print(f"checks: image through mount matches source: {yes_no(r.get('mount_image_matches'))}; "
           f"attach copy identical to source copy: {yes_no(r.get('copies_identical'))}; "
           f"restored image equals source (cmp): {yes_no(r.get('restore_matches'))}")
-    import bench_peers
-    bench_peers.print_report(ctx)
-    for problem in ctx.problems:
-        print(f"!!! {problem}")
 
 
 def yes_no(value) -> str:
@@ -766,121 +760,3 @@ def check_daemon_logs(ctx: Context, run_dir: Path) -> None:
                if " ERROR " in line or "Traceback" in line or " WARNING " in line]
         if bad:
             ctx.problems.append(f"mount daemon log {log.name}: " + " | ".join(bad[:5]))
-
-
-def interrupt(*_) -> None:
-    raise KeyboardInterrupt
-
-
-# -- main --------------------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="tools/bench", description=__doc__.split("\n")[0])
-    p.add_argument("--size-gib", type=float, default=1.5, help="source image size (default 1.5)")
-    p.add_argument("--cache-dir", type=Path, default=Path("/var/tmp/rpfs-bench"),
-                   help="where the generated image is kept, and the stores live during the run")
-    p.add_argument("--regenerate", action="store_true", help="rebuild the cached source image")
-    p.add_argument("--repeat", type=int, default=1, help="run each timed step N times, report the best")
-    p.add_argument("--no-warm", action="store_true", help="do not touch memory before each timed step")
-    p.add_argument("--warm-gib", type=float, default=3.0, help="memory to touch before each step (default 3)")
-    p.add_argument("--cache-mb", type=int, default=256, help="rpfs mount --cache-mb (default 256)")
-    p.add_argument("--json", type=Path, metavar="FILE", help="also write every figure as JSON to FILE")
-    p.add_argument("--no-peers", dest="peers", action="store_false",
-                   help="leave out restic, borg and bindfs (installed from Debian on first use otherwise)")
-    p.add_argument("--tracking-size-gib", type=float, default=4.0,
-                   help="image of the change-tracking target (1%% changed; default 4; 0: leave it out)")
-    p.add_argument("--fio-seconds", type=int, default=15, help="each fio random-read run (default 15)")
-    p.add_argument("--no-vault", dest="vault", action="store_false",
-                   help="leave out the vault's figures (tools/bench-vault: push and restore against the Ceph"
-                        " gateway of tools/ceph, started and stopped for it)")
-    args = p.parse_args(argv)
-    if args.repeat < 1:
-        p.error("--repeat must be at least 1")
-    if args.fio_seconds < 1:
-        p.error("--fio-seconds must be at least 1")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench: run as root (drop_caches, loop devices and mounts need it)", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGTERM, interrupt)   # unwind through the finally clauses, as for Ctrl-C
-    ctx: Context | None = None
-    roots: list[Path] = []
-    image: Path | None = None
-    code = 0
-    with ExitStack() as stack:
-        try:
-            image, about = source_image(args.cache_dir, args.size_gib, args.regenerate)
-            work = Path(tempfile.mkdtemp(prefix="run-", dir=args.cache_dir))
-            stack.callback(remove_dir, work)
-            scratch = Path(tempfile.mkdtemp(prefix="rpfs-bench-", dir="/dev/shm"))
-            stack.callback(remove_dir, scratch)
-            roots = [work, scratch]
-            os.environ["RPFS_RUN_DIR"] = str(work / "run")   # daemon pid files and logs: ours, removed with work
-            os.environ["RPFS_KEY_FILE"] = str(work / "key")  # the encrypted stores' key file (made by rpfs init)
-            ctx = Context(image, image.stat().st_size, work, scratch,
-                          Conditions(0 if args.no_warm else args.warm_gib), args.repeat, args.cache_mb, about,
-                          cache_dir=args.cache_dir, peers=args.peers, tracking_gib=args.tracking_size_gib,
-                          fio_seconds=args.fio_seconds)
-            run_steps(ctx)
-        except BenchError as e:
-            print(f"bench: {e}", file=sys.stderr)
-            if ctx is not None:
-                ctx.problems.append(f"stopped early: {e}")
-            code = 1
-        except KeyboardInterrupt:
-            print("bench: interrupted; cleaning up", file=sys.stderr)
-            ctx, code = None, 130
-        finally:   # also after a bug in the bench: nothing may stay mounted
-            code = finish_cleanup(roots, image, stack) or code
-    if ctx is not None:
-        print_report(ctx)
-        vault = vault_figures(args.size_gib) if args.vault and code == 0 else None
-        if vault is None and args.vault and code == 0:
-            ctx.problems.append("tools/bench-vault failed (its output is above)")
-        if args.json:
-            args.json.write_text(json.dumps({**results_json(ctx), "vault": vault}, indent=2, default=str) + "\n")
-            print(f"bench: figures written to {args.json}")
-        code = code or (1 if ctx.problems else 0)
-    return code
-
-
-def vault_figures(size_gib: float) -> dict | None:
-    """tools/bench-vault on an image of the same size (it prints its own report); its figures, None if it failed."""
-    print()
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        done = subprocess.run([str(Path(__file__).parent / "bench-vault"), "--size-gib", str(size_gib),
-                               "--json", out.name])
-        return json.loads(Path(out.name).read_text()) if done.returncode == 0 else None
-
-
-def run_steps(ctx: Context) -> None:
-    import bench_peers   # it builds on this module, so it is imported once this one is whole
-    stores = step_backup(ctx)
-    step_read(ctx, stores)
-    step_copy(ctx, stores["encrypted"])
-    step_restore(ctx, stores["encrypted"])
-    bench_peers.run_steps(ctx)
-    check_daemon_logs(ctx, ctx.work / "run")
-
-
-def finish_cleanup(roots: list[Path], image: Path | None, stack: ExitStack) -> int:
-    """Sweep what the context managers left, remove our directories, then check nothing remains: 1 if
-    anything had to be swept or is still there."""
-    code = 0
-    swept = sweep(roots, image)
-    if swept:
-        print(f"bench: HAD TO SWEEP leftovers: {swept}", file=sys.stderr)
-        code = 1
-    stack.close()
-    left = leftovers(roots, image)
-    if left:
-        print(f"bench: LEFT BEHIND: {left}", file=sys.stderr)
-        code = 1
-    return code
-
-if __name__ == "__main__":
-    sys.modules["bench_lib"] = sys.modules[__name__]   # bench_peers imports this module: the same one, not a copy
-    sys.exit(main())

@@ -21,7 +21,7 @@ from pathlib import Path
 import boto3
 import botocore.config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 MiB = 1 << 20
 
 

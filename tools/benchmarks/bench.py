@@ -1,0 +1,143 @@
+"""tools/bench: runs the rpfs steps (bench_lib.py), then its peers' (bench_peers.py), and reports both.
+
+bench_peers builds on bench_lib; this module, on top of both, is the only one that knows the two.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+import bench_lib
+import bench_peers
+from bench_lib import (REPO, BenchError, Conditions, Context, check_daemon_logs, leftovers, remove_dir,
+                       results_json, source_image, step_backup, step_copy, step_read, step_restore, sweep)
+
+
+def interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+# -- main --------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tools/bench", description=bench_lib.__doc__.split("\n")[0])
+    p.add_argument("--size-gib", type=float, default=1.5, help="source image size (default 1.5)")
+    p.add_argument("--cache-dir", type=Path, default=Path("/var/tmp/rpfs-bench"),
+                   help="where the generated image is kept, and the stores live during the run")
+    p.add_argument("--regenerate", action="store_true", help="rebuild the cached source image")
+    p.add_argument("--repeat", type=int, default=1, help="run each timed step N times, report the best")
+    p.add_argument("--no-warm", action="store_true", help="do not touch memory before each timed step")
+    p.add_argument("--warm-gib", type=float, default=3.0, help="memory to touch before each step (default 3)")
+    p.add_argument("--cache-mb", type=int, default=256, help="rpfs mount --cache-mb (default 256)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write every figure as JSON to FILE")
+    p.add_argument("--no-peers", dest="peers", action="store_false",
+                   help="leave out restic, borg and bindfs (installed from Debian on first use otherwise)")
+    p.add_argument("--tracking-size-gib", type=float, default=4.0,
+                   help="image of the change-tracking target (1%% changed; default 4; 0: leave it out)")
+    p.add_argument("--fio-seconds", type=int, default=15, help="each fio random-read run (default 15)")
+    p.add_argument("--no-vault", dest="vault", action="store_false",
+                   help="leave out the vault's figures (tools/bench-vault: push and restore against the Ceph"
+                        " gateway of tools/ceph, started and stopped for it)")
+    args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    if args.fio_seconds < 1:
+        p.error("--fio-seconds must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: run as root (drop_caches, loop devices and mounts need it)", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, interrupt)   # unwind through the finally clauses, as for Ctrl-C
+    ctx: Context | None = None
+    roots: list[Path] = []
+    image: Path | None = None
+    code = 0
+    with ExitStack() as stack:
+        try:
+            image, about = source_image(args.cache_dir, args.size_gib, args.regenerate)
+            work = Path(tempfile.mkdtemp(prefix="run-", dir=args.cache_dir))
+            stack.callback(remove_dir, work)
+            scratch = Path(tempfile.mkdtemp(prefix="rpfs-bench-", dir="/dev/shm"))
+            stack.callback(remove_dir, scratch)
+            roots = [work, scratch]
+            os.environ["RPFS_RUN_DIR"] = str(work / "run")   # daemon pid files and logs: ours, removed with work
+            os.environ["RPFS_KEY_FILE"] = str(work / "key")  # the encrypted stores' key file (made by rpfs init)
+            ctx = Context(image, image.stat().st_size, work, scratch,
+                          Conditions(0 if args.no_warm else args.warm_gib), args.repeat, args.cache_mb, about,
+                          cache_dir=args.cache_dir, peers=args.peers, tracking_gib=args.tracking_size_gib,
+                          fio_seconds=args.fio_seconds)
+            run_steps(ctx)
+        except BenchError as e:
+            print(f"bench: {e}", file=sys.stderr)
+            if ctx is not None:
+                ctx.problems.append(f"stopped early: {e}")
+            code = 1
+        except KeyboardInterrupt:
+            print("bench: interrupted; cleaning up", file=sys.stderr)
+            ctx, code = None, 130
+        finally:   # also after a bug in the bench: nothing may stay mounted
+            code = finish_cleanup(roots, image, stack) or code
+    if ctx is not None:
+        print_report(ctx)
+        vault = vault_figures(args.size_gib) if args.vault and code == 0 else None
+        if vault is None and args.vault and code == 0:
+            ctx.problems.append("tools/bench-vault failed (its output is above)")
+        if args.json:
+            args.json.write_text(json.dumps({**results_json(ctx), "vault": vault}, indent=2, default=str) + "\n")
+            print(f"bench: figures written to {args.json}")
+        code = code or (1 if ctx.problems else 0)
+    return code
+
+
+def vault_figures(size_gib: float) -> dict | None:
+    """tools/bench-vault on an image of the same size (it prints its own report); its figures, None if it failed."""
+    print()
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        done = subprocess.run([str(REPO / "tools" / "bench-vault"), "--size-gib", str(size_gib),
+                               "--json", out.name])
+        return json.loads(Path(out.name).read_text()) if done.returncode == 0 else None
+
+
+def run_steps(ctx: Context) -> None:
+    stores = step_backup(ctx)
+    step_read(ctx, stores)
+    step_copy(ctx, stores["encrypted"])
+    step_restore(ctx, stores["encrypted"])
+    bench_peers.run_steps(ctx)
+    check_daemon_logs(ctx, ctx.work / "run")
+
+
+def finish_cleanup(roots: list[Path], image: Path | None, stack: ExitStack) -> int:
+    """Sweep what the context managers left, remove our directories, then check nothing remains: 1 if
+    anything had to be swept or is still there."""
+    code = 0
+    swept = sweep(roots, image)
+    if swept:
+        print(f"bench: HAD TO SWEEP leftovers: {swept}", file=sys.stderr)
+        code = 1
+    stack.close()
+    left = leftovers(roots, image)
+    if left:
+        print(f"bench: LEFT BEHIND: {left}", file=sys.stderr)
+        code = 1
+    return code
+
+def print_report(ctx: Context) -> None:
+    bench_lib.print_report(ctx)
+    bench_peers.print_report(ctx)
+    for problem in ctx.problems:
+        print(f"!!! {problem}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
