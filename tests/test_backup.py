@@ -16,6 +16,7 @@ from rpfs.backup.pipeline import backup, parse_disk_specs
 from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.serve.image import BlockCache, ImageReader
 from rpfs.store import blob
+from rpfs.store.formats import upgrade
 from rpfs.store.recovery_point import new_point_id
 from rpfs.store.store import FORMAT_VERSION, Store
 
@@ -334,7 +335,7 @@ def test_version_1_store_is_read_and_then_upgraded(tmp_path):
         assert blocks and set(blocks.values()) == {1}                 # its blocks, named by one piece
         assert read_all(upgraded, upgraded.point("vm2"), "e") == a.read_bytes()
         assert upgraded.recount() == (blocks, pieces, [])
-        upgraded._upgrade(1)   # what a second command that saw version 1 too does: nothing, it is done
+        upgrade(upgraded, 1)   # what a second command that saw version 1 too does: nothing, it is done
         assert upgraded.ref_counts() == (blocks, pieces) and upgraded.recount() == (blocks, pieces, [])
 
 

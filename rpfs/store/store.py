@@ -22,16 +22,6 @@ Layout (format version 6), one LMDB environment `STORE/data.mdb` with named data
   keys     b"<slot id>" -> key slot JSON (key_slots.py): the master key, wrapped for each way in
 When encrypted, VM names, recovery point ids, disk names, policy names and job ids (the keys) stay
 readable, and so do block sizes and how many blocks are shared; every value is sealed or keyed.
-Version 1 and 2 stores (whole block maps in `maps`, counted per map; version 1 without refs, policies,
-protected, jobs) are read as they are by read-only commands and upgraded in place to version 6 (their maps
-cut into pieces, counts recounted; unencrypted, sha256 block ids kept), in one transaction, by the first
-writing command. Version 3 differs from 4 only in that its blobs are never in frames, 4 from 5 only in
-that it has no `sizes`, and 5 from 6 only in that no sealed blob has a key of its own (flag BLOCK_KEY,
-blob.py): all are read as they are and marked version 6 by the first writing command (old blobs stay as
-they are: all decode; a blob without a size record is measured from `blocks`, slowly), so an rpfs that
-knows no frames, sizes or block keys refuses it from then on (an older one would delete blobs and keep
-their sizes, or read new blobs as damaged). A version 3 store of a development build that kept
-whole maps (no meta map_layout) is refused.
 
 Every transaction is short: readers hold one for one lookup, so LMDB can reuse freed pages.
 
@@ -64,25 +54,18 @@ from rpfs.host.untrusted import parse_json
 from rpfs.store.blob import DEFAULT_ZSTD_LEVEL, BlockCodec, read_header
 from rpfs.store.block_maps import MAP_PIECE, REF, BlockMaps, count_references, flat_map_piece
 from rpfs.store.crypto import Keyring
+from rpfs.store.formats import DB_NAMES, FORMAT_VERSION, MAP_LAYOUT, PIECES_VERSIONS, SIZES_VERSION, V1_DB_NAMES, \
+    V2_DB_NAMES, V4_DB_NAMES, upgrade
 from rpfs.store.key_slots import KeyChoice, KeyLock, KeySlot, NewSlot, new_master_key
 from rpfs.store.recovery_point import DIGEST_SIZE, RecoveryPoint
 
-FORMAT_VERSION = 6
-PIECES_VERSIONS = (3, 4, 5, FORMAT_VERSION)   # block maps in pieces; 3: no blob in frames yet; 3, 4: no sizes;
-                                              # 3 to 5: no blob with a key of its own
-SIZES_VERSION = 5                             # the first with `sizes`
 ENCRYPTION = "aes-256-gcm"
-MAP_LAYOUT = "pieces"
 MIN_ENCRYPTED_BLOCK_SIZE = 64 << 10   # 2^32 random GCM nonces per key (NIST): the records key seals one per new
                                       # map piece, which needs a changed block: 256 TiB changed at 64 KiB at worst
 DEFAULT_BLOCK_SIZE = 1 << 20
 INITIAL_MAP_SIZE = 1 << 30
 WRITER_WAIT_SECONDS = 600  # how long a backup waits for a running prune or gc, and they for each other
 LOW_SPACE = 128 << 20      # below this much free space, a failed write is taken for a full disk
-V1_DB_NAMES = (b"meta", b"blocks", b"points", b"maps")
-V2_DB_NAMES = V1_DB_NAMES + (b"refs", b"policies", b"protected", b"jobs")
-V4_DB_NAMES = V2_DB_NAMES + (b"keys", b"pieces", b"piece_refs")
-DB_NAMES = V4_DB_NAMES + (b"sizes",)
 SIZES = struct.Struct("<II")   # a blob's stored and raw length, in `sizes`
 LAST_POINT_ID = b"last_point_id\0"   # + VM name, in meta: ids are never given twice (recovery_point.py)
 T = TypeVar("T")
@@ -137,18 +120,18 @@ class Store:
             raise RpfsError(f"store {path} was made by a development build of format 3 that kept whole block maps;"
                             " this rpfs cannot read it: back up into a new store")
         if version == 1 and not readonly:
-            self._upgrade(version)
+            upgrade(self, version)
             version, meta[b"map_layout"] = FORMAT_VERSION, MAP_LAYOUT.encode()
         elif version == 2 and not readonly:
             self._dbs.update(self._open_dbs(V2_DB_NAMES[len(V1_DB_NAMES):]))
-            self._upgrade(version)
+            upgrade(self, version)
             version = FORMAT_VERSION
         elif version == 2:
             self._dbs.update(self._open_dbs(V2_DB_NAMES[len(V1_DB_NAMES):]))
         elif version in PIECES_VERSIONS:
             self._dbs.update(self._open_dbs((V4_DB_NAMES if version < SIZES_VERSION else DB_NAMES)[len(V1_DB_NAMES):]))
             if version < FORMAT_VERSION and not readonly:
-                self._upgrade(version)
+                upgrade(self, version)
                 version = FORMAT_VERSION
         self.format_version = version   # a version 1 store opened read-only is read as it is
         self._all_sizes = meta.get(b"blob_sizes") == b"all"   # made at format 5: no blob lacks a size record
@@ -280,31 +263,6 @@ class Store:
                 return {name.decode(): self._env.open_db(name, create=False) for name in names}
             except lmdb.MapResizedError:
                 self._env.set_mapsize(0)   # no transaction of ours is open yet
-
-    def _upgrade(self, version: int) -> None:
-        """Version 1 to 5 -> 6, in one transaction. From 1 and 2: add the new databases, cut every whole
-        block map into pieces and count everything anew; blocks keep their sha256 ids, the store stays
-        unencrypted. From 3 to 5 the version changes and `sizes` is added if missing: blobs written from now
-        on may be in frames, have their sizes recorded and (sealed) keys of their own (those before are
-        measured from `blocks` when asked, and open with the store-wide blocks key)."""
-        def fill(txn):
-            for name in DB_NAMES[len(V1_DB_NAMES):]:
-                self._dbs[name.decode()] = self._env.open_db(name, txn=txn, create=True)
-            found = int(txn.get(b"format_version", db=self._dbs["meta"]) or b"0")
-            if found > FORMAT_VERSION or found < 1:   # a newer rpfs upgraded it since we looked
-                raise RpfsError(f"store {self.path} has format version {found} now; this rpfs reads versions 1 to"
-                                f" {FORMAT_VERSION} (use a matching rpfs release)")
-            if found in PIECES_VERSIONS:   # its maps are indexes already (another command may have upgraded it)
-                txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=self._dbs["meta"])
-                return
-            keys = [bytes(k) for k in txn.cursor(db=self._dbs["maps"]).iternext(values=False)]
-            txn.drop(self._dbs["refs"], delete=False)
-            layout = BlockMaps(self._dbs, BlockCodec("sha256").block_id, None)
-            for key in keys:   # one whole map in memory at a time
-                layout.put(txn, key, bytes(txn.get(key, db=self._dbs["maps"])))
-            txn.put(b"map_layout", MAP_LAYOUT.encode(), db=self._dbs["meta"])
-            txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=self._dbs["meta"])
-        self.write(fill)
 
     def _need(self, name: str):
         """A database that only version 2 has; a version 1 store opened read-only lacks it."""
