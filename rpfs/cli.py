@@ -9,8 +9,6 @@ import os
 import sys
 from pathlib import Path
 
-import lmdb
-
 from rpfs.commands import take_passphrases
 from rpfs.commands.backups import cmd_backup, cmd_list, cmd_snapshots
 from rpfs.commands.keys import cmd_info, cmd_init, cmd_key
@@ -30,7 +28,7 @@ from rpfs.commands.vaults import cmd_vault
 from rpfs.errors import RpfsError
 from rpfs.host.access import permission_denied
 from rpfs.store.blob import DEFAULT_ZSTD_LEVEL
-from rpfs.store.store import DEFAULT_BLOCK_SIZE, ENCRYPTION
+from rpfs.store.store import DEFAULT_BLOCK_SIZE, ENCRYPTION, DatabaseError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -393,7 +391,7 @@ def _main(argv: list[str] | None) -> int:
         line = permission_denied(e.filename, Path(e.filename)).message if named else "permission denied"
         print(f"rpfs: {line}", file=sys.stderr)
         return 1
-    except (OSError, lmdb.Error) as e:  # the system said no (permissions, a read-only disk...): one line
+    except (OSError, DatabaseError) as e:  # the system said no (permissions, a read-only disk...): one line
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         print(f"rpfs: {getattr(e, 'strerror', None) or e}{where}", file=sys.stderr)
         return 1

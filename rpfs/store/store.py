@@ -69,6 +69,8 @@ LOW_SPACE = 128 << 20      # below this much free space, a failed write is taken
 SIZES = struct.Struct("<II")   # a blob's stored and raw length, in `sizes`
 LAST_POINT_ID = b"last_point_id\0"   # + VM name, in meta: ids are never given twice (recovery_point.py)
 T = TypeVar("T")
+DatabaseError = lmdb.Error   # what LMDB raises (a damaged page, a full reader table): the layers above catch
+                             # this name, so that only the store knows its database is LMDB
 
 
 def _is_disk_full(e: lmdb.Error) -> bool:
@@ -368,6 +370,7 @@ class Store:
         return st.f_bavail * st.f_frsize
 
     def db(self, name: str):
+        """A named database, for the store's own modules and for tests that damage a store on purpose."""
         return self._dbs[name]
 
     def map_size(self) -> int:
@@ -393,10 +396,10 @@ class Store:
         total, digests = 0, iter(digests)
         while chunk := list(itertools.islice(digests, per_transaction)):
             with self.read() as txn:
-                total += sum(self.blob_sizes(txn, digest)[0] for digest in chunk)
+                total += sum(self._blob_sizes(txn, digest)[0] for digest in chunk)
         return total
 
-    def blob_sizes(self, txn, digest: bytes) -> tuple[int, int]:
+    def _blob_sizes(self, txn, digest: bytes) -> tuple[int, int]:
         """(stored, raw) length of a stored blob, (0, 0) if there is none: from `sizes`, or for a blob an
         older format stored without a size record, from the blob itself (reading it all: py-lmdb)."""
         sizes = self._dbs.get("sizes")
@@ -473,12 +476,17 @@ class Store:
             last = txn.get(LAST_POINT_ID + vm.encode(), db=self._dbs["meta"])
             return set() if last is None else {bytes(last).decode()}
 
-    def delete_point(self, txn, point: RecoveryPoint) -> int:
-        """Remove a recovery point and release its blocks' references; returns how many blocks became
-        unreferenced (rpfs gc removes them)."""
-        released = sum(self._layout().delete(txn, self.map_key(point.vm, point.id, disk.name)) for disk in point.disks)
-        txn.delete(self.point_key(point.vm, point.id), db=self._dbs["points"])
-        return released
+    def delete_point(self, point: RecoveryPoint) -> int:
+        """Remove a recovery point and release its blocks' references, in one transaction; returns how many
+        blocks became unreferenced (rpfs gc removes them)."""
+        released: list[int] = []
+
+        def fill(txn):
+            released[:] = [sum(self._layout().delete(txn, self.map_key(point.vm, point.id, disk.name))
+                               for disk in point.disks)]
+            txn.delete(self.point_key(point.vm, point.id), db=self._dbs["points"])
+        self.write(fill)
+        return released[0]
 
     def map_keys(self) -> list[bytes]:
         """Every block map's key, without its block map."""
@@ -527,7 +535,20 @@ class Store:
 
     def unreferenced_blocks(self, per_transaction: int = 4096) -> Iterator[bytes]:
         """Digests of stored blocks no recovery point references (call with the writer lock held)."""
-        refs, after = self._need("refs"), b""
+        refs = self._need("refs")
+        yield from self._scan_blocks(per_transaction,
+                                     lambda txn, chunk: [k for k in chunk if txn.get(k, db=refs) is None])
+
+    def stored_blob_sizes(self, per_transaction: int = 4096) -> Iterator[tuple[bytes, int, int]]:
+        """Every stored blob's id with its stored and raw length (usage), in short read transactions."""
+        yield from self._scan_blocks(per_transaction,
+                                     lambda txn, chunk: [(k, *self._blob_sizes(txn, k)) for k in chunk])
+
+    def _scan_blocks(self, per_transaction: int, take: Callable[[lmdb.Transaction, list[bytes]], list[T]]) \
+            -> Iterator[T]:
+        """The stored blocks' ids in order, per_transaction at a time, each batch passed to take(txn, ids) in
+        its own short read transaction."""
+        after = b""
         while True:
             with self.read() as txn:
                 cursor = txn.cursor(db=self._dbs["blocks"])
@@ -541,8 +562,8 @@ class Store:
                     chunk.append(key)
                     if len(chunk) >= per_transaction:
                         break
-                missing = [k for k in chunk if txn.get(k, db=refs) is None]
-            yield from missing
+                taken = take(txn, chunk)
+            yield from taken
             if len(chunk) < per_transaction:
                 return
             after = chunk[-1]
@@ -806,11 +827,19 @@ class Store:
                 return txn.get(digest, db=self._dbs["sizes"]) is not None
             return txn.cursor(db=self._dbs["blocks"]).set_key(digest)
 
-    def remove_blob(self, txn, digest: bytes) -> int | None:
-        """Delete a blob and its size record in a write transaction; its stored length, None if none."""
-        stored = self.blob_sizes(txn, digest)[0]
-        txn.delete(digest, db=self._dbs["sizes"])
-        return stored if txn.delete(digest, db=self._dbs["blocks"]) else None
+    def remove_blobs(self, digests: list[bytes]) -> list[int]:
+        """Delete blobs and their size records in one transaction (gc); the stored length of each that was there."""
+        removed: list[int] = []
+
+        def fill(txn):
+            removed.clear()   # filled anew if a full map makes write run fill again
+            for digest in digests:
+                stored = self._blob_sizes(txn, digest)[0]
+                txn.delete(digest, db=self._dbs["sizes"])
+                if txn.delete(digest, db=self._dbs["blocks"]):
+                    removed.append(stored)
+        self.write(fill)
+        return removed
 
 
 def key_settings(meta: dict) -> bytes:
