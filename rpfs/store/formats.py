@@ -1,4 +1,5 @@
-"""Store format versions, and the upgrade of an older store to the current one.
+"""Store format versions: which this rpfs reads, the databases each has, the refusal of the others, and the
+upgrade of an older store to the current one. The format and why it is so: docs/design/store-format.md.
 
 Version 1 and 2 stores (whole block maps in `maps`, counted per map; version 1 without refs, policies,
 protected, jobs) are read as they are by read-only commands and upgraded in place to version 6 (their maps
@@ -13,6 +14,7 @@ whole maps (no meta map_layout) is refused.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rpfs.errors import RpfsError
@@ -31,6 +33,26 @@ V1_DB_NAMES = (b"meta", b"blocks", b"points", b"maps")
 V2_DB_NAMES = V1_DB_NAMES + (b"refs", b"policies", b"protected", b"jobs")
 V4_DB_NAMES = V2_DB_NAMES + (b"keys", b"pieces", b"piece_refs")
 DB_NAMES = V4_DB_NAMES + (b"sizes",)
+
+
+def refuse_unreadable(path: Path, version: int, meta: dict[bytes, bytes]) -> None:
+    """Refuse a store of a format version this rpfs does not read, in one line."""
+    if version not in (1, 2, *PIECES_VERSIONS):
+        raise RpfsError(
+            f"store {path} has format version {version}; this rpfs reads versions 1 to {FORMAT_VERSION}"
+            " (use a matching rpfs release)")
+    if version in PIECES_VERSIONS and meta.get(b"map_layout") != MAP_LAYOUT.encode():
+        raise RpfsError(f"store {path} was made by a development build of format 3 that kept whole block maps;"
+                        " this rpfs cannot read it: back up into a new store")
+
+
+def db_names(version: int) -> tuple[bytes, ...]:
+    """The named databases a store of this (readable) version has."""
+    if version == 1:
+        return V1_DB_NAMES
+    if version == 2:
+        return V2_DB_NAMES
+    return V4_DB_NAMES if version < SIZES_VERSION else DB_NAMES
 
 
 def upgrade(store: "Store", version: int) -> None:

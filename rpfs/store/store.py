@@ -22,6 +22,7 @@ Layout (format version 6), one LMDB environment `STORE/data.mdb` with named data
   keys     b"<slot id>" -> key slot JSON (key_slots.py): the master key, wrapped for each way in
 When encrypted, VM names, recovery point ids, disk names, policy names and job ids (the keys) stay
 readable, and so do block sizes and how many blocks are shared; every value is sealed or keyed.
+Older versions, what they lack, their upgrade and the refusal of unknown ones: formats.py.
 
 Every transaction is short: readers hold one for one lookup, so LMDB can reuse freed pages.
 
@@ -54,8 +55,8 @@ from rpfs.host.untrusted import parse_json
 from rpfs.store.blob import DEFAULT_ZSTD_LEVEL, BlockCodec, read_header
 from rpfs.store.block_maps import MAP_PIECE, REF, BlockMaps, count_references, flat_map_piece
 from rpfs.store.crypto import Keyring
-from rpfs.store.formats import DB_NAMES, FORMAT_VERSION, MAP_LAYOUT, PIECES_VERSIONS, SIZES_VERSION, V1_DB_NAMES, \
-    V2_DB_NAMES, V4_DB_NAMES, upgrade
+from rpfs.store.formats import DB_NAMES, FORMAT_VERSION, MAP_LAYOUT, PIECES_VERSIONS, V1_DB_NAMES, db_names, \
+    refuse_unreadable, upgrade
 from rpfs.store.key_slots import KeyChoice, KeyLock, KeySlot, NewSlot, new_master_key
 from rpfs.store.recovery_point import DIGEST_SIZE, RecoveryPoint
 
@@ -114,27 +115,13 @@ class Store:
         with self.read() as txn:
             meta = {bytes(k): bytes(v) for k, v in txn.cursor(db=self._dbs["meta"])}
         version = int(meta.get(b"format_version", b"0"))
-        if version not in (1, 2, *PIECES_VERSIONS):
-            raise RpfsError(
-                f"store {path} has format version {version}; this rpfs reads versions 1 to {FORMAT_VERSION}"
-                " (use a matching rpfs release)")
-        if version in PIECES_VERSIONS and meta.get(b"map_layout") != MAP_LAYOUT.encode():
-            raise RpfsError(f"store {path} was made by a development build of format 3 that kept whole block maps;"
-                            " this rpfs cannot read it: back up into a new store")
-        if version == 1 and not readonly:
+        refuse_unreadable(path, version, meta)
+        self._dbs.update(self._open_dbs(db_names(version)[len(V1_DB_NAMES):]))
+        if version < FORMAT_VERSION and not readonly:
             upgrade(self, version)
-            version, meta[b"map_layout"] = FORMAT_VERSION, MAP_LAYOUT.encode()
-        elif version == 2 and not readonly:
-            self._dbs.update(self._open_dbs(V2_DB_NAMES[len(V1_DB_NAMES):]))
-            upgrade(self, version)
+            if version not in PIECES_VERSIONS:
+                meta[b"map_layout"] = MAP_LAYOUT.encode()   # what the upgrade wrote
             version = FORMAT_VERSION
-        elif version == 2:
-            self._dbs.update(self._open_dbs(V2_DB_NAMES[len(V1_DB_NAMES):]))
-        elif version in PIECES_VERSIONS:
-            self._dbs.update(self._open_dbs((V4_DB_NAMES if version < SIZES_VERSION else DB_NAMES)[len(V1_DB_NAMES):]))
-            if version < FORMAT_VERSION and not readonly:
-                upgrade(self, version)
-                version = FORMAT_VERSION
         self.format_version = version   # a version 1 store opened read-only is read as it is
         self._all_sizes = meta.get(b"blob_sizes") == b"all"   # made at format 5: no blob lacks a size record
         self.block_size = int(meta[b"block_size"])
