@@ -10,12 +10,11 @@ import os
 import sys
 from pathlib import Path
 
-import lmdb
-
 from rpfs.commands import backups, keys, mounts, protecting, restores, take_passphrases, upkeep, vaults
 from rpfs.commands.arguments import Parser
 from rpfs.errors import EXIT_CLOSED_PIPE, EXIT_INTERRUPTED, EXIT_USER_ERROR, RpfsError
 from rpfs.host.access import permission_denied
+from rpfs.store.store import DatabaseError
 
 
 def _version() -> str:
@@ -84,7 +83,7 @@ def _main(argv: list[str] | None) -> int:
         line = permission_denied(e.filename, Path(e.filename)).message if named else "permission denied"
         print(f"rpfs: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except (OSError, lmdb.Error) as e:  # the system said no (permissions, a read-only disk...): one line
+    except (OSError, DatabaseError) as e:  # the system said no (permissions, a read-only disk...): one line
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         print(f"rpfs: {getattr(e, 'strerror', None) or e}{where}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -16,6 +16,7 @@ from rpfs.backup.pipeline import backup, parse_disk_specs
 from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.serve.image import BlockCache, ImageReader
 from rpfs.store import blob
+from rpfs.store.formats import upgrade
 from rpfs.store.recovery_point import new_point_id
 from rpfs.store.store import FORMAT_VERSION, Store
 
@@ -192,7 +193,7 @@ def test_point_ids_are_never_given_twice():
 
 def test_a_pruned_points_id_stays_used(opened_store, tmp_path):
     first, _ = backup(opened_store, "vm", [("d", str(write_image(tmp_path / "d.img", 1, 2 * MiB)))])
-    opened_store.write(lambda txn: opened_store.delete_point(txn, first))
+    opened_store.delete_point(first)
     assert opened_store.points("vm") == [] and opened_store.last_point_ids("vm") == {first.id}
     second, _ = backup(opened_store, "vm", [("d", str(tmp_path / "d.img"))])
     assert second.id > first.id
@@ -328,7 +329,7 @@ def test_version_1_store_is_read_and_then_upgraded(tmp_path):
         assert blocks and set(blocks.values()) == {1}                 # its blocks, named by one piece
         assert read_all(upgraded, upgraded.point("vm2"), "e") == a.read_bytes()
         assert upgraded.recount() == (blocks, pieces, [])
-        upgraded._upgrade(1)   # what a second command that saw version 1 too does: nothing, it is done
+        upgrade(upgraded, 1)   # what a second command that saw version 1 too does: nothing, it is done
         assert upgraded.ref_counts() == (blocks, pieces) and upgraded.recount() == (blocks, pieces, [])
 
 

@@ -1,4 +1,5 @@
-"""The layer contracts (pyproject.toml, [tool.importlinter]) hold, and would catch each rule broken."""
+"""The layer contracts (pyproject.toml, [tool.importlinter]) hold, and would catch each rule broken; so does the
+contract that only the store imports lmdb (its facade is closed)."""
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess:
 def test_the_layers_hold():
     done = lint_imports(REPO)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "1 kept, 0 broken" in done.stdout
+    assert "2 kept, 0 broken" in done.stdout
 
 
 @pytest.mark.parametrize("module, forbidden", [
@@ -35,10 +36,26 @@ def test_the_layers_hold():
     ("host/disk_use.py", "rpfs.store.store"),       # the host knows nothing of rpfs above errors
 ])
 def test_a_broken_rule_fails(tmp_path, module, forbidden):
+    done = lint_with_import(tmp_path, module, forbidden)
+    assert done.returncode != 0 and "1 kept, 1 broken" in done.stdout, done.stdout + done.stderr
+    assert "Data flows one way: each layer imports only the layers below it BROKEN" in done.stdout, done.stdout
+    assert f"rpfs.{module[:-3].replace('/', '.')} -> {forbidden}" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("module", ["upkeep/check.py", "upkeep/jobs.py", "cli.py", "policy/prune.py", "serve/image.py",
+                                    "vault/vault.py", "host/files.py"])
+def test_lmdb_outside_the_store_fails(tmp_path, module):
+    """Only rpfs.store speaks LMDB: the layers above use Store's methods and catch store.DatabaseError."""
+    done = lint_with_import(tmp_path, module, "lmdb")
+    assert done.returncode != 0 and "1 kept, 1 broken" in done.stdout, done.stdout + done.stderr
+    assert "Only the store imports lmdb BROKEN" in done.stdout, done.stdout
+    assert f"rpfs.{module[:-3].replace('/', '.')} -> lmdb" in done.stdout, done.stdout
+
+
+def lint_with_import(tmp_path: Path, module: str, imported: str) -> subprocess.CompletedProcess:
+    """lint-imports on a copy of rpfs in which module imports `imported`."""
     shutil.copytree(REPO / "rpfs", tmp_path / "rpfs", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", tmp_path)
     with open(tmp_path / "rpfs" / module, "a") as f:
-        f.write(f"\nimport {forbidden}  # noqa\n")
-    done = lint_imports(tmp_path)
-    assert done.returncode != 0 and "0 kept, 1 broken" in done.stdout, done.stdout + done.stderr
-    assert f"rpfs.{module[:-3].replace('/', '.')} -> {forbidden}" in done.stdout, done.stdout
+        f.write(f"\nimport {imported}  # noqa\n")
+    return lint_imports(tmp_path)

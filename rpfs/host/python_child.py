@@ -2,7 +2,7 @@
 processes, the freeze watchdog, the systemd timer's service): `python -I -m MODULE`, run from "/".
 
 rpfs runs as root, often from a folder another user may write (a shared folder, /tmp). `python -m` puts the
-working directory first on sys.path, so an lmdb.py planted there would run as root in the child, in a mount
+working directory first on sys.path, so a module planted there would run as root in the child, in a mount
 daemon before it reads the master key. -I (isolated mode) leaves out the working directory, the PYTHON*
 variables and the user's site folder; the venv's site-packages (and rpfs's editable install, a .pth there)
 stay. cwd="/" leaves nothing of the caller's folder to the child: every path handed to it must be absolute

@@ -81,9 +81,7 @@ def delete_points(store: Store, points: list[RecoveryPoint]) -> tuple[list[str],
                 continue
             if point.snapshot:   # files first: a record whose snapshot files are gone is harmless
                 snapshot.delete(point.snapshot.paths.values())
-            changed: list[int] = []
-            store.write(lambda txn: changed.append(store.delete_point(txn, point)))
-            released += changed[-1]
+            released += store.delete_point(point)
         deleted.append(point.id)
     return deleted, in_use, released
 

@@ -11,7 +11,7 @@ Deleting an index releases its pieces; a piece no index names goes, and releases
 In an encrypted store indexes and pieces are sealed (AES-256-GCM, with their database and key as
 associated data), and every piece read is checked against its id: a changed, moved or swapped map
 reads as an error. Formats 1 and 2 kept whole maps in `maps`; they are read as they are
-(flat_map_piece) and turned into pieces by the upgrade (Store._upgrade).
+(flat_map_piece) and turned into pieces by the upgrade (formats.upgrade).
 """
 from __future__ import annotations
 

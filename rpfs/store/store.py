@@ -22,16 +22,7 @@ Layout (format version 6), one LMDB environment `STORE/data.mdb` with named data
   keys     b"<slot id>" -> key slot JSON (key_slots.py): the master key, wrapped for each way in
 When encrypted, VM names, recovery point ids, disk names, policy names and job ids (the keys) stay
 readable, and so do block sizes and how many blocks are shared; every value is sealed or keyed.
-Version 1 and 2 stores (whole block maps in `maps`, counted per map; version 1 without refs, policies,
-protected, jobs) are read as they are by read-only commands and upgraded in place to version 6 (their maps
-cut into pieces, counts recounted; unencrypted, sha256 block ids kept), in one transaction, by the first
-writing command. Version 3 differs from 4 only in that its blobs are never in frames, 4 from 5 only in
-that it has no `sizes`, and 5 from 6 only in that no sealed blob has a key of its own (flag BLOCK_KEY,
-blob.py): all are read as they are and marked version 6 by the first writing command (old blobs stay as
-they are: all decode; a blob without a size record is measured from `blocks`, slowly), so an rpfs that
-knows no frames, sizes or block keys refuses it from then on (an older one would delete blobs and keep
-their sizes, or read new blobs as damaged). A version 3 store of a development build that kept
-whole maps (no meta map_layout) is refused.
+Older versions, what they lack, their upgrade and the refusal of unknown ones: formats.py.
 
 Every transaction is short: readers hold one for one lookup, so LMDB can reuse freed pages.
 
@@ -64,28 +55,23 @@ from rpfs.host.untrusted import parse_json
 from rpfs.store.blob import DEFAULT_ZSTD_LEVEL, BlockCodec, read_header
 from rpfs.store.block_maps import MAP_PIECE, REF, BlockMaps, count_references, flat_map_piece
 from rpfs.store.crypto import Keyring
+from rpfs.store.formats import DB_NAMES, FORMAT_VERSION, MAP_LAYOUT, PIECES_VERSIONS, V1_DB_NAMES, db_names, \
+    refuse_unreadable, upgrade
 from rpfs.store.key_slots import KeyChoice, KeyLock, KeySlot, NewSlot, new_master_key
 from rpfs.store.recovery_point import DIGEST_SIZE, RecoveryPoint
 
-FORMAT_VERSION = 6
-PIECES_VERSIONS = (3, 4, 5, FORMAT_VERSION)   # block maps in pieces; 3: no blob in frames yet; 3, 4: no sizes;
-                                              # 3 to 5: no blob with a key of its own
-SIZES_VERSION = 5                             # the first with `sizes`
 ENCRYPTION = "aes-256-gcm"
-MAP_LAYOUT = "pieces"
 MIN_ENCRYPTED_BLOCK_SIZE = 64 << 10   # 2^32 random GCM nonces per key (NIST): the records key seals one per new
                                       # map piece, which needs a changed block: 256 TiB changed at 64 KiB at worst
 DEFAULT_BLOCK_SIZE = 1 << 20
 INITIAL_MAP_SIZE = 1 << 30
 WRITER_WAIT_SECONDS = 600  # how long a backup waits for a running prune or gc, and they for each other
 LOW_SPACE = 128 << 20      # below this much free space, a failed write is taken for a full disk
-V1_DB_NAMES = (b"meta", b"blocks", b"points", b"maps")
-V2_DB_NAMES = V1_DB_NAMES + (b"refs", b"policies", b"protected", b"jobs")
-V4_DB_NAMES = V2_DB_NAMES + (b"keys", b"pieces", b"piece_refs")
-DB_NAMES = V4_DB_NAMES + (b"sizes",)
 SIZES = struct.Struct("<II")   # a blob's stored and raw length, in `sizes`
 LAST_POINT_ID = b"last_point_id\0"   # + VM name, in meta: ids are never given twice (recovery_point.py)
 T = TypeVar("T")
+DatabaseError = lmdb.Error   # what LMDB raises (a damaged page, a full reader table): the layers above catch
+                             # this name, so that only the store knows its database is LMDB
 
 
 def _is_disk_full(e: lmdb.Error) -> bool:
@@ -129,27 +115,13 @@ class Store:
         with self.read() as txn:
             meta = {bytes(k): bytes(v) for k, v in txn.cursor(db=self._dbs["meta"])}
         version = int(meta.get(b"format_version", b"0"))
-        if version not in (1, 2, *PIECES_VERSIONS):
-            raise RpfsError(
-                f"store {path} has format version {version}; this rpfs reads versions 1 to {FORMAT_VERSION}"
-                " (use a matching rpfs release)")
-        if version in PIECES_VERSIONS and meta.get(b"map_layout") != MAP_LAYOUT.encode():
-            raise RpfsError(f"store {path} was made by a development build of format 3 that kept whole block maps;"
-                            " this rpfs cannot read it: back up into a new store")
-        if version == 1 and not readonly:
-            self._upgrade(version)
-            version, meta[b"map_layout"] = FORMAT_VERSION, MAP_LAYOUT.encode()
-        elif version == 2 and not readonly:
-            self._dbs.update(self._open_dbs(V2_DB_NAMES[len(V1_DB_NAMES):]))
-            self._upgrade(version)
+        refuse_unreadable(path, version, meta)
+        self._dbs.update(self._open_dbs(db_names(version)[len(V1_DB_NAMES):]))
+        if version < FORMAT_VERSION and not readonly:
+            upgrade(self, version)
+            if version not in PIECES_VERSIONS:
+                meta[b"map_layout"] = MAP_LAYOUT.encode()   # what the upgrade wrote
             version = FORMAT_VERSION
-        elif version == 2:
-            self._dbs.update(self._open_dbs(V2_DB_NAMES[len(V1_DB_NAMES):]))
-        elif version in PIECES_VERSIONS:
-            self._dbs.update(self._open_dbs((V4_DB_NAMES if version < SIZES_VERSION else DB_NAMES)[len(V1_DB_NAMES):]))
-            if version < FORMAT_VERSION and not readonly:
-                self._upgrade(version)
-                version = FORMAT_VERSION
         self.format_version = version   # a version 1 store opened read-only is read as it is
         self._all_sizes = meta.get(b"blob_sizes") == b"all"   # made at format 5: no blob lacks a size record
         self.block_size = int(meta[b"block_size"])
@@ -281,31 +253,6 @@ class Store:
             except lmdb.MapResizedError:
                 self._env.set_mapsize(0)   # no transaction of ours is open yet
 
-    def _upgrade(self, version: int) -> None:
-        """Version 1 to 5 -> 6, in one transaction. From 1 and 2: add the new databases, cut every whole
-        block map into pieces and count everything anew; blocks keep their sha256 ids, the store stays
-        unencrypted. From 3 to 5 the version changes and `sizes` is added if missing: blobs written from now
-        on may be in frames, have their sizes recorded and (sealed) keys of their own (those before are
-        measured from `blocks` when asked, and open with the store-wide blocks key)."""
-        def fill(txn):
-            for name in DB_NAMES[len(V1_DB_NAMES):]:
-                self._dbs[name.decode()] = self._env.open_db(name, txn=txn, create=True)
-            found = int(txn.get(b"format_version", db=self._dbs["meta"]) or b"0")
-            if found > FORMAT_VERSION or found < 1:   # a newer rpfs upgraded it since we looked
-                raise RpfsError(f"store {self.path} has format version {found} now; this rpfs reads versions 1 to"
-                                f" {FORMAT_VERSION} (use a matching rpfs release)")
-            if found in PIECES_VERSIONS:   # its maps are indexes already (another command may have upgraded it)
-                txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=self._dbs["meta"])
-                return
-            keys = [bytes(k) for k in txn.cursor(db=self._dbs["maps"]).iternext(values=False)]
-            txn.drop(self._dbs["refs"], delete=False)
-            layout = BlockMaps(self._dbs, BlockCodec("sha256").block_id, None)
-            for key in keys:   # one whole map in memory at a time
-                layout.put(txn, key, bytes(txn.get(key, db=self._dbs["maps"])))
-            txn.put(b"map_layout", MAP_LAYOUT.encode(), db=self._dbs["meta"])
-            txn.put(b"format_version", str(FORMAT_VERSION).encode(), db=self._dbs["meta"])
-        self.write(fill)
-
     def _need(self, name: str):
         """A database that only version 2 has; a version 1 store opened read-only lacks it."""
         db = self._dbs.get(name)
@@ -410,6 +357,7 @@ class Store:
         return st.f_bavail * st.f_frsize
 
     def db(self, name: str):
+        """A named database, for the store's own modules and for tests that damage a store on purpose."""
         return self._dbs[name]
 
     def map_size(self) -> int:
@@ -435,10 +383,10 @@ class Store:
         total, digests = 0, iter(digests)
         while chunk := list(itertools.islice(digests, per_transaction)):
             with self.read() as txn:
-                total += sum(self.blob_sizes(txn, digest)[0] for digest in chunk)
+                total += sum(self._blob_sizes(txn, digest)[0] for digest in chunk)
         return total
 
-    def blob_sizes(self, txn, digest: bytes) -> tuple[int, int]:
+    def _blob_sizes(self, txn, digest: bytes) -> tuple[int, int]:
         """(stored, raw) length of a stored blob, (0, 0) if there is none: from `sizes`, or for a blob an
         older format stored without a size record, from the blob itself (reading it all: py-lmdb)."""
         sizes = self._dbs.get("sizes")
@@ -515,12 +463,17 @@ class Store:
             last = txn.get(LAST_POINT_ID + vm.encode(), db=self._dbs["meta"])
             return set() if last is None else {bytes(last).decode()}
 
-    def delete_point(self, txn, point: RecoveryPoint) -> int:
-        """Remove a recovery point and release its blocks' references; returns how many blocks became
-        unreferenced (rpfs gc removes them)."""
-        released = sum(self._layout().delete(txn, self.map_key(point.vm, point.id, disk.name)) for disk in point.disks)
-        txn.delete(self.point_key(point.vm, point.id), db=self._dbs["points"])
-        return released
+    def delete_point(self, point: RecoveryPoint) -> int:
+        """Remove a recovery point and release its blocks' references, in one transaction; returns how many
+        blocks became unreferenced (rpfs gc removes them)."""
+        released: list[int] = []
+
+        def fill(txn):
+            released[:] = [sum(self._layout().delete(txn, self.map_key(point.vm, point.id, disk.name))
+                               for disk in point.disks)]
+            txn.delete(self.point_key(point.vm, point.id), db=self._dbs["points"])
+        self.write(fill)
+        return released[0]
 
     def map_keys(self) -> list[bytes]:
         """Every block map's key, without its block map."""
@@ -569,7 +522,20 @@ class Store:
 
     def unreferenced_blocks(self, per_transaction: int = 4096) -> Iterator[bytes]:
         """Digests of stored blocks no recovery point references (call with the writer lock held)."""
-        refs, after = self._need("refs"), b""
+        refs = self._need("refs")
+        yield from self._scan_blocks(per_transaction,
+                                     lambda txn, chunk: [k for k in chunk if txn.get(k, db=refs) is None])
+
+    def stored_blob_sizes(self, per_transaction: int = 4096) -> Iterator[tuple[bytes, int, int]]:
+        """Every stored blob's id with its stored and raw length (usage), in short read transactions."""
+        yield from self._scan_blocks(per_transaction,
+                                     lambda txn, chunk: [(k, *self._blob_sizes(txn, k)) for k in chunk])
+
+    def _scan_blocks(self, per_transaction: int, take: Callable[[lmdb.Transaction, list[bytes]], list[T]]) \
+            -> Iterator[T]:
+        """The stored blocks' ids in order, per_transaction at a time, each batch passed to take(txn, ids) in
+        its own short read transaction."""
+        after = b""
         while True:
             with self.read() as txn:
                 cursor = txn.cursor(db=self._dbs["blocks"])
@@ -583,8 +549,8 @@ class Store:
                     chunk.append(key)
                     if len(chunk) >= per_transaction:
                         break
-                missing = [k for k in chunk if txn.get(k, db=refs) is None]
-            yield from missing
+                taken = take(txn, chunk)
+            yield from taken
             if len(chunk) < per_transaction:
                 return
             after = chunk[-1]
@@ -848,11 +814,19 @@ class Store:
                 return txn.get(digest, db=self._dbs["sizes"]) is not None
             return txn.cursor(db=self._dbs["blocks"]).set_key(digest)
 
-    def remove_blob(self, txn, digest: bytes) -> int | None:
-        """Delete a blob and its size record in a write transaction; its stored length, None if none."""
-        stored = self.blob_sizes(txn, digest)[0]
-        txn.delete(digest, db=self._dbs["sizes"])
-        return stored if txn.delete(digest, db=self._dbs["blocks"]) else None
+    def remove_blobs(self, digests: list[bytes]) -> list[int]:
+        """Delete blobs and their size records in one transaction (gc); the stored length of each that was there."""
+        removed: list[int] = []
+
+        def fill(txn):
+            removed.clear()   # filled anew if a full map makes write run fill again
+            for digest in digests:
+                stored = self._blob_sizes(txn, digest)[0]
+                txn.delete(digest, db=self._dbs["sizes"])
+                if txn.delete(digest, db=self._dbs["blocks"]):
+                    removed.append(stored)
+        self.write(fill)
+        return removed
 
 
 def key_settings(meta: dict) -> bytes:

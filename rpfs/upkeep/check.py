@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import lmdb
-
 from rpfs.attach.filesystems import has_attached
 from rpfs.attach.vm import release_attach
 from rpfs.backup import snapshot
@@ -27,7 +25,7 @@ from rpfs.restore.partial import partial_path, settle, state_path
 from rpfs.host import run_dir
 from rpfs.store import blob
 from rpfs.store.leases import holds, release_hold, stale_leases
-from rpfs.store.store import WRITER_WAIT_SECONDS, Store
+from rpfs.store.store import WRITER_WAIT_SECONDS, DatabaseError, Store
 
 
 @dataclass
@@ -120,7 +118,7 @@ def _records(store: Store) -> list[Problem]:
     for kind in ("policies", "protected", "jobs"):
         try:
             names = list(store.records(kind))
-        except (lmdb.Error, CorruptBlockError) as e:
+        except (DatabaseError, CorruptBlockError) as e:
             problems.append(Problem("records", f"the {kind} table cannot be read whole: {getattr(e, 'message', e)}"))
             continue
         if names != sorted(set(names)):

@@ -22,17 +22,9 @@ def gc(store: Store) -> GcResult:
     result = GcResult()
     with store.writer_lock("gc", wait_seconds=WRITER_WAIT_SECONDS):
         batch: list[bytes] = []
-        removed: list[int] = []   # sizes; filled anew if a full map makes store.write run remove again
-
-        def remove(txn):
-            removed.clear()
-            for digest in batch:
-                stored = store.remove_blob(txn, digest)
-                if stored is not None:
-                    removed.append(stored)
 
         def commit():
-            store.write(remove)
+            removed = store.remove_blobs(batch)   # their stored sizes
             result.removed_blocks += len(removed)
             result.freed_bytes += sum(removed)
         for digest in list(store.unreferenced_blocks()):

@@ -15,11 +15,9 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Iterator
 
-import lmdb
-
 from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.host.processes import start_time
-from rpfs.store.store import Store
+from rpfs.store.store import DatabaseError, Store
 
 KIND = "jobs"
 KEEP_JOBS = 1000          # the newest finished jobs kept; older ones are forgotten (`rpfs run` adds a
@@ -71,7 +69,7 @@ def recorded(store: Store, kind: str, vm: str | None = None, begun: bool = True)
         if logged and kind in TRIMMED_BY:
             try:
                 _forget_old_jobs(store, started)
-            except (lmdb.Error, CorruptBlockError):
+            except (DatabaseError, CorruptBlockError):
                 pass   # a job table that cannot be read whole: rpfs check reports it; the command goes on
     job._starting = starting
     if begun:
@@ -101,7 +99,7 @@ def _log(store: Store, job: Job) -> bool:
     try:
         store.put_record(KIND, job.id, asdict(job))
         return True
-    except (lmdb.Error, RpfsError):
+    except (DatabaseError, RpfsError):
         return False
 
 

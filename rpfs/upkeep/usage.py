@@ -77,17 +77,15 @@ def usage(store: Store) -> StoreUsage:
                 owners.setdefault(digest, set()).add(point.vm)
         latest[point.vm] = protected
     storage = {vm: 0.0 for vm in counts}   # a VM backed up since the first scan gets counted there
-    with store.read() as txn:
-        for digest in txn.cursor(db=store.db("blocks")).iternext(keys=True, values=False):
-            stored, raw = store.blob_sizes(txn, digest)
-            result.stored_bytes += stored
-            result.distinct_bytes += raw
-            vms = owners.get(bytes(digest))
-            if not vms:
-                result.unreferenced_blocks += 1
-                continue
-            for vm in vms:
-                storage[vm] = storage.get(vm, 0.0) + stored / len(vms)
+    for digest, stored, raw in store.stored_blob_sizes():
+        result.stored_bytes += stored
+        result.distinct_bytes += raw
+        vms = owners.get(digest)
+        if not vms:
+            result.unreferenced_blocks += 1
+            continue
+        for vm in vms:
+            storage[vm] = storage.get(vm, 0.0) + stored / len(vms)
     snapshots = {vm: 0 for vm in counts}
     for point in store.points():
         for path in point.snapshot.paths.values() if point.snapshot else ():
