@@ -34,7 +34,8 @@ from rpfs.host.untrusted import parse_json
 from rpfs.store.block_maps import distinct_digests
 from rpfs.vault.locks import VaultLock, bury, locks, remove_old_tombstones
 from rpfs.vault.packs import PACK_BYTES, upload_packs
-from rpfs.vault.vault import BLOB, CONDEMNED, PIECE, Location, Vault, index_object, pack_object
+from rpfs.vault.layout import CONDEMNED, index_object, pack_object
+from rpfs.vault.vault import BLOB, PIECE, Location, Vault
 
 REPACK_BELOW = 0.5     # a pack whose needed entries take less than this share of it is repacked
 REPACK_READERS = 16    # entries of half-empty packs fetched at once

@@ -10,7 +10,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
 from rpfs.vault.locks import VaultLock
-from rpfs.vault.vault import Vault, pack_object
+from rpfs.vault.layout import pack_object
+from rpfs.vault.vault import Vault
 
 PACKS_IN_FLIGHT = 2     # a pack's last parts go up while the next one is read: memory about twice s3.py's
 PACK_BYTES = 128 << 20   # a pack's size: a vault of a few TB is tens of thousands of objects, not millions

@@ -22,7 +22,8 @@ from rpfs.store.store import Store
 from rpfs.vault.keys import send_current_slots
 from rpfs.vault.locks import VaultLock
 from rpfs.vault.packs import PACK_BYTES, PackStream, upload_packs
-from rpfs.vault.vault import BLOB, PIECE, Vault, manifest_associated, point_object
+from rpfs.vault.layout import manifest_associated, point_object
+from rpfs.vault.vault import BLOB, PIECE, Vault
 
 CHECKERS = 2            # threads reading and checking blobs ahead of the upload (page faults, zstd, AES, BLAKE3)
 

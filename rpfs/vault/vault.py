@@ -1,15 +1,5 @@
 """A vault: one store's recovery points in an S3 bucket, read through the same image path as the store.
 
-Objects (names under the vault's prefix; README, The vault):
-  rpfs-vault.json     format and settings (version, store id, encryption, block ids, block size, key check)
-  keys.json           the store's key slots: its master key wrapped for each key file, passphrase, recovery key
-  packs/<name>        blobs and block map pieces, sealed as in the store, one after another (PACK_BYTES)
-  index/<name>        what pack <name> holds: kind, id, offset, length per entry (sealed); written after the
-                      pack, so a pack without an index is an interrupted upload (never read, gc removes it)
-  points/<vm>/<id>    a recovery point's manifest (sealed): its record and, per disk, its block map's piece
-                      ids; written after every pack it needs is indexed: a point exists only whole
-  holds/<name>        an instant restore from the vault in progress: its point and a copy of its sealed
-                      manifest, so that prune skips the point and gc keeps what it needs even if it goes
 A vault is bound to the store it was made from (same master key and block ids: blobs go up as they are,
 and only blobs the vault lacks go up); a vault only ever holds encrypted data.
 
@@ -41,7 +31,8 @@ from rpfs.store.recovery_point import DIGEST_SIZE, NAME_RE, RecoveryPoint
 from rpfs.store.store import MapPieces, Store, key_settings
 from rpfs.vault.config import VaultConfig, vault_config
 from rpfs.vault.index_cache import IndexCache
-from rpfs.vault.locks import machine_id
+from rpfs.vault.layout import (CONDEMNED, CONDEMNED_ASSOCIATED, FORMAT_OBJECT, KEYS_OBJECT, hold_object, index_object,
+                               manifest_associated, pack_object, point_object)
 from rpfs.vault.runs import RunReader
 from rpfs.vault.s3 import Bucket
 
@@ -49,10 +40,6 @@ FORMAT = "rpfs-vault"
 FORMAT_VERSION = 2                   # 2: blobs may have keys of their own (above)
 READ_VERSIONS = (1, FORMAT_VERSION)
 BLOCK_KEYS_STORE_FORMAT = 6          # the store format whose blobs may have keys of their own
-FORMAT_OBJECT = "rpfs-vault.json"
-CONDEMNED = "gc/condemned"           # gc.py
-CONDEMNED_ASSOCIATED = b"vault-gc\0condemned"
-KEYS_OBJECT = "keys.json"
 SETTINGS = ("encryption", "block_id", "block_size", "zstd_level")   # copied from the store's meta
 ENTRY = struct.Struct("<c32sQI")     # an index entry: kind (b"b" blob, b"p" piece), id, offset, length
 BLOB, PIECE = b"b", b"p"
@@ -72,23 +59,6 @@ class Location:
     pack: str
     offset: int
     length: int
-
-
-def pack_object(pack: str) -> str:
-    return f"packs/{pack}"
-
-
-def index_object(pack: str) -> str:
-    return f"index/{pack}"
-
-
-def point_object(vm: str, point_id: str) -> str:
-    return f"points/{vm}/{point_id}"
-
-
-def hold_object(name: str) -> str:
-    """A hold of this machine (two machines may restore into the same path: their holds differ)."""
-    return f"holds/{machine_id().split('-')[0][:16]}-{name}"
 
 
 @dataclass(frozen=True)
@@ -587,10 +557,6 @@ def has_hold(vault_name: str, name: str) -> bool:
 def release_hold(vault_name: str, name: str) -> None:
     """Release this machine's hold knowing only the vault's name (no key needed: instant-stop, discard)."""
     bucket_of(vault_config(vault_name)).delete(hold_object(name))
-
-
-def manifest_associated(vm: str, point_id: str) -> bytes:
-    return b"vault-points\0" + Store.point_key(vm, point_id)
 
 
 def upload_key_slots(bucket: Bucket, slots: list[KeySlot]) -> None:
