@@ -14,7 +14,7 @@ Objects (names under the vault's prefix; README, The vault):
 from __future__ import annotations
 
 from rpfs.store.store import Store
-from rpfs.vault.locks import machine_id
+from rpfs.host.processes import machine_id
 
 FORMAT_OBJECT = "rpfs-vault.json"
 CONDEMNED = "gc/condemned"           # gc.py

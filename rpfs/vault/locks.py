@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from rpfs.errors import RpfsError
-from rpfs.host.processes import start_time
+from rpfs.host.processes import machine_id, start_time
 from rpfs.host.untrusted import parse_json
 from rpfs.vault.s3 import Bucket
 
@@ -118,16 +118,4 @@ def server_now(bucket: Bucket) -> datetime:
     finally:
         bucket.delete(name)
     return datetime.now(timezone.utc)
-
-
-def machine_id() -> str:
-    """This machine and boot: two machines with one hostname, or a reboot, never pass for the same."""
-    parts = []
-    for path in ("/etc/machine-id", "/proc/sys/kernel/random/boot_id"):
-        try:
-            with open(path) as f:
-                parts.append(f.read().strip())
-        except OSError:
-            parts.append("")
-    return "-".join(parts) if any(parts) else socket.gethostname()
 
