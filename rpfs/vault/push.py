@@ -8,7 +8,6 @@ push finds the indexed packs' blobs in the vault and sends only the rest.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -22,7 +21,7 @@ from rpfs.store.store import Store
 from rpfs.vault.keys import send_current_slots
 from rpfs.vault.locks import VaultLock
 from rpfs.vault.packs import PACK_BYTES, PackStream, upload_packs
-from rpfs.vault.layout import manifest_associated, point_object
+from rpfs.vault.layout import Manifest
 from rpfs.vault.vault import BLOB, PIECE, Vault
 
 CHECKERS = 2            # threads reading and checking blobs ahead of the upload (page faults, zstd, AES, BLAKE3)
@@ -147,12 +146,9 @@ def _upload(store: Store, vault: Vault, plan: _Plan, summary: PushSummary, sent:
     for pack in upload_packs(vault, _entries(store, plan, sent), pack_bytes, lock):
         _count(pack, summary)
     point = plan.point
-    manifest = {"point": point.to_json().decode(),
-                "maps": {disk: {"count": count, "pieces": [p.hex() for p in ids]}
-                         for disk, (count, ids) in plan.maps.items()}}
-    sealed = vault.keyring.seal_record(json.dumps(manifest).encode(), manifest_associated(point.vm, point.id))
+    sealed = Manifest(point, plan.maps).encode(vault.keyring)
     lock.refresh()   # raises if a gc took this push for dead: what it relies on may be condemned
-    vault.bucket.put(point_object(point.vm, point.id), sealed)
+    vault.objects.put_manifest(point.vm, point.id, sealed)
 
 
 def _count(stream: PackStream, summary: PushSummary) -> None:

@@ -27,12 +27,12 @@ from rpfs.host.untrusted import parse_json
 from rpfs.store.blob import BlockCodec, Cut, frame_span, head_size
 from rpfs.store.block_maps import where
 from rpfs.store.key_slots import KeyChoice, KeyLock, KeySlot
-from rpfs.store.recovery_point import DIGEST_SIZE, NAME_RE, RecoveryPoint
+from rpfs.store.recovery_point import DIGEST_SIZE, RecoveryPoint
 from rpfs.store.store import MapPieces, Store, key_settings
 from rpfs.vault.config import VaultConfig, vault_config
 from rpfs.vault.index_cache import IndexCache
-from rpfs.vault.layout import (CONDEMNED, CONDEMNED_ASSOCIATED, FORMAT_OBJECT, KEYS_OBJECT, hold_object, index_object,
-                               manifest_associated, pack_object, point_object)
+from rpfs.vault.layout import (FORMAT_OBJECT, KEYS_OBJECT, Condemned, Manifest, VaultObjects, hold_name, hold_object,
+                               point_object, unseal)
 from rpfs.vault.runs import RunReader
 from rpfs.vault.s3 import Bucket
 
@@ -78,6 +78,7 @@ class Vault:
 
     def __init__(self, config: VaultConfig, bucket: Bucket, settings: dict, lock: KeyLock, keys: KeyChoice | None):
         self.config, self.bucket, self.settings = config, bucket, settings
+        self.objects = VaultObjects(bucket)
         self.path = Path(config.label)   # what messages call it (as a store's path)
         self.store_id = bytes.fromhex(settings["store_id"])
         self.block_size = int(settings["block_size"])
@@ -119,7 +120,7 @@ class Vault:
                                 f" {found['store_id']}); give another --bucket or --prefix")
         else:
             upload_key_slots(bucket, store.key_lock().slots)
-            bucket.put(FORMAT_OBJECT, json.dumps(settings, indent=2).encode())   # last: the vault exists now
+            VaultObjects(bucket).put_format_record(json.dumps(settings, indent=2).encode())   # last: it exists now
         vault = cls.open(config, KeyChoice(master=store.master_key))
         vault.created = created
         return vault
@@ -132,7 +133,7 @@ class Vault:
             raise RpfsError(f"{config.label}: bucket {config.bucket} now holds another vault (store id"
                             f" {settings['store_id']}, it held {config.store_id} when added); refused: someone may"
                             " have replaced it (rpfs vault remove, then add it again if this is expected)")
-        raw = bucket.get(KEYS_OBJECT)
+        raw = VaultObjects(bucket).key_slots()
         try:
             slots, damaged = [], []
             for record in parse_json(raw or b"null"):
@@ -153,7 +154,7 @@ class Vault:
         found = _settings(self.bucket) or self.settings
         if int(found["format_version"]) < wanted:
             self.settings = {**found, "format_version": wanted}
-            self.bucket.put(FORMAT_OBJECT, json.dumps(self.settings, indent=2).encode())
+            self.objects.put_format_record(json.dumps(self.settings, indent=2).encode())
 
     @property
     def master_key(self) -> bytes:
@@ -174,7 +175,7 @@ class Vault:
         """(kind, id) -> where it is, from every pack's index (read once per opened vault, or again if fresh)."""
         with self._index_lock:
             if self._index is None or fresh:
-                names = [name[len("index/"):] for name, _size in self.bucket.names("index/")]
+                names = self.objects.indexed_packs()
                 found: dict[tuple[bytes, bytes], Location] = {}
                 with ThreadPoolExecutor(INDEX_READERS) as pool:
                     for pack, entries in zip(names, pool.map(self._read_index, names)):
@@ -183,29 +184,19 @@ class Vault:
                 self._index_copies.keep_only(set(names))
             return self._index
 
-    def condemned(self) -> dict | None:
-        """gc's record of the packs it condemned (gc.py), or None if there is none. Sealed like every record:
-        whoever may write the bucket but not delete from it must not make gc delete a needed pack's index.
-        Raises CorruptBlockError if it does not open (damaged, forged, or written unsealed by an older rpfs)."""
-        raw = self.bucket.get(CONDEMNED)
-        if raw is None:
-            return None
-        data = self._unseal(CONDEMNED_ASSOCIATED, raw, CONDEMNED)
-        try:
-            record = parse_json(data)
-            if not isinstance(record.get("packs"), dict):
-                raise ValueError
-        except (ValueError, AttributeError):
-            raise CorruptBlockError(f"{self.config.label}: {CONDEMNED} is damaged") from None
-        return record
+    def condemned(self) -> Condemned | None:
+        """gc's record of the packs it condemned (layout.py, gc.py), or None if there is none. Raises
+        CorruptBlockError if it does not open (damaged, forged, or written unsealed by an older rpfs)."""
+        raw = self.objects.condemned()
+        return None if raw is None else Condemned.decode(self.keyring, self.config.label, raw)
 
-    def put_condemned(self, record: dict) -> None:
-        self.bucket.put(CONDEMNED, self.keyring.seal_record(json.dumps(record).encode(), CONDEMNED_ASSOCIATED))
+    def put_condemned(self, record: Condemned) -> None:
+        self.objects.put_condemned(record.encode(self.keyring))
 
     def _condemned_index(self) -> dict[tuple[bytes, bytes], Location]:
         """The entries of the packs gc/condemned lists (for reads only: a push must never rely on them)."""
         try:
-            packs = (self.condemned() or {"packs": {}})["packs"]
+            packs = (self.condemned() or Condemned({})).packs
         except CorruptBlockError:
             return {}
         found = {}
@@ -223,7 +214,7 @@ class Vault:
                 return self.index_entries(pack, copy)
             except (RpfsError, CorruptBlockError):
                 pass   # a damaged or changed copy: fetched again
-        sealed = self.bucket.get(index_object(pack))
+        sealed = self.objects.index(pack)
         if sealed is None:
             return []   # removed meanwhile (gc): its pack is going too
         entries = self.index_entries(pack, sealed)
@@ -243,7 +234,7 @@ class Vault:
     def add_index(self, pack: str, entries: list[tuple[bytes, bytes, int, int]]) -> None:
         """Index a pack this handle uploaded whole (push): its entries count as held from now on."""
         sealed = self.seal_index(pack, entries)
-        self.bucket.put(index_object(pack), sealed)
+        self.objects.put_index(pack, sealed)
         self._index_copies.put(pack, sealed)
         index = self.index()
         with self._index_lock:
@@ -261,14 +252,10 @@ class Vault:
             listed, names = self._listing
         if time.monotonic() - listed < LISTING_SECONDS and not fresh:
             return names
-        found = []
-        for name, _size in self.bucket.names("points/"):
-            parts = name.split("/")
-            if len(parts) == 3 and NAME_RE.fullmatch(parts[1]) and NAME_RE.fullmatch(parts[2]):
-                found.append((parts[1], parts[2]))   # anything else is no manifest of ours: ignored
+        found = self.objects.point_names()
         with self._index_lock:
-            self._listing = (time.monotonic(), sorted(found))
-        return sorted(found)
+            self._listing = (time.monotonic(), found)
+        return found
 
     def stored_bytes(self) -> int:
         """Bytes of every blob and piece the vault's indexes name."""
@@ -310,7 +297,7 @@ class Vault:
 
     def delete_point(self, vm: str, point_id: str) -> None:
         """Remove a recovery point from the vault (its manifest): gc frees what nothing else needs."""
-        self.bucket.delete(point_object(vm, point_id))
+        self.objects.delete_manifest(vm, point_id)
         self._manifests.pop(point_object(vm, point_id), None)
         self._listing = (-LISTING_SECONDS, [])
 
@@ -320,7 +307,7 @@ class Vault:
         found = self._manifests.get(name) or self._held.get(name)
         if found is not None:
             return found
-        sealed = self.bucket.get(name)
+        sealed = self.objects.manifest(vm, point_id)
         if sealed is None:
             return None, {}
         self._manifests[name] = found = self._open_manifest(vm, point_id, sealed)
@@ -329,49 +316,42 @@ class Vault:
         return found
 
     def _open_manifest(self, vm: str, point_id: str, sealed: bytes) -> tuple[RecoveryPoint, dict]:
-        data = self._unseal(manifest_associated(vm, point_id), sealed, f"the manifest of {vm}/{point_id}")
-        try:
-            manifest = json.loads(data)
-            point = RecoveryPoint.from_json(manifest["point"].encode())
-            maps = {disk: (entry["count"], [bytes.fromhex(p) for p in entry["pieces"]])
-                    for disk, entry in manifest["maps"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise CorruptBlockError(f"{self.config.label}: the manifest of {vm}/{point_id} is damaged") from None
-        return point, maps
+        manifest = Manifest.decode(self.keyring, self.config.label, vm, point_id, sealed)
+        return manifest.point, manifest.maps
 
     # -- holds: recovery points an instant restore still copies -----------------------------------
     def hold(self, name: str, vm: str, point_id: str, target: str) -> None:
         """Claim a point for an instant restore: prune skips it and gc keeps what it needs (gc.py reads a
         hold's manifest as a manifest) until release_hold. Checked again once written: a point pruned
         before that may already have lost its packs, and is refused."""
-        sealed = self.bucket.get(point_object(vm, point_id))
+        sealed = self.objects.manifest(vm, point_id)
         if sealed is not None:
-            self.bucket.put(hold_object(name), json.dumps({"vm": vm, "point": point_id, "target": target,
-                                                           "manifest": base64.b64encode(sealed).decode()}).encode())
-            if self.bucket.get(point_object(vm, point_id)) is not None:
+            self.objects.put_hold(name, json.dumps({"vm": vm, "point": point_id, "target": target,
+                                                    "manifest": base64.b64encode(sealed).decode()}).encode())
+            if self.objects.manifest(vm, point_id) is not None:
                 return
             self.release_hold(name)
         raise RpfsError(f"recovery point {vm}/{point_id} no longer exists in {self.config.label} (just pruned)")
 
     def release_hold(self, name: str) -> None:
-        self.bucket.delete(hold_object(name))
+        self.objects.delete_hold(name)
 
     def holds(self) -> list[Hold]:
         """Every hold in the vault (a damaged one stops the caller: what it keeps cannot be known)."""
         found = []
-        for object_name, _size in self.bucket.names("holds/"):
+        for object_name in self.objects.hold_objects():
             hold = self._hold(object_name)
             if hold is not None:   # else released meanwhile
                 found.append(hold)
         return found
 
     def _hold(self, object_name: str) -> Hold | None:
-        raw = self.bucket.get(object_name)
+        raw = self.objects.hold(object_name)
         if raw is None:
             return None
         try:
             record = parse_json(raw)
-            return Hold(object_name[len("holds/"):], str(record["vm"]), str(record["point"]), str(record["target"]),
+            return Hold(hold_name(object_name), str(record["vm"]), str(record["point"]), str(record["target"]),
                         base64.b64decode(record["manifest"]))
         except (ValueError, KeyError, TypeError):
             raise RpfsError(f"{self.config.label}: {object_name} is damaged; nothing was changed (delete it if no"
@@ -517,17 +497,13 @@ class Vault:
             return read(moved)
 
     def _read_pack(self, pack: str, offset: int, length: int) -> bytes:
-        data = self.bucket.get(pack_object(pack), offset, length)
+        data = self.objects.read_pack(pack, offset, length)
         if data is None:
             raise PackMissing(f"pack {pack} is missing from {self.config.label}")
         return data
 
     def _unseal(self, associated: bytes, sealed: bytes, what: str) -> bytes:
-        try:
-            return self.keyring.unseal_record(sealed, associated)
-        except CorruptBlockError:
-            raise CorruptBlockError(f"{self.config.label}: {what} fails authentication (changed, damaged, or"
-                                    " moved from elsewhere)") from None
+        return unseal(self.keyring, self.config.label, associated, sealed, what)
 
 
 def vault_version_for(store: Store) -> int:
@@ -556,16 +532,16 @@ def has_hold(vault_name: str, name: str) -> bool:
 
 def release_hold(vault_name: str, name: str) -> None:
     """Release this machine's hold knowing only the vault's name (no key needed: instant-stop, discard)."""
-    bucket_of(vault_config(vault_name)).delete(hold_object(name))
+    VaultObjects(bucket_of(vault_config(vault_name))).delete_hold(name)
 
 
 def upload_key_slots(bucket: Bucket, slots: list[KeySlot]) -> None:
-    bucket.put(KEYS_OBJECT, json.dumps([json.loads(slot.to_json()) for slot in slots], indent=2).encode())
+    VaultObjects(bucket).put_key_slots(json.dumps([json.loads(slot.to_json()) for slot in slots], indent=2).encode())
 
 
 def _settings(bucket: Bucket) -> dict | None:
     """The vault's format record, checked; None if the bucket holds no vault."""
-    raw = bucket.get(FORMAT_OBJECT)
+    raw = VaultObjects(bucket).format_record()
     if raw is None:
         return None
     try:
