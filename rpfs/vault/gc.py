@@ -86,7 +86,7 @@ def _needed(vault: Vault) -> set[tuple[bytes, bytes]]:
     maps = [(vm, point_id, vault.manifest_maps(vm, point_id)) for vm, point_id in vault.point_names(fresh=True)]
     maps += [(hold.vm, hold.point_id, vault.held_maps(hold)) for hold in vault.holds()]
     for vm, point_id, disks in maps:
-        for _count, piece_ids in disks.values():
+        for _block_count, piece_ids in disks.values():
             for piece_id in piece_ids:
                 if (PIECE, piece_id) in needed:
                     continue

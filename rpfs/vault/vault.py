@@ -381,7 +381,7 @@ class Vault:
         _point, maps = self._manifest(vm, point_id)
         if disk not in maps:
             raise RpfsError(f"block map missing for {where(map_key)} in {self.config.label}")
-        _count, ids = maps[disk]
+        _block_count, ids = maps[disk]
         if number >= len(ids):
             raise RpfsError(f"block {number * 1024} is beyond the block map of {where(map_key)}")
         return self.piece(ids[number], map_key)
@@ -410,17 +410,17 @@ class Vault:
             raise CorruptBlockError(f"a piece{of} does not match its id ({piece_id.hex()[:16]})")
         return piece
 
-    def read_checked(self, kind: bytes, entry_id: bytes, where_: Location) -> bytes:
+    def read_checked(self, kind: bytes, entry_id: bytes, location: Location) -> bytes:
         """An entry's bytes as stored, at a known place, checked whole (gc copies it into a new pack: a
         damaged one must not be copied as if it were good). Raises CorruptBlockError."""
-        data = self._read_pack(where_.pack, where_.offset, where_.length)
+        data = self._read_pack(location.pack, location.offset, location.length)
         if kind == PIECE:
             self._open_piece(entry_id, data)
         else:
             try:
                 self.codec.decode(entry_id, data)
             except CorruptBlockError as e:
-                raise CorruptBlockError(f"block {entry_id.hex()} in pack {where_.pack}: {e.message}") from None
+                raise CorruptBlockError(f"block {entry_id.hex()} in pack {location.pack}: {e.message}") from None
         return data
 
     def get_blob(self, digest: bytes, decode: Callable[[memoryview], T] = bytes,
@@ -437,62 +437,62 @@ class Vault:
     def _cut(self, digest: bytes, start: int, stop: int) -> Cut | bytes | None:
         """What bytes [start, stop) of a block need of its blob (blob.Cut): its header and frame table (kept
         for the next read of that block), then one ranged GET of the frames they lie in."""
-        return self._located(BLOB, digest, lambda where_: self._cut_at(where_, digest, start, stop))
+        return self._located(BLOB, digest, lambda location: self._cut_at(location, digest, start, stop))
 
-    def _cut_at(self, where_: Location, digest: bytes, start: int, stop: int) -> Cut | bytes:
+    def _cut_at(self, location: Location, digest: bytes, start: int, stop: int) -> Cut | bytes:
         with self._heads_lock:   # heads by place, not by id: another copy of a block is sealed anew
-            head = self._heads.get((where_.pack, where_.offset))
+            head = self._heads.get((location.pack, location.offset))
         if head is None:
-            head = self._read_pack(where_.pack, where_.offset, min(where_.length, HEAD_BYTES))
+            head = self._read_pack(location.pack, location.offset, min(location.length, HEAD_BYTES))
             needed = head_size(head)
             if needed is None:   # not in frames (a block of format 3): read whole
-                return self._read_pack(where_.pack, where_.offset, where_.length)
-            if len(head) < needed <= where_.length:
-                head = self._read_pack(where_.pack, where_.offset, needed)
+                return self._read_pack(location.pack, location.offset, location.length)
+            if len(head) < needed <= location.length:
+                head = self._read_pack(location.pack, location.offset, needed)
             head = bytes(head[:needed])
             with self._heads_lock:
-                self._heads[(where_.pack, where_.offset)] = head
+                self._heads[(location.pack, location.offset)] = head
                 while len(self._heads) > HEADS_KEPT:
                     self._heads.popitem(last=False)
         span = frame_span(head, start, stop)
         if span is None:
-            return self._read_pack(where_.pack, where_.offset, where_.length)
+            return self._read_pack(location.pack, location.offset, location.length)
         _size, first, at, length = span
-        if at + length > where_.length:
+        if at + length > location.length:
             raise CorruptBlockError(f"block {digest.hex()}: its frame table points past its blob")
-        frames = self._read_pack(where_.pack, where_.offset + at, length) if length else b""
+        frames = self._read_pack(location.pack, location.offset + at, length) if length else b""
         return Cut(head, first, frames)
 
     def _locate(self, kind: bytes, entry_id: bytes) -> Location | None:
         """Where an entry lies; None if no index names it. An entry missing from the index read at open (a
         long mount) is looked up again in a fresh one, then among the packs a gc condemned (their indexes
         hidden until the next gc rescues or deletes them: readers may still use them)."""
-        where_ = self.index().get((kind, entry_id))
-        if where_ is None and time.monotonic() - self._index_read > LISTING_SECONDS:
-            where_ = self.index(fresh=True).get((kind, entry_id))
-        if where_ is None:
-            where_ = self._condemned_index().get((kind, entry_id))
-        return where_
+        location = self.index().get((kind, entry_id))
+        if location is None and time.monotonic() - self._index_read > LISTING_SECONDS:
+            location = self.index(fresh=True).get((kind, entry_id))
+        if location is None:
+            location = self._condemned_index().get((kind, entry_id))
+        return location
 
     def _fetch(self, kind: bytes, entry_id: bytes, in_runs: bool = False) -> bytes | None:
         """An entry's bytes by a ranged GET (in a run: runs.py); None if no index names it."""
         if in_runs:
-            return self._located(kind, entry_id, lambda where_: self._runs.read((kind, entry_id), where_))
-        return self._located(kind, entry_id, lambda where_: self._read_pack(where_.pack, where_.offset,
-                                                                            where_.length))
+            return self._located(kind, entry_id, lambda location: self._runs.read((kind, entry_id), location))
+        return self._located(kind, entry_id, lambda location: self._read_pack(location.pack, location.offset,
+                                                                              location.length))
 
     def _located(self, kind: bytes, entry_id: bytes, read: Callable[[Location], T]) -> T | None:
         """read(where the entry lies), None if no index names it. If its pack has gone since this handle read
         the index (a long mount or instant restore: gc repacked the entry, then deleted the old pack), the
         entry is looked up once more and read where it is now."""
-        where_ = self._locate(kind, entry_id)
-        if where_ is None:
+        location = self._locate(kind, entry_id)
+        if location is None:
             return None
         try:
-            return read(where_)
+            return read(location)
         except PackMissing:
             moved = self.index(fresh=True).get((kind, entry_id)) or self._condemned_index().get((kind, entry_id))
-            if moved is None or moved == where_:
+            if moved is None or moved == location:
                 raise
             return read(moved)
 
