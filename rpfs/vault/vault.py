@@ -30,6 +30,7 @@ from rpfs.store.key_slots import KeyChoice, KeyLock, KeySlot
 from rpfs.store.recovery_point import DIGEST_SIZE, RecoveryPoint
 from rpfs.store.store import MapPieces, Store, key_settings
 from rpfs.vault.config import VaultConfig, vault_config
+from rpfs.vault.folder_bucket import FolderBucket
 from rpfs.vault.index_cache import IndexCache
 from rpfs.vault.layout import (FORMAT_OBJECT, KEYS_OBJECT, Condemned, Manifest, VaultObjects, hold_name, hold_object,
                                point_object, unseal)
@@ -511,8 +512,10 @@ def vault_version_for(store: Store) -> int:
     return FORMAT_VERSION if store.format_version >= BLOCK_KEYS_STORE_FORMAT else 1
 
 
-def bucket_of(config: VaultConfig) -> Bucket:
-    return Bucket(config.label, config.endpoint, config.bucket, config.prefix)
+def bucket_of(config: VaultConfig) -> Bucket | FolderBucket:
+    """The vault's bucket: on S3, or a local folder for an endpoint file:///folder (tests and experiments)."""
+    kind = FolderBucket if config.endpoint.startswith("file:") else Bucket
+    return kind(config.label, config.endpoint, config.bucket, config.prefix)
 
 
 def probe(config: VaultConfig, bucket: Bucket | None = None) -> dict:
