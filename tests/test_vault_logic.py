@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from rpfs.backup.pipeline import backup
 from rpfs.errors import RpfsError
 from rpfs.serve.image import BlockCache, ImageReader
 from rpfs.store.key_slots import KeyChoice, NewSlot, create_key_file
 from rpfs.store.store import Store
-from rpfs.backup.pipeline import backup
 from rpfs.vault import layout
 from rpfs.vault.config import VaultConfig, checked
 from rpfs.vault.folder_bucket import FolderBucket
