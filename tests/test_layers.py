@@ -34,6 +34,10 @@ def test_the_layers_hold():
     ("restore/full.py", "rpfs.attach.vm"),          # restore and attach stand side by side, below upkeep
     ("attach/vm.py", "rpfs.upkeep.jobs"),
     ("host/disk_use.py", "rpfs.store.store"),       # the host knows nothing of rpfs above errors
+    ("vault/gc.py", "rpfs.serve.image"),            # the vault is a store behind the read path, below it
+    ("vault/layout.py", "rpfs.backup.pipeline"),
+    ("store/store.py", "rpfs.vault.vault"),         # the store knows nothing of the vault
+    ("host/processes.py", "rpfs.vault.locks"),
 ])
 def test_a_broken_rule_fails(tmp_path, module, forbidden):
     done = lint_with_import(tmp_path, module, forbidden)

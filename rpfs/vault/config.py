@@ -1,4 +1,5 @@
 """Where each vault is: a name -> S3 endpoint, bucket and key prefix, in RPFS_CONFIG/vaults.json.
+An endpoint file:///folder is a local folder instead (folder_bucket.py): for tests and local experiments.
 
 Kept apart from the store so that a machine without a store (disaster recovery) can name a vault too:
 `rpfs vault add` on it records the address, and the vault itself holds everything else. Credentials are
@@ -65,8 +66,12 @@ def checked(config: VaultConfig) -> VaultConfig:
     if not NAME_RE.fullmatch(config.name):
         raise RpfsError(f"invalid vault name {config.name!r}: use letters, digits, '.', '_', '+', '-'")
     url = urlparse(config.endpoint)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise RpfsError(f"--endpoint {config.endpoint!r} is not an http(s) URL (e.g. http://127.0.0.1:7480)")
+    if url.scheme == "file":   # a folder (folder_bucket.py): for tests and local experiments
+        if url.netloc or not url.path.startswith("/"):
+            raise RpfsError(f"--endpoint {config.endpoint!r} names no folder (file:///path/to/folder)")
+    elif url.scheme not in ("http", "https") or not url.hostname:
+        raise RpfsError(f"--endpoint {config.endpoint!r} is not an http(s) URL (e.g. http://127.0.0.1:7480) nor"
+                        " file:///folder (a local folder: for tests and local experiments)")
     if not 3 <= len(config.bucket) <= 63 or not all(c.isalnum() or c in ".-" for c in config.bucket) \
             or config.bucket != config.bucket.lower():
         raise RpfsError(f"--bucket {config.bucket!r} is not an S3 bucket name (3-63 lowercase letters, digits,"

@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 
 from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.host.threads import in_order
-from rpfs.host.untrusted import parse_json
 from rpfs.store.block_maps import distinct_digests
 from rpfs.vault.locks import VaultLock, bury, locks, remove_old_tombstones
 from rpfs.vault.packs import PACK_BYTES, upload_packs
-from rpfs.vault.vault import BLOB, CONDEMNED, PIECE, Location, Vault, index_object, pack_object
+from rpfs.vault.layout import CONDEMNED, Condemned
+from rpfs.vault.vault import BLOB, PIECE, Location, Vault
 
 REPACK_BELOW = 0.5     # a pack whose needed entries take less than this share of it is repacked
 REPACK_READERS = 16    # entries of half-empty packs fetched at once
@@ -63,7 +63,7 @@ def gc(vault: Vault, pack_bytes: int = PACK_BYTES) -> GcSummary:
     remove_old_tombstones(vault.bucket)
     with VaultLock(vault.bucket, "gc") as lock:
         record = _record(vault)
-        if record is not None and record.get("locks") is None:   # the run before died while condemning
+        if record is not None and record.locks is None:   # the run before died while condemning
             _hide(vault, record)
         if record is not None:
             _finish(vault, record, summary)
@@ -74,7 +74,7 @@ def gc(vault: Vault, pack_bytes: int = PACK_BYTES) -> GcSummary:
 
 def pending(vault: Vault) -> bool:
     """True while packs condemned by a run wait for the next one."""
-    return vault.bucket.get(CONDEMNED) is not None
+    return vault.objects.condemned() is not None
 
 
 def _needed(vault: Vault) -> set[tuple[bytes, bytes]]:
@@ -86,7 +86,7 @@ def _needed(vault: Vault) -> set[tuple[bytes, bytes]]:
     maps = [(vm, point_id, vault.manifest_maps(vm, point_id)) for vm, point_id in vault.point_names(fresh=True)]
     maps += [(hold.vm, hold.point_id, vault.held_maps(hold)) for hold in vault.holds()]
     for vm, point_id, disks in maps:
-        for _count, piece_ids in disks.values():
+        for _block_count, piece_ids in disks.values():
             for piece_id in piece_ids:
                 if (PIECE, piece_id) in needed:
                     continue
@@ -107,11 +107,10 @@ def _condemn(vault: Vault, summary: GcSummary, lock: VaultLock, pack_bytes: int)
     for key, location in index.items():   # each entry in the one pack the index names
         if key in needed:
             by_pack.setdefault(location.pack, []).append((key, location))
-    indexed = {name[len("index/"):] for name, _size in vault.bucket.names("index/")}
+    indexed = set(vault.objects.indexed_packs())
     condemned: dict[str, str | None] = {}
     half_empty: list[str] = []
-    for name, size in vault.bucket.names("packs/"):   # listed before any repack: new packs are not in it
-        pack = name[len("packs/"):]
+    for pack, size in vault.objects.packs().items():   # listed before any repack: new packs are not in it
         if pack not in indexed:
             condemned[pack] = None   # an interrupted upload, or an index a crashed gc deleted
         elif pack not in by_pack:
@@ -125,11 +124,11 @@ def _condemn(vault: Vault, summary: GcSummary, lock: VaultLock, pack_bytes: int)
         condemned.update(dict.fromkeys(half_empty, ""))
     for pack, sealed in condemned.items():
         if sealed == "":
-            sealed = vault.bucket.get(index_object(pack))
+            sealed = vault.objects.index(pack)
             condemned[pack] = base64.b64encode(sealed).decode() if sealed is not None else None
     if not condemned:
         return
-    record = {"packs": condemned, "locks": None}
+    record = Condemned(condemned)
     vault.put_condemned(record)
     _hide(vault, record)
     summary.condemned_packs = len(condemned)
@@ -152,45 +151,45 @@ def _repack(vault: Vault, entries: list[tuple[tuple[bytes, bytes], Location]], l
     return sum(pack.size for pack in upload_packs(vault, copied, pack_bytes, lock))
 
 
-def _hide(vault: Vault, record: dict) -> None:
+def _hide(vault: Vault, record: Condemned) -> None:
     """Delete the condemned packs' indexes, then record the locks there are from then on. A pack condemned
     for having no index keeps it if one appears: a running push may be about to write it."""
-    for pack, sealed in record["packs"].items():
+    for pack, sealed in record.packs.items():
         if sealed is not None:
-            vault.bucket.delete(index_object(pack))
-    record["uploads"] = vault.bucket.unfinished_uploads("packs/")   # before the locks: their pushes are listed
-    record["locks"] = [lock.name for lock in locks(vault.bucket) if lock.kind != "gc"]
+            vault.objects.delete_index(pack)
+    record.uploads = vault.objects.unfinished_pack_uploads()   # before the locks: their pushes are listed
+    record.locks = [lock.name for lock in locks(vault.bucket) if lock.kind != "gc"]
     vault.put_condemned(record)
 
 
-def _finish(vault: Vault, record: dict, summary: GcSummary) -> None:
+def _finish(vault: Vault, record: Condemned, summary: GcSummary) -> None:
     live = {lock.name: lock for lock in locks(vault.bucket)}
-    waiting = [live[name].describe() for name in record["locks"] if name in live]
+    waiting = [live[name].describe() for name in record.locks or [] if name in live]
     if waiting:
         summary.waiting_for = waiting
         return
     needed = _needed(vault)
     available = vault.index(fresh=True)   # the indexed packs' entries: condemned packs' are not in it
-    sizes = dict(vault.bucket.names("packs/"))
-    indexed = {name[len("index/"):] for name, _size in vault.bucket.names("index/")}
-    for pack, sealed in record["packs"].items():
+    sizes = vault.objects.packs()
+    indexed = set(vault.objects.indexed_packs())
+    for pack, sealed in record.packs.items():
         if pack in indexed:
             continue   # rescued by a run that then stopped, or indexed by its push after all: visible, kept
-        entries = vault.index_entries(pack, base64.b64decode(sealed)) if sealed else []
+        entries = vault.index_entries(pack, Condemned.index_of(sealed)) if sealed else []
         if any(key in needed and key not in available for key, _offset, _length in entries):
-            vault.bucket.put(index_object(pack), base64.b64decode(sealed))   # a manifest needs it after all
+            vault.objects.put_index(pack, Condemned.index_of(sealed))   # a manifest needs it after all
             summary.rescued_packs += 1
             continue
-        if pack_object(pack) in sizes:
-            vault.bucket.delete(pack_object(pack))
+        if pack in sizes:
+            vault.objects.delete_pack(pack)
             summary.deleted_packs += 1
-            summary.deleted_bytes += sizes[pack_object(pack)]
-    for name, upload_id in record.get("uploads", []):   # their pushes have ended: nobody completes them now
-        vault.bucket.abort_upload(name, upload_id)
-    vault.bucket.delete(CONDEMNED)
+            summary.deleted_bytes += sizes[pack]
+    for name, upload_id in record.uploads:   # their pushes have ended: nobody completes them now
+        vault.objects.abort_upload(name, upload_id)
+    vault.objects.delete_condemned()
 
 
-def _record(vault: Vault) -> dict | None:
+def _record(vault: Vault) -> Condemned | None:
     try:
         return vault.condemned()
     except CorruptBlockError:
@@ -205,23 +204,19 @@ def _rescue_unsealed(vault: Vault) -> bool:
     nothing, but the indexes it keeps are sealed each: every listed pack that still exists gets its index
     back if that opens, then the record goes. The next runs condemn again what no manifest needs. False if
     it is no such record. Run again after a kill, it does the same."""
-    try:
-        packs = parse_json(vault.bucket.get(CONDEMNED) or b"")["packs"]
-        if not isinstance(packs, dict):
-            return False
-    except (ValueError, KeyError, TypeError):
+    packs = Condemned.legacy_packs(vault.objects.condemned() or b"")
+    if packs is None:
         return False
-    existing = {name for name, _size in vault.bucket.names("packs/")}
-    indexed = {name[len("index/"):] for name, _size in vault.bucket.names("index/")}
+    existing = vault.objects.packs()
+    indexed = set(vault.objects.indexed_packs())
     for pack, sealed in packs.items():
-        if not (isinstance(pack, str) and isinstance(sealed, str) and sealed) or pack in indexed \
-                or pack_object(pack) not in existing:
+        if pack in indexed or pack not in existing:
             continue
         try:
-            index = base64.b64decode(sealed)
+            index = Condemned.index_of(sealed)
             vault.index_entries(pack, index)
         except (ValueError, RpfsError, CorruptBlockError):
             continue
-        vault.bucket.put(index_object(pack), index)
-    vault.bucket.delete(CONDEMNED)
+        vault.objects.put_index(pack, index)
+    vault.objects.delete_condemned()
     return True

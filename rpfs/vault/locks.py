@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from rpfs.errors import RpfsError
-from rpfs.host.processes import start_time
+from rpfs.host.processes import machine_id, start_time
 from rpfs.host.untrusted import parse_json
+from rpfs.vault.layout import LOCKS, TOMBSTONES, clock_object, lock_object, tombstone
 from rpfs.vault.s3 import Bucket
 
 STALE_SECONDS = 3600          # a lock nobody refreshed for this long is taken for a dead writer's
@@ -50,7 +51,7 @@ class VaultLock:
 
     def __init__(self, bucket: Bucket, kind: str):
         self.bucket, self.kind = bucket, kind
-        self.name = f"locks/{kind}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self.name = lock_object(f"{kind}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
         self._body = json.dumps({"kind": kind, "host": socket.gethostname(), "machine": machine_id(),
                                  "pid": os.getpid(), "pid_start": start_time(os.getpid())}).encode()
 
@@ -74,10 +75,6 @@ class VaultLock:
                 raise   # else the failure that ended the writer is the one to tell
 
 
-def tombstone(lock_name: str) -> str:
-    return "dead/" + lock_name
-
-
 def bury(bucket: Bucket, lock: LockInfo) -> None:
     """Remove a dead lock, its tombstone first (gc)."""
     bucket.put(tombstone(lock.name), b"")
@@ -86,7 +83,7 @@ def bury(bucket: Bucket, lock: LockInfo) -> None:
 
 def remove_old_tombstones(bucket: Bucket) -> None:
     now = server_now(bucket)
-    for name, _size, modified in list(bucket.listing("dead/")):
+    for name, _size, modified in list(bucket.listing(TOMBSTONES)):
         if (now - modified).total_seconds() > TOMBSTONE_DAYS * 86400:
             bucket.delete(name)
 
@@ -95,7 +92,7 @@ def locks(bucket: Bucket) -> list[LockInfo]:
     """Every lock in the vault, with its age by the gateway's clock (a fresh object's LastModified)."""
     now = server_now(bucket)
     found = []
-    for name, _size, modified in list(bucket.listing("locks/")):
+    for name, _size, modified in list(bucket.listing(LOCKS)):
         raw = bucket.get(name)
         age = (now - modified).total_seconds()
         try:
@@ -109,7 +106,7 @@ def locks(bucket: Bucket) -> list[LockInfo]:
 
 def server_now(bucket: Bucket) -> datetime:
     """The gateway's time, so ages never depend on this machine's clock."""
-    name = f"clock/{secrets.token_hex(8)}"
+    name = clock_object(secrets.token_hex(8))
     bucket.put(name, b"")
     try:
         for listed, _size, modified in list(bucket.listing(name)):
@@ -118,16 +115,4 @@ def server_now(bucket: Bucket) -> datetime:
     finally:
         bucket.delete(name)
     return datetime.now(timezone.utc)
-
-
-def machine_id() -> str:
-    """This machine and boot: two machines with one hostname, or a reboot, never pass for the same."""
-    parts = []
-    for path in ("/etc/machine-id", "/proc/sys/kernel/random/boot_id"):
-        try:
-            with open(path) as f:
-                parts.append(f.read().strip())
-        except OSError:
-            parts.append("")
-    return "-".join(parts) if any(parts) else socket.gethostname()
 

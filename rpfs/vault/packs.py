@@ -10,7 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
 from rpfs.vault.locks import VaultLock
-from rpfs.vault.vault import Vault, pack_object
+from rpfs.vault.vault import Vault
 
 PACKS_IN_FLIGHT = 2     # a pack's last parts go up while the next one is read: memory about twice s3.py's
 PACK_BYTES = 128 << 20   # a pack's size: a vault of a few TB is tens of thousands of objects, not millions
@@ -23,7 +23,7 @@ def upload_packs(vault: Vault, entries: Iterator[tuple[bytes, bytes, bytes]], pa
     waiting for each pack to finish made 32 MiB packs half as fast as one big one. The lock is refreshed
     after each pack (gc.py: a lock nobody refreshes for an hour is taken for dead)."""
     def send(pack: str, stream: PackStream) -> PackStream:
-        vault.bucket.put_stream(pack_object(pack), stream)
+        vault.objects.put_pack(pack, stream)
         lock.refresh()   # a push a gc took for dead indexes nothing more: gc may be deleting its packs
         vault.add_index(pack, stream.index)
         return stream

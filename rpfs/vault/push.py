@@ -8,7 +8,6 @@ push finds the indexed packs' blobs in the vault and sends only the rest.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -22,7 +21,8 @@ from rpfs.store.store import Store
 from rpfs.vault.keys import send_current_slots
 from rpfs.vault.locks import VaultLock
 from rpfs.vault.packs import PACK_BYTES, PackStream, upload_packs
-from rpfs.vault.vault import BLOB, PIECE, Vault, manifest_associated, point_object
+from rpfs.vault.layout import Manifest
+from rpfs.vault.vault import BLOB, PIECE, Vault
 
 CHECKERS = 2            # threads reading and checking blobs ahead of the upload (page faults, zstd, AES, BLAKE3)
 
@@ -124,10 +124,10 @@ def _plan(store: Store, vault: Vault, point: RecoveryPoint, planned: _Planned) -
     maps = {disk.name: store.map_index(store.map_key(point.vm, point.id, disk.name)) for disk in point.disks}
     blobs: dict[bytes, None] = {}
     pieces: dict[bytes, None] = {}
-    for _count, ids in maps.values():
+    for _block_count, ids in maps.values():
         for piece_id in dict.fromkeys(ids):
-            _stored, entries = store.stored_piece(piece_id)
-            if not entries and not _stored:
+            sealed_piece, entries = store.stored_piece(piece_id)
+            if not entries and not sealed_piece:
                 raise RpfsError(f"a piece of the block map of {point.vm}/{point.id} is missing from the local store"
                                 " (rpfs check)")
             if piece_id not in planned.pieces and not vault.has(PIECE, piece_id):
@@ -144,17 +144,15 @@ def _upload(store: Store, vault: Vault, plan: _Plan, summary: PushSummary, sent:
             pack_bytes: int, lock: VaultLock) -> None:
     """The plan's blobs and pieces in packs (each indexed once whole), then the manifest."""
     for pack in upload_packs(vault, _entries(store, plan, sent), pack_bytes, lock):
-        _count(pack, summary)
+        _add_pack(summary, pack)
     point = plan.point
-    manifest = {"point": point.to_json().decode(),
-                "maps": {disk: {"count": count, "pieces": [p.hex() for p in ids]}
-                         for disk, (count, ids) in plan.maps.items()}}
-    sealed = vault.keyring.seal_record(json.dumps(manifest).encode(), manifest_associated(point.vm, point.id))
+    sealed = Manifest(point, plan.maps).encode(vault.keyring)
     lock.refresh()   # raises if a gc took this push for dead: what it relies on may be condemned
-    vault.bucket.put(point_object(point.vm, point.id), sealed)
+    vault.objects.put_manifest(point.vm, point.id, sealed)
 
 
-def _count(stream: PackStream, summary: PushSummary) -> None:
+def _add_pack(summary: PushSummary, stream: PackStream) -> None:
+    """Count an uploaded pack and what it holds in the summary."""
     summary.packs += 1
     summary.uploaded_bytes += stream.size
     summary.blobs += sum(1 for kind, *_ in stream.index if kind == BLOB)
@@ -174,5 +172,5 @@ def _entries(store: Store, plan: _Plan, sent: Callable[[int], None]) -> Iterator
         yield BLOB, digest, blob
         sent(len(blob))
     for piece_id in plan.pieces:
-        stored, _entries_ = store.stored_piece(piece_id)
+        stored, _digests = store.stored_piece(piece_id)
         yield PIECE, piece_id, stored

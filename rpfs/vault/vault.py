@@ -1,15 +1,6 @@
 """A vault: one store's recovery points in an S3 bucket, read through the same image path as the store.
 
-Objects (names under the vault's prefix; docs/design/vault.md):
-  rpfs-vault.json     format and settings (version, store id, encryption, block ids, block size, key check)
-  keys.json           the store's key slots: its master key wrapped for each key file, passphrase, recovery key
-  packs/<name>        blobs and block map pieces, sealed as in the store, one after another (PACK_BYTES)
-  index/<name>        what pack <name> holds: kind, id, offset, length per entry (sealed); written after the
-                      pack, so a pack without an index is an interrupted upload (never read, gc removes it)
-  points/<vm>/<id>    a recovery point's manifest (sealed): its record and, per disk, its block map's piece
-                      ids; written after every pack it needs is indexed: a point exists only whole
-  holds/<name>        an instant restore from the vault in progress: its point and a copy of its sealed
-                      manifest, so that prune skips the point and gc keeps what it needs even if it goes
+Its objects and their layout: vault/layout.py (docs/design/vault.md).
 A vault is bound to the store it was made from (same master key and block ids: blobs go up as they are,
 and only blobs the vault lacks go up); a vault only ever holds encrypted data.
 
@@ -37,11 +28,13 @@ from rpfs.host.untrusted import parse_json
 from rpfs.store.blob import BlockCodec, Cut, frame_span, head_size
 from rpfs.store.block_maps import where
 from rpfs.store.key_slots import KeyChoice, KeyLock, KeySlot
-from rpfs.store.recovery_point import DIGEST_SIZE, NAME_RE, RecoveryPoint
+from rpfs.store.recovery_point import DIGEST_SIZE, RecoveryPoint
 from rpfs.store.store import MapPieces, Store, key_settings
 from rpfs.vault.config import VaultConfig, vault_config
+from rpfs.vault.folder_bucket import FolderBucket
 from rpfs.vault.index_cache import IndexCache
-from rpfs.vault.locks import machine_id
+from rpfs.vault.layout import (FORMAT_OBJECT, KEYS_OBJECT, Condemned, Manifest, VaultObjects, hold_name, hold_object,
+                               point_object, unseal)
 from rpfs.vault.runs import RunReader
 from rpfs.vault.s3 import Bucket
 
@@ -49,10 +42,6 @@ FORMAT = "rpfs-vault"
 FORMAT_VERSION = 2                   # 2: blobs may have keys of their own (above)
 READ_VERSIONS = (1, FORMAT_VERSION)
 BLOCK_KEYS_STORE_FORMAT = 6          # the store format whose blobs may have keys of their own
-FORMAT_OBJECT = "rpfs-vault.json"
-CONDEMNED = "gc/condemned"           # gc.py
-CONDEMNED_ASSOCIATED = b"vault-gc\0condemned"
-KEYS_OBJECT = "keys.json"
 SETTINGS = ("encryption", "block_id", "block_size", "zstd_level")   # copied from the store's meta
 ENTRY = struct.Struct("<c32sQI")     # an index entry: kind (b"b" blob, b"p" piece), id, offset, length
 BLOB, PIECE = b"b", b"p"
@@ -74,23 +63,6 @@ class Location:
     length: int
 
 
-def pack_object(pack: str) -> str:
-    return f"packs/{pack}"
-
-
-def index_object(pack: str) -> str:
-    return f"index/{pack}"
-
-
-def point_object(vm: str, point_id: str) -> str:
-    return f"points/{vm}/{point_id}"
-
-
-def hold_object(name: str) -> str:
-    """A hold of this machine (two machines may restore into the same path: their holds differ)."""
-    return f"holds/{machine_id().split('-')[0][:16]}-{name}"
-
-
 @dataclass(frozen=True)
 class Hold:
     """An unfinished instant restore's claim on a recovery point of the vault."""
@@ -108,6 +80,7 @@ class Vault:
 
     def __init__(self, config: VaultConfig, bucket: Bucket, settings: dict, lock: KeyLock, keys: KeyChoice | None):
         self.config, self.bucket, self.settings = config, bucket, settings
+        self.objects = VaultObjects(bucket)
         self.path = Path(config.label)   # what messages call it (as a store's path)
         self.store_id = bytes.fromhex(settings["store_id"])
         self.block_size = int(settings["block_size"])
@@ -149,7 +122,7 @@ class Vault:
                                 f" {found['store_id']}); give another --bucket or --prefix")
         else:
             upload_key_slots(bucket, store.key_lock().slots)
-            bucket.put(FORMAT_OBJECT, json.dumps(settings, indent=2).encode())   # last: the vault exists now
+            VaultObjects(bucket).put_format_record(json.dumps(settings, indent=2).encode())   # last: it exists now
         vault = cls.open(config, KeyChoice(master=store.master_key))
         vault.created = created
         return vault
@@ -162,7 +135,7 @@ class Vault:
             raise RpfsError(f"{config.label}: bucket {config.bucket} now holds another vault (store id"
                             f" {settings['store_id']}, it held {config.store_id} when added); refused: someone may"
                             " have replaced it (rpfs vault remove, then add it again if this is expected)")
-        raw = bucket.get(KEYS_OBJECT)
+        raw = VaultObjects(bucket).key_slots()
         try:
             slots, damaged = [], []
             for record in parse_json(raw or b"null"):
@@ -183,7 +156,7 @@ class Vault:
         found = _settings(self.bucket) or self.settings
         if int(found["format_version"]) < wanted:
             self.settings = {**found, "format_version": wanted}
-            self.bucket.put(FORMAT_OBJECT, json.dumps(self.settings, indent=2).encode())
+            self.objects.put_format_record(json.dumps(self.settings, indent=2).encode())
 
     @property
     def master_key(self) -> bytes:
@@ -204,7 +177,7 @@ class Vault:
         """(kind, id) -> where it is, from every pack's index (read once per opened vault, or again if fresh)."""
         with self._index_lock:
             if self._index is None or fresh:
-                names = [name[len("index/"):] for name, _size in self.bucket.names("index/")]
+                names = self.objects.indexed_packs()
                 found: dict[tuple[bytes, bytes], Location] = {}
                 with ThreadPoolExecutor(INDEX_READERS) as pool:
                     for pack, entries in zip(names, pool.map(self._read_index, names)):
@@ -213,29 +186,19 @@ class Vault:
                 self._index_copies.keep_only(set(names))
             return self._index
 
-    def condemned(self) -> dict | None:
-        """gc's record of the packs it condemned (gc.py), or None if there is none. Sealed like every record:
-        whoever may write the bucket but not delete from it must not make gc delete a needed pack's index.
-        Raises CorruptBlockError if it does not open (damaged, forged, or written unsealed by an older rpfs)."""
-        raw = self.bucket.get(CONDEMNED)
-        if raw is None:
-            return None
-        data = self._unseal(CONDEMNED_ASSOCIATED, raw, CONDEMNED)
-        try:
-            record = parse_json(data)
-            if not isinstance(record.get("packs"), dict):
-                raise ValueError
-        except (ValueError, AttributeError):
-            raise CorruptBlockError(f"{self.config.label}: {CONDEMNED} is damaged") from None
-        return record
+    def condemned(self) -> Condemned | None:
+        """gc's record of the packs it condemned (layout.py, gc.py), or None if there is none. Raises
+        CorruptBlockError if it does not open (damaged, forged, or written unsealed by an older rpfs)."""
+        raw = self.objects.condemned()
+        return None if raw is None else Condemned.decode(self.keyring, self.config.label, raw)
 
-    def put_condemned(self, record: dict) -> None:
-        self.bucket.put(CONDEMNED, self.keyring.seal_record(json.dumps(record).encode(), CONDEMNED_ASSOCIATED))
+    def put_condemned(self, record: Condemned) -> None:
+        self.objects.put_condemned(record.encode(self.keyring))
 
     def _condemned_index(self) -> dict[tuple[bytes, bytes], Location]:
         """The entries of the packs gc/condemned lists (for reads only: a push must never rely on them)."""
         try:
-            packs = (self.condemned() or {"packs": {}})["packs"]
+            packs = (self.condemned() or Condemned({})).packs
         except CorruptBlockError:
             return {}
         found = {}
@@ -253,7 +216,7 @@ class Vault:
                 return self.index_entries(pack, copy)
             except (RpfsError, CorruptBlockError):
                 pass   # a damaged or changed copy: fetched again
-        sealed = self.bucket.get(index_object(pack))
+        sealed = self.objects.index(pack)
         if sealed is None:
             return []   # removed meanwhile (gc): its pack is going too
         entries = self.index_entries(pack, sealed)
@@ -273,7 +236,7 @@ class Vault:
     def add_index(self, pack: str, entries: list[tuple[bytes, bytes, int, int]]) -> None:
         """Index a pack this handle uploaded whole (push): its entries count as held from now on."""
         sealed = self.seal_index(pack, entries)
-        self.bucket.put(index_object(pack), sealed)
+        self.objects.put_index(pack, sealed)
         self._index_copies.put(pack, sealed)
         index = self.index()
         with self._index_lock:
@@ -291,14 +254,10 @@ class Vault:
             listed, names = self._listing
         if time.monotonic() - listed < LISTING_SECONDS and not fresh:
             return names
-        found = []
-        for name, _size in self.bucket.names("points/"):
-            parts = name.split("/")
-            if len(parts) == 3 and NAME_RE.fullmatch(parts[1]) and NAME_RE.fullmatch(parts[2]):
-                found.append((parts[1], parts[2]))   # anything else is no manifest of ours: ignored
+        found = self.objects.point_names()
         with self._index_lock:
-            self._listing = (time.monotonic(), sorted(found))
-        return sorted(found)
+            self._listing = (time.monotonic(), found)
+        return found
 
     def stored_bytes(self) -> int:
         """Bytes of every blob and piece the vault's indexes name."""
@@ -340,7 +299,7 @@ class Vault:
 
     def delete_point(self, vm: str, point_id: str) -> None:
         """Remove a recovery point from the vault (its manifest): gc frees what nothing else needs."""
-        self.bucket.delete(point_object(vm, point_id))
+        self.objects.delete_manifest(vm, point_id)
         self._manifests.pop(point_object(vm, point_id), None)
         self._listing = (-LISTING_SECONDS, [])
 
@@ -350,7 +309,7 @@ class Vault:
         found = self._manifests.get(name) or self._held.get(name)
         if found is not None:
             return found
-        sealed = self.bucket.get(name)
+        sealed = self.objects.manifest(vm, point_id)
         if sealed is None:
             return None, {}
         self._manifests[name] = found = self._open_manifest(vm, point_id, sealed)
@@ -359,49 +318,42 @@ class Vault:
         return found
 
     def _open_manifest(self, vm: str, point_id: str, sealed: bytes) -> tuple[RecoveryPoint, dict]:
-        data = self._unseal(manifest_associated(vm, point_id), sealed, f"the manifest of {vm}/{point_id}")
-        try:
-            manifest = json.loads(data)
-            point = RecoveryPoint.from_json(manifest["point"].encode())
-            maps = {disk: (entry["count"], [bytes.fromhex(p) for p in entry["pieces"]])
-                    for disk, entry in manifest["maps"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise CorruptBlockError(f"{self.config.label}: the manifest of {vm}/{point_id} is damaged") from None
-        return point, maps
+        manifest = Manifest.decode(self.keyring, self.config.label, vm, point_id, sealed)
+        return manifest.point, manifest.maps
 
     # -- holds: recovery points an instant restore still copies -----------------------------------
     def hold(self, name: str, vm: str, point_id: str, target: str) -> None:
         """Claim a point for an instant restore: prune skips it and gc keeps what it needs (gc.py reads a
         hold's manifest as a manifest) until release_hold. Checked again once written: a point pruned
         before that may already have lost its packs, and is refused."""
-        sealed = self.bucket.get(point_object(vm, point_id))
+        sealed = self.objects.manifest(vm, point_id)
         if sealed is not None:
-            self.bucket.put(hold_object(name), json.dumps({"vm": vm, "point": point_id, "target": target,
-                                                           "manifest": base64.b64encode(sealed).decode()}).encode())
-            if self.bucket.get(point_object(vm, point_id)) is not None:
+            self.objects.put_hold(name, json.dumps({"vm": vm, "point": point_id, "target": target,
+                                                    "manifest": base64.b64encode(sealed).decode()}).encode())
+            if self.objects.manifest(vm, point_id) is not None:
                 return
             self.release_hold(name)
         raise RpfsError(f"recovery point {vm}/{point_id} no longer exists in {self.config.label} (just pruned)")
 
     def release_hold(self, name: str) -> None:
-        self.bucket.delete(hold_object(name))
+        self.objects.delete_hold(name)
 
     def holds(self) -> list[Hold]:
         """Every hold in the vault (a damaged one stops the caller: what it keeps cannot be known)."""
         found = []
-        for object_name, _size in self.bucket.names("holds/"):
+        for object_name in self.objects.hold_objects():
             hold = self._hold(object_name)
             if hold is not None:   # else released meanwhile
                 found.append(hold)
         return found
 
     def _hold(self, object_name: str) -> Hold | None:
-        raw = self.bucket.get(object_name)
+        raw = self.objects.hold(object_name)
         if raw is None:
             return None
         try:
             record = parse_json(raw)
-            return Hold(object_name[len("holds/"):], str(record["vm"]), str(record["point"]), str(record["target"]),
+            return Hold(hold_name(object_name), str(record["vm"]), str(record["point"]), str(record["target"]),
                         base64.b64decode(record["manifest"]))
         except (ValueError, KeyError, TypeError):
             raise RpfsError(f"{self.config.label}: {object_name} is damaged; nothing was changed (delete it if no"
@@ -431,7 +383,7 @@ class Vault:
         _point, maps = self._manifest(vm, point_id)
         if disk not in maps:
             raise RpfsError(f"block map missing for {where(map_key)} in {self.config.label}")
-        _count, ids = maps[disk]
+        _block_count, ids = maps[disk]
         if number >= len(ids):
             raise RpfsError(f"block {number * 1024} is beyond the block map of {where(map_key)}")
         return self.piece(ids[number], map_key)
@@ -460,17 +412,17 @@ class Vault:
             raise CorruptBlockError(f"a piece{of} does not match its id ({piece_id.hex()[:16]})")
         return piece
 
-    def read_checked(self, kind: bytes, entry_id: bytes, where_: Location) -> bytes:
+    def read_checked(self, kind: bytes, entry_id: bytes, location: Location) -> bytes:
         """An entry's bytes as stored, at a known place, checked whole (gc copies it into a new pack: a
         damaged one must not be copied as if it were good). Raises CorruptBlockError."""
-        data = self._read_pack(where_.pack, where_.offset, where_.length)
+        data = self._read_pack(location.pack, location.offset, location.length)
         if kind == PIECE:
             self._open_piece(entry_id, data)
         else:
             try:
                 self.codec.decode(entry_id, data)
             except CorruptBlockError as e:
-                raise CorruptBlockError(f"block {entry_id.hex()} in pack {where_.pack}: {e.message}") from None
+                raise CorruptBlockError(f"block {entry_id.hex()} in pack {location.pack}: {e.message}") from None
         return data
 
     def get_blob(self, digest: bytes, decode: Callable[[memoryview], T] = bytes,
@@ -487,77 +439,73 @@ class Vault:
     def _cut(self, digest: bytes, start: int, stop: int) -> Cut | bytes | None:
         """What bytes [start, stop) of a block need of its blob (blob.Cut): its header and frame table (kept
         for the next read of that block), then one ranged GET of the frames they lie in."""
-        return self._located(BLOB, digest, lambda where_: self._cut_at(where_, digest, start, stop))
+        return self._located(BLOB, digest, lambda location: self._cut_at(location, digest, start, stop))
 
-    def _cut_at(self, where_: Location, digest: bytes, start: int, stop: int) -> Cut | bytes:
+    def _cut_at(self, location: Location, digest: bytes, start: int, stop: int) -> Cut | bytes:
         with self._heads_lock:   # heads by place, not by id: another copy of a block is sealed anew
-            head = self._heads.get((where_.pack, where_.offset))
+            head = self._heads.get((location.pack, location.offset))
         if head is None:
-            head = self._read_pack(where_.pack, where_.offset, min(where_.length, HEAD_BYTES))
+            head = self._read_pack(location.pack, location.offset, min(location.length, HEAD_BYTES))
             needed = head_size(head)
             if needed is None:   # not in frames (a block of format 3): read whole
-                return self._read_pack(where_.pack, where_.offset, where_.length)
-            if len(head) < needed <= where_.length:
-                head = self._read_pack(where_.pack, where_.offset, needed)
+                return self._read_pack(location.pack, location.offset, location.length)
+            if len(head) < needed <= location.length:
+                head = self._read_pack(location.pack, location.offset, needed)
             head = bytes(head[:needed])
             with self._heads_lock:
-                self._heads[(where_.pack, where_.offset)] = head
+                self._heads[(location.pack, location.offset)] = head
                 while len(self._heads) > HEADS_KEPT:
                     self._heads.popitem(last=False)
         span = frame_span(head, start, stop)
         if span is None:
-            return self._read_pack(where_.pack, where_.offset, where_.length)
+            return self._read_pack(location.pack, location.offset, location.length)
         _size, first, at, length = span
-        if at + length > where_.length:
+        if at + length > location.length:
             raise CorruptBlockError(f"block {digest.hex()}: its frame table points past its blob")
-        frames = self._read_pack(where_.pack, where_.offset + at, length) if length else b""
+        frames = self._read_pack(location.pack, location.offset + at, length) if length else b""
         return Cut(head, first, frames)
 
     def _locate(self, kind: bytes, entry_id: bytes) -> Location | None:
         """Where an entry lies; None if no index names it. An entry missing from the index read at open (a
         long mount) is looked up again in a fresh one, then among the packs a gc condemned (their indexes
         hidden until the next gc rescues or deletes them: readers may still use them)."""
-        where_ = self.index().get((kind, entry_id))
-        if where_ is None and time.monotonic() - self._index_read > LISTING_SECONDS:
-            where_ = self.index(fresh=True).get((kind, entry_id))
-        if where_ is None:
-            where_ = self._condemned_index().get((kind, entry_id))
-        return where_
+        location = self.index().get((kind, entry_id))
+        if location is None and time.monotonic() - self._index_read > LISTING_SECONDS:
+            location = self.index(fresh=True).get((kind, entry_id))
+        if location is None:
+            location = self._condemned_index().get((kind, entry_id))
+        return location
 
     def _fetch(self, kind: bytes, entry_id: bytes, in_runs: bool = False) -> bytes | None:
         """An entry's bytes by a ranged GET (in a run: runs.py); None if no index names it."""
         if in_runs:
-            return self._located(kind, entry_id, lambda where_: self._runs.read((kind, entry_id), where_))
-        return self._located(kind, entry_id, lambda where_: self._read_pack(where_.pack, where_.offset,
-                                                                            where_.length))
+            return self._located(kind, entry_id, lambda location: self._runs.read((kind, entry_id), location))
+        return self._located(kind, entry_id, lambda location: self._read_pack(location.pack, location.offset,
+                                                                              location.length))
 
     def _located(self, kind: bytes, entry_id: bytes, read: Callable[[Location], T]) -> T | None:
         """read(where the entry lies), None if no index names it. If its pack has gone since this handle read
         the index (a long mount or instant restore: gc repacked the entry, then deleted the old pack), the
         entry is looked up once more and read where it is now."""
-        where_ = self._locate(kind, entry_id)
-        if where_ is None:
+        location = self._locate(kind, entry_id)
+        if location is None:
             return None
         try:
-            return read(where_)
+            return read(location)
         except PackMissing:
             moved = self.index(fresh=True).get((kind, entry_id)) or self._condemned_index().get((kind, entry_id))
-            if moved is None or moved == where_:
+            if moved is None or moved == location:
                 raise
             return read(moved)
 
     def _read_pack(self, pack: str, offset: int, length: int) -> bytes:
-        data = self.bucket.get(pack_object(pack), offset, length)
+        data = self.objects.read_pack(pack, offset, length)
         if data is None:
             raise PackMissing(f"pack {pack} is missing from {self.config.label}")
         return data
 
     def _unseal(self, associated: bytes, sealed: bytes, what: str) -> bytes:
-        try:
-            return self.keyring.unseal_record(sealed, associated)
-        except CorruptBlockError:
-            raise CorruptBlockError(f"{self.config.label}: {what} fails authentication (changed, damaged, or"
-                                    " moved from elsewhere)") from None
+        return unseal(self.keyring, self.config.label, associated, sealed, what)
 
 
 def vault_version_for(store: Store) -> int:
@@ -565,8 +513,10 @@ def vault_version_for(store: Store) -> int:
     return FORMAT_VERSION if store.format_version >= BLOCK_KEYS_STORE_FORMAT else 1
 
 
-def bucket_of(config: VaultConfig) -> Bucket:
-    return Bucket(config.label, config.endpoint, config.bucket, config.prefix)
+def bucket_of(config: VaultConfig) -> Bucket | FolderBucket:
+    """The vault's bucket: on S3, or a local folder for an endpoint file:///folder (tests and experiments)."""
+    kind = FolderBucket if config.endpoint.startswith("file:") else Bucket
+    return kind(config.label, config.endpoint, config.bucket, config.prefix)
 
 
 def probe(config: VaultConfig, bucket: Bucket | None = None) -> dict:
@@ -586,20 +536,16 @@ def has_hold(vault_name: str, name: str) -> bool:
 
 def release_hold(vault_name: str, name: str) -> None:
     """Release this machine's hold knowing only the vault's name (no key needed: instant-stop, discard)."""
-    bucket_of(vault_config(vault_name)).delete(hold_object(name))
-
-
-def manifest_associated(vm: str, point_id: str) -> bytes:
-    return b"vault-points\0" + Store.point_key(vm, point_id)
+    VaultObjects(bucket_of(vault_config(vault_name))).delete_hold(name)
 
 
 def upload_key_slots(bucket: Bucket, slots: list[KeySlot]) -> None:
-    bucket.put(KEYS_OBJECT, json.dumps([json.loads(slot.to_json()) for slot in slots], indent=2).encode())
+    VaultObjects(bucket).put_key_slots(json.dumps([json.loads(slot.to_json()) for slot in slots], indent=2).encode())
 
 
 def _settings(bucket: Bucket) -> dict | None:
     """The vault's format record, checked; None if the bucket holds no vault."""
-    raw = bucket.get(FORMAT_OBJECT)
+    raw = VaultObjects(bucket).format_record()
     if raw is None:
         return None
     try:
