@@ -65,7 +65,9 @@ from rpfs.store.blob import DEFAULT_ZSTD_LEVEL, BlockCodec, read_header
 from rpfs.store.block_maps import MAP_PIECE, REF, BlockMaps, count_references, flat_map_piece
 from rpfs.store.crypto import Keyring
 from rpfs.store.key_slots import KeyChoice, KeyLock, KeySlot, NewSlot, new_master_key
+from rpfs.store.leases import LeaseKeeper, hold, release_hold
 from rpfs.store.recovery_point import DIGEST_SIZE, RecoveryPoint
+from rpfs.store.source import RecoverySource, SourceName
 
 FORMAT_VERSION = 6
 PIECES_VERSIONS = (3, 4, 5, FORMAT_VERSION)   # block maps in pieces; 3: no blob in frames yet; 3, 4: no sizes;
@@ -103,6 +105,7 @@ class Store:
     """A handle on one store directory. Thread-safe: any thread may read; one writer (see writer_lock)."""
 
     parallel_reads: int | None = None   # blocks a restore reads at once (None: one per core; a vault: more)
+    kept_snapshots = True               # a restore may clone a point's kept reflink snapshot (source.py)
 
     def __init__(self, path: Path, env: lmdb.Environment, readonly: bool, keys: KeyChoice | None = None,
                  unlock: bool = True):
@@ -738,6 +741,28 @@ class Store:
         """The id of one block of a disk, from its piece of the block map (pieces are kept: a reader going
         block by block fetches and checks each piece once)."""
         return self._pieces.digest(map_key, index, self.map_piece)
+
+    # -- the read side's keeping (source.py): leases and holds, leases.py ----------------------------
+    def source_name(self) -> SourceName:
+        return SourceName(store=self.path)
+
+    def keeper(self) -> LeaseKeeper:
+        return LeaseKeeper(self)
+
+    def hold(self, name: str, vm: str, point_id: str, target: Path) -> bool:
+        return hold(self, name, vm, point_id, target)
+
+    def release_hold(self, name: str) -> None:
+        release_hold(self.path, name)
+
+    def adopt_hold(self, name: str) -> None:
+        pass   # a held point stays in the store: it is read as it is
+
+    @contextmanager
+    def isolated(self) -> Iterator["RecoverySource"]:
+        from rpfs.store.isolated import IsolatedStore   # isolated.py is built on this module
+        with IsolatedStore.open(self.path, self.master_key) as reader:
+            yield reader
 
     def _layout(self) -> BlockMaps:
         if self._maps is None:
