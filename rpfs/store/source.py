@@ -42,7 +42,8 @@ class PointKeeper(Protocol):
     """Keeps recovery points from prune while this process reads them; a context manager that closes."""
 
     def take(self, vm: str, point_id: str) -> None:
-        """Keep a point; raises RpfsError if it no longer exists (pruned just before)."""
+        """Keep a point. A keeper that keeps anything (a lease) then checks the point is still there:
+        RpfsError if it was pruned just before."""
 
     def remove(self, vm: str, point_id: str) -> None:
         """Stop keeping a point (another take of it may follow)."""
