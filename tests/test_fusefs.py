@@ -12,7 +12,7 @@ from test_backup import corrupt_one_block, write_image
 from rpfs.backup.pipeline import backup
 from rpfs.serve.image import BlockCache
 from rpfs.serve.store_tree import RecoveryPointFS
-from rpfs.store.leases import Lease, gate, leased_points
+from rpfs.store.leases import gate, leased_points
 from rpfs.store.store import Store
 
 MiB = 1 << 20
@@ -93,8 +93,8 @@ def test_open_waits_for_a_prune_off_the_fuse_loop(tmp_path):
     img = write_image(tmp_path / "d.img", 32, MiB)
     with Store.init(tmp_path / "store") as store:
         point, _ = backup(store, "vm", [("d", str(img))])
-        lease = Lease(store.path)
-        ops = RecoveryPointFS(store, BlockCache(4 * MiB), lease=lease)
+        lease = store.keeper()
+        ops = RecoveryPointFS(store, BlockCache(4 * MiB), keeper=lease)
         image = lookup_path(ops, "vm", point.id, "d.img")
         held, release = threading.Event(), threading.Event()
 

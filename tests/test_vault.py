@@ -300,8 +300,8 @@ def test_a_vault_of_version_1_is_read_raised_by_a_push_of_blobs_with_keys_of_the
     from cli_helpers import FORMAT_5_RELEASE, previous_release, previous_rpfs, session_keys
 
     from rpfs.store.blob import FLAG_BLOCK_KEY, read_header
-    from rpfs.vault.config import vault_config
-    from rpfs.vault.vault import BLOB, Vault
+    from rpfs.vault.named import open_vault
+    from rpfs.vault.vault import BLOB
     old = previous_release(tmp_path, FORMAT_5_RELEASE)
     store, disk = tmp_path / "store", _image(tmp_path / "os.img", 5)
     previous_rpfs(old, store, "init", keep_key=True)
@@ -321,7 +321,7 @@ def test_a_vault_of_version_1_is_read_raised_by_a_push_of_blobs_with_keys_of_the
     assert _vault_version(vault_env) == 2
     (store / "data.mdb").unlink()   # from the vault alone from here on
     flags = []
-    with Vault.open(vault_config("offsite"), session_keys()) as vault:
+    with open_vault("offsite", session_keys()) as vault:
         for point, want in zip(vault.points("web"), copies):
             block_map = vault.block_map(vault.map_key("web", point.id, "os"))
             for n in range(0, len(block_map) // 32):
@@ -398,10 +398,10 @@ def test_random_reads_through_the_vault_mount_fetch_frames_and_a_damaged_frame_f
     """A random 4 KiB read fetches only the frames it needs (blob.Cut by ranged GETs); a frame damaged in its
     pack is EIO for its range, while the rest of its block still reads right."""
     from cli_helpers import force_unmount, is_mounted, session_keys
-    from rpfs.vault.config import vault_config
-    from rpfs.vault.vault import BLOB, Vault
+    from rpfs.vault.named import open_vault
+    from rpfs.vault.vault import BLOB
     store, disk = _vault_of_one_backup(vault_env, area, 16)
-    with Vault.open(vault_config("offsite"), session_keys()) as vault:
+    with open_vault("offsite", session_keys()) as vault:
         point = vault.point("web")
         where = vault.index()[(BLOB, vault.block_digest(vault.map_key("web", point.id, "os"), 0))]
     s3 = _client(vault_env["endpoint"])
@@ -436,14 +436,14 @@ def test_a_vault_opened_again_fetches_only_indexes_it_has_not_seen(vault_env, tm
     from cli_helpers import session_keys
     from rpfs.vault.config import vault_config
     from rpfs.vault.index_cache import IndexCache
-    from rpfs.vault.vault import Vault
+    from rpfs.vault.named import open_vault
     store, disk = _vault_of_one_backup(vault_env, tmp_path, 17, push=False)
     rpfs("vault", "push", "offsite", "--pack-mib", "2", store=store)
     packs = len(_objects(vault_env, "index/"))
     assert packs >= 5
 
     def index_gets() -> tuple[int, dict]:
-        with Vault.open(vault_config("offsite"), session_keys()) as vault:
+        with open_vault("offsite", session_keys()) as vault:
             fetched, get = [], vault.bucket.get
             vault.bucket.get = lambda name, *a: (fetched.append(name), get(name, *a))[1]
             index = vault.index()

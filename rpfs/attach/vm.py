@@ -18,10 +18,10 @@ from rpfs.host import run_dir
 from rpfs.serve import daemon
 from rpfs.serve.store_mount import start_store_daemon
 from rpfs.store.recovery_point import RecoveryPoint
-from rpfs.store.store import Store
+from rpfs.store.source import RecoverySource
 
 
-def attach_point(store: Store, point: RecoveryPoint, dest: Path) -> dict[str, list[AttachedFilesystem]]:
+def attach_point(store: RecoverySource, point: RecoveryPoint, dest: Path) -> dict[str, list[AttachedFilesystem]]:
     """Run again (after a kill, or not), it completes what the earlier run attached, through its store mount."""
     dest = Path(os.path.abspath(dest))
     check_trusted_place(dest, "attach destination", private=True)   # before a store mount is started for it

@@ -16,6 +16,7 @@ from rpfs.errors import RpfsError
 from rpfs.host.known_stores import config_folder, remember_encrypted, was_encrypted
 from rpfs.host.libc import erase_environment_value, no_core_dumps
 from rpfs.store.key_slots import KeyChoice
+from rpfs.store.source import RecoverySource
 from rpfs.store.store import Store
 
 
@@ -70,12 +71,18 @@ def _refuse_if_known_encrypted(store: Store) -> None:
                             " encrypted when it was added: its settings were changed; it is not opened")
 
 
-def open_source(args):
+def open_source(args) -> RecoverySource:
     """The vault of --vault, else the store, opened to read (and unlocked)."""
     if args.vault:
-        from rpfs.commands.vaults import open_vault
-        return open_vault(args)
+        return vault_of(args)
     return open_store(args, readonly=True)
+
+
+def vault_of(args):
+    """The vault of --vault, unlocked with the key the command was given (the store's key: same slots);
+    a warning first if its key slots are behind the store's."""
+    from rpfs.vault.named import open_vault   # boto3: imported only by commands that talk to a vault
+    return open_vault(args.vault, key_choice(args), warn=lambda warning: print(warning, file=sys.stderr))
 
 
 @contextmanager
@@ -85,8 +92,7 @@ def store_and_job(args, kind: str, vm: str | None) -> Iterator[tuple]:
     no jobs, and there may be no store)."""
     from rpfs.upkeep.jobs import Job, recorded
     if args.vault:
-        from rpfs.commands.vaults import open_vault
-        with open_vault(args) as vault:
+        with vault_of(args) as vault:
             yield vault, Job(id="", kind=kind, vm=vm, start="")
         return
     with open_store(args) as store, recorded(store, kind, vm, begun=False) as job:

@@ -6,7 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rpfs.backup.pipeline import BackupOptions, backup, parse_disk_specs
-from rpfs.commands import open_store, print_json
+from rpfs.commands import open_store, print_json, vault_of
 from rpfs.commands.progress import ProgressBar, human_bytes
 from rpfs.upkeep.jobs import recorded
 
@@ -69,8 +69,7 @@ def _listed_points(args) -> tuple[list, dict[tuple[str, str], str]]:
             if args.vm and not local and not args.vault:
                 store.point(args.vm)  # raises: unknown VM
     if args.vault:
-        from rpfs.commands.vaults import open_vault
-        with open_vault(args) as vault:
+        with vault_of(args) as vault:
             held = vault.points(args.vm)
             if args.vm and not held and not local:
                 vault.point(args.vm)  # raises: unknown VM

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rpfs.commands import key_choice, open_source, print_json
 from rpfs.commands.progress import human_bytes
+from rpfs.store.source import SourceName
 
 
 def cmd_mount(args) -> int:
@@ -19,13 +20,8 @@ def cmd_mount(args) -> int:
         if master_key is None:   # rpfs mount --foreground, run by hand: unlocked here, once
             with open_source(args) as store:
                 master_key = store.master_key
-        if args.vault:
-            from rpfs.vault.config import vault_config
-            config = vault_config(args.vault)
-            filesystem = lambda: store_mount.vault_filesystem(config, cache_bytes, args.allow_group, master_key)  # noqa: E731
-        else:
-            filesystem = lambda: store_mount.store_filesystem(Path(args.store or ""), cache_bytes,  # noqa: E731
-                                                              args.allow_group, master_key)
+        name = SourceName(vault=args.vault) if args.vault else SourceName(store=Path(args.store or ""))
+        filesystem = lambda: store_mount.store_filesystem(name, cache_bytes, args.allow_group, master_key)  # noqa: E731
         daemon.serve(filesystem, mountpoint, ready_fd=ready_fd, debug=args.debug,
                      log_file=Path(args.log_file) if args.log_file else None)
         return 0

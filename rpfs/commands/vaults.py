@@ -5,7 +5,6 @@ boto3 takes half a second to import: only commands that talk to a vault import r
 from __future__ import annotations
 
 import argparse
-import sys
 
 from rpfs.commands import key_choice, open_store, print_json
 from rpfs.commands.arguments import Parser, rate
@@ -20,16 +19,6 @@ from rpfs.vault.config import VaultConfig, checked, vault_config
 def cmd_vault(args) -> int:
     return {"add": _add, "list": _list, "remove": _remove, "push": _push, "prune": _prune,
             "gc": _gc}[args.vault_action](args)
-
-
-def open_vault(args):
-    """The vault of --vault, unlocked with the key the command was given (the store's key: same slots)."""
-    from rpfs.vault.keys import behind_warning
-    from rpfs.vault.vault import Vault
-    config = vault_config(args.vault)
-    if (warning := behind_warning(config)) is not None:
-        print(warning, file=sys.stderr)
-    return Vault.open(config, key_choice(args))
 
 
 def _add(args) -> int:
@@ -101,12 +90,12 @@ def _remove(args) -> int:
 
 
 def _push(args) -> int:
+    from rpfs.vault.named import open_vault
     from rpfs.vault.push import push
-    from rpfs.vault.vault import Vault
     with open_store(args) as store:   # writable: the push is recorded as a job
         # opened with the store's master key, not the command's: after a key change the vault missed (its
         # slots behind), the new key file or passphrase opens no slot there, and this push must send them
-        vault = Vault.open(vault_config(args.name), KeyChoice(master=store.master_key))
+        vault = open_vault(args.name, KeyChoice(master=store.master_key))
         points = store.points(args.vm) if args.recovery_point is None else [store.point(args.vm, args.recovery_point)]
         if args.vm and not points:
             store.point(args.vm)   # raises: unknown VM
@@ -127,8 +116,8 @@ def _push(args) -> int:
 
 def _gc(args) -> int:
     from rpfs.vault.gc import gc
-    from rpfs.vault.vault import Vault
-    with Vault.open(vault_config(args.name), key_choice(args)) as vault:
+    from rpfs.vault.named import open_vault
+    with open_vault(args.name, key_choice(args)) as vault:
         summary = gc(vault)
     if args.json:
         print_json({**summary.__dict__, "vault": args.name})
@@ -146,12 +135,13 @@ def _gc(args) -> int:
 
 
 def _prune(args) -> int:
-    from rpfs.policy.offsite import open_vault as policy_vault, prune_vault, vault_retentions
+    from rpfs.policy.offsite import prune_vault, vault_retentions
     from rpfs.policy.protection import get_policy, protections
+    from rpfs.vault.named import open_vault
     with open_store(args, readonly=args.dry_run) as store:
         policies = {vm: get_policy(store, p.policy) for vm, p in protections(store).items()}
         retentions = vault_retentions(store, policies).get(args.name, {})
-        with policy_vault(args.name, store) as vault:
+        with open_vault(args.name, KeyChoice(master=store.master_key), slots_from=store) as vault:
             results = prune_vault(vault, retentions, args.vm, dry_run=args.dry_run)
     if args.json:
         print_json([r.__dict__ for r in results])

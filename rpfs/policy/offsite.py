@@ -26,23 +26,13 @@ class VaultPrune:
     pruned: list[str] = field(default_factory=list)
 
 
-def open_vault(name: str, store: Store):
-    """A policy's vault, unlocked with the store's own master key (the vault holds the store's key slots);
-    sent the store's key slots first if a key change could not reach it (vault/keys.py)."""
-    from rpfs.vault.config import vault_config
-    from rpfs.vault.keys import send_key_slots
-    from rpfs.vault.vault import Vault
-    config = vault_config(name)
-    if config.keys_behind:
-        send_key_slots(config, store)   # still behind if it fails: the open below says why
-    return Vault.open(config, KeyChoice(master=store.master_key))
-
-
 def push_new_points(store: Store, vm: str, policy: Policy) -> list[str]:
     """Push the VM's recovery points newer than its newest in the policy's vault (the new one, and any an
     earlier run failed to push; never one the vault pruned); recorded as a push job. Returns the ids pushed."""
+    from rpfs.vault.named import open_vault
     from rpfs.vault.push import push
-    with jobs.recorded(store, "push", vm) as job, open_vault(policy.vault, store) as vault:
+    with jobs.recorded(store, "push", vm) as job, \
+            open_vault(policy.vault, KeyChoice(master=store.master_key), slots_from=store) as vault:
         summary = push(store, vault, store.points(vm))
         job.bytes_written = summary.uploaded_bytes
         job.recovery_point = summary.pushed[-1] if summary.pushed else None
@@ -88,9 +78,10 @@ def upkeep_vaults(store: Store, policies: dict[str, Policy]) -> dict[str, list[s
     """Prune every policy vault by its retentions, then gc it if that deleted something or a gc is pending.
     Returns "vault/vm" -> pruned ids."""
     from rpfs.vault.gc import gc, pending
+    from rpfs.vault.named import open_vault
     pruned: dict[str, list[str]] = {}
     for name, retentions in sorted(vault_retentions(store, policies).items()):
-        with open_vault(name, store) as vault:
+        with open_vault(name, KeyChoice(master=store.master_key), slots_from=store) as vault:
             deleted = 0
             for result in prune_vault(vault, retentions):
                 if result.pruned:

@@ -29,9 +29,8 @@ from rpfs.host.threads import in_order
 from rpfs.host.tools import run_tool_raw
 from rpfs.restore.partial import PartialFile, check_free, refuse_link
 from rpfs.serve.image import BlockCache, ImageReader
-from rpfs.store.leases import Lease
 from rpfs.store.recovery_point import HOLE, RecoveryPoint
-from rpfs.store.store import Store
+from rpfs.store.source import RecoverySource
 
 BLKZEROOUT = 0x127F   # zero a range: by discard/write-zeroes where the device guarantees zeros
 WRITEBACK_BYTES = 64 << 20   # written between two starts of writeback: the final fsync waits for little
@@ -89,22 +88,17 @@ def check_target(target: Path, size: int, force: bool) -> bool:
     return False
 
 
-def restore_disk(store: Store, point: RecoveryPoint, disk_name: str, target: Path, *, force: bool = False,
-                 discard: bool = False, progress: ProgressFn | None = None,
+def restore_disk(store: RecoverySource, point: RecoveryPoint, disk_name: str, target: Path, *,
+                 force: bool = False, discard: bool = False, progress: ProgressFn | None = None,
                  workers: int | None = None, mode: int | None = None) -> RestoreSummary:
     disk = point.disk(disk_name)
     is_device = check_target(target, disk.size, force)
-    if not isinstance(store, Store):   # a vault (rpfs/vault): no local prune to hold off
+    with store.keeper() as keeper:   # prune must not delete the recovery point while it is being copied
+        keeper.take(point.vm, point.id)
         return _restore(store, point, disk, target, is_device, discard, progress, workers, mode)
-    lease = Lease(store.path)   # prune must not delete the recovery point while it is being copied
-    try:
-        lease.take(store, point.vm, point.id)
-        return _restore(store, point, disk, target, is_device, discard, progress, workers, mode)
-    finally:
-        lease.close()
 
 
-def _restore(store: Store, point: RecoveryPoint, disk, target: Path, is_device: bool, discard: bool,
+def _restore(store: RecoverySource, point: RecoveryPoint, disk, target: Path, is_device: bool, discard: bool,
              progress: ProgressFn | None, workers: int | None, mode: int | None) -> RestoreSummary:
     disk_name = disk.name
     started = time.monotonic()
@@ -122,7 +116,7 @@ def _restore(store: Store, point: RecoveryPoint, disk, target: Path, is_device: 
     else:
         partial = PartialFile.create(target)
         try:
-            if isinstance(store, Store) and _clone_kept_snapshot(point, disk_name, disk.size, partial.fd):
+            if store.kept_snapshots and _clone_kept_snapshot(point, disk_name, disk.size, partial.fd):
                 written = disk.size - disk.zero_blocks * disk.block_size   # about: the clone shares extents
                 if progress:
                     progress(disk.size, disk.size)

@@ -32,11 +32,10 @@ from rpfs.host import run_dir
 from rpfs.serve import daemon
 from rpfs.serve.image import BlockCache
 from rpfs.serve.writable_tree import WritableImageFS
-from rpfs.store.isolated import IsolatedStore
-from rpfs.store.key_slots import KeyChoice
-from rpfs.store.leases import LEASE_DIR, Lease, hold, release_hold
+from rpfs.serve.store_mount import open_for_daemon
+from rpfs.store.leases import LEASE_DIR, release_hold
 from rpfs.store.recovery_point import RecoveryPoint
-from rpfs.store.store import Store
+from rpfs.store.source import RecoverySource, SourceName
 
 CACHE_BYTES = 64 << 20
 REGISTERED = ("target", "image", "mountpoint", "vm", "point_id", "disk", "blocks", "store", "vault")
@@ -78,34 +77,25 @@ def instant_filesystem(target: Path, copy_bytes_per_second: float = 0,
 
 
 def _open_source(source: InstantSource, hold_name: str, master_key: bytes | None
-                 ) -> tuple[object, Callable[[], None], Callable[[], None]]:
+                 ) -> tuple[RecoverySource, Callable[[], None], Callable[[], None]]:
     """(the store or vault to read, what releases the hold, what closes it) for the daemon."""
-    if source.vault:
-        from rpfs.vault.config import vault_config
-        from rpfs.vault.vault import Vault
-        vault = Vault.open(vault_config(source.vault), KeyChoice(master=master_key))
-        vault.adopt_hold(hold_name)   # the point as held: prune may have deleted its manifest meanwhile
-        return vault, lambda: vault.release_hold(hold_name), vault.close
-    store = IsolatedStore.open(source.store, master_key)   # a damaged LMDB page crashes a reader, not the daemon
+    store = open_for_daemon(SourceName(store=Path(source.store), vault=source.vault), master_key)
     try:
-        lease = Lease(store.path)   # prune must not delete the recovery point while it is copied
-        lease.take(store, source.vm, source.point_id)
+        store.adopt_hold(hold_name)   # a vault's point as held: prune may have deleted its manifest meanwhile
+        keeper = store.keeper()   # prune must not delete the recovery point while it is copied
+        try:
+            keeper.take(source.vm, source.point_id)
+        except BaseException:
+            keeper.close()
+            raise
     except BaseException:
         store.close()
         raise
 
     def close() -> None:
-        lease.close()
+        keeper.close()
         store.close()
-    return store, lambda: release_hold(store.path, hold_name), close
-
-
-def _take_hold(store, name: str, point: RecoveryPoint, target: Path) -> bool:
-    """Keep the point until the copy is done: in the store (leases) or in the vault. True if new."""
-    if isinstance(store, Store):
-        return hold(store, name, point.vm, point.id, target)
-    store.hold(name, point.vm, point.id, str(target))
-    return True
+    return store, lambda: store.release_hold(hold_name), close
 
 
 def _vault_holds(vault: str, name: str) -> bool:
@@ -121,16 +111,16 @@ def _release_hold(store_path: str, vault: str, name: str) -> None:
         release_hold(Path(store_path), name)
 
 
-def start(store, point: RecoveryPoint, disk_name: str, target: Path, copy_mbps: float = 0) -> InstantJob:
+def start(store: RecoverySource, point: RecoveryPoint, disk_name: str, target: Path,
+          copy_mbps: float = 0) -> InstantJob:
     """Create the target (or resume an unfinished one) and start its daemon; returns once it serves.
     store: a Store, or a Vault (rpfs.vault) to restore from the vault."""
     target = Path(os.path.abspath(target))
     check_trusted_place(target, "instant restore target")
     disk = point.disk(disk_name)
-    in_store = isinstance(store, Store)
-    source = InstantSource(store=str(store.path.resolve()) if in_store else "", vm=point.vm, point_id=point.id,
-                           disk=disk.name, size=disk.size, block_size=disk.block_size,
-                           vault="" if in_store else store.config.name)
+    name = store.source_name()
+    source = InstantSource(store=str(name.store.resolve()) if name.store else "", vm=point.vm, point_id=point.id,
+                           disk=disk.name, size=disk.size, block_size=disk.block_size, vault=name.vault)
     registry, mountpoint = run_dir.instant_files(target)
     settle(target)
     existing = unfinished_source(target)   # read once: the copy may complete (and the state file go) meanwhile
@@ -140,7 +130,7 @@ def start(store, point: RecoveryPoint, disk_name: str, target: Path, copy_mbps: 
                 (earlier.vm, earlier.point_id, earlier.disk) == (point.vm, point.id, disk.name):
             return _with_progress(earlier)   # the same command again, after the copy finished: it is done
         # prune keeps the point until the copy is done
-        new_hold = _take_hold(store, registry.stem, point, target)
+        new_hold = store.hold(registry.stem, point.vm, point.id, target)
         try:
             create(target, source)
         except BaseException:

@@ -34,7 +34,7 @@ from rpfs.host.threads import in_order
 from rpfs.restore.partial import PartialFile, open_existing, state_path
 from rpfs.serve.image import BlockCache, ImageReader
 from rpfs.store.recovery_point import HOLE
-from rpfs.store.store import Store
+from rpfs.store.source import RecoverySource
 
 HEADER_SIZE = 4096
 SYNC_EVERY_BYTES = 64 << 20    # the hydrator syncs data, then records bits, about this often
@@ -123,7 +123,7 @@ def create(target: Path, source: InstantSource) -> None:
 class WritableImage:
     """PATH as the user sees it: blocks from PATH where its bit is set, from the store elsewhere."""
 
-    def __init__(self, target: Path, store: Store, cache: BlockCache,
+    def __init__(self, target: Path, store: RecoverySource, cache: BlockCache,
                  on_complete: Callable[[], None] = lambda: None):
         """on_complete runs once PATH is whole, before the state file goes: the store is not needed any more."""
         self.target, self.on_complete = target, on_complete
@@ -238,7 +238,7 @@ class WritableImage:
         pending_bytes = copied = 0
         started = time.monotonic()
         missing = (index for index in range(self.source.blocks) if not self.present(index))
-        workers = getattr(self.reader.store, "parallel_reads", None) or 1   # a vault: many GETs at once
+        workers = self.reader.store.parallel_reads or 1   # a vault: many GETs at once
         for index, block in in_order(self.reader.load, missing, workers, ahead=4 * workers):   # outside the lock
             if bytes_per_second and stop.wait(max(0.0, copied / bytes_per_second - (time.monotonic() - started))):
                 break

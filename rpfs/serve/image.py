@@ -1,6 +1,7 @@
 """Random-access reads of one disk of a recovery point: the one path from a block map to bytes.
 
-The FUSE mount and the full restore both read through ImageReader. Holes read as zeros without touching
+The FUSE mount and the full restore both read through ImageReader, from any RecoverySource (a store, its
+reader processes or a vault: store/source.py). Holes read as zeros without touching
 the store; stored blocks are decoded, each frame checked (blob.py), and kept in a BlockCache shared by
 all images, bounded in bytes, so memory does not grow with disk size. A random read decodes only the
 frames it needs and caches nothing (read_frames): a whole block would cost 16 times as much.
@@ -15,7 +16,7 @@ from typing import Callable
 from rpfs.errors import CorruptBlockError
 from rpfs.host.libc import give_back_freed_memory
 from rpfs.store.recovery_point import HOLE, DiskRecord
-from rpfs.store.store import Store
+from rpfs.store.source import RecoverySource
 
 DEFAULT_CACHE_BYTES = 256 << 20
 TRIM_EVERY = 32 << 20   # evicted bytes between two give_back_freed_memory: 10-40 MiB less at 256 MiB
@@ -59,7 +60,7 @@ class BlockCache:
         return self._bytes
 
 
-def load_block(store: Store, digest: bytes, length: int, start: int = 0, stop: int | None = None) -> bytes:
+def load_block(store: RecoverySource, digest: bytes, length: int, start: int = 0, stop: int | None = None) -> bytes:
     """Fetch, decode and check bytes [start, stop) of one block of `length` bytes: wrong data never leaves
     this function."""
     try:
@@ -76,7 +77,7 @@ def load_block(store: Store, digest: bytes, length: int, start: int = 0, stop: i
 class ImageReader:
     """read(offset, size) over one disk of one recovery point."""
 
-    def __init__(self, store: Store, cache: BlockCache, vm: str, point_id: str, disk: DiskRecord):
+    def __init__(self, store: RecoverySource, cache: BlockCache, vm: str, point_id: str, disk: DiskRecord):
         self.store, self.cache, self.disk = store, cache, disk
         self.size = disk.size
         self.block_count = disk.blocks

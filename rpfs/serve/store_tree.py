@@ -28,9 +28,8 @@ import trio
 from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.serve.fuse_errors import fuse_errors
 from rpfs.serve.image import BlockCache, ImageReader
-from rpfs.store.leases import Lease
 from rpfs.store.recovery_point import RecoveryPoint
-from rpfs.store.store import Store
+from rpfs.store.source import PointKeeper, RecoverySource
 
 IMAGE_SUFFIX = ".img"
 LATEST = "latest"
@@ -62,11 +61,12 @@ def _ns(iso_time: str) -> int:
 class RecoveryPointFS(pyfuse3.Operations):
     enable_writeback_cache = False
 
-    def __init__(self, store: Store, cache: BlockCache, read_threads: int = 4, lease: Lease | None = None,
-                 group: int | None = None):
-        """group: the group that may read (the mount has allow_other then); None: the daemon's own."""
+    def __init__(self, store: RecoverySource, cache: BlockCache, read_threads: int = 4,
+                 keeper: PointKeeper | None = None, group: int | None = None):
+        """keeper: keeps the points with an image open (None: none can be kept, on read-only media); group:
+        the group that may read (the mount has allow_other then); None: the daemon's own."""
         super().__init__()
-        self.store, self.cache, self.lease = store, cache, lease
+        self.store, self.cache, self.keeper = store, cache, keeper
         self.owner, self.group = os.geteuid(), os.getegid() if group is None else group
         self._inodes: dict[Node, int] = {Node("root"): pyfuse3.ROOT_INODE}
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: Node("root")}
@@ -228,11 +228,11 @@ class RecoveryPointFS(pyfuse3.Operations):
             self._readers[inode] = ImageReader(self.store, self.cache, node.vm, node.point_id,
                                                point.disk(node.disk))
         key = (node.vm, node.point_id)
-        # Counted before the lease is taken: a release of another handle meanwhile must not drop it.
+        # Counted before the point is kept: a release of another handle meanwhile must not drop it.
         self._open_images[key] = self._open_images.get(key, 0) + 1
-        if self.lease is not None:   # prune must not delete a recovery point while it is open
-            try:   # on a thread: the gate's flock waits while a prune deletes, and the FUSE loop must not
-                await trio.to_thread.run_sync(self.lease.take, self.store, *key)
+        if self.keeper is not None:   # prune must not delete a recovery point while it is open
+            try:   # on a thread: a lease's gate waits (flock) while a prune deletes, and the FUSE loop must not
+                await trio.to_thread.run_sync(self.keeper.take, *key)
             except BaseException as e:
                 self._open_images[key] -= 1
                 if self._open_images[key] == 0:
@@ -306,8 +306,8 @@ class RecoveryPointFS(pyfuse3.Operations):
         self._open_images[key] -= 1
         if self._open_images[key] == 0:
             del self._open_images[key]
-            if self.lease is not None:
-                self.lease.remove(*key)
+            if self.keeper is not None:
+                self.keeper.remove(*key)
 
     async def releasedir(self, fh):
         pass

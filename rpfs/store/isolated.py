@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 from multiprocessing.connection import Connection
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -34,7 +35,9 @@ from rpfs.host.python_child import start_python
 from rpfs.store.blob import BlockCodec, Cut, cut
 from rpfs.store.crypto import Keyring
 from rpfs.store.key_slots import KeyChoice
+from rpfs.store.leases import LeaseKeeper, hold, release_hold
 from rpfs.store.recovery_point import RecoveryPoint
+from rpfs.store.source import SourceName
 from rpfs.store.store import MapPieces, Store
 
 T = TypeVar("T")
@@ -43,12 +46,15 @@ MAP_PIECES_KEPT = 512      # at most 16 MiB of block map pieces kept
 SOCKET_BUFFER = 4 << 20
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)   # root may go past net.core.wmem_max
 # What a reader process answers; nothing else reaches the store from a request.
-REQUESTS = ("describe", "point", "latest_point_id", "vms", "point_ids", "has_point", "stored_bytes",
+REQUESTS = ("describe", "point", "points", "latest_point_id", "vms", "point_ids", "has_point", "stored_bytes",
             "blob", "blob_cut", "map_piece", "block_map")
 
 
 class IsolatedStore:
-    """The read side of Store that the daemons use, served by reader processes."""
+    """The read side of Store that the daemons use, served by reader processes (a RecoverySource: source.py)."""
+
+    parallel_reads: int | None = None
+    kept_snapshots = True
 
     def __init__(self, path: Path, master: bytes | None = None):
         self.path, self._master = path, master
@@ -80,11 +86,37 @@ class IsolatedStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def master_key(self) -> bytes | None:
+        return self._master
+
+    # -- keeping a point while it is read: as Store's (leases.py) -------------------------------------
+    def source_name(self) -> SourceName:
+        return SourceName(store=self.path)
+
+    def keeper(self) -> LeaseKeeper:
+        return LeaseKeeper(self)
+
+    def hold(self, name: str, vm: str, point_id: str, target: Path) -> bool:
+        return hold(self, name, vm, point_id, target)
+
+    def release_hold(self, name: str) -> None:
+        release_hold(self.path, name)
+
+    def adopt_hold(self, name: str) -> None:
+        pass   # a held point stays in the store: it is read as it is
+
+    def isolated(self) -> AbstractContextManager["IsolatedStore"]:
+        return nullcontext(self)   # so already; left open for its owner to close
+
     # -- the read methods the daemons use (the same as Store's) ------------------------------------
     map_key = staticmethod(Store.map_key)
 
     def point(self, vm: str, point_id: str | None = None) -> RecoveryPoint:
         return self._call("point", vm, point_id)
+
+    def points(self, vm: str | None = None) -> list[RecoveryPoint]:
+        return self._call("points", vm)
 
     def latest_point_id(self, vm: str) -> str | None:
         return self._call("latest_point_id", vm)

@@ -17,13 +17,16 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from rpfs.errors import RpfsError
 from rpfs.host.files import write_whole
 from rpfs.host.untrusted import parse_json
 from rpfs.store.recovery_point import RecoveryPoint
-from rpfs.store.store import Store
+
+if TYPE_CHECKING:   # store.py makes its keeper here: only the types are needed
+    from rpfs.store.source import RecoverySource
+    from rpfs.store.store import Store
 
 LEASE_DIR = "leases"
 _numbers = itertools.count()
@@ -54,7 +57,7 @@ class Lease:
             self._write()
             return True
 
-    def take(self, store: Store, vm: str, point_id: str) -> None:
+    def take(self, store: RecoverySource, vm: str, point_id: str) -> None:
         """Lease a recovery point, then check it still exists, both under the shared gate: prune checks
         the leases and deletes under the exclusive gate, so either it deleted the point before (this
         raises) or it leaves the point alone for as long as it is leased."""
@@ -76,6 +79,28 @@ class Lease:
     def close(self) -> None:
         self.path.unlink(missing_ok=True)
         os.close(self._fd)
+
+
+class LeaseKeeper:
+    """A store's keeper (store/source.py, RecoverySource.keeper): one lease for the points it takes."""
+
+    def __init__(self, store: RecoverySource):
+        self._store, self._lease = store, Lease(store.path)
+
+    def take(self, vm: str, point_id: str) -> None:
+        self._lease.take(self._store, vm, point_id)
+
+    def remove(self, vm: str, point_id: str) -> None:
+        self._lease.remove(vm, point_id)
+
+    def close(self) -> None:
+        self._lease.close()
+
+    def __enter__(self) -> "LeaseKeeper":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @contextmanager
@@ -100,7 +125,7 @@ def set_pinned(store: Store, vm: str, point_id: str, pinned: bool) -> RecoveryPo
         return store.modify_point(vm, point_id, lambda p: setattr(p, "pinned", pinned))
 
 
-def hold(store: Store, name: str, vm: str, point_id: str, target: Path) -> bool:
+def hold(store: RecoverySource, name: str, vm: str, point_id: str, target: Path | str) -> bool:
     """A lease that outlives processes: an unfinished instant restore needs its recovery point even while
     no daemon runs. Taken like Lease.take, under the gate; released by release_hold once the copy is done.
     True when the hold is new (not one an earlier run took)."""
@@ -112,7 +137,7 @@ def hold(store: Store, name: str, vm: str, point_id: str, target: Path) -> bool:
     return not existed
 
 
-def _still_there(store: Store, vm: str, point_id: str, undo: Callable[[], None]) -> None:
+def _still_there(store: RecoverySource, vm: str, point_id: str, undo: Callable[[], None]) -> None:
     """The second half of taking a lease, under the gate: the point exists, or the lease just taken is undone."""
     if not store.has_point(vm, point_id):
         undo()

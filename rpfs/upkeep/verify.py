@@ -7,12 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from rpfs.errors import CorruptBlockError, RpfsError
-from rpfs.store.isolated import IsolatedStore
-from rpfs.store.leases import Lease
 from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.block_maps import distinct_digests
 from rpfs.store.recovery_point import DIGEST_SIZE
-from rpfs.store.store import Store
+from rpfs.store.source import PointKeeper, RecoverySource
 
 
 @dataclass
@@ -22,39 +20,34 @@ class VerifyResult:
     damaged: dict[str, list[str]] = field(default_factory=dict)   # "vm/id" -> ["disk: digest: reason"]
 
 
-def verify(store: Store, vm: str | None = None, point_id: str | None = None, sample_percent: float = 100.0,
-           progress=None) -> VerifyResult:
+def verify(store: RecoverySource, vm: str | None = None, point_id: str | None = None,
+           sample_percent: float = 100.0, progress=None) -> VerifyResult:
     """Read every referenced block (or a random sample) and check it against its digest.
 
-    The points checked are leased first, so a prune and gc running meanwhile cannot delete their
-    blocks and make them look damaged; a point pruned before its lease is simply not checked."""
+    The points checked are kept first (a lease in a store), so a prune and gc running meanwhile cannot
+    delete their blocks and make them look damaged; a point pruned before that is simply not checked."""
     if not 0 < sample_percent <= 100:
         raise RpfsError("--sample must be a percentage above 0 and at most 100")
     points = [store.point(vm, point_id)] if point_id else store.points(vm)
     if vm and not points:
         store.point(vm)   # raises: unknown VM
-    if not isinstance(store, Store):   # a vault (rpfs/vault): read as it is, nothing local to lease
-        return _verify(store, points, sample_percent, progress)
-    lease = Lease(store.path)
-    try:
-        points, unreachable = _leased(lease, store, points)
+    with store.keeper() as keeper:
+        points, unreachable = _kept(keeper, store, points)
         # read in reader processes: a page that crashes its reader is a damaged point, not a dead verify
-        with IsolatedStore.open(store.path, store.master_key) as reader:
+        with store.isolated() as reader:
             result = _verify(reader, points, sample_percent, progress)
         result.damaged.update(unreachable)
         return result
-    finally:
-        lease.close()
 
 
-def _leased(lease: Lease, store: Store, points: list[RecoveryPoint]
-            ) -> tuple[list[RecoveryPoint], dict[str, list[str]]]:
-    """The points leased, and those listed but not found by their key: a damaged page of the points table
+def _kept(keeper: PointKeeper, store: RecoverySource, points: list[RecoveryPoint]
+          ) -> tuple[list[RecoveryPoint], dict[str, list[str]]]:
+    """The points kept, and those listed but not found by their key: a damaged page of the points table
     (bit rot in a branch page) hides a point from a restore's lookup while a listing still shows it."""
     kept, unreachable = [], {}
     for p in points:
         try:
-            lease.take(store, p.vm, p.id)
+            keeper.take(p.vm, p.id)
         except RpfsError as e:
             if any(q.id == p.id for q in store.points(p.vm)):   # still listed: not pruned, unreachable
                 unreachable[f"{p.vm}/{p.id}"] = [f"its record is listed but cannot be looked up: {e.message}"]
@@ -63,7 +56,7 @@ def _leased(lease: Lease, store: Store, points: list[RecoveryPoint]
     return kept, unreachable
 
 
-def _verify(store: IsolatedStore, points: list[RecoveryPoint], sample_percent: float, progress) -> VerifyResult:
+def _verify(store: RecoverySource, points: list[RecoveryPoint], sample_percent: float, progress) -> VerifyResult:
     users: dict[bytes, list[tuple[str, str]]] = {}
     damaged_maps: dict[str, list[str]] = {}
     for p in points:

@@ -18,6 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +30,7 @@ from rpfs.store.blob import BlockCodec, Cut, frame_span, head_size
 from rpfs.store.block_maps import where
 from rpfs.store.key_slots import KeyChoice, KeyLock, KeySlot
 from rpfs.store.recovery_point import DIGEST_SIZE, RecoveryPoint
+from rpfs.store.source import NoKeeper, SourceName
 from rpfs.store.store import MapPieces, Store, key_settings
 from rpfs.vault.config import VaultConfig, vault_config
 from rpfs.vault.folder_bucket import FolderBucket
@@ -74,9 +76,11 @@ class Hold:
 
 
 class Vault:
-    """An opened vault. Reads are thread-safe; one push at a time writes (push.py)."""
+    """An opened vault, a RecoverySource (store/source.py). Reads are thread-safe; one push at a time writes
+    (push.py)."""
 
     parallel_reads = 16   # ranged GETs wait on the network, not the CPU: a restore or mount keeps this many going
+    kept_snapshots = False   # its points are read from the vault, never from snapshots a backup kept here
 
     def __init__(self, config: VaultConfig, bucket: Bucket, settings: dict, lock: KeyLock, keys: KeyChoice | None):
         self.config, self.bucket, self.settings = config, bucket, settings
@@ -171,6 +175,16 @@ class Vault:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def source_name(self) -> SourceName:
+        return SourceName(vault=self.config.name)
+
+    def keeper(self) -> NoKeeper:
+        """Nothing on this host prunes a vault under a reader: a point is read as it is."""
+        return NoKeeper()
+
+    def isolated(self) -> AbstractContextManager["Vault"]:
+        return nullcontext(self)   # no page of ours to crash on: every read is checked
 
     # -- what the vault holds --------------------------------------------------------------------
     def index(self, fresh: bool = False) -> dict[tuple[bytes, bytes], Location]:
@@ -269,6 +283,9 @@ class Vault:
     def point_ids(self, vm: str) -> list[str]:
         return [point_id for v, point_id in self.point_names() if v == vm]
 
+    def has_point(self, vm: str, point_id: str) -> bool:
+        return (vm, point_id) in self.point_names()
+
     def latest_point_id(self, vm: str) -> str | None:
         ids = self.point_ids(vm)
         return ids[-1] if ids else None
@@ -322,16 +339,16 @@ class Vault:
         return manifest.point, manifest.maps
 
     # -- holds: recovery points an instant restore still copies -----------------------------------
-    def hold(self, name: str, vm: str, point_id: str, target: str) -> None:
+    def hold(self, name: str, vm: str, point_id: str, target: Path | str) -> bool:
         """Claim a point for an instant restore: prune skips it and gc keeps what it needs (gc.py reads a
         hold's manifest as a manifest) until release_hold. Checked again once written: a point pruned
-        before that may already have lost its packs, and is refused."""
+        before that may already have lost its packs, and is refused. True: always written anew."""
         sealed = self.objects.manifest(vm, point_id)
         if sealed is not None:
-            self.objects.put_hold(name, json.dumps({"vm": vm, "point": point_id, "target": target,
+            self.objects.put_hold(name, json.dumps({"vm": vm, "point": point_id, "target": str(target),
                                                     "manifest": base64.b64encode(sealed).decode()}).encode())
             if self.objects.manifest(vm, point_id) is not None:
-                return
+                return True
             self.release_hold(name)
         raise RpfsError(f"recovery point {vm}/{point_id} no longer exists in {self.config.label} (just pruned)")
 
