@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rpfs.commands import key_choice, open_store, print_json
 from rpfs.commands.progress import ProgressBar
-from rpfs.errors import RpfsError
+from rpfs.errors import EXIT_OK, EXIT_USER_ERROR, RpfsError
 from rpfs.host.python_child import python_command
 from rpfs.store.key_slots import KeyChoice
 
@@ -152,7 +152,7 @@ def cmd_run(args) -> int:
         for step, error in result.push_failed.items():
             print(f"FAILED {step}: {error}" + ("" if step == "vault prune" else
                                                 " (the points stay local; the next run pushes them)"))
-    return 1 if result.failed or result.push_failed else 0
+    return EXIT_USER_ERROR if result.failed or result.push_failed else EXIT_OK   # each failure said above
 
 
 def _timer_key_file(args) -> str | None:
