@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import open_store, rpfs, session_keys
-from test_vault import _change, _client, _image, ceph  # noqa: F401 (a fixture)
+from test_vault import _change, _image, ceph, remove_bucket  # noqa: F401 (a fixture)
 
 from rpfs.errors import RpfsError
 from rpfs.serve.image import BlockCache, ImageReader, load_block
@@ -52,14 +52,7 @@ def vault_of_made(ceph, made):  # noqa: F811 (the fixture)
             rpfs("vault", "push", "offsite", store=made[0])
             yield "offsite"
         finally:
-            s3 = _client(ceph["RPFS_S3_ENDPOINT"])
-            try:
-                for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-                    for item in page.get("Contents", []):
-                        s3.delete_object(Bucket=bucket, Key=item["Key"])
-                s3.delete_bucket(Bucket=bucket)
-            except s3.exceptions.NoSuchBucket:
-                pass
+            remove_bucket(ceph["RPFS_S3_ENDPOINT"], bucket)
 
 
 @pytest.fixture(params=KINDS)

@@ -51,14 +51,19 @@ def vault_env(ceph, tmp_path, monkeypatch):
     try:
         yield {"endpoint": ceph["RPFS_S3_ENDPOINT"], "bucket": bucket}
     finally:
-        s3 = _client(ceph["RPFS_S3_ENDPOINT"])
-        try:
-            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-                for item in page.get("Contents", []):
-                    s3.delete_object(Bucket=bucket, Key=item["Key"])
-            s3.delete_bucket(Bucket=bucket)
-        except s3.exceptions.NoSuchBucket:
-            pass
+        remove_bucket(ceph["RPFS_S3_ENDPOINT"], bucket)
+
+
+def remove_bucket(endpoint: str, bucket: str) -> None:
+    """Empty a test's bucket and remove it (nothing if it is gone)."""
+    s3 = _client(endpoint)
+    try:
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for item in page.get("Contents", []):
+                s3.delete_object(Bucket=bucket, Key=item["Key"])
+        s3.delete_bucket(Bucket=bucket)
+    except s3.exceptions.NoSuchBucket:
+        pass
 
 
 def _client(endpoint: str):

@@ -35,9 +35,8 @@ from rpfs.host.python_child import start_python
 from rpfs.store.blob import BlockCodec, Cut, cut
 from rpfs.store.crypto import Keyring
 from rpfs.store.key_slots import KeyChoice
-from rpfs.store.leases import LeaseKeeper, hold, release_hold
+from rpfs.store.leases import KeptByLeases
 from rpfs.store.recovery_point import RecoveryPoint
-from rpfs.store.source import SourceName
 from rpfs.store.store import MapPieces, Store
 
 T = TypeVar("T")
@@ -50,7 +49,7 @@ REQUESTS = ("describe", "point", "points", "latest_point_id", "vms", "point_ids"
             "blob", "blob_cut", "map_piece", "block_map")
 
 
-class IsolatedStore:
+class IsolatedStore(KeptByLeases):
     """The read side of Store that the daemons use, served by reader processes (a RecoverySource: source.py)."""
 
     parallel_reads: int | None = None
@@ -90,22 +89,7 @@ class IsolatedStore:
     def master_key(self) -> bytes | None:
         return self._master
 
-    # -- keeping a point while it is read: as Store's (leases.py) -------------------------------------
-    def source_name(self) -> SourceName:
-        return SourceName(store=self.path)
-
-    def keeper(self) -> LeaseKeeper:
-        return LeaseKeeper(self)
-
-    def hold(self, name: str, vm: str, point_id: str, target: Path) -> bool:
-        return hold(self, name, vm, point_id, target)
-
-    def release_hold(self, name: str) -> None:
-        release_hold(self.path, name)
-
-    def adopt_hold(self, name: str) -> None:
-        pass   # a held point stays in the store: it is read as it is
-
+    # -- the read side (source.py): already isolated; points kept by leases (KeptByLeases) ------------
     def isolated(self) -> AbstractContextManager["IsolatedStore"]:
         return nullcontext(self)   # so already; left open for its owner to close
 

@@ -23,6 +23,7 @@ from rpfs.errors import RpfsError
 from rpfs.host.files import write_whole
 from rpfs.host.untrusted import parse_json
 from rpfs.store.recovery_point import RecoveryPoint
+from rpfs.store.source import SourceName
 
 if TYPE_CHECKING:   # store.py makes its keeper here: only the types are needed
     from rpfs.store.source import RecoverySource
@@ -158,6 +159,27 @@ def holds(store_path: Path) -> dict[str, tuple[str, str, str | None]]:
 
 def release_hold(store_path: Path, name: str) -> None:
     (store_path / LEASE_DIR / f"hold-{name}").unlink(missing_ok=True)
+
+
+class KeptByLeases:
+    """How a store's points are kept while read (the read side, source.py), for Store and IsolatedStore
+    alike: a lease for this process's reads, a hold file for an unfinished instant restore."""
+    path: Path
+
+    def source_name(self) -> SourceName:
+        return SourceName(store=self.path)
+
+    def keeper(self) -> LeaseKeeper:
+        return LeaseKeeper(self)
+
+    def hold(self, name: str, vm: str, point_id: str, target: Path) -> bool:
+        return hold(self, name, vm, point_id, target)
+
+    def release_hold(self, name: str) -> None:
+        release_hold(self.path, name)
+
+    def adopt_hold(self, name: str) -> None:
+        pass   # a held point stays in the store: it is read as it is
 
 
 def leased_points(store_path: Path) -> dict[tuple[str, str], str]:

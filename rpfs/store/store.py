@@ -58,9 +58,9 @@ from rpfs.store.crypto import Keyring
 from rpfs.store.formats import DB_NAMES, FORMAT_VERSION, MAP_LAYOUT, PIECES_VERSIONS, V1_DB_NAMES, db_names, \
     refuse_unreadable, upgrade
 from rpfs.store.key_slots import KeyChoice, KeyLock, KeySlot, NewSlot, new_master_key
-from rpfs.store.leases import LeaseKeeper, hold, release_hold
+from rpfs.store.leases import KeptByLeases
 from rpfs.store.recovery_point import DIGEST_SIZE, RecoveryPoint
-from rpfs.store.source import RecoverySource, SourceName
+from rpfs.store.source import RecoverySource
 
 ENCRYPTION = "aes-256-gcm"
 MIN_ENCRYPTED_BLOCK_SIZE = 64 << 10   # 2^32 random GCM nonces per key (NIST): the records key seals one per new
@@ -87,7 +87,7 @@ def _check_lmdb_files(path: Path) -> None:
         check_own_entry(path / name, f"store {path}")
 
 
-class Store:
+class Store(KeptByLeases):
     """A handle on one store directory. Thread-safe: any thread may read; one writer (see writer_lock)."""
 
     parallel_reads: int | None = None   # blocks a restore reads at once (None: one per core; a vault: more)
@@ -708,22 +708,7 @@ class Store:
         block by block fetches and checks each piece once)."""
         return self._pieces.digest(map_key, index, self.map_piece)
 
-    # -- the read side's keeping (source.py): leases and holds, leases.py ----------------------------
-    def source_name(self) -> SourceName:
-        return SourceName(store=self.path)
-
-    def keeper(self) -> LeaseKeeper:
-        return LeaseKeeper(self)
-
-    def hold(self, name: str, vm: str, point_id: str, target: Path) -> bool:
-        return hold(self, name, vm, point_id, target)
-
-    def release_hold(self, name: str) -> None:
-        release_hold(self.path, name)
-
-    def adopt_hold(self, name: str) -> None:
-        pass   # a held point stays in the store: it is read as it is
-
+    # -- the read side (source.py): reads in reader processes; points kept by leases (KeptByLeases) ---
     @contextmanager
     def isolated(self) -> Iterator["RecoverySource"]:
         from rpfs.store.isolated import IsolatedStore   # isolated.py is built on this module
