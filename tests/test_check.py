@@ -2,6 +2,7 @@
 never changes anything without --repair."""
 import json
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,30 @@ def test_a_point_listed_but_not_found_by_its_key_is_named_by_verify(backed_up, m
     with open_store(store) as s:
         result = verify(s)
     assert "cannot be looked up" in result.damaged[f"vm/{point_id}"][0]
+
+
+def test_a_key_a_lookup_cannot_find_is_found_by_check(backed_up):
+    """Bit rot in a branch page can send a lookup to the wrong leaf while a walk still lists every key:
+    check walked tables but never looked their keys up, so it found nothing while restore could not find
+    a point (found by the crash campaign's bit rot). Here a separator key of the jobs table is raised."""
+    store, _, _ = backed_up
+    with open_store(store) as s:
+        for n in range(40):
+            s.put_record("jobs", f"job-{n:03}", {"pad": "x" * 1000})
+    data = bytearray((store / "data.mdb").read_bytes())
+    raised = 0
+    for page in range(0, len(data), 4096):   # every branch page (the live one, copies older transactions left)
+        flags, lower = struct.unpack_from("<HH", data, page + 10)
+        for node in range(16, lower if flags & 1 else 16, 2):
+            key = page + struct.unpack_from("<H", data, page + node)[0] + 8
+            if data[key:key + 5] == b"job-0":
+                data[key:key + 5] = b"job-9"   # a separator now above the keys of the leaves after it
+                raised += 1
+                break
+    assert raised, "the jobs table has no branch page"
+    (store / "data.mdb").write_bytes(bytes(data))
+    code, problems = check(store)
+    assert code == 4 and any(p["kind"] == "table" and "jobs" in p["what"] for p in problems), problems
 
 
 def test_damaged_and_missing_blocks_are_named_and_never_deleted(backed_up):
