@@ -41,7 +41,10 @@ class DiskRecord:
     stored_bytes: int = 0          # compressed bytes of all distinct blocks this disk references
     source: str = ""
     change_tracking: str = ""      # extents: unchanged blocks found by FIEMAP against the previous snapshot,
-                                   # not read; checksum: every block read and hashed ("" before rpfs knew)
+                                   # not read; dirty-bitmap: only QEMU's dirty extents since the previous
+                                   # point's checkpoint read; checksum: every block read and hashed ("" before
+                                   # rpfs knew)
+    change_tracking_reason: str = ""   # why checksum, when a cheaper way was expected (a chain broken)
     read_bytes: int = 0            # bytes this backup read from the disk (holes and unchanged blocks are not)
 
 
@@ -73,12 +76,16 @@ class RecoveryPoint:
     vm: str
     id: str
     time: str                       # ISO 8601, UTC, when the backup started reading
-    consistency: str = "crash"      # application | file-system | crash | inconsistent
+    consistency: str = "crash"      # application | file-system | crash | inconsistent | shut-off (a libvirt
+                                    # domain that was not running: its disks as the guest left them)
+    consistency_reason: str = ""    # why not better (no guest agent, a freeze that failed, ...)
     disks: list[DiskRecord] = field(default_factory=list)
     duration_seconds: float = 0.0
     quiesce: dict = field(default_factory=dict)    # script results, freeze window, disks read live
     snapshot: KeptSnapshot | None = None            # kept reflink snapshots, if any
     pinned: bool = False                            # never pruned while pinned
+    libvirt: dict = field(default_factory=dict)     # a libvirt domain's point: domain name, uuid, state,
+                                                    # its XML, the checkpoint this point ends
 
     @property
     def size(self) -> int:
@@ -116,6 +123,7 @@ class RecoveryPoint:
             known = set(DiskRecord.__dataclass_fields__)   # a field a later rpfs added is left out, not fatal
             disks = [DiskRecord(**{k: v for k, v in d.items() if k in known}) for d in raw.pop("disks")]
             snapshot = raw.pop("snapshot", None)
+            raw = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}   # as for disks
             return cls(disks=disks, snapshot=KeptSnapshot(**snapshot) if snapshot else None, **raw)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise CorruptBlockError(f"a recovery point record is damaged ({e}); rpfs check tells more") from None
