@@ -141,6 +141,7 @@ class TrackedChanges:
     """What change tracking found for one disk: the previous point's block map, and the blocks unchanged."""
     previous_map: bytes
     unchanged: bytearray   # 1 for each block not to be read
+    how: str = "extents"   # the disk record's change_tracking: extents (FIEMAP) or dirty-bitmap (QEMU)
 
 
 def _tracked_changes(store: Store, vm: str, sources: list[DiskSource],
@@ -248,7 +249,7 @@ class _BackupRun:
         self.counts = dict(read=0, new=0, dedup=0, zero=0, stored=0, unchanged=0)
         self.tracked = [(tracked or {}).get(s.name) for s in sources]
         self.records = [DiskRecord(name=s.name, size=s.size, block_size=self.bs, blocks=s.block_count(self.bs),
-                                   source=str(s.path), change_tracking="extents" if t else "checksum")
+                                   source=str(s.path), change_tracking=t.how if t else "checksum")
                         for s, t in zip(sources, self.tracked)]
         self.batch: dict[bytes, bytes] = {}          # framed blobs awaiting their write transaction
         self.batch_bytes = 0
@@ -348,9 +349,10 @@ class _BackupRun:
 
 
 def _run(store: Store, point: RecoveryPoint, sources: list[DiskSource], progress: ProgressFn | None,
-         workers: int, tracked: dict[str, TrackedChanges] | None = None) -> tuple[RecoveryPoint, BackupSummary]:
+         workers: int, tracked: dict[str, TrackedChanges] | None = None,
+         checksum_reason: str = "") -> tuple[RecoveryPoint, BackupSummary]:
     """Transfer: read every source (but what change tracking vouches for), store the new blocks, and commit
-    `point` with its block maps."""
+    `point` with its block maps. checksum_reason: why the disks read whole were (on their records)."""
     started = time.monotonic()
     run = _BackupRun(store, sources, workers, tracked)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpfs-backup") as pool:
@@ -364,6 +366,8 @@ def _run(store: Store, point: RecoveryPoint, sources: list[DiskSource], progress
     for record, refs, source in zip(run.records, run.referenced, sources):
         record.stored_bytes = run.stored_bytes_of(refs)
         record.read_bytes = source.bytes_read
+        if record.change_tracking == "checksum":
+            record.change_tracking_reason = checksum_reason
     c = run.counts
     point.disks = run.records
     point.duration_seconds = round(time.monotonic() - started, 3)
