@@ -1,4 +1,5 @@
-"""Reading JSON that someone else may have written (a bucket's objects, a store's key slots, lock files).
+"""Reading JSON that someone else may have written (a bucket's objects, a store's key slots, lock files), and
+printing text someone else wrote.
 
 json.loads raises RecursionError, not ValueError, on deeply nested arrays ([[[[...): a crafted object
 must end as the one-line "damaged" its caller says for any other bad JSON, never as a traceback.
@@ -14,3 +15,10 @@ def parse_json(raw: bytes | str):
         return json.loads(raw)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+def shown(text: str, limit: int = 500) -> str:
+    """Text someone else wrote (a guest's output, a reason it gave), safe to print on a terminal: control
+    characters escaped (no escape sequence reaches it), cut at limit characters."""
+    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return escaped + ("..." if len(text) > limit else "")
