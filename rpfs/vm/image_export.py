@@ -6,8 +6,9 @@ a raw image may hold what looks like a qcow2 header). It was chosen over one qem
 measurement (docs/design/nbd.md): one process and one socket for any number of disks.
 
 The server never outlives rpfs: the kernel kills it when the thread that started it dies (PR_SET_PDEATHSIG,
-kill -9 of rpfs included), and its folder in the run dir (nbd/<pid>-<start time>-<token>/, 0700) goes on
-the way out, or with the next export once its owner is gone. Enter exported() on a thread that lives as
+kill -9 of rpfs included), and its folder in the run dir (nbd/<token>/, 0700: the socket, the server's
+log, and `owner`, the pid and start time of the rpfs that made it) goes on the way out, or with the next
+export once its owner is gone. Enter exported() on a thread that lives as
 long as the export is read (the main thread).
 """
 from __future__ import annotations
@@ -54,11 +55,11 @@ def exported(images: dict[str, tuple[Path, str]], bitmaps: dict[str, str] | None
     if unknown:
         raise RpfsError(f"a bitmap for disk {sorted(unknown)[0]}, which is not exported")
     _remove_orphans()
-    folder = run_dir.make_folder(_exports_folder() / f"{os.getpid()}-{start_time(os.getpid())}-"
-                                                      f"{secrets.token_hex(4)}")
+    folder = run_dir.make_folder(_exports_folder() / secrets.token_hex(4))
     server = None
     try:
-        socket_path = folder / "nbd.sock"
+        run_dir.write_file(folder / "owner", f"{os.getpid()} {start_time(os.getpid())}\n")
+        socket_path = folder / "sock"
         if len(os.fsencode(socket_path)) > SOCKET_PATH_MAX:
             raise RpfsError(f"the run dir {run_dir.root()} is too deep for a unix socket: move it (RPFS_RUN_DIR)")
         exports = {name: name for name in images}
@@ -143,7 +144,14 @@ def _remove_orphans() -> None:
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
-        pid, _, rest = entry.name.partition("-")
-        started = rest.partition("-")[0]
-        if pid.isdigit() and start_time(int(pid)) != started and entry.is_dir() and not entry.is_symlink():
+        try:
+            pid_text, started = (entry / "owner").read_text().split()
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            # No owner yet (just made) or a damaged one: left alone unless a minute old.
+            with contextlib.suppress(OSError):
+                if time.time() - entry.lstat().st_mtime < 60:
+                    continue
+            pid, started = 0, ""
+        if (pid == 0 or start_time(pid) != started) and entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
