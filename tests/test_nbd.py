@@ -87,7 +87,7 @@ def test_qcow2_with_backing_file_reads_as_qemu_img_convert(tmp_path):
 def test_holes_are_not_read(tmp_path):
     image = tmp_path / "sparse.raw"
     with open(image, "wb") as f:
-        f.truncate(64 * MiB)
+        f.truncate(64 * MiB + 100 * 1024)   # the last block is short, and a hole
         f.seek(10 * MiB + 4096)
         f.write(b"x" * 4096)
     with exported({"vdb": (image, "raw")}) as (socket_path, exports):
@@ -95,7 +95,7 @@ def test_holes_are_not_read(tmp_path):
         try:
             data = read_all(source, MiB)
             assert data == image.read_bytes()
-            assert source.bytes_read == MiB   # the one block with data; 63 holes read nothing
+            assert source.bytes_read == MiB   # the one block with data; 64 holes read nothing
         finally:
             source.close()
 
@@ -159,11 +159,35 @@ def test_bad_images_are_one_line(tmp_path):
             pass
     raw = tmp_path / "raw.img"
     raw.write_bytes(b"not a qcow2")
-    with pytest.raises(RpfsError, match="^qemu-storage-daemon could not export the disks: ") as e:
+    with pytest.raises(RpfsError, match=f"^disk vda: cannot export {raw}: Image is not in qcow2 format") as e:
         with exported({"vda": (raw, "qcow2")}):
             pass
     assert "\n" not in str(e.value)
+    image = tmp_path / "no-bitmap.qcow2"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M")
+    with pytest.raises(RpfsError, match=f"^disk vdb: cannot export {image}: Bitmap 'b0' is not found"):
+        with exported({"vda": (raw, "raw"), "vdb": (image, "qcow2")}, bitmaps={"vdb": "b0"}):
+            pass
     assert os.listdir(Path(os.environ["RPFS_RUN_DIR"]) / "nbd") == []
+
+
+def test_an_image_a_running_qemu_writes_is_refused(tmp_path):
+    """qemu's image locks: a shut-off domain's export never reads an image a running qemu writes (torn)."""
+    image, sock = tmp_path / "busy.qcow2", Path(os.environ["RPFS_RUN_DIR"]) / "busy.sock"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M")
+    writer = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", str(sock), "-t", str(image)])
+    try:
+        for _ in range(500):
+            if sock.exists():
+                break
+            time.sleep(0.01)
+        with pytest.raises(RpfsError, match=r'^disk vda: cannot export .*: Failed to get shared "write" lock'
+                                            r" \(is a running qemu using it\?\)$"):
+            with exported({"vda": (image, "qcow2")}):
+                pass
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 # -- a server that answers wrongly ---------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -69,7 +70,7 @@ def exported(images: dict[str, tuple[Path, str]], bitmaps: dict[str, str] | None
             server = _start(_command(images, bitmaps, socket_path), log)
         finally:
             os.close(log)
-        _wait_listening(server, socket_path, folder / "server.log")
+        _wait_listening(server, socket_path, folder / "server.log", list(images.items()))
         yield socket_path, exports
     finally:
         if server is not None:
@@ -102,15 +103,15 @@ def _start(command: list[str], log: int) -> subprocess.Popen:
         raise RpfsError("qemu-storage-daemon not found (run tools/setup)") from None
 
 
-def _wait_listening(server: subprocess.Popen, socket_path: Path, log: Path) -> None:
+def _wait_listening(server: subprocess.Popen, socket_path: Path, log: Path,
+                    images: list[tuple[str, tuple[Path, str]]]) -> None:
     """Bounded: the socket accepts a connection, or the server has exited (its error line), or time is up."""
     deadline = time.monotonic() + START_SECONDS
     delay = 0.005
     while True:
         if server.poll() is not None:
-            text = log.read_text(errors="replace")[-4096:]
-            raise RpfsError(f"qemu-storage-daemon could not export the disks: "
-                            f"{error_line(text) or f'exit code {server.returncode}'}")
+            raise RpfsError(_failure(error_line(log.read_text(errors="replace")[-4096:]), server.returncode,
+                                     images))
         if socket_path.exists():
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
                 try:
@@ -122,6 +123,19 @@ def _wait_listening(server: subprocess.Popen, socket_path: Path, log: Path) -> N
             raise RpfsError(f"qemu-storage-daemon did not listen within {START_SECONDS:.0f}s")
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
+
+
+def _failure(line: str, code: int, images: list[tuple[str, tuple[Path, str]]]) -> str:
+    """The server's error line, said of the disk it is about ("--blockdev {...}: why" names a node)."""
+    match = re.match(r"qemu-storage-daemon: --(?:blockdev|export) (\{.*\}): (.*)", line)
+    if match is None:
+        return f"qemu-storage-daemon could not export the disks: {line or f'exit code {code}'}"
+    try:
+        name, (path, _format) = images[int(json.loads(match[1])["node-name"].removeprefix("disk"))]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return f"qemu-storage-daemon could not export the disks: {match[2]}"
+    why = match[2] + (" (is a running qemu using it?)" if "lock" in match[2] else "")
+    return f"disk {name}: cannot export {path}: {why}"
 
 
 def _stop(server: subprocess.Popen) -> None:
