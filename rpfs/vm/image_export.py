@@ -20,7 +20,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from rpfs.host import run_dir
 from rpfs.host.libc import die_with_parent
 from rpfs.host.processes import start_time
 from rpfs.host.tools import error_line
+from rpfs.vm.nbd import NbdConnection
 
 FORMATS = ("raw", "qcow2")
 START_SECONDS = 30.0            # the server listens within this, or the export fails
@@ -105,7 +105,9 @@ def _start(command: list[str], log: int) -> subprocess.Popen:
 
 def _wait_listening(server: subprocess.Popen, socket_path: Path, log: Path,
                     images: list[tuple[str, tuple[Path, str]]]) -> None:
-    """Bounded: the socket accepts a connection, or the server has exited (its error line), or time is up."""
+    """Bounded: every export answers an NBD handshake, or the server has exited (its error line), or time
+    is up. The socket alone says nothing: the server listens before it has added the exports, and may yet
+    fail on one of them."""
     deadline = time.monotonic() + START_SECONDS
     delay = 0.005
     while True:
@@ -113,14 +115,15 @@ def _wait_listening(server: subprocess.Popen, socket_path: Path, log: Path,
             raise RpfsError(_failure(error_line(log.read_text(errors="replace")[-4096:]), server.returncode,
                                      images))
         if socket_path.exists():
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
-                try:
-                    probe.connect(str(socket_path))
-                    return
-                except OSError:
-                    pass
+            try:
+                for name, _image in images:
+                    NbdConnection.open(socket_path, name, timeout=max(1.0, deadline - time.monotonic())).close()
+                return
+            except RpfsError:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    server.wait(1)   # it may be on its way out: then its error line says why
         if time.monotonic() > deadline:
-            raise RpfsError(f"qemu-storage-daemon did not listen within {START_SECONDS:.0f}s")
+            raise RpfsError(f"qemu-storage-daemon did not serve the disks within {START_SECONDS:.0f}s")
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
 
