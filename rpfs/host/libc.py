@@ -85,3 +85,16 @@ def no_core_dumps() -> None:
     if _LIBC is not None and _LIBC.prctl(PR_SET_DUMPABLE, *(ctypes.c_ulong(0),) * 4) != 0:
         code = ctypes.get_errno()
         raise OSError(code, f"prctl(PR_SET_DUMPABLE): {os.strerror(code)}")
+
+
+PR_SET_PDEATHSIG = 1             # prctl option
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a child between fork and exec (a preexec_fn): the kernel sends it SIGKILL when the thread that
+    started it dies, kill -9 of its parent included, so a server it execs never outlives rpfs. The signal
+    setting survives exec (of a binary that is not setuid). A parent already gone is caught by getppid."""
+    if _LIBC is None or _LIBC.prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(9), *(ctypes.c_ulong(0),) * 3) != 0:
+        os._exit(127)
+    if os.getppid() != parent_pid:
+        os._exit(127)
