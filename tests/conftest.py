@@ -85,3 +85,13 @@ def opened_store(tmp_path):
     from rpfs.store.store import Store
     with Store.init(tmp_path / "store") as store:
         yield store
+
+
+@pytest.fixture(scope="session")
+def guest():
+    """The session's test guest (tests/vm_helpers.py): a running libvirt domain whose agent answers, with a
+    qcow2 data disk (ext4) on /data; destroyed and undefined at the end of the session. In CI a libvirtd that
+    does not answer fails the test, never skips it."""
+    from vm_helpers import session_guest
+    with session_guest() as running:
+        yield running
