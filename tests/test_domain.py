@@ -268,7 +268,7 @@ def vm_point(conn, images, tmp_path):
     store = tmp_path / "store"
     rpfs("init", store=store)
     point_id = json.loads(rpfs("backup", original, f"--disk=vda={vda}", f"--disk=vdb={vdb}", "--json",
-                               store=store).stdout)["id"]
+                               store=store).stdout)["point_id"]
 
     def mark(point):
         point.libvirt = {"domain": original, "uuid": dom.UUIDString(), "state": "shut-off", "xml": xml,
