@@ -154,6 +154,12 @@ def test_discovery_sorts_every_kind_of_disk_on_real_libvirt_xml(conn, images, lo
     with pytest.raises(RpfsError, match="no such disk"):
         vm_domain.discover(xml, {"vdz"})
 
+    copy = vm_domain.disks(vm_domain.new_domain_xml(xml, "rpfs-test-copy", {"vda": (raw, "qcow2")}))
+    assert [(d.target, d.device, d.type, d.path, d.format) for d in copy] == [
+        ("vda", "disk", "file", str(raw), "qcow2"), ("sda", "cdrom", "file", "", "raw")]
+    with pytest.raises(RpfsError, match="no disk vdz"):
+        vm_domain.new_domain_xml(xml, "rpfs-test-copy", {"vdz": (raw, "raw")})
+
     assert vm_domain.backing_chain(over, "qcow2") == [over, base]
     assert vm_domain.backing_chain(raw, "raw") == [raw]
     with pytest.raises(RpfsError, match="qemu-img cannot read"):
@@ -210,9 +216,9 @@ def test_a_new_domain_defines_and_runs_beside_the_original(conn, images):
         disk_xml("file", "disk", "raw", f"<source file='{raw}'/>", "vda"),
         disk_xml("file", "disk", "qcow2", f"<source file='{qcow}'/>", "vdb"),
         disk_xml("file", "cdrom", "raw", f"<source file='{iso}'/>", "sda", "<readonly/>"),
-        disk_xml("network", "disk", "raw",
-                 "<source protocol='nbd' name='x'><host name='localhost' port='10809'/></source>", "vdf"),
+        disk_xml("file", "disk", "raw", f"<source file='{images / 'shared.img'}'/>", "vdc", "<shareable/>"),
     ])
+    random_image(images / "shared.img", seed=7)
     first = define(conn, domain_of(original, disks, devices))
     xml = libvirt_host.domain_xml(first, inactive=True)
     restored_vda = shutil.copy(raw, images / f"{copy}-vda.img")
@@ -225,7 +231,7 @@ def test_a_new_domain_defines_and_runs_beside_the_original(conn, images):
     new_xml = libvirt_host.domain_xml(second, inactive=True)
     assert second.UUIDString() != first.UUIDString()
     new_disks = {d.target: d for d in vm_domain.disks(new_xml)}
-    assert set(new_disks) == {"vda", "vdb", "sda"}   # the network disk was not restored: left out
+    assert set(new_disks) == {"vda", "vdb", "sda"}   # the shareable disk was not backed up: left out
     assert (new_disks["vda"].path, new_disks["vda"].format) == (str(restored_vda), "raw")
     assert (new_disks["vdb"].path, new_disks["vdb"].format) == (str(restored_vdb), "qcow2")
     assert new_disks["sda"].path == ""   # the CD-ROM drive stays, empty
@@ -392,8 +398,12 @@ def test_restore_as_a_new_domain_with_instant_images(conn, vm_point, tmp_path):
                                      text=True, check=True).stdout.strip()
             assert backing.endswith(f"/{target}.img") and str(tmp_path / "run") in backing
             assert same_bytes(device, source)
+        dom = libvirt_host.lookup(conn, copy)
+        libvirt_host.start(dom)   # libvirt's qemu, as its own user, opens the loop devices (no OS: firmware)
+        assert libvirt_host.state(dom) == "running"
     finally:
-        libvirt_host.lookup(conn, copy).undefine() if libvirt_host.exists(conn, copy) else None
+        if libvirt_host.exists(conn, copy):
+            _remove_domain(conn, copy)
         for device in (out or {}).get("disks", {}).values():
             subprocess.run(["losetup", "-d", device], capture_output=True)
         for target in sources:
