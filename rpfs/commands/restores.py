@@ -15,6 +15,10 @@ from rpfs.host.access import check_trusted_place
 
 def cmd_restore(args) -> int:
     from rpfs.restore.full import check_target, restore_disk
+    if args.to_libvirt:
+        return _restore_as_vm(args)
+    if args.format or args.instant or args.start:
+        raise RpfsError("--format, --instant and --start go with --to-libvirt NAME")
     with store_and_job(args, "restore", args.vm) as (store, job):
         point = store.point(args.vm, args.recovery_point)
         job.recovery_point = point.id
@@ -50,6 +54,34 @@ def cmd_restore(args) -> int:
               f" ({s.mib_per_second:.0f} MiB/s of image; raw: {human_bytes(s.written_bytes)} data,"
               f" {human_bytes(s.hole_bytes)} holes"
               f"{device})")
+    return 0
+
+
+def _restore_as_vm(args) -> int:
+    """rpfs restore VM [ID] --to-libvirt NAME --to FOLDER: the point as a new libvirt domain."""
+    from rpfs.restore.as_vm import carry_out, plan_restore_as_vm
+    for given, option in ((args.disk, "--disk"), (args.force, "--force"), (args.discard, "--discard"),
+                          (args.mode is not None, "--mode")):
+        if given:
+            raise RpfsError(f"{option} does not go with --to-libvirt (every disk the point has is restored)")
+    with store_and_job(args, "restore", args.vm) as (store, job):
+        point = store.point(args.vm, args.recovery_point)
+        job.recovery_point = point.id
+        plan = plan_restore_as_vm(point, args.to_libvirt, Path(args.to), args.format or "raw", args.instant)
+        job.begin()   # refused before this (a name taken, no libvirt XML, a file there): no job
+        done = carry_out(store, point, plan, lambda label: ProgressBar(label, quiet=args.json), args.start)
+    if args.json:
+        print_json(asdict(done))
+        return 0
+    files = ", ".join(f"{t}: {p}" for t, p in done.files.items()) or "none"
+    how = "instant-restore images" if done.instant else f"{done.format} files"
+    print(f"defined libvirt domain {done.domain} ({done.uuid}) from {done.vm}/{done.point_id}, its disks"
+          f" {how} ({files}){'; started' if done.started else ''}")
+    if done.instant:
+        print(f"its disks are loop devices over images served while they are copied into those files"
+              f" ({', '.join(done.disks.values())}): once rpfs jobs says complete, shut {done.domain} down,"
+              " point its disks at the files (virsh edit), losetup -d the devices and rpfs instant-stop each file",
+              file=sys.stderr)
     return 0
 
 
@@ -194,7 +226,17 @@ def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.Argument
     p.add_argument("vm", help="the VM whose recovery point it is")
     p.add_argument("recovery_point", nargs="?", help="recovery point id (default: the latest)")
     p.add_argument("--to", required=True, metavar="PATH",
-                   help="folder for DISK.img files; with --disk, the file or block device to write")
+                   help="folder for DISK.img files; with --disk, the file or block device to write; with"
+                        " --to-libvirt, the folder for NAME-DISK.img (or .qcow2) files")
+    p.add_argument("--to-libvirt", metavar="NAME",
+                   help="restore a libvirt domain's point as a new domain NAME (new UUID and MAC addresses),"
+                        " its disks in --to; the original domain is not touched")
+    p.add_argument("--format", choices=("raw", "qcow2"),
+                   help="with --to-libvirt: the disk files' format (default raw)")
+    p.add_argument("--instant", action="store_true",
+                   help="with --to-libvirt: the disks are instant-restore images, usable at once, copied"
+                        " into --to in the background")
+    p.add_argument("--start", action="store_true", help="with --to-libvirt: start the new domain")
     p.add_argument("--disk", help="restore only this disk")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.add_argument("--discard", action="store_true",
