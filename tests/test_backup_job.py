@@ -113,25 +113,21 @@ def conn():
     connection.close()
 
 
-@pytest.fixture
-def vm(conn):
+@pytest.fixture(scope="module")
+def defined(conn):
+    """One domain for the module (defining one took libvirtd 40-75 s here), started afresh per test."""
     name = f"rpfs-test-job-{uuidlib.uuid4().hex[:8]}"
     folder = Path(f"/var/lib/libvirt/images/{name}")
     folder.mkdir(mode=0o711)
     os.chmod(folder, 0o711)
     domain = None
     try:
-        test = Guestless(conn, name, folder)
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(test.image), str(DISK_SIZE)], check=True)
-        subprocess.run(["qemu-io", "-c", "write -P 0x11 0 2M", str(test.image)], check=True, capture_output=True)
-        test.expected[0:2 * MiB] = b"\x11" * (2 * MiB)
         domain = conn.defineXML(f"""<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory>
 <vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><devices>
-<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{test.image}'/>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{folder}/vda.qcow2'/>
 <target dev='vda' bus='virtio'/></disk><video><model type='none'/></video><memballoon model='none'/>
 </devices></domain>""")
-        domain.create()
-        yield test
+        yield name, folder
     finally:
         if domain is not None:
             try:
@@ -140,6 +136,26 @@ def vm(conn):
             finally:
                 domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
         shutil.rmtree(folder)
+
+
+@pytest.fixture
+def vm(conn, defined):
+    """The domain started on a new disk (data written before start), no checkpoints; stopped after."""
+    name, folder = defined
+    test = Guestless(conn, name, folder)
+    for checkpoint in test.dom.listAllCheckpoints():
+        checkpoint.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+    shutil.rmtree(test.run, ignore_errors=True)
+    test.image.unlink(missing_ok=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(test.image), str(DISK_SIZE)], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 0x11 0 2M", str(test.image)], check=True, capture_output=True)
+    test.expected[0:2 * MiB] = b"\x11" * (2 * MiB)
+    test.dom.create()
+    try:
+        yield test
+    finally:
+        if test.dom.isActive():
+            test.dom.destroy()
 
 
 def _read_export(job, target: str, out: Path) -> bytes:
