@@ -34,7 +34,7 @@ import libvirt_qemu
 from rpfs.errors import RpfsError
 from rpfs.host.access import check_trusted_place
 
-DEFAULT_RUN_FOLDER = Path("/run/rpfs-vm")   # not under /run/rpfs: that is 0700, and qemu must pass through
+DEFAULT_RUN_FOLDER = Path("/var/lib/rpfs-vm")   # on disk (scratch files grow), and qemu must pass through
 CHECKPOINT_PREFIX = "rpfs-"
 RUN_FOLDER_MODE = 0o711
 SOCKET_NAME = "nbd.sock"
@@ -235,8 +235,11 @@ def clean(connection: libvirt.virConnect, run_folder: Path = DEFAULT_RUN_FOLDER)
                 domain = connection.lookupByUUIDString(uuid)
             except libvirt.libvirtError:
                 domain = None
-            if domain is not None and _abort_stale_job(domain, run_folder):
-                done.append(f"aborted the backup job left on {domain.name()}")
+            try:
+                if domain is not None and _abort_stale_job(domain, run_folder):
+                    done.append(f"aborted the backup job left on {domain.name()}")
+            except RpfsError as e:
+                done.append(e.message)   # another tool's job: left alone, said
             _remove_job_folder(Path(path))
             done.append(f"removed {path}")
         finally:
@@ -394,12 +397,15 @@ def _make_run_folder(run_folder: Path) -> Path:
 
 def _make_job_folder(domain: libvirt.virDomain, folder: Path) -> Path:
     """RUN/<uuid> (root's 0711, the scratch files) and RUN/<uuid>/nbd (qemu's 0700, its socket)."""
+    socket = folder / "nbd" / SOCKET_NAME
+    if len(os.fsencode(socket)) > 107:   # sun_path holds 108 bytes with its NUL
+        raise RpfsError(f"the backup run folder {folder.parent} is too deep for a unix socket; choose a shorter one")
     os.mkdir(folder, RUN_FOLDER_MODE)
     os.chmod(folder, RUN_FOLDER_MODE)   # whatever the umask
     nbd = folder / "nbd"
     os.mkdir(nbd, 0o700)
     os.chown(nbd, *_qemu_owner(domain))
-    return nbd / SOCKET_NAME
+    return socket
 
 
 def _remove_job_folder(folder: Path) -> None:
