@@ -252,6 +252,25 @@ def test_qemu_killed_gives_a_full_job_with_the_reason_then_incremental_again(vm,
     _nothing_left(vm)
 
 
+def test_bitmaps_stored_in_use_by_a_killed_qemu_do_not_accumulate(vm):
+    """A clean stop stores the bitmaps in the qcow2; the qemu started next marks them in use there and, killed,
+    leaves them so: the next qemu loads them inconsistent. The full job's clean-up removes them too."""
+    with backup_job.begin(vm.dom, ["vda"], "rpfs-1", None, vm.run) as job:
+        chain = job.chain
+    vm.dom.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)   # qemu closes its images: bitmaps stored
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(vm.image)],
+                                     check=True, capture_output=True, text=True).stdout)
+    assert [b["name"] for b in info["format-specific"]["data"]["bitmaps"]] == ["rpfs-1"]
+    vm.dom.create()
+    vm.write(3 * MiB, 4096, 0x21)
+    vm.kill_qemu()
+    vm.dom.create()
+    assert vm.bitmaps() == {"rpfs-1"}   # loaded, inconsistent
+    with backup_job.begin(vm.dom, ["vda"], "rpfs-2", "rpfs-1", vm.run, previous=chain) as job:
+        assert job.incremental_from is None and "inconsistent" in job.full_reason
+    assert backup_job.checkpoints(vm.dom) == ["rpfs-2"] and vm.bitmaps() == {"rpfs-2"}
+
+
 def test_checkpoint_deleted_by_hand_or_domain_changed_gives_a_full_job(vm):
     with backup_job.begin(vm.dom, ["vda"], "rpfs-1", None, vm.run) as job:
         chain = job.chain

@@ -162,7 +162,7 @@ def begin(domain: libvirt.virDomain, disks: list[str], checkpoint: str, incremen
         except libvirt.libvirtError as e:
             if start_from is None or not _is_broken_chain(e):
                 raise RpfsError(f"cannot start the backup of {domain.name()}: {_message(e)}") from None
-            full_reason = f"checkpoint {start_from} is inconsistent ({_message(e)}; qemu was killed?): a new chain"
+            full_reason = f"{_message(e)} (qemu killed, or the host crashed?): a new chain"
             start_from = None
             _drop_chain(domain)
             _remove_job_folder(folder)   # a fresh scratch file: libvirt makes it anew
