@@ -27,6 +27,9 @@ from rpfs.vm.guest_watchdog import GuestFreeze, watched_freeze
 
 T = TypeVar("T")
 RECORDED_OUTPUT = 1024      # characters of each stream's end kept on the recovery point
+STATES = {libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
+          libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down", libvirt.VIR_DOMAIN_CRASHED: "crashed",
+          libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended by the guest", libvirt.VIR_DOMAIN_BLOCKED: "blocked"}
 
 
 @dataclass
@@ -113,8 +116,9 @@ def guest_consistent(domain: libvirt.virDomain, config: ConsistencyConfig | None
 def _agent_answers(domain: libvirt.virDomain, timeout: float, record: GuestRecord) -> bool:
     """Whether the agent answers; if not, record.reason says why (the point will be crash)."""
     try:
-        if not domain.isActive():
-            record.reason = "the domain is not running"
+        state = domain.state()[0]
+        if state != libvirt.VIR_DOMAIN_RUNNING:
+            record.reason = f"the domain is not running ({STATES.get(state, f'state {state}')})"
             return False
         if guest_agent.ping(domain, timeout):
             return True

@@ -273,8 +273,8 @@ def main() -> int:
 def _say(line: str) -> None:
     try:
         print(line, flush=True)
-    except (BrokenPipeError, OSError):
-        pass
+    except OSError:   # the backup is gone: say nothing more (nor at exit, as Python's docs advise)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":
