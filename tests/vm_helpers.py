@@ -14,8 +14,10 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +126,8 @@ class Guest:
     domain: "libvirt.virDomain"  # noqa: F821 (libvirt is imported lazily so collection works without it)
     data_disk: Path
     folder: Path
+    start_seconds: float | None = None   # how long domain.create() took
+    agent_seconds: float | None = None   # from start to the agent's first answer (the session guest)
 
     @property
     def console_log(self) -> Path:
@@ -195,6 +199,9 @@ def make_guest(name_suffix: str | int, data_disk: Path | None = None, start: boo
     removed on leaving, also on failure. start=False leaves it defined and shut off."""
     conn = libvirt_conn()
     files = guest_files()
+    # `timeout` or a CI runner ends a run with SIGTERM: turn it into an exception so the finally below runs
+    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() \
+        else None
     name = f"rpfs-test-{os.getpid()}-{name_suffix}"
     folder = IMAGES / name
     remove_domain(conn, name)
@@ -216,6 +223,12 @@ def make_guest(name_suffix: str | int, data_disk: Path | None = None, start: boo
         remove_domain(conn, name)
         shutil.rmtree(folder, ignore_errors=True)
         conn.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 @contextlib.contextmanager
