@@ -9,6 +9,14 @@
     [freeze]
     mountpoints = ["/srv/data"]
     max_seconds = 10            # the watchdog thaws after this long, whatever happens
+    [guest.pre]                 # a libvirt domain's guest, through its agent; [guest.post] the same
+    path = "/usr/local/sbin/db-checkpoint"   # inside the guest (guest-exec)
+    args = ["--quiet"]
+    timeout_seconds = 60        # then it is given up on (the agent cannot stop it: it goes on in the guest)
+    retries = 0
+    continue_on_failure = false
+    [guest.freeze]
+    max_seconds = 10            # the guest's watchdog thaws after this long (backup/guest_consistency.py)
 
 Scripts run as root, so they and the config must be owned by root and writable by nobody else, and so
 must every folder on their way (host/access.py, as OpenSSH's StrictModes); a script runs through the
@@ -39,6 +47,8 @@ from rpfs.host.python_child import start_python
 
 SCRIPT_KEYS = {"path", "args", "timeout_seconds", "retries", "continue_on_failure"}
 FREEZE_KEYS = {"mountpoints", "max_seconds"}
+GUEST_KEYS = {"pre", "post", "freeze"}
+GUEST_FREEZE_KEYS = {"max_seconds"}
 
 
 @dataclass
@@ -56,6 +66,9 @@ class ConsistencyConfig:
     post: Script | None = None
     freeze: list[str] = field(default_factory=list)
     freeze_max_seconds: float = 10.0
+    guest_pre: Script | None = None     # run in a libvirt domain's guest (path inside the guest)
+    guest_post: Script | None = None
+    guest_freeze_max_seconds: float = 10.0
 
 
 @dataclass
@@ -76,9 +89,9 @@ def load_config(path: Path) -> ConsistencyConfig:
         raw = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RpfsError(f"{path}: {e}") from None
-    unknown = set(raw) - {"pre", "post", "freeze"}
+    unknown = set(raw) - {"pre", "post", "freeze", "guest"}
     if unknown:
-        raise RpfsError(f"{path}: unknown section(s) {', '.join(sorted(unknown))} (known: pre, post, freeze)")
+        raise RpfsError(f"{path}: unknown section(s) {', '.join(sorted(unknown))} (known: pre, post, freeze, guest)")
     config = ConsistencyConfig()
     for section in ("pre", "post"):
         if section in raw:
@@ -97,7 +110,22 @@ def load_config(path: Path) -> ConsistencyConfig:
     for mountpoint in config.freeze:
         if not os.path.ismount(mountpoint):
             raise RpfsError(f"{path}: {mountpoint} (freeze.mountpoints) is not a mounted filesystem")
+    _guest(path, raw.get("guest", {}), config)
     return config
+
+
+def _guest(path: Path, guest: dict, config: ConsistencyConfig) -> None:
+    """[guest.pre], [guest.post], [guest.freeze]: the guest's side, its scripts' paths inside the guest."""
+    _check_keys(path, "guest", guest, GUEST_KEYS)
+    for phase in ("pre", "post"):
+        if phase in guest:
+            setattr(config, f"guest_{phase}", _script(path, f"guest.{phase}", guest[phase], on_host=False))
+    freeze = guest.get("freeze", {})
+    _check_keys(path, "guest.freeze", freeze, GUEST_FREEZE_KEYS)
+    max_seconds = freeze.get("max_seconds", config.guest_freeze_max_seconds)
+    if not isinstance(max_seconds, (int, float)) or isinstance(max_seconds, bool) or not 0 < max_seconds <= 3600:
+        raise RpfsError(f"{path}: [guest.freeze] max_seconds must be a number of seconds (above 0, at most 3600)")
+    config.guest_freeze_max_seconds = float(max_seconds)
 
 
 def _check_keys(path: Path, section: str, table: dict, known: set[str]) -> None:
@@ -109,7 +137,7 @@ def _check_keys(path: Path, section: str, table: dict, known: set[str]) -> None:
                         f" (known: {', '.join(sorted(known))})")
 
 
-def _script(path: Path, section: str, table: dict) -> Script:
+def _script(path: Path, section: str, table: dict, on_host: bool = True) -> Script:
     _check_keys(path, section, table, SCRIPT_KEYS)
     if "path" not in table:
         raise RpfsError(f"{path}: [{section}] needs a path")
@@ -122,6 +150,10 @@ def _script(path: Path, section: str, table: dict) -> Script:
     script = Script(**table)
     if script.timeout_seconds <= 0 or script.retries < 0:
         raise RpfsError(f"{path}: [{section}] timeout_seconds must be positive and retries not negative")
+    if not on_host:   # a path in the guest: nothing to check here, the guest's agent runs it
+        if not script.path or "\0" in script.path or any("\0" in a for a in script.args):
+            raise RpfsError(f"{path}: [{section}] path and args must be non-empty text without NUL")
+        return script
     os.close(_open_script(script, section))   # refused now, before anything is quiesced
     return script
 

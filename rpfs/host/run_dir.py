@@ -8,6 +8,8 @@
                                          store mount its disks are read through
     freeze/<hash>.lock                   flocked by a backup's freeze watchdog for as long as it runs
                                          (backup/quiesce.py)
+    freeze/guest-<hash>.lock             the same for a libvirt domain's guest, by its UUID
+                                         (vm/guest_watchdog.py)
 
 Each name is a hash of the path it stands for, so any path maps to one safe file name. Every folder is
 root's, mode 0700 (an older rpfs made the run dir and instant/ 0711, so that a VM's qemu running as
@@ -57,6 +59,13 @@ def open_freeze_lock(mountpoint: str) -> int:
     """The lock file of a filesystem that backups freeze (kept, shared: not O_EXCL), opened read-write."""
     folder = make_folder(root() / "freeze")
     return os.open(folder / f"{_key(Path(mountpoint), 16)}.lock",
+                   os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def open_guest_freeze_lock(domain_uuid: str) -> int:
+    """The lock file of a libvirt domain whose guest backups freeze, by the domain's UUID (as above)."""
+    folder = make_folder(root() / "freeze")
+    return os.open(folder / f"guest-{_key(Path(domain_uuid), 16)}.lock",
                    os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
