@@ -350,9 +350,9 @@ class _BackupRun:
 
 def _run(store: Store, point: RecoveryPoint, sources: list[DiskSource], progress: ProgressFn | None,
          workers: int, tracked: dict[str, TrackedChanges] | None = None,
-         checksum_reason: str = "") -> tuple[RecoveryPoint, BackupSummary]:
+         checksum_reasons: dict[str, str] | None = None) -> tuple[RecoveryPoint, BackupSummary]:
     """Transfer: read every source (but what change tracking vouches for), store the new blocks, and commit
-    `point` with its block maps. checksum_reason: why the disks read whole were (on their records)."""
+    `point` with its block maps. checksum_reasons: per disk, why it was read whole if it was (its record says)."""
     started = time.monotonic()
     run = _BackupRun(store, sources, workers, tracked)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpfs-backup") as pool:
@@ -367,7 +367,7 @@ def _run(store: Store, point: RecoveryPoint, sources: list[DiskSource], progress
         record.stored_bytes = run.stored_bytes_of(refs)
         record.read_bytes = source.bytes_read
         if record.change_tracking == "checksum":
-            record.change_tracking_reason = checksum_reason
+            record.change_tracking_reason = (checksum_reasons or {}).get(record.name, "")
     c = run.counts
     point.disks = run.records
     point.duration_seconds = round(time.monotonic() - started, 3)

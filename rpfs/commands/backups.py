@@ -8,30 +8,62 @@ from pathlib import Path
 from rpfs.backup.pipeline import BackupOptions, backup, parse_disk_specs
 from rpfs.commands import open_store, print_json, vault_of
 from rpfs.commands.progress import ProgressBar, human_bytes
+from rpfs.errors import EXIT_USAGE, RpfsError
+from rpfs.host.untrusted import shown
 from rpfs.upkeep.jobs import recorded
 
 
 def cmd_backup(args) -> int:
     from rpfs.backup.quiesce import load_config
-    disks = parse_disk_specs(args.disk)
-    options = BackupOptions(consistency=load_config(Path(args.consistency_config)) if args.consistency_config else None,
-                            allow_live=args.allow_live, keep_snapshot_days=args.keep_snapshot_days)
+    consistency = load_config(Path(args.consistency_config)) if args.consistency_config else None
+    if args.libvirt:
+        from rpfs.backup.vm_backup import VmBackupOptions, backup_domain
+        _refuse_disk_options(args)
+        options = VmBackupOptions(consistency, set(args.exclude_disk or ()), args.require_consistency)
+
+        def take(store, bar, begin):
+            return backup_domain(store, args.vm, args.libvirt, progress=bar, options=options, started=begin)
+    else:
+        if not args.disk:
+            raise RpfsError("give the disks: --disk NAME=PATH (repeat for each), or --libvirt DOMAIN", EXIT_USAGE)
+        if args.exclude_disk or args.require_consistency:
+            raise RpfsError("--exclude-disk and --require-consistency go with --libvirt DOMAIN", EXIT_USAGE)
+        disks = parse_disk_specs(args.disk)
+        options = BackupOptions(consistency=consistency, allow_live=args.allow_live,
+                                keep_snapshot_days=args.keep_snapshot_days)
+
+        def take(store, bar, begin):
+            return backup(store, args.vm, disks, progress=bar, options=options, started=begin)
     with open_store(args) as store, recorded(store, "backup", args.vm, begun=False) as job:
         with ProgressBar(f"backup {args.vm}", quiet=args.json) as bar:
-            point, summary = backup(store, args.vm, disks, progress=bar, options=options, started=job.begin)
+            point, summary = take(store, bar, job.begin)
         job.bytes_read, job.bytes_written, job.recovery_point = summary.disk_bytes_read, summary.stored_bytes, point.id
     if args.json:
         print_json({**asdict(summary), "mib_per_second": round(summary.mib_per_second, 1),
                      "recovery_point": point.to_dict()})
         return 0
     s = summary
-    print(f"recovery point {s.vm}/{s.point_id} ({point.consistency}): {s.disks} disk(s) of"
+    why = f": {shown(point.consistency_reason)}" if point.consistency_reason else ""
+    print(f"recovery point {s.vm}/{s.point_id} ({point.consistency}{why}): {s.disks} disk(s) of"
           f" {human_bytes(s.bytes_read)} in {s.seconds:.1f} s; read {human_bytes(s.disk_bytes_read)} from the"
           f" disk(s), {s.mib_per_second:.0f} MiB/s")
     print(f"  raw: new {human_bytes(s.new_bytes)}, deduplicated {human_bytes(s.deduplicated_bytes)},"
           f" holes {human_bytes(s.zero_bytes)}, unchanged {human_bytes(s.unchanged_bytes)} (not read: change"
           f" tracking); stored: {human_bytes(s.stored_bytes)} new after compression")
+    for d in point.disks:
+        if d.change_tracking_reason:
+            print(f"  {d.name}: every block read ({shown(d.change_tracking_reason)})")
     return 0
+
+
+def _refuse_disk_options(args) -> None:
+    """A domain's disks come from libvirt: the options about named disks have no meaning there."""
+    if args.disk:
+        raise RpfsError("give either --libvirt DOMAIN (its disks are found) or --disk NAME=PATH, not both",
+                        EXIT_USAGE)
+    if args.allow_live or args.keep_snapshot_days:
+        raise RpfsError("--allow-live and --keep-snapshot-days go with --disk: a running domain is read"
+                        " through libvirt's backup job, never live", EXIT_USAGE)
 
 
 def cmd_list(args) -> int:
@@ -54,6 +86,7 @@ def cmd_list(args) -> int:
               f"  new stored {human_bytes(p.new_stored_bytes):>10}{_quiesce_note(p)}")
         for d in p.disks:
             tracking = f", {d.change_tracking}: read {human_bytes(d.read_bytes)}" if d.change_tracking else ""
+            tracking += f" ({shown(d.change_tracking_reason)})" if d.change_tracking_reason else ""
             print(f"      {d.name + '.img':<16} size {human_bytes(d.size):>10}  stored {human_bytes(d.stored_bytes):>10}"
                   f"  {d.blocks} blocks, {d.zero_blocks} holes{tracking}")
     return 0
@@ -83,6 +116,13 @@ def _listed_points(args) -> tuple[list, dict[tuple[str, str], str]]:
 def _quiesce_note(point) -> str:
     """pre/post script results, freeze time and kept snapshot, as a short suffix for `list`."""
     q, notes = point.quiesce, []
+    if point.libvirt:
+        notes.append(f"libvirt domain {point.libvirt.get('domain')}, {point.libvirt.get('state')}")
+    if point.consistency_reason:
+        notes.append(f"why: {shown(point.consistency_reason)}")
+    guest = q.get("guest", {})
+    if guest.get("frozen_seconds") is not None:
+        notes.append(f"guest frozen {guest['frozen_seconds']:.2f} s")
     for phase in ("pre", "post"):
         if phase in q:
             notes.append(f"{phase} {'ok' if q[phase]['ok'] else 'failed: ' + q[phase]['message']}")
@@ -120,8 +160,14 @@ def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.Argument
     """The parsers of backup, list and snapshots; parents give every command --json and --key-file."""
     p = sub.add_parser("backup", parents=parents, help="back up the disks of a VM into a new recovery point")
     p.add_argument("vm", help="the VM's name (a new one is created by its first backup)")
-    p.add_argument("--disk", action="append", required=True, metavar="NAME=PATH",
+    p.add_argument("--disk", action="append", metavar="NAME=PATH",
                    help="a disk of the VM: an image file or a block device (repeat for each disk)")
+    p.add_argument("--libvirt", metavar="DOMAIN",
+                   help="back up every disk of this libvirt domain, running or shut off (instead of --disk)")
+    p.add_argument("--exclude-disk", action="append", metavar="TARGET",
+                   help="with --libvirt: leave this disk out (vdb, ...; repeat)")
+    p.add_argument("--require-consistency", choices=("file-system", "application"),
+                   help="with --libvirt: take no point unless it is at least this consistent")
     p.add_argument("--consistency-config", metavar="TOML",
                    help="pre/post scripts and filesystems to freeze for the snapshot (docs/manual/backup.md)")
     p.add_argument("--allow-live", action="store_true",

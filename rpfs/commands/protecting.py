@@ -109,11 +109,13 @@ def cmd_policy(args) -> int:
 def cmd_protect(args) -> int:
     from rpfs.policy.protection import protect
     with open_store(args) as store:
-        protection = protect(store, args.vm, args.policy, args.disk, args.temporary_disk)
+        protection = protect(store, args.vm, args.policy, args.disk, args.temporary_disk, args.libvirt or "")
     if args.json:
         print_json(asdict(protection))
     else:
-        print(f"{args.vm} protected by policy {args.policy}: disks {', '.join(protection.disks)}"
+        disks = f"libvirt domain {protection.libvirt} (its disks found at each backup)" if protection.libvirt \
+            else f"disks {', '.join(protection.disks)}"
+        print(f"{args.vm} protected by policy {args.policy}: {disks}"
               f"{'; temporary (not backed up): ' + ', '.join(protection.temporary) if protection.temporary else ''}")
     return 0
 
@@ -232,8 +234,11 @@ def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.Argument
     p.add_argument("--policy", required=True, help="the policy's name (rpfs policy list)")
     p.add_argument("--disk", action="append", default=[], metavar="NAME=PATH",
                    help="a disk of the VM: an image file or a block device (repeat for each disk)")
+    p.add_argument("--libvirt", metavar="DOMAIN",
+                   help="a libvirt domain: its disks are found at each backup (instead of --disk)")
     p.add_argument("--temporary-disk", action="append", default=[], metavar="NAME=PATH",
-                   help="a disk that is never backed up nor counted (like a VM's temporary disk)")
+                   help="a disk that is never backed up nor counted (like a VM's temporary disk; with"
+                        " --libvirt its target, e.g. vdb)")
     p.set_defaults(func=cmd_protect)
 
     p = sub.add_parser("unprotect", parents=parents, help="stop protecting a VM")

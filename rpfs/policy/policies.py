@@ -13,6 +13,7 @@ People write policies by hand in TOML, so a bad file is refused with the line of
     config = "/etc/rpfs/web01.toml"   # pre/post scripts and freeze (backup/quiesce.py)
     [options]
     allow_live = false
+    require_consistency = "file-system"   # a libvirt domain: no point unless at least this (or "application")
     [vault]
     name = "offsite"            # push each new point to this vault (rpfs vault add)
     daily = 30                  # what the vault keeps (as [retention]); none: it keeps every point
@@ -32,7 +33,8 @@ from rpfs.store.recovery_point import NAME_RE
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")   # index = datetime.weekday()
 SCHEDULE_KINDS = ("daily", "weekly", "hourly")
 RETENTION_RULES = ("keep_last", "daily", "weekly", "monthly", "yearly")
-OPTION_TYPES: dict[str, type] = {"allow_live": bool}
+OPTION_TYPES: dict[str, type] = {"allow_live": bool, "require_consistency": str}
+REQUIRABLE = ("file-system", "application")   # require_consistency: a libvirt domain's point at least this
 
 # The TOML layout: section -> its keys ("" is the top level).
 TOML_KEYS: dict[str, tuple[str, ...]] = {
@@ -305,8 +307,10 @@ def _options(table: object, path: tuple[str, ...]) -> dict:
     for key, value in table.items():
         if key not in OPTION_TYPES:
             raise _Problem(f"unknown option {key!r} (known: {', '.join(OPTION_TYPES)})", path + (key,))
-        if not isinstance(value, OPTION_TYPES[key]):
+        if OPTION_TYPES[key] is bool and not isinstance(value, bool):
             raise _Problem(f"{key} must be true or false, not {_describe(value)}", path + (key,))
+        if key == "require_consistency" and value not in REQUIRABLE:
+            raise _Problem(f"{key} must be one of {', '.join(REQUIRABLE)}, not {_describe(value)}", path + (key,))
     return dict(table)
 
 

@@ -1,6 +1,7 @@
 """Protection records: the policies kept in the store, and which VM follows which policy with which disks.
 
-Temporary disks are listed on the VM but never backed up.
+Temporary disks are listed on the VM but never backed up. A libvirt domain's disks are not listed: they
+are found in the domain at each backup (its temporary disks are targets left out).
 """
 from __future__ import annotations
 
@@ -45,13 +46,17 @@ class Protection:
     disks: dict[str, str]                                  # name -> path, backed up
     temporary: dict[str, str] = field(default_factory=dict)  # name -> path, never backed up
     since: str = ""
+    libvirt: str = ""                                      # a libvirt domain, its disks found at each backup
 
 
-def protect(store: Store, vm: str, policy: str, disk_specs: list[str], temporary_specs: list[str]) -> Protection:
+def protect(store: Store, vm: str, policy: str, disk_specs: list[str], temporary_specs: list[str],
+            libvirt: str = "") -> Protection:
     check_name("VM", vm)
     if store.get_record("protected", vm) is not None:
         raise RpfsError(f"VM {vm!r} is protected already (rpfs unprotect {vm} first to change it)")
     get_policy(store, policy)
+    if libvirt:
+        return _protect_domain(store, vm, policy, disk_specs, temporary_specs, libvirt)
     disks = dict(parse_disk_specs(disk_specs))
     temporary = dict(parse_disk_specs(temporary_specs)) if temporary_specs else {}
     both = set(disks) & set(temporary)
@@ -63,6 +68,20 @@ def protect(store: Store, vm: str, policy: str, disk_specs: list[str], temporary
     protection = Protection(vm, policy, {n: str(Path(p).absolute()) for n, p in disks.items()},
                             {n: str(Path(p).absolute()) for n, p in temporary.items()},
                             datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    store.put_record("protected", vm, asdict(protection))
+    return protection
+
+
+def _protect_domain(store: Store, vm: str, policy: str, disk_specs: list[str], temporary: list[str],
+                    domain_name: str) -> Protection:
+    """Protect a libvirt domain: it must exist now; its temporary disks are targets (vdb, or vdb=PATH)."""
+    from rpfs.vm import libvirt_host
+    if disk_specs:
+        raise RpfsError("give either --libvirt DOMAIN (its disks are found at each backup) or --disk, not both")
+    libvirt_host.lookup(libvirt_host.connect(), domain_name)
+    targets = {check_name("disk", spec.partition("=")[0]): "" for spec in temporary}
+    protection = Protection(vm, policy, {}, targets, datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            libvirt=domain_name)
     store.put_record("protected", vm, asdict(protection))
     return protection
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rpfs.backup.pipeline import BackupOptions, backup
 from rpfs.backup.quiesce import load_config
+from rpfs.backup.vm_backup import VmBackupOptions, backup_domain
 from rpfs.errors import RpfsError
 from rpfs.policy import offsite
 from rpfs.policy.protection import get_policy, protections, retentions
@@ -58,9 +59,14 @@ def run(store: Store, now: datetime | None = None, stagger_seconds: float = 0.0,
                 consistency=load_config(Path(policy.consistency_config)) if policy.consistency_config else None,
                 allow_live=bool(policy.options.get("allow_live", False)),
                 keep_snapshot_days=policy.keep_snapshot_days)
+            progress = progress_for(vm) if progress_for else None
             with jobs.recorded(store, "backup", vm) as job:
-                point, summary = backup(store, vm, list(protection.disks.items()),
-                                        progress=progress_for(vm) if progress_for else None, options=options)
+                if protection.libvirt:
+                    point, summary = backup_domain(store, vm, protection.libvirt, progress=progress, options=VmBackupOptions(
+                        options.consistency, set(protection.temporary), policy.options.get("require_consistency")))
+                else:
+                    point, summary = backup(store, vm, list(protection.disks.items()), progress=progress,
+                                            options=options)
                 job.bytes_read, job.bytes_written, job.recovery_point = (summary.disk_bytes_read, summary.stored_bytes,
                                                                          point.id)
             result.backed_up.append(vm)

@@ -67,6 +67,7 @@ class BackupJob:
     disks: list[str]
     folder: Path
     _lock_fd: int = -1
+    without_bitmap: frozenset[str] = frozenset()   # raw disks: read whole at every backup
 
     def export(self, target: str) -> str:
         """The NBD export name of a disk (libvirt names it by target)."""
@@ -78,7 +79,8 @@ class BackupJob:
         qemu reports the changed extents as NBD_STATE_HOLE: qemu-img map --image-opts ...,x-dirty-bitmap=
         shows them as "data": false (and unchanged ones "data": true)."""
         self._check(target)
-        return f"qemu:dirty-bitmap:backup-{target}" if self.incremental_from else None
+        return f"qemu:dirty-bitmap:backup-{target}" if self.incremental_from and target not in self.without_bitmap \
+            else None
 
     def end(self) -> None:
         """Abort the job (a pull backup ends only so; the checkpoint stays), remove its socket and scratch
@@ -130,14 +132,16 @@ def broken_chain_reason(now: ChainState, previous: ChainState | None, incrementa
 
 
 def begin(domain: libvirt.virDomain, disks: list[str], checkpoint: str, incremental_from: str | None,
-          run_folder: Path = DEFAULT_RUN_FOLDER, previous: ChainState | None = None) -> BackupJob:
+          run_folder: Path = DEFAULT_RUN_FOLDER, previous: ChainState | None = None,
+          without_bitmap: frozenset[str] = frozenset()) -> BackupJob:
     """Start a pull backup of disks (targets) and a checkpoint named `checkpoint` (rpfs-<point id>).
 
     The exports show the guest-visible bytes at the moment this returns: that is the snapshot (the caller
     freezes the guest around it). Incremental from `incremental_from` when the chain holds (previous: what
     the point of that checkpoint recorded, chain_state); otherwise a full job with full_reason set, the
     broken checkpoints deleted first. The caller serializes backups of one domain: any backup job found on
-    the domain with our socket folder is a stale one of a killed rpfs, and is aborted."""
+    the domain with our socket folder is a stale one of a killed rpfs, and is aborted. without_bitmap: disks
+    that cannot keep a bitmap (raw images): always read whole, left out of the checkpoint."""
     if not checkpoint.startswith(CHECKPOINT_PREFIX):
         raise RpfsError(f"checkpoint name {checkpoint!r} must start with {CHECKPOINT_PREFIX!r}")
     if not disks:
@@ -158,7 +162,7 @@ def begin(domain: libvirt.virDomain, disks: list[str], checkpoint: str, incremen
                 _drop_chain(domain)
         start_from = incremental_from if full_reason is None else None
         try:
-            _backup_begin(domain, disks, checkpoint, start_from, socket, folder)
+            _backup_begin(domain, disks, checkpoint, start_from, socket, folder, without_bitmap)
         except libvirt.libvirtError as e:
             if start_from is None or not _is_broken_chain(e):
                 raise RpfsError(f"cannot start the backup of {domain.name()}: {_message(e)}") from None
@@ -167,8 +171,9 @@ def begin(domain: libvirt.virDomain, disks: list[str], checkpoint: str, incremen
             _drop_chain(domain)
             _remove_job_folder(folder)   # a fresh scratch file: libvirt makes it anew
             socket = _make_job_folder(domain, folder)
-            _backup_begin(domain, disks, checkpoint, None, socket, folder)
-        job = BackupJob(domain, str(socket), checkpoint, start_from, full_reason, now, list(disks), folder, lock_fd)
+            _backup_begin(domain, disks, checkpoint, None, socket, folder, without_bitmap)
+        job = BackupJob(domain, str(socket), checkpoint, start_from, full_reason, now, list(disks), folder, lock_fd,
+                        without_bitmap)
         lock_fd = -1
         return job
     except libvirt.libvirtError as e:
@@ -251,7 +256,7 @@ def clean(connection: libvirt.virConnect, run_folder: Path = DEFAULT_RUN_FOLDER)
 
 
 def _backup_begin(domain: libvirt.virDomain, disks: list[str], checkpoint: str, start_from: str | None,
-                  socket: Path, folder: Path) -> None:
+                  socket: Path, folder: Path, without_bitmap: frozenset[str]) -> None:
     every = list(_disk_sources(domain)) or disks
     unknown = [t for t in disks if t not in every]
     if unknown:
@@ -264,9 +269,11 @@ def _backup_begin(domain: libvirt.virDomain, disks: list[str], checkpoint: str, 
     for target in every:
         if target in disks:
             scratch = folder / f"scratch-{target}.qcow2"
-            backup.append(f"<disk name={quoteattr(target)} backup='yes' type='file'>"
+            whole = " backupmode='full'" if target in without_bitmap and start_from is not None else ""
+            backup.append(f"<disk name={quoteattr(target)} backup='yes' type='file'{whole}>"
                           f"<scratch file={quoteattr(str(scratch))}/></disk>")
-            point.append(f"<disk name={quoteattr(target)} checkpoint='bitmap'/>")
+            point.append(f"<disk name={quoteattr(target)} checkpoint="
+                         f"{quoteattr('no' if target in without_bitmap else 'bitmap')}/>")
         else:
             backup.append(f"<disk name={quoteattr(target)} backup='no'/>")
             point.append(f"<disk name={quoteattr(target)} checkpoint='no'/>")
