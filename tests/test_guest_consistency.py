@@ -22,7 +22,8 @@ from rpfs.backup.quiesce import ConsistencyConfig, Script, load_config
 from rpfs.errors import RpfsError
 from rpfs.host import run_dir
 from rpfs.vm import guest_agent
-from rpfs.vm.guest_agent import BadAgentAnswer, shown
+from rpfs.host.untrusted import shown
+from rpfs.vm.guest_agent import BadAgentAnswer
 
 pytestmark = pytest.mark.timeout(300)
 

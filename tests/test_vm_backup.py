@@ -203,3 +203,21 @@ def test_restore_as_a_new_vm_boots_while_the_original_runs(guest, store, tmp_pat
         assert refused.returncode != 0 and "exists" in refused.stderr
     finally:
         remove_domain(conn, name)
+
+
+def test_a_protected_domain_is_backed_up_by_run(guest, store):
+    rpfs("policy", "create", "often", "--every-hours", "1", "--keep-last", "2", "--require-consistency",
+         "file-system", store=store)
+    refused = rpfs("protect", "web", "--policy", "often", "--libvirt", "rpfs-test-no-such-domain", store=store,
+                   check=False)
+    assert refused.returncode != 0 and "no libvirt domain" in refused.stderr
+    rpfs("protect", "web", "--policy", "often", "--libvirt", guest.name, store=store)
+    out = json.loads(rpfs("run", "--stagger-seconds", "0", "--json", store=store, timeout=600).stdout)
+    assert out["backed_up"] == ["web"], out
+    [point] = json.loads(rpfs("list", "web", "--json", store=store).stdout)
+    assert point["libvirt"]["domain"] == guest.name and point["consistency"] == "file-system"
+    # A point below what is required is not taken: without guest scripts it is file-system at best.
+    done = rpfs("backup", "web", "--libvirt", guest.name, "--require-consistency", "application", store=store,
+                check=False)
+    assert done.returncode != 0 and "application or better is required" in done.stderr, done.stderr
+    assert len(json.loads(rpfs("list", "web", "--json", store=store).stdout)) == 1

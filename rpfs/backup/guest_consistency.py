@@ -22,7 +22,8 @@ import libvirt
 from rpfs.backup.quiesce import ConsistencyConfig, Script
 from rpfs.errors import RpfsError
 from rpfs.vm import guest_agent
-from rpfs.vm.guest_agent import AgentMissing, DomainNotRunning, GuestAgentError, shown
+from rpfs.host.untrusted import shown
+from rpfs.vm.guest_agent import AgentMissing, DomainNotRunning, GuestAgentError
 from rpfs.vm.guest_watchdog import GuestFreeze, watched_freeze
 
 T = TypeVar("T")
@@ -168,8 +169,8 @@ def run_guest_script(domain: libvirt.virDomain, script: Script, cannot_run: str 
                 break   # another attempt would wait as long again
             continue
         result.exit_code, result.timed_out = done.exitcode, done.timed_out
-        result.stdout = shown(done.stdout[-RECORDED_OUTPUT:])[-RECORDED_OUTPUT:]
-        result.stderr = shown(done.stderr[-RECORDED_OUTPUT:])[-RECORDED_OUTPUT:]
+        result.stdout = shown(done.stdout[-RECORDED_OUTPUT:], None)[-RECORDED_OUTPUT:]
+        result.stderr = shown(done.stderr[-RECORDED_OUTPUT:], None)[-RECORDED_OUTPUT:]
         if done.timed_out:
             result.message = f"timed out after {script.timeout_seconds:g} s (it goes on in the guest)"
             break

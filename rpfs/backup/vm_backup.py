@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -81,7 +82,8 @@ def backup_domain(store: Store, vm: str, domain_name: str, progress: ProgressFn 
 def _backup_running(store: Store, point: RecoveryPoint, dom, disks: list[domain.DomainDisk],
                     options: VmBackupOptions, progress: ProgressFn | None,
                     workers: int) -> tuple[RecoveryPoint, BackupSummary]:
-    checkpoint = f"{backup_job.CHECKPOINT_PREFIX}{point.id}"
+    # The point's id and a random part: two stores back up one domain in the same second too.
+    checkpoint = f"{backup_job.CHECKPOINT_PREFIX}{point.id}-{secrets.token_hex(4)}"
     previous = _previous_point(store, point.vm)
     incremental_from, chain_reason = _chain(previous, point.libvirt["uuid"])
     raw = frozenset(d.target for d in disks if d.format != "qcow2")

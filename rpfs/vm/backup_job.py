@@ -134,7 +134,7 @@ def broken_chain_reason(now: ChainState, previous: ChainState | None, incrementa
 def begin(domain: libvirt.virDomain, disks: list[str], checkpoint: str, incremental_from: str | None,
           run_folder: Path = DEFAULT_RUN_FOLDER, previous: ChainState | None = None,
           without_bitmap: frozenset[str] = frozenset()) -> BackupJob:
-    """Start a pull backup of disks (targets) and a checkpoint named `checkpoint` (rpfs-<point id>).
+    """Start a pull backup of disks (targets) and a checkpoint named `checkpoint` (rpfs-<point id>-<random>).
 
     The exports show the guest-visible bytes at the moment this returns: that is the snapshot (the caller
     freezes the guest around it). Incremental from `incremental_from` when the chain holds (previous: what

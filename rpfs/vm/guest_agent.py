@@ -19,14 +19,13 @@ import binascii
 import json
 import math
 import time
-import unicodedata
 from dataclasses import dataclass
 
 import libvirt
 import libvirt_qemu
 
 from rpfs.errors import RpfsError
-from rpfs.host.untrusted import parse_json
+from rpfs.host.untrusted import parse_json, shown
 
 MAX_ANSWER_BYTES = 1 << 20          # an agent answer larger than this is refused
 MAX_OUTPUT_BYTES = 64 << 10         # program output kept per stream (its last bytes)
@@ -74,25 +73,6 @@ class GuestExecResult:
     timed_out: bool
     signal: int | None = None
     truncated: bool = False          # some output was cut (by us, or by the agent's own 16 MiB limit)
-
-
-def shown(text: str | bytes, limit: int | None = None) -> str:
-    """Text from the guest made safe to print on one line: control and format characters (escape
-    sequences, newlines, bidi overrides) escaped; cut to `limit` characters with "..." if longer."""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", errors="replace")
-    out = []
-    for ch in text:
-        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"):
-            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(ch) or
-                       (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}" if ord(ch) < 0x10000
-                        else f"\\U{ord(ch):08x}"))
-        else:
-            out.append(ch)
-    result = "".join(out)
-    if limit is not None and len(result) > limit:
-        result = result[:max(limit - 3, 0)] + "..."
-    return result
 
 
 def command(domain: libvirt.virDomain, execute: str, arguments: dict | None = None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import libvirt
 
 from rpfs.errors import RpfsError
+from rpfs.host.untrusted import shown
 
 DEFAULT_URI = "qemu:///system"
 NOT_RUNNING = ("libvirtd is not running (start it: tools/libvirt start here, `systemctl start libvirtd`"
@@ -36,10 +37,8 @@ libvirt.registerErrorHandler(_ignore, None)
 
 
 def one_line(text: str, limit: int = MESSAGE_CHARS) -> str:
-    """libvirt's (or a domain's) text as one printable line: control characters escaped, bounded."""
-    text = " ".join(str(text).split())
-    shown = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text[:limit])
-    return shown + ("..." if len(text) > limit else "")
+    """libvirt's (or a domain's) text as one printable line: whitespace runs joined, the rest escaped, bounded."""
+    return shown(" ".join(str(text).split()), limit)
 
 
 def error_text(error: libvirt.libvirtError) -> str:
