@@ -160,6 +160,22 @@ def test_bad_input_is_one_line(store, guest):
         assert done.returncode != 0 and done.stderr.count("\n") == 1 and said in done.stderr, done.stderr
 
 
+def test_a_second_backup_of_the_same_domain_is_refused_at_once(guest, store, tmp_path):
+    """One backup of a domain at a time on a host, whatever the store: the second says so, changes nothing."""
+    import fcntl
+    run = tmp_path / "run"
+    env = {**os.environ, "RPFS_RUN_DIR": str(run)}
+    (run / "libvirt").mkdir(parents=True, mode=0o700)
+    os.chmod(run, 0o700)
+    with open(run / "libvirt" / f"{guest.domain.UUIDString()}.lock", "w") as held:
+        os.chmod(held.name, 0o600)
+        fcntl.flock(held, fcntl.LOCK_EX)     # as a running backup holds it
+        done = rpfs("backup", "web", "--libvirt", guest.name, store=store, env=env, check=False)
+    assert done.returncode != 0 and done.stderr.count("\n") == 1 and "another backup" in done.stderr, done.stderr
+    assert json.loads(rpfs("list", "--json", store=store).stdout) == []
+    assert not guest_frozen(guest)
+
+
 def test_kill_9_mid_backup_leaves_the_guest_thawed_and_nothing_behind(guest, store, tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "RPFS_RUN_DIR": str(run)}
