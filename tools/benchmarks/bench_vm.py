@@ -16,8 +16,9 @@ Targets: incremental read_bytes <= 2% of the disk, incremental wall <= 5% of the
 The "rpfs s" column is rpfs's own timer (the --json summary's seconds: reading, storing and committing the point),
 which leaves out the interpreter's start, the freeze, libvirt's job set-up and the checkpoint clean-up: wall minus
 it is the fixed cost that the 5% target weighs against the full backup. CPU is user+sys of the rpfs process; the
-"qemu" column is the domain's qemu process over the same time (it serves the NBD export, and runs the TCG guest). The domain is named rpfs-test-bench-<pid> and lives in
-/var/lib/libvirt/images/<name>/; it is destroyed and undefined and its folder removed whatever happens.
+"qemu" column is the domain's qemu process over the same time (it serves the NBD export, and runs the TCG guest).
+The domain is named rpfs-test-bench-<pid> and lives in /var/lib/libvirt/images/<name>/; it is destroyed and
+undefined and its folder removed whatever happens.
 """
 from __future__ import annotations
 
