@@ -22,13 +22,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
-from xml.sax.saxutils import escape, quoteattr
 
 import pytest
 
 from conftest import skip_or_fail_in_ci
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools" / "services"))
+from guest_domain import domain_xml  # noqa: E402 (shared with tools/bench --vm)
+
 IMAGES = Path("/var/lib/libvirt/images")
 URI = "qemu:///system"
 DATA_DISK_BYTES = 256 << 20
@@ -74,49 +76,6 @@ def image_format(path: Path) -> str:
     out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)], capture_output=True,
                          text=True, check=True).stdout
     return json.loads(out)["format"]
-
-
-def domain_xml(name: str, folder: Path, data_disk: Path, disk_format: str) -> str:
-    def path(p: Path) -> str:
-        return quoteattr(str(p))
-    return f"""<domain type='qemu'>
-  <name>{escape(name)}</name>
-  <memory unit='MiB'>512</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{escape(str(folder / 'vmlinuz'))}</kernel>
-    <initrd>{escape(str(folder / 'initrd.img'))}</initrd>
-    <cmdline>console=ttyS0 quiet</cmdline>
-  </os>
-  <features><acpi/><apic/></features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type={quoteattr(disk_format)}/>
-      <source file={path(data_disk)}/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <channel type='unix'>
-      <source mode='bind'/>
-      <target type='virtio' name='org.qemu.guest_agent.0'/>
-    </channel>
-    <serial type='pty'>
-      <log file={path(folder / 'console.log')} append='off'/>
-      <target port='0'/>
-    </serial>
-    <console type='pty'>
-      <target type='serial' port='0'/>
-    </console>
-    <interface type='user'>
-      <model type='virtio'/>
-    </interface>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import bench_lib
 import bench_peers
+import bench_vm
 from bench_lib import (REPO, BenchError, Conditions, Context, check_daemon_logs, leftovers, remove_dir,
                        results_json, source_image, step_backup, step_copy, step_read, step_restore, sweep)
 
@@ -44,7 +45,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-vault", dest="vault", action="store_false",
                    help="leave out the vault's figures (tools/bench-vault: push and restore against the Ceph"
                         " gateway of tools/ceph, started and stopped for it)")
+    p.add_argument("--vm", action="store_true",
+                   help="also the VM rows (tools/benchmarks/bench_vm.py): full and incremental backup of a running"
+                        " libvirt domain, 4 GiB qcow2 disk, 1%% changed; needs libvirtd (tools/libvirt start)")
+    p.add_argument("--vm-only", action="store_true", help="only the VM rows (implies --vm)")
     args = p.parse_args(argv)
+    args.vm = args.vm or args.vm_only
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
     if args.fio_seconds < 1:
@@ -58,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: run as root (drop_caches, loop devices and mounts need it)", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, interrupt)   # unwind through the finally clauses, as for Ctrl-C
+    if args.vm_only:
+        return vm_main(args)
     ctx: Context | None = None
     roots: list[Path] = []
     image: Path | None = None
@@ -92,11 +100,42 @@ def main(argv: list[str] | None = None) -> int:
         vault = vault_figures(args.size_gib) if args.vault and code == 0 else None
         if vault is None and args.vault and code == 0:
             ctx.problems.append("tools/bench-vault failed (its output is above)")
+        vm = vm_figures(args) if args.vm and code == 0 else None
+        if vm is None and args.vm and code == 0:
+            ctx.problems.append("the VM rows failed (the reason is above)")
         if args.json:
-            args.json.write_text(json.dumps({**results_json(ctx), "vault": vault}, indent=2, default=str) + "\n")
+            args.json.write_text(json.dumps({**results_json(ctx), "vault": vault, "vm": vm}, indent=2,
+                                            default=str) + "\n")
             print(f"bench: figures written to {args.json}")
         code = code or (1 if ctx.problems else 0)
     return code
+
+
+def vm_figures(args: argparse.Namespace) -> dict | None:
+    """The VM rows (bench_vm.py), printed; their figures as JSON, None if they could not be taken."""
+    try:
+        results = bench_vm.run_vm(args.cache_dir, Conditions(0 if args.no_warm else args.warm_gib))
+    except BenchError as e:
+        print(f"bench: vm: {e}", file=sys.stderr)
+        return None
+    bench_vm.print_report(results)
+    return bench_lib.jsonable(results)
+
+
+def vm_main(args: argparse.Namespace) -> int:
+    """--vm-only: the VM rows alone."""
+    try:
+        vm = vm_figures(args)
+    except KeyboardInterrupt:
+        print("bench: interrupted; cleaned up", file=sys.stderr)
+        return 130
+    if vm is None:
+        return 1
+    if args.json:
+        args.json.write_text(json.dumps({"rpfs_revision": bench_lib.git_revision(), "kernel": os.uname().release,
+                                         "cpus": os.cpu_count(), "vm": vm}, indent=2, default=str) + "\n")
+        print(f"bench: figures written to {args.json}")
+    return 0
 
 
 def vault_figures(size_gib: float) -> dict | None:
