@@ -201,7 +201,12 @@ def _main(argv: list[str]) -> int:
     if any(not n.startswith(PREFIX) for n in names):
         print(f"guest_domain: domain names start with {PREFIX}", file=sys.stderr)
         return 2
-    conn = open_connection()
+    import libvirt
+    try:
+        conn = open_connection()
+    except libvirt.libvirtError as error:
+        print(f"guest_domain: {URI}: {error} (tools/libvirt start)", file=sys.stderr)
+        return 1
     try:
         if command == "down":
             for name in names:
@@ -221,7 +226,7 @@ def _main(argv: list[str]) -> int:
         sys.stdout.write(_escaped(out))
         sys.stderr.write(_escaped(err))
         return code
-    except GuestError as error:
+    except (GuestError, libvirt.libvirtError) as error:
         print(f"guest_domain: {error}", file=sys.stderr)
         return 1
     finally:
