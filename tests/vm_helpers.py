@@ -8,14 +8,11 @@ whatever happened. The `guest` fixture (tests/conftest.py) is one such guest sha
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import itertools
-import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -29,11 +26,9 @@ from conftest import skip_or_fail_in_ci
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools" / "services"))
-from guest_domain import domain_xml  # noqa: E402 (shared with tools/bench --vm)
-
-IMAGES = Path("/var/lib/libvirt/images")
-URI = "qemu:///system"
-DATA_DISK_BYTES = 256 << 20
+import guest_domain  # noqa: E402 (shared with tools/demo: tools/services/guest_domain.py)
+from guest_domain import (DATA_DISK_BYTES, IMAGES, URI, define_guest, domain_xml,  # noqa: E402,F401
+                          image_format, make_data_disk, remove_domain)
 _counter = itertools.count(1)
 
 
@@ -55,27 +50,10 @@ def libvirt_conn():
 
 def guest_files() -> Path:
     """The cache folder of the test guest (vmlinuz, initrd.img), built on first use (tools/guest build)."""
-    done = subprocess.run([str(REPO / "tools/guest"), "build"], capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        pytest.fail(f"tools/guest build failed: {done.stderr.strip()}")
-    return Path(done.stdout.strip())
-
-
-def make_data_disk(path: Path, size: int = DATA_DISK_BYTES) -> Path:
-    """A qcow2 file of `size` virtual bytes holding an empty ext4 (made on a sparse raw file, then converted)."""
-    raw = path.with_suffix(".raw")
-    with open(raw, "wb") as f:
-        f.truncate(size)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "rpfs-data", str(raw)], check=True)
-    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path)], check=True)
-    raw.unlink()
-    return path
-
-
-def image_format(path: Path) -> str:
-    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)], capture_output=True,
-                         text=True, check=True).stdout
-    return json.loads(out)["format"]
+    try:
+        return guest_domain.guest_files()
+    except guest_domain.GuestError as error:
+        pytest.fail(str(error))
 
 
 @dataclass
@@ -94,61 +72,23 @@ class Guest:
 
     def agent(self, command: str, arguments: dict | None = None, timeout: int = 10) -> object:
         """One guest agent command; its "return" value (libvirt raises on an agent error or timeout)."""
-        import libvirt_qemu
-        request = {"execute": command, **({"arguments": arguments} if arguments is not None else {})}
-        answer = libvirt_qemu.qemuAgentCommand(self.domain, json.dumps(request), timeout, 0)
-        return json.loads(answer)["return"]
+        return guest_domain.agent(self.domain, command, arguments, timeout)
 
     def wait_for_agent(self, timeout: float = 180) -> float:
         """Seconds until the agent answered guest-ping (bounded retries); fails the test after `timeout`."""
-        import libvirt
-        start = time.monotonic()
-        deadline = start + timeout
-        delay = 0.2
-        while True:
-            try:
-                self.agent("guest-ping", timeout=5)
-                return time.monotonic() - start
-            except libvirt.libvirtError as error:
-                if time.monotonic() > deadline:
-                    tail = self.console_log.read_text(errors="replace")[-2000:] if self.console_log.exists() \
-                        else "(no console log)"
-                    pytest.fail(f"{self.name}: agent did not answer within {timeout:.0f} s: {error}\n"
-                                f"console:\n{tail}")
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        try:
+            return guest_domain.wait_for_agent(self.domain, timeout)
+        except guest_domain.GuestError as error:
+            tail = self.console_log.read_text(errors="replace")[-2000:] if self.console_log.exists() \
+                else "(no console log)"
+            pytest.fail(f"{error}\nconsole:\n{tail}")
 
     def exec(self, cmd: str, timeout: float = 60) -> tuple[int, str, str]:
         """Run `/bin/sh -c cmd` in the guest through guest-exec; (exitcode, stdout, stderr)."""
-        pid = self.agent("guest-exec", {"path": "/bin/sh", "arg": ["-c", cmd], "capture-output": True})["pid"]
-        deadline = time.monotonic() + timeout
-        delay = 0.05
-        while True:
-            status = self.agent("guest-exec-status", {"pid": pid})
-            if status["exited"]:
-                out = base64.b64decode(status.get("out-data", "")).decode(errors="replace")
-                err = base64.b64decode(status.get("err-data", "")).decode(errors="replace")
-                return status.get("exitcode", -status.get("signal", 0) or -1), out, err
-            if time.monotonic() > deadline:
-                pytest.fail(f"{self.name}: {cmd!r} did not finish within {timeout:.0f} s")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
-
-
-def remove_domain(conn, name: str) -> None:
-    """Destroy and undefine the domain if it exists, with its snapshot and checkpoint metadata."""
-    import libvirt
-    try:
-        domain = conn.lookupByName(name)
-    except libvirt.libvirtError:
-        return
-    with contextlib.suppress(libvirt.libvirtError):
-        if domain.isActive():
-            domain.destroy()
-    flags = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-             | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-    with contextlib.suppress(libvirt.libvirtError):
-        domain.undefineFlags(flags)
+        try:
+            return guest_domain.guest_exec(self.domain, cmd, timeout)
+        except guest_domain.GuestError as error:
+            pytest.fail(str(error))
 
 
 @contextlib.contextmanager
@@ -163,15 +103,8 @@ def make_guest(name_suffix: str | int, data_disk: Path | None = None, start: boo
         else None
     name = f"rpfs-test-{os.getpid()}-{name_suffix}"
     folder = IMAGES / name
-    remove_domain(conn, name)
-    shutil.rmtree(folder, ignore_errors=True)
     try:
-        IMAGES.mkdir(parents=True, exist_ok=True)
-        folder.mkdir(mode=0o711)   # libvirt's qemu (libvirt-qemu) must reach the files; others may not list
-        for part in ("vmlinuz", "initrd.img"):   # copies: libvirt relabels the files a domain boots from
-            shutil.copyfile(files / part, folder / part)
-        disk = data_disk if data_disk is not None else make_data_disk(folder / "data.qcow2")
-        domain = conn.defineXML(domain_xml(name, folder, disk, image_format(disk)))
+        domain, folder, disk = define_guest(conn, name, files, data_disk)
         guest = Guest(name=name, domain=domain, data_disk=disk, folder=folder)
         if start:
             started = time.monotonic()
