@@ -50,9 +50,14 @@ def cmd_backup(args) -> int:
     print(f"  raw: new {human_bytes(s.new_bytes)}, deduplicated {human_bytes(s.deduplicated_bytes)},"
           f" holes {human_bytes(s.zero_bytes)}, unchanged {human_bytes(s.unchanged_bytes)} (not read: change"
           f" tracking); stored: {human_bytes(s.stored_bytes)} new after compression")
+    frozen = point.quiesce.get("guest", {}).get("frozen_seconds")
+    if frozen:
+        print(f"  the guest's file systems were frozen {frozen:.2f} s")
     for d in point.disks:
         if d.change_tracking_reason:
             print(f"  {d.name}: every block read ({shown(d.change_tracking_reason)})")
+        elif d.change_tracking == "dirty-bitmap":
+            print(f"  {d.name}: only what QEMU's dirty bitmap marks read ({human_bytes(d.read_bytes)})")
     return 0
 
 
