@@ -37,7 +37,7 @@ from typing import Iterator
 from bench_lib import GiB, MiB, RPFS, REPO, BenchError, Conditions, Timing, mounts_under, rpfs, run, run_timed
 
 sys.path.insert(0, str(REPO / "tools" / "services"))
-from guest_domain import domain_xml  # noqa: E402
+from guest_domain import domain_xml, remove_domain  # noqa: E402
 
 URI = "qemu:///system"
 IMAGES = Path("/var/lib/libvirt/images")
@@ -127,21 +127,6 @@ class Domain:
         with contextlib.suppress(OSError, ValueError):
             return int(pidfile.read_text().strip())
         return None
-
-
-def remove_domain(conn, name: str) -> None:
-    import libvirt
-    try:
-        dom = conn.lookupByName(name)
-    except libvirt.libvirtError:
-        return
-    with contextlib.suppress(libvirt.libvirtError):
-        if dom.isActive():
-            dom.destroy()
-    flags = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-             | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-    with contextlib.suppress(libvirt.libvirtError):
-        dom.undefineFlags(flags)
 
 
 @contextlib.contextmanager
