@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import importlib.util
 import itertools
 import json
 import os
@@ -22,14 +23,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
-from xml.sax.saxutils import escape, quoteattr
 
 import pytest
 
 from conftest import skip_or_fail_in_ci
 
 REPO = Path(__file__).resolve().parent.parent
-IMAGES = Path("/var/lib/libvirt/images")
+
+
+def _tool_module(name: str, path: Path):
+    """A standard-library module of tools/ loaded from its file (tools/ is no package the tests import)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+guest_domain = _tool_module("guest_domain", REPO / "tools" / "services" / "guest_domain.py")
+IMAGES = guest_domain.IMAGES
 URI = "qemu:///system"
 DATA_DISK_BYTES = 256 << 20
 _counter = itertools.count(1)
@@ -60,63 +71,13 @@ def guest_files() -> Path:
 
 
 def make_data_disk(path: Path, size: int = DATA_DISK_BYTES) -> Path:
-    """A qcow2 file of `size` virtual bytes holding an empty ext4 (made on a sparse raw file, then converted)."""
-    raw = path.with_suffix(".raw")
-    with open(raw, "wb") as f:
-        f.truncate(size)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "rpfs-data", str(raw)], check=True)
-    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path)], check=True)
-    raw.unlink()
-    return path
+    """A qcow2 file of `size` virtual bytes holding an empty ext4."""
+    return guest_domain.make_data_disk(path, size)
 
 
-def image_format(path: Path) -> str:
-    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)], capture_output=True,
-                         text=True, check=True).stdout
-    return json.loads(out)["format"]
-
-
-def domain_xml(name: str, folder: Path, data_disk: Path, disk_format: str) -> str:
-    def path(p: Path) -> str:
-        return quoteattr(str(p))
-    return f"""<domain type='qemu'>
-  <name>{escape(name)}</name>
-  <memory unit='MiB'>512</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{escape(str(folder / 'vmlinuz'))}</kernel>
-    <initrd>{escape(str(folder / 'initrd.img'))}</initrd>
-    <cmdline>console=ttyS0 quiet</cmdline>
-  </os>
-  <features><acpi/><apic/></features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type={quoteattr(disk_format)}/>
-      <source file={path(data_disk)}/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <channel type='unix'>
-      <source mode='bind'/>
-      <target type='virtio' name='org.qemu.guest_agent.0'/>
-    </channel>
-    <serial type='pty'>
-      <log file={path(folder / 'console.log')} append='off'/>
-      <target port='0'/>
-    </serial>
-    <console type='pty'>
-      <target type='serial' port='0'/>
-    </console>
-    <interface type='user'>
-      <model type='virtio'/>
-    </interface>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
+image_format = guest_domain.image_format
+domain_xml = guest_domain.domain_xml
+remove_domain = guest_domain.remove_domain
 
 
 @dataclass
@@ -174,22 +135,6 @@ class Guest:
                 pytest.fail(f"{self.name}: {cmd!r} did not finish within {timeout:.0f} s")
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
-
-
-def remove_domain(conn, name: str) -> None:
-    """Destroy and undefine the domain if it exists, with its snapshot and checkpoint metadata."""
-    import libvirt
-    try:
-        domain = conn.lookupByName(name)
-    except libvirt.libvirtError:
-        return
-    with contextlib.suppress(libvirt.libvirtError):
-        if domain.isActive():
-            domain.destroy()
-    flags = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-             | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-    with contextlib.suppress(libvirt.libvirtError):
-        domain.undefineFlags(flags)
 
 
 @contextlib.contextmanager
