@@ -25,7 +25,7 @@ def backup(store: Path, domain: str, *extra: str, vm: str = "web") -> dict:
 
 
 def restored(store: Path, point: dict, tmp_path: Path, disk: str = "vda") -> Path:
-    target = tmp_path / f"{point['id']}-{disk}.img"
+    target = tmp_path / f"{store.name}-{point['id']}-{disk}.img"   # two stores may make one id in a second
     rpfs("restore", point["vm"], point["id"], "--disk", disk, "--to", str(target), store=store, timeout=600)
     return target
 
