@@ -319,6 +319,23 @@ def test_a_job_left_by_a_killed_rpfs_is_aborted_by_the_next_begin(vm, tmp_path):
     _nothing_left(vm)
 
 
+def test_a_backup_run_again_in_the_second_a_killed_one_began_reuses_its_checkpoint_name(vm):
+    """Point ids are times to the second: the killed rpfs's checkpoint (its point never made) has the name the
+    run again asks for; begin deletes it rather than failing with "domain moment ... already exists"."""
+    child = subprocess.Popen([sys.executable, "-I", "-c", CHILD, vm.name, str(vm.run)], cwd="/",
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip()
+    finally:
+        child.kill()
+        child.wait()
+    assert backup_job.checkpoints(vm.dom) == ["rpfs-1"]
+    with backup_job.begin(vm.dom, ["vda"], "rpfs-1", None, vm.run) as job:
+        assert job.full_reason is None and job.incremental_from is None
+    assert backup_job.checkpoints(vm.dom) == ["rpfs-1"] and vm.bitmaps() == {"rpfs-1"}
+    _nothing_left(vm)
+
+
 def test_clean_removes_what_a_killed_rpfs_left(vm):
     child = subprocess.Popen([sys.executable, "-I", "-c", CHILD, vm.name, str(vm.run)], cwd="/",
                              stdout=subprocess.PIPE, text=True)

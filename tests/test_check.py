@@ -140,3 +140,16 @@ def test_leftovers_of_killed_processes_are_found_and_removed(backed_up, tmp_path
     assert not (store / LEASE_DIR / "hold-gone").exists()
     assert check(store) == (0, [])
     assert os.path.exists(disk)
+
+
+def test_the_image_export_of_a_killed_backup_is_found_and_removed(backed_up):
+    """A shut-off domain's export folder whose rpfs died with -9 (its owner is gone): named, then removed."""
+    store, _, _ = backed_up
+    folder = run_dir.make_folder(run_dir.make_folder(run_dir.root() / "nbd") / "0badc0de")
+    run_dir.write_file(folder / "owner", f"{2 ** 22 + 7} 12345\n")
+    code, problems = check(store)
+    assert code == 4 and [(p["kind"], str(folder) in p["what"]) for p in problems] == [("run-dir", True)]
+    assert folder.exists()
+    code, problems = check(store, "--repair")
+    assert code == 0 and problems[0]["repaired"] and not folder.exists()
+    assert check(store) == (0, [])

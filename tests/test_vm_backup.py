@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import REPO, rpfs
-from vm_helpers import libvirt_conn, make_data_disk, make_guest, remove_domain
+from vm_helpers import libvirt_conn, make_guest, remove_domain
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -25,7 +25,7 @@ def backup(store: Path, domain: str, *extra: str, vm: str = "web") -> dict:
 
 
 def restored(store: Path, point: dict, tmp_path: Path, disk: str = "vda") -> Path:
-    target = tmp_path / f"{point['id']}-{disk}.img"
+    target = tmp_path / f"{store.name}-{point['id']}-{disk}.img"   # two stores may make one id in a second
     rpfs("restore", point["vm"], point["id"], "--disk", disk, "--to", str(target), store=store, timeout=600)
     return target
 
@@ -237,3 +237,58 @@ def test_a_protected_domain_is_backed_up_by_run(guest, store):
                 check=False)
     assert done.returncode != 0 and "application or better is required" in done.stderr, done.stderr
     assert len(json.loads(rpfs("list", "web", "--json", store=store).stdout)) == 1
+
+def backup_job_on(domain) -> bool:
+    """Is a job on the domain? (jobInfo() fails on a backup job; jobStats() too while it starts: "backup job
+    data missing", which is a job.)"""
+    import libvirt
+    try:
+        return domain.jobStats(0).get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE
+    except libvirt.libvirtError:
+        return True
+
+
+def backup_job_running(domain) -> bool:
+    """A backup job past its start (libvirt has its data)."""
+    import libvirt
+    try:
+        return domain.jobStats(0).get("operation") == libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP
+    except libvirt.libvirtError:
+        return False
+
+
+def test_check_names_the_job_a_killed_backup_left_and_repair_ends_it(guest, store, tmp_path):
+    """rpfs killed -9 while its backup job runs: check names the job folder, --repair aborts the job on the
+    domain and removes the folder (as the next backup would)."""
+    run = tmp_path / "run"
+    env = {**os.environ, "RPFS_RUN_DIR": str(run)}
+    job_folder = Path("/var/lib/rpfs-vm") / guest.domain.UUIDString()
+    for _attempt in range(5):
+        proc = subprocess.Popen([sys.executable, "-m", "rpfs", "--store", str(store), "backup", "web", "--libvirt",
+                                 guest.name], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if backup_job_running(guest.domain) and (job_folder / "nbd").exists():
+                break   # the job runs: the transfer is under way
+            time.sleep(0.02)
+        killed = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if killed:
+            break
+    assert killed, "every backup finished before its job was seen"
+    assert backup_job_running(guest.domain), "the killed rpfs's job is not on the domain"
+    found = rpfs("check", "--json", store=store, env=env, check=False)
+    assert found.returncode != 0
+    problems = json.loads(found.stdout)["problems"]
+    assert any(p["kind"] == "vm-job" and str(job_folder) in p["what"] for p in problems), problems
+    repaired = rpfs("check", "--repair", store=store, env=env, check=False)
+    assert f"repaired vm-job: backup job folder {job_folder}" in repaired.stdout, repaired.stdout + repaired.stderr
+    assert not backup_job_on(guest.domain)
+    assert not job_folder.exists()
+    assert rpfs("check", store=store, env=env).returncode == 0
+    deadline = time.monotonic() + 30
+    while guest_frozen(guest) and time.monotonic() < deadline:   # the watchdog thaws it
+        time.sleep(0.2)
+    assert not guest_frozen(guest)
+    assert backup(store, guest.name)["consistency"] == "file-system"

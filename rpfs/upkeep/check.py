@@ -5,7 +5,8 @@ maps and compares them with `refs`; finds every referenced block and checks its 
 --read-data, decodes it and checks its SHA-256 too); and looks for what a killed process leaves:
 snapshots no recovery point records, holds of instant restores that are gone, lease files of dead
 readers, run-dir records of dead daemons, whole-VM attaches with nothing attached, instant restores
-killed while finishing. --repair rebuilds `refs` from the maps and removes the leftovers. It never
+killed while finishing, the job folder (and the job still on the domain) and the image export of a killed
+`rpfs backup --libvirt`. --repair rebuilds `refs` from the maps and removes the leftovers. It never
 deletes a block: a referenced block is data, an unreferenced one is gc's to remove.
 
 It runs under the writer lock, so no backup, prune or gc changes the maps or `refs` meanwhile.
@@ -26,11 +27,12 @@ from rpfs.host import run_dir
 from rpfs.store import blob
 from rpfs.store.leases import holds, release_hold, stale_leases
 from rpfs.store.store import WRITER_WAIT_SECONDS, DatabaseError, Store
+from rpfs.vm import backup_job, image_export, libvirt_host
 
 
 @dataclass
 class Problem:
-    kind: str                 # map | refs | block | table | records | snapshot | hold | lease | run-dir | instant
+    kind: str   # map | refs | block | table | records | snapshot | hold | lease | run-dir | instant | vm-job
     what: str                 # one line, for the user
     repaired: bool = False
     repair: Callable[[], None] | None = field(default=None, repr=False, compare=False)
@@ -64,6 +66,7 @@ def check(store: Store, read_data: bool = False, repair: bool = False, progress=
                                     repair=lambda path=path: path.unlink(missing_ok=True))
                             for path in stale_leases(store.path)]
         result.problems += _run_dir(store)
+        result.problems += _vm_leftovers()
         if repair:
             for problem in result.problems:
                 if problem.repair is not None:
@@ -174,6 +177,30 @@ def _run_dir(store: Store) -> list[Problem]:
             problems.append(Problem("run-dir", f"whole-VM attach record for {dest}, with nothing attached",
                                     repair=lambda r=record, m=mountpoint: release_attach(r, m)))
     return problems
+
+
+def _vm_leftovers() -> list[Problem]:
+    """What a killed `rpfs backup --libvirt` left, whatever the store: a job folder (scratch files, socket) in
+    the backup run folder, its job maybe still on the domain (the next backup of that domain aborts it too),
+    and a shut-off domain's export folder in the run dir (its server died with rpfs)."""
+    problems = [Problem("vm-job", f"backup job folder {path} of a killed rpfs backup --libvirt (its job may"
+                                  " still run on the domain)", repair=_clean_vm_jobs)
+                for path in backup_job.leftovers()]
+    problems += [Problem("run-dir", f"image export folder {path} of a killed rpfs",
+                         repair=lambda path=path: image_export.remove_orphan(path))
+                 for path in image_export.orphans()]
+    return problems
+
+
+def _clean_vm_jobs() -> None:
+    """Abort the stale jobs on their domains and remove the job folders (all of them: one connection)."""
+    if not backup_job.leftovers():
+        return   # an earlier problem's repair cleaned them all
+    connection = libvirt_host.connect()
+    try:
+        backup_job.clean(connection)
+    finally:
+        connection.close()
 
 
 def _alive_rpfs(pid_file: Path) -> bool:

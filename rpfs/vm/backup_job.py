@@ -151,6 +151,8 @@ def begin(domain: libvirt.virDomain, disks: list[str], checkpoint: str, incremen
     lock_fd = _lock_job(run_folder, uuid)
     try:
         _abort_stale_job(domain, run_folder)
+        if checkpoint in checkpoints(domain):
+            _delete_checkpoint(domain, checkpoint)   # a killed rpfs's, whose point (same id: same second) never was
         folder = run_folder / uuid
         _remove_job_folder(folder)
         socket = _make_job_folder(domain, folder)
@@ -207,6 +209,16 @@ def delete_checkpoints(domain: libvirt.virDomain, keep: set[str]) -> list[str]:
             notes.append(f"checkpoint {name}: metadata deleted only ({_message(e)})")
     _remove_stray_bitmaps(domain)
     return notes
+
+
+def _delete_checkpoint(domain: libvirt.virDomain, name: str) -> None:
+    """Delete one checkpoint (its bitmap merged into its parent's), only libvirt's record of it when qemu's
+    bitmap is gone."""
+    try:
+        domain.checkpointLookupByName(name).delete(0)
+    except libvirt.libvirtError:
+        domain.checkpointLookupByName(name).delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+        _remove_stray_bitmaps(domain)
 
 
 def leftovers(run_folder: Path = DEFAULT_RUN_FOLDER) -> list[str]:

@@ -155,12 +155,13 @@ def _exports_folder() -> Path:
     return run_dir.root() / "nbd"
 
 
-def _remove_orphans() -> None:
-    """Folders whose rpfs died (kill -9): their server died with it, the folder stayed."""
+def orphans() -> list[Path]:
+    """Export folders whose rpfs died (kill -9): their server died with it, the folder stayed."""
     folder = _exports_folder()
     if not folder.is_dir():
-        return
-    for entry in folder.iterdir():
+        return []
+    found = []
+    for entry in sorted(folder.iterdir()):
         try:
             pid_text, started = (entry / "owner").read_text().split()
             pid = int(pid_text)
@@ -171,4 +172,15 @@ def _remove_orphans() -> None:
                     continue
             pid, started = 0, ""
         if (pid == 0 or start_time(pid) != started) and entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
+            found.append(entry)
+    return found
+
+
+def remove_orphan(path: Path) -> None:
+    """Remove one folder orphans() named (rmtree works by descriptors: never through a link)."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_orphans() -> None:
+    for entry in orphans():
+        remove_orphan(entry)

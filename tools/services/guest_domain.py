@@ -126,9 +126,10 @@ def remove_domain(conn, name: str) -> None:
         domain.undefineFlags(flags)
 
 
-def define_guest(conn, name: str, files: Path, data_disk: Path | None = None):
+def define_guest(conn, name: str, files: Path, data_disk: Path | None = None, disk_bytes: int = DATA_DISK_BYTES):
     """Define `name` booting the guest in `files`, in a new folder IMAGES/name (a leftover domain of that name
-    and its folder are removed first); `data_disk` is its vda, else a new 256 MiB qcow2 with ext4 in the folder.
+    and its folder are removed first); `data_disk` is its vda, else a new qcow2 of disk_bytes with ext4 in the
+    folder.
     Returns (domain, folder, disk); the caller removes both (remove_domain, then the folder)."""
     folder = IMAGES / name
     remove_domain(conn, name)
@@ -137,7 +138,7 @@ def define_guest(conn, name: str, files: Path, data_disk: Path | None = None):
     folder.mkdir(mode=0o711)   # libvirt's qemu (libvirt-qemu) must reach the files; others may not list
     for part in ("vmlinuz", "initrd.img"):   # copies: libvirt relabels the files a domain boots from
         shutil.copyfile(files / part, folder / part)
-    disk = data_disk if data_disk is not None else make_data_disk(folder / "data.qcow2")
+    disk = data_disk if data_disk is not None else make_data_disk(folder / "data.qcow2", disk_bytes)
     domain = conn.defineXML(domain_xml(name, folder, disk, image_format(disk)))
     return domain, folder, disk
 
