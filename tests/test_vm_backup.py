@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -292,3 +293,24 @@ def test_check_names_the_job_a_killed_backup_left_and_repair_ends_it(guest, stor
         time.sleep(0.2)
     assert not guest_frozen(guest)
     assert backup(store, guest.name)["consistency"] == "file-system"
+
+
+def test_a_raw_disk_of_a_running_domain_is_read_whole_every_time(store, tmp_path):
+    """Bitmaps live in qcow2: a raw disk is left out of the checkpoint and read whole, with the reason."""
+    folder = Path("/var/lib/libvirt/images") / f"rpfs-test-{os.getpid()}-rawdisk"   # where qemu can reach it
+    folder.mkdir(mode=0o711)
+    try:
+        raw = folder / "raw.img"
+        with open(raw, "wb") as f:
+            f.truncate(64 << 20)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(raw)], check=True)
+        with make_guest("raw", data_disk=raw) as guest:
+            guest.wait_for_agent()
+            backup(store, guest.name)
+            guest.exec("echo second > /data/second.txt && sync")
+            point = backup(store, guest.name)
+            disk = point["disks"][0]
+            assert disk["change_tracking"] == "checksum" and "raw image" in disk["change_tracking_reason"], disk
+            assert "second" in file_in(restored(store, point, tmp_path), "second.txt")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

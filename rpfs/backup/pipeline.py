@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
@@ -63,6 +63,7 @@ class BackupSummary:
     seconds: float
     unchanged_bytes: int = 0  # bytes of blocks change tracking found unchanged: not read at all
     disk_bytes_read: int = 0  # bytes really read from the disks
+    notes: list[str] = field(default_factory=list)   # what went wrong after the point was safe (one line each)
 
     @property
     def mib_per_second(self) -> float:

@@ -43,6 +43,8 @@ class VmBackupOptions:
     consistency: ConsistencyConfig | None = None    # guest scripts and freeze window
     exclude_disks: set[str] = field(default_factory=set)   # targets never backed up (temporary disks)
     require: str | None = None                      # a minimum consistency: file-system or application
+    temporary: set[str] = field(default_factory=set)   # a protection's temporary disks: left out while the
+                                                       # domain has them (gone since: no error, unlike exclude)
 
 
 def at_least(consistency: str, required: str | None) -> bool:
@@ -62,7 +64,8 @@ def backup_domain(store: Store, vm: str, domain_name: str, progress: ProgressFn 
             store.writer_lock(f"backup of {vm}", wait_seconds=WRITER_WAIT_SECONDS, refuse=_another_backup):
         state, active = libvirt_host.state(dom), bool(dom.isActive())   # paused is active: qemu holds the disks
         xml = libvirt_host.domain_xml(dom, inactive=not active)
-        found = domain.discover(xml, options.exclude_disks)
+        temporary = options.temporary & {d.target for d in domain.disks(xml)}
+        found = domain.discover(xml, options.exclude_disks | temporary)
         if not found.disks:
             why = "; ".join(f"{t}: {r}" for t, r in {**found.refused, **found.skipped}.items()) or "it has none"
             raise RpfsError(f"domain {domain_name} has no disk rpfs can back up ({why})")
@@ -85,13 +88,17 @@ def _backup_running(store: Store, point: RecoveryPoint, dom, disks: list[domain.
     # The point's id and a random part: two stores back up one domain in the same second too.
     checkpoint = f"{backup_job.CHECKPOINT_PREFIX}{point.id}-{secrets.token_hex(4)}"
     previous = _previous_point(store, point.vm)
-    incremental_from, chain_reason = _chain(previous, point.libvirt["uuid"])
+    incremental_from, chain_reason = _chain(previous)
     raw = frozenset(d.target for d in disks if d.format != "qcow2")
 
-    def begin() -> backup_job.BackupJob:
-        return backup_job.begin(dom, [d.target for d in disks], checkpoint, incremental_from,
-                                previous=_chain_state(previous), without_bitmap=raw)
-    job, guest = guest_consistent(dom, options.consistency, begin)
+    # Everything that takes time (a stale job aborted, a broken chain dropped) before the guest is frozen:
+    # frozen, only libvirt's backupBegin runs.
+    prepared = backup_job.prepare(dom, [d.target for d in disks], checkpoint, incremental_from,
+                                  previous=_chain_state(previous), without_bitmap=raw)
+    try:
+        job, guest = guest_consistent(dom, options.consistency, prepared.start)
+    finally:
+        prepared.release()   # nothing once the job began: it holds what was prepared
     with job, ExitStack() as sources_open:
         chain_reason = job.full_reason or chain_reason
         point.libvirt.update(checkpoint=checkpoint, chain=asdict(job.chain))
@@ -110,7 +117,11 @@ def _backup_running(store: Store, point: RecoveryPoint, dom, disks: list[domain.
         reasons = {d.target: "a raw image keeps no dirty bitmap" if d.target in raw
                    else chain_reason or "the previous point's map of this disk did not fit it" for d in disks}
         result = _run(store, point, sources, progress, workers, tracked, checksum_reasons=reasons)
-    backup_job.delete_checkpoints(dom, keep={checkpoint})
+    try:
+        backup_job.delete_checkpoints(dom, keep={checkpoint})
+    except (RpfsError, libvirt_host.libvirt.libvirtError) as e:   # the point is safe; the next backup retries
+        message = e.message if isinstance(e, RpfsError) else libvirt_host.error_text(e)
+        result[1].notes.append(f"old checkpoints of {point.libvirt['domain']} stay until the next backup: {message}")
     return result
 
 
@@ -141,7 +152,7 @@ def _previous_point(store: Store, vm: str) -> RecoveryPoint | None:
     return points[-1] if points else None
 
 
-def _chain(previous: RecoveryPoint | None, uuid: str) -> tuple[str | None, str]:
+def _chain(previous: RecoveryPoint | None) -> tuple[str | None, str]:
     """The checkpoint an incremental starts from, or None and why every block is read (the job checks the
     chain itself: a missing or broken checkpoint, another UUID, a disk replaced)."""
     if previous is None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,6 +39,8 @@ def cmd_backup(args) -> int:
         with ProgressBar(f"backup {args.vm}", quiet=args.json) as bar:
             point, summary = take(store, bar, job.begin)
         job.bytes_read, job.bytes_written, job.recovery_point = summary.disk_bytes_read, summary.stored_bytes, point.id
+    for note in summary.notes:
+        print(f"rpfs: note: {note}", file=sys.stderr)
     if args.json:
         print_json({**asdict(summary), "mib_per_second": round(summary.mib_per_second, 1),
                      "recovery_point": point.to_dict()})

@@ -63,7 +63,8 @@ def run(store: Store, now: datetime | None = None, stagger_seconds: float = 0.0,
             with jobs.recorded(store, "backup", vm) as job:
                 if protection.libvirt:
                     point, summary = backup_domain(store, vm, protection.libvirt, progress=progress, options=VmBackupOptions(
-                        options.consistency, set(protection.temporary), policy.options.get("require_consistency")))
+                        options.consistency, require=policy.options.get("require_consistency"),
+                        temporary=set(protection.temporary)))
                 else:
                     point, summary = backup(store, vm, list(protection.disks.items()), progress=progress,
                                             options=options)

@@ -161,7 +161,10 @@ def carry_out(store: RecoverySource, point: RecoveryPoint, plan: VmRestorePlan,
         if plan.instant:
             disks[target_name] = _instant(store, point, target_name, target)
             continue
-        if not target.exists():
+        if target.exists():
+            if plan.format == "qcow2":   # killed after the rename: the raw image it was made from goes now
+                _raw_path(target).unlink(missing_ok=True)
+        else:
             with progress(f"restore {target_name}") as bar:
                 if plan.format == "qcow2":
                     _restore_qcow2(store, point, target_name, target, bar)
@@ -200,7 +203,7 @@ def _restore_qcow2(store: RecoverySource, point: RecoveryPoint, target_name: str
     partial = partial_path(target)
     refuse_link(partial)
     partial.unlink(missing_ok=True)   # a conversion that was killed: this restore's (its record says so)
-    run_tool(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", "--", str(raw), str(partial)])
+    run_tool(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", "--", str(raw), str(partial)], timeout=None)
     fd = os.open(partial, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         os.fchmod(fd, 0o600)

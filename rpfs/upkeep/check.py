@@ -21,7 +21,7 @@ from typing import Callable
 from rpfs.attach.filesystems import has_attached
 from rpfs.attach.vm import release_attach
 from rpfs.backup import snapshot
-from rpfs.errors import CorruptBlockError
+from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.restore.partial import partial_path, settle, state_path
 from rpfs.host import run_dir
 from rpfs.store import blob
@@ -70,7 +70,11 @@ def check(store: Store, read_data: bool = False, repair: bool = False, progress=
         if repair:
             for problem in result.problems:
                 if problem.repair is not None:
-                    problem.repair()
+                    try:
+                        problem.repair()
+                    except RpfsError as e:   # one repair that cannot be done now stops none of the others
+                        problem.what += f" (not repaired: {e.message})"
+                        continue
                     problem.repaired = True
     return result
 
@@ -196,7 +200,7 @@ def _clean_vm_jobs() -> None:
     """Abort the stale jobs on their domains and remove the job folders (all of them: one connection)."""
     if not backup_job.leftovers():
         return   # an earlier problem's repair cleaned them all
-    connection = libvirt_host.connect()
+    connection = libvirt_host.connect()   # libvirtd not running: an RpfsError, the problem left unrepaired
     try:
         backup_job.clean(connection)
     finally:

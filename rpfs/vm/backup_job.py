@@ -75,9 +75,9 @@ class BackupJob:
         return target
 
     def bitmap_context(self, target: str) -> str | None:
-        """The NBD meta context of a disk's changes since incremental_from; None for a full job. Through it
-        qemu reports the changed extents as NBD_STATE_HOLE: qemu-img map --image-opts ...,x-dirty-bitmap=
-        shows them as "data": false (and unchanged ones "data": true)."""
+        """The NBD meta context of a disk's changes since incremental_from; None for a full job or a disk
+        without a bitmap. In it qemu flags the changed extents with bit 1 (dirty): qemu-img map --image-opts
+        ...,x-dirty-bitmap= shows them as "data": false (and unchanged ones "data": true)."""
         self._check(target)
         return f"qemu:dirty-bitmap:backup-{target}" if self.incremental_from and target not in self.without_bitmap \
             else None
@@ -134,14 +134,74 @@ def broken_chain_reason(now: ChainState, previous: ChainState | None, incrementa
 def begin(domain: libvirt.virDomain, disks: list[str], checkpoint: str, incremental_from: str | None,
           run_folder: Path = DEFAULT_RUN_FOLDER, previous: ChainState | None = None,
           without_bitmap: frozenset[str] = frozenset()) -> BackupJob:
-    """Start a pull backup of disks (targets) and a checkpoint named `checkpoint` (rpfs-<point id>-<random>).
+    """prepare() then start(): for a caller that freezes nothing in between."""
+    prepared = prepare(domain, disks, checkpoint, incremental_from, run_folder, previous, without_bitmap)
+    try:
+        return prepared.start()
+    finally:
+        prepared.release()
 
-    The exports show the guest-visible bytes at the moment this returns: that is the snapshot (the caller
-    freezes the guest around it). Incremental from `incremental_from` when the chain holds (previous: what
-    the point of that checkpoint recorded, chain_state); otherwise a full job with full_reason set, the
-    broken checkpoints deleted first. The caller serializes backups of one domain: any backup job found on
-    the domain with our socket folder is a stale one of a killed rpfs, and is aborted. without_bitmap: disks
-    that cannot keep a bitmap (raw images): always read whole, left out of the checkpoint."""
+
+@dataclass
+class PreparedJob:
+    """A backup job made ready to begin: everything that may take time is done, so that the guest is frozen
+    only around start(). release() undoes it if start() never ran (or failed)."""
+    domain: libvirt.virDomain
+    disks: list[str]
+    checkpoint: str
+    start_from: str | None
+    full_reason: str | None
+    now: ChainState
+    run_folder: Path
+    folder: Path
+    socket: Path
+    without_bitmap: frozenset[str]
+    _lock_fd: int = -1
+
+    def start(self) -> BackupJob:
+        """libvirt's backupBegin: the exports show the guest-visible bytes at the moment this returns (the
+        snapshot). A chain libvirt finds broken (qemu was killed) is dropped and a full job begun instead."""
+        start_from, full_reason = self.start_from, self.full_reason
+        try:
+            try:
+                _backup_begin(self.domain, self.disks, self.checkpoint, start_from, self.socket, self.folder,
+                              self.without_bitmap)
+            except libvirt.libvirtError as e:
+                if start_from is None or not _is_broken_chain(e):
+                    raise RpfsError(f"cannot start the backup of {self.domain.name()}: {_message(e)}") from None
+                full_reason = f"{_message(e)} (qemu killed, or the host crashed?): a new chain"
+                start_from = None
+                _drop_chain(self.domain)
+                _remove_job_folder(self.folder)   # a fresh scratch file: libvirt makes it anew
+                self.socket = _make_job_folder(self.domain, self.folder)
+                _backup_begin(self.domain, self.disks, self.checkpoint, None, self.socket, self.folder,
+                              self.without_bitmap)
+        except libvirt.libvirtError as e:
+            raise RpfsError(f"cannot start the backup of {self.domain.name()}: {_message(e)}") from None
+        job = BackupJob(self.domain, str(self.socket), self.checkpoint, start_from, full_reason, self.now,
+                        list(self.disks), self.folder, self._lock_fd, self.without_bitmap)
+        self._lock_fd = -1   # the job's now: end() lets it go
+        return job
+
+    def release(self) -> None:
+        if self._lock_fd >= 0:
+            _remove_job_folder(self.folder)
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+def prepare(domain: libvirt.virDomain, disks: list[str], checkpoint: str, incremental_from: str | None,
+            run_folder: Path = DEFAULT_RUN_FOLDER, previous: ChainState | None = None,
+            without_bitmap: frozenset[str] = frozenset()) -> PreparedJob:
+    """Make ready a pull backup of disks (targets) and a checkpoint named `checkpoint`
+    (rpfs-<point id>-<random>); PreparedJob.start() begins it (the caller freezes the guest around that).
+
+    Incremental from `incremental_from` when the chain holds (previous: what the point of that checkpoint
+    recorded, chain_state); otherwise a full job with full_reason set, and every rpfs checkpoint of the
+    domain deleted first (none can be trusted to continue from). The caller serializes backups of one
+    domain: any backup job found on the domain with our socket folder is a stale one of a killed rpfs, and
+    is aborted. without_bitmap: disks that cannot keep a bitmap (raw images): always read whole, left out
+    of the checkpoint."""
     if not checkpoint.startswith(CHECKPOINT_PREFIX):
         raise RpfsError(f"checkpoint name {checkpoint!r} must start with {CHECKPOINT_PREFIX!r}")
     if not disks:
@@ -152,7 +212,7 @@ def begin(domain: libvirt.virDomain, disks: list[str], checkpoint: str, incremen
     try:
         _abort_stale_job(domain, run_folder)
         if checkpoint in checkpoints(domain):
-            _delete_checkpoint(domain, checkpoint)   # a killed rpfs's, whose point (same id: same second) never was
+            _delete_checkpoint(domain, checkpoint)   # only if a caller gives a name twice (rpfs adds a random part)
         folder = run_folder / uuid
         _remove_job_folder(folder)
         socket = _make_job_folder(domain, folder)
@@ -163,23 +223,12 @@ def begin(domain: libvirt.virDomain, disks: list[str], checkpoint: str, incremen
             if full_reason is not None:
                 _drop_chain(domain)
         start_from = incremental_from if full_reason is None else None
-        try:
-            _backup_begin(domain, disks, checkpoint, start_from, socket, folder, without_bitmap)
-        except libvirt.libvirtError as e:
-            if start_from is None or not _is_broken_chain(e):
-                raise RpfsError(f"cannot start the backup of {domain.name()}: {_message(e)}") from None
-            full_reason = f"{_message(e)} (qemu killed, or the host crashed?): a new chain"
-            start_from = None
-            _drop_chain(domain)
-            _remove_job_folder(folder)   # a fresh scratch file: libvirt makes it anew
-            socket = _make_job_folder(domain, folder)
-            _backup_begin(domain, disks, checkpoint, None, socket, folder, without_bitmap)
-        job = BackupJob(domain, str(socket), checkpoint, start_from, full_reason, now, list(disks), folder, lock_fd,
-                        without_bitmap)
+        prepared = PreparedJob(domain, list(disks), checkpoint, start_from, full_reason, now, run_folder, folder,
+                               socket, without_bitmap, lock_fd)
         lock_fd = -1
-        return job
+        return prepared
     except libvirt.libvirtError as e:
-        raise RpfsError(f"cannot start the backup of {domain.name()}: {_message(e)}") from None
+        raise RpfsError(f"cannot prepare the backup of {domain.name()}: {_message(e)}") from None
     finally:
         if lock_fd >= 0:
             _remove_job_folder(run_folder / uuid)
@@ -226,15 +275,23 @@ def leftovers(run_folder: Path = DEFAULT_RUN_FOLDER) -> list[str]:
     found = []
     try:
         entries = sorted(os.scandir(run_folder), key=lambda e: e.name)
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):   # none yet, or not root's to look at
         return []
     for entry in entries:
         if not entry.is_dir(follow_symlinks=False):
             continue
-        fd = _try_lock(run_folder / f"{entry.name}.lock")
-        if fd is not None:
-            os.close(fd)
+        try:
+            fd = os.open(run_folder / f"{entry.name}.lock", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:   # a folder with no lock file never had a live job: a leftover
             found.append(entry.path)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            found.append(entry.path)
+        except BlockingIOError:
+            pass   # a live backup's
+        finally:
+            os.close(fd)
     return found
 
 

@@ -171,7 +171,8 @@ def backing_chain(path: Path, fmt: str) -> list[Path]:
 
 def new_domain_xml(xml: str, new_name: str, disks: dict[str, tuple[Path, str]]) -> str:
     """The XML of a new domain made from xml: disks maps a target to its restored (file, format); a disk
-    not in it is left out, except removable drives, which stay, empty."""
+    not in it is left out, except removable drives, which stay, empty. Shared host folders (<filesystem>)
+    and passed-through devices (<hostdev>) are left out: the copy runs beside the original."""
     root = parse(xml)
     _rename(root, new_name)
     devices = root.find("devices")
@@ -191,6 +192,9 @@ def new_domain_xml(xml: str, new_name: str, disks: dict[str, tuple[Path, str]]) 
     missing = sorted(set(disks) - seen)
     if missing:
         raise RpfsError(f"the domain's XML has no disk {', '.join(missing)}")
+    for shared in ("filesystem", "hostdev"):   # the original's host folders and devices: never the copy's
+        for element in list(devices.iterfind(shared)):
+            devices.remove(element)
     old_name = (ET.fromstring(xml).findtext("name") or "").strip()
     _own_paths(root, old_name, new_name)
     return ET.tostring(root, encoding="unicode")
