@@ -41,7 +41,7 @@ CONSISTENCY_ORDER = ("inconsistent", "crash", "file-system", "application", "shu
 @dataclass
 class VmBackupOptions:
     consistency: ConsistencyConfig | None = None    # guest scripts and freeze window
-    exclude_disks: set[str] = field(default_factory=set)   # targets never backed up (temporary disks)
+    exclude_disks: set[str] = field(default_factory=set)   # --exclude-disk: targets left out (each must exist)
     require: str | None = None                      # a minimum consistency: file-system or application
     temporary: set[str] = field(default_factory=set)   # a protection's temporary disks: left out while the
                                                        # domain has them (gone since: no error, unlike exclude)
