@@ -192,8 +192,7 @@ def _dirty(store: Store, previous: RecoveryPoint, source: NbdDiskSource, context
 @contextmanager
 def _domain_lock(uuid: str) -> Iterator[None]:
     """One backup of a domain at a time on this host, whatever the store (a second is refused at once)."""
-    folder = run_dir.make_folder(run_dir.root() / "libvirt")
-    fd = os.open(folder / f"{uuid}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = run_dir.open_domain_backup_lock(uuid)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -10,6 +10,8 @@
                                          (backup/quiesce.py)
     freeze/guest-<hash>.lock             the same for a libvirt domain's guest, by its UUID
                                          (vm/guest_watchdog.py)
+    libvirt/<uuid>.lock                  flocked by a backup of that libvirt domain while it runs: one
+                                         at a time on this host, whatever the store (backup/vm_backup.py)
 
 Each name is a hash of the path it stands for, so any path maps to one safe file name. Every folder is
 root's, mode 0700 (an older rpfs made the run dir and instant/ 0711, so that a VM's qemu running as
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import uuid
 from pathlib import Path
 
 from rpfs.errors import RpfsError
@@ -57,16 +60,23 @@ def attach_files(dest: Path) -> tuple[Path, Path]:
 
 def open_freeze_lock(mountpoint: str) -> int:
     """The lock file of a filesystem that backups freeze (kept, shared: not O_EXCL), opened read-write."""
-    folder = make_folder(root() / "freeze")
-    return os.open(folder / f"{_key(Path(mountpoint), 16)}.lock",
-                   os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    return _open_lock(root() / "freeze", f"{_key(Path(mountpoint), 16)}.lock")
 
 
 def open_guest_freeze_lock(domain_uuid: str) -> int:
     """The lock file of a libvirt domain whose guest backups freeze, by the domain's UUID (as above)."""
-    folder = make_folder(root() / "freeze")
-    return os.open(folder / f"guest-{_key(Path(domain_uuid), 16)}.lock",
-                   os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    return _open_lock(root() / "freeze", f"guest-{_key(Path(domain_uuid), 16)}.lock")
+
+
+def open_domain_backup_lock(domain_uuid: str) -> int:
+    """The lock file a backup of a libvirt domain holds while it runs (as above); named by the UUID itself,
+    in its canonical form (anything else is refused by uuid.UUID)."""
+    return _open_lock(root() / "libvirt", f"{uuid.UUID(domain_uuid)}.lock")
+
+
+def _open_lock(folder: Path, name: str) -> int:
+    """A lock file in a folder of the run dir: kept and shared (not O_EXCL), 0600, never through a link."""
+    return os.open(make_folder(folder) / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
 def make_folder(folder: Path) -> Path:
