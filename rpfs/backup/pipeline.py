@@ -32,6 +32,7 @@ from rpfs.backup import consistency, extents, snapshot
 from rpfs.backup.quiesce import ConsistencyConfig
 from rpfs.backup.source import BufferPool, DiskSource
 from rpfs.errors import RpfsError
+from rpfs.host import libc
 from rpfs.store.recovery_point import (
     DIGEST_SIZE,
     HOLE,
@@ -355,6 +356,7 @@ def _run(store: Store, point: RecoveryPoint, sources: list[DiskSource], progress
     """Transfer: read every source (but what change tracking vouches for), store the new blocks, and commit
     `point` with its block maps. checksum_reasons: per disk, why it was read whole if it was (its record says)."""
     started = time.monotonic()
+    libc.reuse_freed_memory(BATCH_BYTES)
     run = _BackupRun(store, sources, workers, tracked)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpfs-backup") as pool:
         try:
