@@ -47,6 +47,7 @@ from rpfs.store.store import WRITER_WAIT_SECONDS, Store
 BATCH_BYTES = 32 << 20          # commit stored blocks in transactions of about this size: up to three are in
                                 # memory (filling, queued, committing); 64 MiB took a backup to 310 MiB anonymous
 WINDOW_BYTES = 64 << 20         # at most about this much block data waits in each pipeline stage
+MAX_REUSED_ALLOCATION = 32 << 20   # glibc's limit for its mmap threshold (libc.reuse_freed_memory)
 MAX_KEEP_DAYS = 36500
 ProgressFn = Callable[[int, int], None]
 
@@ -356,7 +357,8 @@ def _run(store: Store, point: RecoveryPoint, sources: list[DiskSource], progress
     """Transfer: read every source (but what change tracking vouches for), store the new blocks, and commit
     `point` with its block maps. checksum_reasons: per disk, why it was read whole if it was (its record says)."""
     started = time.monotonic()
-    libc.reuse_freed_memory(BATCH_BYTES)
+    if store.block_size <= MAX_REUSED_ALLOCATION // 2:   # a blob and LMDB's copy of it: a block and a bit
+        libc.reuse_freed_memory(2 * store.block_size, keep_free=BATCH_BYTES)
     run = _BackupRun(store, sources, workers, tracked)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpfs-backup") as pool:
         try:

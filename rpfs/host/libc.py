@@ -32,14 +32,14 @@ def few_malloc_arenas() -> None:
     _call("mallopt", M_ARENA_MAX, 2)
 
 
-def reuse_freed_memory(up_to_bytes: int) -> None:
+def reuse_freed_memory(allocations_up_to: int, keep_free: int) -> None:
     """Keep freed memory for the next allocation instead of handing it back at once. A backup allocates and
-    frees about 1 MiB per block (encoded blobs, LMDB's pages of each batch); glibc mmapped or trimmed each,
-    so every page was faulted in and zeroed anew: 224k page faults and 1-2 s of system time for a 2 GiB
-    backup, 42k with this (docs/dev/benchmarks.md). Allocations up to up_to_bytes come from the heap, and
-    up to twice that may stay free in it."""
-    _call("mallopt", M_MMAP_THRESHOLD, up_to_bytes)
-    _call("mallopt", M_TRIM_THRESHOLD, 2 * up_to_bytes)
+    frees a block's worth per block (encoded blobs, LMDB's pages of each batch); glibc mmapped or trimmed
+    each, so every page was faulted in and zeroed anew: 224k page faults and 1-2 s of system time for a
+    2 GiB backup, 42k with this (docs/dev/benchmarks.md). Allocations up to allocations_up_to come from the
+    heap, which keeps up to keep_free bytes free at its top."""
+    _call("mallopt", M_MMAP_THRESHOLD, allocations_up_to)
+    _call("mallopt", M_TRIM_THRESHOLD, keep_free)
 
 
 def give_back_freed_memory() -> None:
