@@ -92,6 +92,22 @@ def test_second_backup_stores_only_changed_blocks(opened_store, tmp_path):
     assert read_all(opened_store, point, "d") == img.read_bytes()
 
 
+def test_a_block_repeated_across_tasks_and_disks_is_stored_once(opened_store, tmp_path):
+    """Workers claim each new block id once (pipeline._BackupRun.claim): copies of a block read at the same
+    time on other workers, in other tasks and on another disk are counted as deduplicated, and stored once."""
+    block = random.Random(5).randbytes(MiB)
+    one, two = tmp_path / "one.img", tmp_path / "two.img"
+    one.write_bytes(block * 24)
+    two.write_bytes(block * 8 + random.Random(6).randbytes(MiB))
+    point, summary = backup(opened_store, "vm", [("a", str(one)), ("b", str(two))], workers=4)
+    assert summary.new_bytes == 2 * MiB and summary.deduplicated_bytes == 31 * MiB
+    assert len(opened_store.block_map(opened_store.map_key("vm", point.id, "a"))) == 24 * 32
+    assert read_all(opened_store, point, "a") == one.read_bytes()
+    assert read_all(opened_store, point, "b") == two.read_bytes()
+    with opened_store.read() as txn:
+        assert txn.stat(opened_store.db("blocks"))["entries"] == 2
+
+
 def test_two_vms_dedup_against_each_other(opened_store, tmp_path):
     img = write_image(tmp_path / "base.img", 4, 16 * MiB)
     backup(opened_store, "web01", [("os", str(img))])

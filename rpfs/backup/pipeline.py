@@ -1,12 +1,15 @@
 """Backup: read every disk of a VM as blocks, store the new ones, then record the recovery point.
 
-Pipeline (one main thread, a pool of worker threads; hashlib, zstd and pread release the GIL):
-  workers:  read block -> block id (BLAKE3, keyed when encrypted) -> zero check   (stage 1, all blocks)
-  main:     dedup against the store and the blocks in flight
-  workers:  compress + seal (when encrypted) + frame the new blocks  (stage 2, new blocks only)
+Pipeline (one main thread, a pool of worker threads; BLAKE3, zstd and pread release the GIL):
+  workers:  a task of TASK_BLOCKS blocks, each: read -> block id (BLAKE3, keyed when encrypted) -> zero
+            check -> claimed (the first of its id in this backup, and the store lacks it) -> compress +
+            seal (when encrypted) + frame
+  main:     takes finished tasks in the order they finish: block maps, counters, batches of new blobs
   writer:   commits full batches of blobs in LMDB write transactions, on a thread of its own so that
             reading and compressing go on during the fsync
   main:     the last transaction commits the remaining blobs and records the recovery point.
+A block crosses threads once per task, not four times (read, dedup, compress, batch): each hand-off could
+wait for a sleeping core to wake, and a backup took longer than borg's single thread (docs/dev/benchmarks.md).
 Blocks of all disks are interleaved, so disks are backed up in parallel. Blocks committed by a backup
 that is then interrupted are harmless: no recovery point refers to them yet.
 
@@ -21,8 +24,7 @@ import os
 import queue
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -48,7 +50,8 @@ BATCH_BYTES = 8 << 20           # commit stored blocks in transactions of about 
                                 # memory (filling, queued, committing). Measured on the 2 GiB bench image:
                                 # 8 MiB 4.4-7.1 s and 81-90 MiB anonymous, 32 MiB 5.1-7.4 s and 172-210 MiB
                                 # (a shorter flush holds the disk's reads up less); 64 MiB took 310 MiB
-WINDOW_BYTES = 64 << 20         # at most about this much block data waits in each pipeline stage
+WINDOW_BYTES = 64 << 20         # at most about this much block data is in flight
+TASK_BLOCKS = 4                 # blocks per worker task
 MAX_REUSED_ALLOCATION = 32 << 20   # glibc's limit for its mmap threshold (libc.reuse_freed_memory)
 MAX_KEEP_DAYS = 36500
 ProgressFn = Callable[[int, int], None]
@@ -204,23 +207,14 @@ class _BatchWriter:
 
     def __init__(self, store: Store):
         self.store = store
-        self._uncommitted: list[dict[bytes, bytes]] = []
-        self._lock = threading.Lock()
         self._queue: queue.Queue[dict[bytes, bytes] | None] = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="rpfs-writer", daemon=True)
         self._thread.start()
 
-    def holds(self, digest: bytes) -> bool:
-        """True while a batch holding digest is handed over but not yet committed."""
-        with self._lock:
-            return any(digest in batch for batch in self._uncommitted)
-
     def submit(self, batch: dict[bytes, bytes]) -> None:
         if self._error is not None:
             raise self._error
-        with self._lock:
-            self._uncommitted.append(batch)
         self._queue.put(batch)
 
     def finish(self) -> None:
@@ -237,9 +231,6 @@ class _BatchWriter:
                     self.store.put_blobs(batch)
             except BaseException as e:  # handed to the main thread, which stops the backup
                 self._error = e
-            finally:
-                with self._lock:
-                    self._uncommitted.remove(batch)
 
 
 class _BackupRun:
@@ -258,12 +249,13 @@ class _BackupRun:
                         for s, t in zip(sources, self.tracked)]
         self.batch: dict[bytes, bytes] = {}          # framed blobs awaiting their write transaction
         self.batch_bytes = 0
-        self.compressing: dict[bytes, tuple[int, Future, memoryview]] = {}  # digest -> (disk, compression,
-                                                                             # source buffer), in order
+        self.claimed: set[bytes] = set()              # ids of the blocks this backup reads, once each
+        self._claim_lock = threading.Lock()
         self.buffers = BufferPool(self.bs)
         self.writer = _BatchWriter(store)
-        # Blocks in flight per stage: enough to keep every worker busy, bounded in bytes for large blocks.
-        self.window = max(2, min(4 * workers, WINDOW_BYTES // self.bs))
+        self.finished: queue.SimpleQueue[tuple[list | None, BaseException | None]] = queue.SimpleQueue()
+        # Tasks in flight: enough to keep every worker busy, bounded in bytes for large blocks.
+        self.window = max(2, min(2 * workers, WINDOW_BYTES // (self.bs * TASK_BLOCKS)))
 
     def blocks_in_parallel(self):
         """(disk, block index) round-robin over disks, so that all disks are read in parallel."""
@@ -275,23 +267,57 @@ class _BackupRun:
 
     def run(self, pool: ThreadPoolExecutor, progress: ProgressFn | None) -> None:
         total = sum(s.size for s in self.sources)
-        hashing: deque[tuple[int, int, Future]] = deque()
+        in_flight, task = 0, []
         for d, index in self.blocks_in_parallel():
             tracked = self.tracked[d]
             if tracked is not None and tracked.unchanged[index]:
                 self.take_unchanged(d, index, tracked.previous_map[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE])
                 continue
-            hashing.append((d, index, pool.submit(self.sources[d].read_block, index, self.bs, self.buffers,
-                                                  self.store.codec)))
-            if len(hashing) >= self.window:
-                self.take_hashed(*hashing.popleft(), pool)
-                if progress:
-                    progress(self.counts["read"], total)
-        while hashing:
-            self.take_hashed(*hashing.popleft(), pool)
-        self.take_compressed(until_below=1)
+            task.append((d, index))
+            if len(task) == TASK_BLOCKS:
+                pool.submit(self.work, task)
+                in_flight, task = in_flight + 1, []
+                while in_flight >= self.window:
+                    self.take(*self.finished.get())
+                    in_flight -= 1
+                    if progress:
+                        progress(self.counts["read"], total)
+        if task:
+            pool.submit(self.work, task)
+            in_flight += 1
+        while in_flight:
+            self.take(*self.finished.get())
+            in_flight -= 1
         if progress:
             progress(self.counts["read"], total)
+
+    def work(self, task: list[tuple[int, int]]) -> None:
+        """On a worker thread: each block of the task read, identified, and encoded if this backup stores
+        it; the results, or what went wrong, handed to the main thread."""
+        try:
+            self.finished.put(([self.process(d, index) for d, index in task], None))
+        except BaseException as e:   # raised again on the main thread, which stops the backup
+            self.finished.put((None, e))
+
+    def process(self, d: int, index: int) -> tuple[int, int, bytes, bytearray | None]:
+        """(disk, index, block id, blob): the blob only for a block this backup stores."""
+        digest, data = self.sources[d].read_block(index, self.bs, self.buffers, self.store.codec)
+        if data is None:
+            return d, index, digest, None
+        try:
+            return d, index, digest, self.store.codec.encode(digest, data) if self.claim(digest) else None
+        finally:
+            self.buffers.give(data)
+
+    def claim(self, digest: bytes) -> bool:
+        """True for the first block of this id in this backup if the store lacks it: its blob is stored.
+        A claimed id is never stored twice: later blocks of it are deduplicated, whether its blob is still
+        being encoded, waits in a batch, is being written or is in the store."""
+        with self._claim_lock:
+            if digest in self.claimed:
+                return False
+            self.claimed.add(digest)
+        return not self.store.has_block(digest)
 
     def record(self, d: int, index: int, digest: bytes) -> int:
         """Put a block's id in its disk's map and count it; returns its length, or 0 for a hole."""
@@ -309,36 +335,23 @@ class _BackupRun:
         """A block change tracking vouches for: the previous point's id, nothing read."""
         self.counts["unchanged"] += self.record(d, index, digest)
 
-    def take_hashed(self, d: int, index: int, fut: Future, pool: ThreadPoolExecutor) -> None:
-        """Record one hashed block in its disk's map, and start compressing it if the store lacks it."""
-        digest, data = fut.result()
-        length = self.record(d, index, digest)
-        if not length:
-            return
-        # The writer before the store: a batch leaves the writer only once it is in the store.
-        if (digest in self.compressing or digest in self.batch or self.writer.holds(digest)
-                or self.store.has_block(digest)):
-            self.counts["dedup"] += length
-            self.buffers.give(data)
-            return
-        self.counts["new"] += length
-        self.records[d].new_blocks += 1
-        self.compressing[digest] = (d, pool.submit(self.store.codec.encode, digest, data), data)
-        self.take_compressed(until_below=self.window)
-
-    def take_compressed(self, until_below: int) -> None:
-        """Move finished compressions into the batch, oldest first, waiting while too many are in flight."""
-        while self.compressing:
-            digest, (d, fut, source_buffer) = next(iter(self.compressing.items()))
-            if len(self.compressing) < until_below and not fut.done():
-                return
-            del self.compressing[digest]
-            data = fut.result()
-            self.buffers.give(source_buffer)
-            self.records[d].new_stored_bytes += len(data)
-            self.batch[digest] = data
-            self.batch_bytes += len(data)
-            self.counts["stored"] += len(data)
+    def take(self, results: list | None, error: BaseException | None) -> None:
+        """Record a finished task's blocks in their disks' maps; its new blobs go to the batch."""
+        if error is not None:
+            raise error
+        for d, index, digest, blob in results:
+            length = self.record(d, index, digest)
+            if not length:
+                continue
+            if blob is None:
+                self.counts["dedup"] += length
+                continue
+            self.counts["new"] += length
+            self.records[d].new_blocks += 1
+            self.records[d].new_stored_bytes += len(blob)
+            self.batch[digest] = blob
+            self.batch_bytes += len(blob)
+            self.counts["stored"] += len(blob)
             if self.batch_bytes >= BATCH_BYTES:
                 self.writer.submit(self.batch)
                 self.batch, self.batch_bytes = {}, 0
