@@ -10,9 +10,10 @@ never hand it wrong bytes unnoticed. For a random read a reader sends only the f
 reads through it too, so that it names the recovery points such a page damages instead of dying with them.
 
 A blob (or a Cut) goes through memory shared with its reader (a memfd the daemon makes), not through the
-socket: the reader copies it there from LMDB's pages and answers its length, and the daemon copies it out
-before the reader takes another request. One copy each side, instead of the socket's copies and the
-chunked receive into fresh buffers (the daemon's half of the hop cost as much as decoding the block). A
+socket: the reader copies it there from LMDB's pages and answers its length, and the daemon decodes it
+from there before the reader takes another request (as Store.get_blob decodes from LMDB's pages inside
+its transaction). One copy instead of the socket's copies and the chunked receive into fresh buffers (the
+daemon's half of the hop cost as much as decoding the block); so at most READERS blocks decode at once. A
 blob larger than that memory goes through the socket as before.
 
 Block maps are fetched in pieces and kept (recovery points never change), so a sequential reader asks
@@ -47,7 +48,7 @@ from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.store import MapPieces, Store
 
 T = TypeVar("T")
-READERS = 5                # reader processes at most, 15 MiB each: the mount's 4 worker threads, and lookups
+READERS = 5                # reader processes at most, 13 MiB each: the mount's 4 worker threads, and lookups
 MAP_PIECES_KEPT = 512      # at most 16 MiB of block map pieces kept
 SOCKET_BUFFER = 4 << 20
 SHARED_BYTES = 4 << 20     # memory shared with each reader for blobs: a 1 MiB block's blob, or a 4 MiB one's
@@ -129,9 +130,11 @@ class IsolatedStore(KeptByLeases):
     def get_blob(self, digest: bytes, decode: Callable[[memoryview | Cut], T] = bytes,
                  part: tuple[int, int] | None = None) -> T | None:
         """A stored blob, decoded here: a reader process only copies it out of LMDB (with part, a range of
-        the block: only the frames it lies in, as a blob.Cut that decode takes instead of the blob)."""
-        stored = self._call("blob", digest) if part is None else self._call("blob_cut", digest, *part)
-        return None if stored is None else decode(stored if isinstance(stored, Cut) else memoryview(stored))
+        the block: only the frames it lies in, as a blob.Cut that decode takes instead of the blob). decode
+        runs while the reader is held: what it is given is valid only until it returns."""
+        def use(stored):
+            return None if stored is None else decode(stored if isinstance(stored, Cut) else memoryview(stored))
+        return self._call("blob", digest, use=use) if part is None else self._call("blob_cut", digest, *part, use=use)
 
     def block_map(self, map_key: bytes) -> bytes:
         """A whole block map, for scans that visit every block anyway (verify)."""
@@ -141,7 +144,9 @@ class IsolatedStore(KeptByLeases):
         return self._pieces.digest(map_key, index, lambda key, piece: self._call("map_piece", key, piece))
 
     # -- the reader processes ----------------------------------------------------------------------
-    def _call(self, request: str, *args):
+    def _call(self, request: str, *args, use: Callable | None = None):
+        """The reader's answer to request, or use(answer) while the reader is still held (an answer in
+        shared memory is valid only until then)."""
         reader = self._take_reader()
         try:
             answer = reader.ask(request, args)
@@ -153,12 +158,15 @@ class IsolatedStore(KeptByLeases):
                 raise CorruptBlockError(f"reading the store {self.path} crashed its reader process ({e}): the"
                                         " store is damaged where this read went (rpfs check --read-data)") from None
             raise
-        self._idle.put(reader)
-        kind, value = answer
-        if kind == "ok":
-            return value
-        exit_code, message = value
-        raise CorruptBlockError(message) if exit_code == EXIT_CORRUPT else RpfsError(message, exit_code)
+        try:
+            kind, value = answer
+            if kind == "ok":
+                return value if use is None else use(value)
+            exit_code, message = value
+            raise CorruptBlockError(message) if exit_code == EXIT_CORRUPT else RpfsError(message, exit_code)
+        finally:
+            reader.done()
+            self._idle.put(reader)
 
     def _take_reader(self) -> "_Reader":
         """An idle reader, a new one while there are fewer than READERS, or the next one put back."""
@@ -238,6 +246,7 @@ class _Reader:
             theirs.close()
             os.close(shared_fd)
         self.connection = _Messages(mine)
+        self._views: list[memoryview] = []
         try:
             self.connection.send_bytes(master or b"")
         except OSError:
@@ -249,7 +258,7 @@ class _Reader:
             kind, value = pickle.loads(self.connection.recv_bytes())
             if kind == "bytes":   # a blob follows as it is, copied once by the kernel
                 kind, value = "ok", self.connection.recv_bytes()
-            elif kind == "shared":   # copied out now: the reader writes there again for the next request
+            elif kind == "shared":   # valid until done(): the reader writes there again for the next request
                 kind, value = "ok", self._shared_answer(*value)
             return kind, value
         except (EOFError, OSError):
@@ -260,17 +269,24 @@ class _Reader:
                 code = self.process.wait()
             raise _ReaderDied(f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}") from None
 
-    def _shared_answer(self, size: int, cut_at: int | None = None, first: int = 0) -> bytes | Cut:
-        """The blob (or the Cut: head before cut_at, frames after) the reader put in shared memory."""
+    def _shared_answer(self, size: int, cut_at: int | None = None, first: int = 0) -> memoryview | Cut:
+        """The blob (or the Cut: head before cut_at, frames after) the reader put in shared memory, as
+        views of it valid until done()."""
         if not 0 <= size <= len(self.shared) or not (cut_at is None or 0 <= cut_at <= size):
             raise OSError("a reader process answered a size out of range")
-        view = memoryview(self.shared)
-        try:
-            if cut_at is None:
-                return bytes(view[:size])
-            return Cut(bytes(view[:cut_at]), first, bytes(view[cut_at:size]))
-        finally:
+        self._views = [memoryview(self.shared)]
+        view = self._views[0]
+        if cut_at is None:
+            self._views.append(view[:size])
+            return self._views[-1]
+        self._views += [view[:cut_at], view[cut_at:size]]
+        return Cut(self._views[1], first, self._views[2])
+
+    def done(self) -> None:
+        """The last answer is used: its views of the shared memory are let go."""
+        for view in reversed(self._views):
             view.release()
+        self._views = []
 
     def close(self) -> None:
         self.connection.close()   # the reader ends at end of file
