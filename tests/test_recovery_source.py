@@ -145,6 +145,24 @@ def test_get_blob_whole_and_in_part(source, made):
     assert source.get_blob(bytes(range(32))) is None   # no such blob
 
 
+@pytest.mark.parametrize("shared_bytes", [4096, 1 << 20])
+def test_reader_processes_hand_blobs_over_in_shared_memory_or_the_socket(made, shared_bytes):
+    """A blob or Cut that fits the memory shared with a reader comes through it, a larger one through the
+    socket (4 KiB: every blob and Cut; 1 MiB: a whole blob of random data does not fit, its Cuts do)."""
+    with open_store(made[0], readonly=True) as store, \
+            IsolatedStore.open(store.path, store.master_key, shared_bytes=shared_bytes) as isolated:
+        point = store.point("web")
+        disk, key = point.disk("os"), store.map_key("web", point.id, "os")
+        for index in range(disk.blocks):
+            digest = store.block_digest(key, index)
+            if digest == HOLE:
+                continue
+            assert isolated.get_blob(digest) == store.get_blob(digest)
+            block = load_block(store, digest, disk.block_size)
+            assert load_block(isolated, digest, disk.block_size) == block
+            assert load_block(isolated, digest, disk.block_size, 70000, 140000) == block[70000:140000]
+
+
 def test_a_point_is_kept_while_it_is_read(source, kind, tmp_path):
     """keeper: a store leases the point (prune skips it) for as long as it is kept, a vault keeps nothing
     (nothing on this host prunes it); hold: the point is kept across processes until released (a store's

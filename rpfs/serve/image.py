@@ -19,6 +19,7 @@ from rpfs.store.recovery_point import HOLE, DiskRecord
 from rpfs.store.source import RecoverySource
 
 DEFAULT_CACHE_BYTES = 256 << 20
+SHARED_ZEROS = 1 << 20   # the largest FUSE request (max_pages): holes up to this size read one shared buffer
 TRIM_EVERY = 32 << 20   # evicted bytes between two give_back_freed_memory: 10-40 MiB less at 256 MiB
 
 
@@ -134,13 +135,14 @@ class ImageReader:
 
     def read(self, offset: int, size: int) -> bytes:
         """Bytes at [offset, offset+size), short at the end of the disk. Raises CorruptBlockError."""
-        return self._read(offset, size, lambda index, start, stop: _part(self.load(index), start, stop))
+        return bytes(self._read(offset, size, lambda index, start, stop: _part(self.load(index), start, stop)))
 
-    def read_cached(self, offset: int, size: int) -> bytes | None:
-        """The same bytes if every block is a hole or cached (cheap enough to serve inline), else None."""
+    def read_cached(self, offset: int, size: int) -> bytes | memoryview | None:
+        """The same bytes if every block is a hole or cached (cheap enough to serve inline), else None; a
+        view, not a copy, of a single cached block or of zeros (FUSE copies it to the kernel anyway)."""
         return self._read(offset, size, lambda index, start, stop: _part(self.peek(index), start, stop))
 
-    def read_frames(self, offset: int, size: int) -> bytes:
+    def read_frames(self, offset: int, size: int) -> bytes | memoryview:
         """The same bytes, decoding only the frames of uncached blocks they lie in, caching nothing."""
         def part(index: int, start: int, stop: int) -> bytes:
             digest = self.digest(index)
@@ -150,7 +152,8 @@ class ImageReader:
             return load_block(self.store, digest, self.block_length(index), start, stop)
         return self._read(offset, size, part)
 
-    def _read(self, offset: int, size: int, part: Callable[[int, int, int], bytes | None]) -> bytes | None:
+    def _read(self, offset: int, size: int,
+              part: Callable[[int, int, int], bytes | memoryview | None]) -> bytes | memoryview | None:
         """Join part(block index, start, stop) over the blocks the range touches; None if a part is None."""
         parts = []
         for index, start, stop in self._ranges(offset, size):
@@ -163,9 +166,20 @@ class ImageReader:
         return b"".join(parts)
 
 
-def _part(block: bytes | None, start: int, stop: int) -> bytes | None:
-    """Bytes [start, stop) of a block's data (zeros for HOLE); None stays None."""
+def _part(block: bytes | None, start: int, stop: int) -> bytes | memoryview | None:
+    """Bytes [start, stop) of a block's data (zeros for HOLE), a view where a slice would copy; None stays
+    None."""
     if block is None:
         return None
-    return bytes(stop - start) if block is HOLE else block[start:stop]
+    if block is HOLE:
+        size = stop - start
+        return _zeros(1 << (size - 1).bit_length())[:size] if 0 < size <= SHARED_ZEROS else bytes(size)
+    return block if (start, stop) == (0, len(block)) else memoryview(block)[start:stop]
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros(size: int) -> memoryview:
+    """size zero bytes (a power of two, at most SHARED_ZEROS), never written: one buffer for the replies of
+    every hole instead of a fresh one each."""
+    return memoryview(bytes(size))
 

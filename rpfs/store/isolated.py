@@ -9,6 +9,13 @@ never hand it wrong bytes unnoticed. For a random read a reader sends only the f
 (blob.Cut), not the whole blob: copying 1 MiB through the socket cost more than decoding 64 KiB. verify
 reads through it too, so that it names the recovery points such a page damages instead of dying with them.
 
+A blob (or a Cut) goes through memory shared with its reader (a memfd the daemon makes), not through the
+socket: the reader copies it there from LMDB's pages and answers its length, and the daemon decodes it
+from there before the reader takes another request (as Store.get_blob decodes from LMDB's pages inside
+its transaction). One copy instead of the socket's copies and the chunked receive into fresh buffers (the
+daemon's half of the hop cost as much as decoding the block); so at most READERS blocks decode at once. A
+blob larger than that memory goes through the socket as before.
+
 Block maps are fetched in pieces and kept (recovery points never change), so a sequential reader asks
 a reader process for a map piece once per MAP_PIECE blocks, not once per block. For an encrypted store
 each reader is handed the master key as the first message on its socket (never on its command line or
@@ -16,15 +23,16 @@ in its environment); it checks map pieces and opens records, and the daemon open
 """
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import queue
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
-from multiprocessing.connection import Connection
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -40,9 +48,10 @@ from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.store import MapPieces, Store
 
 T = TypeVar("T")
-READERS = 5                # reader processes at most, 15 MiB each: the mount's 4 worker threads, and lookups
+READERS = 5                # reader processes at most, 13 MiB each: the mount's 4 worker threads, and lookups
 MAP_PIECES_KEPT = 512      # at most 16 MiB of block map pieces kept
 SOCKET_BUFFER = 4 << 20
+SHARED_BYTES = 4 << 20     # memory shared with each reader for blobs: a 1 MiB block's blob, or a 4 MiB one's
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)   # root may go past net.core.wmem_max
 # What a reader process answers; nothing else reaches the store from a request.
 REQUESTS = ("describe", "point", "points", "latest_point_id", "vms", "point_ids", "has_point", "stored_bytes",
@@ -55,8 +64,9 @@ class IsolatedStore(KeptByLeases):
     parallel_reads: int | None = None
     kept_snapshots = True
 
-    def __init__(self, path: Path, master: bytes | None = None):
-        self.path, self._master = path, master
+    def __init__(self, path: Path, master: bytes | None = None, shared_bytes: int = SHARED_BYTES):
+        """shared_bytes: the memory shared with each reader; a larger blob goes through the socket."""
+        self.path, self._master, self._shared_bytes = path, master, shared_bytes
         self._idle: queue.Queue[_Reader] = queue.Queue()   # in turn: a reader that died is found soon
         self._count_lock = threading.Lock()
         self._readers: list[_Reader] = []
@@ -70,8 +80,8 @@ class IsolatedStore(KeptByLeases):
         self.codec = BlockCodec(block_id, keyring=Keyring(master, store_id) if encrypted else None)
 
     @classmethod
-    def open(cls, path: Path | str, master: bytes | None = None) -> "IsolatedStore":
-        return cls(Path(path), master)
+    def open(cls, path: Path | str, master: bytes | None = None, shared_bytes: int = SHARED_BYTES) -> "IsolatedStore":
+        return cls(Path(path), master, shared_bytes)
 
     def close(self) -> None:
         with self._count_lock:
@@ -120,9 +130,11 @@ class IsolatedStore(KeptByLeases):
     def get_blob(self, digest: bytes, decode: Callable[[memoryview | Cut], T] = bytes,
                  part: tuple[int, int] | None = None) -> T | None:
         """A stored blob, decoded here: a reader process only copies it out of LMDB (with part, a range of
-        the block: only the frames it lies in, as a blob.Cut that decode takes instead of the blob)."""
-        stored = self._call("blob", digest) if part is None else self._call("blob_cut", digest, *part)
-        return None if stored is None else decode(stored if isinstance(stored, Cut) else memoryview(stored))
+        the block: only the frames it lies in, as a blob.Cut that decode takes instead of the blob). decode
+        runs while the reader is held: what it is given is valid only until it returns."""
+        def use(stored):
+            return None if stored is None else decode(stored if isinstance(stored, Cut) else memoryview(stored))
+        return self._call("blob", digest, use=use) if part is None else self._call("blob_cut", digest, *part, use=use)
 
     def block_map(self, map_key: bytes) -> bytes:
         """A whole block map, for scans that visit every block anyway (verify)."""
@@ -132,7 +144,9 @@ class IsolatedStore(KeptByLeases):
         return self._pieces.digest(map_key, index, lambda key, piece: self._call("map_piece", key, piece))
 
     # -- the reader processes ----------------------------------------------------------------------
-    def _call(self, request: str, *args):
+    def _call(self, request: str, *args, use: Callable | None = None):
+        """The reader's answer to request, or use(answer) while the reader is still held (an answer in
+        shared memory is valid only until then)."""
         reader = self._take_reader()
         try:
             answer = reader.ask(request, args)
@@ -144,12 +158,15 @@ class IsolatedStore(KeptByLeases):
                 raise CorruptBlockError(f"reading the store {self.path} crashed its reader process ({e}): the"
                                         " store is damaged where this read went (rpfs check --read-data)") from None
             raise
-        self._idle.put(reader)
-        kind, value = answer
-        if kind == "ok":
-            return value
-        exit_code, message = value
-        raise CorruptBlockError(message) if exit_code == EXIT_CORRUPT else RpfsError(message, exit_code)
+        try:
+            kind, value = answer
+            if kind == "ok":
+                return value if use is None else use(value)
+            exit_code, message = value
+            raise CorruptBlockError(message) if exit_code == EXIT_CORRUPT else RpfsError(message, exit_code)
+        finally:
+            reader.done()
+            self._idle.put(reader)
 
     def _take_reader(self) -> "_Reader":
         """An idle reader, a new one while there are fewer than READERS, or the next one put back."""
@@ -160,7 +177,7 @@ class IsolatedStore(KeptByLeases):
                 pass
             with self._count_lock:
                 if len(self._readers) < READERS:
-                    reader = _Reader(self.path, self._master)
+                    reader = _Reader(self.path, self._master, self._shared_bytes)
                     self._readers.append(reader)
                     return reader
             try:
@@ -173,22 +190,63 @@ class _ReaderDied(Exception):
     pass
 
 
-class _Reader:
-    """One reader process and this end of its socket; used by one thread at a time."""
+class _Messages:
+    """Length-prefixed messages on a socket (multiprocessing.connection's framing cost each reader 2 MiB of
+    imports, and its receive went through a BytesIO)."""
 
-    def __init__(self, path: Path, master: bytes | None):
+    LENGTH = struct.Struct("<Q")
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def send_bytes(self, data: bytes | memoryview) -> None:
+        if len(data) <= 1 << 16:
+            self.sock.sendall(self.LENGTH.pack(len(data)) + data)
+        else:   # a large blob: no joined copy
+            self.sock.sendall(self.LENGTH.pack(len(data)))
+            self.sock.sendall(data)
+
+    def recv_bytes(self) -> bytearray:
+        """The next message; EOFError at the end of the stream."""
+        size, = self.LENGTH.unpack(self._exactly(self.LENGTH.size))
+        return self._exactly(size)
+
+    def _exactly(self, size: int) -> bytearray:
+        buffer = bytearray(size)
+        view, got = memoryview(buffer), 0
+        while got < size:
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                raise EOFError
+            got += n
+        return buffer
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _Reader:
+    """One reader process, this end of its socket and the memory shared with it; used by one thread at a time."""
+
+    def __init__(self, path: Path, master: bytes | None, shared_bytes: int):
         mine, theirs = socket.socketpair()
         for end in (mine, theirs):   # a whole blob in one write: fewer wake-ups per block
             try:
                 end.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SOCKET_BUFFER)
             except OSError:
                 pass
+        shared_fd = os.memfd_create("rpfs-reader", os.MFD_CLOEXEC)
         try:
-            self.process = start_python("rpfs.store.isolated", [os.path.abspath(path), str(theirs.fileno())],
-                                        pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+            os.ftruncate(shared_fd, shared_bytes)
+            self.shared = mmap.mmap(shared_fd, shared_bytes)   # pages only as blobs touch them
+            self.process = start_python("rpfs.store.isolated", [os.path.abspath(path), str(theirs.fileno()),
+                                                                str(shared_fd)],
+                                        pass_fds=(theirs.fileno(), shared_fd), stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
-        self.connection = Connection(mine.detach())
+            os.close(shared_fd)
+        self.connection = _Messages(mine)
+        self._views: list[memoryview] = []
         try:
             self.connection.send_bytes(master or b"")
         except OSError:
@@ -200,6 +258,8 @@ class _Reader:
             kind, value = pickle.loads(self.connection.recv_bytes())
             if kind == "bytes":   # a blob follows as it is, copied once by the kernel
                 kind, value = "ok", self.connection.recv_bytes()
+            elif kind == "shared":   # valid until done(): the reader writes there again for the next request
+                kind, value = "ok", self._shared_answer(*value)
             return kind, value
         except (EOFError, OSError):
             try:
@@ -209,8 +269,28 @@ class _Reader:
                 code = self.process.wait()
             raise _ReaderDied(f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}") from None
 
+    def _shared_answer(self, size: int, cut_at: int | None = None, first: int = 0) -> memoryview | Cut:
+        """The blob (or the Cut: head before cut_at, frames after) the reader put in shared memory, as
+        views of it valid until done()."""
+        if not 0 <= size <= len(self.shared) or not (cut_at is None or 0 <= cut_at <= size):
+            raise OSError("a reader process answered a size out of range")
+        self._views = [memoryview(self.shared)]
+        view = self._views[0]
+        if cut_at is None:
+            self._views.append(view[:size])
+            return self._views[-1]
+        self._views += [view[:cut_at], view[cut_at:size]]
+        return Cut(self._views[1], first, self._views[2])
+
+    def done(self) -> None:
+        """The last answer is used: its views of the shared memory are let go."""
+        for view in reversed(self._views):
+            view.release()
+        self._views = []
+
     def close(self) -> None:
         self.connection.close()   # the reader ends at end of file
+        self.shared.close()
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -218,14 +298,19 @@ class _Reader:
             self.process.wait()
 
 
-def _answer(store: Store, request: str, args: tuple, connection: Connection) -> None:
-    """Send the answer to one request; a blob goes straight from LMDB's pages to the socket."""
+def _answer(store: Store, request: str, args: tuple, connection: _Messages, shared: mmap.mmap) -> None:
+    """Send the answer to one request; a blob goes straight from LMDB's pages to the shared memory (or,
+    larger, to the socket)."""
     if request == "describe":
         value = (store.block_size, store.format_version, store.meta.get("block_id", "sha256"), store.store_id,
                  store.encrypted)
     elif request == "blob":
         with store.read() as txn:
             stored = txn.get(args[0], db=store.db("blocks"))
+            if stored is not None and len(stored) <= len(shared):
+                shared[:len(stored)] = stored
+                connection.send_bytes(pickle.dumps(("shared", (len(stored),))))
+                return
             if stored is not None:
                 connection.send_bytes(_HEADER_BYTES_FOLLOW)
                 connection.send_bytes(stored)
@@ -233,6 +318,11 @@ def _answer(store: Store, request: str, args: tuple, connection: Connection) -> 
             value = None
     elif request == "blob_cut":
         value = store.get_blob(args[0], lambda stored: cut(stored, *args[1:]))
+        if isinstance(value, Cut) and len(value.head) + len(value.frames) <= len(shared):
+            head, frames = len(value.head), len(value.frames)
+            shared[:head], shared[head:head + frames] = value.head, value.frames
+            connection.send_bytes(pickle.dumps(("shared", (head + frames, head, value.first))))
+            return
     else:
         value = getattr(store, request)(*args)
     connection.send_bytes(pickle.dumps(("ok", value), protocol=pickle.HIGHEST_PROTOCOL))
@@ -241,12 +331,14 @@ def _answer(store: Store, request: str, args: tuple, connection: Connection) -> 
 _HEADER_BYTES_FOLLOW = pickle.dumps(("bytes", None))
 
 
-def serve_reads(path: str, fd: int) -> None:
+def serve_reads(path: str, fd: int, shared_fd: int) -> None:
     """A reader process: answer requests until the daemon closes its end (or dies)."""
-    connection = Connection(fd)
+    connection = _Messages(socket.socket(fileno=fd))
+    shared = mmap.mmap(shared_fd, 0)
+    os.close(shared_fd)
     no_core_dumps()   # a reader may die of SIGBUS (a damaged page) holding the master key: no core file
     try:
-        master = connection.recv_bytes()
+        master = bytes(connection.recv_bytes())
         store = Store.open(path, readonly=True, keys=KeyChoice(master=master or None))
     except EOFError:
         return
@@ -262,7 +354,7 @@ def serve_reads(path: str, fd: int) -> None:
                 raise store
             if request not in REQUESTS:
                 raise RpfsError(f"unknown request {request!r}")
-            _answer(store, request, args, connection)
+            _answer(store, request, args, connection, shared)
             continue
         except RpfsError as e:
             failure = (e.exit_code, e.message)
@@ -273,4 +365,4 @@ def serve_reads(path: str, fd: int) -> None:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is for the daemon; the reader ends with it
-    serve_reads(sys.argv[1], int(sys.argv[2]))
+    serve_reads(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
