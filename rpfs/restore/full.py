@@ -24,7 +24,7 @@ from rpfs.backup import snapshot
 from rpfs.errors import RpfsError
 from rpfs.host.access import check_trusted_place
 from rpfs.host.disk_use import in_use
-from rpfs.host.libc import punch_hole, start_writeback
+from rpfs.host.libc import keep_freed_memory, punch_hole, start_writeback
 from rpfs.host.threads import in_order
 from rpfs.host.tools import run_tool_raw
 from rpfs.restore.partial import PartialFile, check_free, refuse_link
@@ -93,6 +93,7 @@ def restore_disk(store: RecoverySource, point: RecoveryPoint, disk_name: str, ta
                  workers: int | None = None, mode: int | None = None) -> RestoreSummary:
     disk = point.disk(disk_name)
     is_device = check_target(target, disk.size, force)
+    keep_freed_memory()   # a block decoded and written at a time: its buffers reused, not faulted in anew
     with store.keeper() as keeper:   # prune must not delete the recovery point while it is being copied
         keeper.take(point.vm, point.id)
         return _restore(store, point, disk, target, is_device, discard, progress, workers, mode)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from rpfs.errors import RpfsError
+from rpfs.host.libc import keep_freed_memory
 from rpfs.host.threads import in_order
 from rpfs.store.block_maps import digests_in_order
 from rpfs.store.leases import Lease
@@ -57,6 +58,7 @@ def push(store: Store, vault: Vault, points: list[RecoveryPoint], progress: Prog
     if changed or (vault.config.key_check and vault.config.key_check != store.meta.get("key_check")):
         raise RpfsError(f"store {store.path} differs from what {vault.config.label} recorded of it when it was added"
                         f" ({', '.join(changed or ['key_check'])}): its settings were changed; nothing was pushed")
+    keep_freed_memory()   # a blob copied out of the store and a part joined at a time: buffers reused
     started, summary = time.monotonic(), PushSummary()
     with VaultLock(vault.bucket, "push") as lock:   # before any index is read (gc.py)
         send_current_slots(store, vault.config, vault.bucket)   # the slots as they are now (keys.py)
