@@ -52,7 +52,6 @@ BATCH_BYTES = 8 << 20           # commit stored blocks in transactions of about 
                                 # (a shorter flush holds the disk's reads up less); 64 MiB took 310 MiB
 WINDOW_BYTES = 64 << 20         # at most about this much block data is in flight
 TASK_BLOCKS = 4                 # blocks per worker task
-MAX_REUSED_ALLOCATION = 32 << 20   # glibc's limit for its mmap threshold (libc.reuse_freed_memory)
 MAX_KEEP_DAYS = 36500
 ProgressFn = Callable[[int, int], None]
 
@@ -372,7 +371,7 @@ def _run(store: Store, point: RecoveryPoint, sources: list[DiskSource], progress
     """Transfer: read every source (but what change tracking vouches for), store the new blocks, and commit
     `point` with its block maps. checksum_reasons: per disk, why it was read whole if it was (its record says)."""
     started = time.monotonic()
-    if store.block_size <= MAX_REUSED_ALLOCATION // 2:   # a blob and LMDB's copy of it: a block and a bit
+    if store.block_size <= libc.MMAP_THRESHOLD_MAX // 2:   # a blob and LMDB's copy of it: a block and a bit
         libc.reuse_freed_memory(2 * store.block_size, keep_free=BATCH_BYTES)
     run = _BackupRun(store, sources, workers, tracked)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpfs-backup") as pool:

@@ -24,7 +24,7 @@ from rpfs.backup import snapshot
 from rpfs.errors import RpfsError
 from rpfs.host.access import check_trusted_place
 from rpfs.host.disk_use import in_use
-from rpfs.host.libc import punch_hole, start_writeback
+from rpfs.host.libc import punch_hole, reuse_freed_memory, start_writeback
 from rpfs.host.threads import in_order
 from rpfs.host.tools import run_tool_raw
 from rpfs.restore.partial import PartialFile, check_free, refuse_link
@@ -34,6 +34,7 @@ from rpfs.store.source import RecoverySource
 
 BLKZEROOUT = 0x127F   # zero a range: by discard/write-zeroes where the device guarantees zeros
 WRITEBACK_BYTES = 64 << 20   # written between two starts of writeback: the final fsync waits for little
+REPEATS_BYTES = 64 << 20     # decoded blocks kept: one that repeats this close is fetched and decoded once
 ProgressFn = Callable[[int, int], None]
 
 
@@ -93,6 +94,7 @@ def restore_disk(store: RecoverySource, point: RecoveryPoint, disk_name: str, ta
                  workers: int | None = None, mode: int | None = None) -> RestoreSummary:
     disk = point.disk(disk_name)
     is_device = check_target(target, disk.size, force)
+    reuse_freed_memory()   # a block decoded and written at a time: its buffers reused, not faulted in anew
     with store.keeper() as keeper:   # prune must not delete the recovery point while it is being copied
         keeper.take(point.vm, point.id)
         return _restore(store, point, disk, target, is_device, discard, progress, workers, mode)
@@ -102,7 +104,8 @@ def _restore(store: RecoverySource, point: RecoveryPoint, disk, target: Path, is
              progress: ProgressFn | None, workers: int | None, mode: int | None) -> RestoreSummary:
     disk_name = disk.name
     started = time.monotonic()
-    reader = ImageReader(store, BlockCache(0), point.vm, point.id, disk)
+    # a vault fetched a repeated blob alone each time again (a ranged GET apiece: 162 for the bench image)
+    reader = ImageReader(store, BlockCache(REPEATS_BYTES, give_back=False), point.vm, point.id, disk)
     holes = DeviceHoles(discard)
     if is_device:
         try:

@@ -24,10 +24,11 @@ TRIM_EVERY = 32 << 20   # evicted bytes between two give_back_freed_memory: 10-4
 
 
 class BlockCache:
-    """An LRU of decoded, verified blocks by digest, bounded by total bytes. Thread-safe."""
+    """An LRU of decoded, verified blocks by digest, bounded by total bytes. Thread-safe. give_back: hand
+    evicted blocks' memory back to the system (a daemon); a batch command reuses it instead."""
 
-    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES):
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES, give_back: bool = True):
+        self.max_bytes, self.give_back = max_bytes, give_back
         self._blocks: OrderedDict[bytes, bytes] = OrderedDict()
         self._bytes = self._evicted = 0
         self._lock = threading.Lock()
@@ -49,7 +50,7 @@ class BlockCache:
                 _, old = self._blocks.popitem(last=False)
                 self._bytes -= len(old)
                 self._evicted += len(old)
-            trim = self._evicted >= TRIM_EVERY
+            trim = self._evicted >= TRIM_EVERY and self.give_back
             if trim:
                 self._evicted = 0
         if trim:

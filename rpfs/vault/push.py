@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from rpfs.errors import RpfsError
+from rpfs.host.libc import reuse_freed_memory
 from rpfs.host.threads import in_order
 from rpfs.store.block_maps import digests_in_order
 from rpfs.store.leases import Lease
@@ -24,7 +25,7 @@ from rpfs.vault.packs import PACK_BYTES, PackStream, upload_packs
 from rpfs.vault.layout import Manifest
 from rpfs.vault.vault import BLOB, PIECE, Vault
 
-CHECKERS = 2            # threads reading and checking blobs ahead of the upload (page faults, zstd, AES, BLAKE3)
+CHECKERS = 2            # threads reading and checking blobs ahead of the upload (page faults, AES)
 
 ProgressFn = Callable[[int, int], None]
 
@@ -57,6 +58,7 @@ def push(store: Store, vault: Vault, points: list[RecoveryPoint], progress: Prog
     if changed or (vault.config.key_check and vault.config.key_check != store.meta.get("key_check")):
         raise RpfsError(f"store {store.path} differs from what {vault.config.label} recorded of it when it was added"
                         f" ({', '.join(changed or ['key_check'])}): its settings were changed; nothing was pushed")
+    reuse_freed_memory()   # a blob copied out of the store and a part joined at a time: buffers reused
     started, summary = time.monotonic(), PushSummary()
     with VaultLock(vault.bucket, "push") as lock:   # before any index is read (gc.py)
         send_current_slots(store, vault.config, vault.bucket)   # the slots as they are now (keys.py)
@@ -160,12 +162,13 @@ def _add_pack(summary: PushSummary, stream: PackStream) -> None:
 
 
 def _entries(store: Store, plan: _Plan, sent: Callable[[int], None]) -> Iterator[tuple[bytes, bytes, bytes]]:
-    """(kind, id, bytes as stored) of what the plan uploads; every blob checked first (a damaged local blob
-    is refused, never copied to the vault)."""
+    """(kind, id, bytes as stored) of what the plan uploads; every blob checked first as every read checks it
+    (blob.py: BlockCodec.check, its frames' tags): a damaged local blob is refused, never copied to the vault.
+    Decoding it whole and checking its id cost five times the CPU (docs/dev/benchmarks.md)."""
     where = f"{plan.point.vm}/{plan.point.id}"
 
     def checked(digest: bytes) -> bytes | None:   # raises CorruptBlockError for a damaged blob
-        return store.get_blob(digest, lambda stored: (store.codec.decode(digest, stored), bytes(stored))[1])
+        return store.get_blob(digest, lambda stored: (store.codec.check(digest, stored), bytes(stored))[1])
     for digest, blob in in_order(checked, plan.blobs, CHECKERS, ahead=4 * CHECKERS):
         if blob is None:
             raise RpfsError(f"block {digest.hex()} of {where} is missing from the local store (rpfs check)")

@@ -7,12 +7,15 @@ operation requires them, and addressing is path-style (a bucket name in the host
 """
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from typing import BinaryIO, Iterator
 
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.loaders
+import botocore.session
 from boto3.s3.transfer import TransferConfig
 
 from rpfs.errors import RpfsError
@@ -33,9 +36,10 @@ class Bucket:
             retries={"max_attempts": RETRIES, "mode": "standard"}, connect_timeout=5, read_timeout=60,
             s3={"addressing_style": "path"}, max_pool_connections=16,
             request_checksum_calculation="when_required", response_checksum_validation="when_required")
+        session = _session()
         try:
-            self._client = boto3.session.Session().client("s3", endpoint_url=endpoint or None, config=config,
-                                                          region_name=_region())
+            self._client = session.client("s3", endpoint_url=endpoint or None, config=config,
+                                          region_name=session.region_name or "us-east-1")
         except (ValueError, botocore.exceptions.BotoCoreError) as e:
             raise RpfsError(f"{label}: cannot use endpoint {endpoint!r}: {e}") from None
         self._transfer = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES,
@@ -155,6 +159,19 @@ class _Translated:
         raise RpfsError(f"{where}: cannot {self.what}: {error} (after {RETRIES} tries)") from None
 
 
-def _region() -> str:
-    """The region boto3 would pick, or us-east-1: an S3 service on premises needs one to sign with."""
-    return boto3.session.Session().region_name or "us-east-1"
+class _S3Only(botocore.loaders.Loader):
+    """botocore's loader of its service models, told that S3 is the only service: to check the name it is
+    given it listed its 400 services first (6,000 stats: 0.15 to 0.4 s of every vault command's start)."""
+
+    def list_available_services(self, type_name: str) -> list[str]:
+        return ["s3"]
+
+
+def _session() -> boto3.session.Session:
+    """A boto3 session as boto3 makes it (credentials, region, AWS_DATA_PATH), loading S3's models alone. The
+    region is boto3's or us-east-1: an S3 service on premises needs one to sign with."""
+    core = botocore.session.Session()
+    data_path = core.get_config_variable("data_path")
+    extra = [os.path.expanduser(os.path.expandvars(p)) for p in data_path.split(os.pathsep)] if data_path else None
+    core.register_component("data_loader", _S3Only(extra_search_paths=extra))
+    return boto3.session.Session(botocore_session=core)

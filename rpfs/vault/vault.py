@@ -189,6 +189,9 @@ class Vault:
     # -- what the vault holds --------------------------------------------------------------------
     def index(self, fresh: bool = False) -> dict[tuple[bytes, bytes], Location]:
         """(kind, id) -> where it is, from every pack's index (read once per opened vault, or again if fresh)."""
+        index = self._index   # replaced whole, never changed in place but by this handle's push: no lock to read
+        if index is not None and not fresh:
+            return index
         with self._index_lock:
             if self._index is None or fresh:
                 names = self.objects.indexed_packs()
