@@ -204,3 +204,12 @@ def test_a_push_that_fails_between_packs_leaves_no_half_point(env):
         assert summary.pushed == [f"web/{point.id}"] and summary.blobs == 16 - 8
     with _reopened(vault, store) as fresh:
         assert _read(fresh, fresh.point("web")) == disk.read_bytes()
+
+
+def test_the_s3_session_still_loads_what_role_and_sso_credentials_need():
+    """vault/s3._S3Only lists only the services rpfs needs (a faster start): the credential providers of
+    role profiles, web identity and SSO make STS, SSO and SSO-OIDC clients, which must still load."""
+    from rpfs.vault import s3
+    session = s3._session()
+    for service in ("s3", "sts", "sso", "sso-oidc"):
+        assert session.client(service, region_name="us-east-1").meta.service_model.service_name == service

@@ -202,10 +202,11 @@ def _keep_or_delete_snapshots(store: Store, point: RecoveryPoint, snapshots: dic
 
 
 class _BatchWriter:
-    """Commits batches of blobs on its own thread; one batch is written while at most one waits."""
+    """Commits batches of blobs on its own thread; one batch is written while at most one waits.
+    committed(batch) is called on that thread once a batch is in the store."""
 
-    def __init__(self, store: Store):
-        self.store = store
+    def __init__(self, store: Store, committed: Callable[[dict[bytes, bytes]], None]):
+        self.store, self._committed = store, committed
         self._queue: queue.Queue[dict[bytes, bytes] | None] = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="rpfs-writer", daemon=True)
@@ -228,6 +229,7 @@ class _BatchWriter:
             try:
                 if self._error is None:
                     self.store.put_blobs(batch)
+                    self._committed(batch)
             except BaseException as e:  # handed to the main thread, which stops the backup
                 self._error = e
 
@@ -248,10 +250,10 @@ class _BackupRun:
                         for s, t in zip(sources, self.tracked)]
         self.batch: dict[bytes, bytes] = {}          # framed blobs awaiting their write transaction
         self.batch_bytes = 0
-        self.claimed: set[bytes] = set()              # ids of the blocks this backup reads, once each
+        self.claimed: set[bytes] = set()              # ids of new blocks this backup stores, until committed
         self._claim_lock = threading.Lock()
         self.buffers = BufferPool(self.bs)
-        self.writer = _BatchWriter(store)
+        self.writer = _BatchWriter(store, committed=self.forget)
         self.finished: queue.SimpleQueue[tuple[list | None, BaseException | None]] = queue.SimpleQueue()
         # Tasks in flight: enough to keep every worker busy, bounded in bytes for large blocks.
         self.window = max(2, min(2 * workers, WINDOW_BYTES // (self.bs * TASK_BLOCKS)))
@@ -310,13 +312,22 @@ class _BackupRun:
 
     def claim(self, digest: bytes) -> bool:
         """True for the first block of this id in this backup if the store lacks it: its blob is stored.
-        A claimed id is never stored twice: later blocks of it are deduplicated, whether its blob is still
-        being encoded, waits in a batch, is being written or is in the store."""
+        A claimed id is never stored twice: later blocks of it are deduplicated while its blob is encoded,
+        waits in a batch or is being written (claimed), and once it is in the store (has_block). Only ids
+        in flight are kept: a full read of a large disk would otherwise hold every id twice."""
         with self._claim_lock:
             if digest in self.claimed:
                 return False
             self.claimed.add(digest)
-        return not self.store.has_block(digest)
+        if self.store.has_block(digest):
+            self.forget((digest,))
+            return False
+        return True
+
+    def forget(self, digests) -> None:
+        """Ids the store now has (a committed batch), or had already: has_block answers for them."""
+        with self._claim_lock:
+            self.claimed.difference_update(digests)
 
     def record(self, d: int, index: int, digest: bytes) -> int:
         """Put a block's id in its disk's map and count it; returns its length, or 0 for a hole."""

@@ -68,7 +68,10 @@ def _compress_frames(level: int, raw: memoryview) -> list[memoryview]:
     if segments is None:
         segments = _frame_segments[len(raw)] = b"".join(
             SEGMENT.pack(start, min(FRAME_SIZE, len(raw) - start)) for start in range(0, len(raw), FRAME_SIZE))
-    packed = _compressor(level).multi_compress_to_buffer(zstandard.BufferWithSegments(raw, segments))
+    compressor = _compressor(level)
+    if not hasattr(compressor, "multi_compress_to_buffer"):   # python-zstandard's CFFI backend lacks it
+        return [compressor.compress(raw[start:start + FRAME_SIZE]) for start in range(0, len(raw), FRAME_SIZE)]
+    packed = compressor.multi_compress_to_buffer(zstandard.BufferWithSegments(raw, segments))
     return [memoryview(part) for part in packed]
 
 
@@ -223,7 +226,7 @@ class BlockCodec:
         head = SEALED_PART.pack(MAGIC, CODEC_FRAMES, flags, FRAME_SIZE >> 10, len(raw))
         key = self.keyring.blob_key(digest) if sealed else None
         frames = []
-        for start, packed in zip(range(0, len(raw), FRAME_SIZE), _compress_frames(self.zstd_level, raw)):
+        for start, packed in zip(range(0, len(raw), FRAME_SIZE), _compress_frames(self.zstd_level, raw), strict=True):
             part = raw[start:start + FRAME_SIZE]
             frames.append((CODEC_ZSTD, packed) if len(packed) < len(part) else (CODEC_RAW, part))
         overhead = SEAL_OVERHEAD if sealed else 0
@@ -298,29 +301,6 @@ class BlockCodec:
             raise CorruptBlockError("stored block reads short")
         return data
 
-    def check(self, digest: bytes, blob: bytes | memoryview) -> None:
-        """Check a whole blob as every read does, keeping nothing: in a sealed blob each frame's tag (bound
-        to the block id and the frame's place) is checked by opening the frame into a scratch buffer, never
-        decompressed; anything else is read (plain frames: their CRC-32 is of the raw bytes). What a push
-        checks before a blob leaves the store (vault/push.py): a fifth of a decode's CPU. Raises
-        CorruptBlockError; the block-id check stays with verify and check."""
-        header = self._checked_header(blob)
-        if self.keyring is None or header.codec != CODEC_FRAMES:
-            self.read(digest, blob, header.raw_length)
-            return
-        whole, frames = _whole_cut(header, blob)
-        aad, key = digest + bytes(whole.head[:SEALED_PART.size]), self._key(digest, header)
-        stored, base = memoryview(whole.frames), frames.starts[0]
-        scratch = _scratch(frames.size)
-        for n, (codec, length, _check) in enumerate(frames.entries):
-            if codec not in (CODEC_RAW, CODEC_ZSTD):
-                raise CorruptBlockError(f"stored block has a frame of unknown codec {codec}")
-            opened = length - SEAL_OVERHEAD
-            if opened > frames.raw_size(n) or (codec == CODEC_RAW and opened != frames.raw_size(n)):
-                raise CorruptBlockError("stored block has a frame of the wrong length")
-            self.keyring.unseal_block_into(key, stored[frames.starts[n] - base:frames.starts[n + 1] - base],
-                                           aad + FRAME_PLACE.pack(n, codec), scratch[:opened])
-
     def _read_frames(self, digest: bytes, header: BlobHeader, blob: Cut, frames: _Frames, start: int,
                      stop: int) -> bytes:
         needed = frames.covering(start, stop)
@@ -365,14 +345,6 @@ class BlockCodec:
         if len(raw) != header.raw_length:
             raise CorruptBlockError("stored block decodes to the wrong length")
         return raw
-
-
-def _scratch(size: int) -> memoryview:
-    """A buffer of this thread's that frames are opened into and forgotten (BlockCodec.check)."""
-    scratch = getattr(_local, "scratch", None)
-    if scratch is None or len(scratch) < size:
-        scratch = _local.scratch = memoryview(bytearray(size))
-    return scratch
 
 
 def _whole_cut(header: BlobHeader, blob: bytes | memoryview) -> tuple[Cut, _Frames]:

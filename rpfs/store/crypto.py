@@ -71,19 +71,6 @@ def unseal(aead: AESGCM, sealed, associated: bytes, what: str) -> bytes:
         raise CorruptBlockError(f"{what} fails authentication (changed, or sealed with another key)") from None
 
 
-def unseal_into(aead: AESGCM, sealed, associated: bytes, out: memoryview, what: str) -> None:
-    """unseal() written into out (exactly len(sealed) - SEAL_OVERHEAD bytes): a check that keeps nothing
-    allocates nothing."""
-    view = memoryview(sealed)
-    if len(view) < SEAL_OVERHEAD or len(out) != len(view) - SEAL_OVERHEAD:
-        raise CorruptBlockError(f"{what} is too short to be sealed" if len(view) < SEAL_OVERHEAD
-                                else f"{what} has the wrong length")
-    try:
-        aead.decrypt_into(bytes(view[:NONCE_SIZE]), view[NONCE_SIZE:], associated, out)
-    except InvalidTag:
-        raise CorruptBlockError(f"{what} fails authentication (changed, or sealed with another key)") from None
-
-
 class Keyring:
     """The working keys of one encrypted store, derived from its master key. Thread-safe."""
 
@@ -118,10 +105,6 @@ class Keyring:
     @staticmethod
     def unseal_block(key: AESGCM, sealed, associated: bytes) -> bytes:
         return unseal(key, sealed, associated, "stored block")
-
-    @staticmethod
-    def unseal_block_into(key: AESGCM, sealed, associated: bytes, out: memoryview) -> None:
-        unseal_into(key, sealed, associated, out, "stored block")
 
     def seal_record(self, value: bytes, associated: bytes) -> bytes:
         return seal(self._records, value, associated)

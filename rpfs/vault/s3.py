@@ -159,12 +159,17 @@ class _Translated:
         raise RpfsError(f"{where}: cannot {self.what}: {error} (after {RETRIES} tries)") from None
 
 
+SERVICES = ("s3", "sts", "sso", "sso-oidc")   # what _S3Only lets botocore load
+
+
 class _S3Only(botocore.loaders.Loader):
-    """botocore's loader of its service models, told that S3 is the only service: to check the name it is
-    given it listed its 400 services first (6,000 stats: 0.15 to 0.4 s of every vault command's start)."""
+    """botocore's loader of its service models, told that S3 and the services its credential providers call
+    are the only ones: to check the name it is given it listed its 400 services first (6,000 stats: 0.15 to
+    0.4 s of every vault command's start). STS serves roles (role_arn, web identity), SSO and SSO-OIDC the
+    SSO profiles: without them those credentials failed to load."""
 
     def list_available_services(self, type_name: str) -> list[str]:
-        return ["s3"]
+        return list(SERVICES)
 
 
 def _session() -> boto3.session.Session:
