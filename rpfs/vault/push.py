@@ -25,7 +25,7 @@ from rpfs.vault.packs import PACK_BYTES, PackStream, upload_packs
 from rpfs.vault.layout import Manifest
 from rpfs.vault.vault import BLOB, PIECE, Vault
 
-CHECKERS = 2            # threads reading and checking blobs ahead of the upload (page faults, AES)
+CHECKERS = 2            # threads reading and checking blobs ahead of the upload (page faults, zstd, AES, BLAKE3)
 
 ProgressFn = Callable[[int, int], None]
 
