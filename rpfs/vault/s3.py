@@ -173,7 +173,7 @@ class _S3Only(botocore.loaders.Loader):
 
 
 def _session() -> boto3.session.Session:
-    """A boto3 session as boto3 makes it (credentials, region, AWS_DATA_PATH), loading S3's models alone. The
+    """A boto3 session as boto3 makes it (credentials, region, AWS_DATA_PATH), listing SERVICES alone. The
     region is boto3's or us-east-1: an S3 service on premises needs one to sign with."""
     core = botocore.session.Session()
     data_path = core.get_config_variable("data_path")
