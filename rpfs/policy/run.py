@@ -20,6 +20,7 @@ from rpfs.policy import offsite
 from rpfs.policy.protection import get_policy, protections, retentions
 from rpfs.policy.prune import prune
 from rpfs.policy.schedule import is_due, stagger
+from rpfs.store.leases import stale_leases
 from rpfs.store.store import Store
 from rpfs.upkeep import jobs
 
@@ -39,6 +40,9 @@ def run(store: Store, now: datetime | None = None, stagger_seconds: float = 0.0,
     """Every backup that is due, then prune."""
     now = now or datetime.now(timezone.utc)
     result = RunResult()
+    for dead in stale_leases(store.path):   # a killed run's (its push's) lease: running again finishes the job,
+        dead.unlink(missing_ok=True)        # also when nothing is due any more and no new lease is taken
+
     due = []
     for vm, protection in sorted(protections(store).items()):
         policy = get_policy(store, protection.policy)
