@@ -81,10 +81,12 @@ def attach(image: Path, dest: Path) -> list[AttachedFilesystem]:
     return results
 
 
-def attach_disks(images: dict[str, Path], dest: Path) -> dict[str, list[AttachedFilesystem]]:
+def attach_disks(images: dict[str, Path], dest: Path, require_mountable: bool = True) \
+        -> dict[str, list[AttachedFilesystem]]:
     """Whole-VM attach: every filesystem of every disk read-only under dest/<disk> (p<N> or disk).
 
-    A disk with nothing mountable is reported in its list, not fatal, unless no disk mounts anything.
+    A disk with nothing mountable is reported in its list, not fatal, unless no disk mounts anything (and
+    require_mountable: a catalog records that as it is).
     An interrupt or unexpected error undoes every mount and directory made so far.
     """
     if not images:
@@ -106,7 +108,7 @@ def attach_disks(images: dict[str, Path], dest: Path) -> dict[str, list[Attached
             _rmdir_quietly(dest / name)
         _remove_created(dest, created)
         raise
-    if not any(r.status == MOUNTED for found in results.values() for r in found):
+    if require_mountable and not any(r.status == MOUNTED for found in results.values() for r in found):
         _remove_created(dest, created)
         reasons = "; ".join(f"{name} {r.name}: {r.status}" for name, found in results.items() for r in found)
         raise RpfsError(f"no filesystem found in any disk that can be mounted read-only ({reasons})")

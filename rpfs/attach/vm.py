@@ -21,7 +21,8 @@ from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.source import RecoverySource
 
 
-def attach_point(store: RecoverySource, point: RecoveryPoint, dest: Path) -> dict[str, list[AttachedFilesystem]]:
+def attach_point(store: RecoverySource, point: RecoveryPoint, dest: Path, require_mountable: bool = True) \
+        -> dict[str, list[AttachedFilesystem]]:
     """Run again (after a kill, or not), it completes what the earlier run attached, through its store mount."""
     dest = Path(os.path.abspath(dest))
     check_trusted_place(dest, "attach destination", private=True)   # before a store mount is started for it
@@ -38,7 +39,7 @@ def attach_point(store: RecoverySource, point: RecoveryPoint, dest: Path) -> dic
             run_dir.make_folder(store_mount)
             start_store_daemon(store, store_mount, 64 << 20)
         images = {d.name: store_mount / point.vm / point.id / f"{d.name}.img" for d in point.disks}
-        return attach_disks(images, dest)   # refused if another recovery point is attached there
+        return attach_disks(images, dest, require_mountable)   # refused if another recovery point is attached there
     except BaseException:
         if fresh or not has_attached(dest):
             release_attach(registry, store_mount)

@@ -54,6 +54,7 @@ from rpfs.host.access import PRIVATE_FILE, check_own_entry, check_trusted_place,
 from rpfs.host.untrusted import parse_json
 from rpfs.store.blob import DEFAULT_ZSTD_LEVEL, BlockCodec, read_header
 from rpfs.store.block_maps import MAP_PIECE, REF, BlockMaps, count_references, flat_map_piece
+from rpfs.store.catalogs import Catalog, Catalogs, Entry, decode_listing
 from rpfs.store.crypto import Keyring
 from rpfs.store.formats import DB_NAMES, FORMAT_VERSION, MAP_LAYOUT, PIECES_VERSIONS, V1_DB_NAMES, db_names, \
     refuse_unreadable, upgrade
@@ -154,6 +155,8 @@ class Store(KeptByLeases):
         self.codec = None if locked else BlockCodec(self.meta.get("block_id", "sha256"), self.zstd_level, self.keyring)
         self._maps = BlockMaps(self._dbs, self.codec.block_id, self.keyring) if version in PIECES_VERSIONS and \
             not locked else None   # None: whole maps of version 1 or 2, read as they are
+        self._catalogs = Catalogs(self._dbs, self.codec.block_id, self.keyring) if "catalogs" in self._dbs and \
+            not locked else None   # None: a store before format 7 opened read-only has no catalogs
 
     # -- opening -----------------------------------------------------------------------------------
     @classmethod
@@ -478,9 +481,76 @@ class Store(KeptByLeases):
         def fill(txn):
             released[:] = [sum(self._layout().delete(txn, self.map_key(point.vm, point.id, disk.name))
                                for disk in point.disks)]
+            if self._catalogs is not None:
+                self._catalogs.delete(txn, self.point_key(point.vm, point.id))
             txn.delete(self.point_key(point.vm, point.id), db=self._dbs["points"])
         self.write(fill)
         return released[0]
+
+    # -- catalogs of the files inside the disks (catalogs.py) -------------------------------------------
+    def put_catalog(self, catalog: Catalog, listings: dict[bytes, bytes]) -> int | None:
+        """Store a point's catalog (replacing the one it had) in one transaction; returns the bytes of
+        listings new to the store, or None if the point is gone (pruned while it was cataloged)."""
+        catalogs, key, added = self._catalog_layout(), self.point_key(catalog.vm, catalog.point_id), []
+
+        def fill(txn):
+            added.clear()
+            if txn.get(key, db=self._dbs["points"]) is not None:
+                added.append(catalogs.put(txn, key, catalog, listings))
+        self.write(fill)
+        return added[0] if added else None
+
+    def catalog(self, vm: str, point_id: str) -> Catalog | None:
+        if self._catalogs is None:
+            return None
+        with self.read() as txn:
+            return self._catalogs.record(txn, self.point_key(vm, point_id))
+
+    def listing(self, listing_id: bytes, where: str) -> list[Entry]:
+        return decode_listing(self.listing_bytes(listing_id, where), f"a listing of {where}")
+
+    def listing_bytes(self, listing_id: bytes, where: str) -> bytes:
+        with self.read() as txn:
+            return self._catalog_layout().listing(txn, listing_id, where)
+
+    def has_listings(self, listing_ids: Iterable[bytes]) -> set[bytes]:
+        """Those of listing_ids the store holds."""
+        catalogs = self._catalog_layout()
+        with self.read() as txn:
+            return {i for i in listing_ids if catalogs.has_listing(txn, i)}
+
+    def listing_id(self, raw: bytes) -> bytes:
+        return self._catalog_layout().listing_id(raw)
+
+    def catalog_keys(self) -> list[tuple[str, str]]:
+        """(vm, point id) of every catalog record."""
+        if self._catalogs is None:
+            return []
+        with self.read() as txn:
+            keys = self._catalogs.record_keys(txn)
+        return [tuple(k.decode(errors="replace").split("\0", 1)) for k in keys]
+
+    def delete_catalog(self, vm: str, point_id: str) -> None:
+        self.write(lambda txn: self._catalog_layout().delete(txn, self.point_key(vm, point_id)))
+
+    def listing_ref_counts(self) -> dict[bytes, int]:
+        with self.read() as txn:
+            return self._catalog_layout().ref_counts(txn)
+
+    def stored_listing_ids(self) -> list[bytes]:
+        with self.read() as txn:
+            return list(self._catalog_layout().listing_ids(txn))
+
+    def replace_listing_refs(self, counts: dict[bytes, int]) -> None:
+        """check --repair: set listing_refs from a recount; listings no catalog reaches go."""
+        self.write(lambda txn: self._catalog_layout().replace_refs(txn, counts))
+
+    def _catalog_layout(self) -> Catalogs:
+        if self._catalogs is None:
+            self._keys()   # an encrypted store opened without its key says so
+            raise RpfsError(f"store {self.path} has format version {self.format_version}, which has no catalogs;"
+                            " run a writing command on it once (e.g. rpfs catalog) to upgrade it")
+        return self._catalogs
 
     def table_damage(self, name: str) -> str | None:
         """What a walk of a table shows that lookups by key would not (check): keys out of order, or a key

@@ -1,0 +1,168 @@
+"""Cataloging a recovery point: walk each filesystem of its disks, read-only, into folder listings.
+
+A disk whose block map is the same as in the VM's previous cataloged point (its map's pieces all equal) is
+not attached again: its filesystems' records are that point's, and their listings are shared. Every other
+disk is attached read-only (attached.py) and each filesystem the kernel mounts is walked with lstat only,
+never following a link. A filesystem that cannot be mounted, or whose walk meets an error (a damaged
+block reads as EIO), is recorded with why: a catalog never holds part of a filesystem as if it were whole.
+The format: rpfs/store/catalogs.py, docs/design/catalog.md.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
+
+from rpfs.attach.filesystems import MOUNTED
+from rpfs.catalog.attached import point_attached
+from rpfs.errors import RpfsError
+from rpfs.store.catalogs import CATALOGED, Catalog, CatalogedFilesystem, Entry, encode_listing
+from rpfs.store.recovery_point import RecoveryPoint
+from rpfs.store.store import Store
+
+_KIND_OF_FORMAT = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c",
+                   stat.S_IFBLK: "b", stat.S_IFIFO: "p", stat.S_IFSOCK: "s"}
+
+
+UNREADABLE = "could not be read"   # a walk's error (maybe damage): a disk with one is walked again next time
+
+
+@dataclass
+class CatalogSummary:
+    vm: str
+    point_id: str
+    filesystems: list[CatalogedFilesystem]
+    reused_disks: list[str]          # unchanged since the previous cataloged point: not read
+    new_listing_bytes: int           # listings new to the store (before compression)
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Walk:
+    """The listings of one filesystem as they are made, by id."""
+    listing_id: Callable[[bytes], bytes]
+    listings: dict[bytes, bytes] = field(default_factory=dict)
+    files: int = 0
+    folders: int = 0
+    bytes: int = 0
+
+    def listing(self, entries: list[Entry]) -> bytes:
+        raw = encode_listing(entries)
+        listing_id = self.listing_id(raw)
+        self.listings[listing_id] = raw
+        return listing_id
+
+
+def catalog_point(store: Store, point: RecoveryPoint, reuse: bool = True) -> CatalogSummary:
+    """Catalog a point's filesystems and store the catalog (replacing one it had)."""
+    began = time.monotonic()
+    previous = _previous_catalog(store, point) if reuse else None
+    reused = _unchanged_disks(store, point, previous) if previous else []
+    filesystems: list[CatalogedFilesystem] = [fs for fs in previous.filesystems if fs.disk in reused] if previous else []
+    listings: dict[bytes, bytes] = {}
+    to_walk = [d.name for d in point.disks if d.name not in reused]
+    if to_walk:
+        with store.keeper() as keeper:
+            keeper.take(point.vm, point.id)   # prune waits for this point until it is cataloged
+            with point_attached(store, point) as attached:
+                for disk in to_walk:
+                    for found in attached.get(disk, []):
+                        fs, walked = _catalog_filesystem(store, disk, found)
+                        filesystems.append(fs)
+                        listings.update(walked)
+    order = {d.name: n for n, d in enumerate(point.disks)}
+    filesystems.sort(key=lambda fs: (order.get(fs.disk, len(order)), fs.partition or 0, fs.name))
+    catalog = Catalog(point.vm, point.id, datetime.now(timezone.utc).isoformat(timespec="seconds"), filesystems)
+    added = store.put_catalog(catalog, listings)
+    if added is None:
+        raise RpfsError(f"recovery point {point.vm}/{point.id} was pruned while it was cataloged")
+    return CatalogSummary(point.vm, point.id, filesystems, reused, added, time.monotonic() - began)
+
+
+def walk(root: str, listing_id: Callable[[bytes], bytes]) -> tuple[bytes, _Walk]:
+    """The listings of the tree at root (a mounted filesystem), children before parents; returns the root's
+    listing id. lstat only: no link is followed, and no folder entered is anything but a folder (the
+    filesystem is mounted read-only, so what lstat saw stays). OSError on any unreadable folder or entry."""
+    made = _Walk(listing_id)
+    root_bytes = os.fsencode(root)
+    # A stack of folders being listed: (path, entries so far, (name, stat) still to look at, the folder's
+    # own name and stat for its parent's entry); deep trees need no recursion.
+    stack = [(root_bytes, [], _scan(root_bytes), None)]
+    while True:
+        path, entries, pending, own = stack[-1]
+        while pending:
+            name, st = pending.pop()
+            kind = _KIND_OF_FORMAT.get(stat.S_IFMT(st.st_mode), "?")
+            if kind == "d":
+                child = os.path.join(path, name)
+                stack.append((child, [], _scan(child), (name, st)))
+                break
+            target = os.fsdecode(os.readlink(os.path.join(path, name))) if kind == "l" else ""
+            entries.append(_entry(name, kind, st, target=target))
+            made.files += 1
+            made.bytes += st.st_size if kind == "f" else 0
+        else:
+            listing = made.listing(entries)
+            stack.pop()
+            if not stack:
+                return listing, made
+            made.folders += 1
+            name, st = own
+            stack[-1][1].append(_entry(name, "d", st, folder=listing))
+
+
+def _scan(path: bytes) -> list[tuple[bytes, os.stat_result]]:
+    with os.scandir(path) as found:
+        return sorted(((e.name, e.stat(follow_symlinks=False)) for e in found), reverse=True)
+
+
+def _entry(name: bytes, kind: str, st: os.stat_result, target: str = "", folder: bytes = b"") -> Entry:
+    return Entry(os.fsdecode(name), kind, st.st_size if kind != "d" else 0, stat.S_IMODE(st.st_mode), st.st_uid,
+                 st.st_gid, st.st_mtime_ns, target, folder)
+
+
+def _catalog_filesystem(store: Store, disk: str, found) -> tuple[CatalogedFilesystem, dict[bytes, bytes]]:
+    fs = CatalogedFilesystem(disk, found.name, found.partition, found.fstype, found.status)
+    if found.status != MOUNTED:
+        return fs, {}
+    try:
+        root, made = walk(found.mountpoint, store.listing_id)
+    except OSError as e:
+        where = os.fsdecode(e.filename or b"")
+        inside = where[len(found.mountpoint):] or "/" if where.startswith(found.mountpoint) else "?"
+        fs.status = f"{UNREADABLE}: {inside}: {e.strerror}"
+        return fs, {}
+    fs.status, fs.root = CATALOGED, root.hex()
+    fs.files, fs.folders, fs.bytes = made.files, made.folders, made.bytes
+    return fs, made.listings
+
+
+def _previous_catalog(store: Store, point: RecoveryPoint) -> Catalog | None:
+    """The catalog of the VM's newest point before this one that has one."""
+    ids = store.point_ids(point.vm)
+    for point_id in reversed(ids[:ids.index(point.id)] if point.id in ids else ids):
+        found = store.catalog(point.vm, point_id)
+        if found is not None:
+            return found
+    return None
+
+
+def _unchanged_disks(store: Store, point: RecoveryPoint, previous: Catalog) -> list[str]:
+    """Disks whose block maps equal those of the previous cataloged point, and that it cataloged."""
+    cataloged = {fs.disk for fs in previous.filesystems} - {fs.disk for fs in previous.filesystems
+                                                            if fs.status.startswith(UNREADABLE)}
+    same = []
+    for disk in point.disks:
+        if disk.name not in cataloged:
+            continue
+        try:
+            then = store.map_index(store.map_key(point.vm, previous.point_id, disk.name))
+        except RpfsError:
+            continue
+        if then == store.map_index(store.map_key(point.vm, point.id, disk.name)):
+            same.append(disk.name)
+    return same
