@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from rpfs.commands import backups, keys, mounts, protecting, restores, take_passphrases, upkeep, vaults
+from rpfs.commands import backups, files, keys, mounts, protecting, restores, take_passphrases, upkeep, vaults
 from rpfs.commands.arguments import Parser
 from rpfs.errors import EXIT_CLOSED_PIPE, EXIT_INTERRUPTED, EXIT_USER_ERROR, RpfsError
 from rpfs.host.access import permission_denied
@@ -46,12 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     json_flag.add_argument("--key-file", metavar="PATH", default=argparse.SUPPRESS, help=key_help)
     json_flag.add_argument("--key-fd", type=int, help=argparse.SUPPRESS)   # a master key from rpfs itself
 
-    for commands in (keys, backups, restores, protecting, upkeep, vaults, mounts):
+    for commands in (keys, backups, files, restores, protecting, upkeep, vaults, mounts):
         commands.add_parsers(sub, [json_flag])
     return parser
 
 
-FROM_VAULT = ("list", "restore", "instant-restore", "instant-stop", "mount", "attach", "verify")   # --vault serves
+FROM_VAULT = ("list", "restore", "instant-restore", "instant-stop", "mount", "attach", "verify", "find", "ls", "diff",
+              "restore-files")   # --vault serves
 
 
 def main(argv: list[str] | None = None) -> int:

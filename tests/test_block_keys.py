@@ -141,7 +141,7 @@ def test_a_format_5_store_is_read_then_upgraded_and_refused_by_its_release(tmp_p
         before = blob_flags(s)
         assert before and set(before.values()) == {FLAG_SEALED}
     rpfs("backup", "vm", f"--disk=d={b}", store=store)
-    assert "format version  6" in rpfs("info", store=store).stdout
+    assert "format version  7" in rpfs("info", store=store).stdout
     with open_store(store) as s:
         after = blob_flags(s)
         assert {d: f for d, f in after.items() if d in before} == before   # old blobs stay as they are
@@ -153,7 +153,7 @@ def test_a_format_5_store_is_read_then_upgraded_and_refused_by_its_release(tmp_p
     rpfs("check", "--read-data", store=store)   # every blob decoded and checked against its id
     with pytest.raises(Exception) as refused:
         previous_rpfs(old, store, "list", keep_key=True)
-    assert b"format version 6; this rpfs reads versions 1 to 5" in refused.value.stderr
+    assert b"format version 7; this rpfs reads versions 1 to 5" in refused.value.stderr
     assert len(refused.value.stderr.strip().splitlines()) == 1
 
 

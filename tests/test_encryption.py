@@ -52,7 +52,7 @@ def test_a_secret_on_a_disk_is_in_no_byte_of_an_encrypted_store(tmp_path):
     assert SECRET not in store_bytes(tmp_path / "enc")
     assert b"vm" in store_bytes(tmp_path / "enc")         # VM names stay readable (docs/manual/encryption.md says so)
     info = rpfs("info", "--json", store=tmp_path / "enc", env=env_with()).stdout   # no key needed
-    assert '"encryption": "aes-256-gcm"' in info and '"format_version": 6' in info
+    assert '"encryption": "aes-256-gcm"' in info and '"format_version": 7' in info
     assert '"encryption": "none"' in rpfs("info", "--json", store=tmp_path / "plain", env=env_with()).stdout
     with open_store(tmp_path / "enc", readonly=True) as store:
         assert read_all(store, store.point("vm"), "d") == disk.read_bytes()

@@ -150,14 +150,14 @@ def test_a_format_3_store_is_read_then_upgraded_and_refused_by_its_release(tmp_p
     assert "vm" in rpfs("list", store=store).stdout
     assert "format version  3" in rpfs("info", store=store).stdout   # reading does not upgrade
     rpfs("backup", "vm", f"--disk=d={b}", store=store)
-    assert "format version  6" in rpfs("info", store=store).stdout
+    assert "format version  7" in rpfs("info", store=store).stdout
     with open_store(store) as s:
         first, second = s.points("vm")
         assert read_all(s, first, "d") == a.read_bytes() and read_all(s, second, "d") == b.read_bytes()
     assert rpfs("verify", store=store).returncode == 0
     with pytest.raises(Exception) as refused:
         previous_rpfs(old, store, "list", keep_key=True)
-    assert b"format version 6; this rpfs reads versions 1 to 3" in refused.value.stderr
+    assert b"format version 7; this rpfs reads versions 1 to 3" in refused.value.stderr
 
 
 def test_frames_cost_little_space(tmp_path):

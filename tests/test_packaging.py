@@ -64,5 +64,5 @@ def test_rpfs_runs_from_a_fresh_virtualenv(wheel, tmp_path):
     assert "usage: rpfs" in run(venv / "bin" / "rpfs", "--help", cwd=tmp_path).stdout
     assert "rpfs init" in (venv / "share" / "man" / "man1" / "rpfs.1").read_text()   # `man rpfs`
     done = run(venv / "bin" / "rpfs", "--store", tmp_path / "store", "init", "--json", cwd=tmp_path)
-    assert '"format_version": 6' in done.stdout and (tmp_path / "store" / "data.mdb").exists()
+    assert '"format_version": 7' in done.stdout and (tmp_path / "store" / "data.mdb").exists()
     assert "usage: rpfs" in run(python, "-m", "rpfs", "--help", cwd=tmp_path).stdout   # how daemons start

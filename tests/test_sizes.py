@@ -69,7 +69,7 @@ def test_a_format_4_store_is_read_then_upgraded_and_refused_by_its_release(tmp_p
     before = json.loads(rpfs("usage", "--json", store=store).stdout)
     assert "format version  4" in rpfs("info", store=store).stdout   # reading does not upgrade
     rpfs("backup", "vm", f"--disk=d={b}", store=store)
-    assert "format version  6" in rpfs("info", store=store).stdout
+    assert "format version  7" in rpfs("info", store=store).stdout
     with open_store(store) as s:
         measured = blobs(s)
         records = size_records(s)
@@ -88,7 +88,7 @@ def test_a_format_4_store_is_read_then_upgraded_and_refused_by_its_release(tmp_p
         assert freed == sum(stored for stored, _ in measured.values()) - sum(n for n, _ in blobs(s).values())
     with pytest.raises(Exception) as refused:
         previous_rpfs(old, store, "list", keep_key=True)
-    assert b"format version 6; this rpfs reads versions 1 to 4" in refused.value.stderr
+    assert b"format version 7; this rpfs reads versions 1 to 4" in refused.value.stderr
     with open_store(store) as s:   # a blob lost with its record left (an older rpfs's gc, or damage)
         lost = next(iter(records))
         s.write(lambda txn: txn.delete(lost, db=s.db("blocks")))

@@ -83,6 +83,17 @@ def catalog_point(store: Store, point: RecoveryPoint, reuse: bool = True) -> Cat
     return CatalogSummary(point.vm, point.id, filesystems, reused, added, time.monotonic() - began)
 
 
+def catalog_new_point(store: Store, point: RecoveryPoint) -> tuple[CatalogSummary | None, str]:
+    """The catalog a backup makes of its new point: its failure is a note, never the backup's (the point is
+    whole without it; rpfs catalog makes it later). Returns the summary, or None and why."""
+    try:
+        return catalog_point(store, point), ""
+    except RpfsError as e:
+        return None, e.message
+    except OSError as e:
+        return None, f"{e.strerror or e}"
+
+
 def walk(root: str, listing_id: Callable[[bytes], bytes]) -> tuple[bytes, _Walk]:
     """The listings of the tree at root (a mounted filesystem), children before parents; returns the root's
     listing id. lstat only: no link is followed, and no folder entered is anything but a folder (the

@@ -7,7 +7,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rpfs.backup.pipeline import BackupOptions, backup, parse_disk_specs
+from rpfs.catalog.build import catalog_new_point
 from rpfs.commands import open_store, print_json, vault_of
+from rpfs.commands.files import catalog_line
 from rpfs.commands.progress import ProgressBar, human_bytes
 from rpfs.errors import EXIT_USAGE, RpfsError
 from rpfs.host.untrusted import shown
@@ -39,11 +41,15 @@ def cmd_backup(args) -> int:
         with ProgressBar(f"backup {args.vm}", quiet=args.json) as bar:
             point, summary = take(store, bar, job.begin)
         job.bytes_read, job.bytes_written, job.recovery_point = summary.disk_bytes_read, summary.stored_bytes, point.id
+        cataloged, why = (None, "--no-catalog") if args.no_catalog else catalog_new_point(store, point)
+    if why and not args.no_catalog:
+        summary.notes.append(f"the point has no catalog of its files ({why}); rpfs catalog {point.vm} {point.id}"
+                             " makes it")
     for note in summary.notes:
         print(f"rpfs: note: {note}", file=sys.stderr)
     if args.json:
         print_json({**asdict(summary), "mib_per_second": round(summary.mib_per_second, 1),
-                     "recovery_point": point.to_dict()})
+                     "recovery_point": point.to_dict(), "catalog": asdict(cataloged) if cataloged else None})
         return 0
     s = summary
     why = f": {shown(point.consistency_reason)}" if point.consistency_reason else ""
@@ -61,6 +67,8 @@ def cmd_backup(args) -> int:
             print(f"  {d.name}: every block read ({shown(d.change_tracking_reason)})")
         elif d.change_tracking == "dirty-bitmap":
             print(f"  {d.name}: only what QEMU's dirty bitmap marks read ({human_bytes(d.read_bytes)})")
+    if cataloged:
+        print("  " + catalog_line(cataloged))
     return 0
 
 
@@ -170,6 +178,8 @@ def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.Argument
     p.add_argument("vm", help="the VM's name (a new one is created by its first backup)")
     p.add_argument("--disk", action="append", metavar="NAME=PATH",
                    help="a disk of the VM: an image file or a block device (repeat for each disk)")
+    p.add_argument("--no-catalog", action="store_true",
+                   help="do not catalog the files inside the new point's disks (rpfs catalog can later)")
     p.add_argument("--libvirt", metavar="DOMAIN",
                    help="back up every disk of this libvirt domain, running or shut off (instead of --disk)")
     p.add_argument("--exclude-disk", action="append", metavar="TARGET",

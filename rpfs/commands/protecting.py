@@ -155,6 +155,8 @@ def cmd_run(args) -> int:
             print(f"pruned in vault {where}: {', '.join(ids)}")
         for vm, error in result.failed.items():
             print(f"FAILED {vm}: {error}")
+        for vm, error in result.catalog_failed.items():
+            print(f"note: {vm}'s new point has no catalog ({error}); rpfs catalog {vm} makes it")
         for step, error in result.push_failed.items():
             print(f"FAILED {step}: {error}" + ("" if step == "vault prune" else
                                                 " (the points stay local; the next run pushes them)"))

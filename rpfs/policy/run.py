@@ -15,6 +15,7 @@ from pathlib import Path
 from rpfs.backup.pipeline import BackupOptions, backup
 from rpfs.backup.quiesce import load_config
 from rpfs.backup.vm_backup import VmBackupOptions, backup_domain
+from rpfs.catalog.build import catalog_new_point
 from rpfs.errors import RpfsError
 from rpfs.policy import offsite
 from rpfs.policy.protection import get_policy, protections, retentions
@@ -33,6 +34,7 @@ class RunResult:
     pruned: dict[str, list[str]] = field(default_factory=dict)
     pushed: dict[str, list[str]] = field(default_factory=dict)        # vm -> ids now in its vault too
     push_failed: dict[str, str] = field(default_factory=dict)         # "push of vm", "vault prune" -> why it failed
+    catalog_failed: dict[str, str] = field(default_factory=dict)      # vm -> why its new point has no catalog
     vault_pruned: dict[str, list[str]] = field(default_factory=dict)  # "vault/vm" -> ids deleted there
 
 
@@ -80,6 +82,10 @@ def run(store: Store, now: datetime | None = None, stagger_seconds: float = 0.0,
         except Exception as e:   # one VM's trouble must not stop the others, nor the prune
             result.failed[vm] = f"{type(e).__name__}: {e}"
         else:
+            if policy.options.get("catalog", True):
+                why = catalog_new_point(store, point)[1]
+                if why:
+                    result.catalog_failed[vm] = why
             if policy.vault:
                 _guarded(result.push_failed, f"push of {vm}", lambda: result.pushed.update(
                     {vm: offsite.push_new_points(store, vm, policy)}))

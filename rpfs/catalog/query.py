@@ -1,0 +1,312 @@
+"""Questions to catalogs: find a name across points, list a folder, diff two points. No disk is read.
+
+Every listing is read through one cache per command (`Listings`), so a folder shared by many points is
+decoded once, and a search remembers what it found below each (listing, path) it has searched: across
+100 points of a filesystem whose folders mostly did not change, it reads each distinct folder once.
+A point without a catalog, or a filesystem that could not be read, is reported as such beside the answer;
+a damaged listing raises CorruptBlockError naming its point (never a shorter answer).
+"""
+from __future__ import annotations
+
+import re
+import stat
+from dataclasses import dataclass, field
+
+from rpfs.errors import RpfsError
+from rpfs.host.untrusted import shown as shown_path
+from rpfs.store.catalogs import CATALOGED, Catalog, CatalogedFilesystem, CatalogReader, Entry
+
+FS_PATH = re.compile(r"(?P<fs>[^:/]+(?:/[^:/]+)?):(?P<path>/.*)", re.S)   # disk/p1:/etc, or disk:/etc
+
+
+class Listings:
+    """Listings read once per command, by id."""
+
+    def __init__(self, reader: CatalogReader):
+        self.reader = reader
+        self._cache: dict[bytes, dict[str, Entry]] = {}
+
+    def entries(self, listing_id: bytes, where: str) -> dict[str, Entry]:
+        found = self._cache.get(listing_id)
+        if found is None:
+            found = self._cache[listing_id] = {e.name: e for e in self.reader.listing(listing_id, where)}
+        return found
+
+
+@dataclass
+class Uncataloged:
+    """A point, or one filesystem of it, that a question could not look into."""
+    vm: str
+    point_id: str
+    filesystem: str     # disk/p1, or "" for the whole point
+    why: str
+
+
+# -- paths ------------------------------------------------------------------------------------------
+def split_fs_path(text: str) -> tuple[str | None, str]:
+    """'vda/p1:/etc/x' -> ('vda/p1', '/etc/x'); '/etc/x' -> (None, '/etc/x')."""
+    match = FS_PATH.fullmatch(text)
+    if match:
+        return match["fs"], _normal(match["path"], text)
+    if not text.startswith("/"):
+        raise RpfsError(f"{text!r}: give an absolute path inside the disk (/etc/hosts), or disk/p1:/etc/hosts")
+    return None, _normal(text, text)
+
+
+def _normal(path: str, given: str) -> str:
+    parts = [p for p in path.split("/") if p and p != "."]
+    if ".." in parts:
+        raise RpfsError(f"{given!r}: a path with '..' is not accepted; name the file by its own path")
+    return "/" + "/".join(parts)
+
+
+def choose_filesystems(catalog: Catalog, label: str | None) -> list[CatalogedFilesystem]:
+    """The filesystems a label names: disk/p1 exactly, a disk's, or (None) all of them."""
+    if label is None:
+        return list(catalog.filesystems)
+    chosen = [fs for fs in catalog.filesystems if fs.label == label or fs.disk == label]
+    if not chosen:
+        known = ", ".join(fs.label for fs in catalog.filesystems) or "none"
+        raise RpfsError(f"{catalog.vm}/{catalog.point_id} has no filesystem {label} (it has: {known})")
+    return chosen
+
+
+def resolve(listings: Listings, fs: CatalogedFilesystem, path: str, where: str) -> Entry | None:
+    """The entry at path in a cataloged filesystem (a folder entry named "/" for the root); None if absent.
+    A link on the way is not followed: RpfsError naming it."""
+    entry = Entry("/", "d", 0, 0, 0, 0, 0, folder=bytes.fromhex(fs.root))
+    walked = ""
+    for name in [p for p in path.split("/") if p]:
+        if entry.kind == "l":
+            raise RpfsError(f"{fs.label}:{walked} is a link (to {entry.target}) in {where}: name the path it points to")
+        if entry.kind != "d":
+            return None
+        entry = listings.entries(entry.folder, where).get(name)
+        walked += "/" + name
+        if entry is None:
+            return None
+    return entry
+
+
+# -- find ---------------------------------------------------------------------------------------------
+def compile_pattern(pattern: str) -> tuple[re.Pattern, str]:
+    """A glob as restic's and borg's: without '/', it matches a name anywhere; starting with '/', the whole
+    path; else the end of a path. '*' and '?' stay within a name, '**' crosses folders. Also returns the
+    literal start of an anchored pattern (folders off it are not searched)."""
+    if not pattern or "\0" in pattern:
+        raise RpfsError("give a name or a pattern to find (e.g. 'nginx.conf', '/var/mail/alice/**')")
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    body = "".join(out)
+    if pattern.startswith("/"):
+        literal = re.split(r"[*?]", pattern, maxsplit=1)[0]
+        return re.compile(body, re.S), literal
+    if "/" not in pattern:
+        return re.compile(r"(?:.*/)?" + body, re.S), ""
+    return re.compile(r"(?:.*/)?" + body, re.S), ""
+
+
+@dataclass
+class Version:
+    """One state of a path, and the points that have it (oldest first)."""
+    entry: Entry
+    point_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Found:
+    vm: str
+    filesystem: str     # disk/p1
+    path: str
+    versions: list[Version] = field(default_factory=list)
+
+
+@dataclass
+class FindAnswer:
+    found: list[Found]
+    uncataloged: list[Uncataloged]
+    points_searched: int
+
+
+def find(reader: CatalogReader, pattern: str, points: list[tuple[str, str]], label: str | None = None) -> FindAnswer:
+    """Every path matching pattern in the given points (vm, id; oldest first per VM), grouped into versions."""
+    regex, literal = compile_pattern(pattern)
+    listings = Listings(reader)
+    below: dict[tuple[bytes, str], list[tuple[str, Entry]]] = {}
+    by_path: dict[tuple[str, str, str], Found] = {}
+    uncataloged: list[Uncataloged] = []
+    searched = 0
+
+    def search(listing_id: bytes, folder: str, where: str) -> list[tuple[str, Entry]]:
+        known = below.get((listing_id, folder))
+        if known is not None:
+            return known
+        matches: list[tuple[str, Entry]] = []
+        for name, entry in listings.entries(listing_id, where).items():
+            path = f"{folder}/{name}"
+            if regex.fullmatch(path):
+                matches.append((path, entry))
+            if entry.kind == "d" and _may_hold(path, literal):
+                matches.extend(search(entry.folder, path, where))
+        below[listing_id, folder] = matches
+        return matches
+
+    for vm, point_id in points:
+        catalog = reader.catalog(vm, point_id)
+        if catalog is None:
+            uncataloged.append(Uncataloged(vm, point_id, "", "no catalog (rpfs catalog makes one)"))
+            continue
+        searched += 1
+        where = f"{vm}/{point_id}"
+        for fs in choose_filesystems(catalog, label) if label else catalog.filesystems:
+            if fs.status != CATALOGED:
+                uncataloged.append(Uncataloged(vm, point_id, fs.label, fs.status))
+                continue
+            root = bytes.fromhex(fs.root)
+            hits = ([("/", Entry("/", "d", 0, 0, 0, 0, 0, folder=root))] if regex.fullmatch("/") else []) + \
+                search(root, "", where)
+            for path, entry in hits:
+                found = by_path.setdefault((vm, fs.label, path), Found(vm, fs.label, path))
+                _add_version(found, entry, point_id)
+    return FindAnswer(sorted(by_path.values(), key=lambda f: (f.vm, f.filesystem, f.path)), uncataloged, searched)
+
+
+def _may_hold(folder: str, literal: str) -> bool:
+    """Can a path below folder match an anchored pattern starting with literal?"""
+    return not literal or literal.startswith(folder + "/") or folder.startswith(literal.rstrip("/")) \
+        or (folder + "/").startswith(literal)
+
+
+def _add_version(found: Found, entry: Entry, point_id: str) -> None:
+    """Points with the same state of the path share a version (a folder: its own metadata, not its content)."""
+    state = _state(entry)
+    for version in found.versions:
+        if _state(version.entry) == state:
+            version.point_ids.append(point_id)
+            return
+    found.versions.append(Version(entry, [point_id]))
+
+
+def _state(entry: Entry) -> tuple:
+    return (entry.kind, entry.size, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.target,
+            b"" if entry.kind == "d" else entry.folder)
+
+
+# -- ls -------------------------------------------------------------------------------------------------
+@dataclass
+class Folder:
+    """What ls shows: a folder's entries (or one entry that is not a folder) of one filesystem."""
+    filesystem: str
+    path: str
+    entries: list[Entry]
+
+
+def ls(reader: CatalogReader, catalog: Catalog, target: str | None) -> list[Folder] | list[CatalogedFilesystem]:
+    """A folder of a point's filesystems; with no path, the filesystems themselves."""
+    if target is None:
+        return list(catalog.filesystems)
+    label, path = split_fs_path(target)
+    where = f"{catalog.vm}/{catalog.point_id}"
+    listings = Listings(reader)
+    shown: list[Folder] = []
+    for fs in choose_filesystems(catalog, label):
+        if fs.status != CATALOGED:
+            if label is not None:
+                raise RpfsError(f"{fs.label} of {where} is not cataloged: {fs.status}")
+            continue
+        entry = resolve(listings, fs, path, where)
+        if entry is None:
+            continue
+        if entry.kind == "d":
+            shown.append(Folder(fs.label, path, sorted(listings.entries(entry.folder, where).values(),
+                                                       key=lambda e: e.name)))
+        else:
+            shown.append(Folder(fs.label, path, [entry]))
+    if not shown:
+        raise RpfsError(f"{shown_path(target)} is not in the catalog of {where}")
+    return shown
+
+
+# -- diff -----------------------------------------------------------------------------------------------
+@dataclass
+class Change:
+    kind: str           # "+" added, "-" removed, "M" changed (content or metadata), "T" changed kind
+    filesystem: str
+    path: str
+    before: Entry | None
+    after: Entry | None
+
+
+def diff(reader: CatalogReader, old: Catalog, new: Catalog, target: str | None = None) -> list[Change]:
+    """What changed from old to new (the same VM's points), below target if given. Folders whose listing is
+    the same are not read at all."""
+    listings = Listings(reader)
+    label, path = split_fs_path(target) if target else (None, "/")
+    changes: list[Change] = []
+    olds = {fs.label: fs for fs in old.filesystems}
+    news = {fs.label: fs for fs in new.filesystems}
+    for name in sorted(set(olds) | set(news)):
+        if label is not None and name != label and name.split("/")[0] != label:
+            continue
+        before, after = olds.get(name), news.get(name)
+        for fs, which in ((before, old), (after, new)):
+            if fs is not None and fs.status != CATALOGED:
+                raise RpfsError(f"{fs.label} of {which.vm}/{which.point_id} is not cataloged: {fs.status}")
+        a = resolve(listings, before, path, f"{old.vm}/{old.point_id}") if before else None
+        b = resolve(listings, after, path, f"{new.vm}/{new.point_id}") if after else None
+        _diff_entries(listings, name, path, a, b, changes, (f"{old.vm}/{old.point_id}", f"{new.vm}/{new.point_id}"))
+    return changes
+
+
+def _diff_entries(listings: Listings, fs: str, path: str, a: Entry | None, b: Entry | None,
+                  changes: list[Change], where: tuple[str, str]) -> None:
+    if a is None and b is None:
+        return
+    if a is None or b is None or (a.kind == "d") != (b.kind == "d"):
+        if a is not None:
+            _all_below(listings, fs, path, a, "-", changes, where[0])
+        if b is not None:
+            _all_below(listings, fs, path, b, "+", changes, where[1])
+        return
+    if a.kind != "d":
+        if _state(a) != _state(b):
+            changes.append(Change("T" if a.kind != b.kind else "M", fs, path, a, b))
+        return
+    if (a.mode, a.uid, a.gid) != (b.mode, b.uid, b.gid) and path != "/":
+        changes.append(Change("M", fs, path, a, b))
+    if a.folder == b.folder:
+        return
+    old, new = listings.entries(a.folder, where[0]), listings.entries(b.folder, where[1])
+    for name in sorted(set(old) | set(new)):
+        _diff_entries(listings, fs, _join(path, name), old.get(name), new.get(name), changes, where)
+
+
+def _all_below(listings: Listings, fs: str, path: str, entry: Entry, kind: str, changes: list[Change],
+               where: str) -> None:
+    changes.append(Change(kind, fs, path, entry if kind == "-" else None, entry if kind == "+" else None))
+    if entry.kind == "d":
+        for name, child in sorted(listings.entries(entry.folder, where).items()):
+            _all_below(listings, fs, _join(path, name), child, kind, changes, where)
+
+
+def _join(folder: str, name: str) -> str:
+    return f"{folder.rstrip('/')}/{name}"
+
+
+def mode_string(entry: Entry) -> str:
+    """-rw-r--r--, as ls -l shows it."""
+    kinds = {"f": stat.S_IFREG, "d": stat.S_IFDIR, "l": stat.S_IFLNK, "c": stat.S_IFCHR, "b": stat.S_IFBLK,
+             "p": stat.S_IFIFO, "s": stat.S_IFSOCK}
+    return stat.filemode(kinds.get(entry.kind, 0) | entry.mode)
