@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import open_store, rpfs
-from diskimages import random_disk
+from diskimages import make_whole_disk_ext4, random_disk
 from test_backup import corrupt_one_block
 
 from rpfs.host import run_dir
@@ -152,4 +152,77 @@ def test_the_image_export_of_a_killed_backup_is_found_and_removed(backed_up):
     assert folder.exists()
     code, problems = check(store, "--repair")
     assert code == 0 and problems[0]["repaired"] and not folder.exists()
+    assert check(store) == (0, [])
+
+
+@pytest.fixture
+def cataloged(tmp_path):
+    """Two points of an ext4 disk, cataloged by their backups (the second shares the first's listings)."""
+    store = tmp_path / "store"
+    rpfs("init", store=store)
+    disk = make_whole_disk_ext4(tmp_path / "d.img", {"etc/nginx/nginx.conf": b"worker_processes 1;\n",
+                                                     "var/www/index.html": b"<p>hello</p>\n"})
+    points = [json.loads(rpfs("backup", "vm", f"--disk=d={disk}", "--json", store=store).stdout)["point_id"]
+              for _ in range(2)]
+    return store, points
+
+
+def test_catalogs_are_checked_and_a_damaged_listing_names_its_points(cataloged):
+    store, points = cataloged
+    assert check(store) == (0, [])
+    with open_store(store) as s:
+        with s.read() as txn:
+            listing_id, stored = next((bytes(k), bytearray(v)) for k, v in txn.cursor(db=s.db("listings")))
+        stored[len(stored) // 2] ^= 0x40
+        s.write(lambda txn: txn.put(listing_id, bytes(stored), db=s.db("listings")))
+    found = rpfs("find", "nginx.conf", "vm", store=store, check=False)
+    assert found.returncode == 3 and found.stderr.count("\n") == 1 and any(p in found.stderr for p in points), \
+        found.stderr
+    code, problems = check(store)
+    assert code == 4 and sorted(p["kind"] for p in problems) == ["catalog", "catalog"], problems
+    for point_id, problem in zip(sorted(points), sorted(problems, key=lambda p: p["what"])):
+        assert f"catalog of vm/{point_id}: a listing is damaged ({listing_id.hex()[:16]})" in problem["what"]
+        assert f"rpfs catalog vm {point_id}" in problem["what"]
+    assert check(store)[0] == 4                          # without --repair nothing changed
+    code, problems = check(store, "--repair")
+    assert code == 0 and all(p["repaired"] for p in problems), problems
+    assert check(store) == (0, [])
+    with open_store(store) as s:
+        assert [s.catalog("vm", p) for p in points] == [None, None] and s.stored_listing_ids() == []
+        assert [s.point("vm", p).id for p in points] == points   # the points stay
+    found = rpfs("find", "nginx.conf", "vm", store=store, check=False)
+    assert found.returncode == 1 and "2 point(s) without a catalog" in found.stderr, found.stderr
+    rpfs("catalog", "vm", points[0], store=store)
+    assert check(store) == (0, [])
+    found = json.loads(rpfs("find", "nginx.conf", "vm", "--json", store=store).stdout)
+    assert points[0] in json.dumps(found)
+
+
+def test_wrong_listing_counts_and_unreachable_listings_are_set_from_a_recount(cataloged):
+    store, _ = cataloged
+    with open_store(store) as s:
+        listing_id = next(iter(s.listing_ref_counts()))
+        s.write(lambda txn: txn.put(listing_id, REF.pack(9), db=s.db("listing_refs")))
+        s.write(lambda txn: txn.put(b"\2" * 32, b"not a listing", db=s.db("listings")))
+    code, problems = check(store)
+    assert code == 4 and sorted(p["kind"] for p in problems) == ["catalog", "refs"], problems
+    assert any("1 catalog listing(s)" in p["what"] for p in problems), problems
+    assert any("1 stored catalog listing(s) that no catalog reaches" in p["what"] for p in problems), problems
+    code, problems = check(store, "--repair")
+    assert code == 0 and all(p["repaired"] for p in problems), problems
+    assert check(store) == (0, [])
+    assert rpfs("find", "index.html", "vm", store=store).returncode == 0
+
+
+def test_a_killed_commands_attach_is_found_and_undone(cataloged):
+    """What a catalog or restore-files killed -9 leaves: its lock file, free, beside its attach folder."""
+    store, _ = cataloged
+    place = run_dir.make_folder(run_dir.root() / "files")
+    (place / "0badc0de").mkdir(mode=0o700)
+    (place / "0badc0de.lock").write_bytes(b"")
+    code, problems = check(store)
+    assert code == 4 and [(p["kind"], "0badc0de" in p["what"]) for p in problems] == [("run-dir", True)], problems
+    assert (place / "0badc0de").exists()
+    code, problems = check(store, "--repair")
+    assert code == 0 and problems[0]["repaired"] and list(place.iterdir()) == []
     assert check(store) == (0, [])

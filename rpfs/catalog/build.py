@@ -2,8 +2,8 @@
 
 A disk whose block map is the same as in the VM's previous cataloged point (its map's pieces all equal) is
 not attached again: its filesystems' records are that point's, and their listings are shared. Every other
-disk is attached read-only (attached.py) and each filesystem the kernel mounts is walked with lstat only,
-never following a link. A filesystem that cannot be mounted, or whose walk meets an error (a damaged
+disk is attached read-only (attach/for_command.py) and each filesystem the kernel mounts is walked with
+lstat only, never following a link. A filesystem that cannot be mounted, or whose walk meets an error (a damaged
 block reads as EIO), is recorded with why: a catalog never holds part of a filesystem as if it were whole.
 The format: rpfs/store/catalogs.py, docs/design/catalog.md.
 """
@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from rpfs.attach.filesystems import MOUNTED
-from rpfs.catalog.attached import point_attached
+from rpfs.attach.for_command import point_attached
 from rpfs.errors import RpfsError
 from rpfs.store.catalogs import CATALOGED, Catalog, CatalogedFilesystem, Entry, encode_listing
 from rpfs.store.recovery_point import RecoveryPoint

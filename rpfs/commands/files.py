@@ -145,7 +145,7 @@ def cmd_diff(args) -> int:
 
 
 def cmd_restore_files(args) -> int:
-    from rpfs.catalog.attached import point_attached
+    from rpfs.attach.for_command import point_attached
     from rpfs.catalog.restore_files import RestoreOptions, restore_files
     point_id, given = _point_and_paths(args.args, at_most=None)
     if not given:

@@ -6,8 +6,12 @@ maps and compares them with `refs`; finds every referenced block and checks its 
 snapshots no recovery point records, holds of instant restores that are gone, lease files of dead
 readers, run-dir records of dead daemons, whole-VM attaches with nothing attached, instant restores
 killed while finishing, the job folder (and the job still on the domain) and the image export of a killed
-`rpfs backup --libvirt`. --repair rebuilds `refs` from the maps and removes the leftovers. It never
-deletes a block: a referenced block is data, an unreferenced one is gc's to remove.
+`rpfs backup --libvirt`, the read-only attach of a killed `rpfs catalog` or `restore-files`. It checks the
+catalogs of files too (docs/design/catalog.md): every record decodes, every listing a record reaches is
+there and matches its id, listing_refs equal a recount and no stored listing is unreachable. --repair
+rebuilds `refs` and `listing_refs` from the maps and records, removes a damaged catalog (the point stays:
+`rpfs catalog VM ID` makes its catalog anew) and the leftovers. It never deletes a block: a referenced
+block is data, an unreferenced one is gc's to remove.
 
 It runs under the writer lock, so no backup, prune or gc changes the maps or `refs` meanwhile.
 """
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from rpfs.attach import for_command
 from rpfs.attach.filesystems import has_attached
 from rpfs.attach.vm import release_attach
 from rpfs.backup import snapshot
@@ -25,6 +30,7 @@ from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.restore.partial import partial_path, settle, state_path
 from rpfs.host import run_dir
 from rpfs.store import blob
+from rpfs.store.catalogs import Catalog, count_references, decode_listing
 from rpfs.store.leases import holds, release_hold, stale_leases
 from rpfs.store.store import WRITER_WAIT_SECONDS, DatabaseError, Store
 from rpfs.vm import backup_job, image_export, libvirt_host
@@ -32,7 +38,8 @@ from rpfs.vm import backup_job, image_export, libvirt_host
 
 @dataclass
 class Problem:
-    kind: str   # map | refs | block | table | records | snapshot | hold | lease | run-dir | instant | vm-job
+    kind: str   # map | refs | block | table | records | catalog | snapshot | hold | lease | run-dir | instant
+                # | vm-job
     what: str                 # one line, for the user
     repaired: bool = False
     repair: Callable[[], None] | None = field(default=None, repr=False, compare=False)
@@ -60,12 +67,15 @@ def check(store: Store, read_data: bool = False, repair: bool = False, progress=
         result.problems += _blocks(store, counts, read_data, result, progress)
         result.problems += _tables(store)
         result.problems += _records(store)
+        result.problems += _catalogs(store, {(p.vm, p.id) for p in points})
         result.problems += _snapshots(store, points)
         result.problems += _holds(store, {(p.vm, p.id) for p in points})
         result.problems += [Problem("lease", f"lease file {path} of a reader that died",
                                     repair=lambda path=path: path.unlink(missing_ok=True))
                             for path in stale_leases(store.path)]
         result.problems += _run_dir(store)
+        result.problems += [Problem("run-dir", f"read-only attach {path} of a killed rpfs catalog or restore-files",
+                                    repair=for_command.clean_leftovers) for path in for_command.leftovers()]
         result.problems += _vm_leftovers()
         if repair:
             for problem in result.problems:
@@ -137,6 +147,112 @@ def _records(store: Store) -> list[Problem]:
     return problems
 
 
+def _catalogs(store: Store, existing: set[tuple[str, str]]) -> list[Problem]:
+    """Each catalog record decodes and reaches only listings that are there and match their ids (a point with
+    a damaged catalog is named; --repair removes that catalog); listing_refs equal a recount from the
+    records, and every stored listing is reachable (--repair sets both from the recount)."""
+    try:
+        stored = store.listing_ref_counts()
+    except RpfsError:
+        return []   # a store before format 7 has no catalogs
+    problems = []
+    records, walk = [], _ListingWalk(store)
+    for vm, point_id in store.catalog_keys():
+        anew = f" (--repair removes it; the point stays: rpfs catalog {vm} {point_id} makes it anew)"
+        try:
+            record = store.catalog(vm, point_id)
+        except (RpfsError, DatabaseError) as e:
+            problems.append(_damaged_catalog(store, vm, point_id, f"{getattr(e, 'message', e)}{anew}"))
+            continue
+        if (vm, point_id) not in existing:
+            problems.append(_damaged_catalog(store, vm, point_id, f"the catalog of {vm}/{point_id} is of a point that"
+                                                                   " does not exist (--repair removes it)"))
+            continue
+        damage = walk.damage(record)
+        if damage:
+            problems.append(_damaged_catalog(store, vm, point_id, f"catalog of {vm}/{point_id}: {damage}{anew}"))
+        else:
+            records.append(record)
+    if problems:
+        return problems   # the counts are recounted when the damaged catalogs are removed
+    counts = count_references(records, walk.read)
+    wrong = [i for i in counts.keys() | stored.keys() if counts.get(i, 0) != stored.get(i, 0)]
+    if wrong:
+        first = min(wrong)
+        problems.append(Problem("refs", f"the count is wrong for {len(wrong)} catalog listing(s) (first"
+                                        f" {first.hex()[:16]}: says {stored.get(first, 0)}, it is named"
+                                        f" {counts.get(first, 0)} time(s))", repair=lambda: _recount_listings(store)))
+    unreachable = [i for i in store.stored_listing_ids() if i not in counts]
+    if unreachable:
+        problems.append(Problem("catalog", f"{len(unreachable)} stored catalog listing(s) that no catalog reaches"
+                                           f" (first {min(unreachable).hex()[:16]})",
+                                repair=lambda: _recount_listings(store)))
+    return problems
+
+
+class _ListingWalk:
+    """Every listing a catalog record reaches, each read (and checked against its id) once, whichever
+    point's catalog reaches it first: the damage found there is every such point's."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.found: dict[bytes, bytes | str] = {}   # listing id -> its bytes, or what is wrong with it
+
+    def read(self, listing_id: bytes) -> bytes:
+        found = self._get(listing_id)
+        if isinstance(found, str):
+            raise CorruptBlockError(found)
+        return found
+
+    def damage(self, record: Catalog) -> str | None:
+        """What is wrong with the first listing of the record that is missing or damaged, or None."""
+        seen: set[bytes] = set()
+        pending = list(record.roots())
+        while pending:
+            listing_id = pending.pop()
+            if listing_id in seen:
+                continue
+            seen.add(listing_id)
+            found = self._get(listing_id)
+            if isinstance(found, str):
+                return found
+            pending += [e.folder for e in decode_listing(found, "a listing") if e.folder]
+        return None
+
+    def _get(self, listing_id: bytes) -> bytes | str:
+        if listing_id not in self.found:
+            try:
+                raw = self.store.listing_bytes(listing_id, "it")
+                decode_listing(raw, "a listing")
+                self.found[listing_id] = raw
+            except CorruptBlockError as e:
+                what = "missing" if "is missing" in e.message else "damaged"
+                self.found[listing_id] = f"a listing is {what} ({listing_id.hex()[:16]})"
+        return self.found[listing_id]
+
+
+def _damaged_catalog(store: Store, vm: str, point_id: str, what: str) -> Problem:
+    def repair() -> None:
+        store.delete_catalog(vm, point_id)
+        _recount_listings(store)
+    return Problem("catalog", what, repair=repair)
+
+
+def _recount_listings(store: Store) -> None:
+    """Set listing_refs from a recount of the records whose listings are all sound (listings none of them
+    reaches go); left alone while a damaged catalog is still there."""
+    records, walk = [], _ListingWalk(store)
+    for vm, point_id in store.catalog_keys():
+        try:
+            record = store.catalog(vm, point_id)
+        except RpfsError:
+            return
+        if record is None or walk.damage(record):
+            return
+        records.append(record)
+    store.replace_listing_refs(count_references(records, walk.read))
+
+
 def _snapshots(store: Store, points) -> list[Problem]:
     """Snapshot files beside the disks' images that no recovery point records (a killed backup's)."""
     recorded = {Path(p) for point in points if point.snapshot for p in point.snapshot.paths.values()}
@@ -177,6 +293,8 @@ def _run_dir(store: Store) -> list[Problem]:
                                                " (its copy is whole)", repair=lambda t=Path(target): settle(t)))
     for record in sorted((run_dir.root() / "attach").glob("*.json")):
         dest, mountpoint = _read(record).get("dest"), record.with_suffix("")
+        if dest and Path(dest).parent == for_command.folder():
+            continue   # a command's own attach: its lock file says whether it is left over (below)
         if dest and not has_attached(Path(dest)):
             problems.append(Problem("run-dir", f"whole-VM attach record for {dest}, with nothing attached",
                                     repair=lambda r=record, m=mountpoint: release_attach(r, m)))

@@ -4,7 +4,7 @@ Each attach lives in the run dir's `files/` folder as `<name>/` (the whole-VM at
 its private store mount: attach/vm.py) beside `<name>.lock`, which the command holds flocked for as long
 as it runs. The lock file is locked before it has a name (O_TMPFILE, then linked in), so no other command
 ever sees it unlocked while it is in use. A command killed half-way leaves both; the next one that
-attaches (or rpfs detach of the folder) finds the lock free and undoes what it left: detach, unmount the
+attaches (or rpfs check --repair) finds the lock free and undoes what it left: detach, unmount the
 store mount, remove both.
 """
 from __future__ import annotations
@@ -48,10 +48,19 @@ def point_attached(source: RecoverySource, point: RecoveryPoint) -> Iterator[dic
 
 def clean_leftovers() -> list[str]:
     """Undo the attaches of commands that were killed (their lock files free); returns what was undone."""
+    return _leftovers(undo=True)
+
+
+def leftovers() -> list[Path]:
+    """The attaches of commands that were killed (their lock files free), left as they are (rpfs check)."""
+    return [folder() / name for name in _leftovers(undo=False)]
+
+
+def _leftovers(undo: bool) -> list[str]:
     place = folder()
     if not place.is_dir():
         return []
-    undone = []
+    found = []
     for lock_path in sorted(place.glob("*.lock")):
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -62,12 +71,13 @@ def clean_leftovers() -> list[str]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue   # its command runs
-            _undo(place / lock_path.stem)
-            lock_path.unlink(missing_ok=True)
-            undone.append(lock_path.stem)
+            if undo:
+                _undo(place / lock_path.stem)
+                lock_path.unlink(missing_ok=True)
+            found.append(lock_path.stem)
         finally:
             os.close(fd)
-    return undone
+    return found
 
 
 def _undo(dest: Path) -> None:
