@@ -83,10 +83,22 @@ def _leftovers(undo: bool) -> list[str]:
 def _undo(dest: Path) -> None:
     if run_dir.attach_files(dest)[0].exists():   # written before anything is mounted (attach/vm.py)
         detach_point_or_image(dest)
+    _remove_folders(dest)
+
+
+def _remove_folders(dest: Path) -> None:
+    """Remove dest and the empty folders the attach made in it (dest/<disk>/<p1|disk>), which a kill in the
+    middle of a detach can leave; never a file, a link or a mount (rmdir refuses: an error, nothing lost)."""
     try:
-        dest.rmdir()
+        disks = [p for p in dest.iterdir() if not p.is_symlink() and p.is_dir() and not os.path.ismount(p)]
     except FileNotFoundError:
-        pass
+        return
+    for disk in disks:
+        for inner in disk.iterdir():
+            if not inner.is_symlink() and inner.is_dir() and not os.path.ismount(inner):
+                inner.rmdir()
+        disk.rmdir()
+    dest.rmdir()
 
 
 def _locked_file(place: Path, name: str) -> int:

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from rpfs.attach.filesystems import MOUNTED
-from rpfs.attach.for_command import point_attached
+from rpfs.attach.for_command import clean_leftovers, point_attached
 from rpfs.errors import RpfsError
 from rpfs.store.catalogs import CATALOGED, Catalog, CatalogedFilesystem, Entry, encode_listing
 from rpfs.store.recovery_point import RecoveryPoint
@@ -60,6 +60,7 @@ class _Walk:
 def catalog_point(store: Store, point: RecoveryPoint, reuse: bool = True) -> CatalogSummary:
     """Catalog a point's filesystems and store the catalog (replacing one it had)."""
     began = time.monotonic()
+    clean_leftovers()   # a killed command's attach is undone even when nothing here needs attaching
     previous = _previous_catalog(store, point) if reuse else None
     reused = _unchanged_disks(store, point, previous) if previous else []
     filesystems: list[CatalogedFilesystem] = [fs for fs in previous.filesystems if fs.disk in reused] if previous else []
