@@ -1,0 +1,1 @@
+"""Files inside the disks: their catalog, find/ls/diff, and restoring them."""
