@@ -198,7 +198,12 @@ def test_devices_and_privileges_only_when_asked(guest_fs, tmp_path):
 
 
 def test_named_paths_keep_their_place_and_their_folders(guest_fs, tmp_path):
+    """Also into a TO whose default ACL and set-group-id bit would give what is made in it an ACL and its
+    group: the restored entries have their source's, and only those."""
     to = dest(tmp_path)
+    to.mkdir(parents=True, mode=0o700)
+    os.chmod(to, 0o2700)
+    subprocess.run(["setfacl", "-d", "-m", "u:4321:rwx", str(to)], check=True)
     summary = restore_files(guest_fs, ["/private/inner.txt", "/deep/a/b", "/deep/a/b/leaf.txt", "/odd/new\nline",
                                        "/link"], to, RestoreOptions())
     restored, source = tree(to), tree(guest_fs)   # before anything reads a folder (its atime)
@@ -227,9 +232,11 @@ def test_refusals_write_nothing(guest_fs, tmp_path):
         (["/plain.txt"], f"{out / 'to'} is not empty (it holds mine): restore into an empty or new folder,"
                          " or add --force"),
     ]
+    cases.append((["/plain.txt"], f"cannot make the restore folder {guest_fs / 'new'}: Read-only file system"))
     for paths, message in cases:
         with pytest.raises(RpfsError) as refused:
-            restore_files(guest_fs, paths, out / "to", RestoreOptions())
+            restore_files(guest_fs, paths, guest_fs / "new" if "Read-only" in message else out / "to",
+                          RestoreOptions())
         assert refused.value.message.startswith(message), refused.value.message
         assert "\n" not in refused.value.message
     assert listing(out) == before

@@ -38,6 +38,7 @@ import os
 import shutil
 import stat
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -94,7 +95,10 @@ def restore_files(fs_root: Path, paths: list[str], to: Path, options: RestoreOpt
     started = time.monotonic()
     wanted, normalized = _plan(paths)
     to = Path(to)
-    root_fd = os.open(fs_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        root_fd = os.open(fs_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise RpfsError(f"cannot open the point's filesystem at {fs_root}: {e.strerror}") from None
     try:
         total = _Walk(root_fd).check(wanted)   # every refusal before anything is written
         to_fd = _open_target(to)
@@ -105,20 +109,20 @@ def restore_files(fs_root: Path, paths: list[str], to: Path, options: RestoreOpt
             before = _read_record(to_fd)
             same_job = before is not None and before.get("job") == job
             _check_empty(to_fd, to, options.force, set(before.get("names", [])) if same_job else set())
-            _remove_staging(to_fd)
-            os.mkdir(STAGING, PRIVATE_FOLDER, dir_fd=to_fd)
-            with _opened(STAGING, to_fd) as staging_fd:
-                os.mkdir(TREE, PRIVATE_FOLDER, dir_fd=staging_fd)
-                os.mkdir(ASIDE, PRIVATE_FOLDER, dir_fd=staging_fd)
-                with _opened(TREE, staging_fd) as tree_fd, _opened(ASIDE, staging_fd) as aside_fd:
-                    copier = _Copier(options, to, total, progress)
+            copier = _Copier(options, to, total, progress)
+            try:
+                _remove_staging(to_fd)
+                with _private_folder(STAGING, to_fd) as staging_fd, \
+                        _private_folder(TREE, staging_fd) as tree_fd, _private_folder(ASIDE, staging_fd) as aside_fd:
                     copier.stage(root_fd, tree_fd, wanted, "")
                     sync_filesystem(tree_fd)
                     names = sorted(os.listdir(tree_fd))
                     write_whole(to / STAGING / RECORD, _json({"job": job, "names": names}), durable=True)
                     _Mover(aside_fd).move(tree_fd, to_fd, wanted)
-            _remove_staging(to_fd)
-            os.fsync(to_fd)
+                _remove_staging(to_fd)
+                os.fsync(to_fd)
+            except OSError as e:   # TO's own folders (what is restored says its path: _writing)
+                raise RpfsError(f"cannot restore into {to}: {e.strerror}") from None
         finally:
             os.close(to_fd)
     finally:
@@ -224,9 +228,12 @@ def _open_target(to: Path) -> int:
     check_trusted_place(to, "restore folder", private=True)
     if os.path.lexists(to) and not os.path.isdir(to):
         raise RpfsError(f"{to} is not a folder (--to names a folder to restore the files under)")
-    if not os.path.exists(to):
-        make_private_folder(to, "restore folder")
-    return os.open(to, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if not os.path.exists(to):
+            make_private_folder(to, "restore folder")
+        return os.open(to, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise RpfsError(f"cannot make the restore folder {to}: {e.strerror}") from None
 
 
 def _lock(to_fd: int, to: Path) -> None:
@@ -260,6 +267,22 @@ def _check_empty(to_fd: int, to: Path, force: bool, allowed: set[str]) -> None:
         more = f" and {len(others) - 1} more" if len(others) > 1 else ""
         raise RpfsError(f"{to} is not empty (it holds {shown(others[0])}{more}): restore into an empty or new"
                         " folder, or add --force to replace what is at the same paths")
+
+
+@contextmanager
+def _private_folder(name: str, dir_fd: int) -> Iterator[int]:
+    """A new folder of rpfs's own, 0700, that gives what is made in it nothing: no ACL is inherited from
+    TO (a default ACL would add entries to every restored file) and no set-group-id."""
+    os.mkdir(name, PRIVATE_FOLDER, dir_fd=dir_fd)
+    with _opened(name, dir_fd) as fd:
+        for acl in ("system.posix_acl_default", "system.posix_acl_access"):
+            try:
+                os.removexattr(fd, acl)
+            except OSError as e:
+                if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+        os.fchmod(fd, PRIVATE_FOLDER)
+        yield fd
 
 
 def _remove_staging(to_fd: int) -> None:
@@ -324,9 +347,12 @@ class _Copier:
             self.summary.skipped.append(f"{shown(path)}: socket (not restored: a program makes its own)")
 
     def _copy_file(self, src: int, dst: int, name: str, path: str) -> None:
-        source = _reading(path, os.open, name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=src)
+        source = _reading(path, os.open, name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC,
+                          dir_fd=src)
         try:
             st = os.fstat(source)
+            if not stat.S_ISREG(st.st_mode):
+                raise RpfsError(f"cannot read {shown(path)} in the point: it changed while it was read")
             target = _writing(self._shown(path), os.open, name,
                               os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dst)
             try:
