@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(180)
 
 OWNER, GROUP = 1234, 2345
 OLD = 1_000_000_000_123_456_789    # an mtime with nanoseconds
-ODD_NAMES = ["new\nline", "\x1b[31mred\x1b[0m", "...", "..a", "-rf", " space "]
+ODD_NAMES = ["new\nline", "\x1b[31mred\x1b[0m", "...", "..a", "-rf", " space ", os.fsdecode(b"caf\xe9")]
 CAPABILITY = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)   # v2, effective, cap_net_raw
 
 
@@ -73,7 +73,7 @@ def populate(root: Path) -> None:
     odd = root / "odd"
     odd.mkdir()
     for name in ODD_NAMES:
-        (odd / name).write_bytes(name.encode())
+        (odd / name).write_bytes(os.fsencode(name))
     (root / "hard1").write_bytes(b"hard")
     os.link(root / "hard1", root / "hard2")
     (root / STAGING).mkdir()                              # rpfs's own staging name, planted by the guest
@@ -388,3 +388,48 @@ def test_a_second_restore_into_the_same_folder_waits_its_turn(guest_fs, tmp_path
     finally:
         os.close(fd)
     assert os.listdir(to) == []
+
+
+def test_folders_nested_too_deep_are_one_line(tmp_path):
+    """The copy recurses, two descriptors per level: MAX_DEPTH levels restore, one more is refused in a line."""
+    from rpfs.catalog.restore_files import MAX_DEPTH
+    source = tmp_path / "source"
+    for depth, name in ((MAX_DEPTH, "ok"), (MAX_DEPTH + 2, "too")):
+        leaf = source / name / "/".join(["d"] * depth)
+        leaf.mkdir(parents=True)
+        (leaf / "leaf.txt").write_bytes(b"deep")
+    summary = restore_files(source, ["/ok"], tmp_path / "ok", RestoreOptions())
+    assert summary.folders == MAX_DEPTH + 1
+    assert (tmp_path / "ok" / "ok" / "/".join(["d"] * MAX_DEPTH) / "leaf.txt").read_bytes() == b"deep"
+    with pytest.raises(RpfsError) as refused:
+        restore_files(source, ["/too"], tmp_path / "too", RestoreOptions())
+    assert refused.value.message.startswith(f"cannot restore /too/{'d/' * MAX_DEPTH}d: folders nested more than")
+    assert not (tmp_path / "too").exists() or os.listdir(tmp_path / "too") == []
+
+
+def test_a_name_holding_a_slash_in_a_damaged_filesystem_goes_nowhere(tmp_path, kernel):
+    """A directory entry patched to `../../../etc` (metadata checksums off, so the kernel reads it): the
+    kernel refuses to list the folder, and the restore fails naming it; nothing is written. (Were a name
+    with `/` ever listed, restore_files would refuse it too: _entries.)"""
+    source = tmp_path / "src"
+    (source / "d").mkdir(parents=True)
+    (source / "d" / "rpfsEVILname").write_bytes(b"planted")
+    image = tmp_path / "bad.img"
+    with open(image, "wb") as f:
+        f.truncate(32 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^metadata_csum", "-d", str(source), str(image)], check=True)
+    raw = bytearray(image.read_bytes())
+    at = raw.find(b"rpfsEVILname")
+    assert at > 0 and raw.find(b"rpfsEVILname", at + 1) < 0
+    raw[at:at + 12] = b"../../../etc"
+    image.write_bytes(bytes(raw))
+    out = tmp_path / "out"
+    out.mkdir(mode=0o700)
+    before = listing(tmp_path / "src")
+    with mounted_ro(image, tmp_path / "fs") as fs:
+        with pytest.raises(RpfsError) as failed:
+            restore_files(fs, ["/"], out / "to", RestoreOptions())
+    assert failed.value.message in ("cannot read /d in the point: Input/output error",   # verify_dirent_name
+                                    "cannot read /d in the point: Structure needs cleaning")
+    assert os.listdir(out) == []   # found by the first walk, before anything is written
+    assert listing(tmp_path / "src") == before

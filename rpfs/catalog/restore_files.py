@@ -55,7 +55,7 @@ ASIDE = "replaced"                # in it: what the renames replaced, removed wi
 RECORD = "job.json"               # in it: the job, written whole once the tree is complete
 MAX_RECORD = 16 << 20
 CHUNK = 1 << 20
-MAX_DEPTH = 300                   # folders within folders: two descriptors each, and the recursion
+MAX_DEPTH = 200                   # folders within folders: two descriptors and three calls deep each
 CAPABILITY = "security.capability"
 PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID
 
@@ -522,21 +522,18 @@ class _Mover:
 
 
 # -- small helpers ----------------------------------------------------------------------------------------
-class _opened:
-    """A folder opened relative to another's descriptor, no link followed; closed on exit."""
-
-    def __init__(self, name: str, dir_fd: int, path: str | None = None):
-        self.name, self.dir_fd, self.path = name, dir_fd, path
-
-    def __enter__(self) -> int:
-        if self.path is None:
-            self.fd = os.open(self.name, _DIR, dir_fd=self.dir_fd)
-        else:
-            self.fd = _reading(self.path, os.open, self.name, _DIR, dir_fd=self.dir_fd)
-        return self.fd
-
-    def __exit__(self, *exc) -> None:
-        os.close(self.fd)
+@contextmanager
+def _opened(name: str, dir_fd: int, path: str | None = None) -> Iterator[int]:
+    """A folder opened relative to another's descriptor, no link followed; closed on exit. With path, it is
+    the source's, and an error names it."""
+    if path is None:
+        fd = os.open(name, _DIR, dir_fd=dir_fd)
+    else:
+        fd = _reading(path, os.open, name, _DIR, dir_fd=dir_fd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _entries(fd: int, path: str) -> list[str]:
