@@ -310,10 +310,9 @@ restore_files(Path(root), ["/"], Path(to), RestoreOptions(devices=True, setuid=T
 """
 
 
-@pytest.mark.parametrize("phase", ["copying", "moving"])
-def test_kill_9_leaves_nothing_half_done_and_the_same_command_finishes(guest_fs, tmp_path, phase):
-    to = dest(tmp_path)
-    marker = tmp_path / "paused"
+def kill_in(phase: str, guest_fs: Path, to: Path, marker: Path) -> None:
+    """restore_files of / in a child, killed with SIGKILL at its pause point."""
+    marker.unlink(missing_ok=True)
     child = subprocess.Popen([sys.executable, "-I", "-c", CHILD, str(guest_fs), str(to), str(marker), phase])
     try:
         deadline = time.monotonic() + 120
@@ -327,25 +326,36 @@ def test_kill_9_leaves_nothing_half_done_and_the_same_command_finishes(guest_fs,
         if child.poll() is None:
             child.kill()
             child.wait()
-    visible = sorted(set(os.listdir(to)) - {STAGING})
-    assert STAGING in os.listdir(to)
-    if phase == "copying":
-        assert visible == []
-    else:
-        assert len(visible) == 3
-    source, killed = tree(guest_fs), tree(to)
-    for name in visible:                       # what is visible is whole
-        for rel, meta in killed.items():
-            if rel == f"/{name}" or rel.startswith(f"/{name}/"):
+
+
+@pytest.mark.parametrize("kills", [["copying"], ["moving"], ["moving", "copying", "moving"]])
+def test_kill_9_leaves_nothing_half_done_and_the_same_command_finishes(guest_fs, tmp_path, kills):
+    """However often it is killed, copying or renaming into place: what is visible in TO is whole, and the
+    same command again finishes (another is refused)."""
+    to = dest(tmp_path)
+    source = tree(guest_fs)
+    checked = set()   # reading an entry changes its atime: each is checked once, as the kill left it
+    for phase in kills:
+        kill_in(phase, guest_fs, to, tmp_path / "paused")
+        visible = sorted(set(os.listdir(to)) - {STAGING})
+        assert STAGING in os.listdir(to)
+        if kills == ["copying"]:
+            assert visible == []
+        assert {f"/{name}" for name in visible} <= set(source)   # (one renamed aside may be missing a moment)
+        killed = tree(to)
+        for rel, meta in killed.items():           # what is visible is whole
+            if not rel.startswith(f"/{STAGING}") and rel not in checked:
                 assert meta == source[rel] and content(to, rel) == content(guest_fs, rel), rel
-    if visible:   # what the killed job moved in: a reason to refuse another job...
-        with pytest.raises(RpfsError, match="is not empty"):
-            restore_files(guest_fs, ["/plain.txt"], to, RestoreOptions())
+                checked.add(rel)
+        if visible:   # what the killed job moved in: a reason to refuse another job...
+            with pytest.raises(RpfsError, match="is not empty"):
+                restore_files(guest_fs, ["/plain.txt"], to, RestoreOptions())
     summary = restore_files(guest_fs, ["/"], to, RestoreOptions(devices=True, setuid=True))   # ...the same finishes
     restored = tree(to)
     del source[f"/{STAGING}"], source["/sock"]
     assert restored == source and not summary.cleared
     assert all(content(to, rel) == content(guest_fs, rel) for rel in source)
+    assert os.listdir(to) != [] and STAGING not in os.listdir(to)
 
 
 def test_a_read_error_fails_the_restore_naming_the_file(tmp_path, kernel):

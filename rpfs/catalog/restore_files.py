@@ -9,11 +9,12 @@ The proofs: docs/design/restore-files.md.
   with AT_SYMLINK_NOFOLLOW, never on a path that could be a link. A link is copied as a link (its target
   verbatim) and never followed, here or later. A name holding `/`, or `.`/`..`, is never used.
 - Whole or absent, kill -9 at any moment: everything is copied into the staging folder `TO/.rpfs-restore-files`
-  (0700) under `tree/`, made durable (syncfs), then the job's record `job.json` (its paths, its options,
-  the names it puts in TO) is written whole, then each entry is renamed into place, then the staging
-  folder is removed. A run that finds a staging folder removes it first; if its record is this same job,
-  the names that job may already have moved into TO are no reason to refuse (they are replaced). Without a
-  record the killed job had moved nothing.
+  (0700) under `tree/`, made durable (syncfs), then each entry is renamed into place, then the staging
+  folder is removed. Its record `job.json` (the job's paths and options, and every name in TO that an
+  unfinished run of this job may have put there) is written whole before the copy and again before the
+  first rename, and removed last. A run that finds a staging folder empties it; if its record is this
+  same job, those names are no reason to refuse (they are replaced) and are carried into its own record.
+  So the same command again finishes the job, however often it is killed.
 - Replacing (--force, or the same job again): an entry at a restored path is renamed aside into the staging
   folder, then the new one renamed in; a folder on the way to a restored path that exists already is
   entered (what else it holds stays), anything else in its place is replaced. Nothing is followed.
@@ -107,19 +108,25 @@ def restore_files(fs_root: Path, paths: list[str], to: Path, options: RestoreOpt
             job = {"paths": normalized, "force": options.force, "devices": options.devices,
                    "setuid": options.setuid}
             before = _read_record(to_fd)
-            same_job = before is not None and before.get("job") == job
-            _check_empty(to_fd, to, options.force, set(before.get("names", [])) if same_job else set())
+            carried = sorted(set(before.get("names", []))) if before is not None and before.get("job") == job else []
+            _check_empty(to_fd, to, options.force, set(carried))
             copier = _Copier(options, to, total, progress)
+            record = to / STAGING / RECORD
             try:
-                _remove_staging(to_fd)
-                with _private_folder(STAGING, to_fd) as staging_fd, \
-                        _private_folder(TREE, staging_fd) as tree_fd, _private_folder(ASIDE, staging_fd) as aside_fd:
-                    copier.stage(root_fd, tree_fd, wanted, "")
-                    sync_filesystem(tree_fd)
-                    names = sorted(os.listdir(tree_fd))
-                    write_whole(to / STAGING / RECORD, _json({"job": job, "names": names}), durable=True)
-                    _Mover(aside_fd).move(tree_fd, to_fd, wanted)
-                _remove_staging(to_fd)
+                with _private_folder(STAGING, to_fd) as staging_fd:
+                    _remove(TREE, staging_fd)
+                    _remove(ASIDE, staging_fd)
+                    write_whole(record, _json({"job": job, "names": carried}), durable=True)
+                    with _private_folder(TREE, staging_fd) as tree_fd, _private_folder(ASIDE, staging_fd) as aside_fd:
+                        copier.stage(root_fd, tree_fd, wanted, "")
+                        sync_filesystem(tree_fd)
+                        names = sorted(set(carried) | set(os.listdir(tree_fd)))
+                        write_whole(record, _json({"job": job, "names": names}), durable=True)
+                        _Mover(aside_fd).move(tree_fd, to_fd, wanted)
+                    _remove(TREE, staging_fd)
+                    _remove(ASIDE, staging_fd)
+                    os.unlink(RECORD, dir_fd=staging_fd)   # the job is done: the record goes last
+                _remove(STAGING, to_fd)
                 os.fsync(to_fd)
             except OSError as e:   # TO's own folders (what is restored says its path: _writing)
                 raise RpfsError(f"cannot restore into {to}: {e.strerror}") from None
@@ -245,7 +252,7 @@ def _lock(to_fd: int, to: Path) -> None:
 
 
 def _read_record(to_fd: int) -> dict | None:
-    """The record of the job a killed run left, if it got as far as writing it."""
+    """The record an unfinished run of a job left: which names it may have put in TO."""
     try:
         fd = os.open(f"{STAGING}/{RECORD}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=to_fd)
     except OSError:
@@ -258,7 +265,10 @@ def _read_record(to_fd: int) -> dict | None:
         record = parse_json(raw)
     except ValueError:
         return None
-    return record if isinstance(record, dict) else None
+    if not isinstance(record, dict) or not isinstance(record.get("names"), list) \
+            or not all(isinstance(n, str) for n in record["names"]):
+        return None
+    return record
 
 
 def _check_empty(to_fd: int, to: Path, force: bool, allowed: set[str]) -> None:
@@ -271,9 +281,15 @@ def _check_empty(to_fd: int, to: Path, force: bool, allowed: set[str]) -> None:
 
 @contextmanager
 def _private_folder(name: str, dir_fd: int) -> Iterator[int]:
-    """A new folder of rpfs's own, 0700, that gives what is made in it nothing: no ACL is inherited from
-    TO (a default ACL would add entries to every restored file) and no set-group-id."""
-    os.mkdir(name, PRIVATE_FOLDER, dir_fd=dir_fd)
+    """A folder of rpfs's own (made, or the one a killed run left), 0700, that gives what is made in it
+    nothing: no ACL inherited from TO (a default ACL would add entries to every restored file), no
+    set-group-id."""
+    try:
+        os.mkdir(name, PRIVATE_FOLDER, dir_fd=dir_fd)
+    except FileExistsError:
+        if not stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+            _remove(name, dir_fd)
+            os.mkdir(name, PRIVATE_FOLDER, dir_fd=dir_fd)
     with _opened(name, dir_fd) as fd:
         for acl in ("system.posix_acl_default", "system.posix_acl_access"):
             try:
@@ -285,16 +301,16 @@ def _private_folder(name: str, dir_fd: int) -> Iterator[int]:
         yield fd
 
 
-def _remove_staging(to_fd: int) -> None:
-    """What a killed run left (or this run, done): removed without following a link (rmtree is fd-based)."""
+def _remove(name: str, dir_fd: int) -> None:
+    """An entry of rpfs's own, if there: removed without following a link (rmtree is descriptor-based)."""
     try:
-        st = os.stat(STAGING, dir_fd=to_fd, follow_symlinks=False)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(STAGING, dir_fd=to_fd)
+        shutil.rmtree(name, dir_fd=dir_fd)
     else:
-        os.unlink(STAGING, dir_fd=to_fd)
+        os.unlink(name, dir_fd=dir_fd)
 
 
 # -- copying into the staging folder ----------------------------------------------------------------------
