@@ -128,7 +128,7 @@ def restore_files(fs_root: Path, paths: list[str], to: Path, options: RestoreOpt
                     os.unlink(RECORD, dir_fd=staging_fd)   # the job is done: the record goes last
                 _remove(STAGING, to_fd)
                 os.fsync(to_fd)
-            except OSError as e:   # TO's own folders (what is restored says its path: _writing)
+            except OSError as e:   # TO's own folders (what is restored says its path: _Copier._write)
                 raise RpfsError(f"cannot restore into {to}: {e.strerror}") from None
         finally:
             os.close(to_fd)
@@ -334,7 +334,7 @@ class _Copier:
                 continue
             with _opened(name, src, path) as sub_src:
                 st = os.fstat(sub_src)
-                _writing(self._shown(path), os.mkdir, name, PRIVATE_FOLDER, dir_fd=dst)
+                self._write(path, os.mkdir, name, PRIVATE_FOLDER, dir_fd=dst)
                 with _opened(name, dst) as sub_dst:
                     self.stage(sub_src, sub_dst, child, path)
                     self._set_metadata(sub_src, sub_dst, st, path, folder=True)
@@ -369,7 +369,7 @@ class _Copier:
             st = os.fstat(source)
             if not stat.S_ISREG(st.st_mode):
                 raise RpfsError(f"cannot read {shown(path)} in the point: it changed while it was read")
-            target = _writing(self._shown(path), os.open, name,
+            target = self._write(path, os.open, name,
                               os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dst)
             try:
                 self._copy_data(source, target, st.st_size, path)
@@ -392,19 +392,19 @@ class _Copier:
                     raise RpfsError(f"cannot read {shown(path)} in the point: it ended before its size")
                 written = 0
                 while written < len(chunk):
-                    written += _writing(self._shown(path), os.pwrite, target, chunk[written:], start + written)
+                    written += self._write(path, os.pwrite, target, chunk[written:], start + written)
                 start += len(chunk)
                 self._advance(len(chunk))
             offset = end
         self._advance(size - offset)
-        _writing(self._shown(path), os.ftruncate, target, size)
+        self._write(path, os.ftruncate, target, size)
 
     def _copy_folder(self, src: int, dst: int, name: str, path: str, depth: int) -> None:
         if depth > MAX_DEPTH:
             raise _too_deep(path)
         with _opened(name, src, path) as sub_src:
             st = os.fstat(sub_src)
-            _writing(self._shown(path), os.mkdir, name, PRIVATE_FOLDER, dir_fd=dst)
+            self._write(path, os.mkdir, name, PRIVATE_FOLDER, dir_fd=dst)
             with _opened(name, dst) as sub_dst:
                 self._copy_entries(sub_src, sub_dst, path, depth + 1)
                 self._set_metadata(sub_src, sub_dst, st, path, folder=True)
@@ -412,20 +412,20 @@ class _Copier:
 
     def _copy_link(self, src: int, dst: int, name: str, path: str, st: os.stat_result) -> None:
         target = _reading(path, os.readlink, name, dir_fd=src)
-        _writing(self._shown(path), os.symlink, target, name, dir_fd=dst)
+        self._write(path, os.symlink, target, name, dir_fd=dst)
         self._set_metadata_by_name(src, dst, name, st, path)
         self.summary.links += 1
 
     def _make_node(self, src: int, dst: int, name: str, path: str, st: os.stat_result) -> None:
         """A FIFO or a device file, made with mknod; its metadata set through an O_PATH descriptor (opening
         a device to set its mode could have effects)."""
-        _writing(self._shown(path), os.mknod, name, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=dst)
+        self._write(path, os.mknod, name, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=dst)
         self._set_metadata_by_name(src, dst, name, st, path)
         node = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dst)
         try:
             if stat.S_IFMT(os.fstat(node).st_mode) != stat.S_IFMT(st.st_mode):
                 raise RpfsError(f"{self._shown(path)} changed while it was restored")
-            _writing(self._shown(path), os.chmod, f"/proc/self/fd/{node}", self._mode(st, path, folder=False))
+            self._write(path, os.chmod, f"/proc/self/fd/{node}", self._mode(st, path, folder=False))
         finally:
             os.close(node)
         self.summary.other += 1
@@ -433,18 +433,16 @@ class _Copier:
     def _set_metadata(self, source: int, target: int, st: os.stat_result, path: str, folder: bool) -> None:
         """On descriptors: owner first (a chown clears set-user-id bits and capabilities), then the extended
         attributes (the ACLs among them), the mode, and the times last."""
-        where = self._shown(path)
-        _writing(where, os.fchown, target, st.st_uid, st.st_gid)
+        self._write(path, os.fchown, target, st.st_uid, st.st_gid)
         self._copy_xattrs(source, target, path, follow=True)
-        _writing(where, os.fchmod, target, self._mode(st, path, folder))
-        _writing(where, os.utime, target, ns=(st.st_atime_ns, st.st_mtime_ns))
+        self._write(path, os.fchmod, target, self._mode(st, path, folder))
+        self._write(path, os.utime, target, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     def _set_metadata_by_name(self, src: int, dst: int, name: str, st: os.stat_result, path: str) -> None:
         """For links and nodes (no descriptor to set them on): by name in their folder, never followed."""
-        where = self._shown(path)
-        _writing(where, os.chown, name, st.st_uid, st.st_gid, dir_fd=dst, follow_symlinks=False)
+        self._write(path, os.chown, name, st.st_uid, st.st_gid, dir_fd=dst, follow_symlinks=False)
         self._copy_xattrs(f"/proc/self/fd/{src}/{name}", f"/proc/self/fd/{dst}/{name}", path, follow=False)
-        _writing(where, os.utime, name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst, follow_symlinks=False)
+        self._write(path, os.utime, name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst, follow_symlinks=False)
 
     def _copy_xattrs(self, source: int | str, target: int | str, path: str, follow: bool) -> None:
         extra = {} if follow else {"follow_symlinks": False}   # a descriptor takes no follow_symlinks
@@ -490,6 +488,13 @@ class _Copier:
 
     def _shown(self, path: str) -> str:
         return shown(f"{self.to}{path}")
+
+    def _write(self, path: str, call, *args, **kwargs):
+        """call(...) on the staged copy of path; an error is one line naming where it goes in TO."""
+        try:
+            return call(*args, **kwargs)
+        except OSError as e:
+            raise RpfsError(f"cannot restore {self._shown(path)}: {e.strerror}") from None
 
 
 def _data_ranges(fd: int, size: int, path: str) -> Iterator[tuple[int, int]]:
@@ -573,13 +578,6 @@ def _reading(path: str, call, *args, **kwargs):
 def _read_error(path: str, e: OSError) -> RpfsError:
     code = EXIT_CORRUPT if e.errno == errno.EIO else 1
     return RpfsError(f"cannot read {shown(path)} in the point: {e.strerror}", exit_code=code)
-
-
-def _writing(where: str, call, *args, **kwargs):
-    try:
-        return call(*args, **kwargs)
-    except OSError as e:
-        raise RpfsError(f"cannot restore {where}: {e.strerror}") from None
 
 
 def _too_deep(path: str) -> RpfsError:
