@@ -14,7 +14,8 @@ The proofs: docs/design/restore-files.md.
   unfinished run of this job may have put there) is written whole before the copy and again before the
   first rename, and removed last. A run that finds a staging folder empties it; if its record is this
   same job, those names are no reason to refuse (they are replaced) and are carried into its own record.
-  So the same command again finishes the job, however often it is killed.
+  So the same command again finishes the job, however often it is killed. One run at a time per TO
+  (flock); the staging folder hands down no ACL or set-group-id bit of TO's.
 - Replacing (--force, or the same job again): an entry at a restored path is renamed aside into the staging
   folder, then the new one renamed in; a folder on the way to a restored path that exists already is
   entered (what else it holds stays), anything else in its place is replaced. Nothing is followed.
@@ -28,7 +29,8 @@ The proofs: docs/design/restore-files.md.
   and set-group-id bits of non-folders, and file capabilities (security.capability), only with `setuid`,
   else cleared and listed. Sockets are skipped and listed (a program makes its own when it listens).
 - A read error (EIO from a damaged point) fails the restore with one line naming the path; the staging
-  folder is never renamed into place and the next run removes it.
+  folder is never renamed into place and the next run removes it. So is a tree nested deeper than
+  MAX_DEPTH folders (the copy recurses).
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ from rpfs.host.untrusted import parse_json, shown
 STAGING = ".rpfs-restore-files"   # in TO: the staging folder
 TREE = "tree"                     # in it: what is copied, laid out as in TO
 ASIDE = "replaced"                # in it: what the renames replaced, removed with it
-RECORD = "job.json"               # in it: the job, written whole once the tree is complete
+RECORD = "job.json"               # in it: the job and the names it may have put in TO, removed last
 MAX_RECORD = 16 << 20
 CHUNK = 1 << 20
 MAX_DEPTH = 200                   # folders within folders: two descriptors and three calls deep each
