@@ -256,3 +256,27 @@ def test_catalogs_go_with_their_points_and_share_unchanged_folders(area, store_p
     rpfs("unprotect", "vm", "--delete-data", store=store)
     with open_store(store) as opened:
         assert opened.catalog_keys() == [] and opened.stored_listing_ids() == [] and opened.listing_ref_counts() == {}
+
+
+def test_restore_files_copies_out_of_a_point_and_undoes_its_attach(area, store_path):
+    store = store_path
+    disk = make_partitioned_image(area / "os.img", [("ext4", _files(2)), ("xfs", {"etc/hosts": b"xfs hosts\n"})])
+    point = _json("backup", "web01", f"--disk=os={disk}", store=store)["point_id"]
+    to = area / "recovered"
+    done = _json("restore-files", "web01", point, "/etc/nginx/nginx.conf", "/var/www", "--to", str(to), store=store)
+    assert done["filesystem"] == "os/p1" and done["files"] == 2
+    assert (to / "etc/nginx/nginx.conf").read_bytes() == _files(2)["etc/nginx/nginx.conf"]
+    assert (to / "var/www/index.html").read_bytes() == _files(2)["var/www/index.html"]
+    assert stat.S_IMODE(to.stat().st_mode) == 0o700
+    ambiguous = rpfs("restore-files", "web01", "/etc/hosts", "--to", str(area / "x"), store=store, check=False)
+    assert ambiguous.returncode == 1 and "several filesystems" in ambiguous.stderr
+    rpfs("restore-files", "web01", "--disk", "os", "--partition", "2", "/etc/hosts", "--to", str(area / "x"),
+         store=store)
+    assert (area / "x/etc/hosts").read_bytes() == b"xfs hosts\n"
+    again = rpfs("restore-files", "web01", "/etc/hosts", "os/p1:/etc/hosts", "--to", str(area / "y"), store=store,
+                 check=False)
+    assert again.returncode == 1   # one filesystem at a time
+    missing = rpfs("restore-files", "web01", "/no/such", "--to", str(area / "z"), store=store, check=False)
+    assert missing.returncode == 1 and "not in the catalog" in missing.stderr and not (area / "z").exists()
+    run = Path(os.environ.get("RPFS_RUN_DIR", "")) / "files"
+    assert not run.exists() or not any(run.iterdir())   # every attach undone
