@@ -33,6 +33,8 @@ def test_the_layers_hold():
     ("upkeep/usage.py", "rpfs.commands.progress"),
     ("restore/full.py", "rpfs.attach.vm"),          # restore and attach stand side by side, below upkeep
     ("attach/vm.py", "rpfs.upkeep.jobs"),
+    ("catalog/restore_files.py", "rpfs.upkeep.jobs"),   # catalog and upkeep stand side by side, below policy
+    ("catalog/restore_files.py", "rpfs.commands.progress"),
     ("host/disk_use.py", "rpfs.store.store"),       # the host knows nothing of rpfs above errors
     ("vault/gc.py", "rpfs.serve.image"),            # the vault is a store behind the read path, below it
     ("vault/layout.py", "rpfs.backup.pipeline"),

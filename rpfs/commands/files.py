@@ -86,7 +86,8 @@ def cmd_find(args) -> int:
                 ids = v.point_ids
                 span = ids[0] if len(ids) == 1 else f"{ids[0]} .. {ids[-1]} ({len(ids)} points)"
                 print(f"  v{n}  {_entry_line(v.entry, name=False)}  in {span}")
-        _say_uncataloged(answer.uncataloged)
+        if answer.found:   # else the error below says it
+            _say_uncataloged(answer.uncataloged)
     if not answer.found:
         where = f"{len(points)} recovery point(s)" + (f" of {args.vm}" if args.vm else "")
         raise RpfsError(f"nothing matches {shown(args.pattern)!s} in {where}" + _uncataloged_note(answer.uncataloged))

@@ -40,6 +40,8 @@ def _policy_from_args(args, base: dict | None) -> dict:
         d["consistency_config"] = str(Path(args.consistency_config).absolute()) if args.consistency_config else None
     if args.allow_live is not None:
         d["options"]["allow_live"] = args.allow_live == "yes"
+    if args.catalog is not None:
+        d["options"]["catalog"] = args.catalog == "yes"
     if args.require_consistency == "none":
         d["options"].pop("require_consistency", None)
     elif args.require_consistency is not None:
@@ -226,6 +228,8 @@ def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.Argument
     p.add_argument("--consistency-config", metavar="TOML", help="pre/post scripts and filesystems to freeze")
     p.add_argument("--allow-live", choices=["yes", "no"],
                    help="back up a disk in use that cannot be snapshotted (recorded as inconsistent)")
+    p.add_argument("--catalog", choices=["yes", "no"],
+                   help="catalog the files inside each new point, for rpfs find (default yes)")
     p.add_argument("--require-consistency", choices=["file-system", "application", "none"],
                    help="a libvirt domain's backup takes no point unless at least this consistent")
     p.add_argument("--replace", action="store_true", help="import over an existing policy")

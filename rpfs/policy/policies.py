@@ -14,6 +14,7 @@ People write policies by hand in TOML, so a bad file is refused with the line of
     [options]
     allow_live = false
     require_consistency = "file-system"   # a libvirt domain: no point unless at least this (or "application")
+    catalog = true              # catalog the files inside each new point (rpfs find); the default
     [vault]
     name = "offsite"            # push each new point to this vault (rpfs vault add)
     daily = 30                  # what the vault keeps (as [retention]); none: it keeps every point
@@ -33,7 +34,7 @@ from rpfs.store.recovery_point import NAME_RE
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")   # index = datetime.weekday()
 SCHEDULE_KINDS = ("daily", "weekly", "hourly")
 RETENTION_RULES = ("keep_last", "daily", "weekly", "monthly", "yearly")
-OPTION_TYPES: dict[str, type] = {"allow_live": bool, "require_consistency": str}
+OPTION_TYPES: dict[str, type] = {"allow_live": bool, "require_consistency": str, "catalog": bool}
 REQUIRABLE = ("file-system", "application")   # require_consistency: a libvirt domain's point at least this
 
 # The TOML layout: section -> its keys ("" is the top level).
