@@ -67,7 +67,10 @@ def check(store: Store, read_data: bool = False, repair: bool = False, progress=
         result.problems += _blocks(store, counts, read_data, result, progress)
         result.problems += _tables(store)
         result.problems += _records(store)
-        result.problems += _catalogs(store, {(p.vm, p.id) for p in points})
+        try:
+            result.problems += _catalogs(store, {(p.vm, p.id) for p in points})
+        except DatabaseError as e:   # a damaged page of the catalog tables (named by _tables too)
+            result.problems.append(Problem("catalog", f"the catalogs cannot be read whole: {e}"))
         result.problems += _snapshots(store, points)
         result.problems += _holds(store, {(p.vm, p.id) for p in points})
         result.problems += [Problem("lease", f"lease file {path} of a reader that died",
@@ -157,12 +160,18 @@ def _catalogs(store: Store, existing: set[tuple[str, str]]) -> list[Problem]:
         return []   # a store before format 7 has no catalogs
     problems = []
     records, walk = [], _ListingWalk(store)
-    for vm, point_id in store.catalog_keys():
+    keys = store.catalog_keys()
+    problems += [Problem("catalog", f"a catalog record has a damaged key ({key[0]!r})")
+                 for key in keys if len(key) != 2]
+    for vm, point_id in (key for key in keys if len(key) == 2):
         anew = f" (--repair removes it; the point stays: rpfs catalog {vm} {point_id} makes it anew)"
         try:
             record = store.catalog(vm, point_id)
         except (RpfsError, DatabaseError) as e:
             problems.append(_damaged_catalog(store, vm, point_id, f"{getattr(e, 'message', e)}{anew}"))
+            continue
+        if record is None:   # listed by a walk of the table, not found by its key: the table is damaged
+            problems.append(Problem("catalog", f"the catalog of {vm}/{point_id} is listed but cannot be found"))
             continue
         if (vm, point_id) not in existing:
             problems.append(_damaged_catalog(store, vm, point_id, f"the catalog of {vm}/{point_id} is of a point that"
@@ -225,8 +234,8 @@ class _ListingWalk:
                 raw = self.store.listing_bytes(listing_id, "it")
                 decode_listing(raw, "a listing")
                 self.found[listing_id] = raw
-            except CorruptBlockError as e:
-                what = "missing" if "is missing" in e.message else "damaged"
+            except (CorruptBlockError, DatabaseError) as e:
+                what = "missing" if "is missing" in str(getattr(e, "message", "")) else "damaged"
                 self.found[listing_id] = f"a listing is {what} ({listing_id.hex()[:16]})"
         return self.found[listing_id]
 
@@ -242,7 +251,10 @@ def _recount_listings(store: Store) -> None:
     """Set listing_refs from a recount of the records whose listings are all sound (listings none of them
     reaches go); left alone while a damaged catalog is still there."""
     records, walk = [], _ListingWalk(store)
-    for vm, point_id in store.catalog_keys():
+    for key in store.catalog_keys():
+        if len(key) != 2:
+            return
+        vm, point_id = key
         try:
             record = store.catalog(vm, point_id)
         except RpfsError:
