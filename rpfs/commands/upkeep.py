@@ -149,10 +149,12 @@ def add_parsers(sub: argparse._SubParsersAction, parents: list[argparse.Argument
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("check", parents=parents,
-                       help="check refs, every referenced block and what killed processes left; exit 4 on problems")
+                       help="check refs, every referenced block, the catalogs and what killed processes left;"
+                            " exit 4 on problems")
     p.add_argument("--read-data", action="store_true", help="also decode every referenced block and check its digest")
     p.add_argument("--repair", action="store_true",
-                   help="rebuild refs from the block maps and remove leftovers (never deletes a block)")
+                   help="rebuild refs and the catalogs' counts, remove a damaged catalog (rpfs catalog makes it"
+                        " anew) and leftovers (never deletes a block)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("usage", parents=parents, help="protected instance size and backup storage per VM")
