@@ -1,0 +1,209 @@
+"""Catalogs in the vault (issue 26): pushed with their points, read from the vault alone, pruned and collected.
+
+The first tests run against a folder bucket (folder_bucket.py) in process, with catalogs made from listings
+written here; the last ones catalog real ext4 images (catalog_point) and push them to Ceph (tools/ceph),
+one of them killing the push with SIGKILL. Run with `flock /tmp/rpfs-ceph.lock`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rpfs.backup.pipeline import backup
+from rpfs.errors import CorruptBlockError, RpfsError
+from rpfs.store.catalogs import CATALOGED, Catalog, CatalogedFilesystem, Entry, encode_listing, subfolders
+from rpfs.store.key_slots import KeyChoice, NewSlot, create_key_file
+from rpfs.store.store import Store
+from rpfs.vault import layout
+from rpfs.vault.config import VaultConfig, checked
+from rpfs.vault.folder_bucket import FolderBucket
+from rpfs.vault.gc import gc
+from rpfs.vault.push import push
+from rpfs.vault.vault import LISTING, Vault
+
+pytestmark = pytest.mark.timeout(300)
+
+BLOCK = 64 << 10
+PACK = 4 * BLOCK - 1
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("RPFS_CONFIG", str(tmp_path / "etc"))
+    monkeypatch.setenv("RPFS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "s3").mkdir(mode=0o700)
+    slot = NewSlot("key-file", create_key_file(tmp_path / "key"))
+    with Store.init(tmp_path / "store", block_size=BLOCK, key_slots=[slot]) as store:
+        config = checked(VaultConfig("local", f"file://{tmp_path / 's3'}", "bucket"))
+        with Vault.create(config, store) as vault:
+            yield store, vault, tmp_path
+
+
+def _point(store: Store, tmp: Path, seed: int):
+    disk = tmp / "os.img"
+    disk.write_bytes(random.Random(seed).randbytes(4 * BLOCK))
+    return backup(store, "web", [("os", str(disk))])[0]
+
+
+def _file(name: str, size: int = 10) -> Entry:
+    return Entry(name, "f", size, 0o644, 0, 0, 1_700_000_000 * 10**9)
+
+
+def _catalog(store: Store, point, files: dict[str, int]) -> Catalog:
+    """Catalog the point as holding files (path -> size) on one filesystem: one listing per folder."""
+    listings: dict[bytes, bytes] = {}
+
+    def folder(prefix: str) -> bytes:
+        entries, subs = [], set()
+        for path, size in files.items():
+            if not path.startswith(prefix):
+                continue
+            rest = path[len(prefix):]
+            if "/" in rest:
+                subs.add(rest.split("/", 1)[0])
+            else:
+                entries.append(_file(rest, size))
+        for sub in sorted(subs):
+            entries.append(Entry(sub, "d", 0, 0o755, 0, 0, 0, folder=folder(prefix + sub + "/")))
+        raw = encode_listing(entries)
+        listings[store.listing_id(raw)] = raw
+        return store.listing_id(raw)
+    root = folder("")
+    fs = CatalogedFilesystem("os", "disk", None, "ext4", CATALOGED, root.hex(), len(files), 0, sum(files.values()))
+    catalog = Catalog(point.vm, point.id, "2026-12-07T00:00:00+00:00", [fs])
+    assert store.put_catalog(catalog, listings) is not None
+    return catalog
+
+
+def _tree(reader, catalog: Catalog) -> dict[bytes, list[Entry]]:
+    """Every listing a catalog reaches, by id, read through reader (a Store or a Vault)."""
+    found, pending = {}, catalog.roots()
+    while pending:
+        listing_id = pending.pop()
+        if listing_id not in found:
+            found[listing_id] = reader.listing(listing_id, f"{catalog.vm}/{catalog.point_id}")
+            pending.extend(e.folder for e in found[listing_id] if e.folder)
+    return found
+
+
+def _reopened(vault: Vault, store: Store) -> Vault:
+    return Vault.open(vault.config, KeyChoice(master=store.master_key))
+
+
+def _vault_listings(vault: Vault) -> set[bytes]:
+    return {entry_id for kind, entry_id in vault.index(fresh=True) if kind == LISTING}
+
+
+FILES = {"etc/hosts": 10, "etc/nginx/nginx.conf": 200, "var/log/syslog": 5000, "README": 3}
+
+
+def test_a_pushed_catalog_reads_the_same_from_the_vault_alone(env):
+    store, vault, tmp = env
+    first = _point(store, tmp, 1)
+    second = _point(store, tmp, 2)
+    catalogs = [_catalog(store, first, FILES), _catalog(store, second, {**FILES, "etc/hosts": 11})]
+    summary = push(store, vault, store.points(), pack_bytes=PACK)
+    assert summary.catalogs == [f"web/{first.id}", f"web/{second.id}"]
+    assert summary.listings == 5 + 2   # the second point shares every folder but / and etc/
+    with _reopened(vault, store) as fresh:
+        for catalog in catalogs:
+            assert fresh.catalog("web", catalog.point_id) == catalog
+            assert _tree(fresh, catalog) == _tree(store, catalog)
+            for listing_id in _tree(store, catalog):
+                assert fresh.listing_bytes(listing_id, "here") == store.listing_bytes(listing_id, "here")
+        assert fresh.catalog("web", "nothing") is None
+        assert fresh.settings["format_version"] == 3
+        assert sorted(fresh.catalog_keys()) == [("web", first.id), ("web", second.id)]
+    again = push(store, vault, store.points(), pack_bytes=PACK)
+    assert again.catalogs == [] and again.listings == 0 and again.packs == 0
+
+
+def test_a_point_cataloged_after_its_push_gets_its_catalog_by_the_next_push(env):
+    store, vault, tmp = env
+    point = _point(store, tmp, 3)
+    push(store, vault, [point], pack_bytes=PACK)
+    assert vault.catalog("web", point.id) is None and not vault.objects.catalog_names()
+    catalog = _catalog(store, point, FILES)
+    summary = push(store, vault, store.points(), pack_bytes=PACK)
+    assert summary.pushed == [] and summary.catalogs == [f"web/{point.id}"] and summary.listings == 5
+    with _reopened(vault, store) as fresh:
+        assert fresh.catalog("web", point.id) == catalog and _tree(fresh, catalog) == _tree(store, catalog)
+    recataloged = _catalog(store, point, {**FILES, "new": 1})   # cataloged again: the store's differs
+    summary = push(store, vault, store.points(), pack_bytes=PACK)
+    assert summary.catalogs == [f"web/{point.id}"] and summary.listings == 1
+    with _reopened(vault, store) as fresh:
+        assert fresh.catalog("web", point.id) == recataloged
+        assert _tree(fresh, recataloged) == _tree(store, recataloged)
+
+
+def test_prune_and_gc_keep_exactly_the_listings_a_catalog_names(env):
+    store, vault, tmp = env
+    first = _point(store, tmp, 4)
+    second = _point(store, tmp, 5)
+    _catalog(store, first, {**FILES, "old/only/here": 1})
+    kept = _catalog(store, second, FILES)
+    push(store, vault, store.points(), pack_bytes=PACK)
+    vault.delete_point("web", first.id)
+    assert vault.objects.catalog_names() == [("web", second.id)]
+    gc(vault, pack_bytes=PACK)
+    gc(vault, pack_bytes=PACK)
+    with _reopened(vault, store) as fresh:
+        assert _vault_listings(fresh) == set(_tree(store, kept))   # old/ and old/only/ and the old root went
+        assert _tree(fresh, kept) == _tree(store, kept)
+
+    # A prune killed between the manifest and the catalog: gc removes the catalog left behind.
+    vault.objects.delete_manifest("web", second.id)
+    summary = gc(vault, pack_bytes=PACK)
+    assert summary.removed_catalogs == 1 and not vault.objects.catalog_names()
+    gc(vault, pack_bytes=PACK)
+    assert not _vault_listings(vault)
+
+
+def test_a_damaged_listing_reads_as_an_error_naming_where(env):
+    store, vault, tmp = env
+    point = _point(store, tmp, 6)
+    catalog = _catalog(store, point, FILES)
+    push(store, vault, [point], pack_bytes=PACK)
+    root = catalog.roots()[0]
+    location = vault.index()[(LISTING, root)]
+    path = tmp / "s3" / "bucket" / layout.pack_object(location.pack)
+    data = bytearray(path.read_bytes())
+    data[location.offset + location.length // 2] ^= 1
+    path.write_bytes(bytes(data))
+    with _reopened(vault, store) as fresh:
+        with pytest.raises(CorruptBlockError, match=f"web/{point.id}"):
+            fresh.listing(root, f"web/{point.id}")
+        with pytest.raises(CorruptBlockError, match="missing"):
+            fresh.listing(bytes(32), "web/x")
+
+
+class _FailingBucket(FolderBucket):
+    """The vault's folder, whose catalog objects cannot be written (a push killed after the manifest)."""
+
+    def put(self, name: str, data: bytes) -> None:
+        if name.startswith(layout.CATALOGS):
+            raise RpfsError("the network went away")
+        super().put(name, data)
+
+
+def test_a_push_stopped_before_the_catalog_object_sends_it_next_time(env):
+    store, vault, tmp = env
+    point = _point(store, tmp, 7)
+    catalog = _catalog(store, point, FILES)
+    failing = _FailingBucket(vault.bucket.label, vault.bucket.endpoint, vault.bucket.name)
+    vault.bucket = vault.objects.bucket = failing
+    with pytest.raises(RpfsError, match="network went away"):
+        push(store, vault, [point], pack_bytes=PACK)
+    assert vault.objects.point_names() == [("web", point.id)] and not vault.objects.catalog_names()
+    with _reopened(vault, store) as fresh:
+        summary = push(store, fresh, [point], pack_bytes=PACK)
+        assert summary.pushed == [] and summary.catalogs == [f"web/{point.id}"] and summary.listings == 0
+    with _reopened(vault, store) as fresh:
+        assert _tree(fresh, catalog) == _tree(store, catalog)
