@@ -207,3 +207,111 @@ def test_a_push_stopped_before_the_catalog_object_sends_it_next_time(env):
         assert summary.pushed == [] and summary.catalogs == [f"web/{point.id}"] and summary.listings == 0
     with _reopened(vault, store) as fresh:
         assert _tree(fresh, catalog) == _tree(store, catalog)
+
+
+# -- real ext4 images, cataloged by catalog_point, pushed to Ceph (tools/ceph) ------------------------------
+
+from test_vault import _add, _client, _objects, _pushing, _wait_until, ceph, vault_env  # noqa: E402,F401
+
+
+def _catalog_all(store_path: Path) -> dict[str, tuple[Catalog, dict[bytes, list[Entry]]]]:
+    """Catalog every point of the store (catalog_point); point id -> its catalog and its listings by id."""
+    from cli_helpers import open_store
+
+    from rpfs.catalog.build import catalog_point
+    found = {}
+    with open_store(store_path) as store:
+        for point in store.points("web"):
+            catalog_point(store, point)
+            catalog = store.catalog("web", point.id)
+            assert catalog.filesystems[0].status == CATALOGED
+            found[point.id] = (catalog, _tree(store, catalog))
+    return found
+
+
+def _from_the_vault_alone(store_path: Path, wanted: dict[str, tuple[Catalog, dict[bytes, list[Entry]]]]) -> None:
+    """With the store's database gone, the vault answers each catalog and listing as the store did."""
+    from cli_helpers import session_keys
+
+    from rpfs.vault.named import open_vault
+    (store_path / "data.mdb").unlink()
+    with open_vault("offsite", session_keys()) as vault:
+        assert sorted(vault.catalog_keys()) == [("web", point_id) for point_id in sorted(wanted)]
+        for point_id, (catalog, tree) in wanted.items():
+            assert vault.catalog("web", point_id) == catalog
+            assert _tree(vault, catalog) == tree
+
+
+def _ext4(path: Path, files: dict[str, bytes], size_mib: int = 32) -> Path:
+    from diskimages import make_whole_disk_ext4
+    return make_whole_disk_ext4(path, files, size_mib << 20)
+
+
+def test_catalogs_of_an_ext4_image_pushed_to_ceph_answer_from_the_vault_alone(vault_env, area):
+    from cli_helpers import rpfs
+    from diskimages import random_files
+
+    from rpfs.vault.named import open_vault
+    store, disk = area / "store", area / "os.img"
+    files = random_files(1, count=12)
+    rpfs("init", store=store)
+    rpfs("backup", "web", "--disk", f"os={_ext4(disk, files)}", store=store)
+    _add(vault_env, store)
+    rpfs("vault", "push", "offsite", store=store)   # before it has a catalog
+    rpfs("backup", "web", "--disk", f"os={_ext4(disk, {**files, 'dir1/sub1/file001.bin': b'changed'})}",
+         store=store)
+    wanted = _catalog_all(store)
+    first, second = sorted(wanted)
+    changed = [e for e in wanted[second][1].values() if any(f.name == "file001.bin" for f in e)]
+    assert changed and all(e not in wanted[first][1].values() for e in changed)   # a folder changed
+
+    pushed = json.loads(rpfs("vault", "push", "offsite", "--json", store=store).stdout)
+    assert pushed["pushed"] == [f"web/{second}"] and sorted(pushed["catalogs"]) == [f"web/{first}", f"web/{second}"]
+    assert pushed["listings"] == len(set(wanted[first][1]) | set(wanted[second][1]))
+    again = json.loads(rpfs("vault", "push", "offsite", "--json", store=store).stdout)
+    assert again["catalogs"] == [] and again["packs"] == 0
+
+    # A flipped byte in a listing's pack entry reads as an error naming the point, never as a listing.
+    from cli_helpers import session_keys
+    with open_vault("offsite", session_keys()) as vault:
+        root = wanted[second][0].roots()[0]
+        location = vault.index()[(LISTING, root)]
+    s3 = _client(vault_env["endpoint"])
+    key = layout.pack_object(location.pack)
+    data = bytearray(s3.get_object(Bucket=vault_env["bucket"], Key=key)["Body"].read())
+    data[location.offset + location.length // 2] ^= 1
+    s3.put_object(Bucket=vault_env["bucket"], Key=key, Body=bytes(data))
+    with open_vault("offsite", session_keys()) as vault:
+        with pytest.raises(CorruptBlockError, match=f"web/{second}"):
+            vault.listing(root, f"web/{second}")
+    data[location.offset + location.length // 2] ^= 1
+    s3.put_object(Bucket=vault_env["bucket"], Key=key, Body=bytes(data))
+
+    # Pruned in the vault, then two gc runs: the listings only the first point named go, the rest stay.
+    with open_vault("offsite", session_keys()) as vault:
+        vault.delete_point("web", first)
+    for _run in range(2):
+        rpfs("vault", "gc", "offsite")
+    with open_vault("offsite", session_keys()) as vault:
+        assert {i for kind, i in vault.index(fresh=True) if kind == LISTING} == set(wanted[second][1])
+    del wanted[first]
+    _from_the_vault_alone(store, wanted)
+
+
+def test_a_push_killed_with_sigkill_then_run_again_yields_the_catalogs_whole(vault_env, area):
+    from cli_helpers import rpfs
+    store, disk = area / "store", area / "os.img"
+    rng = random.Random(9)
+    files = {f"data/big{n}.bin": rng.randbytes(8 << 20) for n in range(5)}
+    files.update({f"etc/conf{n}/file": b"x" * n for n in range(20)})
+    rpfs("init", store=store)
+    rpfs("backup", "web", "--disk", f"os={_ext4(disk, files, 64)}", store=store)
+    _add(vault_env, store)
+    wanted = _catalog_all(store)
+    with _pushing(store, "--limit-mbps", "8", "--pack-mib", "2") as pushing:
+        _wait_until(lambda: len(_objects(vault_env, "index/")) >= 3, pushing)   # three packs whole and indexed
+        pushing.send_signal(signal.SIGKILL)
+    assert not _objects(vault_env, "points/") and not _objects(vault_env, "catalogs/")   # nothing half there
+    resumed = json.loads(rpfs("vault", "push", "offsite", "--json", store=store).stdout)
+    assert resumed["catalogs"] == [f"web/{point_id}" for point_id in wanted]
+    _from_the_vault_alone(store, wanted)
