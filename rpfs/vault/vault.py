@@ -48,8 +48,9 @@ from rpfs.vault.s3 import Bucket
 
 FORMAT = "rpfs-vault"
 FORMAT_VERSION = 3                   # 2: blobs may have keys of their own; 3: catalogs (above)
-READ_VERSIONS = (1, 2, FORMAT_VERSION)
+BLOCK_KEYS_VERSION = 2               # the vault version whose blobs may have keys of their own
 CATALOGS_VERSION = 3                 # the vault version that may hold catalogs
+READ_VERSIONS = (1, BLOCK_KEYS_VERSION, CATALOGS_VERSION)
 BLOCK_KEYS_STORE_FORMAT = 6          # the store format whose blobs may have keys of their own
 SETTINGS = ("encryption", "block_id", "block_size", "zstd_level")   # copied from the store's meta
 ENTRY = struct.Struct("<c32sQI")     # an index entry: kind (b"b" blob, b"p" piece, b"l" listing), id, offset, length
@@ -614,7 +615,7 @@ class Vault:
 
 def vault_version_for(store: Store) -> int:
     """The vault version whose readers read every blob of store: 2 once blobs may have keys of their own."""
-    return FORMAT_VERSION if store.format_version >= BLOCK_KEYS_STORE_FORMAT else 1
+    return BLOCK_KEYS_VERSION if store.format_version >= BLOCK_KEYS_STORE_FORMAT else 1
 
 
 def bucket_of(config: VaultConfig) -> Bucket | FolderBucket:
