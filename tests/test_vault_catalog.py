@@ -97,6 +97,17 @@ def _reopened(vault: Vault, store: Store) -> Vault:
     return Vault.open(vault.config, KeyChoice(master=store.master_key))
 
 
+def _counted(vault: Vault) -> list[str]:
+    """The kinds of object (packs, catalogs, ...) each GET of the vault's bucket reads from now on."""
+    gets, get = [], vault.bucket.get
+
+    def counting(name: str, *args):
+        gets.append(name.split("/")[0])
+        return get(name, *args)
+    vault.bucket.get = counting
+    return gets
+
+
 def _vault_listings(vault: Vault) -> set[bytes]:
     return {entry_id for kind, entry_id in vault.index(fresh=True) if kind == LISTING}
 
@@ -113,11 +124,15 @@ def test_a_pushed_catalog_reads_the_same_from_the_vault_alone(env):
     assert summary.catalogs == [f"web/{first.id}", f"web/{second.id}"]
     assert summary.listings == 5 + 2   # the second point shares every folder but / and etc/
     with _reopened(vault, store) as fresh:
+        fresh.index()
+        gets = _counted(fresh)
         for catalog in catalogs:
             assert fresh.catalog("web", catalog.point_id) == catalog
             assert _tree(fresh, catalog) == _tree(store, catalog)
             for listing_id in _tree(store, catalog):
                 assert fresh.listing_bytes(listing_id, "here") == store.listing_bytes(listing_id, "here")
+        packs = {fresh.index()[(LISTING, i)].pack for c in catalogs for i in _tree(store, c)}
+        assert gets.count("packs") == len(packs)   # listings come in runs, each read once
         assert fresh.catalog("web", "nothing") is None
         assert fresh.settings["format_version"] == 3
         assert sorted(fresh.catalog_keys()) == [("web", first.id), ("web", second.id)]

@@ -56,6 +56,8 @@ SETTINGS = ("encryption", "block_id", "block_size", "zstd_level")   # copied fro
 ENTRY = struct.Struct("<c32sQI")     # an index entry: kind (b"b" blob, b"p" piece, b"l" listing), id, offset, length
 BLOB, PIECE, LISTING = b"b", b"p", b"l"
 LISTINGS_KEPT = 32 << 20             # bytes of listings kept once read (find reads the same folders for each point)
+LISTING_RUN_BYTES = 1 << 20          # a listing is fetched with those after it in its pack, up to this much: a
+                                     # push sends a catalog's listings together, and find reads them all
 LISTING_SECONDS = 1.0                # how long a listing of the manifests is reused
 INDEX_READERS = 16                    # index objects fetched at once when a vault is opened
 HEAD_BYTES = 4096                     # first GET of a blob for a random read: header and frame table
@@ -108,6 +110,7 @@ class Vault:
         self._held: dict[str, tuple[RecoveryPoint, dict]] = {}   # manifests adopted from holds: never evicted
         self._pieces = MapPieces()
         self._runs = RunReader(self._read_pack, self.index)
+        self._listing_runs = RunReader(self._read_pack, self.index, LISTING_RUN_BYTES, LISTINGS_KEPT)
         self._heads: OrderedDict[tuple[str, int], bytes] = OrderedDict()   # blob heads by place: random reads
         self._heads_lock = threading.Lock()   # not the index's: an index reload must not stall random reads
         self.created = False   # by Vault.create, in this call
@@ -379,7 +382,8 @@ class Vault:
             if raw is not None:
                 self._listings.move_to_end(listing_id)
                 return raw
-        stored = self._fetch(LISTING, listing_id)
+        stored = self._located(LISTING, listing_id,
+                               lambda location: bytes(self._listing_runs.read((LISTING, listing_id), location)))
         if stored is None:
             raise CorruptBlockError(f"a listing of {where} is missing from {self.config.label}"
                                     f" ({listing_id.hex()[:16]})")
