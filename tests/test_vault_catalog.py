@@ -199,6 +199,18 @@ def test_a_damaged_listing_reads_as_an_error_naming_where(env):
             fresh.listing(bytes(32), "web/x")
 
 
+def test_a_damaged_local_listing_leaves_its_catalog_out_of_the_push_with_a_note(env):
+    store, vault, tmp = env
+    point = _point(store, tmp, 8)
+    catalog = _catalog(store, point, FILES)
+    etc = next(e.folder for e in store.listing(catalog.roots()[0], "here") if e.name == "etc")
+    store.write(lambda txn: txn.put(etc, b"damaged", db=store._dbs["listings"]))   # as rot would
+    summary = push(store, vault, [point], pack_bytes=PACK)
+    assert summary.pushed == [f"web/{point.id}"] and summary.catalogs == [] and summary.listings == 0
+    assert len(summary.notes) == 1 and f"the catalog of web/{point.id} was not pushed" in summary.notes[0]
+    assert vault.catalog("web", point.id) is None   # no catalog rather than a shorter one
+
+
 class _FailingBucket(FolderBucket):
     """The vault's folder, whose catalog objects cannot be written (a push killed after the manifest)."""
 

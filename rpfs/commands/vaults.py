@@ -130,7 +130,8 @@ def _gc(args) -> int:
           f" the last gc condemned, {summary.rescued_packs} rescued (a manifest needs them); condemned"
           f" {summary.condemned_packs} pack(s) for the next gc"
           + (f", of which {summary.repacked_packs} half-empty ({human_bytes(summary.repacked_bytes)} still needed"
-             " copied into new packs)" if summary.repacked_packs else ""))
+             " copied into new packs)" if summary.repacked_packs else "")
+          + (f"; removed {summary.removed_catalogs} catalog(s) of pruned points" if summary.removed_catalogs else ""))
     for holder in summary.waiting_for:
         print(f"  kept for now: the packs condemned before are waited on by {holder}")
     for holder in summary.removed_locks:

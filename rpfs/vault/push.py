@@ -210,9 +210,12 @@ def _catalogs_to_send(store: Store, vault: Vault, held: list[RecoveryPoint], pla
     """Plans for the catalogs of points the vault has already whose catalog object is missing, does not
     open, or differs from the store's (the point was cataloged again)."""
     cataloged = [(point, found) for point in held if (found := store.catalog(point.vm, point.id)) is not None]
+    present = set(vault.objects.catalog_names()) if cataloged else set()   # one LIST: no GET for those missing
 
     def stale(pair: tuple[RecoveryPoint, Catalog]) -> bool:
         point, catalog = pair
+        if (point.vm, point.id) not in present:
+            return True
         try:
             there = vault.catalog_object(point.vm, point.id)
         except (CorruptBlockError, RpfsError):
