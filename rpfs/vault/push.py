@@ -97,7 +97,8 @@ def _push(store: Store, vault: Vault, points: list[RecoveryPoint], lock: VaultLo
             lease.take(store, point.vm, point.id)
             plans.append(_plan(store, vault, point, planned))
             plans[-1].catalog = _plan_catalog(store, vault, store.catalog(point.vm, point.id), planned, summary)
-        catalogs_only = _catalogs_to_send(store, vault, [p for p in points if (p.vm, p.id) in held], planned, summary)
+        there = set(held)
+        catalogs_only = _catalogs_to_send(store, vault, [p for p in points if (p.vm, p.id) in there], planned, summary)
         if any(plan.catalog for plan in plans) or catalogs_only:
             vault.raise_version(CATALOGS_VERSION)   # before any listing goes up (vault.py)
         total = sum(store.blob_lengths(plan.blobs) for plan in plans)
