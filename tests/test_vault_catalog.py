@@ -181,6 +181,22 @@ def test_prune_and_gc_keep_exactly_the_listings_a_catalog_names(env):
     assert not _vault_listings(vault)
 
 
+def test_gc_repacks_the_listings_still_named_out_of_a_pruned_points_pack(env):
+    store, vault, tmp = env
+    first = _point(store, tmp, 4)
+    _catalog(store, first, {**FILES, "old/only/here": 1})
+    push(store, vault, [first], pack_bytes=1 << 20)   # one pack: its blobs, its piece, its listings
+    second = _point(store, tmp, 5)
+    kept = _catalog(store, second, FILES)   # shares every listing but the root with the first
+    push(store, vault, [second], pack_bytes=1 << 20)
+    vault.delete_point("web", first.id)
+    assert gc(vault, pack_bytes=1 << 20).repacked_packs == 1
+    gc(vault, pack_bytes=1 << 20)
+    with _reopened(vault, store) as fresh:
+        assert _vault_listings(fresh) == set(_tree(store, kept))
+        assert _tree(fresh, kept) == _tree(store, kept)
+
+
 def test_a_damaged_listing_reads_as_an_error_naming_where(env):
     store, vault, tmp = env
     point = _point(store, tmp, 6)
