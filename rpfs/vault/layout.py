@@ -40,11 +40,11 @@ POINTS = "points/"
 CATALOGS = "catalogs/"
 HOLDS = "holds/"
 CONDEMNED = "gc/condemned"
-LISTING_ID_BYTES = 32
 CONDEMNED_ASSOCIATED = b"vault-gc\0condemned"
 LOCKS = "locks/"
 TOMBSTONES = "dead/"
 CLOCKS = "clock/"
+LISTING_ID_BYTES = 32   # a catalog object names listings by their ids (the store's block ids)
 
 
 def pack_object(pack: str) -> str:
