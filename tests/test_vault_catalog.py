@@ -227,6 +227,40 @@ def test_a_damaged_local_listing_leaves_its_catalog_out_of_the_push_with_a_note(
     assert vault.catalog("web", point.id) is None   # no catalog rather than a shorter one
 
 
+class _GcFirstBucket(FolderBucket):
+    """The vault's folder, where a gc runs (on another handle) just before the first catalog object is written."""
+    gc_runs: list = []
+    other: Vault | None = None
+
+    def put(self, name: str, data: bytes) -> None:
+        if name.startswith(layout.CATALOGS) and not self.gc_runs:
+            self.gc_runs.append(gc(self.other, pack_bytes=PACK))
+        super().put(name, data)
+
+
+def test_a_gc_beside_a_push_never_removes_the_listings_its_catalog_names(env):
+    """A push relies on listings the vault holds (a pack of their own no catalog names: its catalog object
+    went); a gc condemns that pack before the push writes the catalog object that names them. The next gc
+    finds the catalog object and rescues the pack: the catalog reads whole."""
+    store, vault, tmp = env
+    point = _point(store, tmp, 9)
+    push(store, vault, [point], pack_bytes=PACK)
+    catalog = _catalog(store, point, FILES)
+    push(store, vault, [point], pack_bytes=PACK)   # the listings in a pack of their own, then the catalog
+    vault.objects.delete_catalog("web", point.id)
+    racing = _GcFirstBucket(vault.bucket.label, vault.bucket.endpoint, vault.bucket.name)
+    racing.gc_runs, racing.other = [], _reopened(vault, store)
+    with _reopened(vault, store) as pushing:
+        pushing.bucket = pushing.objects.bucket = racing
+        summary = push(store, pushing, [point], pack_bytes=PACK)
+    assert summary.catalogs == [f"web/{point.id}"] and summary.listings == 0   # it relied on the vault's
+    assert racing.gc_runs[0].condemned_packs == 1
+    assert gc(vault, pack_bytes=PACK).rescued_packs == 1
+    gc(vault, pack_bytes=PACK)
+    with _reopened(vault, store) as fresh:
+        assert _tree(fresh, catalog) == _tree(store, catalog)
+
+
 class _FailingBucket(FolderBucket):
     """The vault's folder, whose catalog objects cannot be written (a push killed after the manifest)."""
 
