@@ -332,11 +332,11 @@ def test_catalogs_of_an_ext4_image_pushed_to_ceph_answer_from_the_vault_alone(va
     store, disk = area / "store", area / "os.img"
     files = random_files(1, count=12)
     rpfs("init", store=store)
-    rpfs("backup", "web", "--disk", f"os={_ext4(disk, files)}", store=store)
+    rpfs("backup", "web", "--no-catalog", "--disk", f"os={_ext4(disk, files)}", store=store)
     _add(vault_env, store)
     rpfs("vault", "push", "offsite", store=store)   # before it has a catalog
-    rpfs("backup", "web", "--disk", f"os={_ext4(disk, {**files, 'dir1/sub1/file001.bin': b'changed'})}",
-         store=store)
+    rpfs("backup", "web", "--no-catalog", "--disk",
+         f"os={_ext4(disk, {**files, 'dir1/sub1/file001.bin': b'changed'})}", store=store)
     wanted = _catalog_all(store)
     first, second = sorted(wanted)
     changed = [e for e in wanted[second][1].values() if any(f.name == "file001.bin" for f in e)]
@@ -373,6 +373,17 @@ def test_catalogs_of_an_ext4_image_pushed_to_ceph_answer_from_the_vault_alone(va
         assert {i for kind, i in vault.index(fresh=True) if kind == LISTING} == set(wanted[second][1])
     del wanted[first]
     _from_the_vault_alone(store, wanted)
+
+    # The commands, with no store at all: find, ls, diff's refusal of a pruned point, restore-files.
+    (store / "data.mdb").exists() and (store / "data.mdb").unlink()
+    found = json.loads(rpfs("--vault", "offsite", "find", "file001.bin", "web", "--json").stdout)["found"]
+    assert [(f["path"], [v["points"] for v in f["versions"]]) for f in found] == \
+        [("/dir1/sub1/file001.bin", [[second]])]
+    listed = json.loads(rpfs("--vault", "offsite", "ls", "web", second, "/dir1/sub1", "--json").stdout)
+    assert "file001.bin" in [e["name"] for e in listed["folders"][0]["entries"]]
+    to = area / "recovered"
+    rpfs("--vault", "offsite", "restore-files", "web", second, "/dir1/sub1/file001.bin", "--to", str(to))
+    assert (to / "dir1/sub1/file001.bin").read_bytes() == b"changed"
 
 
 def test_a_push_killed_with_sigkill_then_run_again_yields_the_catalogs_whole(vault_env, area):
