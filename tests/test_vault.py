@@ -321,9 +321,9 @@ def test_a_vault_of_version_1_is_read_raised_by_a_push_of_blobs_with_keys_of_the
 
     _change(disk, 6, [0, 6])
     copies.append(disk.read_bytes())
-    rpfs("backup", "web", "--disk", f"os={disk}", store=store)   # the store is marked format 6
+    rpfs("backup", "web", "--no-catalog", "--disk", f"os={disk}", store=store)   # the store is marked format 7
     rpfs("vault", "push", "offsite", store=store)
-    assert _vault_version(vault_env) == 2
+    assert _vault_version(vault_env) == 2   # (3 once a catalog goes up: tests/test_vault_catalog.py)
     (store / "data.mdb").unlink()   # from the vault alone from here on
     flags = []
     with open_vault("offsite", session_keys()) as vault:

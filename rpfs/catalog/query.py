@@ -113,9 +113,7 @@ def compile_pattern(pattern: str) -> tuple[re.Pattern, str]:
     if pattern.startswith("/"):
         literal = re.split(r"[*?]", pattern, maxsplit=1)[0]
         return re.compile(body, re.S), literal
-    if "/" not in pattern:
-        return re.compile(r"(?:.*/)?" + body, re.S), ""
-    return re.compile(r"(?:.*/)?" + body, re.S), ""
+    return re.compile(r"(?:.*/)?" + body, re.S), ""   # a name, or the end of a path, at a folder's edge
 
 
 @dataclass

@@ -11,13 +11,12 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from rpfs.catalog.query import FS_PATH, Uncataloged, choose_filesystems, diff, find, ls, mode_string, resolve, \
-    split_fs_path, Listings
+from rpfs.catalog.query import FS_PATH, Listings, Uncataloged, diff, find, ls, mode_string, resolve, split_fs_path
 from rpfs.commands import open_source, open_store, print_json
 from rpfs.commands.progress import ProgressBar, human_bytes
 from rpfs.errors import EXIT_USAGE, RpfsError
 from rpfs.host.untrusted import shown
-from rpfs.store.catalogs import CATALOGED, KINDS, Catalog, CatalogedFilesystem, Entry
+from rpfs.store.catalogs import CATALOGED, KINDS, Catalog, Entry
 
 DEEP_TREES = 20_000   # a catalog's folders nest at most ~2,000 deep (PATH_MAX); the walks here recurse
 
@@ -30,19 +29,24 @@ def cmd_catalog(args) -> int:
         for vm in vms:
             points = [store.point(vm, args.recovery_point)] if args.recovery_point else store.points(vm)
             todo += [p for p in points if args.again or args.recovery_point or store.catalog(p.vm, p.id) is None]
-        summaries = []
+        summaries, failed = [], {}
         with ProgressBar("catalog", quiet=args.json) as bar:
             for n, point in enumerate(todo):
-                summaries.append(catalog_point(store, point, reuse=not args.again))
+                try:
+                    summaries.append(catalog_point(store, point, reuse=not args.again))
+                except RpfsError as e:   # one point's trouble (pruned meanwhile, damaged) does not stop the rest
+                    failed[f"{point.vm}/{point.id}"] = e
                 bar(n + 1, len(todo))
     if args.json:
-        print_json([asdict(s) for s in summaries])
-        return 0
-    if not todo:
-        print("every recovery point has a catalog (rpfs catalog VM ID --again makes one anew)")
-    for s in summaries:
-        print(catalog_line(s))
-    return 0
+        print_json([asdict(s) for s in summaries] + [{"recovery_point": k, "error": e.message} for k, e in failed.items()])
+    else:
+        if not todo:
+            print("every recovery point has a catalog (rpfs catalog VM ID --again makes one anew)")
+        for s in summaries:
+            print(catalog_line(s))
+    for where, e in failed.items():
+        print(f"rpfs: {where}: no catalog made: {e.message}", file=sys.stderr)
+    return max((e.exit_code for e in failed.values()), default=0)   # 3 if a point was damaged
 
 
 def catalog_line(s) -> str:

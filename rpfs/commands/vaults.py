@@ -5,6 +5,7 @@ boto3 takes half a second to import: only commands that talk to a vault import r
 from __future__ import annotations
 
 import argparse
+import sys
 
 from rpfs.commands import key_choice, open_store, print_json
 from rpfs.commands.arguments import Parser, rate
@@ -110,7 +111,10 @@ def _push(args) -> int:
     print(f"pushed {len(summary.pushed)} recovery point(s) to vault {args.name}"
           f" ({len(summary.already)} there already, or older than its newest):"
           f" {human_bytes(summary.uploaded_bytes)} stored bytes uploaded in {summary.packs} pack(s),"
-          f" {summary.blobs} block(s), {summary.seconds:.1f} s ({summary.mib_per_second:.0f} MiB/s)")
+          f" {summary.blobs} block(s), {summary.seconds:.1f} s ({summary.mib_per_second:.0f} MiB/s)"
+          + (f", {len(summary.catalogs)} catalog(s)" if summary.catalogs else ""))
+    for note in summary.notes:
+        print(f"rpfs: note: {note}", file=sys.stderr)
     return 0
 
 
@@ -126,7 +130,8 @@ def _gc(args) -> int:
           f" the last gc condemned, {summary.rescued_packs} rescued (a manifest needs them); condemned"
           f" {summary.condemned_packs} pack(s) for the next gc"
           + (f", of which {summary.repacked_packs} half-empty ({human_bytes(summary.repacked_bytes)} still needed"
-             " copied into new packs)" if summary.repacked_packs else ""))
+             " copied into new packs)" if summary.repacked_packs else "")
+          + (f"; removed {summary.removed_catalogs} catalog(s) of pruned points" if summary.removed_catalogs else ""))
     for holder in summary.waiting_for:
         print(f"  kept for now: the packs condemned before are waited on by {holder}")
     for holder in summary.removed_locks:

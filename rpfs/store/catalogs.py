@@ -49,10 +49,6 @@ class Entry:
     target: str = ""      # a link's target
     folder: bytes = b""   # a folder's listing id
 
-    def same_as(self, other: "Entry") -> bool:
-        """The same file as far as a catalog can tell (a folder: the same listing)."""
-        return self == other
-
 
 @dataclass
 class CatalogedFilesystem:
@@ -213,9 +209,6 @@ class Catalogs:
     def listing(self, txn, listing_id: bytes, where: str) -> bytes:
         """A listing's canonical bytes, checked against its id."""
         return self._listing(txn, listing_id, where)
-
-    def has_listing(self, txn, listing_id: bytes) -> bool:
-        return txn.get(listing_id, db=self._listings) is not None
 
     def record_keys(self, txn) -> list[bytes]:
         return [bytes(k) for k in txn.cursor(db=self._records).iternext(values=False)]

@@ -513,12 +513,6 @@ class Store(KeptByLeases):
         with self.read() as txn:
             return self._catalog_layout().listing(txn, listing_id, where)
 
-    def has_listings(self, listing_ids: Iterable[bytes]) -> set[bytes]:
-        """Those of listing_ids the store holds."""
-        catalogs = self._catalog_layout()
-        with self.read() as txn:
-            return {i for i in listing_ids if catalogs.has_listing(txn, i)}
-
     def listing_id(self, raw: bytes) -> bytes:
         return self._catalog_layout().listing_id(raw)
 

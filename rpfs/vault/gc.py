@@ -22,6 +22,12 @@ lists that manifest too. Either way step (1) sees every manifest that can name a
 push that starts after the indexes were deleted never sees the condemned blobs and uploads its own.
 Manifests name entries, not packs: an entry is needed from a condemned pack only if no indexed pack
 holds it, and a repack indexes its new packs before it condemns the old ones.
+
+Catalog objects (catalogs/<vm>/<id>) are read as manifests are: a push writes one only while its lock is
+there, after every listing it names is indexed, so the same argument keeps every listing a catalog object
+names. They are listed before the manifests: a push writes a point's catalog object after its manifest, so
+a catalog object listed then whose manifest is not listed now belongs to a pruned point (a prune killed
+between deleting the two) and is removed, its listings needed no more.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from rpfs.store.block_maps import distinct_digests
 from rpfs.vault.locks import VaultLock, bury, locks, remove_old_tombstones
 from rpfs.vault.packs import PACK_BYTES, upload_packs
 from rpfs.vault.layout import CONDEMNED, Condemned
-from rpfs.vault.vault import BLOB, PIECE, Location, Vault
+from rpfs.vault.vault import BLOB, LISTING, PIECE, Location, Vault
 
 REPACK_BELOW = 0.5     # a pack whose needed entries take less than this share of it is repacked
 REPACK_READERS = 16    # entries of half-empty packs fetched at once
@@ -50,6 +56,7 @@ class GcSummary:
     repacked_bytes: int = 0      # bytes copied
     waiting_for: list[str] = field(default_factory=list)   # live locks that keep the condemned packs
     removed_locks: list[str] = field(default_factory=list)
+    removed_catalogs: int = 0    # catalog objects of points pruned from the vault (a prune killed midway)
 
 
 def gc(vault: Vault, pack_bytes: int = PACK_BYTES) -> GcSummary:
@@ -77,13 +84,16 @@ def pending(vault: Vault) -> bool:
     return vault.objects.condemned() is not None
 
 
-def _needed(vault: Vault) -> set[tuple[bytes, bytes]]:
+def _needed(vault: Vault, summary: GcSummary) -> set[tuple[bytes, bytes]]:
     """Every (kind, id) a manifest listed now needs, or a hold's copy of one (an instant restore copying a
-    point prune may have deleted): their pieces and the blobs they name. Manifests are listed before holds:
-    a hold is written, then its manifest checked to be there (Vault.hold), so a point whose manifest this
-    listing missed (deleted before it) had its hold written before the holds are listed."""
+    point prune may have deleted): their pieces and the blobs they name; and the listings the catalog objects
+    name. Manifests are listed before holds: a hold is written, then its manifest checked to be there
+    (Vault.hold), so a point whose manifest this listing missed (deleted before it) had its hold written
+    before the holds are listed. Catalog objects are listed before the manifests (_catalog_listings)."""
     needed: set[tuple[bytes, bytes]] = set()
-    maps = [(vm, point_id, vault.manifest_maps(vm, point_id)) for vm, point_id in vault.point_names(fresh=True)]
+    catalogs = vault.objects.catalog_names()
+    points = vault.point_names(fresh=True)
+    maps = [(vm, point_id, vault.manifest_maps(vm, point_id)) for vm, point_id in points]
     maps += [(hold.vm, hold.point_id, vault.held_maps(hold)) for hold in vault.holds()]
     for vm, point_id, disks in maps:
         for _block_count, piece_ids in disks.values():
@@ -97,12 +107,35 @@ def _needed(vault: Vault) -> set[tuple[bytes, bytes]]:
                     raise RpfsError(f"{vault.config.label}: {e.message}; gc deleted nothing (what the recovery point"
                                     f" {vm}/{point_id} needs cannot be known: rpfs --vault ... verify)") from None
                 needed.update((BLOB, digest) for digest in distinct_digests(piece))
+    needed.update(_catalog_listings(vault, catalogs, set(points), summary))
+    return needed
+
+
+def _catalog_listings(vault: Vault, catalogs: list[tuple[str, str]], points: set[tuple[str, str]],
+                      summary: GcSummary) -> set[tuple[bytes, bytes]]:
+    """The listings the catalog objects name. catalogs was listed before points: a push writes a catalog
+    object after its point's manifest, so one whose manifest points lacks belongs to a point pruned since
+    (a prune killed between deleting the two) and is removed here. A catalog object that does not open stops
+    gc: what it names cannot be known."""
+    needed: set[tuple[bytes, bytes]] = set()
+    for vm, point_id in catalogs:
+        if (vm, point_id) not in points:
+            vault.objects.delete_catalog(vm, point_id)
+            summary.removed_catalogs += 1
+            continue
+        try:
+            found = vault.catalog_object(vm, point_id)
+        except CorruptBlockError as e:
+            raise RpfsError(f"{e.message}; gc deleted nothing (what it names cannot be known: rpfs vault push"
+                            " sends the store's catalog again)") from None
+        if found is not None:   # else pruned meanwhile
+            needed.update((LISTING, listing_id) for listing_id in found.listings)
     return needed
 
 
 def _condemn(vault: Vault, summary: GcSummary, lock: VaultLock, pack_bytes: int) -> None:
     index = vault.index(fresh=True)   # first: what step (1) rescued is in it, and the record is gone
-    needed = _needed(vault)
+    needed = _needed(vault, summary)
     by_pack: dict[str, list[tuple[tuple[bytes, bytes], Location]]] = {}
     for key, location in index.items():   # each entry in the one pack the index names
         if key in needed:
@@ -168,7 +201,7 @@ def _finish(vault: Vault, record: Condemned, summary: GcSummary) -> None:
     if waiting:
         summary.waiting_for = waiting
         return
-    needed = _needed(vault)
+    needed = _needed(vault, summary)
     available = vault.index(fresh=True)   # the indexed packs' entries: condemned packs' are not in it
     sizes = vault.objects.packs()
     indexed = set(vault.objects.indexed_packs())

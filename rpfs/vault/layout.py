@@ -8,6 +8,8 @@ Objects (names under the vault's prefix; docs/design/vault.md):
                       pack, so a pack without an index is an interrupted upload (never read, gc removes it)
   points/<vm>/<id>    a recovery point's manifest (sealed): its record and, per disk, its block map's piece
                       ids; written after every pack it needs is indexed: a point exists only whole
+  catalogs/<vm>/<id>  the point's catalog (sealed): its catalog record and every listing id it reaches;
+                      written after its manifest and after every pack holding those listings is indexed
   holds/<name>        an instant restore from the vault in progress: its point and a copy of its sealed
                       manifest, so that prune skips the point and gc keeps what it needs even if it goes
   gc/condemned        the packs a gc condemned, for the next run to delete (sealed; gc.py)
@@ -25,6 +27,7 @@ from typing import BinaryIO
 from rpfs.errors import CorruptBlockError
 from rpfs.host.processes import machine_id
 from rpfs.host.untrusted import parse_json
+from rpfs.store.catalogs import Catalog
 from rpfs.store.crypto import Keyring
 from rpfs.store.recovery_point import NAME_RE, RecoveryPoint
 from rpfs.store.store import Store
@@ -34,12 +37,14 @@ KEYS_OBJECT = "keys.json"
 PACKS = "packs/"
 INDEXES = "index/"
 POINTS = "points/"
+CATALOGS = "catalogs/"
 HOLDS = "holds/"
 CONDEMNED = "gc/condemned"
 CONDEMNED_ASSOCIATED = b"vault-gc\0condemned"
 LOCKS = "locks/"
 TOMBSTONES = "dead/"
 CLOCKS = "clock/"
+LISTING_ID_BYTES = 32   # a catalog object names listings by their ids (the store's block ids)
 
 
 def pack_object(pack: str) -> str:
@@ -52,6 +57,10 @@ def index_object(pack: str) -> str:
 
 def point_object(vm: str, point_id: str) -> str:
     return f"{POINTS}{vm}/{point_id}"
+
+
+def catalog_object(vm: str, point_id: str) -> str:
+    return f"{CATALOGS}{vm}/{point_id}"
 
 
 def hold_object(name: str) -> str:
@@ -77,6 +86,10 @@ def clock_object(token: str) -> str:
 
 def manifest_associated(vm: str, point_id: str) -> bytes:
     return b"vault-points\0" + Store.point_key(vm, point_id)
+
+
+def catalog_associated(vm: str, point_id: str) -> bytes:
+    return b"vault-catalogs\0" + Store.point_key(vm, point_id)
 
 
 def unseal(keyring: Keyring, label: str, associated: bytes, sealed: bytes, what: str) -> bytes:
@@ -112,6 +125,39 @@ class Manifest:
         except (ValueError, KeyError, TypeError, AttributeError):
             raise CorruptBlockError(f"{label}: the manifest of {vm}/{point_id} is damaged") from None
         return cls(point, maps)
+
+
+@dataclass
+class CatalogObject:
+    """catalogs/<vm>/<id>: a point's catalog record (store/catalogs.py) and every listing id it reaches, so
+    that gc knows what to keep without reading a listing, and a point pushed before it was cataloged gets
+    its catalog by a later push (an object of its own, not part of the manifest)."""
+    catalog: Catalog
+    listings: list[bytes]
+
+    def encode(self, keyring: Keyring) -> bytes:
+        record = {"catalog": self.catalog.to_json().decode(),
+                  "listings": base64.b64encode(b"".join(self.listings)).decode()}
+        return keyring.seal_record(json.dumps(record).encode(),
+                                   catalog_associated(self.catalog.vm, self.catalog.point_id))
+
+    @classmethod
+    def decode(cls, keyring: Keyring, label: str, vm: str, point_id: str, sealed: bytes) -> "CatalogObject":
+        """Raises CorruptBlockError unless it opens as the catalog of vm/point_id."""
+        what = f"the catalog of {vm}/{point_id}"
+        data = unseal(keyring, label, catalog_associated(vm, point_id), sealed, what)
+        try:
+            record = json.loads(data)
+            catalog = Catalog.from_json(record["catalog"].encode(), f"{vm}/{point_id}")
+            packed = base64.b64decode(record["listings"], validate=True)
+            if len(packed) % LISTING_ID_BYTES or (catalog.vm, catalog.point_id) != (vm, point_id):
+                raise ValueError
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CorruptBlockError(f"{label}: {what} is damaged") from None
+        except CorruptBlockError as e:
+            raise CorruptBlockError(f"{label}: {e.message}") from None
+        listings = [packed[n:n + LISTING_ID_BYTES] for n in range(0, len(packed), LISTING_ID_BYTES)]
+        return cls(catalog, listings)
 
 
 @dataclass
@@ -213,12 +259,8 @@ class VaultObjects:
     # recovery points and holds
     def point_names(self) -> list[tuple[str, str]]:
         """(vm, point id) of every manifest, sorted; a name that is no manifest of ours is ignored."""
-        found = []
-        for name, _size in self.bucket.names(POINTS):
-            parts = name[len(POINTS):].split("/")
-            if len(parts) == 2 and NAME_RE.fullmatch(parts[0]) and NAME_RE.fullmatch(parts[1]):
-                found.append((parts[0], parts[1]))
-        return sorted(found)
+        return sorted(_vm_and_point(name[len(POINTS):]) for name, _size in self.bucket.names(POINTS)
+                      if _vm_and_point(name[len(POINTS):]))
 
     def manifest(self, vm: str, point_id: str) -> bytes | None:
         return self.bucket.get(point_object(vm, point_id))
@@ -228,6 +270,20 @@ class VaultObjects:
 
     def delete_manifest(self, vm: str, point_id: str) -> None:
         self.bucket.delete(point_object(vm, point_id))
+
+    def catalog_names(self) -> list[tuple[str, str]]:
+        """(vm, point id) of every catalog object, sorted; a name that is no catalog of ours is ignored."""
+        return sorted(_vm_and_point(name[len(CATALOGS):]) for name, _size in self.bucket.names(CATALOGS)
+                      if _vm_and_point(name[len(CATALOGS):]))
+
+    def catalog(self, vm: str, point_id: str) -> bytes | None:
+        return self.bucket.get(catalog_object(vm, point_id))
+
+    def put_catalog(self, vm: str, point_id: str, sealed: bytes) -> None:
+        self.bucket.put(catalog_object(vm, point_id), sealed)
+
+    def delete_catalog(self, vm: str, point_id: str) -> None:
+        self.bucket.delete(catalog_object(vm, point_id))
 
     def hold_objects(self) -> list[str]:
         return [name for name, _size in self.bucket.names(HOLDS)]
@@ -251,3 +307,11 @@ class VaultObjects:
 
     def delete_condemned(self) -> None:
         self.bucket.delete(CONDEMNED)
+
+
+def _vm_and_point(name: str) -> tuple[str, str] | None:
+    """(vm, point id) of a name "<vm>/<id>", None if it is not one."""
+    parts = name.split("/")
+    if len(parts) == 2 and NAME_RE.fullmatch(parts[0]) and NAME_RE.fullmatch(parts[1]):
+        return parts[0], parts[1]
+    return None

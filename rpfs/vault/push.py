@@ -5,25 +5,33 @@ map pieces, are streamed into packs of about PACK_BYTES: each pack is one object
 parallel (s3.py), and exists only once complete; its index goes up after it. The point's manifest goes
 up last. A push killed at any moment leaves packs (whole, indexed or not) and no half point: the next
 push finds the indexed packs' blobs in the vault and sends only the rest.
+
+A point with a catalog in the store (store/catalogs.py) also sends the listings its catalog reaches that
+the vault lacks, in the same packs, and after its manifest a catalog object naming every listing it
+reaches (layout.py): it exists only once they are all indexed. A point the vault already has gets its
+catalog object when the vault has none, or one that differs from the store's (cataloged again), its
+listings in packs of their own first.
 """
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from rpfs.errors import RpfsError
+from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.host.libc import reuse_freed_memory
 from rpfs.host.threads import in_order
 from rpfs.store.block_maps import digests_in_order
+from rpfs.store.catalogs import Catalog, subfolders
 from rpfs.store.leases import Lease
 from rpfs.store.recovery_point import RecoveryPoint
 from rpfs.store.store import Store
 from rpfs.vault.keys import send_current_slots
 from rpfs.vault.locks import VaultLock
 from rpfs.vault.packs import PACK_BYTES, PackStream, upload_packs
-from rpfs.vault.layout import Manifest
-from rpfs.vault.vault import BLOB, PIECE, Vault
+from rpfs.vault.layout import CatalogObject, Manifest
+from rpfs.vault.vault import BLOB, CATALOGS_VERSION, INDEX_READERS, LISTING, PIECE, Vault
 
 CHECKERS = 2            # threads reading and checking blobs ahead of the upload (page faults, zstd, AES, BLAKE3)
 
@@ -36,6 +44,9 @@ class PushSummary:
     already: list[str] = field(default_factory=list)     # in the vault, or older than the VM's newest there
     blobs: int = 0
     pieces: int = 0
+    listings: int = 0                                     # catalog listings uploaded
+    catalogs: list[str] = field(default_factory=list)    # "vm/id" of the catalogs uploaded (new or changed)
+    notes: list[str] = field(default_factory=list)       # catalogs left out, and why
     packs: int = 0
     uploaded_bytes: int = 0
     seconds: float = 0.0
@@ -85,6 +96,11 @@ def _push(store: Store, vault: Vault, points: list[RecoveryPoint], lock: VaultLo
         for point in todo:
             lease.take(store, point.vm, point.id)
             plans.append(_plan(store, vault, point, planned))
+            plans[-1].catalog = _plan_catalog(store, vault, store.catalog(point.vm, point.id), planned, summary)
+        there = set(held)
+        catalogs_only = _catalogs_to_send(store, vault, [p for p in points if (p.vm, p.id) in there], planned, summary)
+        if any(plan.catalog for plan in plans) or catalogs_only:
+            vault.raise_version(CATALOGS_VERSION)   # before any listing goes up (vault.py)
         total = sum(store.blob_lengths(plan.blobs) for plan in plans)
         done, since = 0, time.monotonic()
 
@@ -98,6 +114,11 @@ def _push(store: Store, vault: Vault, points: list[RecoveryPoint], lock: VaultLo
         for plan in plans:
             _upload(store, vault, plan, summary, sent, pack_bytes, lock)
             summary.pushed.append(f"{plan.point.vm}/{plan.point.id}")
+        new_listings = ((LISTING, listing_id, sealed) for plan in catalogs_only for listing_id, sealed in plan.new)
+        for pack in upload_packs(vault, new_listings, pack_bytes, lock):
+            _add_pack(summary, pack)
+        for plan in catalogs_only:
+            _put_catalog(vault, plan, lock, summary)
     finally:
         lease.close()
 
@@ -109,6 +130,16 @@ class _Planned:
     points' manifests."""
     blobs: set[bytes] = field(default_factory=set)
     pieces: set[bytes] = field(default_factory=set)
+    listings: set[bytes] = field(default_factory=set)
+    subfolders: dict[bytes, list[bytes]] = field(default_factory=dict)   # listing id -> the listings it names:
+                                                                         # unchanged folders are shared by points
+
+
+@dataclass
+class _CatalogPlan:
+    catalog: Catalog
+    listings: list[bytes]                # every listing the catalog reaches
+    new: list[tuple[bytes, bytes]]       # (id, sealed) of those the vault lacks and no earlier plan sends
 
 
 @dataclass
@@ -117,6 +148,7 @@ class _Plan:
     maps: dict[str, tuple[int, list[bytes]]]
     blobs: list[bytes]       # blobs the vault lacks (every blob the point names is checked, not only new pieces')
     pieces: list[bytes]      # pieces the vault lacks
+    catalog: _CatalogPlan | None = None
 
 
 def _plan(store: Store, vault: Vault, point: RecoveryPoint, planned: _Planned) -> _Plan:
@@ -142,15 +174,81 @@ def _plan(store: Store, vault: Vault, point: RecoveryPoint, planned: _Planned) -
     return _Plan(point, maps, list(blobs), list(pieces))
 
 
+def _plan_catalog(store: Store, vault: Vault, catalog: Catalog | None, planned: _Planned,
+                  summary: PushSummary) -> _CatalogPlan | None:
+    """The listings a catalog reaches, walked in the store from its roots (each read once per push), and those
+    of them to send, read, checked against their ids and sealed now: a point cataloged again while it goes
+    up loses its old listings in the store. None without a catalog, or with a listing that cannot be read
+    (noted: the point goes up without its catalog, and a later push sends it once rpfs check repaired it)."""
+    if catalog is None:
+        return None
+    where = f"{catalog.vm}/{catalog.point_id}"
+    reached: dict[bytes, None] = {}
+    new: list[tuple[bytes, bytes]] = []
+    pending = catalog.roots()
+    try:
+        while pending:
+            listing_id = pending.pop()
+            if listing_id in reached:
+                continue
+            reached[listing_id] = None
+            children = planned.subfolders.get(listing_id)
+            if children is None:
+                raw = store.listing_bytes(listing_id, where)   # checked against its id
+                children = planned.subfolders[listing_id] = subfolders(raw, f"a listing of {where}")
+                if listing_id not in planned.listings and not vault.has(LISTING, listing_id):
+                    new.append((listing_id, vault.seal_listing(listing_id, raw)))
+            pending.extend(children)
+    except (CorruptBlockError, RpfsError) as e:
+        summary.notes.append(f"the catalog of {where} was not pushed: {e.message} (rpfs check)")
+        return None
+    planned.listings.update(listing_id for listing_id, _sealed in new)
+    return _CatalogPlan(catalog, list(reached), new)
+
+
+def _catalogs_to_send(store: Store, vault: Vault, held: list[RecoveryPoint], planned: _Planned,
+                      summary: PushSummary) -> list[_CatalogPlan]:
+    """Plans for the catalogs of points the vault has already whose catalog object is missing, does not
+    open, or differs from the store's (the point was cataloged again)."""
+    cataloged = [(point, found) for point in held if (found := store.catalog(point.vm, point.id)) is not None]
+    present = set(vault.objects.catalog_names()) if cataloged else set()   # one LIST: no GET for those missing
+
+    def stale(pair: tuple[RecoveryPoint, Catalog]) -> bool:
+        point, catalog = pair
+        if (point.vm, point.id) not in present:
+            return True
+        try:
+            there = vault.catalog_object(point.vm, point.id)
+        except (CorruptBlockError, RpfsError):
+            return True   # replaced whole by a sealed one
+        return there is None or there.catalog.to_json() != catalog.to_json()
+    with ThreadPoolExecutor(INDEX_READERS) as pool:
+        to_send = [catalog for (_point, catalog), changed in zip(cataloged, pool.map(stale, cataloged)) if changed]
+    plans = [_plan_catalog(store, vault, catalog, planned, summary) for catalog in to_send]
+    return [plan for plan in plans if plan is not None]
+
+
+def _put_catalog(vault: Vault, plan: _CatalogPlan, lock: VaultLock, summary: PushSummary) -> None:
+    """The catalog object, once every listing it names is indexed (this push's packs, or the vault's)."""
+    catalog = plan.catalog
+    sealed = CatalogObject(catalog, plan.listings).encode(vault.keyring)
+    lock.refresh()   # raises if a gc took this push for dead: listings it relies on may be condemned
+    vault.objects.put_catalog(catalog.vm, catalog.point_id, sealed)
+    summary.catalogs.append(f"{catalog.vm}/{catalog.point_id}")
+
+
 def _upload(store: Store, vault: Vault, plan: _Plan, summary: PushSummary, sent: Callable[[int], None],
             pack_bytes: int, lock: VaultLock) -> None:
-    """The plan's blobs and pieces in packs (each indexed once whole), then the manifest."""
+    """The plan's blobs, pieces and listings in packs (each indexed once whole), then the manifest, then
+    the catalog object (a kill between the two: the next push sends the catalog)."""
     for pack in upload_packs(vault, _entries(store, plan, sent), pack_bytes, lock):
         _add_pack(summary, pack)
     point = plan.point
     sealed = Manifest(point, plan.maps).encode(vault.keyring)
     lock.refresh()   # raises if a gc took this push for dead: what it relies on may be condemned
     vault.objects.put_manifest(point.vm, point.id, sealed)
+    if plan.catalog is not None:
+        _put_catalog(vault, plan.catalog, lock, summary)
 
 
 def _add_pack(summary: PushSummary, stream: PackStream) -> None:
@@ -159,6 +257,7 @@ def _add_pack(summary: PushSummary, stream: PackStream) -> None:
     summary.uploaded_bytes += stream.size
     summary.blobs += sum(1 for kind, *_ in stream.index if kind == BLOB)
     summary.pieces += sum(1 for kind, *_ in stream.index if kind == PIECE)
+    summary.listings += sum(1 for kind, *_ in stream.index if kind == LISTING)
 
 
 def _decoded_copy(store: Store, digest: bytes, stored) -> bytes:
@@ -186,3 +285,5 @@ def _entries(store: Store, plan: _Plan, sent: Callable[[int], None]) -> Iterator
     for piece_id in plan.pieces:
         stored, _digests = store.stored_piece(piece_id)
         yield PIECE, piece_id, stored
+    for listing_id, sealed in plan.catalog.new if plan.catalog else []:
+        yield LISTING, listing_id, sealed

@@ -8,6 +8,9 @@ Vault format 2 differs from 1 only in that its blobs may be sealed under keys of
 6, blob.py FLAG_BLOCK_KEY), which an rpfs that reads only version 1 would take for damage. So the version
 follows the store: a vault of a format 6 store is 2 (made so, or raised by the first push from it, before
 any blob goes up), and an older rpfs refuses it with one clear line; this rpfs reads both.
+Vault format 3 may hold catalogs (listings in packs, catalogs/<vm>/<id>): an rpfs reading only 2 would not
+count the listings as needed and its gc would delete them, so the first push of a catalog raises the
+vault to 3 before any listing goes up.
 """
 from __future__ import annotations
 
@@ -24,10 +27,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
+import zstandard
+
 from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.host.untrusted import parse_json
 from rpfs.store.blob import BlockCodec, Cut, frame_span, head_size
 from rpfs.store.block_maps import where
+from rpfs.store.catalogs import Catalog, Entry, decode_listing, open_listing
 from rpfs.store.key_slots import KeyChoice, KeyLock, KeySlot
 from rpfs.store.recovery_point import DIGEST_SIZE, RecoveryPoint
 from rpfs.store.source import NoKeeper, SourceName
@@ -35,18 +41,23 @@ from rpfs.store.store import MapPieces, Store, key_settings
 from rpfs.vault.config import VaultConfig, vault_config
 from rpfs.vault.folder_bucket import FolderBucket
 from rpfs.vault.index_cache import IndexCache
-from rpfs.vault.layout import (FORMAT_OBJECT, KEYS_OBJECT, Condemned, Manifest, VaultObjects, hold_name, hold_object,
-                               point_object, unseal)
+from rpfs.vault.layout import (FORMAT_OBJECT, KEYS_OBJECT, CatalogObject, Condemned, Manifest, VaultObjects,
+                               catalog_object, hold_name, hold_object, point_object, unseal)
 from rpfs.vault.runs import RunReader
 from rpfs.vault.s3 import Bucket
 
 FORMAT = "rpfs-vault"
-FORMAT_VERSION = 2                   # 2: blobs may have keys of their own (above)
-READ_VERSIONS = (1, FORMAT_VERSION)
+FORMAT_VERSION = 3                   # 2: blobs may have keys of their own; 3: catalogs (above)
+BLOCK_KEYS_VERSION = 2               # the vault version whose blobs may have keys of their own
+CATALOGS_VERSION = 3                 # the vault version that may hold catalogs
+READ_VERSIONS = (1, BLOCK_KEYS_VERSION, CATALOGS_VERSION)
 BLOCK_KEYS_STORE_FORMAT = 6          # the store format whose blobs may have keys of their own
 SETTINGS = ("encryption", "block_id", "block_size", "zstd_level")   # copied from the store's meta
-ENTRY = struct.Struct("<c32sQI")     # an index entry: kind (b"b" blob, b"p" piece), id, offset, length
-BLOB, PIECE = b"b", b"p"
+ENTRY = struct.Struct("<c32sQI")     # an index entry: kind (b"b" blob, b"p" piece, b"l" listing), id, offset, length
+BLOB, PIECE, LISTING = b"b", b"p", b"l"
+LISTINGS_KEPT = 32 << 20             # bytes of listings kept once read (find reads the same folders for each point)
+LISTING_RUN_BYTES = 1 << 20          # a listing is fetched with those after it in its pack, up to this much: a
+                                     # push sends a catalog's listings together, and find reads them all
 LISTING_SECONDS = 1.0                # how long a listing of the manifests is reused
 INDEX_READERS = 16                    # index objects fetched at once when a vault is opened
 HEAD_BYTES = 4096                     # first GET of a blob for a random read: header and frame table
@@ -99,10 +110,16 @@ class Vault:
         self._held: dict[str, tuple[RecoveryPoint, dict]] = {}   # manifests adopted from holds: never evicted
         self._pieces = MapPieces()
         self._runs = RunReader(self._read_pack, self.index)
+        self._listing_runs = RunReader(self._read_pack, self.index, LISTING_RUN_BYTES, LISTINGS_KEPT)
         self._heads: OrderedDict[tuple[str, int], bytes] = OrderedDict()   # blob heads by place: random reads
         self._heads_lock = threading.Lock()   # not the index's: an index reload must not stall random reads
         self.created = False   # by Vault.create, in this call
         self._listing: tuple[float, list[tuple[str, str]]] = (-LISTING_SECONDS, [])
+        self._catalogs: OrderedDict[str, CatalogObject | None] = OrderedDict()
+        self._listings: OrderedDict[bytes, bytes] = OrderedDict()   # listing id -> its bytes, checked
+        self._listings_bytes = 0
+        self._listings_lock = threading.Lock()
+        self._zstd = threading.local()   # a compressor per thread (listings pushed)
 
     # -- making and opening ----------------------------------------------------------------------
     @classmethod
@@ -156,7 +173,10 @@ class Vault:
 
     def raise_version_for(self, store: Store) -> None:
         """Mark the vault with the version that reads the blobs of store (push, before any goes up)."""
-        wanted = vault_version_for(store)
+        self.raise_version(vault_version_for(store))
+
+    def raise_version(self, wanted: int) -> None:
+        """Mark the vault with version wanted unless it has that or a later one already."""
         found = _settings(self.bucket) or self.settings
         if int(found["format_version"]) < wanted:
             self.settings = {**found, "format_version": wanted}
@@ -318,10 +338,77 @@ class Vault:
         return self._manifest(vm, point_id)[1]
 
     def delete_point(self, vm: str, point_id: str) -> None:
-        """Remove a recovery point from the vault (its manifest): gc frees what nothing else needs."""
+        """Remove a recovery point from the vault (its manifest, then its catalog: one left by a kill in
+        between is removed by gc): gc frees what nothing else needs."""
         self.objects.delete_manifest(vm, point_id)
         self._manifests.pop(point_object(vm, point_id), None)
         self._listing = (-LISTING_SECONDS, [])
+        self.objects.delete_catalog(vm, point_id)
+        self._catalogs.pop(catalog_object(vm, point_id), None)
+
+    # -- catalogs of the files inside the disks (store/catalogs.py; a CatalogReader) -----------------
+    def catalog(self, vm: str, point_id: str) -> Catalog | None:
+        """The point's catalog record, None when the vault holds none for it (kept once read)."""
+        name = catalog_object(vm, point_id)
+        with self._listings_lock:
+            if name in self._catalogs:
+                found = self._catalogs[name]
+                return None if found is None else found.catalog
+        found = self.catalog_object(vm, point_id)
+        with self._listings_lock:
+            self._catalogs[name] = found
+            while len(self._catalogs) > 256:
+                self._catalogs.popitem(last=False)
+        return None if found is None else found.catalog
+
+    def catalog_object(self, vm: str, point_id: str) -> CatalogObject | None:
+        """The point's catalog object as it is now (read every time: push and gc), None if there is none;
+        CorruptBlockError if it does not open."""
+        sealed = self.objects.catalog(vm, point_id)
+        return None if sealed is None else CatalogObject.decode(self.keyring, self.config.label, vm, point_id, sealed)
+
+    def catalog_keys(self) -> list[tuple[str, str]]:
+        """(vm, point id) of every catalog object."""
+        return self.objects.catalog_names()
+
+    def listing(self, listing_id: bytes, where: str) -> list[Entry]:
+        return decode_listing(self.listing_bytes(listing_id, where), f"a listing of {where}")
+
+    def listing_bytes(self, listing_id: bytes, where: str) -> bytes:
+        """A listing's canonical bytes, fetched through the index and checked against its id;
+        CorruptBlockError naming where if it is missing or damaged."""
+        with self._listings_lock:
+            raw = self._listings.get(listing_id)
+            if raw is not None:
+                self._listings.move_to_end(listing_id)
+                return raw
+        stored = self._located(LISTING, listing_id,
+                               lambda location: bytes(self._listing_runs.read((LISTING, listing_id), location)))
+        if stored is None:
+            raise CorruptBlockError(f"a listing of {where} is missing from {self.config.label}"
+                                    f" ({listing_id.hex()[:16]})")
+        raw = self._open_listing(listing_id, stored, where)
+        with self._listings_lock:
+            if listing_id not in self._listings:
+                self._listings[listing_id] = raw
+                self._listings_bytes += len(raw)
+            while self._listings_bytes > LISTINGS_KEPT and len(self._listings) > 1:
+                self._listings_bytes -= len(self._listings.popitem(last=False)[1])
+        return raw
+
+    def listing_id(self, raw: bytes) -> bytes:
+        return self.codec.block_id(raw)
+
+    def seal_listing(self, listing_id: bytes, raw: bytes) -> bytes:
+        """A listing as the vault keeps it (as the store does: compressed, sealed under its id)."""
+        compressor = getattr(self._zstd, "compressor", None)
+        if compressor is None:
+            compressor = self._zstd.compressor = zstandard.ZstdCompressor(level=3)
+        return self.keyring.seal_record(compressor.compress(raw), b"listings\0" + listing_id)
+
+    def _open_listing(self, listing_id: bytes, stored: bytes, where: str) -> bytes:
+        compressed = self._unseal(b"listings\0" + listing_id, stored, f"a listing of {where}")
+        return open_listing(compressed, listing_id, self.codec.block_id, where)
 
     def _manifest(self, vm: str, point_id: str) -> tuple[RecoveryPoint | None, dict]:
         """A manifest's recovery point and block map indexes (disk -> (count, piece ids)), kept once read."""
@@ -438,6 +525,8 @@ class Vault:
         data = self._read_pack(location.pack, location.offset, location.length)
         if kind == PIECE:
             self._open_piece(entry_id, data)
+        elif kind == LISTING:
+            self._open_listing(entry_id, data, f"pack {location.pack}")
         else:
             try:
                 self.codec.decode(entry_id, data)
@@ -530,7 +619,7 @@ class Vault:
 
 def vault_version_for(store: Store) -> int:
     """The vault version whose readers read every blob of store: 2 once blobs may have keys of their own."""
-    return FORMAT_VERSION if store.format_version >= BLOCK_KEYS_STORE_FORMAT else 1
+    return BLOCK_KEYS_VERSION if store.format_version >= BLOCK_KEYS_STORE_FORMAT else 1
 
 
 def bucket_of(config: VaultConfig) -> Bucket | FolderBucket:
