@@ -87,7 +87,8 @@ def cmd_usage(args) -> int:
     for v in result.vms:
         print(f"{v.vm:<16} {v.recovery_points:>6} {human_bytes(v.protected_instance_bytes):>19}"
               f" {human_bytes(v.backup_storage_bytes):>15} {human_bytes(v.snapshot_bytes):>10}")
-    print(f"store: {human_bytes(result.stored_bytes)} stored ({human_bytes(result.file_bytes)} file), "
+    print(f"store: {human_bytes(result.stored_bytes)} stored, catalogs {human_bytes(result.catalog_bytes)}"
+          f" ({human_bytes(result.file_bytes)} file), "
           f"deduplication {result.deduplication_ratio:.2f}x, compression {result.compression_ratio:.2f}x; "
           f"{result.unreferenced_blocks} unreferenced block(s) for gc. Shared blocks: {result.attribution}.")
     return 0

@@ -217,6 +217,10 @@ class Catalogs:
         for key in txn.cursor(db=self._listings).iternext(values=False):
             yield bytes(key)
 
+    def stored_bytes(self, txn) -> int:
+        """The bytes catalogs take as stored: records and listings (sealed, compressed)."""
+        return sum(len(v) for db in (self._records, self._listings) for _k, v in txn.cursor(db=db))
+
     def ref_counts(self, txn) -> dict[bytes, int]:
         return {bytes(k): REF.unpack(v)[0] for k, v in txn.cursor(db=self._refs)}
 

@@ -527,6 +527,12 @@ class Store(KeptByLeases):
     def delete_catalog(self, vm: str, point_id: str) -> None:
         self.write(lambda txn: self._catalog_layout().delete(txn, self.point_key(vm, point_id)))
 
+    def catalog_stored_bytes(self) -> int:
+        if self._catalogs is None:
+            return 0
+        with self.read() as txn:
+            return self._catalogs.stored_bytes(txn)
+
     def listing_ref_counts(self) -> dict[bytes, int]:
         with self.read() as txn:
             return self._catalog_layout().ref_counts(txn)

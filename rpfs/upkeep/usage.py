@@ -9,7 +9,7 @@ Per VM:
                            the store's total
   snapshot bytes           space allocated to its kept reflink snapshots (shared with the live image
                            until it changes, so at most this much)
-Store totals: stored bytes, deduplication ratio (bytes the recovery points reference / distinct bytes
+Store totals: stored bytes, the bytes of the catalogs of files (shared by the points), deduplication ratio (bytes the recovery points reference / distinct bytes
 stored) and compression ratio (distinct bytes / bytes after compression).
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ class StoreUsage:
     distinct_bytes: int = 0           # raw bytes of every distinct block
     referenced_bytes: int = 0         # raw non-zero bytes all recovery points reference
     unreferenced_blocks: int = 0      # what rpfs gc would remove
+    catalog_bytes: int = 0            # catalogs of the files inside the disks, as stored (catalogs.py)
     file_bytes: int = 0               # the LMDB file on disk
     attribution: str = "a block shared by several VMs is split evenly between them"
 
@@ -91,5 +92,6 @@ def usage(store: Store) -> StoreUsage:
         for path in point.snapshot.paths.values() if point.snapshot else ():
             if Path(path).exists():
                 snapshots[point.vm] += Path(path).stat().st_blocks * 512
+    result.catalog_bytes = store.catalog_stored_bytes()
     result.vms = [VmUsage(vm, counts[vm], latest[vm], round(storage[vm]), snapshots[vm]) for vm in sorted(counts)]
     return result
