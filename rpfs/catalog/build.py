@@ -19,15 +19,16 @@ from typing import Callable
 from rpfs.attach.filesystems import MOUNTED
 from rpfs.attach.for_command import clean_leftovers, point_attached
 from rpfs.errors import RpfsError
-from rpfs.store.catalogs import CATALOGED, Catalog, CatalogedFilesystem, Entry, encode_listing
+from rpfs.store.catalogs import CATALOGED, ListingMissing, Catalog, CatalogedFilesystem, Entry, encode_listing
 from rpfs.store.recovery_point import RecoveryPoint
-from rpfs.store.store import Store
+from rpfs.store.store import DatabaseError, Store
 
 _KIND_OF_FORMAT = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c",
                    stat.S_IFBLK: "b", stat.S_IFIFO: "p", stat.S_IFSOCK: "s"}
 
 
-UNREADABLE = "could not be read"   # a walk's error (maybe damage): a disk with one is walked again next time
+UNREADABLE = "could not be read"   # a walk's error (maybe damage)
+PASSING = (UNREADABLE, "mount failed", "probe failed")   # statuses that may pass: such a disk is read again
 
 
 @dataclass
@@ -38,7 +39,6 @@ class CatalogSummary:
     reused_disks: list[str]          # unchanged since the previous cataloged point: not read
     new_listing_bytes: int           # listings new to the store (before compression)
     seconds: float
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -59,6 +59,17 @@ class _Walk:
 
 def catalog_point(store: Store, point: RecoveryPoint, reuse: bool = True) -> CatalogSummary:
     """Catalog a point's filesystems and store the catalog (replacing one it had)."""
+    try:
+        return _catalog_point(store, point, reuse)
+    except _ReusedGone:   # the previous point was pruned meanwhile, and its listings with it: read the disks
+        return _catalog_point(store, point, reuse=False)
+
+
+class _ReusedGone(Exception):
+    pass
+
+
+def _catalog_point(store: Store, point: RecoveryPoint, reuse: bool) -> CatalogSummary:
     began = time.monotonic()
     clean_leftovers()   # a killed command's attach is undone even when nothing here needs attaching
     previous = _previous_catalog(store, point) if reuse else None
@@ -78,7 +89,12 @@ def catalog_point(store: Store, point: RecoveryPoint, reuse: bool = True) -> Cat
     order = {d.name: n for n, d in enumerate(point.disks)}
     filesystems.sort(key=lambda fs: (order.get(fs.disk, len(order)), fs.partition or 0, fs.name))
     catalog = Catalog(point.vm, point.id, datetime.now(timezone.utc).isoformat(timespec="seconds"), filesystems)
-    added = store.put_catalog(catalog, listings)
+    try:
+        added = store.put_catalog(catalog, listings)
+    except ListingMissing:
+        if not reused:
+            raise
+        raise _ReusedGone() from None
     if added is None:
         raise RpfsError(f"recovery point {point.vm}/{point.id} was pruned while it was cataloged")
     return CatalogSummary(point.vm, point.id, filesystems, reused, added, time.monotonic() - began)
@@ -93,6 +109,8 @@ def catalog_new_point(store: Store, point: RecoveryPoint) -> tuple[CatalogSummar
         return None, e.message
     except OSError as e:
         return None, f"{e.strerror or e}"
+    except DatabaseError as e:   # a damaged page of the catalog tables: rpfs check says more
+        return None, f"the store's catalog tables cannot be written: {e}"
 
 
 def walk(root: str, listing_id: Callable[[bytes], bytes]) -> tuple[bytes, _Walk]:
@@ -166,7 +184,7 @@ def _previous_catalog(store: Store, point: RecoveryPoint) -> Catalog | None:
 def _unchanged_disks(store: Store, point: RecoveryPoint, previous: Catalog) -> list[str]:
     """Disks whose block maps equal those of the previous cataloged point, and that it cataloged."""
     cataloged = {fs.disk for fs in previous.filesystems} - {fs.disk for fs in previous.filesystems
-                                                            if fs.status.startswith(UNREADABLE)}
+                                                            if fs.status.startswith(PASSING)}
     same = []
     for disk in point.disks:
         if disk.name not in cataloged:

@@ -78,7 +78,8 @@ def resolve(listings: Listings, fs: CatalogedFilesystem, path: str, where: str) 
     walked = ""
     for name in [p for p in path.split("/") if p]:
         if entry.kind == "l":
-            raise RpfsError(f"{fs.label}:{walked} is a link (to {entry.target}) in {where}: name the path it points to")
+            raise RpfsError(f"{fs.label}:{shown_path(walked)} is a link (to {shown_path(entry.target)}) in {where}:"
+                            " name the path it points to")
         if entry.kind != "d":
             return None
         entry = listings.entries(entry.folder, where).get(name)
@@ -168,7 +169,10 @@ def find(reader: CatalogReader, pattern: str, points: list[tuple[str, str]], lab
             continue
         searched += 1
         where = f"{vm}/{point_id}"
-        for fs in choose_filesystems(catalog, label) if label else catalog.filesystems:
+        chosen = [fs for fs in catalog.filesystems if label is None or label in (fs.label, fs.disk)]
+        if not chosen:
+            uncataloged.append(Uncataloged(vm, point_id, label or "", "no such filesystem in this point"))
+        for fs in chosen:
             if fs.status != CATALOGED:
                 uncataloged.append(Uncataloged(vm, point_id, fs.label, fs.status))
                 continue
@@ -211,18 +215,16 @@ class Folder:
     entries: list[Entry]
 
 
-def ls(reader: CatalogReader, catalog: Catalog, target: str | None) -> list[Folder] | list[CatalogedFilesystem]:
-    """A folder of a point's filesystems; with no path, the filesystems themselves."""
-    if target is None:
-        return list(catalog.filesystems)
+def ls(reader: CatalogReader, catalog: Catalog, target: str) -> tuple[list[Folder], list[Uncataloged]]:
+    """A folder (or one entry) of a point's filesystems, and the filesystems that could not be looked into."""
     label, path = split_fs_path(target)
     where = f"{catalog.vm}/{catalog.point_id}"
     listings = Listings(reader)
     shown: list[Folder] = []
+    skipped: list[Uncataloged] = []
     for fs in choose_filesystems(catalog, label):
         if fs.status != CATALOGED:
-            if label is not None:
-                raise RpfsError(f"{fs.label} of {where} is not cataloged: {fs.status}")
+            skipped.append(Uncataloged(catalog.vm, catalog.point_id, fs.label, fs.status))
             continue
         entry = resolve(listings, fs, path, where)
         if entry is None:
@@ -233,8 +235,9 @@ def ls(reader: CatalogReader, catalog: Catalog, target: str | None) -> list[Fold
         else:
             shown.append(Folder(fs.label, path, [entry]))
     if not shown:
-        raise RpfsError(f"{shown_path(target)} is not in the catalog of {where}")
-    return shown
+        why = "".join(f"; {u.filesystem} not cataloged: {shown_path(u.why)}" for u in skipped)
+        raise RpfsError(f"{shown_path(target)} is not in the catalog of {where}{why}")
+    return shown, skipped
 
 
 # -- diff -----------------------------------------------------------------------------------------------
@@ -255,16 +258,22 @@ def diff(reader: CatalogReader, old: Catalog, new: Catalog, target: str | None =
     changes: list[Change] = []
     olds = {fs.label: fs for fs in old.filesystems}
     news = {fs.label: fs for fs in new.filesystems}
-    for name in sorted(set(olds) | set(news)):
-        if label is not None and name != label and name.split("/")[0] != label:
-            continue
+    names = [name for name in sorted(set(olds) | set(news))
+             if label is None or name == label or name.split("/")[0] == label]
+    if not names:
+        raise RpfsError(f"neither {old.point_id} nor {new.point_id} has a filesystem {label}")
+    found = False
+    for name in names:
         before, after = olds.get(name), news.get(name)
         for fs, which in ((before, old), (after, new)):
             if fs is not None and fs.status != CATALOGED:
-                raise RpfsError(f"{fs.label} of {which.vm}/{which.point_id} is not cataloged: {fs.status}")
+                raise RpfsError(f"{fs.label} of {which.vm}/{which.point_id} is not cataloged: {shown_path(fs.status)}")
         a = resolve(listings, before, path, f"{old.vm}/{old.point_id}") if before else None
         b = resolve(listings, after, path, f"{new.vm}/{new.point_id}") if after else None
+        found = found or a is not None or b is not None
         _diff_entries(listings, name, path, a, b, changes, (f"{old.vm}/{old.point_id}", f"{new.vm}/{new.point_id}"))
+    if not found:
+        raise RpfsError(f"{shown_path(target or '/')} is in neither {old.point_id} nor {new.point_id}")
     return changes
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from rpfs.catalog.query import FS_PATH, Listings, Uncataloged, diff, find, ls, mode_string, resolve, split_fs_path
 from rpfs.commands import open_source, open_store, print_json
 from rpfs.commands.progress import ProgressBar, human_bytes
-from rpfs.errors import EXIT_USAGE, RpfsError
+from rpfs.errors import EXIT_USAGE, CorruptBlockError, RpfsError
 from rpfs.host.untrusted import shown
 from rpfs.store.catalogs import CATALOGED, KINDS, Catalog, Entry
 
@@ -27,26 +27,34 @@ def cmd_catalog(args) -> int:
         vms = [args.vm] if args.vm else store.vms()
         todo = []
         for vm in vms:
-            points = [store.point(vm, args.recovery_point)] if args.recovery_point else store.points(vm)
-            todo += [p for p in points if args.again or args.recovery_point or store.catalog(p.vm, p.id) is None]
+            todo += [store.point(vm, args.recovery_point)] if args.recovery_point else store.points(vm)
         summaries, failed = [], {}
         with ProgressBar("catalog", quiet=args.json) as bar:
             for n, point in enumerate(todo):
                 try:
-                    summaries.append(catalog_point(store, point, reuse=not args.again))
+                    if args.again or args.recovery_point or not _has_catalog(store, point):
+                        summaries.append(catalog_point(store, point, reuse=not args.again))
                 except RpfsError as e:   # one point's trouble (pruned meanwhile, damaged) does not stop the rest
                     failed[f"{point.vm}/{point.id}"] = e
                 bar(n + 1, len(todo))
     if args.json:
         print_json([asdict(s) for s in summaries] + [{"recovery_point": k, "error": e.message} for k, e in failed.items()])
     else:
-        if not todo:
+        if not summaries and not failed:
             print("every recovery point has a catalog (rpfs catalog VM ID --again makes one anew)")
         for s in summaries:
             print(catalog_line(s))
     for where, e in failed.items():
         print(f"rpfs: {where}: no catalog made: {e.message}", file=sys.stderr)
     return max((e.exit_code for e in failed.values()), default=0)   # 3 if a point was damaged
+
+
+def _has_catalog(store, point) -> bool:
+    """A point with a damaged catalog record has one to make anew."""
+    try:
+        return store.catalog(point.vm, point.id) is not None
+    except CorruptBlockError:
+        return False
 
 
 def catalog_line(s) -> str:
@@ -88,7 +96,8 @@ def cmd_find(args) -> int:
                   f" {total} point(s)")
             for n, v in enumerate(f.versions, 1):
                 ids = v.point_ids
-                span = ids[0] if len(ids) == 1 else f"{ids[0]} .. {ids[-1]} ({len(ids)} points)"
+                span = ", ".join(ids) if len(ids) <= 3 else \
+                    f"{len(ids)} points: {ids[0]} first, {ids[-1]} last (--json lists each)"
                 print(f"  v{n}  {_entry_line(v.entry, name=False)}  in {span}")
         if answer.found:   # else the error below says it
             _say_uncataloged(answer.uncataloged)
@@ -105,12 +114,14 @@ def cmd_ls(args) -> int:
         point = source.point(args.vm, point_id)
         catalog = _catalog_of(source, point.vm, point.id)
         target = _with_label(args, path[0] if path else None)
-        shown_ = ls(source, catalog, target)
+        if target is not None:
+            shown_, skipped = ls(source, catalog, target)
     if target is None:
         if args.json:
-            print_json({"vm": point.vm, "recovery_point": point.id, "filesystems": [asdict(fs) for fs in shown_]})
+            print_json({"vm": point.vm, "recovery_point": point.id,
+                        "filesystems": [asdict(fs) for fs in catalog.filesystems]})
             return 0
-        for fs in shown_:
+        for fs in catalog.filesystems:
             what = f"{fs.files} files, {fs.folders} folders, {human_bytes(fs.bytes)}" if fs.status == CATALOGED \
                 else f"not cataloged: {shown(fs.status)}"
             print(f"{fs.label}:  {fs.fstype or '-'}  {what}")
@@ -118,13 +129,15 @@ def cmd_ls(args) -> int:
     if args.json:
         print_json({"vm": point.vm, "recovery_point": point.id,
                     "folders": [{"filesystem": f.filesystem, "path": f.path,
-                                 "entries": [_entry_json(e) for e in f.entries]} for f in shown_]})
+                                 "entries": [_entry_json(e) for e in f.entries]} for f in shown_],
+                    "uncataloged": [asdict(u) for u in skipped]})
         return 0
     for folder in shown_:
         if len(shown_) > 1:
             print(f"{folder.filesystem}:{shown(folder.path, None)}")
         for entry in folder.entries:
             print(_entry_line(entry))
+    _say_uncataloged(skipped)
     return 0
 
 
@@ -187,8 +200,10 @@ def _label(args) -> str | None:
 def _with_label(args, path: str | None) -> str | None:
     """A path named with --disk/--partition as disk/p1:/path."""
     label = _label(args)
-    if label is None or path is None:
+    if label is None:
         return path
+    if path is None:
+        return f"{label}:/"
     if FS_PATH.fullmatch(path):
         raise RpfsError(f"{shown(path)}: name the filesystem either in the path or with --disk, not both", EXIT_USAGE)
     return f"{label}:{path}"

@@ -20,7 +20,7 @@ import threading
 from typing import Callable
 
 from rpfs.errors import CorruptBlockError, RpfsError
-from rpfs.store.crypto import Keyring
+from rpfs.store.crypto import Keyring, seal_in, unseal_in
 from rpfs.store.recovery_point import DIGEST_SIZE, HOLE
 
 MAP_PIECE = 1024                      # block map entries per piece (32 KiB)
@@ -151,15 +151,10 @@ class BlockMaps:
         return piece
 
     def _seal(self, db: bytes, key: bytes, value: bytes) -> bytes:
-        return value if self._keyring is None else self._keyring.seal_record(value, db + b"\0" + key)
+        return seal_in(self._keyring, db, key, value)
 
     def _unseal(self, db: bytes, key: bytes, value, what: str):
-        if self._keyring is None:
-            return value
-        try:
-            return self._keyring.unseal_record(value, db + b"\0" + key)
-        except CorruptBlockError:
-            raise CorruptBlockError(f"{what} fails authentication (changed, or moved from elsewhere)") from None
+        return unseal_in(self._keyring, db, key, value, what)
 
 
 def flat_map_piece(block_map, map_key: bytes, number: int) -> bytes:

@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Protocol
 import zstandard
 
 from rpfs.errors import CorruptBlockError, RpfsError
-from rpfs.store.crypto import Keyring
+from rpfs.store.crypto import Keyring, seal_in, unseal_in
 
 LISTING_VERSION = 1
 CATALOG_VERSION = 1
@@ -124,6 +124,11 @@ def subfolders(raw: bytes, what: str) -> list[bytes]:
     return [e.folder for e in decode_listing(raw, what) if e.folder]
 
 
+class ListingMissing(RpfsError):
+    """A catalog to store names a listing the store no longer has (it reused the listings of a point that
+    was pruned while it was made)."""
+
+
 class CatalogReader(Protocol):
     """Where catalogs are read from: a store (Store) or a vault (Vault)."""
 
@@ -162,7 +167,8 @@ class Catalogs:
                 self._bump(txn, child, +1)
         for root in catalog.roots():   # counted before the old record is released: what both name stays
             if txn.get(root, db=self._listings) is None:
-                raise RpfsError(f"catalog of {catalog.vm}/{catalog.point_id}: a listing it names is not stored")
+                raise ListingMissing(f"catalog of {catalog.vm}/{catalog.point_id}: a listing it names is not stored"
+                                     " (its point was pruned meanwhile); rpfs catalog makes it again")
             self._bump(txn, root, +1)
         self.delete(txn, point_key)
         txn.put(point_key, self._seal(b"catalogs", point_key, catalog.to_json()), db=self._records)
@@ -245,15 +251,10 @@ class Catalogs:
         return value
 
     def _seal(self, db: bytes, key: bytes, value: bytes) -> bytes:
-        return value if self._keyring is None else self._keyring.seal_record(value, db + b"\0" + key)
+        return seal_in(self._keyring, db, key, value)
 
     def _unseal(self, db: bytes, key: bytes, value, what: str):
-        if self._keyring is None:
-            return value
-        try:
-            return self._keyring.unseal_record(value, db + b"\0" + key)
-        except CorruptBlockError:
-            raise CorruptBlockError(f"{what} fails authentication (changed, or moved from elsewhere)") from None
+        return unseal_in(self._keyring, db, key, value, what)
 
 
 def open_listing(compressed, listing_id: bytes, block_id: Callable[[bytes], bytes], where: str) -> bytes:

@@ -112,3 +112,19 @@ class Keyring:
     def unseal_record(self, sealed, associated: bytes) -> bytes:
         return unseal(self._records, sealed, associated, "catalog record " + associated.decode(errors="replace")
                       .replace("\0", "/"))
+
+
+def seal_in(keyring: Keyring | None, db: bytes, key: bytes, value: bytes) -> bytes:
+    """A value of a content-addressed table (block map pieces, catalog listings) as stored: sealed with its
+    database and key as associated data, or as it is in an unencrypted store."""
+    return value if keyring is None else keyring.seal_record(value, db + b"\0" + key)
+
+
+def unseal_in(keyring: Keyring | None, db: bytes, key: bytes, value, what: str):
+    """seal_in undone; CorruptBlockError naming `what` if the value was changed or moved from elsewhere."""
+    if keyring is None:
+        return value
+    try:
+        return keyring.unseal_record(value, db + b"\0" + key)
+    except CorruptBlockError:
+        raise CorruptBlockError(f"{what} fails authentication (changed, or moved from elsewhere)") from None
