@@ -3,6 +3,7 @@ left it: links out of it, odd names, privileges, sparse files; nothing may land 
 restore leaves nothing half-done."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -19,7 +20,7 @@ import pytest
 from cli_helpers import mounted, open_store, rpfs
 from diskimages import MiB, make_whole_disk_ext4
 
-from rpfs.catalog.restore_files import STAGING, RestoreOptions, restore_files
+from rpfs.catalog.restore_files import STAGING, RestoreOptions, Skipped, restore_files
 from rpfs.errors import EXIT_CORRUPT, RpfsError
 
 pytestmark = pytest.mark.timeout(180)
@@ -174,8 +175,8 @@ def test_everything_restores_with_its_metadata(guest_fs, tmp_path):
     assert stat.S_ISFIFO(os.lstat(to / "fifo").st_mode) and stat.S_ISBLK(os.lstat(to / "disk").st_mode)
     assert os.stat(to / "hard1").st_ino != os.stat(to / "hard2").st_ino    # separate files
     assert sorted(os.listdir(to / "odd")) == sorted(ODD_NAMES)
-    assert summary.skipped == [f"/{STAGING}: the name of rpfs's staging folder (not restored)",
-                               "/sock: socket (not restored: a program makes its own)"]
+    assert summary.skipped == [Skipped(f"/{STAGING}", "the name of rpfs's staging folder (not restored)"),
+                               Skipped("/sock", "socket (not restored: a program makes its own)")]
     assert summary.cleared == [] and summary.other == 3 and summary.links == 4
     assert summary.bytes == sum(os.lstat(guest_fs / r.lstrip("/")).st_size for r, m in source.items()
                                 if stat.S_ISREG(m[0]))
@@ -187,8 +188,8 @@ def test_devices_and_privileges_only_when_asked(guest_fs, tmp_path):
     to = dest(tmp_path)
     summary = restore_files(guest_fs, ["/"], to, RestoreOptions())
     assert not os.path.lexists(to / "null") and not os.path.lexists(to / "disk")
-    assert "/null: device file (add --devices)" in summary.skipped
-    assert "/disk: device file (add --devices)" in summary.skipped
+    assert Skipped("/null", "device file (add --devices)") in summary.skipped
+    assert Skipped("/disk", "device file (add --devices)") in summary.skipped
     assert stat.S_IMODE(os.stat(to / "suid").st_mode) == 0o755
     assert stat.S_IMODE(os.stat(to / "sgid").st_mode) == 0o755
     assert stat.S_IMODE(os.stat(to / "sgid_dir").st_mode) == 0o2775   # a folder's set-group-id is no privilege
@@ -287,33 +288,44 @@ def test_a_staging_folder_in_an_untrusted_place_is_refused(guest_fs, tmp_path):
 
 
 CHILD = """
-import os, sys, time
+import json, os, sys, time
 from pathlib import Path
-from rpfs.catalog.restore_files import RestoreOptions, restore_files
-root, to, marker, phase = sys.argv[1:]
+from rpfs.catalog.restore_files import RECORD, RestoreOptions, restore_files
+root, to, marker, phase, paths, force = sys.argv[1:]
+def pause():
+    Path(marker).touch()
+    time.sleep(600)
 progress = None
 if phase == "copying":
     def progress(done, total):
         if done > total // 2:
-            Path(marker).touch()
-            time.sleep(600)
-else:
+            pause()
+elif phase.startswith("moving"):   # moving:N pauses after the Nth rename
     real, moves = os.rename, []
     def rename(*args, **kwargs):
         real(*args, **kwargs)
         moves.append(args)
-        if len(moves) == 3:
-            Path(marker).touch()
-            time.sleep(600)
+        if len(moves) == int(phase.partition(":")[2] or 3):
+            pause()
     os.rename = rename
-restore_files(Path(root), ["/"], Path(to), RestoreOptions(devices=True, setuid=True), progress)
+elif phase == "finishing":         # after the record is removed, before the staging folder is
+    real_unlink = os.unlink
+    def unlink(path, *args, **kwargs):
+        real_unlink(path, *args, **kwargs)
+        if path == RECORD:
+            pause()
+    os.unlink = unlink
+restore_files(Path(root), json.loads(paths), Path(to), RestoreOptions(force=force == "force", devices=True,
+              setuid=True), progress)
 """
 
 
-def kill_in(phase: str, guest_fs: Path, to: Path, marker: Path) -> None:
-    """restore_files of / in a child, killed with SIGKILL at its pause point."""
+def kill_in(phase: str, guest_fs: Path, to: Path, marker: Path, paths: tuple[str, ...] = ("/",),
+            force: bool = False) -> None:
+    """restore_files of paths (with devices and setuid) in a child, killed with SIGKILL at its pause point."""
     marker.unlink(missing_ok=True)
-    child = subprocess.Popen([sys.executable, "-I", "-c", CHILD, str(guest_fs), str(to), str(marker), phase])
+    child = subprocess.Popen([sys.executable, "-I", "-c", CHILD, str(guest_fs), str(to), str(marker), phase,
+                              json.dumps(list(paths)), "force" if force else "-"])
     try:
         deadline = time.monotonic() + 120
         while not marker.exists():
@@ -347,8 +359,8 @@ def test_kill_9_leaves_nothing_half_done_and_the_same_command_finishes(guest_fs,
             if not rel.startswith(f"/{STAGING}") and rel not in checked:
                 assert meta == source[rel] and content(to, rel) == content(guest_fs, rel), rel
                 checked.add(rel)
-        if visible:   # what the killed job moved in: a reason to refuse another job...
-            with pytest.raises(RpfsError, match="is not empty"):
+        if visible:   # what the killed job moved in, or its unfinished renames: a reason to refuse another job...
+            with pytest.raises(RpfsError, match="is not empty|holds an unfinished restore-files of /: run that"):
                 restore_files(guest_fs, ["/plain.txt"], to, RestoreOptions())
     summary = restore_files(guest_fs, ["/"], to, RestoreOptions(devices=True, setuid=True))   # ...the same finishes
     restored = tree(to)
