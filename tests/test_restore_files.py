@@ -229,6 +229,8 @@ def test_refusals_write_nothing(guest_fs, tmp_path):
         (["etc/hosts"], "etc/hosts: a path inside the point starts with /"),
         (["/no/such"], "/no/such not found in the point"),
         (["/plain.txt/x"], "/plain.txt/x not found in the point (/plain.txt is not a folder)"),
+        ([f"/{STAGING}/tree/x"], f"refusing /{STAGING}/tree/x: /{STAGING} is the name of rpfs's staging folder"),
+        ([f"/./{STAGING}"], f"refusing /./{STAGING}: /{STAGING} is the name of rpfs's staging folder"),
         (["/odd/new\nline/x"], "/odd/new\\nline/x not found in the point (/odd/new\\nline is not a folder)"),
         (["/plain.txt"], f"{out / 'to'} is not empty (it holds mine): restore into an empty or new folder,"
                          " or add --force"),
@@ -368,6 +370,68 @@ def test_kill_9_leaves_nothing_half_done_and_the_same_command_finishes(guest_fs,
     assert restored == source and not summary.cleared
     assert all(content(to, rel) == content(guest_fs, rel) for rel in source)
     assert os.listdir(to) != [] and STAGING not in os.listdir(to)
+
+
+def test_a_kill_between_the_two_renames_never_loses_what_was_there(guest_fs, tmp_path):
+    """--force over the user's own entries, killed after /plain.txt was renamed aside and before the new
+    one came in (and after /deep/a was replaced): another job is refused, the same job put the user's
+    /plain.txt back first even when it is killed (or fails) again before its renames, never over the new
+    /deep/a; then the staging folder no longer holds anything to put back, and another job may drop it."""
+    to = dest(tmp_path)
+    to.mkdir(parents=True, mode=0o700)
+    (to / "plain.txt").write_bytes(b"the user's")
+    (to / "deep" / "a").mkdir(parents=True)
+    (to / "deep" / "a" / "old.txt").write_bytes(b"old")
+    (to / "deep" / "mine.txt").write_bytes(b"mine")
+    job = ("/plain.txt", "/deep/a")
+    kill_in("moving:3", guest_fs, to, tmp_path / "paused", job, force=True)   # deep/a aside, in; plain.txt aside
+    assert not (to / "plain.txt").exists() and (to / "deep" / "a" / "b" / "leaf.txt").read_bytes() == b"leaf"
+    with pytest.raises(RpfsError) as refused:
+        restore_files(guest_fs, ["/link"], to, RestoreOptions(force=True))
+    assert refused.value.message == (f"{to} holds an unfinished restore-files of /deep/a and 1 more: run that same"
+                                     f" command again to finish it, or remove {to / STAGING} by hand after checking it")
+    kill_in("copying", guest_fs, to, tmp_path / "paused", job, force=True)
+    assert (to / "plain.txt").read_bytes() == b"the user's"          # put back, never lost
+    assert sorted(os.listdir(to / "deep" / "a")) == ["b"]             # the new one stays: nothing put back over it
+    restore_files(guest_fs, ["/link"], to, RestoreOptions(force=True))   # nothing renamed yet: its staging goes
+    assert sorted(os.listdir(to)) == ["deep", "link", "plain.txt"]
+    assert (to / "plain.txt").read_bytes() == b"the user's" and (to / "deep" / "mine.txt").read_bytes() == b"mine"
+    restore_files(guest_fs, list(job), to, RestoreOptions(force=True))
+    assert (to / "plain.txt").read_bytes() == (guest_fs / "plain.txt").read_bytes()
+    assert sorted(os.listdir(to)) == ["deep", "link", "plain.txt"]
+
+
+def test_a_kill_after_the_record_went_leaves_a_finished_job(guest_fs, tmp_path):
+    """Killed between removing its record and its staging folder: the job is done; the empty staging
+    folder is removed by the next run and is no reason to refuse (the restored file is, as after any
+    finished job, unless --force)."""
+    to = dest(tmp_path)
+    kill_in("finishing", guest_fs, to, tmp_path / "paused", ("/plain.txt",))
+    assert sorted(os.listdir(to)) == [STAGING, "plain.txt"] and os.listdir(to / STAGING) == []
+    with pytest.raises(RpfsError, match=r"is not empty \(it holds plain.txt\)"):
+        restore_files(guest_fs, ["/plain.txt"], to, RestoreOptions())
+    assert os.listdir(to) == ["plain.txt"]
+    (to / "plain.txt").unlink()
+    (to / STAGING).mkdir()
+    restore_files(guest_fs, ["/link"], to, RestoreOptions())            # only an empty staging folder: empty
+    assert os.listdir(to) == ["link"]
+
+
+def test_skipped_and_cleared_hold_exact_paths(tmp_path):
+    """The summary (and so --json) holds the paths as they are; only printing escapes them."""
+    source = tmp_path / "source"
+    source.mkdir()
+    odd = "so\nck\x1b[31m"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(source / odd))
+    (source / "su\tid").write_bytes(b"#!/bin/sh\n")
+    os.chmod(source / "su\tid", 0o4755)
+    summary = restore_files(source, ["/"], tmp_path / "to", RestoreOptions())
+    assert summary.skipped == [Skipped(f"/{odd}", "socket (not restored: a program makes its own)")]
+    assert summary.cleared == ["/su\tid"]
+    from dataclasses import asdict
+    assert json.loads(json.dumps(asdict(summary)))["skipped"] == [{"path": f"/{odd}",
+                                                                    "why": "socket (not restored: a program makes its own)"}]
 
 
 def test_a_read_error_fails_the_restore_naming_the_file(tmp_path, kernel):
