@@ -1,6 +1,6 @@
 """restore_files (rpfs/catalog/restore_files.py) on a real ext4 filesystem mounted read-only, as a guest
 left it: links out of it, odd names, privileges, sparse files; nothing may land outside TO, and a killed
-restore leaves nothing half-done."""
+restore leaves whole entries only and loses none it replaces."""
 from __future__ import annotations
 
 import json
