@@ -1,8 +1,9 @@
 """restore_files (rpfs/catalog/restore_files.py) on a real ext4 filesystem mounted read-only, as a guest
 left it: links out of it, odd names, privileges, sparse files; nothing may land outside TO, and a killed
-restore leaves nothing half-done."""
+restore leaves whole entries only and loses none it replaces."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -19,7 +20,7 @@ import pytest
 from cli_helpers import mounted, open_store, rpfs
 from diskimages import MiB, make_whole_disk_ext4
 
-from rpfs.catalog.restore_files import STAGING, RestoreOptions, restore_files
+from rpfs.catalog.restore_files import STAGING, RestoreOptions, Skipped, restore_files
 from rpfs.errors import EXIT_CORRUPT, RpfsError
 
 pytestmark = pytest.mark.timeout(180)
@@ -174,8 +175,8 @@ def test_everything_restores_with_its_metadata(guest_fs, tmp_path):
     assert stat.S_ISFIFO(os.lstat(to / "fifo").st_mode) and stat.S_ISBLK(os.lstat(to / "disk").st_mode)
     assert os.stat(to / "hard1").st_ino != os.stat(to / "hard2").st_ino    # separate files
     assert sorted(os.listdir(to / "odd")) == sorted(ODD_NAMES)
-    assert summary.skipped == [f"/{STAGING}: the name of rpfs's staging folder (not restored)",
-                               "/sock: socket (not restored: a program makes its own)"]
+    assert summary.skipped == [Skipped(f"/{STAGING}", "the name of rpfs's staging folder (not restored)"),
+                               Skipped("/sock", "socket (not restored: a program makes its own)")]
     assert summary.cleared == [] and summary.other == 3 and summary.links == 4
     assert summary.bytes == sum(os.lstat(guest_fs / r.lstrip("/")).st_size for r, m in source.items()
                                 if stat.S_ISREG(m[0]))
@@ -187,8 +188,8 @@ def test_devices_and_privileges_only_when_asked(guest_fs, tmp_path):
     to = dest(tmp_path)
     summary = restore_files(guest_fs, ["/"], to, RestoreOptions())
     assert not os.path.lexists(to / "null") and not os.path.lexists(to / "disk")
-    assert "/null: device file (add --devices)" in summary.skipped
-    assert "/disk: device file (add --devices)" in summary.skipped
+    assert Skipped("/null", "device file (add --devices)") in summary.skipped
+    assert Skipped("/disk", "device file (add --devices)") in summary.skipped
     assert stat.S_IMODE(os.stat(to / "suid").st_mode) == 0o755
     assert stat.S_IMODE(os.stat(to / "sgid").st_mode) == 0o755
     assert stat.S_IMODE(os.stat(to / "sgid_dir").st_mode) == 0o2775   # a folder's set-group-id is no privilege
@@ -228,6 +229,8 @@ def test_refusals_write_nothing(guest_fs, tmp_path):
         (["etc/hosts"], "etc/hosts: a path inside the point starts with /"),
         (["/no/such"], "/no/such not found in the point"),
         (["/plain.txt/x"], "/plain.txt/x not found in the point (/plain.txt is not a folder)"),
+        ([f"/{STAGING}/tree/x"], f"refusing /{STAGING}/tree/x: /{STAGING} is the name of rpfs's staging folder"),
+        ([f"/./{STAGING}"], f"refusing /./{STAGING}: /{STAGING} is the name of rpfs's staging folder"),
         (["/odd/new\nline/x"], "/odd/new\\nline/x not found in the point (/odd/new\\nline is not a folder)"),
         (["/plain.txt"], f"{out / 'to'} is not empty (it holds mine): restore into an empty or new folder,"
                          " or add --force"),
@@ -287,33 +290,44 @@ def test_a_staging_folder_in_an_untrusted_place_is_refused(guest_fs, tmp_path):
 
 
 CHILD = """
-import os, sys, time
+import json, os, sys, time
 from pathlib import Path
-from rpfs.catalog.restore_files import RestoreOptions, restore_files
-root, to, marker, phase = sys.argv[1:]
+from rpfs.catalog.restore_files import RECORD, RestoreOptions, restore_files
+root, to, marker, phase, paths, force = sys.argv[1:]
+def pause():
+    Path(marker).touch()
+    time.sleep(600)
 progress = None
 if phase == "copying":
     def progress(done, total):
         if done > total // 2:
-            Path(marker).touch()
-            time.sleep(600)
-else:
+            pause()
+elif phase.startswith("moving"):   # moving:N pauses after the Nth rename
     real, moves = os.rename, []
     def rename(*args, **kwargs):
         real(*args, **kwargs)
         moves.append(args)
-        if len(moves) == 3:
-            Path(marker).touch()
-            time.sleep(600)
+        if len(moves) == int(phase.partition(":")[2] or 3):
+            pause()
     os.rename = rename
-restore_files(Path(root), ["/"], Path(to), RestoreOptions(devices=True, setuid=True), progress)
+elif phase == "finishing":         # after the record is removed, before the staging folder is
+    real_unlink = os.unlink
+    def unlink(path, *args, **kwargs):
+        real_unlink(path, *args, **kwargs)
+        if path == RECORD:
+            pause()
+    os.unlink = unlink
+restore_files(Path(root), json.loads(paths), Path(to), RestoreOptions(force=force == "force", devices=True,
+              setuid=True), progress)
 """
 
 
-def kill_in(phase: str, guest_fs: Path, to: Path, marker: Path) -> None:
-    """restore_files of / in a child, killed with SIGKILL at its pause point."""
+def kill_in(phase: str, guest_fs: Path, to: Path, marker: Path, paths: tuple[str, ...] = ("/",),
+            force: bool = False) -> None:
+    """restore_files of paths (with devices and setuid) in a child, killed with SIGKILL at its pause point."""
     marker.unlink(missing_ok=True)
-    child = subprocess.Popen([sys.executable, "-I", "-c", CHILD, str(guest_fs), str(to), str(marker), phase])
+    child = subprocess.Popen([sys.executable, "-I", "-c", CHILD, str(guest_fs), str(to), str(marker), phase,
+                              json.dumps(list(paths)), "force" if force else "-"])
     try:
         deadline = time.monotonic() + 120
         while not marker.exists():
@@ -347,8 +361,8 @@ def test_kill_9_leaves_nothing_half_done_and_the_same_command_finishes(guest_fs,
             if not rel.startswith(f"/{STAGING}") and rel not in checked:
                 assert meta == source[rel] and content(to, rel) == content(guest_fs, rel), rel
                 checked.add(rel)
-        if visible:   # what the killed job moved in: a reason to refuse another job...
-            with pytest.raises(RpfsError, match="is not empty"):
+        if visible:   # what the killed job moved in, or its unfinished renames: a reason to refuse another job...
+            with pytest.raises(RpfsError, match="is not empty|holds an unfinished restore-files of /: run that"):
                 restore_files(guest_fs, ["/plain.txt"], to, RestoreOptions())
     summary = restore_files(guest_fs, ["/"], to, RestoreOptions(devices=True, setuid=True))   # ...the same finishes
     restored = tree(to)
@@ -356,6 +370,68 @@ def test_kill_9_leaves_nothing_half_done_and_the_same_command_finishes(guest_fs,
     assert restored == source and not summary.cleared
     assert all(content(to, rel) == content(guest_fs, rel) for rel in source)
     assert os.listdir(to) != [] and STAGING not in os.listdir(to)
+
+
+def test_a_kill_between_the_two_renames_never_loses_what_was_there(guest_fs, tmp_path):
+    """--force over the user's own entries, killed after /plain.txt was renamed aside and before the new
+    one came in (and after /deep/a was replaced): another job is refused, the same job put the user's
+    /plain.txt back first even when it is killed (or fails) again before its renames, never over the new
+    /deep/a; then the staging folder no longer holds anything to put back, and another job may drop it."""
+    to = dest(tmp_path)
+    to.mkdir(parents=True, mode=0o700)
+    (to / "plain.txt").write_bytes(b"the user's")
+    (to / "deep" / "a").mkdir(parents=True)
+    (to / "deep" / "a" / "old.txt").write_bytes(b"old")
+    (to / "deep" / "mine.txt").write_bytes(b"mine")
+    job = ("/plain.txt", "/deep/a")
+    kill_in("moving:3", guest_fs, to, tmp_path / "paused", job, force=True)   # deep/a aside, in; plain.txt aside
+    assert not (to / "plain.txt").exists() and (to / "deep" / "a" / "b" / "leaf.txt").read_bytes() == b"leaf"
+    with pytest.raises(RpfsError) as refused:
+        restore_files(guest_fs, ["/link"], to, RestoreOptions(force=True))
+    assert refused.value.message == (f"{to} holds an unfinished restore-files of /deep/a and 1 more: run that same"
+                                     f" command again to finish it, or remove {to / STAGING} by hand after checking it")
+    kill_in("copying", guest_fs, to, tmp_path / "paused", job, force=True)
+    assert (to / "plain.txt").read_bytes() == b"the user's"          # put back, never lost
+    assert sorted(os.listdir(to / "deep" / "a")) == ["b"]             # the new one stays: nothing put back over it
+    restore_files(guest_fs, ["/link"], to, RestoreOptions(force=True))   # nothing renamed yet: its staging goes
+    assert sorted(os.listdir(to)) == ["deep", "link", "plain.txt"]
+    assert (to / "plain.txt").read_bytes() == b"the user's" and (to / "deep" / "mine.txt").read_bytes() == b"mine"
+    restore_files(guest_fs, list(job), to, RestoreOptions(force=True))
+    assert (to / "plain.txt").read_bytes() == (guest_fs / "plain.txt").read_bytes()
+    assert sorted(os.listdir(to)) == ["deep", "link", "plain.txt"]
+
+
+def test_a_kill_after_the_record_went_leaves_a_finished_job(guest_fs, tmp_path):
+    """Killed between removing its record and its staging folder: the job is done; the empty staging
+    folder is removed by the next run and is no reason to refuse (the restored file is, as after any
+    finished job, unless --force)."""
+    to = dest(tmp_path)
+    kill_in("finishing", guest_fs, to, tmp_path / "paused", ("/plain.txt",))
+    assert sorted(os.listdir(to)) == [STAGING, "plain.txt"] and os.listdir(to / STAGING) == []
+    with pytest.raises(RpfsError, match=r"is not empty \(it holds plain.txt\)"):
+        restore_files(guest_fs, ["/plain.txt"], to, RestoreOptions())
+    assert os.listdir(to) == ["plain.txt"]
+    (to / "plain.txt").unlink()
+    (to / STAGING).mkdir()
+    restore_files(guest_fs, ["/link"], to, RestoreOptions())            # only an empty staging folder: empty
+    assert os.listdir(to) == ["link"]
+
+
+def test_skipped_and_cleared_hold_exact_paths(tmp_path):
+    """The summary (and so --json) holds the paths as they are; only printing escapes them."""
+    source = tmp_path / "source"
+    source.mkdir()
+    odd = "so\nck\x1b[31m"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(source / odd))
+    (source / "su\tid").write_bytes(b"#!/bin/sh\n")
+    os.chmod(source / "su\tid", 0o4755)
+    summary = restore_files(source, ["/"], tmp_path / "to", RestoreOptions())
+    assert summary.skipped == [Skipped(f"/{odd}", "socket (not restored: a program makes its own)")]
+    assert summary.cleared == ["/su\tid"]
+    from dataclasses import asdict
+    assert json.loads(json.dumps(asdict(summary)))["skipped"] == [{"path": f"/{odd}",
+                                                                    "why": "socket (not restored: a program makes its own)"}]
 
 
 def test_a_read_error_fails_the_restore_naming_the_file(tmp_path, kernel):

@@ -10,12 +10,18 @@ The proofs: docs/design/restore-files.md.
   verbatim) and never followed, here or later. A name holding `/`, or `.`/`..`, is never used.
 - Whole or absent, kill -9 at any moment: everything is copied into the staging folder `TO/.rpfs-restore-files`
   (0700) under `tree/`, made durable (syncfs), then each entry is renamed into place, then the staging
-  folder is removed. Its record `job.json` (the job's paths and options, and every name in TO that an
-  unfinished run of this job may have put there) is written whole before the copy and again before the
-  first rename, and removed last. A run that finds a staging folder empties it; if its record is this
-  same job, those names are no reason to refuse (they are replaced) and are carried into its own record.
-  So the same command again finishes the job, however often it is killed. One run at a time per TO
-  (flock); the staging folder hands down no ACL or set-group-id bit of TO's.
+  folder is removed. Its record `job.json` (_Record: the job's paths and options, every name in TO that an
+  unfinished run of this job may have put there, its phase, and each entry renamed aside) is written whole
+  before the copy, before the first rename and before each rename aside, and removed last. A kill leaves
+  in TO only whole entries: some restored paths in place, others not yet, and one replaced entry may be
+  aside. A run that finds a staging folder without a record removes it. With a record of this same job,
+  it first puts back each entry renamed aside whose place is empty (never over something), then empties
+  the staging folder; the recorded names are no reason to refuse (they are replaced) and are carried into
+  its own record. So the same command again finishes the job, however often it is killed, and what was
+  replaced is removed only once every new entry is in place. Another job is refused while that record
+  shows renames begun (only that job puts back what it put aside); before, its staging is dropped. One
+  run at a time per TO (flock); the staging folder hands down no ACL or set-group-id bit of TO's. A path
+  named in the staging folder is refused; the source's own top-level entry of that name is skipped.
 - Replacing (--force, or the same job again): an entry at a restored path is renamed aside into the staging
   folder, then the new one renamed in; a folder on the way to a restored path that exists already is
   entered (what else it holds stays), anything else in its place is replaced. Nothing is followed.
@@ -49,7 +55,7 @@ from typing import Callable, Iterator
 from rpfs.errors import EXIT_CORRUPT, RpfsError
 from rpfs.host.access import PRIVATE_FOLDER, check_trusted_place, make_private_folder
 from rpfs.host.files import write_whole
-from rpfs.host.libc import sync_filesystem
+from rpfs.host.libc import rename_noreplace, sync_filesystem
 from rpfs.host.untrusted import parse_json, shown
 
 STAGING = ".rpfs-restore-files"   # in TO: the staging folder
@@ -73,6 +79,13 @@ class RestoreOptions:
 
 
 @dataclass
+class Skipped:
+    """An entry not restored. Paths are as inside the point, exact (os.fsdecode): escape them to print."""
+    path: str
+    why: str
+
+
+@dataclass
 class RestoreSummary:
     files: int = 0
     folders: int = 0
@@ -80,7 +93,7 @@ class RestoreSummary:
     other: int = 0           # FIFOs and device files
     bytes: int = 0           # the restored files' sizes, holes included
     seconds: float = 0.0
-    skipped: list[str] = field(default_factory=list)   # "PATH: why", PATH as inside the point, escaped
+    skipped: list[Skipped] = field(default_factory=list)
     cleared: list[str] = field(default_factory=list)   # paths whose set-user-id/-group-id bits or capabilities went
 
 
@@ -109,24 +122,27 @@ def restore_files(fs_root: Path, paths: list[str], to: Path, options: RestoreOpt
             _lock(to_fd, to)
             job = {"paths": normalized, "force": options.force, "devices": options.devices,
                    "setuid": options.setuid}
-            before = _read_record(to_fd)
-            carried = sorted(set(before.get("names", []))) if before is not None and before.get("job") == job else []
+            before = _unfinished(to_fd, to, job)
+            same = before is not None and before["job"] == job
+            carried = sorted(set(before["names"])) if same else []
             _check_empty(to_fd, to, options.force, set(carried))
             copier = _Copier(options, to, total, progress)
-            record = to / STAGING / RECORD
+            record = _Record(to / STAGING / RECORD, job, carried)
             try:
                 with _private_folder(STAGING, to_fd) as staging_fd:
+                    if same:
+                        _put_back(to_fd, staging_fd, before["asides"])
+                    record.write("copying")   # what is left in the staging folder is no one's now
                     _remove(TREE, staging_fd)
                     _remove(ASIDE, staging_fd)
-                    write_whole(record, _json({"job": job, "names": carried}), durable=True)
                     with _private_folder(TREE, staging_fd) as tree_fd, _private_folder(ASIDE, staging_fd) as aside_fd:
                         copier.stage(root_fd, tree_fd, wanted, "")
                         sync_filesystem(tree_fd)
-                        names = sorted(set(carried) | set(os.listdir(tree_fd)))
-                        write_whole(record, _json({"job": job, "names": names}), durable=True)
-                        _Mover(aside_fd).move(tree_fd, to_fd, wanted)
+                        record.names = sorted(set(carried) | set(os.listdir(tree_fd)))
+                        record.write("renaming")
+                        _Mover(aside_fd, record).move(tree_fd, to_fd, wanted, [])
                     _remove(TREE, staging_fd)
-                    _remove(ASIDE, staging_fd)
+                    _remove(ASIDE, staging_fd)   # only now: every new entry is in place
                     os.unlink(RECORD, dir_fd=staging_fd)   # the job is done: the record goes last
                 _remove(STAGING, to_fd)
                 os.fsync(to_fd)
@@ -155,6 +171,9 @@ def _plan(paths: list[str]) -> tuple[_Wanted, list[str]]:
         parts = [p for p in path.split("/") if p not in ("", ".")]
         if ".." in parts:
             raise RpfsError(f"refusing {shown(path)}: `..` in a path to restore (name the folder it means)")
+        if parts and parts[0] == STAGING:
+            raise RpfsError(f"refusing {shown(path)}: /{STAGING} is the name of rpfs's staging folder in --to;"
+                            " it is never restored")
         normalized.add("/" + "/".join(parts))
         node = root
         for part in parts:
@@ -253,8 +272,55 @@ def _lock(to_fd: int, to: Path) -> None:
         raise RpfsError(f"another restore-files is writing into {to}; wait for it to finish") from None
 
 
+@dataclass
+class _Record:
+    """job.json: the job, the names in TO it may have put there, its phase ("copying": nothing renamed
+    yet; "renaming"), and each entry the renames put aside as [its name in replaced/, its path in TO as
+    names]. Written whole (and durable) before the copy, before the first rename and before each rename
+    aside, so that a run that finds it can put back what a killed run took away."""
+    path: Path
+    job: dict
+    names: list[str]
+    asides: list[list] = field(default_factory=list)
+    phase: str = "copying"
+
+    def write(self, phase: str) -> None:
+        self.phase = phase
+        write_whole(self.path, _json({"job": self.job, "names": self.names, "phase": phase, "asides": self.asides}),
+                    durable=True)
+
+    def aside(self, name: str, parts: list[str]) -> None:
+        self.asides.append([name, parts])
+        self.write(self.phase)
+
+
+def _unfinished(to_fd: int, to: Path, job: dict) -> dict | None:
+    """The record of the job a killed run left in TO. A staging folder without one (empty, or left before
+    a record was written or after it was removed) holds nothing of a job and is removed; another job's
+    record that shows renames begun is a refusal: what it put aside is put back only by that job."""
+    try:
+        st = os.stat(STAGING, dir_fd=to_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    record = _read_record(to_fd) if stat.S_ISDIR(st.st_mode) else None
+    if record is None:
+        try:
+            _remove(STAGING, to_fd)
+        except OSError as e:
+            raise RpfsError(f"cannot restore into {to}: {e.strerror}") from None
+        return None
+    if record["job"] != job and record["phase"] != "copying":
+        paths = record["job"].get("paths")
+        named = "other paths"
+        if isinstance(paths, list) and paths and all(isinstance(p, str) for p in paths):
+            named = shown(paths[0]) + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
+        raise RpfsError(f"{to} holds an unfinished restore-files of {named}: run that same command again to finish"
+                        f" it, or remove {to / STAGING} by hand after checking it")
+    return record
+
+
 def _read_record(to_fd: int) -> dict | None:
-    """The record an unfinished run of a job left: which names it may have put in TO."""
+    """The record an unfinished run of a job left (_Record), or None if there is none, or none sound."""
     try:
         fd = os.open(f"{STAGING}/{RECORD}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=to_fd)
     except OSError:
@@ -267,10 +333,52 @@ def _read_record(to_fd: int) -> dict | None:
         record = parse_json(raw)
     except ValueError:
         return None
-    if not isinstance(record, dict) or not isinstance(record.get("names"), list) \
+    if not isinstance(record, dict) or not isinstance(record.get("job"), dict) \
+            or not isinstance(record.get("names"), list) \
             or not all(isinstance(n, str) for n in record["names"]):
         return None
+    record.setdefault("phase", "renaming")   # unknown: renames may have begun
+    asides = record.setdefault("asides", [])
+    if not isinstance(asides, list) or not all(_sound_aside(a) for a in asides):
+        return None
     return record
+
+
+def _sound_aside(aside) -> bool:
+    return isinstance(aside, list) and len(aside) == 2 and isinstance(aside[0], str) and aside[0].isdigit() \
+        and isinstance(aside[1], list) and aside[1] != [] \
+        and all(isinstance(n, str) and n not in ("", ".", "..") and "/" not in n and "\0" not in n for n in aside[1])
+
+
+def _put_back(to_fd: int, staging_fd: int, asides: list[list]) -> None:
+    """Each entry a killed run renamed aside goes back to its place if that is empty (the new entry never
+    came), never over something: the old entry is never lost to a kill or to a run that then fails."""
+    try:
+        aside_fd = os.open(ASIDE, _DIR, dir_fd=staging_fd)
+    except FileNotFoundError:
+        return
+    try:
+        for name, parts in asides:
+            try:
+                os.stat(name, dir_fd=aside_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue   # never put aside, or put back already
+            folder = os.dup(to_fd)
+            try:
+                for part in parts[:-1]:
+                    inner = os.open(part, _DIR, dir_fd=folder)
+                    os.close(folder)
+                    folder = inner
+                rename_noreplace(aside_fd, name, folder, parts[-1])
+                os.fsync(folder)
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    raise
+                # its place holds something (the new entry) or is gone: what was put aside goes
+            finally:
+                os.close(folder)
+    finally:
+        os.close(aside_fd)
 
 
 def _check_empty(to_fd: int, to: Path, force: bool, allowed: set[str]) -> None:
@@ -347,7 +455,7 @@ class _Copier:
 
     def _copy(self, src: int, dst: int, name: str, path: str, depth: int) -> None:
         if path == f"/{STAGING}":
-            self.summary.skipped.append(f"{shown(path)}: the name of rpfs's staging folder (not restored)")
+            self.summary.skipped.append(Skipped(path, "the name of rpfs's staging folder (not restored)"))
             return
         st = _reading(path, os.stat, name, dir_fd=src, follow_symlinks=False)
         kind = stat.S_IFMT(st.st_mode)
@@ -358,11 +466,11 @@ class _Copier:
         elif kind == stat.S_IFLNK:
             self._copy_link(src, dst, name, path, st)
         elif kind in (stat.S_IFCHR, stat.S_IFBLK) and not self.options.devices:
-            self.summary.skipped.append(f"{shown(path)}: device file (add --devices)")
+            self.summary.skipped.append(Skipped(path, "device file (add --devices)"))
         elif kind in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO):
             self._make_node(src, dst, name, path, st)
         else:
-            self.summary.skipped.append(f"{shown(path)}: socket (not restored: a program makes its own)")
+            self.summary.skipped.append(Skipped(path, "socket (not restored: a program makes its own)"))
 
     def _copy_file(self, src: int, dst: int, name: str, path: str) -> None:
         source = _reading(path, os.open, name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC,
@@ -480,8 +588,8 @@ class _Copier:
         return mode
 
     def _cleared(self, path: str) -> None:
-        if not self.summary.cleared or self.summary.cleared[-1] != shown(path):
-            self.summary.cleared.append(shown(path))
+        if not self.summary.cleared or self.summary.cleared[-1] != path:
+            self.summary.cleared.append(path)
 
     def _advance(self, count: int) -> None:
         self.done += count
@@ -518,14 +626,14 @@ def _data_ranges(fd: int, size: int, path: str) -> Iterator[tuple[int, int]]:
 
 # -- moving into place ------------------------------------------------------------------------------------
 class _Mover:
-    """Renames each staged entry into place: a restored path replaces what is there (renamed aside first),
-    a folder on the way that exists already is entered."""
+    """Renames each staged entry into place: a restored path replaces what is there (recorded, then
+    renamed aside first), a folder on the way that exists already is entered."""
 
-    def __init__(self, aside_fd: int):
-        self.aside_fd = aside_fd
+    def __init__(self, aside_fd: int, record: _Record):
+        self.aside_fd, self.record = aside_fd, record
         self.replaced = 0
 
-    def move(self, staged: int, target: int, wanted: _Wanted) -> None:
+    def move(self, staged: int, target: int, wanted: _Wanted, parts: list[str]) -> None:
         for name in sorted(os.listdir(staged)):
             child = None if wanted.named else wanted.children.get(name)
             restored = child is None or child.named
@@ -535,10 +643,11 @@ class _Mover:
                 st = None
             if st is not None and not restored and stat.S_ISDIR(st.st_mode):
                 with _opened(name, staged) as sub_staged, _opened(name, target) as sub_target:
-                    self.move(sub_staged, sub_target, child)
+                    self.move(sub_staged, sub_target, child, parts + [name])
                 continue
             if st is not None:
                 self.replaced += 1
+                self.record.aside(str(self.replaced), parts + [name])
                 os.rename(name, str(self.replaced), src_dir_fd=target, dst_dir_fd=self.aside_fd)
             os.rename(name, name, src_dir_fd=staged, dst_dir_fd=target)
         os.fsync(target)

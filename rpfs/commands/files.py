@@ -181,10 +181,10 @@ def cmd_restore_files(args) -> int:
         return 0
     print(f"restored {summary.files} file(s), {summary.folders} folder(s), {summary.links} link(s) of"
           f" {point.vm}/{point.id} {label} to {args.to}: {human_bytes(summary.bytes)} in {summary.seconds:.1f} s")
-    for line in summary.skipped:
-        print(f"  skipped {shown(line)}")
-    for line in summary.cleared:
-        print(f"  set-id bits cleared: {shown(line)} (--setuid keeps them)")
+    for skipped in summary.skipped:
+        print(f"  skipped {shown(skipped.path)}: {skipped.why}")
+    for path in summary.cleared:
+        print(f"  set-id bits cleared: {shown(path)} (--setuid keeps them)")
     return 0
 
 

@@ -1,6 +1,6 @@
 """The few glibc calls Python has no binding for: how much memory a process keeps, when written data
-starts for the disk, a filesystem's writes made durable at once, punching holes in a device, erasing a secret from the environment block, and no core
-dumps. The memory and writeback calls are hints: without glibc (another C library) they do nothing."""
+starts for the disk, a filesystem's writes made durable at once, punching holes in a device, erasing a secret from the environment block, a rename
+that never replaces, and no core dumps. The memory and writeback calls are hints: without glibc (another C library) they do nothing."""
 from __future__ import annotations
 
 import ctypes
@@ -122,3 +122,22 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(127)
     if os.getppid() != parent_pid:
         os._exit(127)
+
+
+RENAME_NOREPLACE = 1             # renameat2 flag: fail with EEXIST rather than replace
+
+
+def rename_noreplace(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> None:
+    """Rename an entry to a place that must be empty (renameat2 RENAME_NOREPLACE): never over something.
+    Where the call or the flag is missing (another C library, a filesystem without it): a check, then a
+    rename (the caller holds the only lock that writes there)."""
+    function = getattr(_LIBC, "renameat2", None)
+    if function is not None:
+        if function(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(code, os.strerror(code))
+    if os.path.lexists(f"/proc/self/fd/{dst_dir_fd}/{dst}"):
+        raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
+    os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
