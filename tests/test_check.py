@@ -3,6 +3,8 @@ never changes anything without --repair."""
 import json
 import os
 import struct
+import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ from test_backup import corrupt_one_block
 from rpfs.host import run_dir
 from rpfs.store.leases import LEASE_DIR, hold
 from rpfs.store.block_maps import REF
+from rpfs.store.catalogs import Catalog, Catalogs, Entry, encode_listing
+from rpfs.upkeep.check import _catalogs
 
 
 @pytest.fixture
@@ -226,3 +230,72 @@ def test_a_killed_commands_attach_is_found_and_undone(cataloged):
     code, problems = check(store, "--repair")
     assert code == 0 and problems[0]["repaired"] and list(place.iterdir()) == []
     assert check(store) == (0, [])
+
+
+def _grown(s, catalog: Catalog, name: str) -> tuple[Catalog, dict[bytes, bytes]]:
+    """The catalog with one folder more at the root of its first filesystem: a new root listing and a new
+    listing of the folder (holding one file); every other listing shared with the catalog as it was."""
+    fs = next(fs for fs in catalog.filesystems if fs.root)
+    folder = encode_listing([Entry("file", "f", 1, 0o644, 0, 0, 0)])
+    root = encode_listing(s.listing(bytes.fromhex(fs.root), "here")
+                          + [Entry(name, "d", 0, 0o755, 0, 0, 0, folder=s.listing_id(folder))])
+    grown = [replace(f, root=s.listing_id(root).hex()) if f is fs else f for f in catalog.filesystems]
+    return (Catalog(catalog.vm, catalog.point_id, catalog.made, grown),
+            {s.listing_id(folder): folder, s.listing_id(root): root})
+
+
+def test_a_catalog_stored_beside_check_is_no_problem_and_its_listings_stay_through_repair(cataloged, monkeypatch):
+    """rpfs catalog (and a backup's catalog step) takes no writer lock: a catalog stored while check reads the
+    catalogs, or while --repair recounts them, is seen whole or not at all: no false problem, none of its new
+    listings removed, the listings it shares counted. The put is forced at the first listing each reads: at
+    once when that read lets a writer in, else (a write transaction) from a thread as soon as it ends."""
+    store, points = cataloged
+    with open_store(store) as s:
+        existing = {("vm", p) for p in points}
+        first, second = (_grown(s, s.catalog("vm", point_id), name) for point_id, name in zip(points, ("a", "b")))
+        stale = min(s.listing_ref_counts())
+        s.write(lambda txn: txn.put(stale, REF.pack(9), db=s.db("listing_refs")))   # a wrong count to repair
+        writing, puts = threading.local(), []
+        write, listing = s.write, Catalogs._listing
+
+        def marked_write(fill, durable=True):
+            writing.now = True
+            try:
+                write(fill, durable)
+            finally:
+                writing.now = False
+
+        def put(grown):
+            puts.append(s.put_catalog(*grown))
+
+        def hooked(self, txn, listing_id, where):
+            if pending:
+                grown = pending.pop()
+                if getattr(writing, "now", False):
+                    threads.append(threading.Thread(target=put, args=(grown,)))
+                    threads[-1].start()
+                else:
+                    put(grown)
+            return listing(self, txn, listing_id, where)
+        monkeypatch.setattr(s, "write", marked_write)
+        monkeypatch.setattr(Catalogs, "_listing", hooked)
+        pending, threads = [first], []
+        problems = _catalogs(s, existing)   # the first catalog is stored while check reads
+        assert puts == [sum(map(len, first[1].values()))]
+        assert [(p.kind, p.what.split(" (")[0]) for p in problems] == [("refs", "the count is wrong for 1 catalog"
+                                                                               " listing(s)")], problems
+        pending = [second]
+        for problem in problems:   # the second catalog is stored while --repair recounts
+            problem.repair()
+        for thread in threads:
+            thread.join(timeout=60)
+            assert not thread.is_alive()
+        assert len(threads) == 1 and len(puts) == 2 and None not in puts   # the recount read in its write txn
+        monkeypatch.undo()
+        for point_id, (grown, listings) in zip(points, (first, second)):
+            assert s.catalog("vm", point_id) == grown
+            for listing_id, raw in listings.items():
+                assert s.listing_bytes(listing_id, "here") == raw
+        assert _catalogs(s, existing) == []   # counts right, nothing unreachable
+    assert check(store) == (0, [])
+    assert json.loads(rpfs("find", "b/file", "vm", "--json", store=store).stdout)

@@ -227,6 +227,44 @@ def test_a_damaged_local_listing_leaves_its_catalog_out_of_the_push_with_a_note(
     assert vault.catalog("web", point.id) is None   # no catalog rather than a shorter one
 
 
+def test_a_catalog_left_out_for_damage_never_keeps_a_shared_listing_from_the_next_catalog(env):
+    """Two points share folder z/; a listing only the first reaches is damaged in the store. The first plan
+    walks z/ before it fails: the second must still send z/, or its catalog object would name a listing
+    the vault never got."""
+    store, vault, tmp = env
+    first, second = _point(store, tmp, 10), _point(store, tmp, 11)
+    damaged = _catalog(store, first, {"a/x": 1, "z/y": 2})   # walked from the last folder: z/, then a/
+    kept = _catalog(store, second, {"b/w": 7, "z/y": 2})
+    a = next(e.folder for e in store.listing(damaged.roots()[0], "here") if e.name == "a")
+    store.write(lambda txn: txn.put(a, b"damaged", db=store._dbs["listings"]))   # as rot would
+    summary = push(store, vault, [first, second], pack_bytes=PACK)
+    assert summary.pushed == [f"web/{first.id}", f"web/{second.id}"] and summary.catalogs == [f"web/{second.id}"]
+    assert len(summary.notes) == 1 and f"the catalog of web/{first.id} was not pushed" in summary.notes[0]
+    with _reopened(vault, store) as fresh:
+        assert fresh.catalog("web", first.id) is None
+        assert _tree(fresh, kept) == _tree(store, kept)
+
+
+def test_a_catalog_object_naming_listings_the_vault_lacks_is_repaired_by_the_next_push(env):
+    """A catalog object written while listings it names never went up (as an older push could): the next
+    push finds them missing from the vault's index, sends them from the store and writes the object again."""
+    store, vault, tmp = env
+    point = _point(store, tmp, 12)
+    push(store, vault, [point], pack_bytes=PACK)
+    catalog = _catalog(store, point, FILES)
+    listings = list(_tree(store, catalog))
+    vault.objects.put_catalog("web", point.id, layout.CatalogObject(catalog, listings).encode(vault.keyring))
+    with _reopened(vault, store) as fresh:
+        with pytest.raises(CorruptBlockError, match="missing"):
+            _tree(fresh, catalog)
+    summary = push(store, vault, [point], pack_bytes=PACK)
+    assert summary.pushed == [] and summary.catalogs == [f"web/{point.id}"] and summary.listings == len(listings)
+    with _reopened(vault, store) as fresh:
+        assert fresh.catalog("web", point.id) == catalog and _tree(fresh, catalog) == _tree(store, catalog)
+    again = push(store, vault, [point], pack_bytes=PACK)
+    assert again.catalogs == [] and again.listings == 0 and again.packs == 0
+
+
 class _GcFirstBucket(FolderBucket):
     """The vault's folder, where a gc runs (on another handle) just before the first catalog object is written."""
     gc_runs: list = []

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Protocol
 
 import zstandard
 
@@ -139,6 +139,14 @@ class CatalogReader(Protocol):
         """A listing by id, checked against its id; CorruptBlockError (naming `where`) if damaged or missing."""
 
 
+@dataclass(frozen=True)
+class RefRepair:
+    """What check --repair's recount changed."""
+
+    recounted: int   # listings whose count was wrong (or counted but unnamed)
+    removed: int     # stored listings no record reaches, removed
+
+
 class Catalogs:
     """The catalog layout on the databases of an open store; every call runs in the caller's transaction."""
 
@@ -198,14 +206,32 @@ class Catalogs:
             removed += bool(txn.delete(listing_id, db=self._listings))
         return removed
 
-    def replace_refs(self, txn, counts: dict[bytes, int]) -> None:
-        """Set every listing's count (check --repair's recount); listings no one names go."""
+    def repair_refs(self, txn) -> RefRepair | None:
+        """check --repair: set listing_refs from a recount of the records and listings as this (write)
+        transaction sees them, and remove the listings no record reaches. Recounted and replaced in one
+        transaction, so a catalog stored beside it is wholly counted or not yet there: never half. None,
+        and nothing changed, while a record or a listing one reaches is damaged (check names it first)."""
+        records = []
+        for key in self.record_keys(txn):
+            try:
+                record = self.record(txn, key) if b"\0" in key else None
+            except (CorruptBlockError, RpfsError):
+                record = None
+            if record is None:
+                return None
+            records.append(record)
+        try:
+            counts = count_references(records, lambda listing_id: self._listing(txn, listing_id, "a listing"))
+        except (CorruptBlockError, RpfsError):
+            return None
+        before = self.ref_counts(txn)
         txn.drop(self._refs, delete=False)
         for listing_id, count in sorted(counts.items()):
             txn.put(listing_id, REF.pack(count), db=self._refs)
-        for listing_id in [bytes(k) for k in txn.cursor(db=self._listings).iternext(values=False)]:
-            if listing_id not in counts:
-                txn.delete(listing_id, db=self._listings)
+        gone = [listing_id for listing_id in self.listing_ids(txn) if listing_id not in counts]
+        for listing_id in gone:
+            txn.delete(listing_id, db=self._listings)
+        return RefRepair(sum(before.get(i) != counts.get(i) for i in before.keys() | counts.keys()), len(gone))
 
     # -- reading -------------------------------------------------------------------------------------
     def record(self, txn, point_key: bytes) -> Catalog | None:
@@ -219,9 +245,8 @@ class Catalogs:
     def record_keys(self, txn) -> list[bytes]:
         return [bytes(k) for k in txn.cursor(db=self._records).iternext(values=False)]
 
-    def listing_ids(self, txn) -> Iterator[bytes]:
-        for key in txn.cursor(db=self._listings).iternext(values=False):
-            yield bytes(key)
+    def listing_ids(self, txn) -> list[bytes]:
+        return [bytes(key) for key in txn.cursor(db=self._listings).iternext(values=False)]
 
     def stored_bytes(self, txn) -> int:
         """The bytes catalogs take as stored: records and listings (sealed, compressed)."""
@@ -255,6 +280,31 @@ class Catalogs:
 
     def _unseal(self, db: bytes, key: bytes, value, what: str):
         return unseal_in(self._keyring, db, key, value, what)
+
+
+class CatalogView:
+    """The catalogs as one read transaction sees them (rpfs check): records, listings, counts and stored
+    listing ids of one moment, so a catalog stored meanwhile is in all of them or in none (never a listing
+    read before its record, looking unreachable). Valid only inside Store.catalog_view()."""
+
+    def __init__(self, catalogs: Catalogs, txn, point_key: Callable[[str, str], bytes]):
+        self._catalogs, self._txn, self._point_key = catalogs, txn, point_key
+
+    def keys(self) -> list[tuple[str, ...]]:
+        """(vm, point id) of every record; a damaged key has fewer parts."""
+        return [tuple(k.decode(errors="replace").split("\0", 1)) for k in self._catalogs.record_keys(self._txn)]
+
+    def record(self, vm: str, point_id: str) -> Catalog | None:
+        return self._catalogs.record(self._txn, self._point_key(vm, point_id))
+
+    def listing_bytes(self, listing_id: bytes, where: str) -> bytes:
+        return self._catalogs.listing(self._txn, listing_id, where)
+
+    def ref_counts(self) -> dict[bytes, int]:
+        return self._catalogs.ref_counts(self._txn)
+
+    def listing_ids(self) -> list[bytes]:
+        return self._catalogs.listing_ids(self._txn)
 
 
 def open_listing(compressed, listing_id: bytes, block_id: Callable[[bytes], bytes], where: str) -> bytes:

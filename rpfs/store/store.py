@@ -44,7 +44,7 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, ContextManager, Iterable, Iterator, TypeVar
 
 import lmdb
 
@@ -54,7 +54,7 @@ from rpfs.host.access import PRIVATE_FILE, check_own_entry, check_trusted_place,
 from rpfs.host.untrusted import parse_json
 from rpfs.store.blob import DEFAULT_ZSTD_LEVEL, BlockCodec, read_header
 from rpfs.store.block_maps import MAP_PIECE, REF, BlockMaps, count_references, flat_map_piece
-from rpfs.store.catalogs import Catalog, Catalogs, Entry, decode_listing
+from rpfs.store.catalogs import Catalog, Catalogs, CatalogView, Entry, RefRepair, decode_listing
 from rpfs.store.crypto import Keyring
 from rpfs.store.formats import DB_NAMES, FORMAT_VERSION, MAP_LAYOUT, PIECES_VERSIONS, V1_DB_NAMES, db_names, \
     refuse_unreadable, upgrade
@@ -539,11 +539,30 @@ class Store(KeptByLeases):
 
     def stored_listing_ids(self) -> list[bytes]:
         with self.read() as txn:
-            return list(self._catalog_layout().listing_ids(txn))
+            return self._catalog_layout().listing_ids(txn)
 
-    def replace_listing_refs(self, counts: dict[bytes, int]) -> None:
-        """check --repair: set listing_refs from a recount; listings no catalog reaches go."""
-        self.write(lambda txn: self._catalog_layout().replace_refs(txn, counts))
+    def catalog_view(self) -> ContextManager[CatalogView]:
+        """The catalogs as one read transaction sees them (check reads records, listings, counts and stored
+        ids together: a catalog stored meanwhile, which takes no writer lock, never looks like damage).
+        Raises RpfsError at once for a store without catalogs."""
+        catalogs = self._catalog_layout()
+
+        @contextmanager
+        def view() -> Iterator[CatalogView]:
+            with self.read() as txn:
+                yield CatalogView(catalogs, txn, self.point_key)
+        return view()
+
+    def repair_listing_refs(self) -> RefRepair | None:
+        """check --repair: recount listing_refs from the records and set them, removing the listings no
+        record reaches, in one write transaction (a catalog stored beside it is never half counted, its new
+        listings never taken for unreachable). None, and nothing changed, while a catalog is damaged."""
+        catalogs, repaired = self._catalog_layout(), []
+
+        def fill(txn):
+            repaired[:] = [catalogs.repair_refs(txn)]
+        self.write(fill)   # a damaged page of the catalog tables: RpfsError, the transaction rolled back
+        return repaired[0]
 
     def _catalog_layout(self) -> Catalogs:
         if self._catalogs is None:

@@ -30,7 +30,7 @@ from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.restore.partial import partial_path, settle, state_path
 from rpfs.host import run_dir
 from rpfs.store import blob
-from rpfs.store.catalogs import Catalog, count_references, decode_listing
+from rpfs.store.catalogs import Catalog, CatalogView, count_references, decode_listing
 from rpfs.store.leases import holds, release_hold, stale_leases
 from rpfs.store.store import WRITER_WAIT_SECONDS, DatabaseError, Store
 from rpfs.vm import backup_job, image_export, libvirt_host
@@ -153,20 +153,26 @@ def _records(store: Store) -> list[Problem]:
 def _catalogs(store: Store, existing: set[tuple[str, str]]) -> list[Problem]:
     """Each catalog record decodes and reaches only listings that are there and match their ids (a point with
     a damaged catalog is named; --repair removes that catalog); listing_refs equal a recount from the
-    records, and every stored listing is reachable (--repair sets both from the recount)."""
+    records, and every stored listing is reachable (--repair sets both from a recount of its own). All read
+    in one transaction: a catalog stored meanwhile (rpfs catalog takes no writer lock) is seen whole or not."""
     try:
-        stored = store.listing_ref_counts()
+        opened = store.catalog_view()
     except RpfsError:
         return []   # a store before format 7 has no catalogs
+    with opened as view:
+        return _catalog_problems(store, view, existing)
+
+
+def _catalog_problems(store: Store, view: CatalogView, existing: set[tuple[str, str]]) -> list[Problem]:
     problems = []
-    records, walk = [], _ListingWalk(store)
-    keys = store.catalog_keys()
+    records, walk = [], _ListingWalk(view)
+    keys = view.keys()
     problems += [Problem("catalog", f"a catalog record has a damaged key ({key[0]!r})")
                  for key in keys if len(key) != 2]
     for vm, point_id in (key for key in keys if len(key) == 2):
         anew = f" (--repair removes it; the point stays: rpfs catalog {vm} {point_id} makes it anew)"
         try:
-            record = store.catalog(vm, point_id)
+            record = view.record(vm, point_id)
         except (RpfsError, DatabaseError) as e:
             problems.append(_damaged_catalog(store, vm, point_id, f"{getattr(e, 'message', e)}{anew}"))
             continue
@@ -185,13 +191,14 @@ def _catalogs(store: Store, existing: set[tuple[str, str]]) -> list[Problem]:
     if problems:
         return problems   # the counts are recounted when the damaged catalogs are removed
     counts = count_references(records, walk.read)
+    stored = view.ref_counts()
     wrong = [i for i in counts.keys() | stored.keys() if counts.get(i, 0) != stored.get(i, 0)]
     if wrong:
         first = min(wrong)
         problems.append(Problem("refs", f"the count is wrong for {len(wrong)} catalog listing(s) (first"
                                         f" {first.hex()[:16]}: says {stored.get(first, 0)}, it is named"
                                         f" {counts.get(first, 0)} time(s))", repair=lambda: _recount_listings(store)))
-    unreachable = [i for i in store.stored_listing_ids() if i not in counts]
+    unreachable = [i for i in view.listing_ids() if i not in counts]
     if unreachable:
         problems.append(Problem("catalog", f"{len(unreachable)} stored catalog listing(s) that no catalog reaches"
                                            f" (first {min(unreachable).hex()[:16]})",
@@ -203,8 +210,8 @@ class _ListingWalk:
     """Every listing a catalog record reaches, each read (and checked against its id) once, whichever
     point's catalog reaches it first: the damage found there is every such point's."""
 
-    def __init__(self, store: Store):
-        self.store = store
+    def __init__(self, view: CatalogView):
+        self.view = view
         self.found: dict[bytes, bytes | str] = {}   # listing id -> its bytes, or what is wrong with it
 
     def read(self, listing_id: bytes) -> bytes:
@@ -231,7 +238,7 @@ class _ListingWalk:
     def _get(self, listing_id: bytes) -> bytes | str:
         if listing_id not in self.found:
             try:
-                raw = self.store.listing_bytes(listing_id, "it")
+                raw = self.view.listing_bytes(listing_id, "it")
                 decode_listing(raw, "a listing")
                 self.found[listing_id] = raw
             except (CorruptBlockError, DatabaseError) as e:
@@ -240,29 +247,17 @@ class _ListingWalk:
         return self.found[listing_id]
 
 
+def _recount_listings(store: Store) -> None:
+    """Set listing_refs from a recount of the records (Store.repair_listing_refs: one transaction)."""
+    if store.repair_listing_refs() is None:
+        raise RpfsError("a catalog is damaged; rpfs check --repair again removes it first")
+
+
 def _damaged_catalog(store: Store, vm: str, point_id: str, what: str) -> Problem:
     def repair() -> None:
         store.delete_catalog(vm, point_id)
-        _recount_listings(store)
+        store.repair_listing_refs()   # left alone while another damaged catalog is still there
     return Problem("catalog", what, repair=repair)
-
-
-def _recount_listings(store: Store) -> None:
-    """Set listing_refs from a recount of the records whose listings are all sound (listings none of them
-    reaches go); left alone while a damaged catalog is still there."""
-    records, walk = [], _ListingWalk(store)
-    for key in store.catalog_keys():
-        if len(key) != 2:
-            return
-        vm, point_id = key
-        try:
-            record = store.catalog(vm, point_id)
-        except RpfsError:
-            return
-        if record is None or walk.damage(record):
-            return
-        records.append(record)
-    store.replace_listing_refs(count_references(records, walk.read))
 
 
 def _snapshots(store: Store, points) -> list[Problem]:

@@ -9,8 +9,8 @@ push finds the indexed packs' blobs in the vault and sends only the rest.
 A point with a catalog in the store (store/catalogs.py) also sends the listings its catalog reaches that
 the vault lacks, in the same packs, and after its manifest a catalog object naming every listing it
 reaches (layout.py): it exists only once they are all indexed. A point the vault already has gets its
-catalog object when the vault has none, or one that differs from the store's (cataloged again), its
-listings in packs of their own first.
+catalog object when the vault has none, one that differs from the store's (cataloged again), or one
+naming a listing the vault's index lacks, its listings in packs of their own first.
 """
 from __future__ import annotations
 
@@ -179,11 +179,14 @@ def _plan_catalog(store: Store, vault: Vault, catalog: Catalog | None, planned: 
     """The listings a catalog reaches, walked in the store from its roots (each read once per push), and those
     of them to send, read, checked against their ids and sealed now: a point cataloged again while it goes
     up loses its old listings in the store. None without a catalog, or with a listing that cannot be read
-    (noted: the point goes up without its catalog, and a later push sends it once rpfs check repaired it)."""
+    (noted: the point goes up without its catalog, and a later push sends it once rpfs check repaired it).
+    What it walks joins `planned` only if the whole plan holds: a listing walked by a plan that failed is
+    not sent, so a later plan sharing it must read and send it itself."""
     if catalog is None:
         return None
     where = f"{catalog.vm}/{catalog.point_id}"
     reached: dict[bytes, None] = {}
+    walked: dict[bytes, list[bytes]] = {}
     new: list[tuple[bytes, bytes]] = []
     pending = catalog.roots()
     try:
@@ -195,13 +198,14 @@ def _plan_catalog(store: Store, vault: Vault, catalog: Catalog | None, planned: 
             children = planned.subfolders.get(listing_id)
             if children is None:
                 raw = store.listing_bytes(listing_id, where)   # checked against its id
-                children = planned.subfolders[listing_id] = subfolders(raw, f"a listing of {where}")
+                children = walked[listing_id] = subfolders(raw, f"a listing of {where}")
                 if listing_id not in planned.listings and not vault.has(LISTING, listing_id):
                     new.append((listing_id, vault.seal_listing(listing_id, raw)))
             pending.extend(children)
     except (CorruptBlockError, RpfsError) as e:
         summary.notes.append(f"the catalog of {where} was not pushed: {e.message} (rpfs check)")
         return None
+    planned.subfolders.update(walked)
     planned.listings.update(listing_id for listing_id, _sealed in new)
     return _CatalogPlan(catalog, list(reached), new)
 
@@ -209,7 +213,9 @@ def _plan_catalog(store: Store, vault: Vault, catalog: Catalog | None, planned: 
 def _catalogs_to_send(store: Store, vault: Vault, held: list[RecoveryPoint], planned: _Planned,
                       summary: PushSummary) -> list[_CatalogPlan]:
     """Plans for the catalogs of points the vault has already whose catalog object is missing, does not
-    open, or differs from the store's (the point was cataloged again)."""
+    open, differs from the store's (the point was cataloged again), or names a listing the vault's index
+    lacks and no plan of this push sends (an older rpfs could write one): the plan sends the listings the
+    vault lacks from the store, then the object again."""
     cataloged = [(point, found) for point in held if (found := store.catalog(point.vm, point.id)) is not None]
     present = set(vault.objects.catalog_names()) if cataloged else set()   # one LIST: no GET for those missing
 
@@ -221,7 +227,8 @@ def _catalogs_to_send(store: Store, vault: Vault, held: list[RecoveryPoint], pla
             there = vault.catalog_object(point.vm, point.id)
         except (CorruptBlockError, RpfsError):
             return True   # replaced whole by a sealed one
-        return there is None or there.catalog.to_json() != catalog.to_json()
+        return there is None or there.catalog.to_json() != catalog.to_json() or \
+            any(not vault.has(LISTING, i) and i not in planned.listings for i in there.listings)
     with ThreadPoolExecutor(INDEX_READERS) as pool:
         to_send = [catalog for (_point, catalog), changed in zip(cataloged, pool.map(stale, cataloged)) if changed]
     plans = [_plan_catalog(store, vault, catalog, planned, summary) for catalog in to_send]
