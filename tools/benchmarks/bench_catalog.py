@@ -303,6 +303,7 @@ def step_many(conditions: Conditions, cache_dir: Path, work: Path, files: int, p
                            drop=False)
     made = json.loads(out)
     t_catalog.extra.update(points=len(made), listing_bytes=sum(s["new_listing_bytes"] for s in made),
+                           listing_bytes_each=[s["new_listing_bytes"] for s in made],
                            seconds_each=[round(s["seconds"], 2) for s in made], usage=catalog_usage(store))
     build["catalog"] = t_catalog
     r["many"] = {"files": files, "folders": files // FOLDER_FILES, "points": points, "build": build}
@@ -437,6 +438,10 @@ def print_report(r: dict) -> None:
               f"({cat.extra.get('all_cpu', 0):.0f} with the store mount daemon), machine "
               f"{cat.extra['machine_cpu']:.0f} s; per point {min(each):.2f}-{max(each):.2f} s; listings "
               f"{cat.extra['listing_bytes']:,} bytes; catalog databases {cat.extra['usage']['records_bytes']:,} bytes")
+        rest = sorted(cat.extra.get("listing_bytes_each", [])[1:])
+        if rest:
+            print(f"  new listings: the first point {cat.extra['listing_bytes_each'][0]:,} bytes (the whole tree); each"
+                  f" later point (a few files changed) {rest[0]:,}-{rest[-1]:,}, median {rest[len(rest) // 2]:,}")
         print(f"  stores: rpfs {many['rpfs_store_bytes'] / MiB:.0f} MiB, restic "
               f"{(many['restic_repo_bytes'] or 0) / MiB:.0f} MiB")
         print(f"  {'query':<42} {'rpfs wall / CPU s':>18} {'restic wall / CPU s':>20} {'ratio':>6}  answers")
