@@ -309,30 +309,38 @@ def step_many(conditions: Conditions, cache_dir: Path, work: Path, files: int, p
     r["many"] = {"files": files, "folders": files // FOLDER_FILES, "points": points, "build": build}
 
     folder = folder_of(5)
-    queries = {"find_name": (rpfs_cmd(store, "find", COMMON_NAME, VM, "--json"),
-                             ["restic", "-r", str(repo), "find", "--json", COMMON_NAME]),
-               "find_tree": (rpfs_cmd(store, "find", "/t03/**", VM, "--json"),
-                             ["restic", "-r", str(repo), "find", "--json", f"{mnt}/t03/**"]),
-               "ls": (rpfs_cmd(store, "ls", VM, f"/{folder}", "--json"),
-                      ["restic", "-r", str(repo), "ls", "--json", "latest", f"{mnt}/{folder}"])}
-    found: dict = {}
-    for name, (ours, theirs) in queries.items():
-        rows = {}
-        for drop in (True, False):
-            kind = "cold" if drop else "warm"
-            rows[f"rpfs_{kind}"], out = timed(conditions, f"rpfs {name} ({kind})", ours, drop=drop)
-            rows[f"rpfs_{kind}"].extra["answer"] = answer_size(name, out, rpfs=True)
-            if peers:
-                rows[f"restic_{kind}"], out = timed(conditions, f"restic {name} ({kind})", theirs, drop=drop)
-                rows[f"restic_{kind}"].extra["answer"] = answer_size(name, out, rpfs=False)
-        found[name] = rows
-    r["many"]["queries"] = found
+    r["many"]["queries"] = queries(conditions, store, repo if peers else None, mnt, folder)
     r["many"]["ls_folder"] = f"/{folder}"
     r["many"]["restic_repo_bytes"] = du(repo) if peers else None
     r["many"]["rpfs_store_bytes"] = du(store)
     for path in (store, repo):
         shutil.rmtree(path, ignore_errors=True)
     disk.unlink(missing_ok=True)
+
+
+def queries(conditions: Conditions, store: Path, repo: Path | None, mnt: Path, folder: str) -> dict:
+    """find and ls of rpfs (and restic, given its repository), each cold then warm, timed as a user runs them
+    (their text output; --json's pretty printing of 500,000 matches costs more than the search); the
+    answers' sizes from an untimed --json run after."""
+    asked = {"find_name": ([COMMON_NAME, VM], [COMMON_NAME]),
+             "find_tree": (["/t03/**", VM], [f"{mnt}/t03/**"]),
+             "ls": ([VM, f"/{folder}"], ["latest", f"{mnt}/{folder}"])}
+    found: dict = {}
+    for name, (ours, theirs) in asked.items():
+        command = name.split("_")[0]
+        rows = {}
+        tools = {"rpfs": lambda *more: rpfs_cmd(store, command, *ours, *more)}
+        if repo is not None:
+            tools["restic"] = lambda *more: ["restic", "-r", str(repo), command, *more, *theirs]
+        for tool, cmd in tools.items():
+            for drop in (True, False):
+                kind = "cold" if drop else "warm"
+                rows[f"{tool}_{kind}"], _ = timed(conditions, f"{tool} {name} ({kind})", cmd(), drop=drop)
+            out = run(cmd("--json"))
+            for kind in ("cold", "warm"):
+                rows[f"{tool}_{kind}"].extra["answer"] = answer_size(name, out, rpfs=tool == "rpfs")
+        found[name] = rows
+    return found
 
 
 def answer_size(query: str, out: str, rpfs: bool) -> dict:
