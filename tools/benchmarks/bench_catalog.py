@@ -14,9 +14,10 @@
   many       an ext4 image of --catalog-files files (100,000) in ~files/20 folders (built once, kept in the bench's
              cache directory), backed up --catalog-points times (100) with a few files changed, added and removed
              between points through a read-write loop mount; restic backs up the same mounted tree at each point.
-             Then, cold (page cache dropped, a fresh process): `rpfs find NAME VM` of a name in 10% of the folders,
-             `rpfs find '/t03/**' VM`, `rpfs ls VM FOLDER`, next to `restic find NAME`, `restic find
-             'MNT/t03/**'`, `restic ls latest MNT/FOLDER`. Target: find < 2 s.
+             Then, cold (page cache dropped, a fresh process) and warm, as a user runs them (text output):
+             `rpfs find NAME VM` of a name in 10% of the folders, `rpfs find '/t03/**' VM`, `rpfs ls VM FOLDER`,
+             next to `restic find NAME`, `restic find 'MNT/t03/**'`, `restic ls latest MNT/FOLDER`; the answers
+             counted from an untimed --json run. Target: find < 2 s. Figures: docs/dev/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -269,6 +270,8 @@ def change_a_few(root: Path, paths: list[str], rng: random.Random, point: int) -
 def step_many(conditions: Conditions, cache_dir: Path, work: Path, files: int, points: int, peers: bool,
               r: dict) -> None:
     """`points` backups of a filesystem of `files` files, by rpfs and restic; then find and ls, cold."""
+    from bench_peers import ensure_installed
+    ensure_installed(peers)   # restic from Debian on first use, as the peers' section does
     image = many_files_image(cache_dir, files, False)
     print(f"bench: {points} points of {files} files", flush=True)
     disk, store, repo, mnt = work / "many.img", work / "store-many", work / "restic-many", work / "many"
