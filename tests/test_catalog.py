@@ -148,6 +148,10 @@ def test_find_ls_diff_across_points_of_ext4_and_xfs(area, store_path):
     assert [(f["filesystem"], f["path"]) for f in found] == [("os/p1", "/etc/nginx/nginx.conf")]
     assert [v["points"] for v in found[0]["versions"]] == [ids[:1], ids[1:]]
     assert [v["size"] for v in found[0]["versions"]] == [20, 20]
+    named = _json("find", "nginx.conf", "web01", "--disk", "os", "--partition", "1", store=store)["found"]
+    assert [v["points"] for v in named[0]["versions"]] == [ids[:1], ids[1:]]
+    elsewhere = rpfs("find", "nginx.conf", "web01", "--disk", "os", "--partition", "2", store=store, check=False)
+    assert elsewhere.returncode == 1 and "nothing matches" in elsewhere.stderr
     db = _json("find", "db.sqlite", store=store)["found"]   # every VM; the xfs partition
     assert [(f["filesystem"], f["path"], len(f["versions"])) for f in db] == [("os/p2", "/data/db.sqlite", 1)]
     mail = _json("find", "/var/mail/alice/**", "web01", store=store)["found"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
@@ -26,6 +27,9 @@ from rpfs.store.store import DatabaseError, Store
 _KIND_OF_FORMAT = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c",
                    stat.S_IFBLK: "b", stat.S_IFIFO: "p", stat.S_IFSOCK: "s"}
 
+
+SCAN_THREADS = 8      # folders listed at once by a walk (each lstat through a store mount waits for a block)
+AHEAD = 64            # folders listed ahead of the walk at most
 
 UNREADABLE = "could not be read"   # a walk's error (maybe damage)
 PASSING = (UNREADABLE, "mount failed", "probe failed")   # statuses that may pass: such a disk is read again
@@ -116,33 +120,64 @@ def catalog_new_point(store: Store, point: RecoveryPoint) -> tuple[CatalogSummar
 def walk(root: str, listing_id: Callable[[bytes], bytes]) -> tuple[bytes, _Walk]:
     """The listings of the tree at root (a mounted filesystem), children before parents; returns the root's
     listing id. lstat only: no link is followed, and no folder entered is anything but a folder (the
-    filesystem is mounted read-only, so what lstat saw stays). OSError on any unreadable folder or entry."""
+    filesystem is mounted read-only, so what lstat saw stays). OSError on any unreadable folder or entry.
+    Folders are listed ahead of the walk by a few threads (_Scanner): read through a store mount, each
+    lstat of a cold inode waits for a block to be fetched and decoded, and several waits overlap."""
     made = _Walk(listing_id)
     root_bytes = os.fsencode(root)
-    # A stack of folders being listed: (path, entries so far, (name, stat) still to look at, the folder's
-    # own name and stat for its parent's entry); deep trees need no recursion.
-    stack = [(root_bytes, [], _scan(root_bytes), None)]
-    while True:
-        path, entries, pending, own = stack[-1]
-        while pending:
-            name, st = pending.pop()
-            kind = _KIND_OF_FORMAT.get(stat.S_IFMT(st.st_mode), "?")
-            if kind == "d":
-                child = os.path.join(path, name)
-                stack.append((child, [], _scan(child), (name, st)))
+    with _Scanner() as scanner:
+        # A stack of folders being listed: (path, entries so far, (name, stat) still to look at, the folder's
+        # own name and stat for its parent's entry); deep trees need no recursion.
+        stack = [(root_bytes, [], scanner.take(root_bytes), None)]
+        while True:
+            path, entries, pending, own = stack[-1]
+            while pending:
+                name, st = pending.pop()
+                kind = _KIND_OF_FORMAT.get(stat.S_IFMT(st.st_mode), "?")
+                if kind == "d":
+                    child = os.path.join(path, name)
+                    stack.append((child, [], scanner.take(child), (name, st)))
+                    break
+                target = os.fsdecode(os.readlink(os.path.join(path, name))) if kind == "l" else ""
+                entries.append(_entry(name, kind, st, target=target))
+                made.files += 1
+                made.bytes += st.st_size if kind == "f" else 0
+            else:
+                listing = made.listing(entries)
+                stack.pop()
+                if not stack:
+                    return listing, made
+                made.folders += 1
+                name, st = own
+                stack[-1][1].append(_entry(name, "d", st, folder=listing))
+
+
+class _Scanner:
+    """Lists folders on SCAN_THREADS threads ahead of a depth-first walk: taking a folder's listing starts
+    those of its subfolders, in the order the walk enters them, while at most AHEAD wait to be taken (so
+    memory stays bounded whatever the tree). Leaving waits for every thread: nothing reads the mount after."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(SCAN_THREADS, thread_name_prefix="catalog-scan")
+        self._ahead: dict[bytes, Future] = {}
+
+    def __enter__(self) -> "_Scanner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def take(self, path: bytes) -> list[tuple[bytes, os.stat_result]]:
+        """The folder's (name, lstat) pairs, sorted by name, last first (the walk pops them)."""
+        ahead = self._ahead.pop(path, None)
+        found = ahead.result() if ahead is not None else _scan(path)
+        for name, st in reversed(found):   # the walk enters the last first
+            if len(self._ahead) >= AHEAD:
                 break
-            target = os.fsdecode(os.readlink(os.path.join(path, name))) if kind == "l" else ""
-            entries.append(_entry(name, kind, st, target=target))
-            made.files += 1
-            made.bytes += st.st_size if kind == "f" else 0
-        else:
-            listing = made.listing(entries)
-            stack.pop()
-            if not stack:
-                return listing, made
-            made.folders += 1
-            name, st = own
-            stack[-1][1].append(_entry(name, "d", st, folder=listing))
+            if stat.S_ISDIR(st.st_mode):
+                child = os.path.join(path, name)
+                self._ahead[child] = self._pool.submit(_scan, child)
+        return found
 
 
 def _scan(path: bytes) -> list[tuple[bytes, os.stat_result]]:

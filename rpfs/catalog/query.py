@@ -176,11 +176,13 @@ def find(reader: CatalogReader, pattern: str, points: list[tuple[str, str]], lab
             if fs.status != CATALOGED:
                 uncataloged.append(Uncataloged(vm, point_id, fs.label, fs.status))
                 continue
-            root = bytes.fromhex(fs.root)
+            root, fs_label = bytes.fromhex(fs.root), fs.label
             hits = ([("/", Entry("/", "d", 0, 0, 0, 0, 0, folder=root))] if regex.fullmatch("/") else []) + \
                 search(root, "", where)
             for path, entry in hits:
-                found = by_path.setdefault((vm, fs.label, path), Found(vm, fs.label, path))
+                found = by_path.get((vm, fs_label, path))
+                if found is None:
+                    found = by_path[vm, fs_label, path] = Found(vm, fs_label, path)
                 _add_version(found, entry, point_id)
     return FindAnswer(sorted(by_path.values(), key=lambda f: (f.vm, f.filesystem, f.path)), uncataloged, searched)
 
@@ -192,7 +194,13 @@ def _may_hold(folder: str, literal: str) -> bool:
 
 
 def _add_version(found: Found, entry: Entry, point_id: str) -> None:
-    """Points with the same state of the path share a version (a folder: its own metadata, not its content)."""
+    """Points with the same state of the path share a version (a folder: its own metadata, not its content).
+    An entry of a folder listing shared by several points is the same object in each (Listings): no state to
+    compare."""
+    for version in found.versions:
+        if version.entry is entry:
+            version.point_ids.append(point_id)
+            return
     state = _state(entry)
     for version in found.versions:
         if _state(version.entry) == state:

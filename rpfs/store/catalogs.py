@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Protocol
 
@@ -307,10 +308,22 @@ class CatalogView:
         return self._catalogs.listing_ids(self._txn)
 
 
+_per_thread = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor (a zstd context serves one thread at a time), made once: making one costs
+    more than decompressing a small listing (a find across 100 points reads thousands)."""
+    found = getattr(_per_thread, "decompressor", None)
+    if found is None:
+        found = _per_thread.decompressor = zstandard.ZstdDecompressor()
+    return found
+
+
 def open_listing(compressed, listing_id: bytes, block_id: Callable[[bytes], bytes], where: str) -> bytes:
     """A stored listing's canonical bytes (unsealed already), checked against its id."""
     try:
-        raw = zstandard.ZstdDecompressor().decompress(bytes(compressed), max_output_size=MAX_LISTING_BYTES)
+        raw = _decompressor().decompress(bytes(compressed), max_output_size=MAX_LISTING_BYTES)
     except zstandard.ZstdError:
         raise CorruptBlockError(f"a listing of {where} is damaged ({listing_id.hex()[:16]})") from None
     if block_id(raw) != listing_id:

@@ -14,6 +14,7 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
+import bench_catalog
 import bench_lib
 import bench_peers
 import bench_vm
@@ -49,8 +50,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also the VM rows (tools/benchmarks/bench_vm.py): full and incremental backup of a running"
                         " libvirt domain, 4 GiB qcow2 disk, 1%% changed; needs libvirtd (tools/libvirt start)")
     p.add_argument("--vm-only", action="store_true", help="only the VM rows (implies --vm)")
+    p.add_argument("--catalog", action="store_true",
+                   help="also the catalog's targets of issue 26 (tools/benchmarks/bench_catalog.py): its cost on the"
+                        " image, after 1%% changed and on an unchanged disk; find and ls across many points, next to"
+                        " restic's")
+    p.add_argument("--only", choices=["catalog"], help="only this section (catalog: implies --catalog)")
+    p.add_argument("--catalog-points", type=int, default=100,
+                   help="points of the many-files filesystem that find searches (default 100; 0: leave it out)")
+    p.add_argument("--catalog-files", type=int, default=100_000,
+                   help="files of that filesystem, 20 a folder (default 100,000; its image is kept in --cache-dir)")
     args = p.parse_args(argv)
     args.vm = args.vm or args.vm_only
+    args.catalog = args.catalog or args.only == "catalog"
+    if args.catalog_points < 0 or args.catalog_files < bench_catalog.FOLDER_FILES:
+        p.error(f"--catalog-points must be at least 0 and --catalog-files at least {bench_catalog.FOLDER_FILES}")
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
     if args.fio_seconds < 1:
@@ -66,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupt)   # unwind through the finally clauses, as for Ctrl-C
     if args.vm_only:
         return vm_main(args)
+    if args.only == "catalog":
+        return catalog_main(args)
     ctx: Context | None = None
     roots: list[Path] = []
     image: Path | None = None
@@ -103,8 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         vm = vm_figures(args) if args.vm and code == 0 else None
         if vm is None and args.vm and code == 0:
             ctx.problems.append("the VM rows failed (the reason is above)")
+        catalog = None
+        if args.catalog and code == 0:
+            code, catalog = catalog_figures(args)
+            if catalog is None:
+                ctx.problems.append("the catalog rows failed (the reason is above)")
         if args.json:
-            args.json.write_text(json.dumps({**results_json(ctx), "vault": vault, "vm": vm}, indent=2,
+            args.json.write_text(json.dumps({**results_json(ctx), "vault": vault, "vm": vm, "catalog": catalog},
+                                            indent=2,
                                             default=str) + "\n")
             print(f"bench: figures written to {args.json}")
         code = code or (1 if ctx.problems else 0)
@@ -136,6 +157,47 @@ def vm_main(args: argparse.Namespace) -> int:
                                          "cpus": os.cpu_count(), "vm": vm}, indent=2, default=str) + "\n")
         print(f"bench: figures written to {args.json}")
     return 0
+
+
+def catalog_figures(args: argparse.Namespace) -> tuple[int, dict | None]:
+    """The catalog rows (bench_catalog.py) in a work folder of their own, printed; (exit code, figures as JSON)."""
+    roots: list[Path] = []
+    image: Path | None = None
+    results, code = None, 0
+    with ExitStack() as stack:
+        try:
+            image, _ = source_image(args.cache_dir, args.size_gib, args.regenerate)
+            work = Path(tempfile.mkdtemp(prefix="catalog-", dir=args.cache_dir))
+            stack.callback(remove_dir, work)
+            roots = [work]
+            os.environ["RPFS_RUN_DIR"] = str(work / "run")
+            os.environ["RPFS_KEY_FILE"] = str(work / "key")
+            results = bench_catalog.run_catalog(Conditions(0 if args.no_warm else args.warm_gib), args.cache_dir,
+                                                image, work, args.catalog_files, args.catalog_points, args.peers)
+        except BenchError as e:
+            print(f"bench: catalog: {e}", file=sys.stderr)
+            results, code = None, 1
+        except KeyboardInterrupt:
+            print("bench: interrupted; cleaning up", file=sys.stderr)
+            results, code = None, 130
+        finally:
+            code = finish_cleanup(roots, image, stack) or code
+    if results is None:
+        return code, None
+    bench_catalog.print_report(results)
+    out = bench_lib.jsonable(results)
+    out.update(rpfs_revision=bench_lib.git_revision(), kernel=os.uname().release, cpus=os.cpu_count(),
+               image=str(image), image_bytes=image.stat().st_size)
+    return code, out
+
+
+def catalog_main(args: argparse.Namespace) -> int:
+    """--only catalog: the catalog rows alone."""
+    code, catalog = catalog_figures(args)
+    if catalog is not None and args.json:
+        args.json.write_text(json.dumps({"catalog": catalog}, indent=2, default=str) + "\n")
+        print(f"bench: figures written to {args.json}")
+    return code or (1 if catalog is None else 0)   # a MISS is a figure, not a failure (as the other targets)
 
 
 def vault_figures(size_gib: float) -> dict | None:
