@@ -37,6 +37,26 @@ def test_a_listing_round_trips_any_name_exactly():
         decode_listing(raw[:-3], "x")
 
 
+def test_the_walk_reaches_folders_deeper_than_path_max_and_follows_no_link(tmp_path):
+    import hashlib
+
+    from rpfs.catalog.build import walk
+    fd = os.open(tmp_path, os.O_RDONLY)
+    for depth in range(40):   # 40 folders of 200-byte names: paths of 8,000 bytes
+        name = f"d{depth:02d}" + "x" * 197
+        os.mkdir(name, dir_fd=fd)
+        os.close(os.open("f", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
+        next_fd = os.open(name, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = next_fd
+    os.symlink("/etc", "up", dir_fd=fd)   # never followed
+    os.close(fd)
+    root, made = walk(str(tmp_path), lambda raw: hashlib.sha256(raw).digest())
+    assert (made.files, made.folders, len(made.listings)) == (41, 40, 41)
+    deepest = [decode_listing(raw, "x") for raw in made.listings.values() if b'"up"' in raw][0]
+    assert [(e.name, e.kind, e.target) for e in deepest] == [("up", "l", "/etc")]
+
+
 class Listings:
     """An in-memory catalog reader: trees built from nested dicts (a name -> bytes is a file)."""
 

@@ -120,31 +120,33 @@ def catalog_new_point(store: Store, point: RecoveryPoint) -> tuple[CatalogSummar
 def walk(root: str, listing_id: Callable[[bytes], bytes]) -> tuple[bytes, _Walk]:
     """The listings of the tree at root (a mounted filesystem), children before parents; returns the root's
     listing id. lstat only: no link is followed, and no folder entered is anything but a folder (the
-    filesystem is mounted read-only, so what lstat saw stays). OSError on any unreadable folder or entry.
+    filesystem is mounted read-only, so what lstat saw stays). WalkError on any unreadable folder or entry.
     Folders are listed ahead of the walk by a few threads (_Scanner): read through a store mount, each
-    lstat of a cold inode waits for a block to be fetched and decoded, and several waits overlap."""
+    lstat of a cold inode waits for a block to be fetched and decoded, and several waits overlap.
+    Folders are opened relative to a folder above them (_Place), never by a path longer than REBASE bytes:
+    a tree of any depth is walked (a guest's deep tree would otherwise stop at PATH_MAX)."""
     made = _Walk(listing_id)
-    root_bytes = os.fsencode(root)
     with _Scanner() as scanner:
-        # A stack of folders being listed: (path, entries so far, (name, stat) still to look at, the folder's
-        # own name and stat for its parent's entry); deep trees need no recursion.
-        stack = [(root_bytes, [], scanner.take(root_bytes), None)]
+        top = scanner.place(None, os.fsencode(root), b"")
+        # A stack of folders being listed: (place, entries so far, (name, stat, link target) still to look
+        # at, the folder's own name and stat for its parent's entry); deep trees need no recursion.
+        stack = [(top, [], scanner.take(top), None)]
         while True:
-            path, entries, pending, own = stack[-1]
+            place, entries, pending, own = stack[-1]
             while pending:
-                name, st = pending.pop()
+                name, st, target = pending.pop()
                 kind = _KIND_OF_FORMAT.get(stat.S_IFMT(st.st_mode), "?")
                 if kind == "d":
-                    child = os.path.join(path, name)
+                    child = scanner.place(place, name, place.inside + b"/" + name)
                     stack.append((child, [], scanner.take(child), (name, st)))
                     break
-                target = os.fsdecode(os.readlink(os.path.join(path, name))) if kind == "l" else ""
-                entries.append(_entry(name, kind, st, target=target))
+                entries.append(_entry(name, kind, st, target=os.fsdecode(target) if kind == "l" else ""))
                 made.files += 1
                 made.bytes += st.st_size if kind == "f" else 0
             else:
                 listing = made.listing(entries)
                 stack.pop()
+                scanner.leave(place)
                 if not stack:
                     return listing, made
                 made.folders += 1
@@ -152,37 +154,110 @@ def walk(root: str, listing_id: Callable[[bytes], bytes]) -> tuple[bytes, _Walk]
                 stack[-1][1].append(_entry(name, "d", st, folder=listing))
 
 
+REBASE = 2048   # a folder is opened by a path of at most this many bytes (plus a name) from the folder it is under
+
+
+class WalkError(Exception):
+    """A folder or entry that could not be read, and where (its path inside the filesystem)."""
+
+    def __init__(self, inside: bytes, error: OSError):
+        super().__init__(f"{os.fsdecode(inside or b'/')}: {error.strerror or error}")
+        self.inside, self.error = inside or b"/", error
+
+
+@dataclass(eq=False)
+class _Place:
+    """A folder as the walk reaches it: a path relative to an open folder above it (its base), and its path
+    inside the filesystem (for messages). A place that opened a base of its own closes it when left."""
+    base: int | None      # a folder descriptor, or None: `rel` is absolute (the mountpoint)
+    rel: bytes
+    inside: bytes
+    owns_base: bool = False
+
+
 class _Scanner:
     """Lists folders on SCAN_THREADS threads ahead of a depth-first walk: taking a folder's listing starts
     those of its subfolders, in the order the walk enters them, while at most AHEAD wait to be taken (so
-    memory stays bounded whatever the tree). Leaving waits for every thread: nothing reads the mount after."""
+    memory stays bounded whatever the tree). Leaving waits for every thread and closes every descriptor:
+    nothing reads the mount after."""
 
     def __init__(self):
         self._pool = ThreadPoolExecutor(SCAN_THREADS, thread_name_prefix="catalog-scan")
-        self._ahead: dict[bytes, Future] = {}
+        self._ahead: dict[tuple[int, bytes], tuple[_Place, Future]] = {}
+        self._bases: set[int] = set()
 
     def __enter__(self) -> "_Scanner":
         return self
 
     def __exit__(self, *exc) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        for fd in self._bases:
+            os.close(fd)
+        self._bases.clear()
 
-    def take(self, path: bytes) -> list[tuple[bytes, os.stat_result]]:
-        """The folder's (name, lstat) pairs, sorted by name, last first (the walk pops them)."""
-        ahead = self._ahead.pop(path, None)
-        found = ahead.result() if ahead is not None else _scan(path)
-        for name, st in reversed(found):   # the walk enters the last first
+    def place(self, parent: _Place | None, name: bytes, inside: bytes) -> _Place:
+        """Where a subfolder of parent is (the root: parent None, name its absolute path)."""
+        if parent is None:
+            return _Place(None, name, inside)
+        found = self._ahead.get((id(parent), name))
+        if found is not None:
+            return found[0]
+        rel = name if parent.rel == b"." else parent.rel + b"/" + name
+        if len(rel) <= REBASE:
+            return _Place(parent.base, rel, inside)
+        try:   # too long a path: open the parent, and the folder is found from there
+            fd = os.open(parent.rel, _FOLDER, dir_fd=parent.base)
+        except OSError as e:
+            raise WalkError(parent.inside, e) from None
+        self._bases.add(fd)
+        return _Place(fd, name, inside, owns_base=True)
+
+    def leave(self, place: _Place) -> None:
+        if place.owns_base and place.base in self._bases:
+            self._bases.discard(place.base)
+            os.close(place.base)
+
+    def take(self, place: _Place) -> list[tuple[bytes, os.stat_result, bytes]]:
+        """The folder's (name, lstat, link target) triples, sorted by name, last first (the walk pops them)."""
+        ahead = None
+        for key, (known, future) in list(self._ahead.items()):
+            if known is place:
+                ahead = self._ahead.pop(key)[1]
+                break
+        found = ahead.result() if ahead is not None else _scan(place)
+        for name, st, _target in reversed(found):   # the walk enters the last first
             if len(self._ahead) >= AHEAD:
                 break
             if stat.S_ISDIR(st.st_mode):
-                child = os.path.join(path, name)
-                self._ahead[child] = self._pool.submit(_scan, child)
+                child = self.place(place, name, place.inside + b"/" + name)
+                self._ahead[id(place), name] = (child, self._pool.submit(_scan, child))
         return found
 
 
-def _scan(path: bytes) -> list[tuple[bytes, os.stat_result]]:
-    with os.scandir(path) as found:
-        return sorted(((e.name, e.stat(follow_symlinks=False)) for e in found), reverse=True)
+_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _scan(place: _Place) -> list[tuple[bytes, os.stat_result, bytes]]:
+    try:
+        fd = os.open(place.rel, _FOLDER, dir_fd=place.base)
+    except OSError as e:
+        raise WalkError(place.inside, e) from None
+    try:
+        found = []
+        with os.scandir(fd) as entries:
+            for e in entries:
+                name = os.fsencode(e.name)
+                try:
+                    st = e.stat(follow_symlinks=False)
+                    target = os.fsencode(os.readlink(name, dir_fd=fd)) if stat.S_ISLNK(st.st_mode) else b""
+                except OSError as error:
+                    raise WalkError(place.inside + b"/" + name, error) from None
+                found.append((name, st, target))
+        return sorted(found, key=lambda item: item[0], reverse=True)
+    except OSError as e:
+        raise WalkError(place.inside, e) from None
+    finally:
+        os.close(fd)
 
 
 def _entry(name: bytes, kind: str, st: os.stat_result, target: str = "", folder: bytes = b"") -> Entry:
@@ -196,10 +271,8 @@ def _catalog_filesystem(store: Store, disk: str, found) -> tuple[CatalogedFilesy
         return fs, {}
     try:
         root, made = walk(found.mountpoint, store.listing_id)
-    except OSError as e:
-        where = os.fsdecode(e.filename or b"")
-        inside = where[len(found.mountpoint):] or "/" if where.startswith(found.mountpoint) else "?"
-        fs.status = f"{UNREADABLE}: {inside}: {e.strerror}"
+    except WalkError as e:
+        fs.status = f"{UNREADABLE}: {e}"
         return fs, {}
     fs.status, fs.root = CATALOGED, root.hex()
     fs.files, fs.folders, fs.bytes = made.files, made.folders, made.bytes

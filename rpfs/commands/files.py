@@ -18,7 +18,20 @@ from rpfs.errors import EXIT_USAGE, CorruptBlockError, RpfsError
 from rpfs.host.untrusted import shown
 from rpfs.store.catalogs import CATALOGED, KINDS, Catalog, Entry
 
-DEEP_TREES = 20_000   # a catalog's folders nest at most ~2,000 deep (PATH_MAX); the walks here recurse
+DEEP_TREES = 50_000   # folders within folders that find, ls and diff follow (they recurse; the catalog's walk does not)
+
+
+def _deep_trees(command):
+    """A guest may nest folders as deep as it likes: followed DEEP_TREES deep, then one line, no traceback."""
+    def run(args) -> int:
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), DEEP_TREES + 1000))
+        try:
+            return command(args)
+        except RecursionError:
+            raise RpfsError(f"the catalog holds folders nested more than {DEEP_TREES} deep, deeper than rpfs"
+                            " searches: name a folder further down (rpfs ls, or a longer path)") from None
+    run.__doc__ = command.__doc__
+    return run
 
 
 def cmd_catalog(args) -> int:
@@ -71,8 +84,8 @@ def catalog_line(s) -> str:
     return text
 
 
+@_deep_trees
 def cmd_find(args) -> int:
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), DEEP_TREES))
     label = _label(args)
     with open_source(args) as source:
         vms = [args.vm] if args.vm else source.vms()
@@ -107,8 +120,8 @@ def cmd_find(args) -> int:
     return 0
 
 
+@_deep_trees
 def cmd_ls(args) -> int:
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), DEEP_TREES))
     point_id, path = _point_and_paths(args.args, at_most=1)
     with open_source(args) as source:
         point = source.point(args.vm, point_id)
@@ -141,8 +154,8 @@ def cmd_ls(args) -> int:
     return 0
 
 
+@_deep_trees
 def cmd_diff(args) -> int:
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), DEEP_TREES))
     with open_source(args) as source:
         old_point, new_point = source.point(args.vm, args.old), source.point(args.vm, args.new)
         old, new = _catalog_of(source, args.vm, old_point.id), _catalog_of(source, args.vm, new_point.id)
@@ -189,6 +202,7 @@ def cmd_restore_files(args) -> int:
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
+
 def _label(args) -> str | None:
     if args.partition is not None and not args.disk:
         raise RpfsError("--partition goes with --disk NAME", EXIT_USAGE)
