@@ -7,9 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rpfs.backup.pipeline import BackupOptions, backup, parse_disk_specs
-from rpfs.catalog.build import catalog_new_point
 from rpfs.commands import open_store, print_json, vault_of
-from rpfs.commands.files import catalog_line
 from rpfs.commands.progress import ProgressBar, human_bytes
 from rpfs.errors import EXIT_USAGE, RpfsError
 from rpfs.host.untrusted import shown
@@ -41,7 +39,11 @@ def cmd_backup(args) -> int:
         with ProgressBar(f"backup {args.vm}", quiet=args.json) as bar:
             point, summary = take(store, bar, job.begin)
         job.bytes_read, job.bytes_written, job.recovery_point = summary.disk_bytes_read, summary.stored_bytes, point.id
-        cataloged, why = (None, "--no-catalog") if args.no_catalog else catalog_new_point(store, point)
+        if args.no_catalog:
+            cataloged, why = None, "--no-catalog"
+        else:   # imported here: every other command starts without the catalog's modules
+            from rpfs.catalog.build import catalog_new_point
+            cataloged, why = catalog_new_point(store, point)
     if why and not args.no_catalog:
         summary.notes.append(f"the point has no catalog of its files ({why}); rpfs catalog {point.vm} {point.id}"
                              " makes it")
@@ -68,6 +70,7 @@ def cmd_backup(args) -> int:
         elif d.change_tracking == "dirty-bitmap":
             print(f"  {d.name}: only what QEMU's dirty bitmap marks read ({human_bytes(d.read_bytes)})")
     if cataloged:
+        from rpfs.commands.files import catalog_line
         print("  " + catalog_line(cataloged))
     return 0
 
