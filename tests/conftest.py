@@ -5,14 +5,33 @@ import tempfile
 
 import pytest
 
+_SESSION_FOLDERS: list[str] = []   # made for this run, removed at its end (pytest_unconfigure)
+
+
+def _session_folder(variable: str, prefix: str, file: str = "") -> None:
+    """Set variable to a new private folder (or a file in one) unless the caller set it."""
+    if variable not in os.environ:
+        _SESSION_FOLDERS.append(tempfile.mkdtemp(prefix=prefix))
+        os.environ[variable] = os.path.join(_SESSION_FOLDERS[-1], file) if file else _SESSION_FOLDERS[-1]
+
+
 # Mount daemons started by the tests keep their pid files and logs here, not in /run/rpfs; each test
 # gets a run dir of its own below its tmp_path (private_run_dir), this one is for what runs outside tests.
-os.environ.setdefault("RPFS_RUN_DIR", tempfile.mkdtemp(prefix="rpfs-test-run-"))
-os.environ.setdefault("RPFS_CACHE", tempfile.mkdtemp(prefix="rpfs-test-cache-"))   # vaults' index copies
-os.environ.setdefault("RPFS_CONFIG", tempfile.mkdtemp(prefix="rpfs-test-config-"))   # not /etc/rpfs
+_session_folder("RPFS_RUN_DIR", "rpfs-test-run-")
+_session_folder("RPFS_CACHE", "rpfs-test-cache-")     # vaults' index copies
+_session_folder("RPFS_CONFIG", "rpfs-test-config-")   # not /etc/rpfs
 # Stores made by `rpfs init` are encrypted, as a user's are: every test runs on the encrypted format with
 # this key file (made by the first init), unless it asks for --encryption none or another key.
-os.environ.setdefault("RPFS_KEY_FILE", os.path.join(tempfile.mkdtemp(prefix="rpfs-test-key-"), "key"))
+_session_folder("RPFS_KEY_FILE", "rpfs-test-key-", "key")
+
+
+def pytest_unconfigure(config):
+    """The run's own folders go with it (each run left four in /tmp); never one with a mount below it."""
+    with open("/proc/self/mountinfo") as mounts:
+        mountpoints = [line.split()[4] for line in mounts]
+    for folder in _SESSION_FOLDERS:
+        if not any(m == folder or m.startswith(folder + "/") for m in mountpoints):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

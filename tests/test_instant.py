@@ -265,15 +265,18 @@ class Killed(BaseException):
     """kill -9, as far as the code under test can tell: nothing after this point runs."""
 
 
-@pytest.mark.parametrize("moment", ["unmounted", "state file removed", "partial file removed", "hold released"])
+@pytest.mark.parametrize("moment", ["unmounted", "dead daemon unmounted", "state file removed",
+                                    "partial file removed", "hold released"])
 def test_discard_killed_at_any_moment_finishes_when_run_again(tmp_path, cleanup, monkeypatch, moment):
+    """"dead daemon unmounted": its daemon killed, then the discard killed between the unmount of the dead
+    mount and the removal of the daemon's pid file (found by tools/chaos: the pid file stayed)."""
     from rpfs.restore import instant, partial
     from rpfs.host import run_dir
     from rpfs.store.leases import holds
 
     store, source = backed_up_disk(tmp_path, 16)
     target = tmp_path / "restored.img"
-    start_instant(store, target, cleanup, "--copy-mbps", "1")
+    job = start_instant(store, target, cleanup, "--copy-mbps", "1")
 
     def dies_after(function, calls: int = 1):
         done = []
@@ -287,6 +290,9 @@ def test_discard_killed_at_any_moment_finishes_when_run_again(tmp_path, cleanup,
     with monkeypatch.context() as patch, pytest.raises(Killed):
         if moment == "unmounted":
             patch.setattr(instant.daemon, "unmount", dies_after(instant.daemon.unmount))
+        elif moment == "dead daemon unmounted":
+            os.kill(job["pid"], signal.SIGKILL)
+            patch.setattr(instant.daemon, "_wait_for_daemon", dies_after(lambda *_args: None))
         elif moment == "hold released":
             patch.setattr(instant, "release_hold", dies_after(instant.release_hold))
         else:   # abandon syncs the folder after each removal
@@ -294,7 +300,7 @@ def test_discard_killed_at_any_moment_finishes_when_run_again(tmp_path, cleanup,
             patch.setattr(partial, "fsync_folder", dies_after(partial.fsync_folder, calls))
         instant.discard(target)
     [left] = json.loads(rpfs("jobs", "--json").stdout)["instant_restores"]
-    assert left["state"] == ("stopped" if moment == "unmounted" else "discarded")
+    assert left["state"] == ("stopped" if "unmounted" in moment else "discarded")
     waited = rpfs("instant-wait", str(target), check=False)
     assert waited.returncode == 1 and waited.stderr.count("\n") == 1
 
@@ -303,6 +309,7 @@ def test_discard_killed_at_any_moment_finishes_when_run_again(tmp_path, cleanup,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.img", "run", "store"]
     registry, mountpoint = run_dir.instant_files(target)
     assert holds(store) == {} and not registry.exists() and not mountpoint.exists()
+    assert not run_dir.daemon_files(mountpoint)[0].exists()
 
 
 def test_two_daemons_for_one_image_the_command_returns_the_winners_job(tmp_path, monkeypatch):

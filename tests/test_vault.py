@@ -67,11 +67,13 @@ def remove_bucket(endpoint: str, bucket: str) -> None:
 
 
 def _client(endpoint: str):
+    """A client of its own session: the credentials are read anew (boto3's default session keeps the first
+    it read, so after tools/ceph rebuilt the cluster every later test failed on a key that no longer is)."""
     import boto3
     import botocore.config
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", config=botocore.config.Config(
-        s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
-        response_checksum_validation="when_required"))
+    config = botocore.config.Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
+                                    response_checksum_validation="when_required")
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name="us-east-1", config=config)
 
 
 def _objects(env: dict, prefix: str = "") -> dict[str, int]:
@@ -661,7 +663,8 @@ def test_the_gateway_stopped_in_the_middle_of_a_push(vault_env, tmp_path):
             subprocess.run([tool, "stop"], check=True, capture_output=True, timeout=120)
             _out, err = pushing.communicate(timeout=180)
     finally:
-        subprocess.run([tool, "start"], capture_output=True, timeout=300)
+        restarted = subprocess.run([tool, "start"], capture_output=True, text=True, timeout=300)
+    assert restarted.returncode == 0 and "new, empty" not in restarted.stderr, restarted.stderr
     lines = err.strip().splitlines()
     assert pushing.returncode == 1 and len(lines) == 1 and lines[0].startswith("rpfs: vault offsite"), err
     assert "127.0.0.1:7480" in err and "Traceback" not in err

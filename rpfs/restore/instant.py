@@ -234,6 +234,7 @@ def stop(target: Path) -> InstantJob:
     job = find(target)
     if fstype_at(job.mountpoint) is not None:
         daemon.unmount(Path(job.mountpoint))
+    daemon.forget_ended(Path(job.mountpoint))   # a stop killed after its unmount left the pid file
     job = _with_progress(job)
     if job.state in ("complete", "discarded"):
         registry, mountpoint = run_dir.instant_files(Path(job.target))
@@ -308,10 +309,12 @@ def discard(target: Path, store_path: Path | None = None, wait_seconds: float = 
 
 def _wait_until_gone(mountpoint: Path, seconds: float) -> None:
     """A daemon whose image was just unmounted (by us, or by a discard that was killed) is still closing
-    the partial file; it must be gone before anything is removed."""
+    the partial file; it must be gone before anything is removed. Its pid file goes with it (a discard
+    killed between its unmount and that file's removal left it: the mount is gone, so nothing else would)."""
     deadline = time.monotonic() + seconds
     while daemon.daemon_pid(mountpoint) is not None:
         if time.monotonic() > deadline:
             raise RpfsError(f"the instant restore's daemon (pid {daemon.daemon_pid(mountpoint)}) has not ended;"
                             " try again")
         time.sleep(0.05)
+    daemon.forget_ended(mountpoint)

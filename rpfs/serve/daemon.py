@@ -255,6 +255,12 @@ def daemon_pid(mountpoint: Path) -> int | None:
     return pid if b"rpfs" in cmdline and os.fsencode(mountpoint) in cmdline else None
 
 
+def forget_ended(mountpoint: Path) -> None:
+    """Remove the pid file of mountpoint's daemon if that daemon no longer runs (it was killed)."""
+    if daemon_pid(mountpoint) is None:
+        run_dir.daemon_files(mountpoint)[0].unlink(missing_ok=True)
+
+
 def _wait_for_daemon(pid_path: Path, mountpoint: Path, timeout: float) -> None:
     """Wait for the daemon to end, and end it if it hangs; a pid reused by another process is left alone."""
     pid = daemon_pid(mountpoint)
