@@ -14,22 +14,31 @@ from dataclasses import dataclass, field
 
 from rpfs.errors import RpfsError
 from rpfs.host.untrusted import shown as shown_path
-from rpfs.store.catalogs import CATALOGED, Catalog, CatalogedFilesystem, CatalogReader, Entry
+from rpfs.store.catalogs import CATALOGED, Catalog, CatalogedFilesystem, CatalogReader, Entry, entry_of, \
+    listing_rows
 
 FS_PATH = re.compile(r"(?P<fs>[^:/]+(?:/[^:/]+)?):(?P<path>/.*)", re.S)   # disk/p1:/etc, or disk:/etc
 
 
 class Listings:
-    """Listings read once per command, by id."""
+    """Listings read once per command, by id: as entries by name, or as rows (find)."""
 
     def __init__(self, reader: CatalogReader):
         self.reader = reader
         self._cache: dict[bytes, dict[str, Entry]] = {}
+        self._rows: dict[bytes, list[list]] = {}
 
     def entries(self, listing_id: bytes, where: str) -> dict[str, Entry]:
         found = self._cache.get(listing_id)
         if found is None:
             found = self._cache[listing_id] = {e.name: e for e in self.reader.listing(listing_id, where)}
+        return found
+
+    def rows(self, listing_id: bytes, where: str) -> list[list]:
+        found = self._rows.get(listing_id)
+        if found is None:
+            raw = self.reader.listing_bytes(listing_id, where)
+            found = self._rows[listing_id] = listing_rows(raw, f"a listing of {where}")
         return found
 
 
@@ -153,12 +162,12 @@ def find(reader: CatalogReader, pattern: str, points: list[tuple[str, str]], lab
         if known is not None:
             return known
         matches: list[tuple[str, Entry]] = []
-        for name, entry in listings.entries(listing_id, where).items():
-            path = f"{folder}/{name}"
+        for row in listings.rows(listing_id, where):   # an Entry only of a match: most rows are not
+            path = f"{folder}/{row[0]}"
             if regex.fullmatch(path):
-                matches.append((path, entry))
-            if entry.kind == "d" and _may_hold(path, literal):
-                matches.extend(search(entry.folder, path, where))
+                matches.append((path, entry_of(row, f"a listing of {where}")))
+            if row[1] == "d" and _may_hold(path, literal):
+                matches.extend(search(entry_of(row, f"a listing of {where}").folder, path, where))
         below[listing_id, folder] = matches
         return matches
 

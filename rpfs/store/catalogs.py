@@ -110,12 +110,28 @@ def encode_listing(entries: list[Entry]) -> bytes:
 
 
 def decode_listing(raw: bytes, what: str) -> list[Entry]:
+    return [entry_of(row, what) for row in listing_rows(raw, what)]
+
+
+def listing_rows(raw: bytes, what: str) -> list[list]:
+    """A listing's rows as encode_listing wrote them (name, kind, size, mode, uid, gid, mtime_ns, target,
+    folder id in hex), each of nine fields. A search across many folders reads names and kinds from these
+    and makes an Entry (entry_of) only of what it matches: most rows are never more than looked at."""
     try:
         version, rows = json.loads(raw)
         if version != LISTING_VERSION:
             raise ValueError(f"listing version {version}")
-        return [Entry(name, kind, size, mode, uid, gid, mtime_ns, target, bytes.fromhex(folder))
-                for name, kind, size, mode, uid, gid, mtime_ns, target, folder in rows]
+        if not set(map(len, rows)) <= {9}:
+            raise ValueError("a row without its nine fields")
+        return rows
+    except (ValueError, TypeError) as e:
+        raise CorruptBlockError(f"{what} is damaged ({e})") from None
+
+
+def entry_of(row: list, what: str) -> Entry:
+    """The Entry of one row of listing_rows."""
+    try:
+        return Entry(*row[:8], folder=bytes.fromhex(row[8]))
     except (ValueError, TypeError) as e:
         raise CorruptBlockError(f"{what} is damaged ({e})") from None
 
@@ -138,6 +154,9 @@ class CatalogReader(Protocol):
 
     def listing(self, listing_id: bytes, where: str) -> list[Entry]:
         """A listing by id, checked against its id; CorruptBlockError (naming `where`) if damaged or missing."""
+
+    def listing_bytes(self, listing_id: bytes, where: str) -> bytes:
+        """The same listing's canonical bytes (for listing_rows)."""
 
 
 @dataclass(frozen=True)
