@@ -15,7 +15,7 @@ import pytest
 from cli_helpers import open_store, rpfs
 from diskimages import make_mixed_image, make_partitioned_image, make_whole_disk_ext4, mounted_rw
 
-from rpfs.catalog.query import compile_pattern, diff, find, split_fs_path
+from rpfs.catalog.query import compile_name_pattern, compile_pattern, diff, find, split_fs_path
 from rpfs.errors import CorruptBlockError, RpfsError
 from rpfs.store.catalogs import CATALOGED, Catalog, CatalogedFilesystem, Entry, decode_listing, encode_listing
 
@@ -126,6 +126,12 @@ def test_patterns_work_as_restic_and_borg_globs():
     assert matches("/var/mail/alice/**", "/var/mail/alice/cur/1") and not matches("/var/mail/alice/**", "/var/mail/bob/1")
     assert matches("nginx/*.conf", "/etc/nginx/x.conf") and not matches("nginx/*.conf", "/etc/nginx/a/x.conf")
     assert split_fs_path("os/p1:/etc/x") == ("os/p1", "/etc/x") and split_fs_path("/etc//x/") == (None, "/etc/x")
+    paths = ["/a", "/a.conf", "/etc/a.conf", "/x/nginx.conf", "/x/nginx.confx", "/a\nb/c?d*", "/e/a*b.c", "/.x"]
+    for pattern in ("nginx.conf", "*.conf", "a*", "?", "*", "c?d*", "a\\*b.*", ".*"):
+        by_name = compile_name_pattern(pattern)   # find's shortcut: the name alone decides
+        assert [by_name.fullmatch(p.rsplit("/", 1)[1]) is not None for p in paths] == \
+            [matches(pattern, p) for p in paths], pattern
+    assert compile_name_pattern("a/b") is None and compile_name_pattern("a**") is None
     for bad in ("etc/x", "/etc/../x"):
         with pytest.raises(RpfsError):
             split_fs_path(bad)

@@ -103,6 +103,21 @@ def compile_pattern(pattern: str) -> tuple[re.Pattern, str]:
     """A glob as restic's and borg's: without '/', it matches a name anywhere; starting with '/', the whole
     path; else the end of a path. '*' and '?' stay within a name, '**' crosses folders. Also returns the
     literal start of an anchored pattern (folders off it are not searched)."""
+    body = _regex_of_glob(pattern)
+    if pattern.startswith("/"):
+        literal = re.split(r"[*?]", pattern, maxsplit=1)[0]
+        return re.compile(body, re.S), literal
+    return re.compile(r"(?:.*/)?" + body, re.S), ""   # a name, or the end of a path, at a folder's edge
+
+
+def compile_name_pattern(pattern: str) -> re.Pattern | None:
+    """For a pattern of one name (no '/', no '**'): a regex of the name alone, which matches exactly where
+    compile_pattern's matches the path ending in that name; find then builds no path for a file that does
+    not match. None for any other pattern."""
+    return None if "/" in pattern or "**" in pattern else re.compile(_regex_of_glob(pattern), re.S)
+
+
+def _regex_of_glob(pattern: str) -> str:
     if not pattern or "\0" in pattern:
         raise RpfsError("give a name or a pattern to find (e.g. 'nginx.conf', '/var/mail/alice/**')")
     out, i = [], 0
@@ -119,11 +134,7 @@ def compile_pattern(pattern: str) -> tuple[re.Pattern, str]:
         else:
             out.append(re.escape(pattern[i]))
             i += 1
-    body = "".join(out)
-    if pattern.startswith("/"):
-        literal = re.split(r"[*?]", pattern, maxsplit=1)[0]
-        return re.compile(body, re.S), literal
-    return re.compile(r"(?:.*/)?" + body, re.S), ""   # a name, or the end of a path, at a folder's edge
+    return "".join(out)
 
 
 @dataclass
@@ -151,6 +162,7 @@ class FindAnswer:
 def find(reader: CatalogReader, pattern: str, points: list[tuple[str, str]], label: str | None = None) -> FindAnswer:
     """Every path matching pattern in the given points (vm, id; oldest first per VM), grouped into versions."""
     regex, literal = compile_pattern(pattern)
+    by_name = compile_name_pattern(pattern)
     listings = Listings(reader)
     below: dict[tuple[bytes, str], list[tuple[str, Entry]]] = {}
     by_path: dict[tuple[str, str, str], Found] = {}
@@ -163,8 +175,15 @@ def find(reader: CatalogReader, pattern: str, points: list[tuple[str, str]], lab
             return known
         matches: list[tuple[str, Entry]] = []
         for row in listings.rows(listing_id, where):   # an Entry only of a match: most rows are not
-            path = f"{folder}/{row[0]}"
-            if regex.fullmatch(path):
+            if by_name is not None:
+                hit = by_name.fullmatch(row[0])
+                if not hit and row[1] != "d":
+                    continue
+                path = f"{folder}/{row[0]}"
+            else:
+                path = f"{folder}/{row[0]}"
+                hit = regex.fullmatch(path)
+            if hit:
                 matches.append((path, entry_of(row, f"a listing of {where}")))
             if row[1] == "d" and _may_hold(path, literal):
                 matches.extend(search(entry_of(row, f"a listing of {where}").folder, path, where))
