@@ -183,7 +183,8 @@ class _Scanner:
 
     def __init__(self):
         self._pool = ThreadPoolExecutor(SCAN_THREADS, thread_name_prefix="catalog-scan")
-        self._ahead: dict[tuple[int, bytes], tuple[_Place, Future]] = {}
+        self._ahead: dict[tuple[int, bytes], _Place] = {}   # by (id of the parent place, name): not yet reached
+        self._listing: dict[_Place, Future] = {}              # places being listed ahead, not yet taken
         self._bases: set[int] = set()
 
     def __enter__(self) -> "_Scanner":
@@ -199,9 +200,9 @@ class _Scanner:
         """Where a subfolder of parent is (the root: parent None, name its absolute path)."""
         if parent is None:
             return _Place(None, name, inside)
-        found = self._ahead.get((id(parent), name))
+        found = self._ahead.pop((id(parent), name), None)
         if found is not None:
-            return found[0]
+            return found
         rel = name if parent.rel == b"." else parent.rel + b"/" + name
         if len(rel) <= REBASE:
             return _Place(parent.base, rel, inside)
@@ -219,18 +220,15 @@ class _Scanner:
 
     def take(self, place: _Place) -> list[tuple[bytes, os.stat_result, bytes]]:
         """The folder's (name, lstat, link target) triples, sorted by name, last first (the walk pops them)."""
-        ahead = None
-        for key, (known, future) in list(self._ahead.items()):
-            if known is place:
-                ahead = self._ahead.pop(key)[1]
-                break
+        ahead = self._listing.pop(place, None)
         found = ahead.result() if ahead is not None else _scan(place)
         for name, st, _target in reversed(found):   # the walk enters the last first
-            if len(self._ahead) >= AHEAD:
+            if len(self._listing) >= AHEAD:
                 break
             if stat.S_ISDIR(st.st_mode):
                 child = self.place(place, name, place.inside + b"/" + name)
-                self._ahead[id(place), name] = (child, self._pool.submit(_scan, child))
+                self._ahead[id(place), name] = child
+                self._listing[child] = self._pool.submit(_scan, child)
         return found
 
 

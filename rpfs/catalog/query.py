@@ -174,19 +174,23 @@ def find(reader: CatalogReader, pattern: str, points: list[tuple[str, str]], lab
         if known is not None:
             return known
         matches: list[tuple[str, Entry]] = []
-        for row in listings.rows(listing_id, where):   # an Entry only of a match: most rows are not
+        what = f"a listing of {where}"
+        for row in listings.rows(listing_id, where):   # an Entry only of a match or a folder entered
+            is_folder = row[1] == "d"
             if by_name is not None:
                 hit = by_name.fullmatch(row[0])
-                if not hit and row[1] != "d":
-                    continue
-                path = f"{folder}/{row[0]}"
-            else:
-                path = f"{folder}/{row[0]}"
+                if not hit and not is_folder:
+                    continue   # no path built for most rows
+            path = f"{folder}/{row[0]}"
+            if by_name is None:
                 hit = regex.fullmatch(path)
-            if hit:
-                matches.append((path, entry_of(row, f"a listing of {where}")))
-            if row[1] == "d" and _may_hold(path, literal):
-                matches.extend(search(entry_of(row, f"a listing of {where}").folder, path, where))
+            entering = is_folder and _may_hold(path, literal)
+            if hit or entering:
+                entry = entry_of(row, what)
+                if hit:
+                    matches.append((path, entry))
+                if entering:
+                    matches.extend(search(entry.folder, path, where))
         below[listing_id, folder] = matches
         return matches
 

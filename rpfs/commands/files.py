@@ -202,7 +202,6 @@ def cmd_restore_files(args) -> int:
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
-
 def _label(args) -> str | None:
     if args.partition is not None and not args.disk:
         raise RpfsError("--partition goes with --disk NAME", EXIT_USAGE)
